@@ -1,0 +1,19 @@
+"""vishwam_jax: DeepSeek-V3, Grok-1 and Gemma in pure JAX.
+
+    import vishwam_jax as vj
+    model = vj.load("gemma2-tiny")              # a preset: random weights, seeded
+    model = vj.load("/ckpt/gemma-2b")           # a converted model directory
+    vj.convert("/hf/gemma-2b", "/ckpt/gemma-2b")
+    vj.list_models()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vishwam_jax.checkpoint.convert import convert
+from vishwam_jax.loading import DEFAULT_MODEL_DIR, load
+from vishwam_jax.model import Model
+from vishwam_jax.presets import get_config, list_models
+
+__all__ = ["DEFAULT_MODEL_DIR", "Model", "convert", "get_config", "list_models", "load"]

@@ -1,0 +1,1 @@
+"""Checkpoint conversion (official releases -> Orbax) and Orbax loading."""

@@ -1,0 +1,136 @@
+"""HuggingFace Gemma / Gemma 2 / Gemma 3 (text) checkpoints -> model directory.
+
+PyTorch stores linear weights [out, in]; ours are [in, out] with heads as their own axis
+(q [d, h, hd], o [h, hd, d]) so that sharding rules can name the head axis.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vishwam_jax.checkpoint.hf_common import (
+    copy_tokenizer_files,
+    first_id,
+    has_safetensors,
+    read_hf_config,
+    rope_settings,
+    storage_dtype,
+)
+from vishwam_jax.checkpoint.orbax_io import CheckpointWriter
+from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError, SafetensorsIndex
+from vishwam_jax.presets.gemma import gemma_base
+
+_MODEL_TYPES = {"gemma": 1, "gemma2": 2, "gemma3_text": 3, "gemma3": 3}
+# Where the decoder's tensors live, by architecture: text-only or inside a multimodal checkpoint.
+_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+
+
+def detect(src: Path) -> bool:
+    if not (Path(src) / "config.json").exists() or not has_safetensors(src):
+        return False
+    return read_hf_config(src).get("model_type") in _MODEL_TYPES
+
+
+def config_from_hf(hf: dict):
+    generation = _MODEL_TYPES[hf["model_type"]]
+    if hf["model_type"] == "gemma3" and "text_config" in hf:
+        hf = {**hf["text_config"], "model_type": "gemma3_text"}
+    c = gemma_base()
+    c.name = hf.get("_name_or_path", "") or f"hf-{hf['model_type']}"
+    c.vocab_size = hf["vocab_size"]
+    c.d_model = hf["hidden_size"]
+    c.num_layers = hf["num_hidden_layers"]
+    c.num_heads = hf["num_attention_heads"]
+    c.num_kv_heads = hf.get("num_key_value_heads", c.num_heads)
+    c.head_dim = hf.get("head_dim") or c.d_model // c.num_heads
+    c.ffn_dim = hf["intermediate_size"]
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    # Gemma's released configs say "gelu" but mean the tanh approximation (as transformers does).
+    c.activation = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(act, act)
+    c.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
+    c.query_pre_attn_scalar = float(hf.get("query_pre_attn_scalar") or c.head_dim)
+    c.attn_logit_softcap = float(hf.get("attn_logit_softcapping") or 0.0)
+    c.final_logit_softcap = float(hf.get("final_logit_softcapping") or 0.0)
+    c.use_post_attn_norm = c.use_post_ffw_norm = generation >= 2
+    c.use_qk_norm = generation >= 3
+    c.max_seq_len = int(hf.get("max_position_embeddings", 8192))
+    if generation >= 2:
+        pattern = 2 if generation == 2 else int(hf.get("sliding_window_pattern", 6))
+        layer_types = hf.get("layer_types") or [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(c.num_layers)
+        ]
+        c.layer_types = tuple("sliding" if t == "sliding_attention" else "full" for t in layer_types)
+        c.sliding_window = int(hf.get("sliding_window") or 0)
+    else:
+        c.layer_types = ("full",) * c.num_layers
+    full = rope_settings(hf, "full_attention")
+    c.rope_theta = float(full.get("rope_theta") or (1_000_000.0 if generation == 3 else 10_000.0))
+    kind = full.get("rope_type", "default")
+    if kind == "linear":
+        c.rope_scaling_type, c.rope_scaling_factor = "linear", float(full["factor"])
+    elif kind not in ("default", None):
+        raise CheckpointFormatError(f"unsupported rope_type {kind!r} for Gemma")
+    if generation == 3:
+        local = rope_settings(hf, "sliding_attention")
+        theta = local.get("rope_theta") if "rope_parameters" in hf else hf.get("rope_local_base_freq")
+        c.rope_local_theta = float(theta or 10_000.0)
+    else:
+        c.rope_local_theta = c.rope_theta
+    c.pad_token_id = first_id(hf.get("pad_token_id"), 0)
+    c.eos_token_id = first_id(hf.get("eos_token_id"), 1)
+    c.bos_token_id = first_id(hf.get("bos_token_id"), 2)
+    c.tokenizer = "sentencepiece"
+    return c
+
+
+def _prefix(index: SafetensorsIndex) -> str:
+    for prefix in _PREFIXES:
+        if f"{prefix}embed_tokens.weight" in index:
+            return prefix
+    raise CheckpointFormatError(f"{index.directory}: no embed_tokens.weight under any of {_PREFIXES}")
+
+
+def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> None:
+    hf = read_hf_config(src)
+    config = config_from_hf(hf)
+    if hf.get("tie_word_embeddings") is False:
+        raise CheckpointFormatError(f"{src}: untied output embeddings are not a Gemma checkpoint")
+    index = SafetensorsIndex(src)
+    p = _prefix(index)
+    d, h, kh, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
+    with CheckpointWriter(dst, config, overwrite=overwrite) as writer:
+
+        def put(path, name, transform=lambda w: w, shape=None):
+            w = index.get(name)
+            if shape is not None and tuple(w.shape) != shape:
+                raise CheckpointFormatError(f"{name}: shape {tuple(w.shape)} does not match the config ({shape})")
+            out = np.ascontiguousarray(transform(w))
+            writer.write(path, out.astype(storage_dtype(w, dtype)))
+
+        put(("embed",), f"{p}embed_tokens.weight", shape=(config.vocab_size, d))
+        put(("final_norm",), f"{p}norm.weight", shape=(d,))
+        generation2 = config.use_post_attn_norm
+        for i in range(config.num_layers):
+            L = f"{p}layers.{i}."
+            put(("layers", i, "attn_norm"), L + "input_layernorm.weight", shape=(d,))
+            put(("layers", i, "attn", "q"), L + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, hd), (h * hd, d))
+            put(("layers", i, "attn", "k"), L + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, kh, hd), (kh * hd, d))
+            put(("layers", i, "attn", "v"), L + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, kh, hd), (kh * hd, d))
+            put(("layers", i, "attn", "o"), L + "self_attn.o_proj.weight", lambda w: w.T.reshape(h, hd, d), (d, h * hd))
+            if config.use_qk_norm:
+                put(("layers", i, "attn", "q_norm"), L + "self_attn.q_norm.weight", shape=(hd,))
+                put(("layers", i, "attn", "k_norm"), L + "self_attn.k_norm.weight", shape=(hd,))
+            if generation2:
+                # Gemma 2/3 name the norm after attention "post_attention"; Gemma 1 (Llama naming)
+                # uses that name for the norm before the MLP.
+                put(("layers", i, "post_attn_norm"), L + "post_attention_layernorm.weight", shape=(d,))
+                put(("layers", i, "mlp_norm"), L + "pre_feedforward_layernorm.weight", shape=(d,))
+                put(("layers", i, "post_mlp_norm"), L + "post_feedforward_layernorm.weight", shape=(d,))
+            else:
+                put(("layers", i, "mlp_norm"), L + "post_attention_layernorm.weight", shape=(d,))
+            put(("layers", i, "mlp", "gate"), L + "mlp.gate_proj.weight", lambda w: w.T, (config.ffn_dim, d))
+            put(("layers", i, "mlp", "up"), L + "mlp.up_proj.weight", lambda w: w.T, (config.ffn_dim, d))
+            put(("layers", i, "mlp", "down"), L + "mlp.down_proj.weight", lambda w: w.T, (d, config.ffn_dim))
+        copy_tokenizer_files(src, writer)

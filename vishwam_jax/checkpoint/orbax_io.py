@@ -1,0 +1,253 @@
+"""Orbax checkpoint directories: streamed writing and (sharded) restoring.
+
+Layout of a converted model directory:
+    config.json         the model's ConfigDict (our field names)
+    params/             an Orbax PyTree checkpoint (one zarr array per leaf, no OCDBT)
+    tokenizer.*         tokenizer files copied from the source
+    VISHWAM_COMPLETE    written last; a directory without it is not a model
+
+Orbax's own save needs the whole tree in memory, which a 671B model does not allow. So each leaf is
+written by tensorstore as the zarr array Orbax would have written, slice by slice when it is large;
+Orbax then writes its metadata for a tree of tiny placeholders of the same structure, and the real
+arrays replace the placeholders. Everything happens in a temporary sibling directory that is renamed
+into place only when complete, so an interrupted conversion never leaves a directory that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+
+COMPLETE_MARKER = "VISHWAM_COMPLETE"
+_CHUNK_BYTES = 64 << 20  # zarr chunk target: bounded read-modify-write when streaming slices
+
+
+class CheckpointError(ValueError):
+    """A model directory is missing, incomplete or corrupt (the message says which and where)."""
+
+
+def _leaf_name(path: tuple) -> str:
+    return ".".join(str(k) for k in path)
+
+
+def _chunk_shape(shape: tuple[int, ...], itemsize: int) -> list[int]:
+    """Chunks of at most ~64 MB that split the leading axes first, so writing one expert (or one
+    row block) of a stacked tensor touches only its own chunks."""
+    chunk = list(shape)
+    for axis in range(len(shape)):
+        while int(np.prod(chunk, dtype=np.int64)) * itemsize > _CHUNK_BYTES and chunk[axis] > 1:
+            chunk[axis] = (chunk[axis] + 1) // 2
+        if int(np.prod(chunk, dtype=np.int64)) * itemsize <= _CHUNK_BYTES:
+            break
+    return [max(c, 1) for c in chunk] or [1]
+
+
+class CheckpointWriter:
+    """Write a model directory leaf by leaf; use as a context manager so failures clean up.
+
+        with CheckpointWriter(dst, config) as w:
+            w.write(("embed",), array)
+            arr = w.create(("layers", 3, "moe", "w_up"), shape, dtype); arr[e] = expert_e
+            w.copy_file(tokenizer_path)
+    """
+
+    def __init__(self, dst: str | Path, config: ml_collections.ConfigDict, *, overwrite: bool = False):
+        self.dst = Path(dst).absolute()
+        if self.dst.exists() and not overwrite:
+            raise CheckpointError(f"{self.dst} already exists (pass overwrite=True / --overwrite to replace it)")
+        self.config = config
+        self.tmp = self.dst.parent / f".{self.dst.name}.partial-{uuid.uuid4().hex[:8]}"
+        self._arrays = self.tmp / "arrays"
+        self._leaves: dict[tuple, tuple[tuple[int, ...], np.dtype]] = {}
+        self._overwrite = overwrite
+
+    def __enter__(self) -> "CheckpointWriter":
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        self._arrays.mkdir(parents=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def create(self, path: tuple, shape: tuple[int, ...], dtype) -> ts.TensorStore:
+        """An empty on-disk leaf to be filled slice by slice (`arr[i] = ...` or `arr[i].write(x)`)."""
+        path = tuple(path)
+        if path in self._leaves:
+            raise ValueError(f"leaf {_leaf_name(path)} written twice")
+        dtype = np.dtype(dtype)
+        self._leaves[path] = (tuple(shape), dtype)
+        return ts.open(
+            {
+                "driver": "zarr",
+                "kvstore": {"driver": "file", "path": str(self._arrays / _leaf_name(path))},
+                "metadata": {
+                    "shape": list(shape),
+                    "chunks": _chunk_shape(tuple(shape), dtype.itemsize),
+                    "dtype": _zarr_dtype(dtype),
+                    "compressor": {"id": "zstd", "level": 1},
+                },
+            },
+            create=True,
+        ).result()
+
+    def write(self, path: tuple, array: np.ndarray) -> None:
+        array = np.asarray(array)
+        store = self.create(path, array.shape, array.dtype)
+        store.write(array).result()
+
+    def copy_file(self, src: str | Path, name: str | None = None) -> None:
+        shutil.copyfile(src, self.tmp / (name or Path(src).name))
+
+    def finalize(self) -> None:
+        if not self._leaves:
+            raise CheckpointError("no parameters were written")
+        template = _tree_from_paths({p: np.zeros((1,), np.float32) for p in self._leaves})
+        params_dir = self.tmp / "params"
+        ocp.PyTreeCheckpointer(use_ocdbt=False).save(params_dir, template)
+        for path in self._leaves:
+            name = _leaf_name(path)
+            shutil.rmtree(params_dir / name)
+            os.replace(self._arrays / name, params_dir / name)
+        shutil.rmtree(self._arrays)
+        (self.tmp / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2, default=_json_default))
+        (self.tmp / COMPLETE_MARKER).write_text("ok\n")
+        if self.dst.exists():
+            shutil.rmtree(self.dst)
+        os.replace(self.tmp, self.dst)
+
+
+def _json_default(value):
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot serialise {type(value).__name__} in a config")
+
+
+def _zarr_dtype(dtype: np.dtype) -> str:
+    if dtype == jnp.bfloat16:
+        return "bfloat16"
+    return dtype.str
+
+
+def _tree_from_paths(leaves: dict[tuple, Any]) -> Any:
+    """Rebuild nested dicts (string keys) and lists (int keys) from flat paths."""
+    root: dict = {}
+    for path, value in leaves.items():
+        node = root
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+
+    def listify(node):
+        if not isinstance(node, dict):
+            return node
+        if node and all(isinstance(k, int) for k in node):
+            if sorted(node) != list(range(len(node))):
+                raise ValueError(f"list indices {sorted(node)} are not contiguous")
+            return [listify(node[i]) for i in range(len(node))]
+        return {k: listify(v) for k, v in node.items()}
+
+    return listify(root)
+
+
+def save_params(dst: str | Path, params: Any, config: ml_collections.ConfigDict, *, overwrite: bool = False, files: tuple = ()) -> None:
+    """Save an in-memory parameter tree as a model directory (e.g. after training)."""
+    with CheckpointWriter(dst, config, overwrite=overwrite) as writer:
+        for path, leaf in _flatten_with_paths(params):
+            writer.write(path, np.asarray(jax.device_get(leaf)))
+        for f in files:
+            writer.copy_file(f)
+
+
+def _flatten_with_paths(tree: Any) -> Iterator[tuple[tuple, Any]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    for keypath, leaf in flat:
+        yield tuple(_key_of(k) for k in keypath), leaf
+
+
+def _key_of(k) -> str | int:
+    if isinstance(k, jax.tree_util.DictKey):
+        return k.key
+    if isinstance(k, jax.tree_util.SequenceKey):
+        return k.idx
+    raise TypeError(f"unsupported pytree node {k!r} in parameters")
+
+
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory")
+    if not (path / COMPLETE_MARKER).exists() or not (path / "config.json").exists():
+        raise CheckpointError(
+            f"{path} is not a complete vishwam_jax model directory (no {COMPLETE_MARKER}/config.json; "
+            "convert official checkpoints first with `python -m vishwam_jax.convert SRC DST`)"
+        )
+    return path
+
+
+def read_config(path: str | Path) -> ml_collections.ConfigDict:
+    path = check_model_dir(path)
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path / 'config.json'} is corrupt: {err}") from None
+    return ml_collections.ConfigDict({k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+def param_shapes(path: str | Path) -> Any:
+    """The parameter tree of a model directory as ShapeDtypeStructs (reads only zarr metadata)."""
+    params_dir = check_model_dir(path) / "params"
+    try:
+        meta = json.loads((params_dir / "_METADATA").read_text())["tree_metadata"]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise CheckpointError(f"{params_dir} is corrupt: {err}") from None
+    leaves = {}
+    for entry in meta.values():
+        path_keys = tuple(int(k["key"]) if k["key_type"] == 1 else k["key"] for k in entry["key_metadata"])
+        zarray = params_dir / _leaf_name(path_keys) / ".zarray"
+        try:
+            z = json.loads(zarray.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{zarray}: missing or corrupt array metadata ({err})") from None
+        dtype = jnp.bfloat16 if z["dtype"] == "bfloat16" else np.dtype(z["dtype"])
+        leaves[path_keys] = jax.ShapeDtypeStruct(tuple(z["shape"]), dtype)
+    return _tree_from_paths(leaves)
+
+
+def restore_params(path: str | Path, *, dtype=None, shardings: Any = None) -> Any:
+    """Restore parameters, casting floating leaves to `dtype` (int8 weights stay int8).
+
+    `shardings`: a tree of jax.sharding.Sharding matching the parameters (or None for one device);
+    Orbax then reads on each host only the slices of its own devices.
+    """
+    shapes = param_shapes(path)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: device, shapes)
+
+    def target(s, sharding):
+        cast = dtype is not None and jnp.issubdtype(s.dtype, jnp.floating)
+        return ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype if cast else s.dtype, global_shape=s.shape)
+
+    restore_args = jax.tree_util.tree_map(target, shapes, shardings)
+    try:
+        return ocp.PyTreeCheckpointer().restore(
+            Path(path).absolute() / "params", args=ocp.args.PyTreeRestore(restore_args=restore_args)
+        )
+    except (ValueError, OSError) as err:
+        raise CheckpointError(f"could not restore {path}: {err}") from None

@@ -1,0 +1,1 @@
+"""Sampling and the jit-compiled generation loop shared by every family."""

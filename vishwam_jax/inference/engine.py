@@ -1,0 +1,138 @@
+"""Batched generation over any family's `forward`/`init_cache`: a jitted prefill and a jitted decode
+loop (`lax.while_loop`, which stops early once every row has emitted EOS).
+
+Prompts of different lengths are right-padded; each row keeps its own position in the cache, so no
+row attends to another's padding and greedy decoding equals argmax over the growing sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Int
+
+from vishwam_jax.inference.sampling import SamplingParams, sample
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]] | np.ndarray, pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad a batch of token lists to a common length (rounded up so that prompts of nearby
+    lengths share one compiled prefill). Returns tokens [b, t] int32 and lengths [b] int32."""
+    if isinstance(prompts, np.ndarray) or hasattr(prompts, "shape"):
+        arr = np.asarray(prompts)
+        if arr.ndim == 1:
+            arr = arr[None]
+        prompts = [list(row) for row in arr]
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    width = int(-(-lengths.max() // multiple) * multiple)
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    return tokens, lengths
+
+
+class Generator:
+    """Compiled prefill + decode for one model (family module, config, params)."""
+
+    def __init__(self, family, config, *, cache_dtype=None):
+        self.family = family
+        self.config = config
+        self.cache_dtype = cache_dtype
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("max_len", "sampling"))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("steps", "sampling"), donate_argnames=("state",))
+
+    # -- compiled pieces -------------------------------------------------------------------------
+    def _prefill_impl(self, params, tokens, lengths, key, *, max_len: int, sampling: SamplingParams):
+        dtype = self.cache_dtype or jax.tree_util.tree_leaves(params)[0].dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            dtype = jnp.bfloat16
+        cache = self.family.init_cache(self.config, tokens.shape[0], max_len, dtype)
+        last = (lengths - 1)[:, None]
+        logits, cache = self.family.forward(params, tokens, self.config, cache=cache, lengths=lengths, logit_positions=last)
+        key, sub = jax.random.split(key)
+        first = sample(logits[:, 0], sub, sampling)
+        return {"cache": cache, "token": first, "done": jnp.zeros_like(first, bool), "key": key}
+
+    def _decode_impl(self, params, state, stop_ids, *, steps: int, sampling: SamplingParams):
+        """Emit `steps` tokens per row: the pending token first, then one forward per new token.
+        Finished rows emit padding and stop advancing."""
+        pad = self.config.pad_token_id
+        batch = state["token"].shape[0]
+        out = jnp.full((batch, steps), pad, jnp.int32)
+
+        def cond(carry):
+            i, state, _ = carry
+            return (i < steps) & ~jnp.all(state["done"])
+
+        def body(carry):
+            i, state, out = carry
+            token, done = state["token"], state["done"]
+            out = out.at[:, i].set(jnp.where(done, pad, token))
+            done = done | jnp.isin(token, stop_ids)
+            live = (~done).astype(jnp.int32)
+            logits, cache = self.family.forward(params, token[:, None], self.config, cache=state["cache"], lengths=live)
+            key, sub = jax.random.split(state["key"])
+            nxt = sample(logits[:, -1], sub, sampling)
+            return i + 1, {"cache": cache, "token": nxt, "done": done, "key": key}, out
+
+        _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
+        return out, state
+
+    # -- public ----------------------------------------------------------------------------------
+    def generate(
+        self,
+        params: Any,
+        prompts,
+        max_new_tokens: int,
+        sampling: SamplingParams = SamplingParams(),
+        seed: int = 0,
+        *,
+        chunk: int | None = None,
+        on_tokens: Callable[[np.ndarray], None] | None = None,
+    ) -> Int[Array, "b n"]:
+        """New tokens [b, max_new_tokens] (int32), padded with pad_token_id after each row's EOS.
+
+        chunk: decode this many tokens per compiled call and hand each block to `on_tokens`
+        (streaming); default: the whole generation in one call.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        tokens, lengths = pad_prompts(prompts, self.config.pad_token_id)
+        chunk = chunk or max_new_tokens
+        steps_total = -(-max_new_tokens // chunk) * chunk
+        needed = int(lengths.max()) + steps_total
+        limit = int(self.config.max_seq_len)
+        if int(lengths.max()) + max_new_tokens > limit:
+            raise PromptTooLongError(
+                f"prompt of {int(lengths.max())} tokens + {max_new_tokens} new tokens exceeds the model's "
+                f"context of {limit} tokens"
+            )
+        max_len = min(max(needed, tokens.shape[1]), limit)
+        max_len = max(max_len, tokens.shape[1])
+        state = self._prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed), max_len=max_len, sampling=sampling)
+        stop_ids = jnp.asarray(np.atleast_1d(np.array(self.config.eos_token_id, np.int32)))
+        blocks = []
+        produced = 0
+        while produced < max_new_tokens:
+            block, state = self._decode(params, state, stop_ids, steps=chunk, sampling=sampling)
+            block = np.asarray(block)[:, : max_new_tokens - produced]
+            blocks.append(block)
+            produced += block.shape[1]
+            if on_tokens is not None:
+                on_tokens(block)
+            if bool(np.asarray(state["done"]).all()):
+                break
+        out = np.concatenate(blocks, axis=1)
+        if out.shape[1] < max_new_tokens:
+            out = np.pad(out, ((0, 0), (0, max_new_tokens - out.shape[1])), constant_values=self.config.pad_token_id)
+        return jnp.asarray(out)

@@ -1,0 +1,171 @@
+"""Grouped-query attention over an explicit KV cache (shared by Gemma and Grok-1).
+
+The cache of one layer is a dict of arrays:
+    k, v      [b, slots, kv_heads, head_dim]
+    slot_pos  [b, slots] int32: the absolute position held by each slot, -1 when empty or masked.
+Full-attention layers have one slot per position (slots = max length); sliding-window layers keep a
+ring buffer of `window` slots (position p lives in slot p % window). Recording the position of every
+slot makes one mask rule serve both, as well as per-row prompt lengths and masked (pad) keys.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from vishwam_jax.models.layers import linear, rms_norm, soft_cap
+from vishwam_jax.models.rope import apply_rope
+
+# Finite so that a query with no visible key (a padding row) gives uniform weights, not NaN.
+MASK_VALUE = -1e30
+
+
+def init_kv_cache_layer(batch: int, slots: int, kv_heads: int, head_dim: int, dtype, v_head_dim: int | None = None) -> dict:
+    v_head_dim = v_head_dim or head_dim
+    return {
+        "k": jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
+        "v": jnp.zeros((batch, slots, kv_heads, v_head_dim), dtype),
+        "slot_pos": jnp.full((batch, slots), -1, jnp.int32),
+    }
+
+
+def visible(q_pos: Int[Array, "b t"], k_pos: Int[Array, "b s"], window: int) -> Bool[Array, "b t s"]:
+    """Causal (and sliding-window) visibility; keys at position -1 are never visible."""
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    ok = (k >= 0) & (k <= q)
+    if window:
+        ok &= q - k < window
+    return ok
+
+
+def write_kv(cache: dict, k: Array, v: Array, positions: Int[Array, "b t"], lengths: Int[Array, "b"], key_valid: Bool[Array, "b t"]) -> dict:
+    """Store the chunk's keys/values at their positions' slots; tokens past `lengths` are not stored."""
+    batch, slots = cache["slot_pos"].shape
+    t = k.shape[1]
+    in_row = jnp.arange(t)[None, :] < lengths[:, None]
+    key_pos = jnp.where(in_row & key_valid, positions, -1)
+    if t <= slots:
+        # Distinct positions map to distinct slots, so a scatter is deterministic; rejected tokens are
+        # sent out of range and dropped so that they cannot overwrite a live slot of a ring buffer.
+        slot = jnp.where(in_row, positions % slots, slots)
+        rows = jnp.arange(batch)[:, None]
+        return {
+            "k": cache["k"].at[rows, slot].set(k.astype(cache["k"].dtype), mode="drop"),
+            "v": cache["v"].at[rows, slot].set(v.astype(cache["v"].dtype), mode="drop"),
+            "slot_pos": cache["slot_pos"].at[rows, slot].set(key_pos, mode="drop"),
+        }
+    # A chunk longer than the ring (a long prompt into a sliding-window layer): slot s takes the
+    # latest token of the row whose position is congruent to s.
+    start = positions[:, 0]
+    end = start + lengths
+    s = jnp.arange(slots)[None, :]
+    latest = s + slots * jnp.floor_divide(end[:, None] - 1 - s, slots)
+    take = latest >= start[:, None]
+    idx = jnp.clip(latest - start[:, None], 0, t - 1)
+    pick = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+    new_pos = jnp.take_along_axis(key_pos, idx, axis=1)
+    return {
+        "k": jnp.where(take[:, :, None, None], pick(k).astype(cache["k"].dtype), cache["k"]),
+        "v": jnp.where(take[:, :, None, None], pick(v).astype(cache["v"].dtype), cache["v"]),
+        "slot_pos": jnp.where(take, new_pos, cache["slot_pos"]),
+    }
+
+
+def attend_segments(
+    q: Float[Array, "b t h d"],
+    segments: list[tuple[Array, Array, Array]],
+    *,
+    scale: float,
+    softcap: float = 0.0,
+) -> Float[Array, "b t h dv"]:
+    """Softmax attention over several key/value segments (e.g. the cache and the new chunk) with
+    grouped KV heads, float32 scores and optional tanh soft-capping.
+
+    Each segment is (k [b, s, kh, d], v [b, s, kh, dv], visible [b, t, s]). Scores are concatenated
+    rather than keys, so a large cache is read in place and never copied.
+    """
+    b, t, h, d = q.shape
+    kh = segments[0][0].shape[2]
+    qg = q.reshape(b, t, kh, h // kh, d)
+    scores = jnp.concatenate(
+        [jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) for k, _, _ in segments], axis=-1
+    )
+    mask = jnp.concatenate([m for _, _, m in segments], axis=-1)
+    scores = soft_cap(scores * scale, softcap)
+    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out, offset = 0.0, 0
+    for k, v, _ in segments:
+        p = probs[..., offset : offset + k.shape[1]].astype(q.dtype)
+        out = out + jnp.einsum("bkgts,bskd->btkgd", p, v.astype(q.dtype))
+        offset += k.shape[1]
+    return out.reshape(b, t, h, -1)
+
+
+def cached_attention(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b t kh d"],
+    v: Float[Array, "b t kh dv"],
+    positions: Int[Array, "b t"],
+    lengths: Int[Array, "b"],
+    key_valid: Bool[Array, "b t"],
+    cache: dict | None,
+    *,
+    scale: float,
+    softcap: float = 0.0,
+    window: int = 0,
+) -> tuple[Float[Array, "b t h dv"], dict | None]:
+    """Attend from the chunk's queries to the cached keys and the chunk's own keys, then store the
+    chunk in the cache (attending before writing keeps a ring buffer right for multi-token chunks)."""
+    t = q.shape[1]
+    in_row = jnp.arange(t)[None, :] < lengths[:, None]
+    new_pos = jnp.where(in_row & key_valid, positions, -1)
+    segments = [(k, v, visible(positions, new_pos, window))]
+    if cache is not None:
+        # Slots at or past the chunk's first position are stale (e.g. rejected speculative tokens).
+        old_pos = jnp.where(cache["slot_pos"] < positions[:, :1], cache["slot_pos"], -1)
+        segments.insert(0, (cache["k"], cache["v"], visible(positions, old_pos, window)))
+    out = attend_segments(q, segments, scale=scale, softcap=softcap)
+    if cache is not None:
+        cache = write_kv(cache, k, v, positions, lengths, key_valid)
+    return out, cache
+
+
+def gqa_self_attention(
+    params: dict,
+    x: Float[Array, "b t d"],
+    positions: Int[Array, "b t"],
+    lengths: Int[Array, "b"],
+    key_valid: Bool[Array, "b t"],
+    cache: dict | None,
+    *,
+    inv_freq: np.ndarray,
+    scale: float,
+    softcap: float = 0.0,
+    window: int = 0,
+    qk_norm_eps: float | None = None,
+    qk_norm_plus_one: bool = True,
+) -> tuple[Float[Array, "b t d"], dict | None]:
+    """Project, (QK-norm), rotate, attend through the cache, and project out.
+
+    params: q [d, h, hd], k/v [d, kh, hd], o [h, hd, d], and q_norm/k_norm [hd] when QK-norm is used.
+    """
+    q = linear(x, params["q"], "btd,dhk->bthk")
+    k = linear(x, params["k"], "btd,dhk->bthk")
+    v = linear(x, params["v"], "btd,dhk->bthk")
+    if qk_norm_eps is not None:
+        q = rms_norm(q, params["q_norm"], qk_norm_eps, plus_one=qk_norm_plus_one)
+        k = rms_norm(k, params["k_norm"], qk_norm_eps, plus_one=qk_norm_plus_one)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    out, cache = cached_attention(q, k, v, positions, lengths, key_valid, cache, scale=scale, softcap=softcap, window=window)
+    return linear(out, params["o"], "bthk,hkd->btd"), cache
+
+
+def chunk_positions(cache: dict | None, batch: int, length: int) -> Int[Array, "b t"]:
+    """Absolute positions of a chunk of `length` tokens: it starts where each row's cache ends."""
+    start = jnp.zeros((batch,), jnp.int32) if cache is None else cache["pos"]
+    return start[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]

@@ -1,0 +1,93 @@
+"""Mixture-of-experts: the routers of Grok-1 and DeepSeek-V3, and one sorted dispatch for both.
+
+Dispatch sorts the (token, expert) pairs by expert and runs each expert matrix over its contiguous
+rows with a grouped matmul, so the work is proportional to tokens × experts-per-token — never a dense
+all-experts product or a one-hot over experts × tokens (which does not fit at 256 experts).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from vishwam_jax.models.layers import ACTIVATIONS, is_quantized
+
+
+def softmax_topk_router(
+    x: Float[Array, "n d"], router_w: Float[Array, "d e"], k: int, *, renormalize: bool = False
+) -> tuple[Float[Array, "n k"], Int[Array, "n k"]]:
+    """Softmax over all experts in float32, then the top-k probabilities (Grok-1: not renormalized)."""
+    logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32), router_w.astype(jnp.float32))
+    probs = jax.nn.softmax(logits, axis=-1)
+    gates, experts = jax.lax.top_k(probs, k)
+    if renormalize:
+        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    return gates, experts
+
+
+def grouped_sigmoid_router(
+    x: Float[Array, "n d"],
+    router_w: Float[Array, "d e"],
+    bias: Float[Array, "e"],
+    k: int,
+    *,
+    num_groups: int,
+    topk_groups: int,
+    routed_scaling_factor: float,
+    renormalize: bool = True,
+) -> tuple[Float[Array, "n k"], Int[Array, "n k"]]:
+    """DeepSeek-V3 routing: sigmoid affinities; the correction bias only decides *which* experts
+    (pick the `topk_groups` groups with the largest sum of their two best biased scores, then the
+    top-k experts inside them); the gates are the unbiased scores, renormalized and scaled."""
+    n, e = x.shape[0], router_w.shape[1]
+    scores = jax.nn.sigmoid(jnp.einsum("nd,de->ne", x.astype(jnp.float32), router_w.astype(jnp.float32)))
+    biased = scores + bias.astype(jnp.float32)[None, :]
+    if num_groups > 1:
+        grouped = biased.reshape(n, num_groups, e // num_groups)
+        group_score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+        _, best_groups = jax.lax.top_k(group_score, topk_groups)
+        group_mask = jnp.zeros((n, num_groups), bool).at[jnp.arange(n)[:, None], best_groups].set(True)
+        biased = jnp.where(jnp.repeat(group_mask, e // num_groups, axis=1), biased, -jnp.inf)
+    _, experts = jax.lax.top_k(biased, k)
+    gates = jnp.take_along_axis(scores, experts, axis=-1)
+    if renormalize:
+        gates = gates / (jnp.sum(gates, axis=-1, keepdims=True) + 1e-20)
+    return gates * routed_scaling_factor, experts
+
+
+def grouped_linear(x: Float[Array, "m a"], w: Any, group_sizes: Int[Array, "g"]) -> Float[Array, "m b"]:
+    """Rows of `x` sorted by group times each group's matrix `w[g]` ([g, a, b], possibly int8)."""
+    from vishwam_jax.pallas_kernels import grouped_matmul  # local: kernels import nothing from models
+
+    if is_quantized(w):
+        return grouped_matmul.gmm(x, w["int8"], group_sizes, rhs_scale=w["scale"], preferred_element_type=x.dtype)
+    return grouped_matmul.gmm(x, w.astype(x.dtype), group_sizes, preferred_element_type=x.dtype)
+
+
+def dispatch_experts(
+    x: Float[Array, "n d"],
+    gates: Float[Array, "n k"],
+    experts: Int[Array, "n k"],
+    expert_params: dict,
+    activation: str,
+    num_experts: int,
+) -> tuple[Float[Array, "n d"], Int[Array, "e"]]:
+    """Sum over each token's selected experts of gate * mlp_e(x); also the tokens per expert.
+
+    expert_params: gate/up [e, d, f], down [e, f, d] (gated MLP per expert; may be int8).
+    """
+    n, k = experts.shape
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    rows = x[order // k]  # each token repeated once per selected expert, sorted by expert
+    counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    act = ACTIVATIONS[activation]
+    h = act(grouped_linear(rows, expert_params["gate"], counts)) * grouped_linear(rows, expert_params["up"], counts)
+    out = grouped_linear(h, expert_params["down"], counts)
+    # Unsort with the inverse permutation and reduce over k: deterministic, no scatter-add.
+    unsorted = jnp.zeros_like(out).at[order].set(out).reshape(n, k, -1)
+    y = jnp.einsum("nkd,nk->nd", unsorted.astype(jnp.float32), gates.astype(jnp.float32))
+    return y.astype(x.dtype), counts

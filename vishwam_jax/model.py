@@ -62,3 +62,8 @@ class Model:
         return self._generator.generate(
             self.params, prompt_tokens, max_new_tokens, sampling, seed, chunk=chunk, on_tokens=on_tokens
         )
+
+    @property
+    def last_generation_stats(self):
+        """Compile, prefill and decode timings of the last `generate` call."""
+        return self._generator.stats

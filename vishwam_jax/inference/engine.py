@@ -7,7 +7,8 @@ row attends to another's padding and greedy decoding equals argmax over the grow
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -41,6 +42,30 @@ def pad_prompts(prompts: Sequence[Sequence[int]] | np.ndarray, pad_id: int, mult
     return tokens, lengths
 
 
+@dataclasses.dataclass
+class GenerationStats:
+    """Timings of the last `generate` call; compilation is timed apart from the runs."""
+
+    compile_s: float = 0.0
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0
+    decode_s: float = 0.0
+    decode_tokens: int = 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+
+def _signature(tree) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in leaves)
+
+
 class Generator:
     """Compiled prefill + decode for one model (family module, config, params)."""
 
@@ -48,8 +73,19 @@ class Generator:
         self.family = family
         self.config = config
         self.cache_dtype = cache_dtype
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=("max_len", "sampling"))
-        self._decode = jax.jit(self._decode_impl, static_argnames=("steps", "sampling"), donate_argnames=("state",))
+        self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("max_len", "sampling"))
+        self._decode_jit = jax.jit(self._decode_impl, static_argnames=("steps", "sampling"), donate_argnames=("state",))
+        self._executables: dict = {}
+        self.stats = GenerationStats()
+
+    def _compiled(self, fn, *args, **static):
+        """Ahead-of-time compile once per argument signature, so runs can be timed without compilation."""
+        key = (fn, _signature(args), tuple(sorted(static.items())))
+        if key not in self._executables:
+            start = time.perf_counter()
+            self._executables[key] = fn.lower(*args, **static).compile()
+            self.stats.compile_s += time.perf_counter() - start
+        return self._executables[key]
 
     # -- compiled pieces -------------------------------------------------------------------------
     def _prefill_impl(self, params, tokens, lengths, key, *, max_len: int, sampling: SamplingParams):
@@ -117,14 +153,21 @@ class Generator:
                 f"prompt of {int(lengths.max())} tokens + {max_new_tokens} new tokens exceeds the model's "
                 f"context of {limit} tokens"
             )
-        max_len = min(max(needed, tokens.shape[1]), limit)
-        max_len = max(max_len, tokens.shape[1])
-        state = self._prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed), max_len=max_len, sampling=sampling)
+        max_len = max(min(needed, limit), tokens.shape[1])
+        self.stats = GenerationStats()
+        args = (params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed))
+        prefill = self._compiled(self._prefill_jit, *args, max_len=max_len, sampling=sampling)
+        start = time.perf_counter()
+        state = jax.block_until_ready(prefill(*args))
+        self.stats.prefill_s = time.perf_counter() - start
+        self.stats.prefill_tokens = int(lengths.sum())
         stop_ids = jnp.asarray(np.atleast_1d(np.array(self.config.eos_token_id, np.int32)))
+        decode = self._compiled(self._decode_jit, params, state, stop_ids, steps=chunk, sampling=sampling)
         blocks = []
         produced = 0
+        start = time.perf_counter()
         while produced < max_new_tokens:
-            block, state = self._decode(params, state, stop_ids, steps=chunk, sampling=sampling)
+            block, state = decode(params, state, stop_ids)
             block = np.asarray(block)[:, : max_new_tokens - produced]
             blocks.append(block)
             produced += block.shape[1]
@@ -132,7 +175,10 @@ class Generator:
                 on_tokens(block)
             if bool(np.asarray(state["done"]).all()):
                 break
+        self.stats.decode_s = time.perf_counter() - start
         out = np.concatenate(blocks, axis=1)
+        # Tokens actually decoded: every emitted token of a row up to and including its EOS.
+        self.stats.decode_tokens = int(np.sum(out != self.config.pad_token_id))
         if out.shape[1] < max_new_tokens:
             out = np.pad(out, ((0, 0), (0, max_new_tokens - out.shape[1])), constant_values=self.config.pad_token_id)
         return jnp.asarray(out)

@@ -130,11 +130,11 @@ def _gemma_shakespeare():
     """The embedded demo: a byte-level Gemma-3-style model trained by scripts/train_demo.py."""
     c = gemma_base()
     c.vocab_size = 256 + 3  # bytes + pad/eos/bos
-    c.d_model, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.ffn_dim = 256, 6, 8, 2, 32, 768
+    c.d_model, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.ffn_dim = 256, 4, 8, 2, 32, 640
     c.query_pre_attn_scalar = 32.0
     c.use_post_attn_norm = c.use_post_ffw_norm = c.use_qk_norm = True
     c.sliding_window = 128
-    c.layer_types = _layer_types(6, 3)
+    c.layer_types = _layer_types(4, 2)
     c.rope_theta, c.rope_local_theta = 10_000.0, 10_000.0
     c.max_seq_len = 1024
     c.pad_token_id, c.eos_token_id, c.bos_token_id = 256, 257, 258

@@ -1,0 +1,69 @@
+"""Decode (and prefill) tokens/s of a preset with random weights against the bandwidth roofline.
+
+    python scripts/benchmark_generate.py --model gemma-2b --dtype bfloat16 --batch 1 8
+
+The roofline of one decode step is (parameter bytes + KV-cache bytes read) / copy bandwidth, the
+copy bandwidth being measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import vishwam_jax as vj
+from vishwam_jax.utils.benchmarking import copy_bandwidth, tree_bytes
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gemma-2b")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    bw = copy_bandwidth()
+    print(f"measured copy bandwidth: {bw / 1e12:.2f} TB/s")
+    model = vj.load(args.model, dtype=jnp.dtype(args.dtype))
+    param_bytes = tree_bytes(model.params)
+    c = model.config
+    rows = []
+    for batch in args.batch:
+        rng = np.random.default_rng(0)
+        prompts = rng.integers(3, c.vocab_size, size=(batch, args.prompt_len))
+        # Stop tokens are never sampled greedily from these weights in practice; counted tokens say.
+        model.generate(prompts, args.new_tokens)  # compile + warm
+        model.generate(prompts, args.new_tokens)
+        s = model.last_generation_stats
+        steps = s.decode_tokens / batch
+        step_s = s.decode_s / steps
+        # KV bytes read per step at the mean cache length of the run (full-attention layers).
+        cache = model.family.init_cache(c, batch, args.prompt_len + args.new_tokens, jnp.dtype(args.dtype))
+        kv_bytes = tree_bytes(cache) * (args.prompt_len + args.new_tokens / 2) / (args.prompt_len + args.new_tokens)
+        floor_s = (param_bytes + kv_bytes) / bw
+        row = {
+            "model": args.model, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
+            "decode_tok_s_per_stream": 1 / step_s, "step_ms": step_s * 1e3, "roofline_step_ms": floor_s * 1e3,
+            "fraction_of_roofline": floor_s / step_s, "param_gb": param_bytes / 1e9,
+        }
+        rows.append(row)
+        print(f"{args.model} {args.dtype} batch {batch}: prefill {row['prefill_tok_s']:,.0f} tok/s, "
+              f"decode {row['decode_tok_s']:,.1f} tok/s ({row['decode_tok_s_per_stream']:.1f}/stream), "
+              f"step {row['step_ms']:.2f} ms vs roofline {row['roofline_step_ms']:.2f} ms "
+              f"({100 * row['fraction_of_roofline']:.0f}%)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"copy_bw": bw, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

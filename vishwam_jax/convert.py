@@ -1,0 +1,59 @@
+"""Convert an official checkpoint into a vishwam_jax model directory (Orbax).
+
+    python -m vishwam_jax.convert SRC DST [--dtype bfloat16] [--config grok-1] [--keep-int8]
+
+Formats (auto-detected): HuggingFace Gemma / Gemma 2 / Gemma 3 and DeepSeek-V3 (config.json +
+*.safetensors, including DeepSeek's FP8 block-scaled release), and the Grok-1 release (ckpt-0/).
+WARNING: the Grok-1 release is a set of Python pickles, and unpickling can run code: convert only
+checkpoints from a source you trust (the converter refuses files outside the release's layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def run(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vishwam_jax.convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", help="source checkpoint directory")
+    ap.add_argument("dst", help="destination model directory (must not exist unless --overwrite)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="storage dtype of floating weights")
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--config", help="Grok-1 only (the release has no config file): a preset name and/or JSON "
+                    "overrides in the release's field names, e.g. 'grok-1' or '{\"num_layers\": 2}'")
+    ap.add_argument("--keep-int8", action="store_true", help="Grok-1 only: keep int8 weights + scales (weight-only int8)")
+    args = ap.parse_args(argv)
+
+    from vishwam_jax.checkpoint.convert import convert
+    from vishwam_jax.checkpoint.orbax_io import CheckpointError
+    from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError
+    from vishwam_jax.presets import UnknownModelError
+
+    options = {}
+    if args.config is not None:
+        options["config"] = json.loads(args.config) if args.config.lstrip().startswith("{") else args.config
+    if args.keep_int8:
+        options["keep_int8"] = True
+    try:
+        convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, **options)
+    except (CheckpointError, CheckpointFormatError, UnknownModelError, json.JSONDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TypeError as err:
+        if "unexpected keyword" in str(err):
+            print(f"error: option not supported for this checkpoint format ({err})", file=sys.stderr)
+            return 2
+        raise
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

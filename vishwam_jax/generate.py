@@ -1,0 +1,119 @@
+"""Generate text: `python -m vishwam_jax.generate [--model PRESET|DIR] --prompt TEXT ...`.
+
+With no --model, uses the small Shakespeare model embedded in the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m vishwam_jax.generate", description=__doc__)
+    ap.add_argument("--model", help="preset name (random weights; see --list) or a converted model directory "
+                    "(default: the embedded Shakespeare demo model)")
+    ap.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
+    ap.add_argument("--prompt-file", help="file with one prompt per line")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="parameter dtype")
+    ap.add_argument("--list", action="store_true", help="list the preset names and exit")
+    return ap
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UsageError(f"prompt file {path} does not exist")
+        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+    return prompts or ["ROMEO.\n"]
+
+
+def _validate(args) -> None:
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
+    if not args.temperature >= 0:
+        raise UsageError(f"--temperature must be >= 0 (got {args.temperature})")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1 (got {args.top_k})")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1] (got {args.top_p})")
+
+
+def run(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    import vishwam_jax as vj  # after argument parsing: --help stays fast
+    from vishwam_jax.checkpoint.orbax_io import CheckpointError
+    from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError
+    from vishwam_jax.inference.engine import PromptTooLongError
+    from vishwam_jax.presets import UnknownModelError
+
+    if args.list:
+        print("\n".join(vj.list_models()))
+        return 0
+    try:
+        _validate(args)
+        prompts = _prompts(args)
+        dtype = {"float32": np.float32, "bfloat16": "bfloat16", None: None}[args.dtype]
+        model = vj.load(args.model or vj.DEFAULT_MODEL_DIR, dtype=dtype)
+        if model.tokenizer is None:
+            raise UsageError(f"{args.model} has no tokenizer (tokenizer.model or tokenizer.json) to encode text prompts")
+        encoded = [model.tokenizer.encode(p) for p in prompts]
+        stream = len(prompts) == 1
+        generated: list[list[int]] = [[] for _ in prompts]
+        printed = [""]
+        if stream:
+            sys.stdout.write(prompts[0])
+
+        def on_tokens(block: np.ndarray) -> None:
+            for row, ids in zip(generated, block):
+                row.extend(int(i) for i in ids)
+            if stream:
+                text = model.tokenizer.decode(_until_eos(generated[0], model.config))
+                sys.stdout.write(text[len(printed[0]):])
+                sys.stdout.flush()
+                printed[0] = text
+
+        model.generate(encoded, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                       chunk=8 if stream else None, on_tokens=on_tokens)
+    except (UsageError, UnknownModelError, CheckpointError, CheckpointFormatError, PromptTooLongError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if stream:
+        print()
+    else:
+        for prompt, ids in zip(prompts, generated):
+            print(f"=== {prompt!r}\n{prompt}{model.tokenizer.decode(_until_eos(ids, model.config))}\n")
+    s = model.last_generation_stats
+    print(f"[prefill {s.prefill_tokens} tokens at {s.prefill_tokens_per_s:,.0f} tok/s; decode {s.decode_tokens} tokens "
+          f"at {s.decode_tokens_per_s:,.1f} tok/s; compile {s.compile_s:.1f}s]", file=sys.stderr)
+    return 0
+
+
+def _until_eos(ids: list[int], config) -> list[int]:
+    stop = set(np.atleast_1d(np.array(config.eos_token_id)).tolist()) | {config.pad_token_id}
+    for i, t in enumerate(ids):
+        if t in stop:
+            return ids[:i]
+    return ids
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training: data, optimizer, loss and the jitted train step."""

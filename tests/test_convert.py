@@ -1,0 +1,162 @@
+"""The converter: bounded memory, atomic output, clear errors for bad input."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import vishwam_jax as vj
+from vishwam_jax.checkpoint import orbax_io
+from vishwam_jax.checkpoint.orbax_io import CheckpointError
+from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError
+
+
+def write_hf_gemma(path, *, vocab=64, d=32, layers=2, heads=2, kv=1, head_dim=16, ffn=48, seed=0, shards=1):
+    """A HuggingFace-layout Gemma checkpoint written with numpy only (no torch)."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    config = dict(model_type="gemma", vocab_size=vocab, hidden_size=d, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, intermediate_size=ffn,
+                  rms_norm_eps=1e-6, max_position_embeddings=128, hidden_act="gelu_pytorch_tanh",
+                  tie_word_embeddings=True)
+    (path / "config.json").write_text(json.dumps(config))
+    r = lambda *s: rng.standard_normal(s, dtype=np.float32) * 0.1
+    tensors = {"model.embed_tokens.weight": r(vocab, d), "model.norm.weight": r(d)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "input_layernorm.weight": r(d), p + "post_attention_layernorm.weight": r(d),
+            p + "self_attn.q_proj.weight": r(heads * head_dim, d), p + "self_attn.k_proj.weight": r(kv * head_dim, d),
+            p + "self_attn.v_proj.weight": r(kv * head_dim, d), p + "self_attn.o_proj.weight": r(d, heads * head_dim),
+            p + "mlp.gate_proj.weight": r(ffn, d), p + "mlp.up_proj.weight": r(ffn, d), p + "mlp.down_proj.weight": r(d, ffn),
+        })
+    names = sorted(tensors)
+    for s in range(shards):
+        part = {n: tensors[n] for n in names[s::shards]}
+        save_file(part, str(path / f"model-{s + 1:05d}-of-{shards:05d}.safetensors"))
+    return tensors
+
+
+def test_sharded_checkpoint_converts_exactly(tmp_path):
+    tensors = write_hf_gemma(tmp_path / "hf", shards=3)
+    vj.convert(tmp_path / "hf", tmp_path / "out")
+    params = orbax_io.restore_params(tmp_path / "out")
+    np.testing.assert_array_equal(params["embed"], tensors["model.embed_tokens.weight"])
+    q = tensors["model.layers.1.self_attn.q_proj.weight"]  # [h*hd, d] -> [d, h, hd]
+    np.testing.assert_array_equal(params["layers"][1]["attn"]["q"], q.T.reshape(32, 2, 16))
+    np.testing.assert_array_equal(params["layers"][0]["mlp"]["down"], tensors["model.layers.0.mlp.down_proj.weight"].T)
+    # Gemma 1 names the pre-MLP norm "post_attention_layernorm".
+    np.testing.assert_array_equal(params["layers"][0]["mlp_norm"], tensors["model.layers.0.post_attention_layernorm.weight"])
+
+
+def test_bfloat16_storage(tmp_path):
+    write_hf_gemma(tmp_path / "hf")
+    vj.convert(tmp_path / "hf", tmp_path / "out", dtype="bfloat16")
+    shapes = orbax_io.param_shapes(tmp_path / "out")
+    assert {str(s.dtype) for s in __import__("jax").tree_util.tree_leaves(shapes)} == {"bfloat16"}
+
+
+def _peak_rss_mb(code: str) -> float:
+    script = textwrap.dedent(code) + "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def test_peak_memory_stays_near_one_tensor(tmp_path):
+    # ~520 MB of weights in 25 tensors; the largest (each MLP matrix) is 32 MB.
+    tensors = write_hf_gemma(tmp_path / "hf", vocab=4096, d=1024, layers=5, heads=8, kv=8, head_dim=128, ffn=8192, shards=2)
+    total_mb = sum(t.nbytes for t in tensors.values()) / 2**20
+    largest_mb = max(t.nbytes for t in tensors.values()) / 2**20
+    del tensors
+    imports = "import vishwam_jax, vishwam_jax.checkpoint.hf_gemma, orbax.checkpoint, tensorstore"
+    baseline = _peak_rss_mb(imports)
+    peak = _peak_rss_mb(f"{imports}\nvishwam_jax.convert({str(tmp_path / 'hf')!r}, {str(tmp_path / 'out')!r})")
+    assert total_mb > 500
+    assert peak - baseline < 4 * largest_mb, (peak, baseline, largest_mb, total_mb)
+
+
+def test_interrupted_conversion_leaves_nothing_that_loads(tmp_path, monkeypatch):
+    write_hf_gemma(tmp_path / "hf")
+    calls = {"n": 0}
+    original = orbax_io.CheckpointWriter.write
+
+    def failing_write(self, path, array):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk full (simulated)")
+        return original(self, path, array)
+
+    monkeypatch.setattr(orbax_io.CheckpointWriter, "write", failing_write)
+    with pytest.raises(OSError, match="simulated"):
+        vj.convert(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # the temporary directory is removed too
+
+
+def test_killed_conversion_is_not_a_model(tmp_path):
+    """A process killed mid-way cannot clean up: what it leaves must be refused by `load`."""
+    write_hf_gemma(tmp_path / "hf")
+    vj.convert(tmp_path / "hf", tmp_path / "out")
+    (tmp_path / "out" / orbax_io.COMPLETE_MARKER).unlink()
+    with pytest.raises(CheckpointError, match="not a complete vishwam_jax model directory"):
+        vj.load(tmp_path / "out")
+
+
+def test_existing_destination_is_not_overwritten_by_default(tmp_path):
+    write_hf_gemma(tmp_path / "hf")
+    vj.convert(tmp_path / "hf", tmp_path / "out")
+    with pytest.raises(CheckpointError, match="already exists"):
+        vj.convert(tmp_path / "hf", tmp_path / "out")
+    vj.convert(tmp_path / "hf", tmp_path / "out", overwrite=True)
+
+
+def test_missing_source(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        vj.convert(tmp_path / "nope", tmp_path / "out")
+
+
+def test_unrecognised_source(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "weights.bin").write_bytes(b"\0" * 10)
+    with pytest.raises(CheckpointFormatError, match="not a checkpoint format"):
+        vj.convert(tmp_path / "src", tmp_path / "out")
+
+
+def test_truncated_safetensors(tmp_path):
+    write_hf_gemma(tmp_path / "hf")
+    f = next((tmp_path / "hf").glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointFormatError, match="truncated"):
+        vj.convert(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    write_hf_gemma(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["intermediate_size"] = 50
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointFormatError, match="mlp.gate_proj.weight: shape"):
+        vj.convert(tmp_path / "hf", tmp_path / "out")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'gemma-3b'.*did you mean"):
+        vj.load("gemma-3b")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        vj.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a complete"):
+        vj.load(tmp_path / "empty")
+
+
+def test_corrupt_params_are_reported(tmp_path):
+    write_hf_gemma(tmp_path / "hf")
+    vj.convert(tmp_path / "hf", tmp_path / "out")
+    (tmp_path / "out" / "params" / "embed" / ".zarray").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        vj.load(tmp_path / "out")

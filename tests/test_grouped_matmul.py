@@ -1,0 +1,226 @@
+"""Grouped matmul: the Pallas GPU kernel (interpret mode), the TPU kernel (interpret mode), the XLA
+path and the gradients, all against the plain-jnp reference on small awkward shapes."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vishwam_jax.pallas_kernels import _gmm_gpu, grouped_matmul
+
+TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
+# A block config small enough that the tiny test shapes span several row tiles, N blocks, K steps
+# and work-item bands: the kernel's loops and masks are exercised, not just one block.
+TINY = _gmm_gpu.BlockConfig(bm=16, bn=16, bk=16, band=2)
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_backend(monkeypatch):
+    monkeypatch.delenv(grouped_matmul.ENV_VAR, raising=False)
+
+
+def rel_err(x, ref) -> float:
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(x)), "non-finite output (unwritten rows?)"
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def make(m, k, n, sizes, dtype=jnp.float32, transpose=False, int8=False, seed=0):
+    rng = np.random.default_rng(seed)
+    g = len(sizes)
+    lhs = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    shape = (g, n, k) if transpose else (g, k, n)
+    if int8:
+        rhs = jnp.asarray(rng.integers(-127, 128, shape), jnp.int8)
+        scale = jnp.asarray(rng.uniform(0.005, 0.02, (g, n, 1) if transpose else (g, 1, n)), jnp.float32)
+    else:
+        rhs = jnp.asarray(rng.standard_normal(shape) / np.sqrt(k), dtype)
+        scale = None
+    return lhs, rhs, jnp.asarray(sizes, jnp.int32), scale
+
+
+def numpy_gmm(lhs, rhs, sizes, transpose=False, scale=None):
+    """Independent float64 oracle for the reference itself."""
+    lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
+    if transpose:
+        rhs = rhs.transpose(0, 2, 1)
+    if scale is not None:
+        rhs = rhs * np.asarray(scale, np.float64).reshape(rhs.shape[0], 1, rhs.shape[2])
+    out = np.zeros((lhs.shape[0], rhs.shape[2]))
+    start = 0
+    for gi, size in enumerate(np.asarray(sizes)):
+        out[start:start + size] = lhs[start:start + size] @ rhs[gi]
+        start += size
+    return out
+
+
+# (m, k, n, group sizes): each exercises one awkward case
+SHAPES = {
+    "uneven_empty_first_last_short_sum": (50, 40, 24, [0, 7, 0, 20, 13, 0]),
+    "all_groups_in_one_block": (12, 24, 20, [3, 0, 4, 5]),
+    "one_group_holds_all": (37, 24, 20, [0, 37, 0]),
+    "m_not_block_multiple_ragged_k_n": (45, 33, 17, [9, 1, 16, 2, 17]),
+}
+
+
+def test_reference_matches_numpy():
+    for name, (m, k, n, sizes) in SHAPES.items():
+        for transpose in (False, True) if name == "uneven_empty_first_last_short_sum" else (False,):
+            lhs, rhs, gs, _ = make(m, k, n, sizes, transpose=transpose)
+            ref = grouped_matmul.gmm_reference(lhs, rhs, gs, transpose_rhs=transpose)
+            assert rel_err(ref, numpy_gmm(lhs, rhs, sizes, transpose)) < 1e-6, name
+    lhs, rhs, gs, scale = make(30, 24, 20, [10, 0, 15, 5], int8=True)
+    ref = grouped_matmul.gmm_reference(lhs, rhs, gs, rhs_scale=scale)
+    assert rel_err(ref, numpy_gmm(lhs, rhs, [10, 0, 15, 5], scale=scale)) < 1e-6
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_pallas_interpret_matches_reference(name):
+    m, k, n, sizes = SHAPES[name]
+    lhs, rhs, gs, _ = make(m, k, n, sizes, seed=len(name))
+    out = _gmm_gpu.gmm(lhs, rhs, gs, config=TINY, interpret=True)
+    ref = grouped_matmul.gmm_reference(lhs, rhs, gs)
+    assert rel_err(out, ref) < TOL[jnp.dtype(jnp.float32)]
+    past = int(np.sum(sizes))
+    np.testing.assert_array_equal(np.asarray(out[past:]), 0.0)  # rows past the groups are exactly zero
+
+
+@pytest.mark.parametrize(
+    "dtype,transpose,int8",
+    [(jnp.bfloat16, False, False), (jnp.float32, True, False), (jnp.bfloat16, False, True), (jnp.float32, True, True)],
+)
+def test_public_gmm_interpret_options(dtype, transpose, int8):
+    m, k, n, sizes = SHAPES["uneven_empty_first_last_short_sum"]
+    lhs, rhs, gs, scale = make(m, k, n, sizes, dtype, transpose, int8)
+    out = grouped_matmul.gmm(lhs, rhs, gs, transpose_rhs=transpose, rhs_scale=scale, implementation="pallas_interpret")
+    ref = grouped_matmul.gmm_reference(lhs, rhs, gs, transpose_rhs=transpose, rhs_scale=scale)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert rel_err(out, ref) < TOL[jnp.dtype(dtype)]
+    assert rel_err(out, numpy_gmm(lhs, rhs, sizes, transpose, scale)) < TOL[jnp.dtype(dtype)]
+
+
+def test_preferred_element_type():
+    lhs, rhs, gs, _ = make(*SHAPES["all_groups_in_one_block"], dtype=jnp.bfloat16)
+    out = grouped_matmul.gmm(lhs, rhs, gs, preferred_element_type=jnp.float32, implementation="pallas_interpret")
+    assert out.dtype == jnp.float32
+    ref = grouped_matmul.gmm_reference(lhs, rhs, gs, preferred_element_type=jnp.float32)
+    assert rel_err(out, ref) < 1e-5  # float32 out: no bf16 rounding of the accumulator
+
+
+def loss(gmm_fn, lhs, rhs, gs, **kw):
+    return jnp.sum(jnp.sin(gmm_fn(lhs, rhs, gs, **kw)))
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gradients_match_reference(transpose):
+    lhs, rhs, gs, _ = make(*SHAPES["uneven_empty_first_last_short_sum"], transpose=transpose)
+    ours = functools.partial(grouped_matmul.gmm, transpose_rhs=transpose, implementation="pallas_interpret")
+    ref = functools.partial(grouped_matmul.gmm_reference, transpose_rhs=transpose)
+    got = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(lhs, rhs, gs)
+    want = jax.grad(functools.partial(loss, ref), argnums=(0, 1))(lhs, rhs, gs)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert rel_err(g, w) < 1e-5
+    assert float(jnp.abs(got[0][40:]).max()) == 0.0  # rows past the groups do not affect the output
+
+
+def test_int8_lhs_gradient():
+    lhs, rhs, gs, scale = make(*SHAPES["m_not_block_multiple_ragged_k_n"], int8=True)
+    ours = functools.partial(grouped_matmul.gmm, rhs_scale=scale, implementation="pallas_interpret")
+    ref = functools.partial(grouped_matmul.gmm_reference, rhs_scale=scale)
+    got = jax.grad(lambda x: loss(ours, x, rhs, gs))(lhs)
+    want = jax.grad(lambda x: loss(ref, x, rhs, gs))(lhs)
+    assert rel_err(got, want) < 1e-5
+
+
+def test_tgmm_matches_reference():
+    m, k, n, sizes = 45, 33, 17, [0, 9, 1, 0, 16, 2, 0]  # empty first/last/middle, sum < m
+    rng = np.random.default_rng(3)
+    lhs = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    grad = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+    gs = jnp.asarray(sizes, jnp.int32)
+    want = grouped_matmul.tgmm_reference(lhs, grad, gs, num_groups=len(sizes))
+    got = _gmm_gpu.tgmm(lhs, grad, gs, config=TINY, interpret=True)
+    assert got.shape == (len(sizes), k, n)
+    assert rel_err(got, want) < 1e-5
+    np.testing.assert_array_equal(np.asarray(got[0]), 0.0)  # empty group: zeros, not garbage
+    for impl in ("xla", "reference"):
+        got = grouped_matmul.tgmm(lhs, grad, gs, num_groups=len(sizes), implementation=impl)
+        assert rel_err(got, want) < 1e-5, impl
+
+
+@pytest.mark.parametrize("transpose,int8", [(False, False), (True, False), (False, True)])
+def test_xla_path_matches_reference(transpose, int8):
+    for name in ("uneven_empty_first_last_short_sum", "m_not_block_multiple_ragged_k_n"):
+        m, k, n, sizes = SHAPES[name]
+        lhs, rhs, gs, scale = make(m, k, n, sizes, transpose=transpose, int8=int8)
+        out = grouped_matmul.gmm(lhs, rhs, gs, transpose_rhs=transpose, rhs_scale=scale, implementation="xla")
+        ref = grouped_matmul.gmm_reference(lhs, rhs, gs, transpose_rhs=transpose, rhs_scale=scale)
+        assert rel_err(out, ref) < 1e-5, name
+
+def test_xla_path_gradients():
+    lhs, rhs, gs, _ = make(*SHAPES["uneven_empty_first_last_short_sum"])
+    got = jax.grad(functools.partial(loss, functools.partial(grouped_matmul.gmm, implementation="xla")),
+                   argnums=(0, 1))(lhs, rhs, gs)
+    want = jax.grad(functools.partial(loss, grouped_matmul.gmm_reference), argnums=(0, 1))(lhs, rhs, gs)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+
+
+def test_tpu_kernel_interpret():
+    from vishwam_jax.pallas_kernels import _gmm_tpu
+
+    m, k, n, sizes = 200, 256, 256, [0, 70, 3, 50, 30, 0]  # 2 row tiles of 128, sum < m
+    lhs, rhs, gs, scale = make(m, k, n, sizes, transpose=True, int8=True)
+    out = _gmm_tpu.gmm(lhs, rhs, gs, transpose_rhs=True, rhs_scale=scale.reshape(len(sizes), n), interpret=True)
+    ref = grouped_matmul.gmm_reference(lhs, rhs, gs, transpose_rhs=True, rhs_scale=scale)
+    assert rel_err(out, ref) < 1e-5
+    np.testing.assert_array_equal(np.asarray(out[153:]), 0.0)
+
+
+def test_work_items_cover_every_row_once():
+    rng = np.random.default_rng(0)
+    m, g = 45, 6
+    for bm in (1, 16):
+        items = jax.jit(_gmm_gpu.make_work_items, static_argnums=(1, 2))
+        for trial in range(12):
+            sizes = rng.multinomial(int(rng.integers(0, m + 1)), np.ones(g) / g)
+            sizes[rng.random(g) < 0.3] = 0
+            group_ids, tile_ids, starts, ends, count = map(np.asarray, items(jnp.asarray(sizes), m, bm))
+            hits = np.zeros(m, int)
+            for gi, ti in zip(group_ids[: count[0]], tile_ids[: count[0]]):
+                rows = np.arange(ti * bm, min((ti + 1) * bm, m))
+                mine = rows[(rows >= starts[gi]) & (rows < ends[gi])]
+                assert mine.size, (trial, "a work item with no rows")
+                hits[mine] += 1
+            np.testing.assert_array_equal(hits, 1)  # every row written by exactly one visit (incl. padding)
+            assert count[0] <= len(group_ids) == _gmm_gpu.max_work_items(m, g, bm)
+            assert np.all(np.diff(tile_ids[: count[0]]) >= 0)  # visits of one tile are consecutive
+
+
+def test_backend_selection(monkeypatch):
+    assert grouped_matmul.resolve_implementation() == "xla"  # CPU: interpret mode is too slow for models
+    assert grouped_matmul.resolve_implementation("pallas_interpret") == "pallas_interpret"
+    monkeypatch.setenv(grouped_matmul.ENV_VAR, "reference")
+    assert grouped_matmul.resolve_implementation() == "reference"
+    assert grouped_matmul.resolve_implementation("auto") == "reference"
+    assert grouped_matmul.resolve_implementation("xla") == "xla"  # an explicit choice still wins
+    with pytest.raises(ValueError):
+        grouped_matmul.resolve_implementation("cublas")
+    lhs, rhs, gs, _ = make(*SHAPES["all_groups_in_one_block"])
+    jaxpr = str(jax.make_jaxpr(lambda a, b, c: grouped_matmul.gmm(a, b, c))(lhs, rhs, gs))
+    assert "ragged_dot" not in jaxpr  # the env var really routed the call to the reference
+
+
+def test_rejects_bad_arguments():
+    lhs, rhs, gs, scale = make(12, 24, 20, [3, 0, 4, 5], int8=True)
+    with pytest.raises(ValueError):
+        grouped_matmul.gmm(lhs, rhs, gs)  # int8 without scales
+    with pytest.raises(ValueError):
+        grouped_matmul.gmm(lhs, rhs, gs[:3], rhs_scale=scale)
+    with pytest.raises(ValueError):
+        grouped_matmul.gmm(lhs[:, :5], rhs, gs, rhs_scale=scale)

@@ -1,0 +1,1 @@
+"""Pallas kernels (GPU Triton / TPU Mosaic) with XLA fallbacks; each module documents its own API."""

@@ -1,0 +1,320 @@
+"""Pallas (Triton lowering) grouped matmul kernels for GPUs; the same kernels run in interpret mode on CPU.
+
+`gmm`: one program per (work item, N block). A work item is a (group, row tile) pair from
+`make_work_items`: row tiles are aligned to the global tile grid, a tile that straddles a group
+boundary is visited once per group and each visit stores only its own rows, empty groups get no
+work item, and the rows past sum(group_sizes) form one extra "padding group" whose items store
+zeros without reading any weights. Visits of one tile write disjoint rows, so programs never race.
+
+`tgmm`: one program per (group, K block, N block), looping over that group's rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jaxtyping import Array, Float, Int
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    bm: int  # rows of lhs per work item
+    bn: int
+    bk: int
+    num_warps: int = 4
+    num_stages: int = 3
+    band: int = 8  # work items visited together before moving to the next N block (L2 reuse)
+
+
+def _pow2_at_least(x: int, floor: int = 16) -> int:
+    return max(floor, 1 << max(0, (x - 1).bit_length()))
+
+
+def _fit(config: BlockConfig, m: int, k: int, n: int) -> BlockConfig:
+    """Shrink blocks that exceed a (power-of-two rounded) small dimension: fewer masked lanes."""
+    return dataclasses.replace(
+        config,
+        bm=min(config.bm, _pow2_at_least(m)),
+        bn=min(config.bn, _pow2_at_least(n)),
+        bk=min(config.bk, _pow2_at_least(k)),
+    )
+
+
+SMEM_BUDGET = 200 * 1024  # H100/H200 allow 227 KiB per block; keep headroom for the epilogue
+
+
+def _fit_smem(cfg: BlockConfig, lhs_itemsize: int, rhs_itemsize: int) -> BlockConfig:
+    """Fewer pipeline stages, then a shorter K block, until the staged tiles fit in shared memory
+    (float32 operands need twice the bf16 footprint)."""
+    def smem(c):
+        return c.num_stages * c.bk * (c.bm * lhs_itemsize + c.bn * rhs_itemsize)
+
+    while smem(cfg) > SMEM_BUDGET and cfg.num_stages > 2:
+        cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+    while smem(cfg) > SMEM_BUDGET and cfg.bk > 16:
+        cfg = dataclasses.replace(cfg, bk=cfg.bk // 2)
+    return cfg
+
+
+def gmm_config(m: int, k: int, n: int, g: int, lhs_itemsize: int = 2, rhs_itemsize: int = 2) -> BlockConfig:
+    """Block shapes by expected rows per group (tuned on H100, bf16; see docs/bench_gmm.md).
+
+    Few rows per group (decode, small batches): the kernel streams weights, so row tiles are small
+    and each program keeps a deep K block in flight. Many rows per group: compute-bound, large
+    tiles with 8 warps (wgmma-sized) and 3 stages.
+    """
+    rows_per_group = m / max(1, min(g, m))
+    if rows_per_group <= 16:  # int8 weights: twice the K per stage for the same bytes in flight
+        cfg = BlockConfig(bm=16, bn=128, bk=256 if rhs_itemsize == 1 else 128, num_warps=4, num_stages=4)
+    elif rows_per_group <= 48:
+        cfg = BlockConfig(bm=32, bn=128, bk=128, num_warps=4, num_stages=4)
+    elif rows_per_group <= 96:
+        cfg = BlockConfig(bm=64, bn=128, bk=64, num_warps=4, num_stages=4)
+    else:
+        cfg = BlockConfig(bm=128, bn=256, bk=64, num_warps=8, num_stages=3)
+    return _fit_smem(_fit(cfg, m, k, n), lhs_itemsize, rhs_itemsize)
+
+
+def tgmm_config(m: int, k: int, n: int, g: int, itemsize: int = 2) -> BlockConfig:
+    cfg = BlockConfig(bm=64, bn=128, bk=128, num_warps=8, num_stages=3)
+    return _fit_smem(_fit(cfg, m, k, n), itemsize, itemsize)
+
+
+# ---------------------------------------------------------------------------------------------
+# Work items
+
+
+def max_work_items(m: int, g: int, bm: int) -> int:
+    """Static bound: every row tile once, plus one extra visit per group boundary inside a tile.
+
+    With the padding group there are at most min(g + 1, m) non-empty groups, hence at most that
+    many minus one boundaries.
+    """
+    return pl.cdiv(m, bm) + max(0, min(g + 1, m) - 1)
+
+
+def group_bounds(group_sizes: Int[Array, "g"], m: int) -> tuple[Int[Array, "g+1"], Int[Array, "g+1"]]:
+    """[start, end) rows of every group plus the padding group (rows past the last group).
+
+    Ends are clipped to m so an oversubscribed group_sizes can never index past the arrays.
+    """
+    ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)
+    ends = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    return starts, ends
+
+
+def make_work_items(
+    group_sizes: Int[Array, "g"], m: int, bm: int
+) -> tuple[Int[Array, "w"], Int[Array, "w"], Int[Array, "g+1"], Int[Array, "g+1"], Int[Array, "1"]]:
+    """(group id, row tile id) per work item, sorted by row tile; and the live item count.
+
+    Items past the count are padding of the static grid; the kernel skips them.
+    """
+    g = group_sizes.shape[0]
+    starts, ends = group_bounds(group_sizes, m)
+    first_tile = starts // bm
+    last_tile = (ends - 1) // bm
+    tiles = jnp.where(ends > starts, last_tile - first_tile + 1, 0)
+    item_end = jnp.cumsum(tiles)
+    item_start = item_end - tiles
+    w = jnp.arange(max_work_items(m, g, bm), dtype=jnp.int32)
+    group_ids = jnp.minimum(jnp.searchsorted(item_end, w, side="right"), g).astype(jnp.int32)
+    tile_ids = first_tile[group_ids] + w - item_start[group_ids]
+    return group_ids, tile_ids.astype(jnp.int32), starts, ends, item_end[-1:].astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# gmm kernel
+
+
+def _banded_program_ids(num_items, n_blocks: int, band: int):
+    """Map the flat program id to (work item, N block) so that `band` consecutive work items sweep
+    the N blocks together: their lhs rows stay in L2 across N blocks and the work items of one
+    group share each weight block while it is in L2."""
+    pid = pl.program_id(0)
+    per_band = band * n_blocks
+    first = (pid // per_band) * band
+    width = jnp.maximum(jnp.minimum(num_items - first, band), 1)
+    local = pid % per_band
+    return first + local % width, local // width, first < num_items
+
+
+def _gmm_kernel(
+    group_ids_ref,
+    tile_ids_ref,
+    starts_ref,
+    ends_ref,
+    num_items_ref,
+    lhs_ref,
+    rhs_ref,
+    *rest,
+    m: int,
+    k: int,
+    n: int,
+    num_groups: int,
+    cfg: BlockConfig,
+    transpose_rhs: bool,
+    has_scale: bool,
+    compute_dtype,
+):
+    if has_scale:
+        scale_ref, out_ref = rest
+    else:
+        (out_ref,) = rest
+    bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
+    n_blocks = pl.cdiv(n, bn)
+    item, n_block, band_live = _banded_program_ids(num_items_ref[0], n_blocks, cfg.band)
+    live = band_live & (item < num_items_ref[0]) & (n_block < n_blocks)
+    item = jnp.where(live, item, 0)
+    group = group_ids_ref[item]
+    row0 = tile_ids_ref[item] * bm
+    col0 = n_block * bn
+    rows = row0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    cols = col0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
+    store_mask = (rows >= starts_ref[group]) & (rows < ends_ref[group]) & (cols < n)
+    out_block = out_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)]
+
+    @pl.when(live & (group == num_groups))
+    def _zero_padding_rows():
+        plgpu.store(out_block, jnp.zeros((bm, bn), out_ref.dtype), mask=store_mask)
+
+    @pl.when(live & (group < num_groups))
+    def _compute():
+        acc = _gmm_k_loop(lhs_ref, rhs_ref, group, row0, col0, rows, cols, m=m, k=k, n=n, cfg=cfg,
+                          transpose_rhs=transpose_rhs, compute_dtype=compute_dtype)
+        if has_scale:
+            scale_cols = col0 + lax.broadcasted_iota(jnp.int32, (bn,), 0)
+            scale = plgpu.load(scale_ref.at[group, pl.ds(col0, bn)], mask=scale_cols < n, other=0.0)
+            acc = acc * scale[None, :].astype(jnp.float32)
+        plgpu.store(out_block, acc.astype(out_ref.dtype), mask=store_mask)
+
+
+def _gmm_k_loop(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k, n, cfg, transpose_rhs, compute_dtype):
+    bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
+    ragged_k = k % bk != 0
+    row_ok = rows < m  # [bm, 1]
+    col_ok = cols < n  # [1, bn]
+
+    def body(i, acc):
+        k0 = i * bk
+        kk_row = k0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)  # k along lhs columns
+        lhs_mask = row_ok & (kk_row < k) if ragged_k else row_ok
+        a = plgpu.load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=lhs_mask, other=0)
+        if transpose_rhs:  # rhs block [bn, bk]
+            n_ok = col0 + lax.broadcasted_iota(jnp.int32, (bn, 1), 0) < n
+            rhs_mask = n_ok & (kk_row < k) if ragged_k else n_ok
+            b = plgpu.load(rhs_ref.at[group, pl.ds(col0, bn), pl.ds(k0, bk)], mask=rhs_mask, other=0)
+            dims = (((1,), (1,)), ((), ()))
+        else:  # rhs block [bk, bn]
+            kk_col = k0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+            rhs_mask = (kk_col < k) & col_ok if ragged_k else col_ok
+            b = plgpu.load(rhs_ref.at[group, pl.ds(k0, bk), pl.ds(col0, bn)], mask=rhs_mask, other=0)
+            dims = (((1,), (0,)), ((), ()))
+        return acc + lax.dot_general(
+            a.astype(compute_dtype), b.astype(compute_dtype), dims, preferred_element_type=jnp.float32
+        )
+
+    return lax.fori_loop(0, pl.cdiv(k, bk), body, jnp.zeros((bm, bn), jnp.float32))
+
+
+def _compiler_params(cfg: BlockConfig):
+    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def gmm(
+    lhs: Float[Array, "m k"],
+    rhs: Array,  # [g, k, n], or [g, n, k] when transpose_rhs; float or int8
+    group_sizes: Int[Array, "g"],
+    *,
+    transpose_rhs: bool = False,
+    rhs_scale: Float[Array, "g n"] | None = None,
+    out_dtype=None,
+    config: BlockConfig | None = None,
+    interpret: bool = False,
+) -> Float[Array, "m n"]:
+    m, k = lhs.shape
+    g = rhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    out_dtype = jnp.dtype(out_dtype or lhs.dtype)
+    if m == 0 or n == 0:
+        return jnp.zeros((m, n), out_dtype)
+    cfg = config or gmm_config(m, k, n, g, jnp.dtype(lhs.dtype).itemsize, jnp.dtype(rhs.dtype).itemsize)
+    compute_dtype = lhs.dtype if jnp.issubdtype(rhs.dtype, jnp.integer) else jnp.promote_types(lhs.dtype, rhs.dtype)
+    meta = make_work_items(group_sizes, m, cfg.bm)
+    n_items = max_work_items(m, g, cfg.bm)
+    n_blocks = pl.cdiv(n, cfg.bn)
+    grid = (pl.cdiv(n_items, cfg.band) * cfg.band * n_blocks,)
+    kernel = functools.partial(
+        _gmm_kernel, m=m, k=k, n=n, num_groups=g, cfg=cfg, transpose_rhs=transpose_rhs,
+        has_scale=rhs_scale is not None, compute_dtype=compute_dtype,
+    )
+    operands = (*meta, lhs, rhs) + (() if rhs_scale is None else (rhs_scale.astype(jnp.float32),))
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=grid,
+        compiler_params=_compiler_params(cfg),
+        interpret=interpret,
+        name="vishwam_gmm",
+    )(*operands)
+
+
+# ---------------------------------------------------------------------------------------------
+# tgmm kernel: out[g] = lhs[rows of g].T @ grad[rows of g]
+
+
+def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref, *, k: int, n: int, cfg: BlockConfig):
+    bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
+    group, k_block, n_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start, end = starts_ref[group], ends_ref[group]
+    k0, col0 = k_block * bk, n_block * bn
+    kk = k0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    cols = col0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
+
+    def body(i, acc):
+        rows = start + i * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+        row_ok = rows < end
+        a = plgpu.load(lhs_ref.at[pl.ds(start + i * bm, bm), pl.ds(k0, bk)], mask=row_ok & (kk < k), other=0)
+        b = plgpu.load(grad_ref.at[pl.ds(start + i * bm, bm), pl.ds(col0, bn)], mask=row_ok & (cols < n), other=0)
+        dtype = jnp.promote_types(a.dtype, b.dtype)
+        return acc + lax.dot_general(a.astype(dtype), b.astype(dtype), (((0,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, pl.cdiv(end - start, bm), body, jnp.zeros((bk, bn), jnp.float32))
+    out_mask = (k0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0) < k) & (cols < n)
+    plgpu.store(out_ref.at[group, pl.ds(k0, bk), pl.ds(col0, bn)], acc.astype(out_ref.dtype), mask=out_mask)
+
+
+def tgmm(
+    lhs: Float[Array, "m k"],
+    grad: Float[Array, "m n"],
+    group_sizes: Int[Array, "g"],
+    *,
+    out_dtype=None,
+    config: BlockConfig | None = None,
+    interpret: bool = False,
+) -> Float[Array, "g k n"]:
+    m, k = lhs.shape
+    n = grad.shape[1]
+    g = group_sizes.shape[0]
+    out_dtype = jnp.dtype(out_dtype or lhs.dtype)
+    if m == 0 or k == 0 or n == 0:
+        return jnp.zeros((g, k, n), out_dtype)
+    cfg = config or tgmm_config(m, k, n, g, max(lhs.dtype.itemsize, grad.dtype.itemsize))
+    starts, ends = group_bounds(group_sizes, m)
+    kernel = functools.partial(_tgmm_kernel, k=k, n=n, cfg=cfg)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
+        grid=(g, pl.cdiv(k, cfg.bk), pl.cdiv(n, cfg.bn)),
+        compiler_params=_compiler_params(cfg),
+        interpret=interpret,
+        name="vishwam_tgmm",
+    )(starts, ends, lhs, grad)

@@ -1,0 +1,261 @@
+"""Grouped matmul: the kernel behind every MoE expert matmul.
+
+Rows of `lhs` are sorted by group; group g (group_sizes[g] rows, possibly zero) is multiplied by
+`rhs[g]`. Rows past sum(group_sizes) are zero in the output.
+
+    out = gmm(lhs, rhs, group_sizes)                          # [m, k] x [g, k, n] -> [m, n]
+    out = gmm(lhs, w_int8, group_sizes, rhs_scale=scale)      # weight-only int8, scale [g, 1, n]
+    dw = tgmm(lhs, grad, group_sizes, num_groups=g)           # [g, k, n]: lhs_g^T @ grad_g
+
+Backends (`implementation=`): "pallas_gpu" (Triton lowering), "pallas_tpu" (Mosaic, megablox-style),
+"pallas_interpret" (the GPU kernel in interpret mode; CPU tests), "xla" (`jax.lax.ragged_dot`),
+"reference" (a loop over groups in plain jnp). None/"auto" picks by `jax.default_backend()`:
+gpu -> pallas_gpu, tpu -> pallas_tpu, anything else -> xla (interpret mode is far too slow for
+model tests). The environment variable VISHWAM_GMM_IMPL (e.g. `reference`) replaces "auto"
+everywhere, so a whole model can be switched to another backend without touching its code; an
+explicit `implementation=` argument still wins.
+
+int8 weights: the per-output-channel scale multiplies the float32 accumulator of each output tile,
+which is exactly `lhs @ (rhs * scale)` without ever writing a dequantised copy of the weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from vishwam_jax.pallas_kernels import _gmm_gpu
+
+IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "pallas_interpret", "xla", "reference")
+ENV_VAR = "VISHWAM_GMM_IMPL"
+
+
+def resolve_implementation(implementation: str | None = None) -> str:
+    """The backend a call will use: explicit argument, else $VISHWAM_GMM_IMPL, else by platform."""
+    impl = implementation if implementation not in (None, "auto") else os.environ.get(ENV_VAR) or "auto"
+    if impl == "auto":
+        platform = jax.default_backend()
+        impl = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown grouped-matmul implementation {impl!r}; expected one of {IMPLEMENTATIONS}")
+    return impl
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape helpers
+
+
+def _out_features(rhs: Array, transpose_rhs: bool) -> int:
+    return rhs.shape[1] if transpose_rhs else rhs.shape[2]
+
+
+def _scale_2d(rhs_scale: Array | None, rhs: Array, transpose_rhs: bool) -> Float[Array, "g n"] | None:
+    """Accept [g, 1, n], [g, n, 1] (natural for a transposed rhs) or [g, n]; return float32 [g, n]."""
+    if rhs_scale is None:
+        return None
+    g, n = rhs.shape[0], _out_features(rhs, transpose_rhs)
+    if rhs_scale.size != g * n:
+        raise ValueError(f"rhs_scale of shape {rhs_scale.shape} is not per output channel of rhs {rhs.shape}")
+    return rhs_scale.reshape(g, n).astype(jnp.float32)
+
+
+def _check(lhs: Array, rhs: Array, group_sizes: Array, transpose_rhs: bool, rhs_scale: Array | None) -> None:
+    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1:
+        raise ValueError(f"expected lhs [m, k], rhs [g, k, n], group_sizes [g]; got {lhs.shape}, {rhs.shape}, "
+                         f"{group_sizes.shape}")
+    k_rhs = rhs.shape[2] if transpose_rhs else rhs.shape[1]
+    if lhs.shape[1] != k_rhs or group_sizes.shape[0] != rhs.shape[0]:
+        raise ValueError(f"shape mismatch: lhs {lhs.shape}, rhs {rhs.shape} (transpose_rhs={transpose_rhs}), "
+                         f"group_sizes {group_sizes.shape}")
+    if jnp.issubdtype(rhs.dtype, jnp.integer) and rhs_scale is None:
+        raise ValueError("integer rhs needs rhs_scale")
+
+
+def row_groups(group_sizes: Int[Array, "g"], m: int) -> Int[Array, "m"]:
+    """Group of every row; rows past sum(group_sizes) get g (one past the last group)."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    return jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right").astype(jnp.int32)
+
+
+def _row_scales(scale: Float[Array, "g n"], group_sizes: Int[Array, "g"], m: int) -> Float[Array, "m n"]:
+    """Each row's group scale (zeros past sum(group_sizes))."""
+    padded = jnp.concatenate([scale, jnp.zeros((1, scale.shape[1]), scale.dtype)])
+    return padded[row_groups(group_sizes, m)]
+
+
+# ---------------------------------------------------------------------------------------------
+# References (plain jnp; one masked dense product per group, so O(g) work, but no [m, k, n] or
+# one-hot [m, g] intermediates)
+
+
+def gmm_reference(
+    lhs: Float[Array, "m k"],
+    rhs: Array,
+    group_sizes: Int[Array, "g"],
+    *,
+    transpose_rhs: bool = False,
+    rhs_scale: Array | None = None,
+    preferred_element_type=None,
+) -> Float[Array, "m n"]:
+    _check(lhs, rhs, group_sizes, transpose_rhs, rhs_scale)
+    m, g, n = lhs.shape[0], rhs.shape[0], _out_features(rhs, transpose_rhs)
+    scale = _scale_2d(rhs_scale, rhs, transpose_rhs)
+    starts, ends = _gmm_gpu.group_bounds(group_sizes, m)
+    rows = jnp.arange(m)
+    x = lhs.astype(jnp.float32)
+
+    def one_group(i, acc):
+        w = rhs[i].astype(jnp.float32)
+        w = w.T if transpose_rhs else w
+        if scale is not None:
+            w = w * scale[i][None, :]
+        y = jnp.dot(x, w, precision=lax.Precision.HIGHEST)
+        mine = (rows >= starts[i]) & (rows < ends[i])
+        return acc + jnp.where(mine[:, None], y, 0.0)
+
+    out = lax.fori_loop(0, g, one_group, jnp.zeros((m, n), jnp.float32))
+    return out.astype(preferred_element_type or lhs.dtype)
+
+
+def tgmm_reference(
+    lhs: Float[Array, "m k"], grad: Float[Array, "m n"], group_sizes: Int[Array, "g"], *, num_groups: int,
+    preferred_element_type=None,
+) -> Float[Array, "g k n"]:
+    m = lhs.shape[0]
+    starts, ends = _gmm_gpu.group_bounds(group_sizes, m)
+    rows = jnp.arange(m)
+    x, dy = lhs.astype(jnp.float32), grad.astype(jnp.float32)
+
+    def one_group(_, i):
+        mine = (rows >= starts[i]) & (rows < ends[i])
+        return None, jnp.dot(jnp.where(mine[:, None], x, 0.0).T, dy, precision=lax.Precision.HIGHEST)
+
+    _, out = lax.scan(one_group, None, jnp.arange(num_groups))
+    return out.astype(preferred_element_type or lhs.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend dispatch (no autodiff here; see the custom_vjp below)
+
+
+def _gmm_forward(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl):
+    if impl == "reference":
+        return gmm_reference(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, rhs_scale=scale,
+                             preferred_element_type=out_dtype)
+    if impl == "xla":
+        return _gmm_xla(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype)
+    if impl == "pallas_tpu":
+        from vishwam_jax.pallas_kernels import _gmm_tpu
+
+        return _gmm_tpu.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, rhs_scale=scale, out_dtype=out_dtype)
+    return _gmm_gpu.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, rhs_scale=scale, out_dtype=out_dtype,
+                        interpret=impl == "pallas_interpret")
+
+
+def _gmm_xla(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype):
+    """`jax.lax.ragged_dot`; int8 weights are converted inside the dot and scaled per row afterwards."""
+    if transpose_rhs:
+        rhs = rhs.swapaxes(1, 2)
+    if scale is None:
+        return lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=out_dtype)
+    acc = lax.ragged_dot(lhs, rhs.astype(lhs.dtype), group_sizes, preferred_element_type=jnp.float32)
+    return (acc * _row_scales(scale, group_sizes, lhs.shape[0])).astype(out_dtype)
+
+
+def _tgmm_forward(lhs, grad, group_sizes, num_groups, out_dtype, impl):
+    if impl == "reference":
+        return tgmm_reference(lhs, grad, group_sizes, num_groups=num_groups, preferred_element_type=out_dtype)
+    if impl == "xla":
+        dims = lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[]
+        )
+        return lax.ragged_dot_general(lhs, grad, group_sizes, dims, preferred_element_type=out_dtype)
+    if impl == "pallas_tpu":
+        from vishwam_jax.pallas_kernels import _gmm_tpu
+
+        return _gmm_tpu.tgmm(lhs, grad, group_sizes, out_dtype=out_dtype)
+    return _gmm_gpu.tgmm(lhs, grad, group_sizes, out_dtype=out_dtype, interpret=impl == "pallas_interpret")
+
+
+# ---------------------------------------------------------------------------------------------
+# Differentiable entry points
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _gmm(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl):
+    return _gmm_forward(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl):
+    out = _gmm_forward(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl)
+    return out, (lhs, rhs, group_sizes, scale)
+
+
+def _gmm_bwd(transpose_rhs, out_dtype, impl, residuals, grad):
+    lhs, rhs, group_sizes, scale = residuals
+    if scale is not None:
+        # d lhs = grad @ (rhs * scale)^T = (grad * scale[group of row]) @ rhs^T: the scale moves onto
+        # the contracted axis, so apply it to the (small) gradient rows instead of the weights.
+        grad = (grad.astype(jnp.float32) * _row_scales(scale, group_sizes, lhs.shape[0])).astype(lhs.dtype)
+    grad_lhs = _gmm_forward(grad, rhs, group_sizes, None, not transpose_rhs, lhs.dtype, impl)
+    if jnp.issubdtype(rhs.dtype, jnp.integer):
+        grad_rhs = None  # frozen quantised weights
+    elif transpose_rhs:  # rhs is [g, n, k]: grad_g^T @ lhs_g directly, no transpose pass over the weights
+        grad_rhs = _tgmm_forward(grad, lhs, group_sizes, rhs.shape[0], rhs.dtype, impl)
+    else:
+        grad_rhs = _tgmm_forward(lhs, grad, group_sizes, rhs.shape[0], rhs.dtype, impl)
+    grad_scale = None if scale is None else jnp.zeros_like(scale)
+    return grad_lhs, grad_rhs, None, grad_scale
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def gmm(
+    lhs: Float[Array, "m k"],
+    rhs: Float[Array, "g k n"] | Array,
+    group_sizes: Int[Array, "g"],
+    *,
+    transpose_rhs: bool = False,
+    rhs_scale: Float[Array, "g 1 n"] | None = None,
+    preferred_element_type=None,
+    implementation: str | None = None,
+) -> Float[Array, "m n"]:
+    """Grouped matmul: rows [start_g, end_g) of `lhs` times rhs[g]; rows past sum(group_sizes) are zero.
+
+    rhs: [g, k, n], or [g, n, k] with transpose_rhs. An integer (int8) rhs needs `rhs_scale`
+    (per output channel: [g, 1, n], [g, n, 1] or [g, n]); it is then treated as frozen (no gradient).
+    Accumulation is float32; the output dtype is `preferred_element_type` (default lhs.dtype).
+    Differentiable in lhs and (float) rhs: the gradients are a gmm and a tgmm on the same backend.
+    """
+    _check(lhs, rhs, group_sizes, transpose_rhs, rhs_scale)
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    scale = _scale_2d(rhs_scale, rhs, transpose_rhs)
+    impl = resolve_implementation(implementation)
+    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), scale, transpose_rhs, out_dtype, impl)
+
+
+def tgmm(
+    lhs: Float[Array, "m k"],
+    grad: Float[Array, "m n"],
+    group_sizes: Int[Array, "g"],
+    *,
+    num_groups: int | None = None,
+    preferred_element_type=None,
+    implementation: str | None = None,
+) -> Float[Array, "g k n"]:
+    """Per group lhs_g^T @ grad_g (the weight gradient of gmm); empty groups give zeros and rows past
+    sum(group_sizes) are ignored. Output dtype `preferred_element_type` (default lhs.dtype)."""
+    g = group_sizes.shape[0]
+    if num_groups is not None and num_groups != g:
+        raise ValueError(f"num_groups={num_groups} but group_sizes has {g} entries")
+    if lhs.ndim != 2 or grad.ndim != 2 or lhs.shape[0] != grad.shape[0]:
+        raise ValueError(f"expected lhs [m, k] and grad [m, n]; got {lhs.shape}, {grad.shape}")
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    impl = resolve_implementation(implementation)
+    return _tgmm_forward(lhs, grad, group_sizes.astype(jnp.int32), g, out_dtype, impl)

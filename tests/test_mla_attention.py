@@ -1,0 +1,223 @@
+"""MLA kernels against their float32 references (CPU: the Pallas kernels run in interpret mode).
+
+Decode: cache lengths 1 / 63 / 64 / 65 around the 64-token tile, ragged batches with a 0-length
+row, s_q = 1 and 2 (causal among the new tokens), paged caches with shuffled block ids, 8 / 16 /
+128 heads, split-KV on and off, stale slots holding NaN. Dims are kept small where they are free
+(v_head_dim 32 + rope 16) except in the tests marked 576, which use DeepSeek-V3's 512 + 64.
+Prefill: forward and dq / dk / dv against jax.grad of the reference, t not a multiple of a block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from vishwam_jax.pallas_kernels import mla_attention
+
+DV, DR = 32, 16  # small stand-ins for 512 / 64 (powers of two, as the Triton kernel needs)
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a)), "non-finite output"
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _decode_inputs(rng, lengths, s_q, heads, *, dv=DV, dr=DR, paged=False, cache_len=None, page=64,
+                   stale_nan=False, dtype=jnp.float32):
+    batch = len(lengths)
+    d = dv + dr
+    cache_len = cache_len or max(max(lengths), 1)
+    q = jnp.asarray(rng.standard_normal((batch, s_q, heads, d)), dtype)
+    if paged:
+        per_row = -(-cache_len // page)
+        n_blocks = batch * per_row + 3  # spare blocks that no row owns
+        cache = rng.standard_normal((n_blocks, page, d))
+        table = rng.permutation(n_blocks)[: batch * per_row].reshape(batch, per_row)
+        if stale_nan:
+            for b, n in enumerate(lengths):
+                for t in range(n, per_row * page):
+                    cache[table[b, t // page], t % page] = np.nan
+        return q, jnp.asarray(cache, dtype), jnp.asarray(lengths, jnp.int32), jnp.asarray(table, jnp.int32)
+    cache = rng.standard_normal((batch, cache_len, d))
+    if stale_nan:
+        for b, n in enumerate(lengths):
+            cache[b, n:] = np.nan
+    return q, jnp.asarray(cache, dtype), jnp.asarray(lengths, jnp.int32), None
+
+
+def _check_decode(q, cache, lengths, table, *, dv=DV, causal=True, num_splits=None, impl="pallas_interpret",
+                  tol=1e-5):
+    kw = dict(softmax_scale=0.3, block_table=table, v_head_dim=dv, causal=causal)
+    ref, ref_lse = mla_attention.mla_decode_reference(q, cache, lengths, return_lse=True, **kw)
+    out, lse = mla_attention.mla_decode(q, cache, lengths, num_splits=num_splits, implementation=impl,
+                                        return_lse=True, **kw)
+    assert out.shape == q.shape[:3] + (dv,) and out.dtype == q.dtype
+    assert _rel(out, ref) < tol
+    # a row with nothing visible: zeros and lse = -inf, in the kernel as in the reference
+    empty = ~np.isfinite(np.asarray(ref_lse))
+    assert np.array_equal(empty, ~np.isfinite(np.asarray(lse)))
+    assert np.all(np.asarray(out)[empty] == 0)
+    np.testing.assert_allclose(np.asarray(lse)[~empty], np.asarray(ref_lse)[~empty], rtol=1e-5, atol=1e-5)
+    return out, ref
+
+
+# -- the reference itself ------------------------------------------------------------------------
+def test_reference_matches_dense_softmax():
+    """The reference against an independent per-row numpy softmax (including the causal rule)."""
+    rng = np.random.default_rng(0)
+    q, cache, lengths, _ = _decode_inputs(rng, [5, 3], 2, 4)
+    out = np.asarray(mla_attention.mla_decode_reference(q, cache, lengths, softmax_scale=0.3, v_head_dim=DV))
+    qn, cn = np.asarray(q, np.float64), np.asarray(cache, np.float64)
+    for b, n in enumerate([5, 3]):
+        for i in range(2):
+            vis = n - 2 + i + 1
+            s = qn[b, i] @ cn[b, :vis].T * 0.3
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            np.testing.assert_allclose(out[b, i], p @ cn[b, :vis, :DV], rtol=1e-5, atol=1e-6)
+
+
+def test_causal_flag_matters():
+    """Guards the causal tests below against vacuity: the two rules give different answers."""
+    rng = np.random.default_rng(1)
+    q, cache, lengths, _ = _decode_inputs(rng, [9], 2, 4)
+    a = mla_attention.mla_decode_reference(q, cache, lengths, softmax_scale=0.3, v_head_dim=DV, causal=True)
+    b = mla_attention.mla_decode_reference(q, cache, lengths, softmax_scale=0.3, v_head_dim=DV, causal=False)
+    assert _rel(a[:, 0], b[:, 0]) > 1e-2
+    np.testing.assert_allclose(a[:, 1], b[:, 1], rtol=1e-6)
+
+
+# -- the Pallas GPU kernel, interpreted ---------------------------------------------------------
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_lengths_around_the_tile(num_splits):
+    """Lengths 0, 1, 63, 64, 65 in one ragged batch (cache of 65 slots, 64-token tiles); stale
+    slots hold NaN, which must not leak into p @ v."""
+    rng = np.random.default_rng(2)
+    q, cache, lengths, _ = _decode_inputs(rng, [0, 1, 63, 64, 65], 1, 8, cache_len=65, stale_nan=True)
+    _check_decode(q, cache, lengths, None, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_two_new_tokens_causal(num_splits):
+    """s_q = 2: the first new token must not see the second; a row of length 1 leaves query 0
+    with nothing visible (zeros), a row of length 0 leaves both empty."""
+    rng = np.random.default_rng(3)
+    q, cache, lengths, _ = _decode_inputs(rng, [2, 1, 0, 65, 64], 2, 16, cache_len=70)
+    out, _ = _check_decode(q, cache, lengths, None, num_splits=num_splits)
+    assert np.all(np.asarray(out)[1, 0] == 0) and np.all(np.asarray(out)[2] == 0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_paged_shuffled_blocks(num_splits):
+    rng = np.random.default_rng(4)
+    q, cache, lengths, table = _decode_inputs(rng, [1, 130, 64, 0, 191], 1, 8, paged=True, cache_len=192,
+                                              stale_nan=True)
+    _check_decode(q, cache, lengths, table, num_splits=num_splits)
+
+
+def test_decode_paged_two_tokens_non_causal():
+    rng = np.random.default_rng(5)
+    q, cache, lengths, table = _decode_inputs(rng, [65, 3, 128], 2, 16, paged=True, cache_len=128)
+    _check_decode(q, cache, lengths, table, causal=False, num_splits=2)
+
+
+def test_decode_576_128_heads():
+    """DeepSeek-V3's real dims: 128 heads, 512 + 64 channels; split-KV on, ragged, 2 new tokens."""
+    rng = np.random.default_rng(6)
+    q, cache, lengths, _ = _decode_inputs(rng, [70, 33], 2, 128, dv=512, dr=64, cache_len=70)
+    _check_decode(q, cache, lengths, None, dv=512, num_splits=2, tol=2e-5)
+
+
+def test_decode_576_paged_bf16():
+    """bf16 inputs (the production dtype): output stays bf16, error at bf16 level."""
+    rng = np.random.default_rng(7)
+    q, cache, lengths, table = _decode_inputs(rng, [100, 7], 1, 16, dv=512, dr=64, paged=True, cache_len=128,
+                                              dtype=jnp.bfloat16)
+    _check_decode(q, cache, lengths, table, dv=512, num_splits=2, tol=2e-2)
+
+
+def test_decode_kernel_variants():
+    """The tuning knobs (value columns split over programs, q re-read per tile) compute the same."""
+    from vishwam_jax.pallas_kernels import _mla_gpu
+
+    rng = np.random.default_rng(8)
+    q, cache, lengths, _ = _decode_inputs(rng, [40, 65], 2, 16, dv=64, cache_len=65, stale_nan=True)
+    ref = mla_attention.mla_decode_reference(q, cache, lengths, softmax_scale=0.3, v_head_dim=64)
+    out, _ = _mla_gpu.mla_decode_gpu(q, cache, lengths, softmax_scale=0.3, v_head_dim=64, num_splits=2,
+                                     block_h=16, block_k=32, v_splits=2, reload_q=True, interpret=True)
+    assert _rel(out, ref) < 1e-5
+
+
+# -- the other implementations ------------------------------------------------------------------
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_xla(paged):
+    rng = np.random.default_rng(9)
+    q, cache, lengths, table = _decode_inputs(rng, [0, 1, 63, 64, 65], 2, 8, paged=paged, cache_len=65)
+    _check_decode(q, cache, lengths, table, impl="xla")
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_tpu_kernel_interpreted(paged):
+    from vishwam_jax.pallas_kernels import _mla_tpu
+
+    rng = np.random.default_rng(10)
+    q, cache, lengths, table = _decode_inputs(rng, [0, 64, 130], 2, 8, paged=paged, cache_len=130,
+                                              stale_nan=True)
+    ref = mla_attention.mla_decode_reference(q, cache, lengths, softmax_scale=0.3, block_table=table, v_head_dim=DV)
+    out, _ = _mla_tpu.mla_decode_tpu(q, cache, lengths, table, softmax_scale=0.3, v_head_dim=DV, num_splits=2,
+                                     block_k=64, interpret=True)
+    assert _rel(out, ref) < 1e-5
+
+
+def test_auto_backend_and_env(monkeypatch):
+    assert mla_attention._resolve(None) == ("xla", True)  # CPU
+    monkeypatch.setenv(mla_attention.ENV_VAR, "reference")
+    assert mla_attention._resolve(None) == ("reference", False)
+    assert mla_attention._resolve("xla") == ("xla", False)  # an explicit choice wins
+    with pytest.raises(ValueError):
+        mla_attention._resolve("bogus")
+
+
+# -- prefill ------------------------------------------------------------------------------------
+PREFILL_CONFIG = ((32, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1))  # q/k blocks of unequal size
+
+
+def _prefill_inputs(rng, batch, t, heads, d, dv):
+    mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    return mk(batch, t, heads, d), mk(batch, t, heads, d), mk(batch, t, heads, dv), mk(batch, t, heads, dv)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefill_forward_and_grads(causal):
+    """t = 37 is a multiple of neither block; d = 48 is split 32 + 16 like 192 = 128 + 64."""
+    rng = np.random.default_rng(11)
+    q, k, v, do = _prefill_inputs(rng, 2, 37, 2, 48, 32)
+
+    def loss(impl):
+        def f(q, k, v):
+            o = mla_attention.mla_prefill(q, k, v, softmax_scale=0.2, causal=causal, implementation=impl,
+                                          config=PREFILL_CONFIG)
+            return jnp.sum(o * do), o
+
+        return jax.grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+    (dq, dk, dv), o = loss("pallas_interpret")
+    (dq_r, dk_r, dv_r), o_r = loss("reference")
+    assert _rel(o, o_r) < 1e-5
+    for g, g_r in ((dq, dq_r), (dk, dk_r), (dv, dv_r)):
+        assert _rel(g, g_r) < 1e-5
+
+
+def test_prefill_192_128_and_xla():
+    """The real head dims through the kernel (forward), and the XLA form against the reference."""
+    rng = np.random.default_rng(12)
+    q, k, v, _ = _prefill_inputs(rng, 1, 20, 1, 192, 128)
+    ref = mla_attention.mla_prefill_reference(q, k, v, softmax_scale=0.1)
+    out = mla_attention.mla_prefill(q, k, v, softmax_scale=0.1, implementation="pallas_interpret",
+                                    config=((16, 16, 4, 1),) * 3)
+    assert _rel(out, ref) < 1e-5
+    assert _rel(mla_attention.mla_prefill(q, k, v, softmax_scale=0.1), ref) < 1e-5  # auto = xla on CPU

@@ -1,0 +1,268 @@
+"""DeepSeek-V3 checkpoints in HuggingFace layout -> model directory.
+
+Two forms are found in the wild, with the same tensor names:
+  * bf16/f32 safetensors (transformers `save_pretrained`, community re-uploads);
+  * the official release (deepseek-ai/DeepSeek-V3): every projection weight float8 e4m3 with a float32
+    `<name>.weight_scale_inv` beside it holding one scale per 128 x 128 block (edge blocks partial):
+    w[i, j] = fp8[i, j] * scale_inv[i // 128, j // 128].
+The multi-token-prediction module is stored as one more decoder layer, index num_hidden_layers, with
+extra tensors (enorm, hnorm, eh_proj, shared_head.norm; its embed_tokens and shared_head.head are
+copies of the main model's, which our MTP shares). transformers' own DeepseekV3ForCausalLM saves no
+MTP layer; then the converted model has num_mtp_layers = 0.
+
+Routed experts are stacked into [E, ...] leaves written one expert at a time, so peak memory is about
+one expert (plus one zarr chunk), never one layer. PyTorch weights are [out, in]; ours [in, out] with
+heads as their own axis (models/mla.py lists the layout).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from vishwam_jax.checkpoint.hf_common import (
+    copy_tokenizer_files,
+    first_id,
+    has_safetensors,
+    read_hf_config,
+    rope_settings,
+    storage_dtype,
+)
+from vishwam_jax.checkpoint.orbax_io import CheckpointWriter
+from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError, SafetensorsIndex
+from vishwam_jax.presets.deepseek_v3 import deepseek_v3_base
+
+log = logging.getLogger(__name__)
+
+_MODEL_TYPES = ("deepseek_v3",)
+_FP8 = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
+
+
+def detect(src: Path) -> bool:
+    if not (Path(src) / "config.json").exists() or not has_safetensors(src):
+        return False
+    return read_hf_config(src).get("model_type") in _MODEL_TYPES
+
+
+# -- config ----------------------------------------------------------------------------------------
+def config_from_hf(hf: dict, where: str = "config.json"):
+    """Our config from a DeepSeek-V3 config.json, as the release writes it (`rope_scaling` with
+    "type") or as transformers v5 writes it (`rope_parameters` with "rope_type")."""
+
+    def unsupported(what):
+        return CheckpointFormatError(f"{where}: {what} is not DeepSeek-V3 (not supported)")
+
+    if hf.get("scoring_func", "sigmoid") != "sigmoid":
+        raise unsupported(f"scoring_func {hf['scoring_func']!r}")
+    if hf.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise unsupported(f"topk_method {hf['topk_method']!r}")
+    if hf.get("moe_layer_freq", 1) != 1:
+        raise unsupported(f"moe_layer_freq {hf['moe_layer_freq']}")
+    if hf.get("attention_bias"):
+        raise unsupported("attention_bias=true")
+    if hf.get("tie_word_embeddings"):
+        raise unsupported("tie_word_embeddings=true")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise unsupported(f"hidden_act {hf['hidden_act']!r}")
+
+    c = deepseek_v3_base()
+    c.name = hf.get("_name_or_path", "") or "hf-deepseek_v3"
+    c.vocab_size = hf["vocab_size"]
+    c.d_model = hf["hidden_size"]
+    c.num_layers = hf["num_hidden_layers"]
+    c.num_dense_layers = int(hf.get("first_k_dense_replace") or 0)
+    c.ffn_dim = hf["intermediate_size"]
+    c.num_heads = hf["num_attention_heads"]
+    c.q_lora_rank = int(hf.get("q_lora_rank") or 0)
+    c.kv_lora_rank = hf["kv_lora_rank"]
+    c.qk_nope_head_dim = hf["qk_nope_head_dim"]
+    c.qk_rope_head_dim = hf["qk_rope_head_dim"]
+    c.v_head_dim = hf["v_head_dim"]
+    c.num_experts = hf["n_routed_experts"]
+    c.num_shared_experts = int(hf.get("n_shared_experts") or 0)
+    c.moe_ffn_dim = hf["moe_intermediate_size"]
+    c.num_experts_per_token = hf["num_experts_per_tok"]
+    c.num_expert_groups = int(hf.get("n_group") or 1)
+    c.num_groups_per_token = int(hf.get("topk_group") or 1)
+    c.routed_scaling_factor = float(hf.get("routed_scaling_factor", 1.0))
+    c.norm_topk_prob = bool(hf.get("norm_topk_prob", True))
+    c.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
+    c.max_seq_len = int(hf.get("max_position_embeddings", 4096))
+    if not c.num_shared_experts:
+        raise unsupported("a model without shared experts")
+    if c.num_experts % c.num_expert_groups:
+        raise CheckpointFormatError(f"{where}: {c.num_experts} experts do not split into {c.num_expert_groups} groups")
+    group = c.num_experts // c.num_expert_groups
+    if c.num_experts_per_token > c.num_groups_per_token * group:
+        raise CheckpointFormatError(
+            f"{where}: {c.num_experts_per_token} experts per token cannot come from {c.num_groups_per_token} groups of {group}"
+        )
+
+    rope = rope_settings(hf)
+    c.rope_theta = float(rope.get("rope_theta") or 10_000.0)
+    kind = rope.get("rope_type") or "default"
+    if kind == "yarn":
+        if rope.get("attention_factor") is not None or rope.get("truncate") is False:
+            raise unsupported("a YaRN attention_factor override or truncate=false")
+        c.rope_scaling_type = "yarn"
+        c.rope_original_max_len = int(rope["original_max_position_embeddings"])
+        factor = rope.get("factor")
+        c.rope_scaling_factor = float(factor if factor is not None else c.max_seq_len / c.rope_original_max_len)
+        c.rope_beta_fast = float(rope.get("beta_fast") or 32)
+        c.rope_beta_slow = float(rope.get("beta_slow") or 1)
+        # Absent mscales are 0 (transformers' reading): no softmax correction, cos/sin * mscale(f).
+        c.rope_mscale = float(rope.get("mscale") or 0.0)
+        c.rope_mscale_all_dim = float(rope.get("mscale_all_dim") or 0.0)
+    elif kind == "default":
+        c.rope_scaling_type, c.rope_scaling_factor = "none", 1.0
+    else:
+        raise unsupported(f"rope_type {kind!r}")
+    # Absent in the release's config.json: its weights rotate interleaved pairs (transformers'
+    # default, rope_interleave=True).
+    c.rope_interleaved = bool(hf.get("rope_interleave", True))
+    c.num_mtp_layers = int(hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0)
+    c.eos_token_id = first_id(hf.get("eos_token_id"), 1)
+    c.bos_token_id = first_id(hf.get("bos_token_id"), 0)
+    c.pad_token_id = first_id(hf.get("pad_token_id"), c.eos_token_id)
+    c.tokenizer = "hf"
+    return c
+
+
+def _block_size(hf: dict) -> tuple[int, int]:
+    q = hf.get("quantization_config") or {}
+    if q and q.get("quant_method") not in (None, "fp8"):
+        raise CheckpointFormatError(f"config.json: quantization {q.get('quant_method')!r} is not supported (only fp8)")
+    block = q.get("weight_block_size") or (128, 128)
+    return int(block[0]), int(block[1])
+
+
+# -- tensors ---------------------------------------------------------------------------------------
+def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int], name: str = "tensor") -> np.ndarray:
+    """float32 w[i, j] * scale_inv[i // b0, j // b1]; the last block of each axis may be partial."""
+    if w.ndim != 2 or scale_inv.ndim != 2:
+        raise CheckpointFormatError(f"{name}: block-quantized weights must be 2-D (got {w.shape}, scales {scale_inv.shape})")
+    rows, cols = w.shape
+    expected = (-(-rows // block[0]), -(-cols // block[1]))
+    if tuple(scale_inv.shape) != expected:
+        raise CheckpointFormatError(
+            f"{name}: weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} for a {w.shape} weight "
+            f"in {block[0]}x{block[1]} blocks"
+        )
+    scales = np.repeat(np.repeat(np.asarray(scale_inv, np.float32), block[0], axis=0), block[1], axis=1)
+    return np.asarray(w, np.float32) * scales[:rows, :cols]
+
+
+class _Tensors:
+    """Tensors by name, float8 ones dequantized; `dtype` of each is the one it is stored in."""
+
+    def __init__(self, index: SafetensorsIndex, block: tuple[int, int], dtype):
+        self.index, self.block, self.dtype = index, block, dtype
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.dtype]:
+        """(array, storage dtype); `shape` is checked against the source tensor (PyTorch layout)."""
+        if name not in self.index:
+            raise CheckpointFormatError(f"{self.index.directory}: tensor {name!r} is missing")
+        w = self.index.get(name)
+        if shape is not None and tuple(w.shape) != tuple(shape):
+            raise CheckpointFormatError(f"{name}: shape {tuple(w.shape)} does not match the config ({tuple(shape)})")
+        out_dtype = storage_dtype(w, self.dtype)
+        scale_name = name.removesuffix("weight") + "weight_scale_inv"
+        if scale_name in self.index:
+            return dequantize_fp8(w, self.index.get(scale_name), self.block, name), out_dtype
+        if w.dtype in _FP8:
+            raise CheckpointFormatError(f"{name} is float8 but {scale_name} is missing")
+        return w, out_dtype
+
+
+def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> None:
+    src = Path(src)
+    hf = read_hf_config(src)
+    config = config_from_hf(hf, str(src / "config.json"))
+    index = SafetensorsIndex(src)
+    tensors = _Tensors(index, _block_size(hf), dtype)
+    mtp_first = config.num_layers
+    if config.num_mtp_layers and f"model.layers.{mtp_first}.eh_proj.weight" not in index:
+        log.info("%s: config has %d MTP layers but no model.layers.%d.* tensors; converting without MTP", src, config.num_mtp_layers, mtp_first)
+        config.num_mtp_layers = 0
+
+    d, h, v = config.d_model, config.num_heads, config.vocab_size
+    nope, rope, r, vd = config.qk_nope_head_dim, config.qk_rope_head_dim, config.kv_lora_rank, config.v_head_dim
+    e, fe = config.num_experts, config.moe_ffn_dim
+
+    with CheckpointWriter(dst, config, overwrite=overwrite) as writer:
+
+        def put(path, name, shape, transform=lambda w: w, force_dtype=None):
+            w, out_dtype = tensors.get(name, shape)
+            writer.write(path, np.ascontiguousarray(transform(w)).astype(force_dtype or out_dtype))
+
+        def put_experts(path, L, proj, shape, transform):
+            """Stack model.layers.N.mlp.experts.{0..E-1}.<proj>.weight into one [E, ...] leaf."""
+            fused = f"{L}mlp.experts.gate_up_proj" if proj in ("gate_proj", "up_proj") else f"{L}mlp.experts.down_proj"
+            store = None
+            for i in range(e):
+                if fused in index:  # transformers' in-memory layout: gate_up [E, 2f, d], down [E, d, f]
+                    w, out_dtype = index.get(fused)[i], storage_dtype(index.get(fused), dtype)
+                    w = {"gate_proj": w[:fe], "up_proj": w[fe:], "down_proj": w}[proj]
+                    if tuple(w.shape) != shape:
+                        raise CheckpointFormatError(f"{fused}: expert shape {tuple(w.shape)} does not match the config ({shape})")
+                else:
+                    w, out_dtype = tensors.get(f"{L}mlp.experts.{i}.{proj}.weight", shape)
+                out = np.ascontiguousarray(transform(w)).astype(out_dtype)
+                if store is None:
+                    store = writer.create(path, (e,) + out.shape, out.dtype)
+                store[i].write(out).result()
+
+        def put_layer(prefix: tuple, L: str, moe: bool):
+            a = prefix + ("attn",)
+            put(prefix + ("attn_norm",), L + "input_layernorm.weight", (d,))
+            if config.q_lora_rank:
+                q = config.q_lora_rank
+                put(a + ("wq_a",), L + "self_attn.q_a_proj.weight", (q, d), lambda w: w.T)
+                put(a + ("q_norm",), L + "self_attn.q_a_layernorm.weight", (q,))
+                put(a + ("wq_b",), L + "self_attn.q_b_proj.weight", (h * (nope + rope), q), lambda w: w.T.reshape(q, h, nope + rope))
+            else:
+                put(a + ("wq",), L + "self_attn.q_proj.weight", (h * (nope + rope), d), lambda w: w.T.reshape(d, h, nope + rope))
+            put(a + ("wkv_a",), L + "self_attn.kv_a_proj_with_mqa.weight", (r + rope, d), lambda w: w.T)
+            put(a + ("kv_norm",), L + "self_attn.kv_a_layernorm.weight", (r,))
+            # kv_b_proj rows are per head [k_nope (nope) ; v (v_head_dim)]; split for absorption.
+            kv_b = lambda w: w.T.reshape(r, h, nope + vd)
+            put(a + ("wk_b",), L + "self_attn.kv_b_proj.weight", (h * (nope + vd), r), lambda w: kv_b(w)[..., :nope])
+            put(a + ("wv_b",), L + "self_attn.kv_b_proj.weight", (h * (nope + vd), r), lambda w: kv_b(w)[..., nope:])
+            put(a + ("wo",), L + "self_attn.o_proj.weight", (d, h * vd), lambda w: w.T.reshape(h, vd, d))
+            put(prefix + ("mlp_norm",), L + "post_attention_layernorm.weight", (d,))
+            if not moe:
+                f = config.ffn_dim
+                put(prefix + ("mlp", "gate"), L + "mlp.gate_proj.weight", (f, d), lambda w: w.T)
+                put(prefix + ("mlp", "up"), L + "mlp.up_proj.weight", (f, d), lambda w: w.T)
+                put(prefix + ("mlp", "down"), L + "mlp.down_proj.weight", (d, f), lambda w: w.T)
+                return
+            # Routing stays float32 whatever `dtype`: near-ties between experts decide the route.
+            put(prefix + ("router",), L + "mlp.gate.weight", (e, d), lambda w: w.T, np.float32)
+            put(prefix + ("router_bias",), L + "mlp.gate.e_score_correction_bias", (e,), force_dtype=np.float32)
+            put_experts(prefix + ("experts", "gate"), L, "gate_proj", (fe, d), lambda w: w.T)
+            put_experts(prefix + ("experts", "up"), L, "up_proj", (fe, d), lambda w: w.T)
+            put_experts(prefix + ("experts", "down"), L, "down_proj", (d, fe), lambda w: w.T)
+            fs = fe * config.num_shared_experts
+            put(prefix + ("shared", "gate"), L + "mlp.shared_experts.gate_proj.weight", (fs, d), lambda w: w.T)
+            put(prefix + ("shared", "up"), L + "mlp.shared_experts.up_proj.weight", (fs, d), lambda w: w.T)
+            put(prefix + ("shared", "down"), L + "mlp.shared_experts.down_proj.weight", (d, fs), lambda w: w.T)
+
+        put(("embed",), "model.embed_tokens.weight", (v, d))
+        put(("final_norm",), "model.norm.weight", (d,))
+        put(("lm_head",), "lm_head.weight", (v, d), lambda w: w.T)
+        for i in range(config.num_layers):
+            put_layer(("layers", i), f"model.layers.{i}.", moe=i >= config.num_dense_layers)
+        for k in range(config.num_mtp_layers):
+            L = f"model.layers.{mtp_first + k}."
+            put(("mtp", k, "enorm"), L + "enorm.weight", (d,))
+            put(("mtp", k, "hnorm"), L + "hnorm.weight", (d,))
+            put(("mtp", k, "eh_proj"), L + "eh_proj.weight", (d, 2 * d), lambda w: w.T)
+            put(("mtp", k, "norm"), L + "shared_head.norm.weight", (d,))
+            put_layer(("mtp", k, "block"), L, moe=True)
+        copy_tokenizer_files(src, writer)

@@ -1,0 +1,448 @@
+"""Grok-1 checkpoints: a tiny checkpoint written in the exact release format (pickled leaves in
+lexicographic module order, QuantizedWeight8bit int8 + scales, row-parallel block scales, 12 layers)
+from a random model, converted both ways (dequantized; kept int8) and compared with the model on the
+original float weights; the leaf order; refusals of malformed or unsafe inputs; the HF-format ports;
+a converted directory carrying the release's SentencePiece tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from grok_utils import jit_forward, random_params, tiny_config
+
+import vishwam_jax as vj
+from vishwam_jax.checkpoint import grok_release, hf_grok, orbax_io
+from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError
+from vishwam_jax.presets import get_config
+
+TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "grok1-tokenizer.model"
+ROW_BLOCKS = 2  # the release stores one row of scales per tensor-parallel shard of the input axis
+
+
+@dataclasses.dataclass
+class QuantizedWeight8bit:
+    """The release's class, as its pickles name it (`__main__.QuantizedWeight8bit`)."""
+
+    weight: np.ndarray
+    scales: np.ndarray
+
+
+QuantizedWeight8bit.__module__ = "__main__"
+
+
+def quantize(w: np.ndarray, in_axis: int, blocks: int = 1) -> QuantizedWeight8bit:
+    """Symmetric int8, one bfloat16 scale per output channel and per block of input rows."""
+    shape = w.shape
+    split = shape[:in_axis] + (blocks, shape[in_axis] // blocks) + shape[in_axis + 1 :]
+    wb = w.reshape(split)
+    amax = np.abs(wb).max(axis=in_axis + 1, keepdims=True)
+    scales = (amax / 127.0).astype(ml_dtypes.bfloat16)
+    q = np.clip(np.rint(wb / scales.astype(np.float32)), -127, 127).astype(np.int8).reshape(shape)
+    return QuantizedWeight8bit(q, np.squeeze(scales, axis=in_axis + 1))
+
+
+def dequantize(q: QuantizedWeight8bit, in_axis: int) -> np.ndarray:
+    """dense = weight * scales, each scale row covering its block of input rows."""
+    reps = q.weight.shape[in_axis] // q.scales.shape[in_axis]
+    return q.weight.astype(np.float32) * np.repeat(q.scales.astype(np.float32), reps, axis=in_axis)
+
+
+def release_tree(params: dict, c) -> dict:
+    """Our parameters as the release's Haiku dict {module path: {param name: leaf}}: linear weights
+    flattened over heads, attention and expert matrices int8 (row-parallel ones in blocks)."""
+    d, h, kh, hd = c.d_model, c.num_q_heads, c.num_kv_heads, c.key_size
+    tree = {
+        "language_model/in_out_embed": {"embeddings": params["embed"]},
+        "language_model/rms_norm": {"scale": params["final_norm"]},
+    }
+    for n, L in enumerate(params["layers"]):
+        p = f"transformer/decoder_layer_{n}/"
+        tree[p + "multi_head_attention/query"] = {"w": quantize(L["attn"]["q"].reshape(d, h * hd), 0)}
+        tree[p + "multi_head_attention/key"] = {"w": quantize(L["attn"]["k"].reshape(d, kh * hd), 0)}
+        tree[p + "multi_head_attention/value"] = {"w": quantize(L["attn"]["v"].reshape(d, kh * hd), 0)}
+        tree[p + "multi_head_attention/linear"] = {"w": quantize(L["attn"]["o"].reshape(h * hd, d), 0, ROW_BLOCKS)}
+        tree[p + "moe/linear"] = {"w": quantize(L["moe"]["gate"], 1)}
+        tree[p + "moe/linear_v"] = {"w": quantize(L["moe"]["up"], 1)}
+        tree[p + "moe/linear_1"] = {"w": quantize(L["moe"]["down"], 1, ROW_BLOCKS)}
+        tree[p + "router"] = {"w": L["router"]}
+        for ours, theirs in (("attn_norm", "rms_norm"), ("post_attn_norm", "rms_norm_1"), ("moe_norm", "rms_norm_2"), ("post_moe_norm", "rms_norm_3")):
+            tree[p + theirs] = {"scale": L[ours]}
+    return tree
+
+
+def dequantized_params(tree: dict, c) -> dict:
+    """What the dequantizing converter must produce, computed here from the release tree."""
+    d, h, kh, hd = c.d_model, c.num_q_heads, c.num_kv_heads, c.key_size
+    out = {"embed": tree["language_model/in_out_embed"]["embeddings"], "final_norm": tree["language_model/rms_norm"]["scale"], "layers": []}
+    for n in range(c.num_layers):
+        g = lambda m: tree[f"transformer/decoder_layer_{n}/{m}"]
+        out["layers"].append(
+            {
+                "attn_norm": g("rms_norm")["scale"], "post_attn_norm": g("rms_norm_1")["scale"],
+                "moe_norm": g("rms_norm_2")["scale"], "post_moe_norm": g("rms_norm_3")["scale"],
+                "attn": {
+                    "q": dequantize(g("multi_head_attention/query")["w"], 0).reshape(d, h, hd),
+                    "k": dequantize(g("multi_head_attention/key")["w"], 0).reshape(d, kh, hd),
+                    "v": dequantize(g("multi_head_attention/value")["w"], 0).reshape(d, kh, hd),
+                    "o": dequantize(g("multi_head_attention/linear")["w"], 0).reshape(h, hd, d),
+                },
+                "router": g("router")["w"],
+                "moe": {k: dequantize(g(m)["w"], 1) for k, m in (("gate", "moe/linear"), ("up", "moe/linear_v"), ("down", "moe/linear_1"))},
+            }
+        )
+    return out
+
+
+def write_release(root: Path, tree: dict, protocol: int = 4) -> Path:
+    """ckpt-0/tensor{i:05d}_000, leaf i of jax.tree_util's flattening of the Haiku dict (sorted module
+    paths), each pickled alone as the release's checkpoint.py does."""
+    ckpt = root / "ckpt-0"
+    ckpt.mkdir(parents=True)
+    main = sys.modules["__main__"]
+    setattr(main, "QuantizedWeight8bit", QuantizedWeight8bit)  # pickle looks the class up by name
+    try:
+        for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):  # a plain dataclass is a leaf
+            with open(ckpt / f"tensor{i:05d}_000", "wb") as f:
+                pickle.dump(leaf, f, protocol=protocol)
+    finally:
+        delattr(main, "QuantizedWeight8bit")  # the converter must not rely on it
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    c = tiny_config()  # 12 layers: lexicographic order differs from numeric
+    params = random_params(c, seed=7, q_gain=3.0)
+    tree = release_tree(params, c)
+    root = tmp_path_factory.mktemp("grok-release")
+    write_release(root, tree)
+    return c, params, tree, root
+
+
+@pytest.fixture(scope="module")
+def forward(release):
+    return jit_forward(release[0])
+
+
+TOKENS = np.array([[0, 3, 77, 120, 5, 300, 9, 41, 11], [64, 65, 66, 0, 200, 201, 1, 2, 100]])
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_release_fixture_has_the_release_layout(release):
+    c, _, _, root = release
+    names = sorted(p.name for p in (root / "ckpt-0").iterdir())
+    assert len(names) == 2 + 12 * c.num_layers == 146
+    assert names[0] == "tensor00000_000" and names[-1] == "tensor00145_000"
+    assert grok_release.detect(root) and grok_release.detect(root / "ckpt-0")
+
+
+def test_dequantized_conversion_is_exact(release, forward, tmp_path):
+    """Converted weights are exactly the release's int8 weights times their (block) scales, each in
+    its place: the 12-layer model reproduces the logits of those weights."""
+    c, params, tree, root = release
+    dst = tmp_path / "model"
+    vj.convert(root, dst, config="grok-1-tiny", dtype=np.float32)  # auto-detected as the release
+    model = vj.load(dst, dtype=np.float32)
+    assert _rel_err(forward(model.params, jnp.asarray(TOKENS)), forward(dequantized_params(tree, c), jnp.asarray(TOKENS))) < 1e-5
+
+
+def test_default_storage_is_bfloat16_for_dequantized_weights(release, tmp_path):
+    _, _, _, root = release
+    grok_release.convert(root, tmp_path / "m", config="grok-1-tiny")
+    shapes = orbax_io.param_shapes(tmp_path / "m")
+    assert shapes["layers"][10]["moe"]["down"].dtype == jnp.bfloat16  # dequantized int8
+    assert shapes["layers"][10]["attn"]["q"].shape == (32, 4, 8)
+    assert shapes["embed"].dtype == np.float32 and shapes["layers"][3]["router"].dtype == np.float32  # plain leaves as stored
+    assert orbax_io.read_config(tmp_path / "m").family == "grok1"
+
+
+def _dense(w) -> np.ndarray:
+    return np.asarray(w["int8"], np.float32) * np.asarray(w["scale"], np.float32)
+
+
+def test_keep_int8_runs_weight_only_int8(release, forward, tmp_path):
+    c, params, tree, root = release
+    dst = tmp_path / "int8"
+    vj.convert(root, dst, config={"preset": "grok-1-tiny"}, keep_int8=True)
+    shapes = orbax_io.param_shapes(dst)
+    layer = shapes["layers"][11]
+    assert layer["attn"]["q"]["int8"].dtype == np.int8 and layer["attn"]["q"]["scale"].shape == (1, 4, 8)
+    assert layer["attn"]["o"]["scale"].shape == (1, 1, 32)
+    assert layer["moe"]["down"]["int8"].shape == (4, 48, 32) and layer["moe"]["down"]["scale"].shape == (4, 1, 32)
+    model = vj.load(dst, dtype=np.float32)
+    expected = dequantized_params(tree, c)
+    for n in (2, 10):
+        got, want = model.params["layers"][n], expected["layers"][n]
+        # Per-output-channel scales (q, k, v, gate, up): the release's int8 values, bit for bit.
+        release_q = tree[f"transformer/decoder_layer_{n}/multi_head_attention/query"]["w"].weight
+        np.testing.assert_array_equal(np.asarray(got["attn"]["q"]["int8"]).reshape(32, 32), release_q)
+        np.testing.assert_allclose(_dense(got["moe"]["gate"]), want["moe"]["gate"], rtol=1e-6, atol=0)
+        # Block scales along the input (o, down) are requantized per output channel: within half a step.
+        for w, dense in ((got["attn"]["o"], want["attn"]["o"]), (got["moe"]["down"], want["moe"]["down"])):
+            step = np.asarray(w["scale"], np.float32)
+            assert np.all(np.abs(_dense(w) - dense) <= 0.5 * step * (1 + 1e-5))
+    # The int8 matmuls compute what their dequantized weights compute.
+    as_float = jax.tree_util.tree_map(lambda x: x, model.params)
+    for L in as_float["layers"]:
+        L["attn"] = {k: _dense(w) for k, w in L["attn"].items()}
+        L["moe"] = {k: _dense(w) for k, w in L["moe"].items()}
+    assert _rel_err(model.logits(TOKENS), forward(as_float, jnp.asarray(TOKENS))) < 1e-4
+
+
+@pytest.mark.parametrize("keep_int8", [False, True])
+def test_int8_error_against_the_original_float_model(keep_int8, tmp_path):
+    """Quantization error of a shallow model stays bounded in both modes. (Deeper random MoE models
+    amplify any perturbation, a routing flip being discontinuous, so the bound is taken at 2 layers;
+    the 12-layer fixture above checks exactness instead.)"""
+    c = tiny_config(num_layers=2)
+    params = random_params(c, seed=11)
+    write_release(tmp_path / "src", release_tree(params, c))
+    grok_release.convert(tmp_path / "src", tmp_path / "m", config={"preset": "grok-1-tiny", "num_layers": 2}, keep_int8=keep_int8, dtype=np.float32)
+    model = vj.load(tmp_path / "m", dtype=np.float32)
+    assert _rel_err(model.logits(TOKENS), jit_forward(c)(params, jnp.asarray(TOKENS))) < 0.06
+    # Cached generation runs on the int8 weights too.
+    prompt = [5, 6, 7, 8]
+    out = [int(t) for t in np.asarray(model.generate([prompt], 3))[0]]
+    seq = list(prompt)
+    for _ in range(3):
+        seq.append(int(jnp.argmax(model.logits([seq + [0] * (8 - len(seq))])[0, len(seq) - 1])))
+    assert out == seq[len(prompt) :]
+
+
+def test_leaf_order_is_lexicographic():
+    plan = grok_release.leaf_plan(get_config("grok-1"))
+    assert len(plan) == 770
+    names = [leaf.name for leaf in plan]
+    assert names[:3] == ["language_model/in_out_embed/embeddings", "language_model/rms_norm/scale", "transformer/decoder_layer_0/moe/linear/w"]
+    assert names[2:14] == [
+        f"transformer/decoder_layer_0/{m}"
+        for m in (
+            "moe/linear/w", "moe/linear_1/w", "moe/linear_v/w",
+            "multi_head_attention/key/w", "multi_head_attention/linear/w", "multi_head_attention/query/w", "multi_head_attention/value/w",
+            "rms_norm/scale", "rms_norm_1/scale", "rms_norm_2/scale", "rms_norm_3/scale", "router/w",
+        )
+    ]
+    # decoder_layer_1, then 10..19, then 2: layer 10 starts at leaf 26, layer 2 at 146, layer 9 ends the file.
+    assert names[14].startswith("transformer/decoder_layer_1/") and names[26].startswith("transformer/decoder_layer_10/")
+    assert names[146].startswith("transformer/decoder_layer_2/") and names[769] == "transformer/decoder_layer_9/router/w"
+    assert plan[26].dest == ("layers", 10, "moe", "gate") and plan[3].dest == ("layers", 0, "moe", "down")
+    assert plan[4].dest == ("layers", 0, "moe", "up")
+    # The same order as jax.tree_util flattening a Haiku-style dict of those module paths.
+    haiku = {name.rsplit("/", 1)[0]: {name.rsplit("/", 1)[1]: i} for i, name in enumerate(names)}
+    assert jax.tree_util.tree_leaves(haiku) == list(range(770))
+
+
+def test_numeric_leaf_order_would_be_caught(release, forward, tmp_path):
+    """Files written in numeric layer order convert (shapes agree) but do not reproduce the model:
+    the fixture's 12 layers make the order observable."""
+    c, params, tree, _ = release
+    layer_number = lambda path: int(m.group(1)) if (m := re.search(r"decoder_layer_(\d+)/", path)) else -1
+    numeric = dict(sorted(tree.items(), key=lambda kv: (layer_number(kv[0]), kv[0])))
+    root = tmp_path / "numeric"
+    ckpt = root / "ckpt-0"
+    ckpt.mkdir(parents=True)
+    setattr(sys.modules["__main__"], "QuantizedWeight8bit", QuantizedWeight8bit)
+    try:
+        for i, leaf in enumerate(v for module in numeric.values() for v in module.values()):
+            (ckpt / f"tensor{i:05d}_000").write_bytes(pickle.dumps(leaf, protocol=4))
+    finally:
+        delattr(sys.modules["__main__"], "QuantizedWeight8bit")
+    grok_release.convert(root, tmp_path / "m", config="grok-1-tiny", dtype=np.float32)
+    wrong = forward(vj.load(tmp_path / "m").params, jnp.asarray(TOKENS))
+    assert _rel_err(wrong, forward(dequantized_params(tree, c), jnp.asarray(TOKENS))) > 0.05
+
+
+def test_tokenizer_model_is_copied(release, tmp_path):
+    _, _, _, root = release
+    src = tmp_path / "release"
+    shutil.copytree(root, src)
+    (src / "tokenizer.model").write_bytes(b"not parsed by the converter")
+    grok_release.convert(src / "ckpt-0", tmp_path / "m", config="grok-1-tiny")  # given ckpt-0 itself
+    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == b"not parsed by the converter"
+
+
+@pytest.mark.skipif(not TOKENIZER.exists(), reason=f"{TOKENIZER} not present")
+def test_generation_with_the_release_tokenizer(tmp_path):
+    """A converted directory carries the release's tokenizer.model; text in, text out."""
+    overrides = {"preset": "grok-1-tiny", "vocab_size": 131072, "num_layers": 2}
+    c = grok_release.resolve_config(overrides)
+    write_release(tmp_path / "src", release_tree(random_params(c, seed=8), c))
+    shutil.copyfile(TOKENIZER, tmp_path / "src" / "tokenizer.model")
+    vj.convert(tmp_path / "src", tmp_path / "m", config=overrides)
+    model = vj.load(tmp_path / "m")
+    ids = model.tokenizer.encode("The answer to life the universe and everything is")
+    assert ids[0] == c.bos_token_id
+    out = np.asarray(model.generate([ids], 5))[0]
+    assert out.shape == (5,) and isinstance(model.tokenizer.decode(out), str)
+
+
+# -- refusals -------------------------------------------------------------------------------------
+def _copy(root: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(root, dst)
+    return dst
+
+
+def test_refuses_unexpected_files(release, tmp_path):
+    src = _copy(release[3], tmp_path)
+    (src / "ckpt-0" / "notes.txt").write_text("hi")
+    with pytest.raises(CheckpointFormatError, match="unexpected entry 'notes.txt'"):
+        grok_release.convert(src, tmp_path / "m", config="grok-1-tiny")
+    assert not (tmp_path / "m").exists()
+
+
+def test_refuses_missing_leaf(release, tmp_path):
+    src = _copy(release[3], tmp_path)
+    (src / "ckpt-0" / "tensor00005_000").unlink()
+    with pytest.raises(CheckpointFormatError, match="missing tensor00005_000"):
+        grok_release.convert(src, tmp_path / "m", config="grok-1-tiny")
+
+
+def test_refuses_other_shards(release, tmp_path):
+    src = _copy(release[3], tmp_path)
+    (src / "ckpt-0" / "tensor00005_000").rename(src / "ckpt-0" / "tensor00005_001")
+    with pytest.raises(CheckpointFormatError, match="shard 001"):
+        grok_release.convert(src, tmp_path / "m", config="grok-1-tiny")
+
+
+def test_refuses_a_config_with_another_depth(release, tmp_path):
+    with pytest.raises(CheckpointFormatError, match="holds 146 leaves, the config expects 770"):
+        grok_release.convert(release[3], tmp_path / "m")  # default config: the 64-layer grok-1
+
+
+def test_refuses_wrong_shapes_naming_the_leaf(release, tmp_path):
+    config = {"preset": "grok-1-tiny", "emb_size": 48}
+    with pytest.raises(CheckpointFormatError, match=r"leaf 0 \(language_model/in_out_embed/embeddings.*\(512, 32\).*\(512, 48\)"):
+        grok_release.convert(release[3], tmp_path / "m", config=config)
+    config = {"preset": "grok-1-tiny", "widening_factor": 4}
+    with pytest.raises(CheckpointFormatError, match=r"leaf 2 \(transformer/decoder_layer_0/moe/linear/w\).*widening_factor"):
+        grok_release.convert(release[3], tmp_path / "m", config=config)
+
+
+def test_refuses_unknown_config_fields():
+    with pytest.raises(ValueError, match="unknown Grok-1 config field.*hidden_size"):
+        grok_release.resolve_config({"hidden_size": 6144})
+    with pytest.raises(ValueError, match="not Grok-1"):
+        grok_release.resolve_config("gemma-tiny")
+    c = grok_release.resolve_config('{"num_layers": 2, "emb_size": 1024, "widening_factor": 4}')
+    assert (c.num_layers, c.d_model, c.ffn_dim, c.num_q_heads) == (2, 1024, 2736, 48)
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_refuses_code_in_pickles_without_running_it(release, tmp_path):
+    src = _copy(release[3], tmp_path)
+    marker = tmp_path / "pwned"
+    (src / "ckpt-0" / "tensor00001_000").write_bytes(pickle.dumps(_Exploit(marker)))
+    with pytest.raises(CheckpointFormatError, match=r"refusing to unpickle (posix|os|nt)\.system"):
+        grok_release.convert(src, tmp_path / "m", config="grok-1-tiny")
+    assert not marker.exists()
+
+
+def test_refuses_objects_other_than_arrays(release, tmp_path):
+    src = _copy(release[3], tmp_path)
+    (src / "ckpt-0" / "tensor00001_000").write_bytes(pickle.dumps({"scale": [1.0] * 32}))
+    with pytest.raises(CheckpointFormatError, match="tensor00001_000 is a dict, not a numpy array"):
+        grok_release.convert(src, tmp_path / "m", config="grok-1-tiny")
+
+
+def test_reads_protocol_5_and_bfloat16_leaves(tmp_path):
+    a = np.arange(6, dtype=np.float32).reshape(2, 3).astype(ml_dtypes.bfloat16)
+    (tmp_path / "leaf").write_bytes(pickle.dumps(a, protocol=5))
+    np.testing.assert_array_equal(grok_release.read_leaf(tmp_path / "leaf"), a)
+
+
+def test_block_scales_must_tile_the_weight():
+    leaf = grok_release.leaf_plan(get_config("grok-1-tiny"))[6]  # attention output [32, 32]
+    assert grok_release.block_scales(leaf, np.ones((4, 32), np.float32)).shape == (4, 32)
+    assert grok_release.block_scales(leaf, np.ones((32,), np.float32)).shape == (1, 32)
+    with pytest.raises(CheckpointFormatError, match=r"leaf 6 .*scales \(3, 32\) neither broadcast against nor tile"):
+        grok_release.block_scales(leaf, np.ones((3, 32), np.float32))
+
+
+def test_detect_ignores_other_directories(tmp_path):
+    assert not grok_release.detect(tmp_path)
+    (tmp_path / "ckpt-0").mkdir()
+    (tmp_path / "ckpt-0" / "model.safetensors").write_bytes(b"")
+    assert not grok_release.detect(tmp_path)
+
+
+# -- HF-format ports ------------------------------------------------------------------------------
+def write_hf_port(root: Path, params: dict, c, layout: str, lm_head: np.ndarray | None = None) -> None:
+    from safetensors.numpy import save_file
+
+    names = hf_grok.LAYOUTS[layout]
+    d, h, kh, hd = c.d_model, c.num_q_heads, c.num_kv_heads, c.key_size
+    t = {names["embed"]: params["embed"], names["final_norm"]: params["final_norm"]}
+    for i, L in enumerate(params["layers"]):
+        n = lambda key, **kw: names[key].format(i=i, **kw)
+        for key in ("attn_norm", "post_attn_norm", "moe_norm", "post_moe_norm"):
+            t[n(key)] = L[key]
+        t[n("q")] = L["attn"]["q"].reshape(d, h * hd).T  # PyTorch: [out, in]
+        t[n("k")] = L["attn"]["k"].reshape(d, kh * hd).T
+        t[n("v")] = L["attn"]["v"].reshape(d, kh * hd).T
+        t[n("o")] = L["attn"]["o"].reshape(h * hd, d).T
+        t[n("router")] = L["router"].T
+        for e in range(c.num_experts):
+            for key in ("gate", "up", "down"):
+                t[n(key, e=e)] = L["moe"][key][e].T
+    if lm_head is not None:
+        t["lm_head.weight"] = lm_head
+    root.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in t.items()}, str(root / "model.safetensors"))
+    hf = {
+        "architectures": ["Grok1ModelForCausalLM" if layout == "hpcai" else "GrokForCausalLM"],
+        "model_type": "grok-1" if layout == "hpcai" else "grok",
+        "vocab_size": c.vocab_size, "hidden_size": d, "intermediate_size": c.ffn_dim,
+        "num_hidden_layers": c.num_layers, "num_attention_heads": h, "num_key_value_heads": kh, "head_dim": hd,
+        "num_experts": c.num_experts, "num_experts_per_tok": 2, "max_position_embeddings": c.max_seq_len,
+        "embedding_multiplier_scale": c.embedding_multiplier_scale, "output_multiplier_scale": c.output_multiplier_scale,
+        "attn_output_multiplier": c.attn_output_multiplier, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+    }
+    (root / "config.json").write_text(json.dumps(hf))
+
+
+@pytest.mark.parametrize("layout", sorted(hf_grok.LAYOUTS))
+def test_hf_ports_convert_exactly(layout, tmp_path):
+    c = tiny_config(num_layers=2)
+    params = random_params(c, seed=9, q_gain=3.0)
+    write_hf_port(tmp_path / "hf", params, c, layout, lm_head=params["embed"] if layout == "hpcai" else None)
+    assert hf_grok.detect(tmp_path / "hf") and not grok_release.detect(tmp_path / "hf")
+    vj.convert(tmp_path / "hf", tmp_path / "m")
+    model = vj.load(tmp_path / "m")
+    for field in ("d_model", "num_layers", "num_q_heads", "num_kv_heads", "key_size", "ffn_dim", "num_experts", "attn_output_multiplier"):
+        assert model.config[field] == c[field], field
+    forward = jit_forward(c)
+    assert _rel_err(forward(model.params, jnp.asarray(TOKENS)), forward(params, jnp.asarray(TOKENS))) < 1e-6
+
+
+def test_hf_port_with_an_untied_head_is_refused(tmp_path):
+    c = tiny_config(num_layers=2)
+    params = random_params(c, seed=9)
+    write_hf_port(tmp_path / "hf", params, c, "hpcai", lm_head=params["embed"] * 2)
+    with pytest.raises(CheckpointFormatError, match="lm_head.weight differs"):
+        vj.convert(tmp_path / "hf", tmp_path / "m")

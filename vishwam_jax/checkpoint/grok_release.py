@@ -1,0 +1,424 @@
+"""The official Grok-1 release (xai-org/grok-1, `ckpt-0/tensor{i:05d}_000`) -> model directory.
+
+WARNING: the release's files are Python pickles, and unpickling can run arbitrary code. Convert only
+checkpoints from a source you trust. This reader unpickles through an allowlist (numpy array
+reconstruction, the bfloat16 dtype and the release's `QuantizedWeight8bit` dataclass) and refuses
+anything else, but that is a safeguard, not a guarantee.
+
+The format (shared/docs/grok1.md): leaf i of the Haiku parameter dict, flattened by jax.tree_util, is
+the pickled file `ckpt-0/tensor{i:05d}_000`; module paths are in lexicographic string order
+(`decoder_layer_10` sorts before `decoder_layer_2`), 2 + 12 * num_layers leaves. Weights are [in, out].
+Large matrices are `QuantizedWeight8bit(weight: int8, scales)`, dense = weight * scales. The scales
+broadcast against the weight, or tile it in blocks: the release's row-parallel layers (attention
+output, expert down projection) carry one row of scales per block of input rows ([8, d] for
+[6144, d]), so each scale axis is accepted when its size divides the weight's.
+
+The release ships no config file: `config` names a preset and/or overrides in the release's own
+field names, and every leaf's shape is checked against it. Each file is unpickled on its own and
+written out before the next is read, so memory holds one leaf (at most one 1.6 GB expert stack).
+
+keep_int8=True keeps the int8 weights with per-output-channel scales, for the model's weight-only
+int8 matmuls (which scale the matmul's output). Scales that vary along a contracted (input) axis
+cannot be applied to the output, so those weights - in the release the attention output and the
+expert down projections - are requantized per output channel from their exact dense values: one
+more rounding, of at most half the new int8 step per weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import ml_collections
+import ml_dtypes
+import numpy as np
+
+from vishwam_jax.checkpoint.orbax_io import CheckpointWriter
+from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError
+from vishwam_jax.presets import get_config
+from vishwam_jax.presets.grok1 import ffn_size
+
+logger = logging.getLogger(__name__)
+
+PICKLE_WARNING = (
+    "Grok-1 release checkpoints are Python pickles, and unpickling can run code: convert only checkpoints "
+    "from a source you trust."
+)
+
+LEAF_FILE = re.compile(r"tensor(\d{5})_(\d{3})")
+
+# Overrides accepted by `convert(config={...})`, in the release's names (run.py / model.py), and the
+# fields of our config they set.
+RELEASE_FIELDS = {
+    "vocab_size": "vocab_size",
+    "emb_size": "d_model",
+    "num_layers": "num_layers",
+    "num_q_heads": "num_q_heads",
+    "num_kv_heads": "num_kv_heads",
+    "key_size": "key_size",
+    "num_experts": "num_experts",
+    "num_selected_experts": "num_selected_experts",
+    "widening_factor": "widening_factor",
+    "embedding_multiplier_scale": "embedding_multiplier_scale",
+    "output_multiplier_scale": "output_multiplier_scale",
+    "attn_output_multiplier": "attn_output_multiplier",
+}
+
+
+@dataclasses.dataclass
+class QuantizedWeight8bit:
+    """The release's int8 weight: dense = weight.astype(scales.dtype) * scales."""
+
+    weight: np.ndarray
+    scales: np.ndarray
+
+
+# numpy's own array-unpickling functions, taken from its reductions rather than private imports:
+# protocols <= 4 rebuild an array with _reconstruct + setstate, protocol 5 with _frombuffer.
+_RECONSTRUCT = np.zeros(1).__reduce_ex__(4)[0]
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
+_ALLOWED_GLOBALS = {
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,  # pickles written by numpy < 2
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("ml_dtypes", "bfloat16"): ml_dtypes.bfloat16,
+    ("__main__", "QuantizedWeight8bit"): QuantizedWeight8bit,
+}
+
+
+class _ReleaseUnpickler(pickle.Unpickler):
+    """Builds only numpy arrays and QuantizedWeight8bit: any other global is refused by name."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise CheckpointFormatError(
+                f"refusing to unpickle {module}.{name}: a Grok-1 release leaf holds only numpy arrays and "
+                "QuantizedWeight8bit (this file is not from the release, or was tampered with)"
+            ) from None
+
+    def persistent_load(self, pid):
+        raise CheckpointFormatError("refusing a pickle with persistent ids (not a Grok-1 release leaf)")
+
+
+def _checked_array(a: Any, what: str, *, floating: bool) -> np.ndarray:
+    if type(a) is not np.ndarray:
+        raise CheckpointFormatError(f"{what} is a {type(a).__name__}, not a numpy array")
+    ok = (a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16) if floating else a.dtype == np.int8
+    if not ok:
+        raise CheckpointFormatError(f"{what} has dtype {a.dtype}, expected {'a float type' if floating else 'int8'}")
+    return a
+
+
+def read_leaf(path: Path) -> np.ndarray | QuantizedWeight8bit:
+    """Unpickle one release leaf file (allowlisted classes only) and check what it holds."""
+    with open(path, "rb") as f:
+        try:
+            obj = _ReleaseUnpickler(f).load()
+        except CheckpointFormatError as err:
+            raise CheckpointFormatError(f"{path}: {err}") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+            raise CheckpointFormatError(f"{path}: corrupt or not a Grok-1 release leaf ({type(err).__name__}: {err})") from None
+    if isinstance(obj, QuantizedWeight8bit):
+        weight = _checked_array(getattr(obj, "weight", None), f"{path}: QuantizedWeight8bit.weight", floating=False)
+        scales = _checked_array(getattr(obj, "scales", None), f"{path}: QuantizedWeight8bit.scales", floating=True)
+        return QuantizedWeight8bit(weight, scales)
+    return _checked_array(obj, str(path), floating=True)
+
+
+# -- the leaf map ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    index: int  # the file tensor{index:05d}_000
+    name: str  # module path / parameter name, as in the release
+    dest: tuple  # our parameter path
+    shape: tuple[int, ...]  # as stored in the release
+    target: tuple[int, ...]  # as stored by us (heads split out)
+    contracted: tuple[int, ...] = ()  # input axes of a matmul weight (release layout); () for others
+
+    @property
+    def is_matmul(self) -> bool:
+        return bool(self.contracted)
+
+    def target_contracted(self) -> tuple[int, ...]:
+        """The input axes in our layout: the leading ones for attention, the middle one for experts."""
+        if len(self.shape) == 3:  # experts [e, in, out]
+            return (1,)
+        n_in = 1 if self.dest[-1] in ("q", "k", "v") else len(self.target) - 1
+        return tuple(range(n_in))
+
+
+def leaf_plan(config) -> list[Leaf]:
+    """Every release leaf in file order: module paths sorted as strings, as jax.tree_util sorts the
+    keys of Haiku's flat {module_path: {param: array}} dict."""
+    d, h, kh, hd = config.d_model, config.num_q_heads, config.num_kv_heads, config.key_size
+    e, f, v = config.num_experts, config.ffn_dim, config.vocab_size
+    modules: dict[str, tuple] = {
+        "language_model/in_out_embed": ("embeddings", ("embed",), (v, d), (v, d), ()),
+        "language_model/rms_norm": ("scale", ("final_norm",), (d,), (d,), ()),
+    }
+    for n in range(config.num_layers):
+        p, L = f"transformer/decoder_layer_{n}/", ("layers", n)
+        modules |= {
+            p + "moe/linear": ("w", L + ("moe", "gate"), (e, d, f), (e, d, f), (1,)),
+            p + "moe/linear_1": ("w", L + ("moe", "down"), (e, f, d), (e, f, d), (1,)),
+            p + "moe/linear_v": ("w", L + ("moe", "up"), (e, d, f), (e, d, f), (1,)),
+            p + "multi_head_attention/key": ("w", L + ("attn", "k"), (d, kh * hd), (d, kh, hd), (0,)),
+            p + "multi_head_attention/linear": ("w", L + ("attn", "o"), (h * hd, d), (h, hd, d), (0,)),
+            p + "multi_head_attention/query": ("w", L + ("attn", "q"), (d, h * hd), (d, h, hd), (0,)),
+            p + "multi_head_attention/value": ("w", L + ("attn", "v"), (d, kh * hd), (d, kh, hd), (0,)),
+            p + "rms_norm": ("scale", L + ("attn_norm",), (d,), (d,), ()),
+            p + "rms_norm_1": ("scale", L + ("post_attn_norm",), (d,), (d,), ()),
+            p + "rms_norm_2": ("scale", L + ("moe_norm",), (d,), (d,), ()),
+            p + "rms_norm_3": ("scale", L + ("post_moe_norm",), (d,), (d,), ()),
+            p + "router": ("w", L + ("router",), (d, e), (d, e), ()),
+        }
+    return [
+        Leaf(i, f"{module}/{param}", dest, shape, target, contracted)
+        for i, (module, (param, dest, shape, target, contracted)) in enumerate(sorted(modules.items()))
+    ]
+
+
+# -- configuration --------------------------------------------------------------------------------
+def resolve_config(config: str | Mapping | ml_collections.ConfigDict = "grok-1") -> ml_collections.ConfigDict:
+    """A Grok-1 ConfigDict from a preset name, a JSON object string, a ConfigDict, or a dict of
+    overrides in the release's field names (optionally with "preset": the base, default grok-1)."""
+    if isinstance(config, ml_collections.ConfigDict):
+        c = ml_collections.ConfigDict(config.to_dict())
+    elif isinstance(config, str) and config.lstrip().startswith("{"):
+        try:
+            return resolve_config(json.loads(config))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config {config!r} is not valid JSON: {err}") from None
+    elif isinstance(config, str):
+        c = get_config(config)
+    elif isinstance(config, Mapping):
+        overrides = dict(config)
+        base = overrides.pop("preset", "grok-1")
+        unknown = sorted(set(overrides) - set(RELEASE_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"unknown Grok-1 config field(s) {', '.join(unknown)}; the release's fields are: {', '.join(RELEASE_FIELDS)}"
+            )
+        c = get_config(base)
+        for key, value in overrides.items():
+            field = RELEASE_FIELDS[key]
+            setattr(c, field, type(c[field])(value))
+        c.ffn_dim = ffn_size(c.d_model, c.widening_factor)
+        if overrides:
+            c.name = f"{base} ({', '.join(f'{k}={v}' for k, v in overrides.items())})"
+    else:
+        raise TypeError(f"config must be a preset name, a dict or a ConfigDict, not {type(config).__name__}")
+    if c.get("family") != "grok1":
+        raise ValueError(f"config {c.get('name')!r} is a {c.get('family')!r} model, not Grok-1")
+    if c.num_q_heads % c.num_kv_heads:
+        raise ValueError(f"num_q_heads ({c.num_q_heads}) must be a multiple of num_kv_heads ({c.num_kv_heads})")
+    return c
+
+
+# -- layout ---------------------------------------------------------------------------------------
+def _ckpt_dir(src: Path) -> Path | None:
+    for candidate in (src / "ckpt-0", src):
+        if candidate.is_dir() and any(LEAF_FILE.fullmatch(p.name) for p in candidate.iterdir()):
+            return candidate
+    return None
+
+
+def detect(src: str | Path) -> bool:
+    """A directory holding the release's `ckpt-0/` (or that directory itself)."""
+    return _ckpt_dir(Path(src)) is not None
+
+
+def leaf_files(src: str | Path, expected: int) -> tuple[Path, list[Path]]:
+    """The release's leaf files in index order, refusing anything that is not exactly that layout
+    (no unpickling happens before the whole directory has passed)."""
+    ckpt = _ckpt_dir(Path(src))
+    if ckpt is None:
+        raise CheckpointFormatError(f"{src} is not the Grok-1 release layout (no ckpt-0/tensorNNNNN_000 files)")
+    found: dict[int, Path] = {}
+    for p in sorted(ckpt.iterdir()):
+        m = LEAF_FILE.fullmatch(p.name)
+        if m is None or not p.is_file():
+            raise CheckpointFormatError(
+                f"{ckpt} is not the Grok-1 release layout: unexpected entry {p.name!r} "
+                "(only tensorNNNNN_000 files belong there; refusing to unpickle anything from it)"
+            )
+        if m.group(2) != "000":
+            raise CheckpointFormatError(
+                f"{p}: shard {m.group(2)} - the release has one shard per leaf (_000); multi-shard layouts are not supported"
+            )
+        found[int(m.group(1))] = p
+    missing = sorted(set(range(expected)) - set(found))
+    extra = sorted(set(found) - set(range(expected)))
+    if missing or extra:
+        raise CheckpointFormatError(
+            f"{ckpt} holds {len(found)} leaves, the config expects {expected} (2 + 12 per layer)"
+            + (f"; missing {_ranges(missing)}" if missing else "")
+            + (f"; unexpected {_ranges(extra)}" if extra else "")
+            + " - pass the release's config (e.g. config={'num_layers': N}) if this is not the 64-layer grok-1"
+        )
+    return ckpt, [found[i] for i in range(expected)]
+
+
+def _ranges(xs: list[int]) -> str:
+    shown = ", ".join(f"tensor{i:05d}_000" for i in xs[:5])
+    return shown + (f" and {len(xs) - 5} more" if len(xs) > 5 else "")
+
+
+def _tokenizer_file(src: Path, ckpt: Path) -> Path | None:
+    """The release ships tokenizer.model at its root, beside ckpt-0/."""
+    for candidate in (src / "tokenizer.model", ckpt / "tokenizer.model", ckpt.parent / "tokenizer.model", src.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# -- int8 handling --------------------------------------------------------------------------------
+def block_scales(leaf: Leaf, scales: np.ndarray) -> np.ndarray:
+    """`scales` with the weight's rank, each axis of size 1, of the weight's size, or a divisor of
+    it (one scale per block of consecutive indices); raises naming the leaf otherwise."""
+    shape = leaf.shape
+    if scales.ndim > len(shape):
+        raise CheckpointFormatError(f"leaf {leaf.index} ({leaf.name}): scales {scales.shape} have more axes than the weight {shape}")
+    scales = scales.reshape((1,) * (len(shape) - scales.ndim) + scales.shape)
+    for s, w in zip(scales.shape, shape):
+        if s == 0 or w % s:
+            raise CheckpointFormatError(
+                f"leaf {leaf.index} ({leaf.name}): scales {scales.shape} neither broadcast against nor tile the weight {shape}"
+            )
+    return scales
+
+
+def dequantize_blocks(weight: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """float32 weight * scales, where each scale covers a block of the weight (same rank)."""
+    split = [n for w, s in zip(weight.shape, scales.shape) for n in (s, w // s)]
+    spread = [n for s in scales.shape for n in (s, 1)]
+    return (weight.reshape(split).astype(np.float32) * scales.astype(np.float32).reshape(spread)).reshape(weight.shape)
+
+
+def requantize(dense: np.ndarray, contracted: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one scale per output channel (max |w| over the contracted axes / 127)."""
+    amax = np.max(np.abs(dense), axis=contracted, keepdims=True)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(dense / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def spread_scales(scales: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Repeat each block's scale over its block, giving scales of `shape` (same rank)."""
+    for axis, n in enumerate(shape):
+        scales = np.repeat(scales, n // scales.shape[axis], axis=axis)
+    return scales
+
+
+def _slices(leaf: Leaf) -> list[tuple[int, ...]]:
+    """Expert stacks are processed one expert at a time (bounded memory); other leaves whole."""
+    return [(e,) for e in range(leaf.shape[0])] if len(leaf.shape) == 3 else [()]
+
+
+def _scales_of_slice(scales: np.ndarray, leaf: Leaf, sl: tuple[int, ...]) -> np.ndarray:
+    if not sl:
+        return scales
+    return scales[sl[0] // (leaf.shape[0] // scales.shape[0])]
+
+
+def _fields_of(leaf: Leaf) -> str:
+    """The config fields that decide a leaf's shape, for error messages."""
+    if "in_out_embed" in leaf.name:
+        return "vocab_size, emb_size"
+    if "/moe/" in leaf.name:
+        return "num_experts, emb_size, widening_factor"
+    if "multi_head_attention" in leaf.name:
+        return "emb_size, num_q_heads, num_kv_heads, key_size"
+    if "router" in leaf.name:
+        return "emb_size, num_experts"
+    return "emb_size"
+
+
+def _write_quantized(writer: CheckpointWriter, leaf: Leaf, q: QuantizedWeight8bit, keep_int8: bool, dtype) -> None:
+    if q.weight.shape != leaf.shape:
+        raise CheckpointFormatError(
+            f"leaf {leaf.index} ({leaf.name}): int8 weight shape {q.weight.shape} does not match the config "
+            f"({leaf.shape}); check the config's {_fields_of(leaf)}"
+        )
+    scales = block_scales(leaf, q.scales)
+    slices = _slices(leaf)
+
+    if not (keep_int8 and leaf.is_matmul):
+        out = writer.create(leaf.dest, leaf.target, dtype)
+        for sl in slices:
+            dense = dequantize_blocks(q.weight[sl], _scales_of_slice(scales, leaf, sl))
+            out[sl].write(dense.reshape(leaf.target[len(sl) :]).astype(dtype)).result()
+        return
+
+    # Our int8 layout: the weight in our shape, scales of our shape with the contracted axes of size 1.
+    contracted = tuple(a - len(slices[0]) for a in leaf.contracted)  # axes within one slice
+    scale_shape = tuple(1 if a in leaf.target_contracted() else n for a, n in enumerate(leaf.target))
+    out_q = writer.create(leaf.dest + ("int8",), leaf.target, np.int8)
+    out_s = writer.create(leaf.dest + ("scale",), scale_shape, np.float32)
+    for sl in slices:
+        w, s = q.weight[sl], _scales_of_slice(scales, leaf, sl)
+        if all(s.shape[a] == 1 for a in contracted):
+            # Already one scale per output channel (or coarser): the int8 values stay exact.
+            s = spread_scales(s.astype(np.float32), tuple(1 if a in contracted else n for a, n in enumerate(w.shape)))
+        else:
+            w, s = requantize(dequantize_blocks(w, s), contracted)
+        out_q[sl].write(w.reshape(leaf.target[len(sl) :])).result()
+        out_s[sl].write(s.reshape(scale_shape[len(sl) :])).result()
+
+
+# -- conversion -----------------------------------------------------------------------------------
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    dtype=None,
+    overwrite: bool = False,
+    config: str | Mapping | ml_collections.ConfigDict = "grok-1",
+    keep_int8: bool = False,
+) -> None:
+    """Convert the Grok-1 release at `src` (the directory holding ckpt-0/, or ckpt-0 itself).
+
+    WARNING: the release's files are pickles and unpickling can run code - convert only trusted
+    checkpoints (see the module docstring for what this reader allows).
+
+    dtype: storage dtype of floating weights; int8 weights are dequantized to it (default bfloat16,
+      the release's compute dtype), plain float leaves keep their own dtype unless it is given.
+    config: a preset name (default "grok-1"), a ConfigDict, or a dict of overrides in the release's
+      field names (see RELEASE_FIELDS), optionally with "preset" naming the base.
+    keep_int8: keep QuantizedWeight8bit matmul weights as int8 + per-output-channel scales (the
+      model then runs weight-only int8); embeddings, norms and the router are always float.
+    """
+    src, dst = Path(src), Path(dst)
+    c = resolve_config(config)
+    plan = leaf_plan(c)
+    ckpt, files = leaf_files(src, len(plan))
+    dequant_dtype = np.dtype(dtype) if dtype is not None else np.dtype(ml_dtypes.bfloat16)
+    logger.warning(PICKLE_WARNING)
+    with CheckpointWriter(dst, c, overwrite=overwrite) as writer:
+        for leaf, path in zip(plan, files):
+            obj = read_leaf(path)
+            if isinstance(obj, QuantizedWeight8bit):
+                _write_quantized(writer, leaf, obj, keep_int8, dequant_dtype)
+            else:
+                if obj.shape != leaf.shape:
+                    raise CheckpointFormatError(
+                        f"leaf {leaf.index} ({leaf.name}, {path.name}): shape {obj.shape} does not match the config "
+                        f"({leaf.shape}); check the config's {_fields_of(leaf)}"
+                    )
+                out = obj.reshape(leaf.target).astype(np.dtype(dtype) if dtype is not None else obj.dtype)
+                writer.write(leaf.dest, out)
+            logger.info("converted leaf %d/%d %s", leaf.index + 1, len(plan), leaf.name)
+            del obj
+        tokenizer = _tokenizer_file(src, ckpt)
+        if tokenizer is not None:
+            writer.copy_file(tokenizer, "tokenizer.model")

@@ -1,7 +1,7 @@
 """Training data: the Shakespeare demo corpus (bytes) and tokenized files (memory-mapped).
 
 Batches are a pure function of (seed, step), so a resumed run sees exactly the batches the
-uninterrupted run would have seen.
+uninterrupted run would have seen: the data position saved in a checkpoint is the step itself.
 """
 
 from __future__ import annotations
@@ -31,10 +31,40 @@ def token_file(path: str | Path, dtype=np.uint16) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def batch_at(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int = 0) -> np.ndarray:
-    """Random windows of seq_len + 1 tokens (inputs and shifted targets) for one step."""
+def load_tokens(source: str | Path, dtype: str = "uint16") -> np.ndarray:
+    """The token stream named by `source`: "shakespeare" (the demo corpus as bytes), a `.npy` file
+    (memory-mapped, its own dtype) or a flat binary file of `dtype` ids (memory-mapped)."""
+    if str(source) == "shakespeare":
+        return shakespeare_bytes()
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"training data {str(source)!r} is neither 'shakespeare' nor an existing token file")
+    if path.suffix == ".npy":
+        tokens = np.load(path, mmap_mode="r")
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"{path}: expected a 1-D array of integer token ids, got {tokens.dtype}{list(tokens.shape)}")
+        return tokens
+    itemsize = np.dtype(dtype).itemsize
+    if path.stat().st_size % itemsize:
+        raise ValueError(f"{path}: size {path.stat().st_size} is not a multiple of {dtype} ({itemsize} bytes); wrong --data-dtype?")
+    return token_file(path, dtype)
+
+
+def batch_at(
+    tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int = 0, rows: slice | None = None
+) -> np.ndarray:
+    """Random windows of seq_len + 1 tokens (inputs and shifted targets) for one step.
+
+    rows: read only these rows of the global batch (one host's share on a multi-host run); the
+      window starts are drawn for the whole batch first, so the global batch does not depend on how
+      it is split across hosts.
+    """
+    if len(tokens) < seq_len + 2:
+        raise ValueError(f"{len(tokens)} tokens are too few for windows of {seq_len + 1}")
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+    if rows is not None:
+        starts = starts[rows]
     return np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int32) for s in starts])
 
 

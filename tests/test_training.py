@@ -1,0 +1,419 @@
+"""Training: loss goes down on the demo corpus, exact resume, gradient accumulation, remat policies,
+bf16 compute on float32 master weights, LoRA (adapters only; merged export; int8 and expert
+weights), DeepSeek-V3's MTP loss and router-bias balancing, and a sharded step equal to one
+unsharded. Small models and few steps: the whole file is meant to run in a few minutes on 2 CPU cores."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vishwam_jax as vj
+from vishwam_jax.checkpoint import orbax_io
+from vishwam_jax.models import family_module
+from vishwam_jax.presets import get_config
+from vishwam_jax.training import data, lora, metrics, remat
+from vishwam_jax.training.checkpointing import ResumeMismatchError
+from vishwam_jax.training.objective import cast_floating, loss_sums, next_token_loss
+from vishwam_jax.training.optimizer import make_optimizer
+from vishwam_jax.training.step import StepConfig, frozen_from_gradients, init_state, make_train_step
+from vishwam_jax.training.trainer import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _has(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
+
+needs_gmm = pytest.mark.skipif(not _has("vishwam_jax.pallas_kernels.grouped_matmul"), reason="MoE families need pallas_kernels.grouped_matmul")
+
+
+def _tiny(name="gemma-tiny", **overrides):
+    config = get_config(name)
+    for k, v in overrides.items():
+        config[k] = v
+    return config, family_module(config)
+
+
+def _batch(config, k, b, t, seed=0):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.integers(3, config.vocab_size, size=(k, b, t + 1)), jnp.int32)
+
+
+def _smooth_adamw():
+    """AdamW whose first update is lr * g / (|g| + 1), not lr * sign(g): equivalence tests compare
+    updated parameters, and a sign flips on gradients of ~1e-9 that differ only by rounding."""
+    return make_optimizer(1e-2, 10, warmup_steps=0, eps=1.0)
+
+
+def _state(params, opt):
+    # The step donates its state: give it a copy so the test keeps `params`.
+    return init_state(jax.tree_util.tree_map(jnp.copy, params), opt)
+
+
+def _tree_equal(a, b) -> bool:
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def _quiet(_line):
+    pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Each `train` call jits its own step; runs of the same program (the resume test's three, the
+    CLI's) then compile once. Only this module's tests see the cache."""
+    old = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+# -- the trainer end to end ------------------------------------------------------------------------
+def test_loss_decreases_on_shakespeare():
+    tc = TrainConfig(model="gemma-tiny", steps=40, batch_size=8, seq_len=64, lr=1e-2, warmup_steps=5, heldout_fraction=0.02)
+    history = train(tc, log=_quiet)
+    losses = [h["loss"] for h in history]
+    assert len(losses) == 40 and np.isfinite(losses).all()
+    # Bytes start near ln(256) = 5.5; a byte-frequency model alone reaches ~3.3.
+    assert np.mean(losses[:3]) > 5.0
+    assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.5, losses
+
+
+def test_resume_is_exact_after_a_crash(tmp_path):
+    common = dict(model="gemma-tiny", steps=6, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, compute_dtype="bfloat16")
+    uninterrupted = [h["loss"] for h in train(TrainConfig(**common), log=_quiet)]
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(step, _metrics):
+        if step == 3:
+            raise Crash
+
+    tc = TrainConfig(**common, workdir=str(tmp_path / "run"), save_every=2)
+    with pytest.raises(Crash):
+        train(tc, on_step=crash_at_3, log=_quiet)
+    logs = []
+    resumed = train(tc, log=logs.append)
+    start = resumed[0]["step"]
+    assert any("resumed" in line for line in logs) and 0 < start < 6
+    # Bit for bit: the restored parameters, Adam moments, step and data position are the saved ones.
+    assert [h["loss"] for h in resumed] == uninterrupted[start:]
+    # A different batch size would silently be a different run: refused.
+    with pytest.raises(ResumeMismatchError, match="batch_size"):
+        train(TrainConfig(**{**common, "batch_size": 8, "steps": 8}, workdir=str(tmp_path / "run")), log=_quiet)
+
+
+def test_cli_trains_and_exports_a_loadable_model(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train as train_cli
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "model"
+    # The resume test's settings: the same program, so the compilation cache serves it.
+    train_cli.main(["--model", "gemma-tiny", "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2",
+                    "--warmup-steps", "2", "--export", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    step_lines = [ln for ln in lines if ln.startswith("step")]
+    assert len(step_lines) == 6
+    assert re.search(r"loss \d+\.\d+ .*tok/s", step_lines[1]), step_lines[1]
+    model = vj.load(out)
+    assert model.config.name == "gemma-tiny" and "remat_policy" not in model.config
+    assert np.isfinite(np.asarray(model.logits([[5, 6, 7]]))).all()
+
+
+# -- the train step --------------------------------------------------------------------------------
+def test_grad_accumulation_equals_one_big_batch():
+    config, family = _tiny()
+    params = family.init_params(config, jax.random.key(0))
+    big = np.array(_batch(config, 1, 8, 16))
+    # Padding only in the second half: per-micro-batch means would weight its tokens differently.
+    big[0, 4:, 10:] = config.pad_token_id
+    opt = _smooth_adamw()
+    step = make_train_step(family, config, opt, StepConfig())
+    state_1, m_1 = step(_state(params, opt), None, jnp.asarray(big))
+    state_2, m_2 = step(_state(params, opt), None, jnp.asarray(big.reshape(2, 4, 17)))
+    np.testing.assert_allclose(float(m_1["loss"]), float(m_2["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m_1["grad_norm"]), float(m_2["grad_norm"]), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(state_1["params"]), jax.tree_util.tree_leaves(state_2["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert not _tree_equal(state_1["params"], params)
+
+
+def test_remat_policies_give_the_same_loss_and_gradients():
+    config, family = _tiny()
+    params = family.init_params(config, jax.random.key(1))
+    batch = _batch(config, 1, 2, 16)[0]
+    results = {}
+    for policy in remat.POLICY_NAMES:
+        config.remat_policy = policy
+        fn = jax.value_and_grad(lambda p, c=config: next_token_loss(family, c, p, batch))
+        text = str(jax.make_jaxpr(fn)(params))
+        # The policy is really applied (one checkpointed region per layer) or really absent.
+        assert text.count("remat2[") == (0 if policy == "none" else config.num_layers), policy
+        results[policy] = jax.jit(fn)(params)
+    loss0, grads0 = results["none"]
+    for policy, (loss, grads) in results.items():
+        np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-6, err_msg=policy)
+        for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads0)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7, err_msg=policy)
+    with pytest.raises(ValueError, match="dots_saveable"):
+        remat.check_policy("dots")
+
+
+def test_bf16_compute_keeps_float32_master_weights():
+    config, family = _tiny()
+    params = family.init_params(config, jax.random.key(0), jnp.float32)
+    batch = _batch(config, 1, 2, 16)
+    opt = make_optimizer(1e-2, 10, warmup_steps=0)
+    state = _state(params, opt)
+    step_bf16 = make_train_step(family, config, opt, StepConfig(compute_dtype=jnp.bfloat16))
+    for _ in range(2):
+        state, m_bf16 = step_bf16(state, None, batch)
+    dtypes = {x.dtype for x in jax.tree_util.tree_leaves((state["params"], state["opt_state"])) if x.ndim}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+    # ... while the matmuls really run in bf16 (and so the loss differs from float32 compute).
+    jaxpr = str(jax.make_jaxpr(lambda p: next_token_loss(family, config, p, batch[0], jnp.bfloat16))(params))
+    assert "bf16" in jaxpr and "dot_general" in jaxpr
+    loss32 = float(jax.jit(lambda p: next_token_loss(family, config, p, batch[0]))(params))
+    loss16 = float(jax.jit(lambda p: next_token_loss(family, config, p, batch[0], jnp.bfloat16))(params))
+    assert loss16 != loss32 and abs(loss16 - loss32) < 0.05
+
+
+def test_frozen_leaves_get_no_update():
+    params = {"w": jnp.ones((2, 2)), "router_bias": jnp.zeros((4,))}
+    grads = {"w": jnp.ones((2, 2)), "router_bias": jnp.ones((4,))}
+    opt = make_optimizer(0.1, 10, warmup_steps=0, frozen=frozen_from_gradients)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    assert np.all(np.asarray(updates["router_bias"]) == 0) and np.all(np.asarray(updates["w"]) < 0)
+
+
+# -- LoRA --------------------------------------------------------------------------------------------
+def test_lora_trains_only_the_adapters():
+    config, family = _tiny()
+    base = family.init_params(config, jax.random.key(0))
+    base_copy = jax.tree_util.tree_map(np.array, base)
+    cfg = lora.LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "gate", "down"))
+    adapters = lora.init_adapters(base, cfg, jax.random.key(1))
+    assert sorted({n.rsplit(".", 1)[1] for n in adapters}) == ["down", "gate", "o", "q", "v"]
+    assert adapters["layers.0.attn.q"]["a"].shape == (64, 4) and adapters["layers.0.attn.q"]["b"].shape == (4, 4 * 16)
+    opt = make_optimizer(3e-2, 10, warmup_steps=0)
+    state = _state(adapters, opt)
+    step = make_train_step(family, config, opt, StepConfig(lora=cfg))
+    batch = _batch(config, 1, 4, 16)
+    losses = []
+    for _ in range(4):
+        state, m = step(state, base, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert _tree_equal(base, base_copy)  # the frozen base is untouched
+    assert all(np.abs(np.asarray(a["b"])).max() > 0 for a in state["params"].values())  # every adapter moved
+    # The optimizer state holds only adapter-shaped moments (no state for the base model).
+    n_opt = sum(x.size for x in jax.tree_util.tree_leaves(state["opt_state"]) if x.ndim)
+    assert n_opt == 2 * lora.count(adapters)
+    with pytest.raises(ValueError, match="match no weight"):
+        lora.target_names(base, lora.LoraConfig(targets=("wq_a",)))
+
+
+def test_lora_merged_export_equals_base_plus_scaled_ab(tmp_path):
+    config, family = _tiny()
+    base = family.init_params(config, jax.random.key(0))
+    cfg = lora.LoraConfig(rank=3, alpha=6.0, targets=("q", "o", "up"))
+    adapters = lora.init_adapters(base, cfg, jax.random.key(1))
+    rng = np.random.default_rng(0)
+    adapters = {n: {"a": a["a"], "b": jnp.asarray(rng.normal(size=a["b"].shape), jnp.float32)} for n, a in adapters.items()}
+    lora.export_merged(tmp_path / "merged", base, adapters, cfg, config)
+    merged = orbax_io.restore_params(tmp_path / "merged")
+    for i, layer in enumerate(base["layers"]):
+        a = {n: np.asarray(adapters[f"layers.{i}.{n}"]["a"]) for n in ("attn.q", "attn.o", "mlp.up")}
+        b = {n: np.asarray(adapters[f"layers.{i}.{n}"]["b"]) for n in ("attn.q", "attn.o", "mlp.up")}
+        r = cfg.rank
+        want_q = np.asarray(layer["attn"]["q"]) + 2.0 * np.einsum("dr,rhk->dhk", a["attn.q"], b["attn.q"].reshape(r, 4, 16))
+        want_o = np.asarray(layer["attn"]["o"]) + 2.0 * np.einsum("hkr,rd->hkd", a["attn.o"].reshape(4, 16, r), b["attn.o"])
+        want_up = np.asarray(layer["mlp"]["up"]) + 2.0 * a["mlp.up"] @ b["mlp.up"]
+        np.testing.assert_allclose(np.asarray(merged["layers"][i]["attn"]["q"]), want_q, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(merged["layers"][i]["attn"]["o"]), want_o, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(merged["layers"][i]["mlp"]["up"]), want_up, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(merged["layers"][i]["attn"]["k"]), np.asarray(layer["attn"]["k"]))
+    # The export is a normal model directory whose logits are those of the adapted model.
+    model = vj.load(tmp_path / "merged")
+    tokens = jnp.asarray([[5, 9, 200, 31, 7]], jnp.int32)
+    want = family.forward(lora.merge(base, adapters, cfg), tokens, config)[0]
+    np.testing.assert_allclose(np.asarray(model.logits(tokens)), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def _quantize(w):
+    scale = np.abs(np.asarray(w)).max(axis=0, keepdims=True) / 127.0
+    return {"int8": jnp.asarray(np.round(np.asarray(w) / scale), jnp.int8), "scale": jnp.asarray(scale, jnp.float32)}
+
+
+def test_lora_on_int8_and_stacked_expert_weights():
+    # Expert stacks [E, d, f] get one adapter per expert; int8 weights stay int8 and frozen.
+    e, d, f, r = 3, 8, 5, 2
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(e, d, f)), jnp.float32)
+    params = {"layers": [{"moe": {"gate": w, "down": _quantize(rng.normal(size=(d, f)))}}]}
+    cfg = lora.LoraConfig(rank=r, alpha=4.0, targets=("gate", "down"))
+    adapters = lora.init_adapters(params, cfg, jax.random.key(0))
+    assert adapters["layers.0.moe.gate"]["a"].shape == (e, d, r) and adapters["layers.0.moe.gate"]["b"].shape == (e, r, f)
+    adapters = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), adapters)
+    merged = lora.merge(params, adapters, cfg)
+    ag, bg = (np.asarray(adapters["layers.0.moe.gate"][k]) for k in "ab")
+    np.testing.assert_allclose(np.asarray(merged["layers"][0]["moe"]["gate"]), np.asarray(w) + 2.0 * np.einsum("edr,erf->edf", ag, bg), rtol=1e-5)
+    q = params["layers"][0]["moe"]["down"]
+    deq = np.asarray(q["int8"], np.float32) * np.asarray(q["scale"])
+    ad, bd = (np.asarray(adapters["layers.0.moe.down"][k]) for k in "ab")
+    np.testing.assert_allclose(np.asarray(merged["layers"][0]["moe"]["down"]), deq + 2.0 * ad @ bd, rtol=1e-5, atol=1e-5)
+    # Gradients reach the adapters through the merged int8 weight; the int8 leaf has no gradient.
+    grads = jax.grad(lambda ad: jnp.sum(lora.merge(params, ad, cfg)["layers"][0]["moe"]["down"] ** 2))(adapters)
+    assert np.abs(np.asarray(grads["layers.0.moe.down"]["b"])).max() > 0
+
+
+def test_lora_fine_tunes_an_int8_checkpoint(tmp_path):
+    config, family = _tiny()
+    base = family.init_params(config, jax.random.key(0))
+    for layer in base["layers"]:
+        layer["mlp"] = {k: _quantize(v) for k, v in layer["mlp"].items()}
+    orbax_io.save_params(tmp_path / "int8", base, config)
+    with pytest.raises(ValueError, match="int8"):
+        train(TrainConfig(model=str(tmp_path / "int8"), steps=1, batch_size=2, seq_len=16), log=_quiet)
+    tc = TrainConfig(model=str(tmp_path / "int8"), steps=3, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=0,
+                     lora_rank=2, lora_targets=("q", "down"), export=str(tmp_path / "ft"))
+    history = train(tc, log=_quiet)
+    assert np.isfinite([h["loss"] for h in history]).all()
+    exported = orbax_io.restore_params(tmp_path / "ft")
+    assert exported["layers"][0]["mlp"]["down"].dtype == jnp.bfloat16  # merged, so dense
+    assert exported["layers"][0]["mlp"]["up"]["int8"].dtype == jnp.int8  # not adapted: still int8
+
+
+# -- data and accounting ------------------------------------------------------------------------------
+def test_token_files_are_memory_mapped_and_rows_split_the_global_batch(tmp_path):
+    ids = np.arange(1000, dtype=np.uint32) % 700
+    ids.tofile(tmp_path / "tokens.bin")
+    np.save(tmp_path / "tokens.npy", ids.astype(np.uint16))
+    raw = data.load_tokens(tmp_path / "tokens.bin", "uint32")
+    npy = data.load_tokens(tmp_path / "tokens.npy")
+    assert isinstance(raw, np.memmap) and isinstance(npy, np.memmap)
+    np.testing.assert_array_equal(raw, npy)
+    full = data.batch_at(raw, 7, 8, 16, seed=3)
+    np.testing.assert_array_equal(data.batch_at(raw, 7, 8, 16, seed=3, rows=np.array([2, 3, 6])), full[[2, 3, 6]])
+    with pytest.raises(ValueError, match="multiple"):
+        (tmp_path / "odd.bin").write_bytes(b"abc")
+        data.load_tokens(tmp_path / "odd.bin", "uint16")
+    assert data.load_tokens("shakespeare").dtype == np.uint8
+
+
+def test_model_flops_count_only_the_routed_experts():
+    config, family = _tiny()
+    p = family.init_params(config, jax.random.key(0))
+    d, h, kh, hd, f, v, n = 64, 4, 1, 16, 128, 256, 2
+    assert metrics.active_matmul_params(p, config) == n * (d * h * hd * 2 + 2 * d * kh * hd + 3 * d * f) + v * d
+    grok = get_config("grok-1-tiny")
+    shapes = jax.eval_shape(lambda k: family_module(grok).init_params(grok, k), jax.random.key(0))
+    dense = metrics.active_matmul_params(shapes, grok)
+    experts = sum(np.prod(x.shape) for layer in shapes["layers"] for x in layer["moe"].values())
+    everything = sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)) - grok.vocab_size * grok.d_model
+    everything -= sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes) if x.ndim == 1)
+    assert dense == pytest.approx(everything - experts * (1 - 2 / 4) + grok.vocab_size * grok.d_model)
+    # Sliding layers see at most `window` keys: gemma2-tiny's alternate layers cost less attention.
+    g2 = get_config("gemma2-tiny")
+    full = 2 * g2.num_heads * 2 * g2.head_dim * (64 + 1) / 2
+    windowed = 2 * g2.num_heads * 2 * g2.head_dim * np.minimum(np.arange(1, 65), 8).mean()
+    assert metrics.attention_flops_per_token(g2, 64) == pytest.approx(2 * full + 2 * windowed)
+
+
+# -- DeepSeek-V3: MTP and aux-loss-free balancing ------------------------------------------------------
+@needs_gmm
+def test_deepseek_trains_with_mtp_and_router_bias_balancing():
+    config, family = _tiny("deepseek-v3-tiny")
+    params = family.init_params(config, jax.random.key(0))
+    batch = _batch(config, 1, 2, 12)
+    sums = jax.jit(lambda p: loss_sums(family, config, p, batch[0], depths=config.num_mtp_layers))(params)
+    # Our sums over every target the batch holds = the model file's mean MTP loss.
+    mtp_mean = float(sums["mtp"][0]) / (2 * (12 - 1))
+    np.testing.assert_allclose(mtp_mean, float(jax.jit(lambda p: family.mtp_loss(p, batch[0], config))(params)), rtol=1e-5)
+    gamma = 0.01
+    opt = make_optimizer(3e-3, 10, warmup_steps=0, frozen=frozen_from_gradients)
+    step = make_train_step(family, config, opt, StepConfig(mtp_weight=0.3, router_bias_rate=gamma))
+    state, m = step(_state(params, opt), None, batch)
+    assert {"mtp", "load_imbalance"} <= set(m)
+    # The biases moved by exactly ±γ (sign of mean load - load), from zero: not by gradients.
+    counts = np.asarray(sums["expert_counts"], np.float32)
+    moe_layers = [i for i, layer in enumerate(params["layers"]) if "router_bias" in layer]
+    for row, i in enumerate(moe_layers):
+        want = gamma * np.sign(counts[row].mean() - counts[row])
+        np.testing.assert_allclose(np.asarray(state["params"]["layers"][i]["router_bias"]), want, atol=1e-7)
+    mtp_counts = np.asarray(sums["mtp_expert_counts"][0], np.float32)
+    np.testing.assert_allclose(
+        np.asarray(state["params"]["mtp"][0]["block"]["router_bias"]), gamma * np.sign(mtp_counts.mean() - mtp_counts), atol=1e-7
+    )
+    losses = [float(m["loss"])]
+    for _ in range(2):
+        state, m = step(state, None, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0], losses
+
+
+@needs_gmm
+def test_grok_trains():
+    config, family = _tiny("grok-1-tiny", num_layers=2)
+    params = family.init_params(config, jax.random.key(0))
+    opt = make_optimizer(1e-2, 10, warmup_steps=0)
+    step = make_train_step(family, config, opt, StepConfig(compute_dtype=jnp.bfloat16))
+    state = _state(params, opt)
+    batch = _batch(config, 1, 4, 16)
+    losses = []
+    for _ in range(3):
+        state, m = step(state, None, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0], losses
+    assert state["params"]["layers"][0]["moe"]["gate"].dtype == jnp.float32
+
+
+# -- sharding ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not _has("vishwam_jax.sharding") or not hasattr(importlib.import_module("vishwam_jax.sharding"), "make_mesh"),
+                    reason="vishwam_jax.sharding is not there yet")
+def test_sharded_train_step_equals_unsharded():
+    from vishwam_jax.sharding import RULES, make_mesh, use_mesh
+    from vishwam_jax.training import placement
+
+    config, family = _tiny()
+    params = family.init_params(config, jax.random.key(0))
+    opt = _smooth_adamw()
+    batch = _batch(config, 2, 8, 16)
+    cfg = StepConfig()
+    want_state, want = make_train_step(family, config, opt, cfg)(_state(params, opt), None, batch)
+
+    mesh, rules = make_mesh(fsdp=4, tensor=2), RULES["fsdp"]
+    p_sh = placement.model_shardings(config, params, mesh, rules)
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    s_sh = placement.state_shardings(p_sh, shapes, opt, mesh)
+    with use_mesh(mesh, rules):
+        state = jax.jit(lambda p: init_state(p, opt), out_shardings=s_sh)(jax.device_put(params, p_sh))
+        step = make_train_step(family, config, opt, cfg, state_shardings=s_sh, metrics_sharding=placement.replicated(mesh))
+        sharded_batch = jax.device_put(batch, placement.batch_sharding(mesh, rules, 8))
+        got_state, got = step(state, None, sharded_batch)
+    # Really sharded: FSDP splits the MLP weights, and Adam's moments follow them.
+    up = got_state["params"]["layers"][0]["mlp"]["up"]
+    assert len(up.addressable_shards) == 8 and up.addressable_shards[0].data.size == up.size // 8
+    mu = jax.tree_util.tree_leaves(got_state["opt_state"], is_leaf=lambda x: hasattr(x, "mu"))
+    assert any(getattr(x, "mu", None) is not None and x.mu["layers"][0]["mlp"]["up"].sharding == up.sharding for x in mu)
+    np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(got_state["params"]), jax.tree_util.tree_leaves(want_state["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,73 @@
+"""Training checkpoints: Orbax `CheckpointManager` with async saves, for exact resume.
+
+A checkpoint holds the train state (trainable parameters, optimizer state, step) and, as JSON, what
+the data stream needs to continue: batches are a pure function of (seed, step), so the step and the
+data settings *are* the data position. Resuming checks those settings and refuses a mismatch,
+since a different batch size or seed would silently make a different run.
+Checkpoint `n` is the state after `n` completed steps, i.e. the next step to run is `n`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+# Settings that determine which batches a step sees: a resumed run must keep them.
+DATA_KEYS = ("data", "seed", "batch_size", "seq_len", "grad_accum")
+
+
+class ResumeMismatchError(ValueError):
+    pass
+
+
+class TrainCheckpoints:
+    """CheckpointManager over items "state" (a pytree) and "meta" (JSON).
+
+    Saves are asynchronous: `save` returns once the arrays are copied off the devices, so the next
+    step may donate (overwrite) them while the files are still being written.
+    """
+
+    def __init__(self, directory: str | Path, *, save_every: int, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).expanduser().absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=max(save_every, 1), enable_async_checkpointing=async_save
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+        """Save if `step` is on the interval (or `force`); returns whether a save started."""
+        return self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force
+        )
+
+    def restore(self, step: int, like: Any) -> tuple[Any, dict]:
+        """The state of checkpoint `step`, onto the shapes, dtypes and shardings of `like`."""
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
+        return out["state"], out["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+    """Raise naming every data setting that differs between the checkpoint and this run."""
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in DATA_KEYS if saved.get(k) != current.get(k)]
+    for k in ("model", "init_from", "lora"):
+        if saved.get(k) != current.get(k):
+            diffs.append(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}")
+    if diffs:
+        raise ResumeMismatchError(
+            "cannot resume: this run differs from the checkpoint in " + "; ".join(diffs) + " (use a new --workdir to start over)"
+        )

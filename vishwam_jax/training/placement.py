@@ -1,0 +1,72 @@
+"""Where the train state and the batches live on a mesh (vishwam_jax.sharding provides the mesh,
+the rule presets and the per-parameter shardings; this module applies them to training's trees).
+
+Without a mesh every function here places nothing and the trainer runs on the default device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def model_shardings(config, params_or_shapes: Any, mesh: Mesh, rules) -> Any:
+    """The model's parameter shardings by the sharding package's logical-axis rules."""
+    from vishwam_jax.sharding import param_shardings
+
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_or_shapes)
+    return param_shardings(config, shapes, mesh, rules)
+
+
+def state_shardings(
+    trainable_shardings: Any, trainable_shapes: Any, optimizer: optax.GradientTransformation, mesh: Mesh
+) -> dict:
+    """Shardings of {"step", "params", "opt_state"}: Adam's moments are sharded like the parameters
+    they track (so FSDP shards the optimizer state too); counters and the like are replicated."""
+    opt_shapes = jax.eval_shape(optimizer.init, trainable_shapes)
+    opt = optax.tree_map_params(
+        optimizer, lambda _, s: s, opt_shapes, trainable_shardings, transform_non_params=lambda _: replicated(mesh)
+    )
+    return {"step": replicated(mesh), "params": trainable_shardings, "opt_state": opt}
+
+
+def batch_sharding(mesh: Mesh, rules, micro_batch: int) -> NamedSharding:
+    """[micro_batches, batch, seq + 1] with the batch split over the rules' data-like axes."""
+    sizes = dict(mesh.shape)
+    axes = tuple(a for a in rules.activations.get("batch", ()) if sizes.get(a, 1) > 1)
+    n = math.prod(sizes[a] for a in axes) if axes else 1
+    if micro_batch % n:
+        raise ValueError(
+            f"the micro-batch of {micro_batch} rows does not divide over the mesh's batch axes "
+            f"{' × '.join(f'{a}={sizes[a]}' for a in axes)} = {n}; use a batch size (/ grad accumulation) that is a multiple of {n}"
+        )
+    return NamedSharding(mesh, PartitionSpec(None, axes if axes else None))
+
+
+def local_rows(sharding: NamedSharding, global_shape: tuple[int, int, int]) -> np.ndarray:
+    """Indices, into the flattened [micro_batches * batch] rows, of the rows this process's devices
+    hold (each host then reads only its own windows)."""
+    k, b, _ = global_shape
+    rows = set()
+    for index in sharding.addressable_devices_indices_map(global_shape).values():
+        micro = range(k)[index[0]]
+        row = range(b)[index[1]]
+        rows.update(m * b + r for m in micro for r in row)
+    return np.asarray(sorted(rows))
+
+
+def device_batch(host_rows: np.ndarray, sharding: NamedSharding | None, global_shape: tuple[int, int, int]) -> jax.Array:
+    """This process's rows [k, local b, t + 1] as one global array (or, without a mesh, the batch)."""
+    if sharding is None:
+        return jax.device_put(host_rows.reshape(global_shape))
+    k = global_shape[0]
+    return jax.make_array_from_process_local_data(sharding, host_rows.reshape(k, -1, global_shape[2]), global_shape)

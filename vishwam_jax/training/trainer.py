@@ -1,0 +1,288 @@
+"""The training loop behind scripts/train.py: any family, from scratch or from a converted checkpoint
+(fully or with LoRA), optionally on a mesh, with exact resume from Orbax checkpoints.
+
+    from vishwam_jax.training.trainer import TrainConfig, train
+    history = train(TrainConfig(model="gemma-tiny", steps=100, workdir="/tmp/run"))
+
+Running `train` again with the same workdir continues from the latest checkpoint and reproduces the
+losses an uninterrupted run would have logged (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vishwam_jax.checkpoint import orbax_io
+from vishwam_jax.models import family_module
+from vishwam_jax.models.layers import is_quantized
+from vishwam_jax.presets import get_config, list_models
+from vishwam_jax.training import data as data_lib
+from vishwam_jax.training import lora as lora_lib
+from vishwam_jax.training import metrics as metrics_lib
+from vishwam_jax.training import placement
+from vishwam_jax.training.checkpointing import TrainCheckpoints, check_resumable
+from vishwam_jax.training.objective import mtp_depths
+from vishwam_jax.training.optimizer import make_optimizer, make_schedule
+from vishwam_jax.training.remat import check_policy
+from vishwam_jax.training.step import StepConfig, frozen_from_gradients, init_state, make_train_step
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = "gemma-tiny"  # a preset (random init from `seed`) or a converted model directory
+    data: str = "shakespeare"  # "shakespeare", a .npy of token ids, or a flat binary token file
+    data_dtype: str = "uint16"  # element type of a flat binary token file
+    heldout_fraction: float = 0.0  # train only on the stream before this tail (data.train_heldout_split)
+    steps: int = 100  # total optimizer steps (the schedule's length; a resumed run keeps it)
+    batch_size: int = 8  # sequences per optimizer step, all micro-batches together
+    grad_accum: int = 1  # micro-batches per step (batch_size / grad_accum sequences each)
+    seq_len: int = 128
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    end_lr_ratio: float = 0.1  # the cosine ends at lr * end_lr_ratio
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.95
+    param_dtype: str = "float32"  # master weights and optimizer state
+    compute_dtype: str = "bfloat16"  # forward/backward
+    remat: str = "none"  # activation checkpointing policy (training/remat.py)
+    seed: int = 0  # initialization and data order
+    mtp_weight: float = 0.3  # DeepSeek-V3's λ on the MTP loss (ignored by families without MTP)
+    router_bias_rate: float = 0.001  # DeepSeek-V3's γ (ignored by families without it; off with LoRA)
+    lora_rank: int = 0  # > 0: fine-tune LoRA adapters of this rank on the frozen model
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = lora_lib.DEFAULT_TARGETS
+    workdir: str | None = None  # Orbax checkpoints (resumed from when present)
+    save_every: int = 100
+    keep: int = 3
+    async_save: bool = True
+    log_every: int = 1
+    export: str | None = None  # write the final model (LoRA: merged) as a model directory
+    export_dtype: str = "bfloat16"
+    mesh: dict | None = None  # e.g. {"data": 2, "fsdp": 4}; None: one device
+    rules: str | None = None  # a sharding rule preset; None: the sharding package's default for the mesh
+    peak_tflops: float | None = None  # per device, for MFU where the device is not in metrics.PEAK_FLOPS
+
+    def run_meta(self) -> dict:
+        """What a checkpoint records to refuse resuming a different run (checkpointing.check_resumable)."""
+        lora = None if not self.lora_rank else {"rank": self.lora_rank, "alpha": self.lora_alpha, "targets": list(self.lora_targets)}
+        return {
+            "model": self.model if self.model in list_models() else "",
+            "init_from": "" if self.model in list_models() else str(Path(self.model).expanduser().absolute()),
+            "data": self.data if not self.heldout_fraction else f"{self.data} (heldout {self.heldout_fraction})",
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "lora": lora,
+        }
+
+
+def load_model(tc: TrainConfig, shardings_for: Callable | None = None) -> tuple[ml_collections.ConfigDict, Any, list[Path]]:
+    """(config, params, tokenizer files to carry into an export). A preset is initialised from
+    `seed`; a directory is restored (onto `shardings_for(config, shapes)` when given). Full
+    training keeps float master weights in param_dtype; LoRA keeps the base as stored."""
+    param_dtype = DTYPES[tc.param_dtype]
+    if tc.model in list_models():
+        config = get_config(tc.model)
+        family = family_module(config)
+        init = lambda key: family.init_params(config, key, param_dtype)
+        if shardings_for is not None:
+            init = jax.jit(init, out_shardings=shardings_for(config, jax.eval_shape(init, jax.random.key(tc.seed))))
+        return config, init(jax.random.key(tc.seed)), []
+    path = Path(tc.model).expanduser()
+    config = orbax_io.read_config(path)
+    shardings = None if shardings_for is None else shardings_for(config, orbax_io.param_shapes(path))
+    params = orbax_io.restore_params(path, dtype=None if tc.lora_rank else param_dtype, shardings=shardings)
+    return config, params, sorted(path.glob("tokenizer*"))
+
+
+class _StepLog:
+    """Fetches each step's metrics one step late, so the host never waits for the step it just
+    dispatched (the device stays busy); reports them in order."""
+
+    def __init__(self, tc: TrainConfig, flops_per_token: float, on_step: Callable | None, log: Callable):
+        self.tc, self.flops, self.on_step, self.log = tc, flops_per_token, on_step, log
+        self.pending: tuple[int, dict] | None = None
+        self.last = time.perf_counter()
+        peak = metrics_lib.peak_flops()
+        self.peak = tc.peak_tflops * 1e12 if tc.peak_tflops else peak
+        self.history: list[dict] = []
+        self.first = True
+
+    def push(self, step: int, metrics: dict) -> None:
+        self.flush()
+        self.pending = (step, metrics)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        self.history.append({"step": step, **host})
+        if jax.process_index() == 0 and (step % self.tc.log_every == 0 or step == self.tc.steps - 1):
+            tokens = self.tc.batch_size * self.tc.seq_len
+            note = "(includes compilation)" if self.first else ""
+            self.log(metrics_lib.format_step(step, host, seconds, tokens, self.flops, jax.device_count(), self.peak, note))
+        self.first = False
+        if self.on_step is not None:
+            self.on_step(step, host)
+
+
+def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Run (or resume) training to `tc.steps`; returns the metrics of the steps run in this call.
+
+    on_step(step, metrics) is called after each step in order (metrics as floats); an exception it
+    raises stops training like a crash would, after in-flight checkpoint writes have finished.
+    """
+    check_policy(tc.remat)
+    if tc.batch_size % tc.grad_accum:
+        raise ValueError(f"batch_size {tc.batch_size} is not a multiple of grad_accum {tc.grad_accum}")
+    micro = tc.batch_size // tc.grad_accum
+    compute_dtype = DTYPES[tc.compute_dtype]
+
+    mesh = rules = None
+    if tc.mesh:
+        from vishwam_jax.sharding import make_mesh, resolve_rules
+
+        mesh = make_mesh(**tc.mesh)
+        rules = resolve_rules(tc.rules, mesh)
+    shardings_for = None if mesh is None else (lambda config, shapes: placement.model_shardings(config, shapes, mesh, rules))
+    config, params, tokenizer_files = load_model(tc, shardings_for)
+    config.remat_policy = tc.remat
+    family = family_module(config)
+    if tc.remat != "none" and not hasattr(family, "remat_layer"):
+        log(f"warning: the {config.family} forward does not apply remat policies yet; --remat {tc.remat} has no effect")
+
+    tokens = data_lib.load_tokens(tc.data, tc.data_dtype)
+    if tc.heldout_fraction:
+        tokens, _ = data_lib.train_heldout_split(tokens, tc.heldout_fraction)
+    lora_cfg = lora_lib.LoraConfig(tc.lora_rank, tc.lora_alpha, tuple(tc.lora_targets)) if tc.lora_rank else None
+    if lora_cfg is None:
+        quantized = [lora_lib.leaf_name(p) for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0] if is_quantized(x)]
+        if quantized:
+            raise ValueError(f"{len(quantized)} weights are int8 (e.g. {quantized[0]}): they cannot take gradient steps; fine-tune with LoRA (--lora-rank) or convert without --keep-int8")
+        trainable, frozen = params, None
+    else:
+        trainable = lora_lib.init_adapters(params, lora_cfg, jax.random.fold_in(jax.random.key(tc.seed), 1))
+        frozen = params
+        if mesh is not None:
+            trainable = jax.device_put(trainable, placement.replicated(mesh))
+
+    depths = mtp_depths(config, tc.mtp_weight)
+    bias_rate = tc.router_bias_rate if (lora_cfg is None and hasattr(family, "update_router_biases")) else 0.0
+    schedule = make_schedule(tc.lr, tc.steps, warmup_steps=tc.warmup_steps, end_ratio=tc.end_lr_ratio)
+    optimizer = make_optimizer(
+        schedule, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm, b1=tc.b1, b2=tc.b2,
+        frozen=frozen_from_gradients if lora_cfg is None else None,
+    )
+    step_cfg = StepConfig(compute_dtype=compute_dtype, mtp_weight=tc.mtp_weight if depths else 0.0, router_bias_rate=bias_rate, lora=lora_cfg)
+
+    state_sh = batch_sh = None
+    if mesh is None:
+        state = init_state(trainable, optimizer)
+    else:
+        shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+        trainable_sh = jax.tree_util.tree_map(lambda x: x.sharding, trainable)
+        state_sh = placement.state_shardings(trainable_sh, shapes, optimizer, mesh)
+        state = jax.jit(lambda t: init_state(t, optimizer), out_shardings=state_sh)(trainable)
+        batch_sh = placement.batch_sharding(mesh, rules, micro)
+    global_shape = (tc.grad_accum, micro, tc.seq_len + 1)
+    rows = None if batch_sh is None or jax.process_count() == 1 else placement.local_rows(batch_sh, global_shape)
+    train_step = make_train_step(
+        family, config, optimizer, step_cfg, schedule=schedule, state_shardings=state_sh,
+        metrics_sharding=None if mesh is None else placement.replicated(mesh),
+    )
+
+    meta = tc.run_meta()
+    ckpt = TrainCheckpoints(tc.workdir, save_every=tc.save_every, keep=tc.keep, async_save=tc.async_save) if tc.workdir else None
+    start = 0
+    if ckpt is not None and ckpt.latest_step() is not None:
+        start = ckpt.latest_step()
+        state, saved = ckpt.restore(start, state)
+        check_resumable(saved, meta)
+        log(f"resumed from {ckpt.directory} at step {start}")
+
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    flops = metrics_lib.train_flops_per_token(params, config, tc.seq_len, depths)
+    if lora_cfg is not None:
+        log(f"LoRA rank {lora_cfg.rank} alpha {lora_cfg.alpha}: {len(trainable)} adapted weights, "
+            f"{lora_lib.count(trainable):,} trainable of {n_params:,} parameters")
+    log(f"{config.get('name') or config.family}: {n_params / 1e6:.1f}M parameters, {flops / 1e9:.3f} GFLOP/token, "
+        f"batch {tc.batch_size}x{tc.seq_len} ({tc.grad_accum} micro-batches), remat {tc.remat}, "
+        f"compute {tc.compute_dtype}, mesh {tc.mesh or 'none'}")
+
+    steplog = _StepLog(tc, flops, on_step, log)
+    context = _mesh_context(mesh, rules)
+    try:
+        with context:
+            for step in range(start, tc.steps):
+                host = data_lib.batch_at(tokens, step, tc.batch_size, tc.seq_len, tc.seed, rows=rows)
+                if host.max(initial=0) >= config.vocab_size:
+                    raise ValueError(f"token id {host.max()} at step {step} is outside the vocabulary of {config.vocab_size}")
+                batch = placement.device_batch(host, batch_sh, global_shape)
+                state, metrics = train_step(state, frozen, batch)
+                steplog.push(step, metrics)
+                if ckpt is not None:
+                    ckpt.save(step + 1, state, meta, force=step + 1 == tc.steps)
+            steplog.flush()
+    finally:
+        if ckpt is not None:
+            ckpt.wait()
+            ckpt.close()
+
+    if tc.export:
+        export(tc, config, state["params"], frozen, lora_cfg, tokenizer_files)
+        log(f"wrote {tc.export}")
+    return steplog.history
+
+
+def _mesh_context(mesh, rules):
+    if mesh is None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    from vishwam_jax.sharding import use_mesh
+
+    return use_mesh(mesh, rules)
+
+
+def export(tc: TrainConfig, config, trainable: Any, frozen: Any, lora_cfg, files: list[Path]) -> None:
+    """Write the trained model as a model directory loadable by `vishwam_jax.load` (one host)."""
+    if jax.process_count() > 1:
+        raise NotImplementedError("export gathers the model on one host; run it single-host from the training checkpoint (same --workdir, --export)")
+    config = ml_collections.ConfigDict(config.to_dict())
+    del config["remat_policy"]  # a training setting, not part of the model
+    dtype = DTYPES[tc.export_dtype]
+    if lora_cfg is not None:
+        lora_lib.export_merged(tc.export, frozen, trainable, lora_cfg, config, int8_dtype=dtype, overwrite=True, files=tuple(files))
+        return
+    routers = lambda path, p: lora_lib.leaf_name(path).rsplit(".", 1)[-1] in ("router", "router_bias")
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, p: p if routers(path, p) or not jnp.issubdtype(p.dtype, jnp.floating) else p.astype(dtype), trainable
+    )
+    orbax_io.save_params(tc.export, params, config, overwrite=True, files=tuple(files))
+
+
+def evaluate(family, config, params: Any, tokens: np.ndarray, batch_size: int, seq_len: int, compute_dtype=None) -> float:
+    """Mean next-token loss over consecutive windows of `tokens` (e.g. a held-out split)."""
+    from vishwam_jax.training.objective import next_token_loss
+
+    loss = jax.jit(lambda p, b: next_token_loss(family, config, p, b, compute_dtype))
+    losses = [float(loss(params, jnp.asarray(b))) for b in data_lib.heldout_batches(tokens, batch_size, seq_len)]
+    if not losses:
+        raise ValueError(f"{len(tokens)} tokens are too few for one batch of {batch_size} x {seq_len}")
+    return float(np.mean(losses))

@@ -17,6 +17,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from vishwam_jax.models.layers import linear, rms_norm, soft_cap
 from vishwam_jax.models.rope import apply_rope
+from vishwam_jax.sharding.context import constrain
 
 # Finite so that a query with no visible key (a padding row) gives uniform weights, not NaN.
 MASK_VALUE = -1e30
@@ -153,16 +154,18 @@ def gqa_self_attention(
 
     params: q [d, h, hd], k/v [d, kh, hd], o [h, hd, d], and q_norm/k_norm [hd] when QK-norm is used.
     """
-    q = linear(x, params["q"], "btd,dhk->bthk")
-    k = linear(x, params["k"], "btd,dhk->bthk")
-    v = linear(x, params["v"], "btd,dhk->bthk")
+    # Heads over tensor (Megatron): attention is then local to each shard until the out projection.
+    q = constrain(linear(x, params["q"], "btd,dhk->bthk"), ("batch", "length", "heads", "head_dim"))
+    k = constrain(linear(x, params["k"], "btd,dhk->bthk"), ("batch", "length", "kv_heads", "head_dim"))
+    v = constrain(linear(x, params["v"], "btd,dhk->bthk"), ("batch", "length", "kv_heads", "head_dim"))
     if qk_norm_eps is not None:
         q = rms_norm(q, params["q_norm"], qk_norm_eps, plus_one=qk_norm_plus_one)
         k = rms_norm(k, params["k_norm"], qk_norm_eps, plus_one=qk_norm_plus_one)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     out, cache = cached_attention(q, k, v, positions, lengths, key_valid, cache, scale=scale, softcap=softcap, window=window)
-    return linear(out, params["o"], "bthk,hkd->btd"), cache
+    out = constrain(out, ("batch", "length", "heads", "head_dim"))
+    return constrain(linear(out, params["o"], "bthk,hkd->btd"), ("batch", "length", "embed")), cache
 
 
 def chunk_positions(cache: dict | None, batch: int, length: int) -> Int[Array, "b t"]:

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from vishwam_jax.sharding.context import constrain
+
 ACTIVATIONS = {
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -39,7 +41,8 @@ def embed(tokens: Int[Array, "b t"], table: Float[Array, "v d"], scale: float | 
     if scale is not None:
         # Rounded to the table dtype first, as the reference implementations do in bf16.
         x = x * jnp.asarray(scale, dtype=table.dtype)
-    return x
+    # The residual stream starts here: split by batch, whole along d (however the table is split).
+    return constrain(x, ("batch", "length", "embed")) if x.ndim == 3 else x
 
 
 def is_quantized(w: Any) -> bool:
@@ -77,7 +80,12 @@ def gated_mlp(x: Float[Array, "... d"], params: dict, activation: str) -> Float[
     act = ACTIVATIONS[activation]
     gate = linear(x, params["gate"], "...d,df->...f")
     up = linear(x, params["up"], "...d,df->...f")
-    return linear(act(gate) * up, params["down"], "...f,fd->...d")
+    h = act(gate) * up
+    if x.ndim != 3:  # flattened tokens (e.g. a shared expert): leave placement to the caller
+        return linear(h, params["down"], "...f,fd->...d")
+    # Megatron split: the hidden width over tensor, so the down projection ends in one reduction.
+    h = constrain(h, ("batch", "length", "mlp"))
+    return constrain(linear(h, params["down"], "...f,fd->...d"), ("batch", "length", "embed"))
 
 
 def init_dense(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype) -> Array:

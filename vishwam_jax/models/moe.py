@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from vishwam_jax.models.layers import ACTIVATIONS, is_quantized
+from vishwam_jax.sharding import context, expert_parallel
 
 
 def softmax_topk_router(
@@ -78,7 +79,12 @@ def dispatch_experts(
     """Sum over each token's selected experts of gate * mlp_e(x); also the tokens per expert.
 
     expert_params: gate/up [e, d, f], down [e, f, d] (gated MLP per expert; may be int8).
+    Under `vishwam_jax.sharding.use_mesh` with an expert axis > 1 the experts run expert-parallel
+    (tokens exchanged by all-to-all, sharding/expert_parallel.py); the result is the same.
     """
+    active = context.current()
+    if active is not None and active.expert_size > 1 and not context.inside_manual_region():
+        return expert_parallel.dispatch_experts_parallel(x, gates, experts, expert_params, activation, num_experts, active)
     n, k = experts.shape
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)

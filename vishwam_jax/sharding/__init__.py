@@ -1,0 +1,47 @@
+"""One mesh for every model: mesh building, logical-axis rules, activation constraints, and the
+expert-parallel MoE exchange.
+
+    mesh = make_mesh(fsdp=4, tensor=2)                      # axes data, fsdp, tensor, expert
+    shardings = param_shardings(config, shapes, mesh, "fsdp")
+    with use_mesh(mesh, RULES["fsdp"]):                      # activation constraints + expert parallelism
+        logits = jax.jit(forward)(params, tokens)
+"""
+
+from vishwam_jax.sharding.context import ActiveMesh, constrain, current, use_mesh
+from vishwam_jax.sharding.mesh import AXES, MeshError, initialize_distributed, make_mesh, mesh_from_config, mesh_sizes, parse_mesh
+from vishwam_jax.sharding.rules import (
+    RULES,
+    Rules,
+    ShardingError,
+    default_rules,
+    leaf_name,
+    logical_axes,
+    param_shardings,
+    param_specs,
+    resolve_rules,
+    validate,
+)
+
+__all__ = [
+    "AXES",
+    "RULES",
+    "ActiveMesh",
+    "MeshError",
+    "Rules",
+    "ShardingError",
+    "constrain",
+    "current",
+    "default_rules",
+    "initialize_distributed",
+    "leaf_name",
+    "logical_axes",
+    "make_mesh",
+    "mesh_from_config",
+    "mesh_sizes",
+    "param_shardings",
+    "param_specs",
+    "parse_mesh",
+    "resolve_rules",
+    "use_mesh",
+    "validate",
+]

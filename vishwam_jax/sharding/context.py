@@ -1,0 +1,100 @@
+"""The active mesh: `use_mesh(mesh, rules)` turns activation constraints and expert parallelism on.
+
+Model code calls `constrain(x, ("batch", "length", "embed"))` at a few places (embedding, attention
+projections, MLP hidden); with no active mesh it returns `x` untouched, so single-device code traces
+exactly as before. models/moe.py asks `current()` whether to dispatch experts over the expert axis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Iterator
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jaxtyping import Array
+
+from vishwam_jax.sharding.rules import LogicalAxes, Rules, resolve_rules, spec_for
+
+MOE_ALL_TO_ALL = ("auto", "ragged", "dense")
+
+
+@dataclass(frozen=True)
+class ActiveMesh:
+    mesh: Mesh
+    rules: Rules
+    # How expert parallelism exchanges tokens: "ragged" (jax.lax.ragged_all_to_all: only the routed
+    # rows travel; GPU/TPU), "dense" (jax.lax.all_to_all of worst-case-sized buffers: any backend),
+    # "auto" (ragged where the backend has it, else dense).
+    moe_all_to_all: str = "auto"
+    # None: capacity-free (no token is ever dropped; buffers sized for the worst case). A factor c
+    # bounds each device pair's buffer to ceil(c * rows / expert) and drops the overflow.
+    moe_capacity_factor: float | None = None
+
+    @property
+    def expert_size(self) -> int:
+        return int(self.mesh.shape.get("expert", 1))
+
+
+_ACTIVE: contextvars.ContextVar[ActiveMesh | None] = contextvars.ContextVar("vishwam_active_mesh", default=None)
+
+
+def _jax_mesh_context(mesh: Mesh):
+    # Entering jax's own mesh context puts the mesh into jit's cache key, so a function traced
+    # outside use_mesh (no constraints, local MoE) is retraced inside it instead of being reused.
+    if hasattr(jax, "set_mesh"):
+        return jax.set_mesh(mesh)
+    if hasattr(jax.sharding, "use_mesh"):
+        return jax.sharding.use_mesh(mesh)
+    return mesh  # older jax: Mesh is itself the context manager
+
+
+@contextlib.contextmanager
+def use_mesh(
+    mesh: Mesh, rules: Rules | str | None = None, *, moe_all_to_all: str = "auto", moe_capacity_factor: float | None = None
+) -> Iterator[ActiveMesh]:
+    """Within this block, traced model code shards its activations by `rules` on `mesh` and MoE
+    layers run expert-parallel when the mesh's expert axis is larger than 1.
+
+    Trace (or call jitted functions) inside the block. jit caches are keyed on the mesh but not on
+    the rules: to switch rule sets under one mesh, use a fresh jitted function.
+    """
+    if moe_all_to_all not in MOE_ALL_TO_ALL:
+        raise ValueError(f"moe_all_to_all must be one of {MOE_ALL_TO_ALL}; got {moe_all_to_all!r}")
+    if moe_capacity_factor is not None and moe_capacity_factor <= 0:
+        raise ValueError(f"moe_capacity_factor must be positive (or None for capacity-free); got {moe_capacity_factor}")
+    active = ActiveMesh(mesh, resolve_rules(rules, mesh), moe_all_to_all, moe_capacity_factor)
+    token = _ACTIVE.set(active)
+    try:
+        with _jax_mesh_context(mesh):
+            yield active
+    finally:
+        _ACTIVE.reset(token)
+
+
+def current() -> ActiveMesh | None:
+    """The mesh and rules of the innermost `use_mesh`, or None."""
+    return _ACTIVE.get()
+
+
+def inside_manual_region() -> bool:
+    # Inside shard_map the arrays are per-device blocks: a global sharding constraint is meaningless.
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    return bool(get is not None and getattr(get(), "manual_axes", ()))
+
+
+def constrain(x: Array, names: LogicalAxes) -> Array:
+    """Pin `x`'s sharding to the active rules' placement of its logical dimensions `names`.
+
+    A no-op without an active mesh. A dimension the mesh does not divide (a batch of 1 while
+    decoding, say) keeps only the mesh axes that do divide it.
+    """
+    active = _ACTIVE.get()
+    if active is None or inside_manual_region():
+        return x
+    if len(names) != x.ndim:
+        raise ValueError(f"logical names {names} do not match an array of shape {x.shape}")
+    spec = spec_for(tuple(names), tuple(x.shape), active.mesh, active.rules.activations, strict=False)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(active.mesh, spec))

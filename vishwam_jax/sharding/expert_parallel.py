@@ -1,0 +1,238 @@
+"""Expert parallelism for the shared MoE dispatch (models/moe.py::dispatch_experts).
+
+The experts are split evenly over the mesh's `expert` axis (device i holds experts
+[i*E/ep, (i+1)*E/ep)); tokens are split over the batch axes, `expert` included. Inside `shard_map`
+each device, for its own tokens:
+
+  1. sorts its (token, expert) pairs by expert, so the rows bound for each device are contiguous;
+  2. exchanges per-expert counts (all_gather of E ints: negligible) so every device knows every
+     block size without a data-dependent shape;
+  3. sends each block to its experts' device with an all-to-all;
+  4. runs the gated MLP of its local experts over what it received with the grouped matmul;
+  5. sends the results back with the reverse all-to-all, where they land in the sorted order of
+     step 1, and combines the k results of each token with its gates.
+
+Capacity-free by default: the receive buffer holds every row any source could send (each source
+can send at most its own n_local * k rows to one device), so no routing skew drops a token. Two
+exchanges:
+  ragged  jax.lax.ragged_all_to_all: only the routed rows travel (GPU, TPU);
+  dense   jax.lax.all_to_all of [expert, slot, d] buffers: padding travels too (ep× the bytes of
+          ragged when capacity-free), but every backend runs it (XLA:CPU has no ragged all-to-all).
+A capacity factor c bounds each (source, destination) slot to ceil(c * n_local * k / ep) rows; rows
+past it are dropped (their expert contributes 0), which trades exactness for memory.
+
+If the MoE width is sharded over `tensor` (rule `expert_mlp`), every tensor shard computes a partial
+down-projection and the combined output is summed over `tensor` at the end, on the smallest array.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+from jaxtyping import Array, Float, Int
+
+from vishwam_jax.sharding.context import ActiveMesh
+from vishwam_jax.sharding.mesh import AXES, mesh_sizes
+from vishwam_jax.sharding.rules import ShardingError
+
+
+def shard_map(f: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
+    """`jax.shard_map` (jax >= 0.7) or `jax.experimental.shard_map.shard_map` (older), without the
+    replication check (collectives here produce values the checker cannot always follow)."""
+    if hasattr(jax, "shard_map"):
+        params = inspect.signature(jax.shard_map).parameters
+        check = {"check_vma": False} if "check_vma" in params else {"check_rep": False} if "check_rep" in params else {}
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **check)
+    from jax.experimental.shard_map import shard_map as legacy
+
+    return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def _exchange_method(active: ActiveMesh) -> str:
+    if active.moe_all_to_all != "auto":
+        return active.moe_all_to_all
+    platform = active.mesh.devices.flat[0].platform
+    return "dense" if platform == "cpu" or not hasattr(jax.lax, "ragged_all_to_all") else "ragged"
+
+
+def _token_axes(active: ActiveMesh, exclude: tuple[str, ...]) -> tuple[str, ...]:
+    """Mesh axes splitting the tokens: the rules' batch axes plus `expert` (so the all-to-all moves
+    distinct tokens), never an axis that splits the MoE width (tokens must be whole there)."""
+    sizes = mesh_sizes(active.mesh)
+    wanted = set(active.rules.activations.get("batch", ())) | {"expert"}
+    return tuple(a for a in AXES if a in wanted and sizes.get(a, 1) > 1 and a not in exclude)
+
+
+def _width_axes(active: ActiveMesh, f: int) -> tuple[str, ...]:
+    """Mesh axes splitting each expert's hidden width f, from the `expert_mlp` parameter rule (never
+    an axis that splits the tokens: a token's row must be whole on every width shard)."""
+    sizes = mesh_sizes(active.mesh)
+    batch = set(active.rules.activations.get("batch", ())) | {"expert"}
+    axes = tuple(a for a in active.rules.params.get("expert_mlp", ()) if sizes.get(a, 1) > 1 and a not in batch)
+    return axes if axes and f % math.prod(sizes[a] for a in axes) == 0 else ()
+
+
+def _weight_spec(leaf_shape: tuple[int, ...], f_dim: int, width_axes: tuple[str, ...]) -> PartitionSpec:
+    spec: list[Any] = [None] * len(leaf_shape)
+    spec[0] = "expert"
+    if width_axes and leaf_shape[f_dim] > 1:  # an int8 scale has size 1 on contracted axes
+        spec[f_dim] = width_axes[0] if len(width_axes) == 1 else width_axes
+    return PartitionSpec(*spec)
+
+
+def _exclusive_cumsum(x: Int[Array, "... n"]) -> Int[Array, "... n"]:
+    return jnp.cumsum(x, axis=-1) - x
+
+
+def dispatch_experts_parallel(
+    x: Float[Array, "n d"],
+    gates: Float[Array, "n k"],
+    experts: Int[Array, "n k"],
+    expert_params: dict,
+    activation: str,
+    num_experts: int,
+    active: ActiveMesh,
+) -> tuple[Float[Array, "n d"], Int[Array, "e"]]:
+    """`dispatch_experts` with the experts split over the active mesh's expert axis (same result)."""
+    mesh = active.mesh
+    sizes = mesh_sizes(mesh)
+    ep = sizes["expert"]
+    if num_experts % ep:
+        raise ShardingError(f"expert={ep} does not divide num_experts={num_experts} (expert parallelism splits the experts evenly)")
+    n, d = x.shape
+    k = experts.shape[1]
+    down = expert_params["down"]
+    f = (down["int8"] if isinstance(down, dict) else down).shape[1]  # [e, f, d], possibly int8
+
+    width_axes = _width_axes(active, f)
+    token_axes = _token_axes(active, width_axes)
+    shards = math.prod(sizes[a] for a in token_axes)
+
+    # Pad the tokens to a multiple of the token shards; the pad rows have gate 0 and are spread over
+    # the experts round-robin so they do not pile onto one device.
+    pad = -n % shards
+    counts = jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.int32)
+    if pad:
+        x = jnp.concatenate([x, jnp.zeros((pad, d), x.dtype)])
+        gates = jnp.concatenate([gates, jnp.zeros((pad, k), gates.dtype)])
+        filler = (jnp.arange(pad * k, dtype=experts.dtype) % num_experts).reshape(pad, k)
+        experts = jnp.concatenate([experts, filler])
+    n_local = (n + pad) // shards
+    rows = n_local * k
+    cap = rows if active.moe_capacity_factor is None else max(1, min(rows, math.ceil(active.moe_capacity_factor * rows / ep)))
+
+    weight_specs = {
+        name: jax.tree_util.tree_map(lambda w, fd=(1 if name == "down" else 2): _weight_spec(w.shape, fd, width_axes), leaf)
+        for name, leaf in expert_params.items()
+        if name in ("gate", "up", "down")
+    }
+    tok = PartitionSpec(token_axes if len(token_axes) > 1 else token_axes[0])
+    body = functools.partial(
+        _local_dispatch,
+        activation=activation,
+        num_experts=num_experts,
+        ep=ep,
+        cap=cap,
+        method=_exchange_method(active),
+        width_axes=width_axes,
+    )
+    params = {name: expert_params[name] for name in weight_specs}
+    y = shard_map(body, mesh, in_specs=(tok, tok, tok, weight_specs), out_specs=tok)(x, gates, experts, params)
+    return y[:n], counts
+
+
+def _local_dispatch(
+    x: Float[Array, "n d"],
+    gates: Float[Array, "n k"],
+    experts: Int[Array, "n k"],
+    params: dict,
+    *,
+    activation: str,
+    num_experts: int,
+    ep: int,
+    cap: int,
+    method: str,
+    width_axes: tuple[str, ...],
+) -> Float[Array, "n d"]:
+    """One device's part: its tokens in, its tokens' combined expert outputs out."""
+    from vishwam_jax.models.moe import ACTIVATIONS, grouped_linear  # local: moe imports this module
+
+    n, d = x.shape
+    k = experts.shape[1]
+    rows = n * k
+    e_local = num_experts // ep
+    me = jax.lax.axis_index("expert")
+
+    # 1. sort this device's (token, expert) pairs by expert: destination blocks become contiguous.
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sorted_rows = x[order // k]
+    dest = flat[order] // e_local
+    counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+
+    # 2. every device's per-expert counts: [source, destination, local expert].
+    all_counts = jax.lax.all_gather(counts, "expert").reshape(ep, ep, e_local)
+    send_sizes = all_counts[me].sum(-1)  # rows I route to each device
+    send_start = _exclusive_cumsum(send_sizes)
+    slot = jnp.arange(rows, dtype=jnp.int32) - send_start[dest]  # position inside its block
+    kept = slot < cap
+    recv_counts = jax.lax.dynamic_index_in_dim(all_counts, me, axis=1, keepdims=False)  # [source, local expert]
+    recv_sizes = jnp.minimum(recv_counts.sum(-1), cap)
+
+    # 3. forward exchange: received[s, :recv_sizes[s]] are source s's rows for my experts, by expert.
+    if method == "ragged":
+        received = jax.lax.ragged_all_to_all(
+            sorted_rows,
+            jnp.zeros((ep * cap, d), x.dtype),
+            send_start,
+            jnp.minimum(send_sizes, cap),
+            jnp.full((ep,), me * cap, jnp.int32),  # my block's offset in every receiver's buffer
+            recv_sizes,
+            axis_name="expert",
+        ).reshape(ep, cap, d)
+    else:
+        send = jnp.zeros((ep, cap, d), x.dtype).at[dest, slot].set(sorted_rows, mode="drop")
+        received = jax.lax.all_to_all(send, "expert", 0, 0)
+
+    # 4. local experts over the received rows, regrouped by local expert across sources.
+    pos = jnp.arange(cap, dtype=jnp.int32)
+    ends = jnp.cumsum(recv_counts, axis=-1)
+    local_expert = jax.vmap(lambda e: jnp.searchsorted(e, pos, side="right"))(ends)
+    local_expert = jnp.where(pos[None, :] < recv_sizes[:, None], local_expert, e_local).reshape(-1)  # e_local: empty slot
+    regroup = jnp.argsort(local_expert, stable=True)
+    group_sizes = jnp.bincount(local_expert, length=e_local + 1)[:e_local].astype(jnp.int32)
+    h_in = received.reshape(ep * cap, d)[regroup]
+    act = ACTIVATIONS[activation]
+    h = act(grouped_linear(h_in, params["gate"], group_sizes)) * grouped_linear(h_in, params["up"], group_sizes)
+    out = grouped_linear(h, params["down"], group_sizes)
+    # Rows past the groups are empty slots; a grouped matmul may leave anything there.
+    out = jnp.where((jnp.arange(ep * cap) < group_sizes.sum())[:, None], out, 0)
+    out = jnp.zeros_like(out).at[regroup].set(out)
+
+    # 5. reverse exchange into this device's sorted order, then combine each token's k results.
+    if method == "ragged":
+        all_send_start = _exclusive_cumsum(all_counts.sum(-1))  # [source, destination]
+        back = jax.lax.ragged_all_to_all(
+            out,
+            jnp.zeros((rows, d), out.dtype),
+            jnp.arange(ep, dtype=jnp.int32) * cap,
+            recv_sizes,
+            all_send_start[:, me],  # where each source's block for me started in its sorted rows
+            jnp.minimum(send_sizes, cap),
+            axis_name="expert",
+        )
+    else:
+        returned = jax.lax.all_to_all(out.reshape(ep, cap, d), "expert", 0, 0)
+        back = returned[dest, jnp.minimum(slot, cap - 1)]
+    back = jnp.where(kept[:, None], back, 0)
+    unsorted = jnp.zeros_like(back).at[order].set(back).reshape(n, k, d)
+    y = jnp.einsum("nkd,nk->nd", unsorted.astype(jnp.float32), gates.astype(jnp.float32))
+    if width_axes:
+        y = jax.lax.psum(y, width_axes)  # partial down-projections of the width shards
+    return y.astype(x.dtype)

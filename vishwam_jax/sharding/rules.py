@@ -1,0 +1,349 @@
+"""Logical axis names → mesh axes.
+
+Every parameter dimension and every main activation dimension has a logical name (`vocab`, `embed`,
+`heads`, `experts`, ...); a rule set maps each name to zero or more mesh axes. The same model code
+then runs single-device, FSDP-trained, tensor-parallel-served or expert-parallel by changing only the
+rule set. Parameters and activations have separate tables because the same name wants different
+placements: a weight's `embed` dimension is sharded over `fsdp` (ZeRO-3) while the residual stream's
+`embed` dimension stays whole (its batch is what is split).
+
+Presets (`RULES[name]`), for the mesh axes of sharding/mesh.py:
+    single  everything replicated (one device, or pure data parallelism)
+    fsdp    training: weights sharded over fsdp on their embed (or low-rank) dimension, and over
+            tensor on heads / MLP width / vocabulary; batch over data × fsdp × expert
+    tensor  serving: weights resident (no per-step gathers), heads / MLP width / vocabulary over
+            tensor, experts over expert; batch over data × fsdp × expert
+    expert  expert-parallel MoE training: `fsdp` plus experts over expert (tokens reach them by
+            all-to-all in models/moe.py)
+Axes of size 1 are ignored, so every preset is valid on every mesh that divides the dimensions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vishwam_jax.sharding.mesh import mesh_sizes
+
+LogicalAxes = tuple[str | None, ...]
+
+
+class ShardingError(ValueError):
+    """A mesh / rule set that cannot shard a model (the message names the dimension)."""
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Logical name → mesh axes (tuples, outermost first), for parameters and for activations."""
+
+    name: str
+    params: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    activations: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+        object.__setattr__(self, "activations", MappingProxyType(dict(self.activations)))
+
+    def replace(self, *, name: str | None = None, params: Mapping | None = None, activations: Mapping | None = None) -> "Rules":
+        """A copy with some names remapped, e.g. RULES["fsdp"].replace(params={"vocab": ()})."""
+        return Rules(name or self.name, {**self.params, **(params or {})}, {**self.activations, **(activations or {})})
+
+    def __hash__(self):
+        return hash((self.name, tuple(sorted(self.params.items())), tuple(sorted(self.activations.items()))))
+
+
+# Activations every preset shares: batch over every data-like axis (expert counts as one outside MoE
+# layers), attention heads / MLP width / logits over tensor, sequence and residual width whole.
+_ACTIVATIONS = {
+    "batch": ("data", "fsdp", "expert"),
+    "length": (),
+    "embed": (),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "experts": ("expert",),
+}
+_TENSOR_PARAMS = {
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "expert_mlp": ("tensor",),
+}
+# FSDP shards each matrix along its input (embed or low-rank) dimension: every large weight has one.
+_FSDP_PARAMS = {**_TENSOR_PARAMS, "embed": ("fsdp",), "q_lora": ("fsdp",), "kv_lora": ("fsdp",)}
+
+RULES: Mapping[str, Rules] = MappingProxyType(
+    {
+        "single": Rules("single", {}, {}),
+        "fsdp": Rules("fsdp", _FSDP_PARAMS, _ACTIVATIONS),
+        "tensor": Rules("tensor", {**_TENSOR_PARAMS, "experts": ("expert",)}, _ACTIVATIONS),
+        "expert": Rules("expert", {**_FSDP_PARAMS, "experts": ("expert",)}, _ACTIVATIONS),
+    }
+)
+
+
+def default_rules(mesh: Mesh) -> Rules:
+    """expert if the mesh has an expert axis, else fsdp if it has one, else tensor (which is
+    all-replicated on a mesh without a tensor axis)."""
+    sizes = mesh_sizes(mesh)
+    if sizes.get("expert", 1) > 1:
+        return RULES["expert"]
+    if sizes.get("fsdp", 1) > 1:
+        return RULES["fsdp"]
+    return RULES["tensor"]
+
+
+def resolve_rules(rules: Rules | str | None, mesh: Mesh) -> Rules:
+    if rules is None:
+        return default_rules(mesh)
+    if isinstance(rules, str):
+        if rules not in RULES:
+            raise ShardingError(f"unknown rule preset {rules!r}; known: {', '.join(RULES)}")
+        return RULES[rules]
+    if not isinstance(rules, Rules):
+        raise ShardingError(f"rules must be a Rules, a preset name ({', '.join(RULES)}) or None; got {type(rules).__name__}")
+    return rules
+
+
+# -- logical names of every parameter --------------------------------------------------------------
+# Keyed by a leaf's own name (the dict key; for int8 weights the key above "int8"/"scale") and rank.
+# Weights are [in, out] with heads as their own axis (see each family's module docstring).
+_ATTN_Q = ("embed", "heads", "head_dim")
+_ATTN_KV = ("embed", "kv_heads", "head_dim")
+_PARAM_NAMES: dict[tuple[str, int], LogicalAxes] = {
+    ("embed", 2): ("vocab", "embed"),  # all families (tied in Gemma and Grok-1)
+    ("lm_head", 2): ("embed", "vocab"),  # untied output projections
+    ("head", 2): ("embed", "vocab"),
+    ("unembed", 2): ("embed", "vocab"),
+    ("output", 2): ("embed", "vocab"),
+    # GQA / MQA attention (Gemma, Grok-1)
+    ("q", 3): _ATTN_Q,
+    ("k", 3): _ATTN_KV,
+    ("v", 3): _ATTN_KV,
+    ("o", 3): ("heads", "head_dim", "embed"),
+    # MLA (DeepSeek-V3, models/mla.py)
+    ("wq", 3): _ATTN_Q,
+    ("wq_a", 2): ("embed", "q_lora"),
+    ("wq_b", 3): ("q_lora", "heads", "head_dim"),
+    ("wkv_a", 2): ("embed", "kv_lora"),  # out = kv_lora_rank + qk_rope_head_dim
+    ("wk_b", 3): ("kv_lora", "heads", "head_dim"),
+    ("wv_b", 3): ("kv_lora", "heads", "head_dim"),
+    ("wo", 3): ("heads", "head_dim", "embed"),
+    # gated MLPs: dense [d, f] / [f, d]; routed experts stacked [e, d, f] / [e, f, d]
+    ("gate", 2): ("embed", "mlp"),
+    ("up", 2): ("embed", "mlp"),
+    ("down", 2): ("mlp", "embed"),
+    ("gate", 3): ("experts", "embed", "expert_mlp"),
+    ("up", 3): ("experts", "embed", "expert_mlp"),
+    ("down", 3): ("experts", "expert_mlp", "embed"),
+    # routers stay whole: tiny, and top-k over a sharded expert axis would need a gather anyway
+    ("router", 2): ("embed", "router_experts"),
+    ("gate_w", 2): ("embed", "router_experts"),
+}
+
+
+def _key_name(k) -> str | int:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return str(k)
+
+
+def leaf_name(path) -> str:
+    """The dotted name of a leaf ("layers.0.attn.k"): the name Orbax gives its directory."""
+    return ".".join(str(_key_name(k)) for k in path)
+
+
+def _fallback_names(config, shape: tuple[int, ...]) -> LogicalAxes:
+    """Names for a leaf no table entry knows (a new family's extra weight): only the dimensions that
+    are unambiguously the vocabulary or the model width get a name; everything else stays whole,
+    which is always correct, merely not memory-optimal."""
+    vocab, d = config.get("vocab_size"), config.get("d_model")
+    if len(shape) <= 1:
+        return ("norm",) * len(shape)
+    by_size = {}
+    if vocab and vocab != d:
+        by_size[vocab] = "vocab"
+    if d:
+        by_size[d] = "embed"
+    return tuple(by_size.get(s) for s in shape)
+
+
+def leaf_logical_axes(config, path, shape: tuple[int, ...]) -> LogicalAxes:
+    keys = [k for k in (_key_name(p) for p in path) if isinstance(k, str)]
+    if keys and keys[-1] in ("int8", "scale"):
+        keys = keys[:-1]  # int8 weights: {"int8": w, "scale": s}; the scale's size-1 axes stay whole
+    name = keys[-1] if keys else ""
+    rank = len(shape)
+    if (name, rank) in _PARAM_NAMES:
+        return _PARAM_NAMES[(name, rank)]
+    if rank > 1 and (name, rank - 1) in _PARAM_NAMES:
+        return ("layers",) + _PARAM_NAMES[(name, rank - 1)]  # layers stacked for scan
+    if rank == 1:
+        return ("norm",)  # norm scales and biases: small, replicated
+    return _fallback_names(config, shape)
+
+
+def logical_axes(config, shapes: Any) -> Any:
+    """A tree like `shapes` (arrays or ShapeDtypeStructs) with a tuple of logical names per leaf."""
+
+    def names(path, leaf):
+        out = leaf_logical_axes(config, path, tuple(leaf.shape))
+        if len(out) != len(leaf.shape):
+            raise ShardingError(f"logical names {out} do not match the shape {tuple(leaf.shape)} of parameter {leaf_name(path)}")
+        return out
+
+    return jax.tree_util.tree_map_with_path(names, shapes)
+
+
+# -- names → PartitionSpecs --------------------------------------------------------------------------
+# When a mesh axis is a multiple of these dimensions, the dimension is replicated rather than
+# rejected: MQA / GQA with fewer KV heads than tensor shards keeps a copy of each KV head per shard.
+_REPLICATE_IF_FEWER = frozenset({"kv_heads"})
+
+# For error messages: the config fields a logical dimension comes from, in order of preference.
+_CONFIG_FIELDS = {
+    "vocab": ("vocab_size",),
+    "embed": ("d_model",),
+    "heads": ("num_heads", "num_q_heads"),
+    "kv_heads": ("num_kv_heads",),
+    "head_dim": ("head_dim", "key_size", "qk_nope_head_dim", "v_head_dim"),
+    "mlp": ("ffn_dim",),
+    "expert_mlp": ("moe_ffn_dim", "ffn_dim"),
+    "experts": ("num_experts",),
+    "q_lora": ("q_lora_rank",),
+    "kv_lora": ("kv_lora_rank",),
+}
+
+
+def describe_dim(config, logical: str | None, size: int) -> str:
+    """"num_kv_heads=8" when a config field explains the size, else "kv_lora=576"."""
+    for f in _CONFIG_FIELDS.get(logical or "", ()):
+        if config is not None and config.get(f) == size:
+            return f"{f}={size}"
+    return f"{logical or 'dimension'}={size}"
+
+
+def _axes_desc(axes: tuple[str, ...], sizes: dict[str, int]) -> str:
+    if len(axes) == 1:
+        return f"{axes[0]}={sizes[axes[0]]}"
+    return f"{'×'.join(axes)}={math.prod(sizes[a] for a in axes)}"
+
+
+def spec_for(
+    names: LogicalAxes,
+    shape: tuple[int, ...],
+    mesh: Mesh,
+    table: Mapping[str, tuple[str, ...]],
+    *,
+    strict: bool,
+    errors: list[tuple[int, str | None, tuple[str, ...]]] | None = None,
+) -> PartitionSpec:
+    """The PartitionSpec of one array.
+
+    A mesh axis is used at most once (the first dimension that asks for it gets it) and axes of
+    size 1 are skipped. strict (parameters): a dimension the mesh does not divide is recorded in
+    `errors` as (dim, name, axes) and left whole. Not strict (activations, e.g. a batch of 1 while
+    decoding): the longest prefix of its axes that divides it is used.
+    """
+    sizes = mesh_sizes(mesh)
+    used: set[str] = set()
+    out: list[Any] = []
+    for dim, (name, size) in enumerate(zip(names, shape)):
+        wanted = tuple(a for a in (table.get(name, ()) if name else ()) if sizes.get(a, 1) > 1 and a not in used)
+        if not wanted or size == 1:
+            out.append(None)
+            continue
+        total = math.prod(sizes[a] for a in wanted)
+        if size % total:
+            if name in _REPLICATE_IF_FEWER and total % size == 0:
+                out.append(None)
+                continue
+            if strict:
+                if errors is not None:
+                    errors.append((dim, name, wanted))
+                out.append(None)
+                continue
+            while wanted and size % math.prod(sizes[a] for a in wanted):
+                wanted = wanted[:-1]
+            if not wanted:
+                out.append(None)
+                continue
+        used.update(wanted)
+        out.append(wanted[0] if len(wanted) == 1 else wanted)
+    while out and out[-1] is None:
+        out.pop()
+    return PartitionSpec(*out)
+
+
+def _param_specs(config, shapes: Any, mesh: Mesh, rules: Rules) -> tuple[Any, list[str]]:
+    names = logical_axes(config, shapes)
+    sizes = mesh_sizes(mesh)
+    problems: list[str] = []
+
+    def one(path, leaf, leaf_names):
+        errors: list = []
+        spec = spec_for(leaf_names, tuple(leaf.shape), mesh, rules.params, strict=True, errors=errors)
+        for dim, name, axes in errors:
+            problems.append(
+                f"{_axes_desc(axes, sizes)} does not divide {describe_dim(config, name, leaf.shape[dim])} "
+                f"(parameter {leaf_name(path)}, dimension {dim} {name!r} of shape {tuple(leaf.shape)})"
+            )
+        return spec
+
+    specs = jax.tree_util.tree_map_with_path(one, shapes, names)
+    return specs, problems
+
+
+def _config_problems(config, mesh: Mesh) -> list[str]:
+    """Whole-model constraints no single parameter shows: expert parallelism needs the experts to
+    split evenly over the expert axis whatever the parameter rules say (models/moe.py)."""
+    ep = mesh_sizes(mesh).get("expert", 1)
+    experts = config.get("num_experts") if config is not None else None
+    if ep > 1 and experts and experts % ep:
+        return [f"expert={ep} does not divide num_experts={experts} (expert parallelism splits the experts evenly)"]
+    return []
+
+
+def _raise(problems: list[str], mesh: Mesh, rules: Rules) -> None:
+    shown = "\n  ".join(problems[:8])
+    more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+    raise ShardingError(
+        f"mesh {dict(mesh_sizes(mesh))} with rules {rules.name!r} cannot shard this model:\n  {shown}{more}"
+    )
+
+
+def validate(config, shapes: Any, mesh: Mesh, rules: Rules | str | None = None) -> None:
+    """Raise ShardingError naming every dimension the mesh does not divide under `rules`."""
+    rules = resolve_rules(rules, mesh)
+    _, problems = _param_specs(config, shapes, mesh, rules)
+    problems = _config_problems(config, mesh) + problems
+    if problems:
+        _raise(problems, mesh, rules)
+
+
+def param_specs(config, shapes: Any, mesh: Mesh, rules: Rules | str | None = None) -> Any:
+    """PartitionSpec per parameter leaf (validated: raises ShardingError rather than mis-shard)."""
+    rules = resolve_rules(rules, mesh)
+    specs, problems = _param_specs(config, shapes, mesh, rules)
+    problems = _config_problems(config, mesh) + problems
+    if problems:
+        _raise(problems, mesh, rules)
+    return specs
+
+
+def param_shardings(config, shapes: Any, mesh: Mesh, rules: Rules | str | None = None) -> Any:
+    """NamedSharding per parameter leaf of `shapes` (a tree of arrays or ShapeDtypeStructs).
+
+    rules: a Rules, a preset name from RULES, or None for default_rules(mesh).
+    """
+    specs = param_specs(config, shapes, mesh, rules)
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -28,6 +28,7 @@ from vishwam_jax.sharding import (
     make_mesh,
     param_shardings,
     param_specs,
+    initialize_distributed,
     parse_mesh,
     use_mesh,
     validate,
@@ -76,6 +77,39 @@ def test_make_mesh_axes_sizes_and_errors():
     assert parse_mesh("fsdp=4, tensor=2") == {"fsdp": 4, "tensor": 2}
     with pytest.raises(MeshError, match="bad mesh entry 'pipeline=2'"):
         parse_mesh("pipeline=2")
+
+
+def test_initialize_distributed_only_for_multi_host_jobs(monkeypatch):
+    """A laptop / single-host run is left alone; a coordinator address (GPU clusters) or a multi-worker
+    TPU pod environment starts jax.distributed with the explicit arguments winning over the env."""
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    if hasattr(jax.distributed, "is_initialized"):
+        monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
+                "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert initialize_distributed() == (0, 1) and calls == []
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-0")  # a single-host TPU VM sets it too
+    initialize_distributed()
+    assert calls == []
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-0,t1v-1,t1v-2,t1v-3")  # a v5p-32 pod slice: jax reads the rest
+    initialize_distributed()
+    assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None)]
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    initialize_distributed(process_id=3)
+    assert calls[-1] == dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3)
+
+
+def test_mesh_device_order_comes_from_jax_make_mesh():
+    """Axis order data, fsdp, tensor, expert with the topology-aware assignment of jax.make_mesh
+    (on a GPU host / TPU slice the innermost axes land on NVLink / ICI neighbours)."""
+    mesh = make_mesh(data=2, tensor=4)
+    ref = jax.make_mesh((2, 1, 4, 1), ("data", "fsdp", "tensor", "expert"), devices=jax.devices())
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in ref.devices.flat]
 
 
 # -- logical names and rules ---------------------------------------------------------------------------
@@ -211,16 +245,18 @@ def test_sharded_forward_equals_single_device(name, sizes, rules, monkeypatch):
 
 
 # -- restore onto another mesh ----------------------------------------------------------------------
-@pytest.mark.parametrize("name", [p for p in ("gemma2-tiny", "deepseek-v3-tiny") if p in FAMILY_PRESETS])
+@pytest.mark.parametrize("name", [p for p in ("gemma2-tiny", "grok-1-tiny", "deepseek-v3-tiny") if p in FAMILY_PRESETS])
 def test_restore_onto_a_different_mesh(name, tmp_path):
-    config = small_config(name)
-    params = _init(config, 2)
+    config, params, _, _ = _reference(name)  # the forward tests' weights: one init compile per preset
     save_mesh = make_mesh(fsdp=4, tensor=2)
     saved = jax.device_put(params, param_shardings(config, params, save_mesh, "fsdp"))
     orbax_io.save_params(tmp_path / "m", saved, config)
 
-    load_mesh = make_mesh(data=2, tensor=4) if config.family == "gemma" else make_mesh(fsdp=2, expert=4)
-    rules = "tensor" if config.family == "gemma" else "expert"
+    # Gemma onto a serving mesh; the MoE families onto an expert-parallel one (Grok-1 serving-style).
+    load_mesh, rules = {
+        "gemma": (make_mesh(data=2, tensor=4), "tensor"),
+        "grok1": (make_mesh(tensor=2, expert=4), "tensor"),
+    }.get(config.family, (make_mesh(fsdp=2, expert=4), "expert"))
     model = vj.load(tmp_path / "m", mesh=load_mesh, rules=rules)
     want = param_shardings(config, orbax_io.param_shapes(tmp_path / "m"), load_mesh, rules)
     flat_want = jax.tree_util.tree_leaves(want)

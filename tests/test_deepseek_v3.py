@@ -406,3 +406,13 @@ def test_bad_checkpoints_are_named(case, tmp_path):
     with pytest.raises(CheckpointFormatError, match="model.layers.2.mlp.experts.5.up_proj.weight"):
         convert(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_cli_speculative(capsys):
+    from vishwam_jax.generate import run
+
+    assert run(["--model", "deepseek-v3-tiny", "--prompt", "abc", "--max-new-tokens", "5", "--temperature", "0", "--speculative"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("=== 'abc'\nabc") and "MTP drafts accepted" in err
+    assert run(["--model", "deepseek-v3-tiny", "--speculative"]) == 2  # sampling asked for: refused
+    assert "pass --temperature 0" in capsys.readouterr().err

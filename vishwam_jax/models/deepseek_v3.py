@@ -31,6 +31,8 @@ Cache: {"pos": [b] next position per row, "layers": [{"kv": [b, max_len, kv_lora
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -40,6 +42,7 @@ from vishwam_jax.models import mla
 from vishwam_jax.models.attention import chunk_positions
 from vishwam_jax.models.layers import embed, gated_mlp, init_dense, rms_norm
 from vishwam_jax.models.moe import dispatch_experts, grouped_sigmoid_router
+from vishwam_jax.training.remat import remat_layer
 
 
 def is_moe_layer(config, i: int) -> bool:
@@ -188,8 +191,10 @@ def forward_with_aux(
     positions = chunk_positions(cache, batch, t)
     x = embed(tokens, params["embed"])
     new_layers, counts = [], []
+    # Each layer under the activation-checkpointing policy of config.remat_policy (training).
+    block = remat_layer(functools.partial(decoder_layer, config=config), config)
     for i, layer in enumerate(params["layers"]):
-        x, layer_cache, c = decoder_layer(layer, x, positions, lengths, None if cache is None else cache["layers"][i], config)
+        x, layer_cache, c = block(layer, x, positions, lengths, None if cache is None else cache["layers"][i])
         new_layers.append(layer_cache)
         if c is not None:
             counts.append(c)
@@ -247,7 +252,8 @@ def mtp_forward(
     norm = lambda v, w: rms_norm(v, w, config.norm_eps)
     e = embed(next_tokens, params["embed"]).astype(hidden.dtype)
     x = jnp.einsum("btc,cd->btd", jnp.concatenate([norm(e, m["enorm"]), norm(hidden, m["hnorm"])], axis=-1), m["eh_proj"].astype(hidden.dtype))
-    x, layer_cache, counts = decoder_layer(m["block"], x, positions, lengths, None if cache is None else cache["layers"][0], config)
+    block = remat_layer(functools.partial(decoder_layer, config=config), config)
+    x, layer_cache, counts = block(m["block"], x, positions, lengths, None if cache is None else cache["layers"][0])
     h = norm(x, m["norm"])
     logits = _logits(params, h, logit_positions)
     new_cache = None if cache is None else {"pos": cache["pos"] + lengths, "layers": [layer_cache]}

@@ -19,6 +19,8 @@ Parameters (weights [in, out]; any matmul weight may be weight-only int8, {"int8
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
@@ -27,6 +29,7 @@ from vishwam_jax.models.attention import chunk_positions, gqa_self_attention, in
 from vishwam_jax.models.layers import embed, init_dense, rms_norm
 from vishwam_jax.models.moe import dispatch_experts, softmax_topk_router
 from vishwam_jax.models.rope import inverse_frequencies
+from vishwam_jax.training.remat import remat_layer
 
 
 def init_params(config, key: jax.Array, dtype=jnp.float32) -> dict:
@@ -81,6 +84,27 @@ def moe(layer: dict, x: Float[Array, "b t d"], config) -> Float[Array, "b t d"]:
     return y.reshape(b, t, d)
 
 
+def decoder_layer(layer: dict, h: Float[Array, "b t d"], positions, lengths, key_valid, layer_cache, *, config, inv_freq):
+    """h += rms_norm_1(attention(rms_norm(h))); h += rms_norm_3(moe(rms_norm_2(h)))."""
+    norm = lambda x, w: rms_norm(x, w, config.norm_eps, plus_one=False)
+    a, layer_cache = gqa_self_attention(
+        layer["attn"],
+        norm(h, layer["attn_norm"]),
+        positions,
+        lengths,
+        key_valid,
+        layer_cache,
+        inv_freq=inv_freq,
+        # The release scales q.k by attn_output_multiplier alone (no extra 1/sqrt(head_dim)),
+        # then caps: 30 * tanh(scores / 30); the shared attention applies them in that order.
+        scale=config.attn_output_multiplier,
+        softcap=config.attn_logit_softcap,
+    )
+    h = h + norm(a, layer["post_attn_norm"])
+    m = moe(layer, norm(h, layer["moe_norm"]), config)
+    return h + norm(m, layer["post_moe_norm"]), layer_cache
+
+
 def forward(
     params: dict,
     tokens: Int[Array, "b t"],
@@ -109,24 +133,11 @@ def forward(
 
     h = embed(tokens, params["embed"], config.embedding_multiplier_scale)
     new_layers = []
+    # Each layer under the activation-checkpointing policy of config.remat_policy (training).
+    block = remat_layer(functools.partial(decoder_layer, config=config, inv_freq=inv_freq), config)
     for i, layer in enumerate(params["layers"]):
-        a, layer_cache = gqa_self_attention(
-            layer["attn"],
-            norm(h, layer["attn_norm"]),
-            positions,
-            lengths,
-            key_valid,
-            None if cache is None else cache["layers"][i],
-            inv_freq=inv_freq,
-            # The release scales q.k by attn_output_multiplier alone (no extra 1/sqrt(head_dim)),
-            # then caps: 30 * tanh(scores / 30); the shared attention applies them in that order.
-            scale=config.attn_output_multiplier,
-            softcap=config.attn_logit_softcap,
-        )
+        h, layer_cache = block(layer, h, positions, lengths, key_valid, None if cache is None else cache["layers"][i])
         new_layers.append(layer_cache)
-        h = h + norm(a, layer["post_attn_norm"])
-        m = moe(layer, norm(h, layer["moe_norm"]), config)
-        h = h + norm(m, layer["post_moe_norm"])
 
     h = norm(h, params["final_norm"])
     if logit_positions is not None:

@@ -1,0 +1,225 @@
+"""Decode tokens/s of a full-width, reduced-depth DeepSeek-V3 against the bandwidth roofline, and
+the latent KV cache's bytes per token against naive multi-head attention.
+
+    python scripts/benchmark_deepseek.py --layers 4 --dense-layers 1 --batch 1 32 --impls auto xla
+
+Every layer has the released widths (d 7168, 128 MLA heads, 256 routed experts of width 2048 + one
+shared, top-8 of 4 groups out of 8; the dense layers' MLP 18432) and random bf16 weights; only the
+depth is cut (4 layers with all 256 experts is ~74 GB: what one 80 GB H100 holds). No MTP module.
+
+Roofline of one decode step = bytes that must be read / bandwidth measured in the same run (both
+an elementwise copy's, as the other benchmarks use, and a pure read's, the tighter ceiling here):
+every non-expert weight (the embedding only for its gathered rows), the shared experts, the routed
+experts that the step's tokens actually select (counted from the router on the benchmark's own
+tokens), and the latent cache up to each row's length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+# The parameters take ~90% of an H100: let XLA's allocator have most of the card (default 75%).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vishwam_jax.inference.engine import Generator  # noqa: E402
+from vishwam_jax.models import deepseek_v3 as ds  # noqa: E402
+from vishwam_jax.pallas_kernels import grouped_matmul, mla_attention  # noqa: E402
+from vishwam_jax.presets import get_config  # noqa: E402
+from vishwam_jax.utils.benchmarking import copy_bandwidth, time_fn, tree_bytes  # noqa: E402
+
+
+def read_bandwidth(num_bytes: int = 4 << 30) -> float:
+    """Bytes/s of a reduction over `num_bytes` of bf16: reads only, like a decode step's weights
+    (an elementwise copy also writes, and on an H100 reads stream faster than copies)."""
+    x = jnp.ones((num_bytes // 2,), jnp.bfloat16)
+    fn = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    return num_bytes / time_fn(fn, x, iters=20)
+
+
+def random_params(config, dtype, seed: int = 0):
+    """Random weights built leaf by leaf and, for large leaves, slab by slab into a donated buffer,
+    so that no float32 copy of a 7.5 GB expert stack ever exists (init_params would need one)."""
+    shapes = jax.eval_shape(lambda: ds.init_params(config, jax.random.key(0), dtype))
+    fill = jax.jit(
+        lambda buf, key, start, rows: jax.lax.dynamic_update_slice_in_dim(
+            buf, (jax.random.normal(key, (rows,) + buf.shape[1:], jnp.float32) * 0.02).astype(buf.dtype), start, 0
+        ),
+        static_argnums=3,
+        donate_argnums=0,
+    )
+    key = jax.random.key(seed)
+
+    def make(path, s):
+        nonlocal key
+        name = jax.tree_util.keystr(path)
+        if len(s.shape) == 1:  # norm scales (identity) and the router's balancing bias (0)
+            return jnp.zeros(s.shape, s.dtype) if "router_bias" in name else jnp.ones(s.shape, s.dtype)
+        buf = jnp.zeros(s.shape, s.dtype)
+        rows = max(1, min(s.shape[0], (1 << 26) // int(np.prod(s.shape[1:]))))
+        for start in range(0, s.shape[0], rows):
+            key, sub = jax.random.split(key)
+            # The last slab overlaps the previous one rather than compiling a second shape.
+            buf = fill(buf, sub, min(start, s.shape[0] - rows), rows)
+        return buf
+
+    return jax.tree_util.tree_map_with_path(make, shapes)
+
+
+def kv_bytes_per_token(config, itemsize: int = 2) -> tuple[int, int]:
+    """(latent cache, naive per-head K/V) bytes per token over all layers, by arithmetic."""
+    ours = config.num_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * itemsize
+    head_kv = config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim
+    return ours, config.num_layers * config.num_heads * head_kv * itemsize
+
+
+def fit_to_memory(config, dev, headroom: float) -> None:
+    """Turn MoE layers into dense ones (fewer bytes) until the bf16 parameters leave `headroom`
+    bytes of the device's allocator limit; said out loud, never silently."""
+    stats = dev.memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if not limit:
+        return
+    while True:
+        shapes = jax.eval_shape(lambda: ds.init_params(config, jax.random.key(0), jnp.bfloat16))
+        need = tree_bytes(shapes)
+        if need + headroom <= limit or config.num_dense_layers >= config.num_layers:
+            print(f"allocator limit {limit / 2**30:.1f} GiB; parameters {need / 2**30:.1f} GiB", flush=True)
+            return
+        print(f"{config.num_dense_layers} dense + {config.num_layers - config.num_dense_layers} MoE layers need "
+              f"{need / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB: one more layer dense", flush=True)
+        config.num_dense_layers += 1
+
+
+def decode_step_probe(config, params, prompts: np.ndarray, max_len: int):
+    """Prefill the prompts into a fresh latent cache, then run one decode step with the router's
+    counts: (distinct routed experts per MoE layer that step selects [L], the cache's measured
+    bytes per token and layer-stack, i.e. sum of its arrays' sizes / (batch * max_len))."""
+
+    @jax.jit
+    def probe(p, tokens):
+        cache = ds.init_cache(config, tokens.shape[0], max_len, jnp.bfloat16)
+        logits, cache = ds.forward(p, tokens, config, cache=cache, logit_positions=jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1))
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+        _, cache, aux = ds.forward_with_aux(p, nxt, config, cache=cache)
+        return aux["expert_counts"], cache["layers"]
+
+    counts, layers = probe(params, jnp.asarray(prompts))
+    measured = sum(x.nbytes for x in jax.tree_util.tree_leaves(layers)) / (prompts.shape[0] * max_len)
+    return (np.asarray(counts) > 0).sum(axis=1), measured
+
+
+def main(argv=None) -> None:
+    t0 = time.perf_counter()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="deepseek-v3-671b", help="widths to use (a small preset for a CPU smoke run)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--dense-layers", type=int, default=1)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--impls", nargs="+", default=["auto", "xla"],
+                    help="kernel settings to time, in order: auto (Pallas MLA decode + Pallas grouped matmul on GPU) "
+                         "and/or xla (plain einsums + jax.lax.ragged_dot); later ones only while --time-budget lasts")
+    ap.add_argument("--time-budget", type=float, default=170.0,
+                    help="seconds after which no further (kernels, batch) configuration is started")
+    ap.add_argument("--headroom-gib", type=float, default=4.5, help="device memory kept free of parameters")
+    ap.add_argument("--bandwidth-mib", type=int, default=4096, help="buffer size of the bandwidth measurements")
+    ap.add_argument("--json", help="also write the results here (rewritten after every row)")
+    args = ap.parse_args(argv)
+    if args.layers < 1 or not 0 <= args.dense_layers <= args.layers:
+        ap.error(f"need 0 <= --dense-layers <= --layers and --layers >= 1 (got {args.dense_layers}, {args.layers})")
+
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind}, jax {jax.__version__}", flush=True)
+    bw = copy_bandwidth(args.bandwidth_mib << 20)
+    read_bw = read_bandwidth(args.bandwidth_mib << 20)
+    print(f"measured copy bandwidth: {bw / 1e12:.2f} TB/s, read bandwidth: {read_bw / 1e12:.2f} TB/s", flush=True)
+
+    config = get_config(args.preset)
+    config.num_layers, config.num_dense_layers, config.num_mtp_layers = args.layers, args.dense_layers, 0
+    config.max_seq_len = args.prompt_len + args.new_tokens + 16
+    config.eos_token_id = -1  # never stop early: every row decodes every step
+    fit_to_memory(config, dev, args.headroom_gib * 2**30)
+    moe_layers = config.num_layers - config.num_dense_layers
+    start = time.perf_counter()
+    params = jax.block_until_ready(random_params(config, jnp.bfloat16))
+    param_bytes = tree_bytes(params)
+    print(f"{config.num_layers} layers ({config.num_dense_layers} dense, {moe_layers} MoE with {config.num_experts} experts): "
+          f"{param_bytes / 1e9:.1f} GB of parameters, built on the device in {time.perf_counter() - start:.0f} s", flush=True)
+
+    full = get_config(args.preset)
+    ours_kv, mha_kv = kv_bytes_per_token(full)
+    bench_kv, bench_mha = kv_bytes_per_token(config)
+    print(f"KV cache per token (bf16), full {full.num_layers}-layer model: latent {ours_kv:,} B vs naive MHA {mha_kv:,} B "
+          f"({mha_kv / ours_kv:.1f}x); this {config.num_layers}-layer model: {bench_kv:,} B vs {bench_mha:,} B", flush=True)
+
+    expert_bytes = sum(tree_bytes(l["experts"]) for l in params["layers"] if "experts" in l)
+    per_expert = expert_bytes / max(1, config.num_experts * moe_layers)
+    embed_bytes = tree_bytes(params["embed"])
+    result = {"device": dev.device_kind, "jax": jax.__version__, "copy_bw": bw, "read_bw": read_bw,
+              "param_bytes": param_bytes, "layers": config.num_layers, "dense_layers": config.num_dense_layers,
+              "kv_bytes_per_token": {"latent_full": ours_kv, "naive_mha_full": mha_kv,
+                                     "latent_bench": bench_kv, "naive_mha_bench": bench_mha}, "rows": []}
+    probes = {}
+    for impl in args.impls:
+        for batch in args.batch:
+            if time.perf_counter() - t0 > args.time_budget and result["rows"]:
+                print(f"[{impl}] batch {batch}: skipped (time budget of {args.time_budget:.0f} s spent)", flush=True)
+                continue
+            for var in (mla_attention.ENV_VAR, grouped_matmul.ENV_VAR):  # read when a forward is traced
+                os.environ.pop(var, None) if impl == "auto" else os.environ.__setitem__(var, impl)
+            rng = np.random.default_rng(batch)
+            prompts = rng.integers(3, config.vocab_size, size=(batch, args.prompt_len))
+            gen = Generator(ds, config)  # a fresh one: compiled under this kernel setting
+            try:
+                gen.generate(params, prompts, args.new_tokens)  # compile + warm up
+                compile_s = gen.stats.compile_s
+                gen.generate(params, prompts, args.new_tokens)
+                if batch not in probes:
+                    probes[batch] = decode_step_probe(config, params, prompts, config.max_seq_len)
+            except Exception as err:  # report what ran; one device run must not be lost to one shape
+                print(f"[{impl}] batch {batch}: FAILED {type(err).__name__}: {str(err)[:2000]}", flush=True)
+                continue
+            s = gen.stats
+            step_s = s.decode_s / args.new_tokens
+            touched_per_layer, measured_kv = probes[batch]
+            touched = int(touched_per_layer.sum())
+            context = args.prompt_len + args.new_tokens / 2  # mean cache length over the decode
+            cache_read = batch * context * bench_kv
+            # Weights a step must read: all but the routed experts and the embedding table, plus
+            # the gathered embedding rows, the routed experts its tokens select, and the cache.
+            weights = param_bytes - expert_bytes - embed_bytes + batch * config.d_model * 2 + touched * per_expert
+            read = weights + cache_read
+            floor_s, read_floor_s = read / bw, read / read_bw
+            row = {
+                "kernels": impl, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                "prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": batch * args.new_tokens / s.decode_s,
+                "step_ms": step_s * 1e3, "roofline_step_ms": floor_s * 1e3, "fraction_of_roofline": floor_s / step_s,
+                "read_roofline_step_ms": read_floor_s * 1e3, "fraction_of_read_roofline": read_floor_s / step_s,
+                "experts_touched_per_step_per_moe_layer": touched_per_layer.tolist(),
+                "weight_bytes_per_step_gb": weights / 1e9, "cache_bytes_per_step_gb": cache_read / 1e9,
+                "measured_cache_bytes_per_token": measured_kv, "compile_s": compile_s,
+            }
+            result["rows"].append(row)
+            print(f"[{impl}] batch {batch}: prefill {row['prefill_tok_s']:,.0f} tok/s, decode {row['decode_tok_s']:,.1f} tok/s, "
+                  f"step {row['step_ms']:.2f} ms vs roofline {row['roofline_step_ms']:.2f} ms at copy bandwidth "
+                  f"({100 * row['fraction_of_roofline']:.0f}%), {row['read_roofline_step_ms']:.2f} ms at read bandwidth "
+                  f"({100 * row['fraction_of_read_roofline']:.0f}%); routed experts per MoE layer {touched_per_layer.tolist()}, "
+                  f"{weights / 1e9:.2f} GB weights + {cache_read / 1e6:.1f} MB cache read/step; "
+                  f"cache arrays measured {measured_kv:,.0f} B/token (arithmetic {bench_kv:,} B); compile {compile_s:.0f} s",
+                  flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=2)
+    print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -169,6 +169,8 @@ def test_presets_place_weights_as_documented():
     assert q("tensor") == P(None, "tensor")  # serving: resident, heads split
     assert q("single") == P()
     assert param_specs(config, shapes, mesh, "fsdp")["embed"] == P("tensor", "fsdp")
+    # expert preset: the expert axis is data-parallel outside MoE layers, so dense weights shard over it too.
+    assert param_specs(config, shapes, make_mesh(fsdp=2, expert=4), "expert")["layers"][0]["attn"]["q"] == P(("fsdp", "expert"))
     # MQA: one KV head is replicated over tensor rather than rejected.
     mqa = small_config("gemma-tiny")
     assert param_specs(mqa, shapes_of(mqa), mesh, "fsdp")["layers"][0]["attn"]["k"] == P("fsdp")

@@ -14,7 +14,7 @@ Presets (`RULES[name]`), for the mesh axes of sharding/mesh.py:
     tensor  serving: weights resident (no per-step gathers), heads / MLP width / vocabulary over
             tensor, experts over expert; batch over data × fsdp × expert
     expert  expert-parallel MoE training: `fsdp` plus experts over expert (tokens reach them by
-            all-to-all in models/moe.py)
+            all-to-all in models/moe.py); dense weights sharded over fsdp × expert
 Axes of size 1 are ignored, so every preset is valid on every mesh that divides the dimensions.
 """
 
@@ -85,7 +85,10 @@ RULES: Mapping[str, Rules] = MappingProxyType(
         "single": Rules("single", {}, {}),
         "fsdp": Rules("fsdp", _FSDP_PARAMS, _ACTIVATIONS),
         "tensor": Rules("tensor", {**_TENSOR_PARAMS, "experts": ("expert",)}, _ACTIVATIONS),
-        "expert": Rules("expert", {**_FSDP_PARAMS, "experts": ("expert",)}, _ACTIVATIONS),
+        # The expert axis splits the batch outside MoE layers, so the dense weights' embed dimension
+        # is sharded over it too (ZeRO over fsdp × expert); a stacked expert weight gets `expert` on
+        # its experts dimension first (an axis is used once per array) and keeps fsdp on embed.
+        "expert": Rules("expert", {**_FSDP_PARAMS, "embed": ("fsdp", "expert"), "experts": ("expert",)}, _ACTIVATIONS),
     }
 )
 

@@ -195,7 +195,7 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, t
 
 
 # (fwd: block_q, block_k, warps, stages), (dkv: block_q, block_k, warps, stages), (dq: ...): H100-tuned
-DEFAULT_CONFIG = ((128, 64, 8, 3), (64, 64, 8, 2), (64, 64, 4, 2))
+DEFAULT_CONFIG = ((128, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 2))
 
 
 def _fwd(q, k, v, scale, causal, interpret, config):

@@ -138,7 +138,9 @@ def combine_splits(
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     w = jnp.exp(lse - top)  # [b, n, r]; exactly 0 for empty splits
     den = jnp.sum(w, axis=1)
-    out = jnp.einsum("bnr,bnrv->brv", w, o.astype(jnp.float32)) / jnp.where(den == 0, 1.0, den)[..., None]
+    # a broadcast multiply + reduction (one fused XLA loop), not an einsum: as a dot this would be a
+    # [1 x n] @ [n x v] GEMM per (b, r), which cuBLAS runs far below bandwidth
+    out = jnp.sum(w[..., None] * o.astype(jnp.float32), axis=1) / jnp.where(den == 0, 1.0, den)[..., None]
     return out, jnp.where(den == 0, -jnp.inf, top[:, 0] + jnp.log(jnp.where(den == 0, 1.0, den)))
 
 
@@ -148,19 +150,24 @@ def num_sms() -> int:
 
 
 # split-KV heuristic: below FULL_WAVE x SMs programs, split each row into enough chunks for about
-# SPLIT_WAVES waves (rounded down so a wave is not left with a few stragglers), none under MIN_SPLIT
-FULL_WAVE, SPLIT_WAVES, MIN_SPLIT = 0.75, 1, 256
+# SPLIT_WAVES waves (rounded down so a wave is not left with a few stragglers), no chunk shorter
+# than MIN_SPLIT_WIDE / MIN_SPLIT_NARROW tokens. Wide row blocks (64 query rows x 576) are compute-
+# heavy per token, so even one 64-token tile per program pays for its partial output; narrow ones
+# (<= 32 rows) are bandwidth-bound and want longer chunks. (H100 sweep: docs/bench_mla.md.)
+FULL_WAVE, SPLIT_WAVES, MIN_SPLIT_WIDE, MIN_SPLIT_NARROW = 0.75, 1, 64, 256
 
 
 # Tile configs (H100-tuned, docs/bench_mla.md): WIDE when there are more than 32 query rows
 # (s_q x heads) per batch row, else NARROW with block_h = rows rounded up to a power of two (>= 16).
-CFG_WIDE = dict(block_h=64, block_k=64, num_warps=8, num_stages=2)
-CFG_NARROW = dict(block_k=64, num_warps=4, num_stages=3)
+# block_k 32 for NARROW: three stages of 64 x 576 bf16 tiles would not fit in shared memory.
+CFG_WIDE = dict(block_h=64, block_k=64, num_warps=8, num_stages=2, reload_q=True)
+CFG_NARROW = dict(block_k=32, num_warps=4, num_stages=3)
 
 
 def default_config(n_rows: int, batch: int, max_len: int, paged: bool) -> dict:
     del paged
-    if n_rows > 32:
+    wide = n_rows > 32
+    if wide:
         cfg = dict(CFG_WIDE)
     else:
         cfg = dict(CFG_NARROW, block_h=max(16, 1 << (max(n_rows, 1) - 1).bit_length()))
@@ -168,7 +175,8 @@ def default_config(n_rows: int, batch: int, max_len: int, paged: bool) -> dict:
     sms = num_sms()
     splits = 1
     if programs < FULL_WAVE * sms:
-        splits = max(1, min(int(SPLIT_WAVES * sms) // programs, max_len // MIN_SPLIT))
+        min_split = MIN_SPLIT_WIDE if wide else MIN_SPLIT_NARROW
+        splits = max(1, min(int(SPLIT_WAVES * sms) // programs, max_len // min_split))
     cfg["num_splits"] = splits
     return cfg
 
@@ -177,7 +185,7 @@ def default_config(n_rows: int, batch: int, max_len: int, paged: bool) -> dict:
     jax.jit,
     static_argnames=(
         "softmax_scale", "v_head_dim", "causal", "num_splits", "block_h", "block_k", "num_warps",
-        "num_stages", "interpret", "out_dtype", "v_splits", "reload_q",
+        "num_stages", "interpret", "out_dtype", "v_splits", "reload_q", "partial_dtype",
     ),
 )
 def mla_decode_gpu(
@@ -198,6 +206,7 @@ def mla_decode_gpu(
     out_dtype=None,
     v_splits: int = 1,
     reload_q: bool = False,
+    partial_dtype=None,
 ) -> tuple[Float[Array, "b s_q h v"], Float[Array, "b s_q h"]]:
     batch, s_q, n_heads, d = q.shape
     dv, dr = v_head_dim, d - v_head_dim
@@ -214,7 +223,10 @@ def mla_decode_gpu(
     q2 = q.reshape(batch, n_rows, d)  # free: (s_q, h) are adjacent and contiguous
     cache = cache.astype(q.dtype)
     n_rb = pl.cdiv(n_rows, block_h)
-    partial_dtype = (out_dtype or q.dtype) if num_splits == 1 else jnp.float32
+    # Split partials are normalised outputs (|o| <= max |v|) stored in the input dtype unless
+    # partial_dtype says otherwise: bf16 halves the combine's traffic, which at 128 heads and small
+    # batches is a large share of the run time, at the cost of one extra bf16 rounding.
+    partial_dtype = (out_dtype or q.dtype) if num_splits == 1 else (partial_dtype or q.dtype)
     kernel = functools.partial(
         _decode_kernel, s_q=s_q, n_heads=n_heads, n_rows=n_rows, dv=dv, dr=dr, bh=block_h, bk=block_k,
         page=page, n_splits=num_splits, scale_log2=float(softmax_scale) * LOG2E, causal=causal, paged=paged,

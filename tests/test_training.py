@@ -5,7 +5,6 @@ unsharded. Small models and few steps: the whole file is meant to run in a few m
 
 from __future__ import annotations
 
-import importlib
 import re
 import sys
 from pathlib import Path
@@ -27,17 +26,6 @@ from vishwam_jax.training.step import StepConfig, frozen_from_gradients, init_st
 from vishwam_jax.training.trainer import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _has(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-        return True
-    except ImportError:
-        return False
-
-
-needs_gmm = pytest.mark.skipif(not _has("vishwam_jax.pallas_kernels.grouped_matmul"), reason="MoE families need pallas_kernels.grouped_matmul")
 
 
 def _tiny(name="gemma-tiny", **overrides):
@@ -156,23 +144,28 @@ def test_grad_accumulation_equals_one_big_batch():
     assert not _tree_equal(state_1["params"], params)
 
 
-def test_remat_policies_give_the_same_loss_and_gradients():
-    config, family = _tiny()
+def _remat_regions(fn, *args) -> int:
+    return str(jax.make_jaxpr(fn)(*args)).count("remat2[")
+
+
+@pytest.mark.parametrize("name,policies", [("gemma-tiny", remat.POLICY_NAMES), ("grok-1-tiny", ("none", "dots_with_no_batch_dims_saveable"))])
+def test_remat_policies_give_the_same_loss_and_gradients(name, policies):
+    config, family = _tiny(name, num_layers=2)
     params = family.init_params(config, jax.random.key(1))
     batch = _batch(config, 1, 2, 16)[0]
     results = {}
-    for policy in remat.POLICY_NAMES:
+    for policy in policies:
         config.remat_policy = policy
         fn = jax.value_and_grad(lambda p, c=config: next_token_loss(family, c, p, batch))
-        text = str(jax.make_jaxpr(fn)(params))
         # The policy is really applied (one checkpointed region per layer) or really absent.
-        assert text.count("remat2[") == (0 if policy == "none" else config.num_layers), policy
+        assert _remat_regions(fn, params) == (0 if policy == "none" else config.num_layers), policy
         results[policy] = jax.jit(fn)(params)
     loss0, grads0 = results["none"]
     for policy, (loss, grads) in results.items():
         np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-6, err_msg=policy)
         for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads0)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7, err_msg=policy)
+            # Recomputation may fuse (and so round) differently: equal up to float32 rounding.
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * np.abs(np.asarray(b)).max(), err_msg=policy)
     with pytest.raises(ValueError, match="dots_saveable"):
         remat.check_policy("dots")
 
@@ -339,19 +332,24 @@ def test_model_flops_count_only_the_routed_experts():
 
 
 # -- DeepSeek-V3: MTP and aux-loss-free balancing ------------------------------------------------------
-@needs_gmm
 def test_deepseek_trains_with_mtp_and_router_bias_balancing():
     config, family = _tiny("deepseek-v3-tiny")
     params = family.init_params(config, jax.random.key(0))
     batch = _batch(config, 1, 2, 12)
-    sums = jax.jit(lambda p: loss_sums(family, config, p, batch[0], depths=config.num_mtp_layers))(params)
+    sums, mtp_loss = jax.jit(
+        lambda p: (loss_sums(family, config, p, batch[0], depths=config.num_mtp_layers), family.mtp_loss(p, batch[0], config))
+    )(params)
     # Our sums over every target the batch holds = the model file's mean MTP loss.
     mtp_mean = float(sums["mtp"][0]) / (2 * (12 - 1))
-    np.testing.assert_allclose(mtp_mean, float(jax.jit(lambda p: family.mtp_loss(p, batch[0], config))(params)), rtol=1e-5)
+    np.testing.assert_allclose(mtp_mean, float(mtp_loss), rtol=1e-5)
     gamma = 0.01
     opt = make_optimizer(3e-3, 10, warmup_steps=0, frozen=frozen_from_gradients)
+    # Trained with activation checkpointing: every decoder layer and the MTP block are remat regions.
+    config.remat_policy = "full"
     step = make_train_step(family, config, opt, StepConfig(mtp_weight=0.3, router_bias_rate=gamma))
-    state, m = step(_state(params, opt), None, batch)
+    state0 = _state(params, opt)
+    assert _remat_regions(step, state0, None, batch) >= config.num_layers + config.num_mtp_layers
+    state, m = step(state0, None, batch)
     assert {"mtp", "load_imbalance"} <= set(m)
     # The biases moved by exactly ±γ (sign of mean load - load), from zero: not by gradients.
     counts = np.asarray(sums["expert_counts"], np.float32)
@@ -370,7 +368,6 @@ def test_deepseek_trains_with_mtp_and_router_bias_balancing():
     assert losses[-1] < losses[0], losses
 
 
-@needs_gmm
 def test_grok_trains():
     config, family = _tiny("grok-1-tiny", num_layers=2)
     params = family.init_params(config, jax.random.key(0))
@@ -387,20 +384,21 @@ def test_grok_trains():
 
 
 # -- sharding ---------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not _has("vishwam_jax.sharding") or not hasattr(importlib.import_module("vishwam_jax.sharding"), "make_mesh"),
-                    reason="vishwam_jax.sharding is not there yet")
-def test_sharded_train_step_equals_unsharded():
+@pytest.mark.parametrize(
+    "name,mesh_sizes,rules_name", [("gemma-tiny", dict(fsdp=4, tensor=2), "fsdp"), ("grok-1-tiny", dict(fsdp=2, expert=4), "expert")]
+)
+def test_sharded_train_step_equals_unsharded(name, mesh_sizes, rules_name):
     from vishwam_jax.sharding import RULES, make_mesh, use_mesh
     from vishwam_jax.training import placement
 
-    config, family = _tiny()
+    config, family = _tiny(name, num_layers=2)
     params = family.init_params(config, jax.random.key(0))
     opt = _smooth_adamw()
     batch = _batch(config, 2, 8, 16)
     cfg = StepConfig()
     want_state, want = make_train_step(family, config, opt, cfg)(_state(params, opt), None, batch)
 
-    mesh, rules = make_mesh(fsdp=4, tensor=2), RULES["fsdp"]
+    mesh, rules = make_mesh(**mesh_sizes), RULES[rules_name]
     p_sh = placement.model_shardings(config, params, mesh, rules)
     shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     s_sh = placement.state_shardings(p_sh, shapes, opt, mesh)
@@ -408,12 +406,15 @@ def test_sharded_train_step_equals_unsharded():
         state = jax.jit(lambda p: init_state(p, opt), out_shardings=s_sh)(jax.device_put(params, p_sh))
         step = make_train_step(family, config, opt, cfg, state_shardings=s_sh, metrics_sharding=placement.replicated(mesh))
         sharded_batch = jax.device_put(batch, placement.batch_sharding(mesh, rules, 8))
+        if "expert" in mesh_sizes:  # tokens really travel to their experts' devices
+            assert "all_to_all" in str(jax.make_jaxpr(step)(state, None, sharded_batch))
         got_state, got = step(state, None, sharded_batch)
-    # Really sharded: FSDP splits the MLP weights, and Adam's moments follow them.
-    up = got_state["params"]["layers"][0]["mlp"]["up"]
-    assert len(up.addressable_shards) == 8 and up.addressable_shards[0].data.size == up.size // 8
-    mu = jax.tree_util.tree_leaves(got_state["opt_state"], is_leaf=lambda x: hasattr(x, "mu"))
-    assert any(getattr(x, "mu", None) is not None and x.mu["layers"][0]["mlp"]["up"].sharding == up.sharding for x in mu)
+    # Really sharded: the big weights are split over all 8 devices, and Adam's moments follow them.
+    weight = got_state["params"]["layers"][0]["mlp"]["up"] if "mlp" in params["layers"][0] else got_state["params"]["layers"][0]["moe"]["up"]
+    assert len(weight.addressable_shards) == 8 and weight.addressable_shards[0].data.size == weight.size // 8
+    mu = [x for x in jax.tree_util.tree_leaves(got_state["opt_state"], is_leaf=lambda x: hasattr(x, "mu")) if hasattr(x, "mu")]
+    assert mu and all(a.sharding == b.sharding for a, b in zip(jax.tree_util.tree_leaves(mu[0].mu), jax.tree_util.tree_leaves(got_state["params"])))
     np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(got["grad_norm"]), float(want["grad_norm"]), rtol=1e-4)
     for a, b in zip(jax.tree_util.tree_leaves(got_state["params"]), jax.tree_util.tree_leaves(want_state["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 # Settings that determine which batches a step sees: a resumed run must keep them.
 DATA_KEYS = ("data", "seed", "batch_size", "seq_len", "grad_accum")
@@ -21,6 +22,15 @@ DATA_KEYS = ("data", "seed", "batch_size", "seq_len", "grad_accum")
 
 class ResumeMismatchError(ValueError):
     pass
+
+
+def checkpoint_dir(directory: str | Path) -> epath.Path:
+    """A local directory (made absolute) or a cloud URL such as gs://bucket/run, which multi-host
+    runs need: every host writes its own shards to storage all hosts share."""
+    text = str(directory)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(Path(text).expanduser().absolute())
 
 
 class TrainCheckpoints:
@@ -31,7 +41,7 @@ class TrainCheckpoints:
     """
 
     def __init__(self, directory: str | Path, *, save_every: int, keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).expanduser().absolute()
+        self.directory = checkpoint_dir(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=max(save_every, 1), enable_async_checkpointing=async_save
         )

@@ -99,6 +99,15 @@ def memory_gib(device: jax.Device | None = None) -> tuple[float, float, float] |
     return gib("bytes_in_use"), gib("peak_bytes_in_use"), gib("bytes_limit")
 
 
+def host_peak_rss_gib() -> float:
+    """This process's peak resident memory (the CPU backend's arrays live there)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
+
+
 def format_step(
     step: int, metrics: dict, seconds: float, tokens: float, flops_per_token: float, num_devices: int, peak: float | None,
     note: str = "",
@@ -121,6 +130,8 @@ def format_step(
     mem = memory_gib()
     if mem is not None:
         parts.append(f"mem {mem[0]:.1f}/{mem[2]:.1f} GiB (peak {mem[1]:.1f})")
+    else:
+        parts.append(f"host peak RSS {host_peak_rss_gib():.2f} GiB")
     if note:
         parts.append(note)
     return "  ".join(parts)

@@ -164,8 +164,6 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
     config, params, tokenizer_files = load_model(tc, shardings_for)
     config.remat_policy = tc.remat
     family = family_module(config)
-    if tc.remat != "none" and not hasattr(family, "remat_layer"):
-        log(f"warning: the {config.family} forward does not apply remat policies yet; --remat {tc.remat} has no effect")
 
     tokens = data_lib.load_tokens(tc.data, tc.data_dtype)
     if tc.heldout_fraction:

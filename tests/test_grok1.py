@@ -180,6 +180,16 @@ def test_detail(detail, detail_case):
     assert altered > 20 * TOL, (detail, faithful, altered)
 
 
+def test_norm_eps_is_read_from_the_config():
+    """RMSNorm's eps (1e-5, checked in test_released_config) reaches every norm: at an eps large
+    enough to matter we still match the reference, and not the reference at 1e-5."""
+    c = tiny_config(num_layers=1, norm_eps=0.5)
+    params = random_params(c, seed=12)
+    ours = jit_forward(c)(params, jnp.asarray(TOKENS))
+    assert _rel_err(ours, reference_logits(params, TOKENS, c)) < TOL
+    assert _rel_err(ours, reference_logits(params, TOKENS, tiny_config(num_layers=1))) > 20 * TOL
+
+
 def _reference_moe(x, layer, c, renormalize=False):
     x = np.asarray(x, np.float64)
     P = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), layer)
@@ -248,6 +258,7 @@ def test_released_config():
     assert (c.attn_logit_softcap, c.norm_eps, c.rope_theta, c.activation) == (30.0, 1e-5, 10_000.0, "gelu_tanh")
     assert (c.pad_token_id, c.eos_token_id, c.bos_token_id, c.tokenizer) == (0, 2, 1, "sentencepiece")
     shapes = jax.eval_shape(lambda k: grok1.init_params(c, k, jnp.bfloat16), jax.random.key(0))
+    assert shapes["layers"][0]["router"].dtype == jnp.float32  # the release routes in float32
     n = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
     assert 314e9 < n < 317e9  # "314B": 64 x (8 experts x 3 x 6144 x 32768 + attention) + embedding
     active = n - 64 * 6 * 3 * 6144 * 32768  # 2 of 8 experts per token
@@ -325,3 +336,21 @@ def test_sentencepiece_tokenizer():
     ids = tok.encode("The answer to life the universe and everything is of course")
     assert ids[0] == get_config("grok-1").bos_token_id and all(0 < i < 131072 for i in ids)
     assert tok.decode(ids[1:]) == "The answer to life the universe and everything is of course"
+
+
+def test_generate_cli_on_the_tiny_preset(capsys):
+    """`python -m vishwam_jax.generate --model grok-1-tiny` runs end to end (random weights, bytes)."""
+    from vishwam_jax import generate
+
+    assert generate.run(["--model", "grok-1-tiny", "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("Hi") and "decode 4 tokens" in out.err
+
+
+@pytest.mark.skipif(not TOKENIZER.exists(), reason=f"{TOKENIZER} not present")
+def test_tokenizer_larger_than_the_vocabulary_is_refused():
+    from vishwam_jax.tokenizer import tokenizer_from_file
+
+    with pytest.raises(ValueError, match="has 131072 tokens but the model's vocabulary has 512"):
+        tokenizer_from_file(TOKENIZER, get_config("grok-1-tiny"))
+    assert tokenizer_from_file(TOKENIZER, get_config("grok-1-small")).vocab_size == 131072

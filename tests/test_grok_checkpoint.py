@@ -7,10 +7,12 @@ a converted directory carrying the release's SentencePiece tokenizer."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import pickle
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,9 +25,11 @@ from grok_utils import jit_forward, random_params, tiny_config
 
 import vishwam_jax as vj
 from vishwam_jax.checkpoint import grok_release, hf_grok, orbax_io
+from vishwam_jax.models import grok1
 from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError
 from vishwam_jax.presets import get_config
 
+generate_cli = importlib.import_module("vishwam_jax.generate")
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "grok1-tokenizer.model"
 ROW_BLOCKS = 2  # the release stores one row of scales per tensor-parallel shard of the input axis
 
@@ -171,6 +175,12 @@ def test_default_storage_is_bfloat16_for_dequantized_weights(release, tmp_path):
     assert orbax_io.read_config(tmp_path / "m").family == "grok1"
 
 
+def convert_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m vishwam_jax.convert ...` in a subprocess, as a user runs it (importing that module
+    here would replace the package's `convert` function with the module of the same name)."""
+    return subprocess.run([sys.executable, "-m", "vishwam_jax.convert", *args], capture_output=True, text=True, timeout=300)
+
+
 def _dense(w) -> np.ndarray:
     return np.asarray(w["int8"], np.float32) * np.asarray(w["scale"], np.float32)
 
@@ -185,6 +195,7 @@ def test_keep_int8_runs_weight_only_int8(release, forward, tmp_path):
     assert layer["attn"]["o"]["scale"].shape == (1, 1, 32)
     assert layer["moe"]["down"]["int8"].shape == (4, 48, 32) and layer["moe"]["down"]["scale"].shape == (4, 1, 32)
     model = vj.load(dst, dtype=np.float32)
+    assert model.params["layers"][0]["moe"]["gate"]["int8"].dtype == jnp.int8  # loaded as int8, not dequantized
     expected = dequantized_params(tree, c)
     for n in (2, 10):
         got, want = model.params["layers"][n], expected["layers"][n]
@@ -212,8 +223,15 @@ def test_int8_error_against_the_original_float_model(keep_int8, tmp_path):
     c = tiny_config(num_layers=2)
     params = random_params(c, seed=11)
     write_release(tmp_path / "src", release_tree(params, c))
-    grok_release.convert(tmp_path / "src", tmp_path / "m", config={"preset": "grok-1-tiny", "num_layers": 2}, keep_int8=keep_int8, dtype=np.float32)
-    model = vj.load(tmp_path / "m", dtype=np.float32)
+    # Through the command line, as a user converts: config overrides in the release's field names.
+    config = {"preset": "grok-1-tiny", "num_layers": 2}
+    if keep_int8:  # through the command line, as a user converts: overrides in the release's field names
+        r = convert_cli(str(tmp_path / "src"), str(tmp_path / "m"), "--config", json.dumps(config), "--dtype", "float32", "--keep-int8")
+        assert r.returncode == 0, r.stderr
+    else:
+        vj.convert(tmp_path / "src", tmp_path / "m", config=config, dtype=np.float32)
+    model = vj.load(tmp_path / "m")
+    assert jax.tree_util.tree_leaves(model.params["layers"][1]["moe"])[0].dtype == (jnp.int8 if keep_int8 else jnp.float32)
     assert _rel_err(model.logits(TOKENS), jit_forward(c)(params, jnp.asarray(TOKENS))) < 0.06
     # Cached generation runs on the int8 weights too.
     prompt = [5, 6, 7, 8]
@@ -222,6 +240,37 @@ def test_int8_error_against_the_original_float_model(keep_int8, tmp_path):
     for _ in range(3):
         seq.append(int(jnp.argmax(model.logits([seq + [0] * (8 - len(seq))])[0, len(seq) - 1])))
     assert out == seq[len(prompt) :]
+
+
+def test_weight_only_int8_keeps_no_dequantized_copy(monkeypatch):
+    """The int8 forward's scratch memory is far below one bfloat16 copy of its int8 weights: each
+    matmul converts its weight inside the product. Dequantizing the weights up front (the thing this
+    guards against) needs ~2x that copy in this model. Measured with the reference grouped matmul,
+    because XLA:CPU's ragged_dot lowering needs large temporaries of its own, int8 or not."""
+    monkeypatch.setenv("VISHWAM_GMM_IMPL", "reference")
+    c = tiny_config(num_layers=4, d_model=256, ffn_dim=512, num_q_heads=8, num_kv_heads=2, key_size=32)
+    params = random_params(c, seed=13)
+    for L in params["layers"]:
+        L["attn"] = {k: grok_release.requantize(w, (0, 1) if k == "o" else (0,)) for k, w in L["attn"].items()}
+        L["moe"] = {k: grok_release.requantize(w, (1,)) for k, w in L["moe"].items()}
+        for group in ("attn", "moe"):
+            L[group] = {k: {"int8": q, "scale": s} for k, (q, s) in L[group].items()}
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.int8 if a.dtype == np.int8 else jnp.bfloat16), params)
+    int8_bytes = sum(a.size for a in jax.tree_util.tree_leaves(params) if a.dtype == jnp.int8)
+    step = jax.jit(lambda p, t: grok1.forward(p, t, c)[0]).lower(params, jnp.ones((1, 1), jnp.int32)).compile()
+    assert step.memory_analysis().temp_size_in_bytes < 0.5 * (2 * int8_bytes)
+
+
+def test_convert_cli_help_warns_about_pickles():
+    r = convert_cli("--help")
+    help_text = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "unpickling can run code: convert only checkpoints from a source you trust" in help_text
+    assert "--keep-int8" in help_text and "--config" in help_text
+
+
+def test_convert_cli_reports_bad_config_fields(release, tmp_path):
+    r = convert_cli(str(release[3]), str(tmp_path / "m"), "--config", '{"hidden_size": 32}')
+    assert r.returncode == 2 and "unknown Grok-1 config field(s) hidden_size" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_leaf_order_is_lexicographic():
@@ -277,18 +326,21 @@ def test_tokenizer_model_is_copied(release, tmp_path):
 
 
 @pytest.mark.skipif(not TOKENIZER.exists(), reason=f"{TOKENIZER} not present")
-def test_generation_with_the_release_tokenizer(tmp_path):
+def test_generation_with_the_release_tokenizer(tmp_path, capsys):
     """A converted directory carries the release's tokenizer.model; text in, text out."""
     overrides = {"preset": "grok-1-tiny", "vocab_size": 131072, "num_layers": 2}
     c = grok_release.resolve_config(overrides)
     write_release(tmp_path / "src", release_tree(random_params(c, seed=8), c))
     shutil.copyfile(TOKENIZER, tmp_path / "src" / "tokenizer.model")
     vj.convert(tmp_path / "src", tmp_path / "m", config=overrides)
-    model = vj.load(tmp_path / "m")
-    ids = model.tokenizer.encode("The answer to life the universe and everything is")
-    assert ids[0] == c.bos_token_id
-    out = np.asarray(model.generate([ids], 5))[0]
-    assert out.shape == (5,) and isinstance(model.tokenizer.decode(out), str)
+    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == TOKENIZER.read_bytes()
+    tokenizer = vj.load(tmp_path / "m").tokenizer
+    ids = tokenizer.encode("The answer to life the universe and everything is")
+    assert ids[0] == c.bos_token_id and tokenizer.decode(ids[1:]) == "The answer to life the universe and everything is"
+    prompt = "The answer to life"
+    assert generate_cli.run(["--model", str(tmp_path / "m"), "--prompt", prompt, "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith(prompt) and "decode 5 tokens" in out.err
 
 
 # -- refusals -------------------------------------------------------------------------------------
@@ -339,6 +391,10 @@ def test_refuses_unknown_config_fields():
         grok_release.resolve_config({"hidden_size": 6144})
     with pytest.raises(ValueError, match="not Grok-1"):
         grok_release.resolve_config("gemma-tiny")
+    with pytest.raises(ValueError, match="num_layers must be a positive integer, not 2.5"):
+        grok_release.resolve_config({"num_layers": 2.5})
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        grok_release.resolve_config({"num_kv_heads": 5})
     c = grok_release.resolve_config('{"num_layers": 2, "emb_size": 1024, "widening_factor": 4}')
     assert (c.num_layers, c.d_model, c.ffn_dim, c.num_q_heads) == (2, 1024, 2736, 48)
 

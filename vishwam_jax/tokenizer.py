@@ -65,6 +65,10 @@ class HFTokenizer:
         except Exception as err:  # the library raises a bare Exception on malformed files
             raise ValueError(f"{path} is not a valid tokenizer.json: {err}") from None
 
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
@@ -85,3 +89,18 @@ def load_tokenizer(config, directory: str | Path | None = None) -> Tokenizer | N
     if (directory / "tokenizer.json").exists():
         return HFTokenizer(directory / "tokenizer.json")
     return None
+
+
+def tokenizer_from_file(path: str | Path, config) -> Tokenizer:
+    """A SentencePiece `*.model` or a `tokenizer.json`, checked against the model's vocabulary (ids
+    past it would be silently clamped by the embedding lookup)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"tokenizer file {path} does not exist")
+    if path.suffix == ".json":
+        tok = HFTokenizer(path)
+    else:
+        tok = SentencePieceTokenizer(path, add_bos=bool(config.get("add_bos", True)))
+    if tok.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocabulary has {config.vocab_size}")
+    return tok

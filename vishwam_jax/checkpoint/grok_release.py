@@ -70,6 +70,10 @@ RELEASE_FIELDS = {
 }
 
 
+class GrokConfigError(CheckpointFormatError):
+    """The configuration given for a release checkpoint (which ships none) is not a valid Grok-1 one."""
+
+
 @dataclasses.dataclass
 class QuantizedWeight8bit:
     """The release's int8 weight: dense = weight.astype(scales.dtype) * scales."""
@@ -196,9 +200,10 @@ def resolve_config(config: str | Mapping | ml_collections.ConfigDict = "grok-1")
         c = ml_collections.ConfigDict(config.to_dict())
     elif isinstance(config, str) and config.lstrip().startswith("{"):
         try:
-            return resolve_config(json.loads(config))
+            overrides = json.loads(config)
         except json.JSONDecodeError as err:
-            raise ValueError(f"config {config!r} is not valid JSON: {err}") from None
+            raise GrokConfigError(f"config {config!r} is not valid JSON: {err}") from None
+        return resolve_config(overrides)
     elif isinstance(config, str):
         c = get_config(config)
     elif isinstance(config, Mapping):
@@ -206,22 +211,27 @@ def resolve_config(config: str | Mapping | ml_collections.ConfigDict = "grok-1")
         base = overrides.pop("preset", "grok-1")
         unknown = sorted(set(overrides) - set(RELEASE_FIELDS))
         if unknown:
-            raise ValueError(
+            raise GrokConfigError(
                 f"unknown Grok-1 config field(s) {', '.join(unknown)}; the release's fields are: {', '.join(RELEASE_FIELDS)}"
             )
         c = get_config(base)
         for key, value in overrides.items():
             field = RELEASE_FIELDS[key]
-            setattr(c, field, type(c[field])(value))
+            kind = type(c[field])
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (kind is int and value != int(value)):
+                raise GrokConfigError(f"config field {key} must be a positive {'integer' if kind is int else 'number'}, not {value!r}")
+            setattr(c, field, kind(value))
         c.ffn_dim = ffn_size(c.d_model, c.widening_factor)
         if overrides:
             c.name = f"{base} ({', '.join(f'{k}={v}' for k, v in overrides.items())})"
     else:
-        raise TypeError(f"config must be a preset name, a dict or a ConfigDict, not {type(config).__name__}")
+        raise GrokConfigError(f"config must be a preset name, a dict or a ConfigDict, not {type(config).__name__}")
     if c.get("family") != "grok1":
-        raise ValueError(f"config {c.get('name')!r} is a {c.get('family')!r} model, not Grok-1")
+        raise GrokConfigError(f"config {c.get('name')!r} is a {c.get('family')!r} model, not Grok-1")
     if c.num_q_heads % c.num_kv_heads:
-        raise ValueError(f"num_q_heads ({c.num_q_heads}) must be a multiple of num_kv_heads ({c.num_kv_heads})")
+        raise GrokConfigError(f"num_q_heads ({c.num_q_heads}) must be a multiple of num_kv_heads ({c.num_kv_heads})")
+    if c.num_selected_experts > c.num_experts:
+        raise GrokConfigError(f"num_selected_experts ({c.num_selected_experts}) exceeds num_experts ({c.num_experts})")
     return c
 
 
@@ -400,6 +410,7 @@ def convert(
     """
     src, dst = Path(src), Path(dst)
     c = resolve_config(config)
+    c.tokenizer = "sentencepiece"  # the release's tokenizer.model, whatever a small preset used
     plan = leaf_plan(c)
     ckpt, files = leaf_files(src, len(plan))
     dequant_dtype = np.dtype(dtype) if dtype is not None else np.dtype(ml_dtypes.bfloat16)

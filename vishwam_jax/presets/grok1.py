@@ -75,6 +75,9 @@ def _grok1_tiny():
     before decoder_layer_2) differs from the numeric one."""
     c = _small(d=32, layers=12, q_heads=4, kv_heads=2, key_size=8, widening=2, experts=4, vocab=512)
     c.max_seq_len = 128
+    # Text in and out without a tokenizer file (ids 3-255 are bytes; 0/1/2 keep the release's
+    # pad/bos/eos, which are control characters no prompt contains).
+    c.tokenizer = "bytes"
     return c
 
 

@@ -1,13 +1,26 @@
-"""Grouped-matmul benchmark (GPU): our Pallas gmm vs jax.lax.ragged_dot, JAX's Mosaic-GPU ragged_dot
-example and a dense bf16 matmul of the same FLOPs; decode sizes against measured copy bandwidth.
+#!/usr/bin/env python
+"""Grouped-matmul benchmark (one GPU): our Pallas `gmm` against `jax.lax.ragged_dot`, JAX's Hopper example
+kernel (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`) and a dense bf16 matmul of the same FLOPs.
 
-    python scripts/benchmark_gmm.py            # full shape set (DeepSeek-V3, Grok-1, decode)
-    python scripts/benchmark_gmm.py --quick    # reduced set
-    python scripts/benchmark_gmm.py --tune     # time a few block configs per regime, then exit
+    python scripts/benchmark_gmm.py              # DeepSeek-V3, Grok-1 and decode tables (~4 min on an H100)
+    python scripts/benchmark_gmm.py --quick      # a subset
+    python scripts/benchmark_gmm.py --tune       # the tables, then a sweep of block configs per regime
+    python scripts/benchmark_gmm.py --smoke      # tiny shapes in Pallas interpret mode (checks this script on CPU)
 
-Every shape is first checked against an exact float32 product (the rows of a few groups, and the
-zero rows past sum(group_sizes)), and a medium problem is checked in full against gmm_reference,
-with transpose_rhs, int8 weights, tgmm and both gradients. Any mismatch exits non-zero.
+Shapes: DeepSeek-V3 (G=256 and G=32 local experts; K=7168, N=4096 and K=2048, N=7168; M = 8 routed
+copies x 512 / 4096 / 16384 tokens), Grok-1 (G=8; K=6144, N=65536 and K=32768, N=6144; M=16384), each
+with balanced and Zipf-skewed (p ~ 1/rank^1.2) expert loads; decode sizes (DeepSeek top-8 and Grok top-2
+routing of 1..64 tokens), where reading the active experts' weights bounds the time: reported as GB/s
+of weights against the copy bandwidth measured in the same run (bf16 and int8 weights).
+
+Correctness, before any timing: medium problems against `gmm_reference` in full (bf16 / float32,
+transposed rhs, int8 weights, tgmm and both gradients through the custom VJP), and on every benchmark
+shape an exact float32 product for the rows of three groups plus the zero rows past sum(group_sizes).
+Exit status: 0 all checks passed, 1 a mismatch, 2 no GPU.
+
+`jax.lax.ragged_dot` is lowered by XLA to a dense masked product over all groups, which allocates
+about G * M * (2K + 4N) bytes; shapes where that exceeds RAGGED_DOT_MAX_BYTES are reported as skipped
+rather than run into an out-of-memory error.
 """
 
 from __future__ import annotations
@@ -15,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import inspect
 import json
 import sys
 import time
@@ -30,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def _import_kernels():
-    """The kernel modules; if the package's __init__ cannot import (missing optional dependencies on
-    a bare GPU box), load the two modules alone under stub parent packages."""
+    """The kernel modules; if the package's __init__ cannot import (optional dependencies missing on a
+    bare GPU box), load the two modules alone under empty parent packages."""
     try:
         from vishwam_jax.pallas_kernels import _gmm_gpu, grouped_matmul
 
@@ -61,15 +75,26 @@ def _import_kernels():
 _gmm_gpu, grouped_matmul = _import_kernels()
 
 TOL = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float32): 2e-3}
+RAGGED_DOT_MAX_BYTES = 50 * 2**30  # H100: 80 GB, of which the weights of one shape take up to 15 GB
+IMPL = "pallas_gpu"  # --smoke swaps in "pallas_interpret"
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".replace("\n", " ")[:160]
 
 
 # ---------------------------------------------------------------------------------------------
 # Timing and ceilings
 
 
-def time_fn(fn, *args, inner: int = 5, reps: int = 7, budget_s: float = 20.0) -> float:
-    """Median seconds per call: `inner` calls queued back to back per sample (hides the host sync),
-    `reps` samples after a compile + warm-up call. Stops early when a call is very slow."""
+def time_fn(fn, *args, inner: int = 3, reps: int = 5, budget_s: float = 10.0) -> float:
+    """Median seconds per call: `inner` calls queued back to back per sample (hides the host round
+    trip), `reps` samples after a compile call and one timed warm-up call. Fewer samples when a call is
+    slow enough to blow `budget_s`."""
     jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -87,13 +112,13 @@ def time_fn(fn, *args, inner: int = 5, reps: int = 7, budget_s: float = 20.0) ->
     return float(np.median(samples))
 
 
-def copy_bandwidth() -> float:
-    """Bytes/s of a 2 GiB device copy (bytes read + bytes written), random data."""
-    x = jax.random.normal(jax.random.key(0), (1 << 30,), jnp.bfloat16)
-    fn = jax.jit(lambda a: a * 2)  # a copy XLA cannot elide
-    return 2 * x.nbytes / time_fn(fn, x, inner=10)
+def copy_bandwidth(elems: int) -> float:
+    """Bytes/s (read + write) of an elementwise pass over `elems` bf16 values of random data."""
+    x = jax.random.normal(jax.random.key(0), (elems,), jnp.bfloat16)
+    return 2 * x.nbytes / time_fn(jax.jit(lambda a: a * 2), x, inner=10)
 
 
+@functools.lru_cache(maxsize=None)
 def dense_seconds(m: int, k: int, n: int) -> float:
     ka, kb = jax.random.split(jax.random.key(1))
     a = jax.random.normal(ka, (m, k), jnp.bfloat16)
@@ -101,27 +126,18 @@ def dense_seconds(m: int, k: int, n: int) -> float:
     return time_fn(jax.jit(lambda x, y: x @ y), a, b)
 
 
+def random_weights(g: int, k: int, n: int, key: int = 5, dtype=jnp.bfloat16):
+    """[g, k, n] random weights, one expert at a time (no [g*k*n] float32 intermediate)."""
+    keys = jax.random.split(jax.random.key(key), g)
+    if jnp.issubdtype(dtype, jnp.integer):
+        make = lambda kk: jax.random.randint(kk, (k, n), -127, 128, jnp.int32).astype(dtype)  # noqa: E731
+    else:
+        make = lambda kk: (jax.random.normal(kk, (k, n), jnp.float32) / np.sqrt(k)).astype(dtype)  # noqa: E731
+    return jax.jit(lambda ks: jax.lax.map(make, ks))(keys)
+
+
 # ---------------------------------------------------------------------------------------------
 # Problems
-
-
-def group_sizes_for(m: int, g: int, kind: str, seed: int, top_k: int = 8) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if kind == "balanced":
-        sizes = np.full(g, m // g)
-        sizes[: m - sizes.sum()] += 1
-    elif kind == "zipf":  # expert popularity ~ 1/rank^1.2, experts in random order
-        p = 1.0 / np.arange(1, g + 1) ** 1.2
-        sizes = rng.multinomial(m, rng.permutation(p / p.sum()))
-    elif kind == "decode":  # every token picks min(top_k, g) distinct experts
-        tokens = m // top_k
-        picks = np.stack([rng.choice(g, size=min(top_k, g), replace=False) for _ in range(tokens)])
-        sizes = np.bincount(picks.ravel(), minlength=g)
-        if sizes.sum() < m:  # top_k > g: the remaining rows are padding rows (zero in the output)
-            pass
-    else:
-        raise ValueError(kind)
-    return sizes.astype(np.int32)
 
 
 @dataclasses.dataclass
@@ -131,29 +147,52 @@ class Problem:
     k: int
     n: int
     m: int
-    dist: str
-    decode: bool = False
+    dist: str  # balanced | zipf | decode
+    top_k: int = 8
+
+    @property
+    def decode(self) -> bool:
+        return self.dist == "decode"
 
 
-def problems(quick: bool) -> list[Problem]:
-    out = []
+def group_sizes_for(p: Problem, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if p.dist == "balanced":
+        sizes = np.full(p.g, p.m // p.g)
+        sizes[: p.m - sizes.sum()] += 1
+    elif p.dist == "zipf":  # expert popularity ~ 1/rank^1.2, ranks in random expert order
+        prob = 1.0 / np.arange(1, p.g + 1) ** 1.2
+        sizes = rng.multinomial(p.m, rng.permutation(prob / prob.sum()))
+    elif p.dist == "decode":  # every token routed to top_k distinct experts
+        tokens = p.m // p.top_k
+        picks = np.stack([rng.choice(p.g, size=p.top_k, replace=False) for _ in range(tokens)])
+        sizes = np.bincount(picks.ravel(), minlength=p.g)
+    else:
+        raise ValueError(p.dist)
+    return sizes.astype(np.int32)
+
+
+def problems(quick: bool, smoke: bool) -> list[Problem]:
+    if smoke:  # interpret mode on CPU: tiny, but still uneven groups and several tiles
+        return [Problem("smoke G=8 K=64 N=512", 8, 64, 512, 200, d) for d in ("balanced", "zipf")] + [
+            Problem("smoke decode G=16 K=64 N=512", 16, 64, 512, 16, "decode", top_k=4)]
+    dsv3, grok, decode = [], [], []
     for g in (256, 32):
         for k, n in ((7168, 4096), (2048, 7168)):
             if quick and k == 2048:
                 continue
-            tokens = {256: [2048, 8192], 32: [8192]}[g] if quick else [512, 2048, 8192, 16384]
-            for t in tokens:
+            for tokens in (4096, 16384) if quick else (512, 4096, 16384):
                 for dist in ("balanced", "zipf"):
-                    out.append(Problem(f"DSv3 G={g} K={k} N={n}", g, k, n, 8 * t, dist))
-    for k, n in [(6144, 65536)] if quick else [(6144, 65536), (32768, 6144)]:
+                    dsv3.append(Problem(f"DSv3 G={g} K={k} N={n}", g, k, n, 8 * tokens, dist))
+    for k, n in ((6144, 65536),) if quick else ((6144, 65536), (32768, 6144)):
         for dist in ("balanced", "zipf"):
-            out.append(Problem(f"Grok-1 G=8 K={k} N={n}", 8, k, n, 16384, dist))
-    decode = [(256, 7168, 4096, (1, 64)), (8, 6144, 65536, (8,))] if quick else [
-        (256, 7168, 4096, (1, 8, 64)), (256, 2048, 7168, (1, 8, 64)), (8, 6144, 65536, (1, 8, 64))]
-    for g, k, n, tokens in decode:
-        for t in tokens:
-            out.append(Problem(f"decode G={g} K={k} N={n}", g, k, n, 8 * t, "decode", decode=True))
-    return out
+            grok.append(Problem(f"Grok-1 G=8 K={k} N={n}", 8, k, n, 16384, dist, top_k=2))
+    for model, g, k, n, top_k, tokens in [("DSv3", 256, 7168, 4096, 8, (1, 8, 64)), ("DSv3", 256, 2048, 7168, 8, (1, 64)),
+                                          ("Grok-1", 8, 6144, 65536, 2, (1, 8, 64))]:
+        for t in ((tokens[0], tokens[-1]) if quick else tokens):
+            decode.append(Problem(f"decode {model} G={g} K={k} N={n} top{top_k}", g, k, n, top_k * t, "decode", top_k))
+    # Cheapest first, so that a tight --budget still leaves every table with rows.
+    return decode + grok + dsv3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,8 +207,8 @@ def rel_err(x, ref) -> float:
 
 
 def spot_check(out, lhs, rhs, sizes: np.ndarray, scale=None) -> float:
-    """Exact float32 product for the rows of the largest, the smallest non-empty and a random group,
-    plus the rows past sum(group_sizes) (must be exactly zero). Returns the worst relative error."""
+    """Worst relative error over the rows of the largest, the smallest non-empty and a random group
+    against an exact float32 product; inf if a row past sum(group_sizes) is not exactly zero."""
     ends = np.cumsum(sizes)
     starts = ends - sizes
     nonempty = np.flatnonzero(sizes)
@@ -189,59 +228,56 @@ def spot_check(out, lhs, rhs, sizes: np.ndarray, scale=None) -> float:
     return worst
 
 
-def full_checks() -> list[str]:
+def full_checks(smoke: bool) -> list[str]:
     try:
-        return _full_checks()
+        return _full_checks(smoke)
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         return [f"full checks raised {short(e)}"]
 
 
-def _full_checks() -> list[str]:
+def _full_checks(smoke: bool) -> list[str]:
     """Medium problems against gmm_reference: every option and both gradients, compiled kernels."""
     failures = []
     key = iter(jax.random.split(jax.random.key(42), 32))
-    m, k, n = 1000, 512, 384
-    sizes = np.array([0, 130, 0, 257, 64, 1, 300, 0], np.int32)  # sum < m, empty first/last groups
+    m, k, n = (100, 48, 40) if smoke else (1000, 520, 392)  # K, N not multiples of the blocks
+    sizes = np.array([0, 13, 0, 25, 6, 1, 30, 0] if smoke else [0, 130, 0, 257, 64, 1, 300, 0], np.int32)
     g = len(sizes)
-    gs = jnp.asarray(sizes)
+    gs = jnp.asarray(sizes)  # sum < m, empty first / last / middle groups
+
+    def check(name, got, want, tol):
+        err = rel_err(got, want)
+        log(f"  check {name}: rel err {err:.2e}")
+        if not err < tol:
+            failures.append(f"{name}: rel err {err:.3g} > {tol}")
+
     for dtype in (jnp.bfloat16, jnp.float32):
         lhs = jax.random.normal(next(key), (m, k), dtype)
         for transpose in (False, True):
             rhs = jax.random.normal(next(key), (g, n, k) if transpose else (g, k, n), dtype)
-            got = jax.jit(functools.partial(grouped_matmul.gmm, transpose_rhs=transpose))(lhs, rhs, gs)
+            got = jax.jit(functools.partial(grouped_matmul.gmm, transpose_rhs=transpose, implementation=IMPL))(
+                lhs, rhs, gs)
             ref = grouped_matmul.gmm_reference(lhs, rhs, gs, transpose_rhs=transpose)
-            err = rel_err(got, ref)
-            print(f"  check gmm {jnp.dtype(dtype).name} transpose={transpose}: rel err {err:.2e}")
-            if not err < TOL[jnp.dtype(dtype)]:
-                failures.append(f"gmm {dtype} transpose={transpose}: {err}")
+            check(f"gmm {jnp.dtype(dtype).name} transpose_rhs={transpose}", got, ref, TOL[jnp.dtype(dtype)])
     lhs = jax.random.normal(next(key), (m, k), jnp.bfloat16)
     q = jax.random.randint(next(key), (g, k, n), -127, 128, jnp.int8)
     scale = jax.random.uniform(next(key), (g, 1, n), jnp.float32, 0.005, 0.02)
-    got = jax.jit(lambda a, b, s: grouped_matmul.gmm(a, b, gs, rhs_scale=s))(lhs, q, scale)
-    err = rel_err(got, grouped_matmul.gmm_reference(lhs, q, gs, rhs_scale=scale))
-    print(f"  check gmm int8: rel err {err:.2e}")
-    if not err < 2e-2:
-        failures.append(f"gmm int8: {err}")
+    got = jax.jit(lambda a, b, s: grouped_matmul.gmm(a, b, gs, rhs_scale=s, implementation=IMPL))(lhs, q, scale)
+    check("gmm int8 weights", got, grouped_matmul.gmm_reference(lhs, q, gs, rhs_scale=scale), 2e-2)
     grad = jax.random.normal(next(key), (m, n), jnp.bfloat16)
-    got = jax.jit(lambda a, b: grouped_matmul.tgmm(a, b, gs, num_groups=g))(lhs, grad)
-    err = rel_err(got, grouped_matmul.tgmm_reference(lhs, grad, gs, num_groups=g))
-    print(f"  check tgmm: rel err {err:.2e}")
-    if not err < 2e-2:
-        failures.append(f"tgmm: {err}")
+    got = jax.jit(lambda a, b: grouped_matmul.tgmm(a, b, gs, num_groups=g, implementation=IMPL))(lhs, grad)
+    check("tgmm", got, grouped_matmul.tgmm_reference(lhs, grad, gs, num_groups=g), 2e-2)
     rhs = jax.random.normal(next(key), (g, k, n), jnp.float32) / np.sqrt(k)
     lhs32 = lhs.astype(jnp.float32)
 
     def loss(fn, a, b):
         return jnp.sum(jnp.sin(fn(a, b, gs)))
 
-    got = jax.jit(jax.grad(functools.partial(loss, grouped_matmul.gmm), argnums=(0, 1)))(lhs32, rhs)
-    ref = jax.grad(functools.partial(loss, grouped_matmul.gmm_reference), argnums=(0, 1))(lhs32, rhs)
-    for name, a, b in zip(("d lhs", "d rhs"), got, ref):
-        err = rel_err(a, b)
-        print(f"  check grad {name}: rel err {err:.2e}")
-        if not err < 2e-3:
-            failures.append(f"grad {name}: {err}")
+    ours = functools.partial(grouped_matmul.gmm, implementation=IMPL)
+    got = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1)))(lhs32, rhs)
+    want = jax.grad(functools.partial(loss, grouped_matmul.gmm_reference), argnums=(0, 1))(lhs32, rhs)
+    check("grad lhs", got[0], want[0], 2e-3)
+    check("grad rhs", got[1], want[1], 2e-3)
     return failures
 
 
@@ -251,268 +287,264 @@ def _full_checks() -> list[str]:
 
 def ours(lhs, rhs, gs, scale=None, config=None):
     if config is None:
-        return grouped_matmul.gmm(lhs, rhs, gs, rhs_scale=scale, implementation="pallas_gpu")
+        return grouped_matmul.gmm(lhs, rhs, gs, rhs_scale=scale, implementation=IMPL)
     return _gmm_gpu.gmm(lhs, rhs, gs, rhs_scale=None if scale is None else scale.reshape(scale.shape[0], -1),
-                        config=config)
+                        config=config, interpret=IMPL == "pallas_interpret")
 
 
-def xla_ragged(lhs, rhs, gs):
-    return jax.lax.ragged_dot(lhs, rhs, gs)
+def ragged_dot_bytes(p: Problem) -> int:
+    """What XLA's dense masked lowering of ragged_dot allocates: a masked lhs copy per group (bf16)
+    and a float32 product per group (the 112 GiB of issue 6 for G=256, M=16384)."""
+    return p.g * p.m * (2 * p.k + 4 * p.n)
 
 
-def mgpu_candidates(p: Problem):
+def mgpu_example():
+    """(function, None) or (None, why it is unavailable)."""
     try:
         from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+        return ragged_dot_mgpu.ragged_dot, None
     except Exception as e:  # noqa: BLE001
-        return f"not importable: {type(e).__name__}"
-    configs = []
-    # One warpgroup holds the block_m x block_n float32 accumulator, so 128x128 is its largest
-    # sensible tile; a 64-row tile when groups hold few rows.
-    block_m = 64 if p.m / p.g < 64 else 128
-    for gbn in MGPU_GRID_BLOCK_N:
-        if p.k % 64 == 0 and p.n % (128 * gbn) == 0:
-            configs.append(dict(block_m=block_m, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=gbn))
-    return [(c, functools.partial(ragged_dot_mgpu.ragged_dot, **c)) for c in configs]
+        return None, "n/a: not importable on jax " + jax.__version__ + f" ({short(e)})"
 
 
-MGPU_GRID_BLOCK_N = (4,)
+def mgpu_config(p: Problem, fn) -> dict | None:
+    """The example's own tuning grid spans block_m/n in {64, 128, 192}, block_k 64, 2..6 stages and
+    grid_block_n 1..16; one warpgroup holds the float32 accumulator, so 128x128 is its sweet spot for
+    many rows per group and a 64-row tile for few."""
+    if p.k % 64 or p.n % 512:
+        return None
+    cfg = dict(block_m=64 if p.m / p.g < 128 else 128, block_n=128, block_k=64, max_concurrent_steps=4,
+               grid_block_n=4)
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in cfg.items() if k in params}
 
 
-def short(e: BaseException) -> str:
-    msg = f"{type(e).__name__}: {e}".replace("\n", " ")
-    return msg[:110]
+# ---------------------------------------------------------------------------------------------
 
 
-def run_problem(p: Problem, rhs, copy_bw: float, args) -> dict:
-    sizes = group_sizes_for(p.m, p.g, p.dist, seed=p.m + p.g)
+def run_problem(p: Problem, rhs, rhs_int8, scale, args) -> dict:
+    sizes = group_sizes_for(p, seed=p.m + p.g)
     gs = jnp.asarray(sizes)
     total = int(sizes.sum())
     lhs = jax.random.normal(jax.random.key(p.m), (p.m, p.k), jnp.bfloat16)
     flops = 2.0 * total * p.k * p.n
-    row = dict(shape=p.name, m=p.m, dist=p.dist, active=int(np.count_nonzero(sizes)))
+    active = int(np.count_nonzero(sizes))
+    weight_bytes = active * p.k * p.n * 2
+    row = dict(shape=p.name, m=p.m, dist=p.dist, active=active, flops=flops)
+    budget = 1.0 if args.smoke else 4.0
+
     f_ours = jax.jit(ours)
     out = f_ours(lhs, rhs, gs)
-    err = spot_check(out, lhs, rhs, sizes)
-    row["err"] = err
-    if not err < TOL[jnp.dtype(jnp.bfloat16)]:
-        row["FAIL"] = f"mismatch {err}"
-    t = time_fn(f_ours, lhs, rhs, gs)
-    row["ours_ms"] = t * 1e3
-    row["ours_tflops"] = flops / t / 1e12
-    weight_bytes = row["active"] * p.k * p.n * 2
-    row["weight_GBps"] = weight_bytes / t / 1e9
-    row["roofline_ms"] = 1e3 * max(flops / args.peak_flops, (weight_bytes + 2 * total * (p.k + p.n)) / copy_bw)
-    if p.decode:
-        q = jax.random.randint(jax.random.key(7), rhs.shape, -127, 128, jnp.int8)
-        scale = jax.random.uniform(jax.random.key(8), (p.g, 1, p.n), jnp.float32, 0.005, 0.02)
-        out8 = f_ours(lhs, q, gs, scale)
-        err8 = spot_check(out8, lhs, q, sizes, scale.reshape(p.g, p.n))
+    row["err"] = spot_check(out, lhs, rhs, sizes)
+    if not row["err"] < TOL[jnp.dtype(jnp.bfloat16)]:
+        row["FAIL"] = f"mismatch: rel err {row['err']:.3g}"
+    t = time_fn(f_ours, lhs, rhs, gs, budget_s=budget)
+    row.update(ours_ms=t * 1e3, ours_tflops=flops / t / 1e12, weight_GBps=weight_bytes / t / 1e9)
+    # The time no kernel can beat: all FLOPs at the dense rate, or all bytes at the copy rate.
+    moved = weight_bytes + 2 * total * (p.k + p.n)
+    row["floor_ms"] = 1e3 * max(flops / args.peak_flops, moved / args.copy_bw)
+
+    if p.decode and rhs_int8 is not None:
+        out8 = f_ours(lhs, rhs_int8, gs, scale)
+        err8 = spot_check(out8, lhs, rhs_int8, sizes, scale.reshape(p.g, p.n))
         if not err8 < 2e-2:
-            row["FAIL"] = f"int8 mismatch {err8}"
-        t8 = time_fn(f_ours, lhs, q, gs, scale)
-        row["int8_ms"] = t8 * 1e3
-        row["int8_weight_GBps"] = weight_bytes / 2 / t8 / 1e9
-        del q
-    if not args.skip_others:
+            row["FAIL"] = f"int8 mismatch: rel err {err8:.3g}"
+        t8 = time_fn(f_ours, lhs, rhs_int8, gs, scale, budget_s=budget)
+        row.update(int8_ms=t8 * 1e3, int8_weight_GBps=weight_bytes / 2 / t8 / 1e9)
+
+    if ragged_dot_bytes(p) > RAGGED_DOT_MAX_BYTES:
+        row["ragged_dot"] = f"skipped (XLA would allocate {ragged_dot_bytes(p) / 2**30:.0f} GiB)"
+    else:
         try:
-            f = jax.jit(xla_ragged)
-            rel = rel_err(f(lhs, rhs, gs), out)
-            tr = time_fn(f, lhs, rhs, gs, budget_s=3)
-            row["ragged_dot_tflops"] = flops / tr / 1e12
-            row["ragged_dot_ms"] = tr * 1e3
-            row["ragged_dot_vs_ours_err"] = rel
+            f = jax.jit(lambda a, b, c: jax.lax.ragged_dot(a, b, c))
+            r = f(lhs, rhs, gs)
+            row["ragged_dot_err"] = spot_check(r, lhs, rhs, sizes)
+            tr = time_fn(f, lhs, rhs, gs, budget_s=budget)
+            row.update(ragged_dot_ms=tr * 1e3, ragged_dot_tflops=flops / tr / 1e12)
+            del r
         except Exception as e:  # noqa: BLE001
             row["ragged_dot"] = "fails: " + short(e)
-        cands = mgpu_candidates(p)
-        if isinstance(cands, str):
-            row["mgpu"] = cands
-        else:
-            best, best_cfg, errs = None, None, []
-            for cfg, fn in cands:
-                try:
-                    f = jax.jit(lambda a, b, c, fn=fn: fn(a, b, group_sizes=c))
-                    r = f(lhs, rhs, gs)
-                    e = spot_check(r, lhs, rhs, sizes)
-                    tm = time_fn(f, lhs, rhs, gs, reps=5, budget_s=3)
-                    if best is None or tm < best:
-                        best, best_cfg = tm, cfg
-                    row["mgpu_err"] = e
-                except Exception as e:  # noqa: BLE001
-                    errs.append(short(e))
-            if best is None:
-                row["mgpu"] = "fails: " + (errs[0] if errs else "no config fits")
-            else:
-                row["mgpu_tflops"] = flops / best / 1e12
-                row["mgpu_ms"] = best * 1e3
-                row["mgpu_cfg"] = "{block_m}x{block_n}x{block_k}/s{max_concurrent_steps}/gbn{grid_block_n}".format(**best_cfg)
+
+    fn, why = mgpu_example()
+    cfg = None if fn is None else mgpu_config(p, fn)
+    if fn is None:
+        row["mgpu"] = why
+    elif cfg is None:
+        row["mgpu"] = "n/a: K % 64 or N % 512 != 0"
+    else:
+        try:
+            f = jax.jit(lambda a, b, c: fn(a, b, group_sizes=c, **cfg))
+            r = f(lhs, rhs, gs)
+            row["mgpu_err"] = spot_check(r, lhs, rhs, sizes)
+            tm = time_fn(f, lhs, rhs, gs, budget_s=budget)
+            row.update(mgpu_ms=tm * 1e3, mgpu_tflops=flops / tm / 1e12,
+                       mgpu_cfg="{block_m}x{block_n}x{block_k}/s{max_concurrent_steps}/gbn{grid_block_n}".format(**cfg))
+        except Exception as e:  # noqa: BLE001
+            row["mgpu"] = "n/a: fails to lower/run: " + short(e)
+
     if not p.decode:
-        td = dense_seconds(p.m, p.k, p.n)
-        row["dense_tflops"] = 2.0 * p.m * p.k * p.n / td / 1e12
-    if args.train and not p.decode and p.dist == "balanced":
-        # The two backward products: d lhs = gmm(grad, rhs^T) and d rhs = tgmm(lhs, grad).
-        grad = jax.random.normal(jax.random.key(9), (p.m, p.n), jnp.bfloat16)
-        f_t = jax.jit(lambda a, b, c: grouped_matmul.gmm(a, b, c, transpose_rhs=True))
-        row["dlhs_tflops"] = flops / time_fn(f_t, grad, rhs, gs) / 1e12
-        f_tg = jax.jit(lambda a, b, c: grouped_matmul.tgmm(a, b, c, num_groups=p.g))
-        dw = f_tg(lhs, grad, gs)
-        gi = int(np.argmax(sizes))
-        s0 = int(np.cumsum(sizes)[gi] - sizes[gi])
-        ref = jnp.dot(lhs[s0:s0 + sizes[gi]].astype(jnp.float32).T, grad[s0:s0 + sizes[gi]].astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
-        e = rel_err(dw[gi], ref)
-        if not e < 2e-2:
-            row["FAIL"] = f"tgmm mismatch {e}"
-        row["drhs_tflops"] = flops / time_fn(f_tg, lhs, grad, gs) / 1e12
-        del grad, dw
+        row["dense_tflops"] = 2.0 * p.m * p.k * p.n / dense_seconds(p.m, p.k, p.n) / 1e12
     return row
 
 
 # ---------------------------------------------------------------------------------------------
-# Tuning
+# Block-config sweep (the winners go into _gmm_gpu.gmm_config by hand, with the numbers in docs/bench_gmm.md)
 
 
-TUNE = {
-    "large": [(128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3),
-              (128, 128, 128, 8, 3), (64, 256, 64, 4, 3)],
-    "medium": [(64, 128, 64, 4, 4), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3), (128, 128, 64, 4, 4),
-               (64, 64, 128, 4, 4)],
-    "small": [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4), (16, 64, 256, 4, 3),
-              (16, 128, 256, 4, 3), (32, 64, 128, 4, 5)],
+SWEEP = {  # (bm, bn, bk, num_warps, num_stages, band)
+    "large": [(128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 4, 8), (128, 128, 64, 4, 4, 8), (256, 128, 64, 8, 3, 8),
+              (128, 256, 64, 8, 3, 16), (128, 128, 128, 8, 3, 8)],
+    "medium": [(64, 128, 64, 4, 4, 8), (64, 256, 64, 8, 3, 8), (128, 128, 64, 4, 4, 8), (64, 128, 128, 4, 3, 8)],
+    "small": [(16, 128, 128, 4, 4, 8), (16, 64, 128, 4, 4, 8), (16, 64, 256, 4, 3, 8), (16, 128, 64, 4, 6, 8),
+              (32, 128, 128, 4, 4, 8), (16, 256, 64, 4, 4, 8)],
 }
 
 
-def tune(args) -> None:
+def sweep(args, deadline: float) -> None:
     cases = [
-        ("large", Problem("DSv3", 32, 7168, 4096, 65536, "balanced")),
-        ("large", Problem("DSv3", 256, 7168, 4096, 65536, "balanced")),
-        ("medium", Problem("DSv3", 256, 7168, 4096, 16384, "balanced")),
-        ("small", Problem("DSv3", 256, 7168, 4096, 4096, "balanced")),
-        ("small", Problem("decode", 256, 7168, 4096, 512, "decode")),
-        ("small", Problem("decode", 256, 7168, 4096, 64, "decode")),
-        ("small", Problem("decode", 8, 6144, 65536, 64, "decode")),
+        ("large", Problem("DSv3", 32, 7168, 4096, 8 * 16384, "balanced")),
+        ("large", Problem("DSv3", 256, 7168, 4096, 8 * 16384, "zipf")),
+        ("medium", Problem("DSv3", 256, 7168, 4096, 8 * 4096, "balanced")),
+        ("small", Problem("decode DSv3", 256, 7168, 4096, 8 * 64, "decode")),
+        ("small", Problem("decode DSv3", 256, 7168, 4096, 8, "decode")),
+        ("small", Problem("decode Grok", 8, 6144, 65536, 2 * 8, "decode", top_k=2)),
     ]
-    rhs_cache = {}
+    rhs, shape = None, None
     for regime, p in cases:
-        shape = (p.g, p.k, p.n)
-        if shape not in rhs_cache:
-            rhs_cache.clear()
-            rhs_cache[shape] = jax.random.normal(jax.random.key(3), shape, jnp.bfloat16)
-        rhs = rhs_cache[shape]
-        sizes = group_sizes_for(p.m, p.g, p.dist, seed=1)
+        if time.perf_counter() > deadline:
+            log(f"sweep: out of time before {p.name} G={p.g} M={p.m}")
+            break
+        if shape != (p.g, p.k, p.n):
+            rhs, shape = None, (p.g, p.k, p.n)
+            rhs = random_weights(*shape)
+        sizes = group_sizes_for(p, seed=1)
         gs = jnp.asarray(sizes)
         lhs = jax.random.normal(jax.random.key(4), (p.m, p.k), jnp.bfloat16)
         flops = 2.0 * sizes.sum() * p.k * p.n
         wbytes = np.count_nonzero(sizes) * p.k * p.n * 2
-        auto = _gmm_gpu.gmm_config(p.m, p.k, p.n, p.g, 2)
-        for c in TUNE[regime] + [None]:
+        auto = _gmm_gpu.gmm_config(p.m, p.k, p.n, p.g, 2, 2)
+        for c in [None] + SWEEP[regime]:
+            if time.perf_counter() > deadline:
+                break
             cfg = auto if c is None else _gmm_gpu.BlockConfig(*c)
             try:
                 f = jax.jit(functools.partial(ours, config=cfg))
-                t = time_fn(f, lhs, rhs, gs, inner=3, reps=3)
-                print(f"tune {p.name} G={p.g} M={p.m} {regime} {'auto ' if c is None else ''}{cfg}: "
-                      f"{t * 1e3:.3f} ms {flops / t / 1e12:.0f} TFLOP/s {wbytes / t / 1e9:.0f} GB/s", flush=True)
+                err = spot_check(f(lhs, rhs, gs), lhs, rhs, sizes)
+                t = time_fn(f, lhs, rhs, gs, inner=3, reps=3, budget_s=2)
+                log(f"sweep {regime} {p.name} G={p.g} M={p.m} {p.dist} {'auto ' if c is None else ''}"
+                    f"{dataclasses.astuple(cfg)}: {t * 1e3:.3f} ms {flops / t / 1e12:.0f} TFLOP/s "
+                    f"{wbytes / t / 1e9:.0f} GB/s err {err:.1e}")
             except Exception as e:  # noqa: BLE001
-                print(f"tune {p.name} M={p.m} {cfg}: fails {short(e)}", flush=True)
+                log(f"sweep {regime} {p.name} M={p.m} {dataclasses.astuple(cfg)}: fails {short(e)}")
 
 
 # ---------------------------------------------------------------------------------------------
+# Tables
 
 
 def fmt(v, spec=".0f"):
-    if v is None:
-        return "-"
-    return format(v, spec)
+    return "-" if v is None else format(v, spec)
 
 
-def print_table(rows: list[dict], copy_bw: float) -> None:
-    print("\n| shape | M | groups | active | ours ms | ours TFLOP/s | dense TFLOP/s | ours/dense | ragged_dot TFLOP/s "
-          "| mgpu example TFLOP/s | roofline ms | ours/roofline |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if r.get("m") is None:
-            continue
-        if "weight_GBps" in r and r["dist"] == "decode":
+def print_tables(rows: list[dict], copy_bw: float, peak: float) -> None:
+    log(f"\nPrefill / training shapes (bf16; dense = one [M, K] x [K, N] matmul, same FLOPs when groups cover M; "
+        f"the largest dense matmul of this run: {peak / 1e12:.0f} TFLOP/s)")
+    log("| shape | M | loads | active | ours ms | ours TFLOP/s | dense TFLOP/s | ours/dense | ragged_dot TFLOP/s "
+        "| mgpu example TFLOP/s | floor ms | floor/ours |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: not r.get("shape", "").startswith("DSv3")):  # stable: DSv3, then Grok-1
+        if r.get("dist") in (None, "decode") or "ours_ms" not in r:
             continue
         rd = fmt(r.get("ragged_dot_tflops")) if "ragged_dot_tflops" in r else r.get("ragged_dot", "-")
         mg = fmt(r.get("mgpu_tflops")) if "mgpu_tflops" in r else r.get("mgpu", "-")
         dense = r.get("dense_tflops")
         ratio = fmt(r["ours_tflops"] / dense, ".2f") if dense else "-"
-        print(f"| {r['shape']} | {r['m']} | {r['dist']} | {r['active']} | {r['ours_ms']:.3f} | {r['ours_tflops']:.0f} | "
-              f"{fmt(dense)} | {ratio} | {rd} | {mg} | {r['roofline_ms']:.3f} | "
-              f"{r['roofline_ms'] / r['ours_ms']:.2f} |")
-    train = [r for r in rows if "drhs_tflops" in r]
-    if train:
-        print("\nBackward products (balanced): d lhs = gmm(grad, rhs, transpose_rhs=True), d rhs = tgmm(lhs, grad)")
-        print("| shape | M | forward TFLOP/s | d lhs TFLOP/s | d rhs (tgmm) TFLOP/s | dense TFLOP/s |")
-        print("|---|---|---|---|---|---|")
-        for r in train:
-            print(f"| {r['shape']} | {r['m']} | {r['ours_tflops']:.0f} | {r['dlhs_tflops']:.0f} | {r['drhs_tflops']:.0f} | "
-                  f"{fmt(r.get('dense_tflops'))} |")
-    print(f"\nDecode sizes (copy bandwidth measured in this run: {copy_bw / 1e9:.0f} GB/s, read+write)")
-    print("| shape | M | active experts | ours ms | weight GB/s | / copy BW | int8 ms | int8 weight GB/s | ragged_dot ms "
-          "| mgpu example ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+        log(f"| {r['shape']} | {r['m']} | {r['dist']} | {r['active']} | {r['ours_ms']:.3f} | {r['ours_tflops']:.0f} | "
+            f"{fmt(dense)} | {ratio} | {rd} | {mg} | {r['floor_ms']:.3f} | {r['floor_ms'] / r['ours_ms']:.2f} |")
+    log(f"\nDecode sizes (weights read per call; copy bandwidth measured in this run: {copy_bw / 1e9:.0f} GB/s, "
+        "read + write)")
+    log("| shape | M | active experts | ours ms | weight GB/s | / copy BW | int8 ms | int8 weight GB/s | "
+        "ragged_dot ms | mgpu example ms |")
+    log("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if r.get("dist") != "decode":
+        if r.get("dist") != "decode" or "ours_ms" not in r:
             continue
         rd = fmt(r.get("ragged_dot_ms"), ".3f") if "ragged_dot_ms" in r else r.get("ragged_dot", "-")
         mg = fmt(r.get("mgpu_ms"), ".3f") if "mgpu_ms" in r else r.get("mgpu", "-")
-        print(f"| {r['shape']} | {r['m']} | {r['active']} | {r['ours_ms']:.3f} | {r['weight_GBps']:.0f} | "
-              f"{r['weight_GBps'] * 1e9 / copy_bw:.2f} | {fmt(r.get('int8_ms'), '.3f')} | "
-              f"{fmt(r.get('int8_weight_GBps'))} | {rd} | {mg} |")
+        log(f"| {r['shape']} | {r['m']} | {r['active']} | {r['ours_ms']:.3f} | {r['weight_GBps']:.0f} | "
+            f"{r['weight_GBps'] * 1e9 / copy_bw:.2f} | {fmt(r.get('int8_ms'), '.3f')} | "
+            f"{fmt(r.get('int8_weight_GBps'))} | {rd} | {mg} |")
+    failed = [r for r in rows if "ours_ms" not in r]
+    for r in failed:
+        log(f"not measured: {r.get('shape')} M={r.get('m')} {r.get('dist')}: {r.get('FAIL')}")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="reduced shape set")
-    ap.add_argument("--tune", action="store_true", help="time block configs per regime and exit")
-    ap.add_argument("--skip-others", action="store_true", help="only our kernel and dense (no ragged_dot / mgpu)")
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 all checks passed, 1 a kernel result mismatched, 2 no GPU."""
+    global IMPL
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a subset of the shapes")
+    ap.add_argument("--tune", action="store_true", help="after the tables, sweep block configs per regime")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (runs on CPU)")
     ap.add_argument("--only", default="", help="substring filter on shape names")
-    ap.add_argument("--json", default="", help="write all rows to this file")
-    ap.add_argument("--train", action="store_true", help="also time the backward products (balanced shapes)")
-    ap.add_argument("--deadline", type=float, default=1e9, help="start no new shape after this many seconds")
-    args = ap.parse_args()
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-    if jax.default_backend() != "gpu":
-        print("benchmark_gmm.py needs a GPU (the CPU path is covered by tests/test_grouped_matmul.py)")
+    ap.add_argument("--json", default="", help="also write every row here")
+    ap.add_argument("--budget", type=float, default=240.0,
+                    help="seconds: start no new shape after this (the tables print what ran)")
+    ap.add_argument("--tune-budget", type=float, default=90.0, help="seconds for --tune")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    dev = jax.devices()[0]
+    log(f"jax {jax.__version__} on {dev.device_kind} ({jax.default_backend()})")
+    IMPL = "pallas_gpu"
+    if args.smoke:
+        IMPL = "pallas_interpret"
+    elif jax.default_backend() != "gpu":
+        log("benchmark_gmm.py needs a GPU (the CPU path is covered by tests/test_grouped_matmul.py; try --smoke)")
         return 2
-    copy_bw = copy_bandwidth()
-    args.peak_flops = 2.0 * 8192**3 / dense_seconds(8192, 8192, 8192)
-    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s (read+write); dense bf16 8192^3 {args.peak_flops / 1e12:.0f} "
-          "TFLOP/s", flush=True)
-    if args.tune:
-        tune(args)
-        return 0
-    failures = full_checks()
-    rows = []
-    rhs, rhs_shape = None, None
-    start = time.perf_counter()
-    for p in problems(args.quick):
+    args.copy_bw = copy_bandwidth(1 << 20 if args.smoke else 1 << 30)
+    size = 256 if args.smoke else 8192
+    args.peak_flops = 2.0 * size**3 / dense_seconds(size, size, size)
+    log(f"copy bandwidth {args.copy_bw / 1e9:.0f} GB/s (read + write); dense bf16 {size}^3 "
+        f"{args.peak_flops / 1e12:.0f} TFLOP/s")
+    failures = full_checks(args.smoke)
+    rows: list[dict] = []
+    rhs = rhs_int8 = scale = None
+    shape = None
+    for p in problems(args.quick, args.smoke):
         if args.only and args.only not in p.name:
             continue
-        if time.perf_counter() - start > args.deadline:
-            print(f"deadline reached; skipping {p.name} M={p.m} {p.dist}")
+        if time.perf_counter() - t_start > args.budget:
+            log(f"budget of {args.budget:.0f} s spent: skipping {p.name} M={p.m} {p.dist}")
             continue
-        if rhs_shape != (p.g, p.k, p.n):
-            rhs = None
-            rhs_shape = (p.g, p.k, p.n)
-            rhs = jax.random.normal(jax.random.key(5), rhs_shape, jnp.bfloat16)
         try:
-            row = run_problem(p, rhs, copy_bw, args)
+            if shape != (p.g, p.k, p.n):
+                rhs = rhs_int8 = scale = None
+                shape = (p.g, p.k, p.n)
+                rhs = random_weights(*shape)
+            if p.decode and rhs_int8 is None:
+                rhs_int8 = random_weights(*shape, key=7, dtype=jnp.int8)
+                scale = jax.random.uniform(jax.random.key(8), (p.g, 1, p.n), jnp.float32, 0.005, 0.02)
+            row = run_problem(p, rhs, rhs_int8, scale, args)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
-            row = dict(shape=p.name, FAIL=short(e))
+            row = dict(shape=p.name, m=p.m, dist=p.dist, FAIL=short(e))
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        log(json.dumps(row))
         if "FAIL" in row:
             failures.append(f"{p.name} M={p.m} {p.dist}: {row['FAIL']}")
         if args.json:
-            Path(args.json).write_text(json.dumps(dict(copy_bw=copy_bw, peak=args.peak_flops, rows=rows), indent=1))
-    print_table(rows, copy_bw)
+            Path(args.json).write_text(json.dumps(dict(copy_bw=args.copy_bw, peak=args.peak_flops, rows=rows),
+                                                  indent=1))
+    rhs = rhs_int8 = None
+    print_tables(rows, args.copy_bw, args.peak_flops)
+    if args.tune:
+        sweep(args, time.perf_counter() + args.tune_budget)
+    log(f"total {time.perf_counter() - t_start:.0f} s")
     if failures:
-        print("\nFAILED:\n  " + "\n  ".join(failures))
+        log("\nFAILED:\n  " + "\n  ".join(failures))
         return 1
-    print("\nall checks passed")
+    log("\nall checks passed")
     return 0
 
 

@@ -78,8 +78,24 @@ def test_reference_matches_numpy():
     assert rel_err(ref, numpy_gmm(lhs, rhs, [10, 0, 15, 5], scale=scale)) < 1e-6
 
 
+def _reversed_work_items(group_sizes, m, bm):
+    """The live work items in reverse order. On a GPU the visits of one row tile run concurrently in
+    any order; interpret mode runs them in grid order, so a visit that stores a row it does not own
+    is only exposed when a neighbouring visit no longer overwrites it afterwards."""
+    group_ids, tile_ids, starts, ends, count = _ORIGINAL_MAKE_WORK_ITEMS(group_sizes, m, bm)
+    w = jnp.arange(group_ids.shape[0])
+    src = jnp.where(w < count[0], count[0] - 1 - w, w)
+    return group_ids[src], tile_ids[src], starts, ends, count
+
+
+_ORIGINAL_MAKE_WORK_ITEMS = _gmm_gpu.make_work_items
+
+
+@pytest.mark.parametrize("order", ["forward", "reversed"])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_pallas_interpret_matches_reference(name):
+def test_pallas_interpret_matches_reference(name, order, monkeypatch):
+    if order == "reversed":
+        monkeypatch.setattr(_gmm_gpu, "make_work_items", _reversed_work_items)
     m, k, n, sizes = SHAPES[name]
     lhs, rhs, gs, _ = make(m, k, n, sizes, seed=len(name))
     out = _gmm_gpu.gmm(lhs, rhs, gs, config=TINY, interpret=True)

@@ -172,7 +172,9 @@ def group_sizes_for(p: Problem, seed: int) -> np.ndarray:
     return sizes.astype(np.int32)
 
 
-def problems(quick: bool, smoke: bool) -> list[Problem]:
+def problems(quick: bool, smoke: bool, full: bool = False) -> list[Problem]:
+    """The default set covers every (model, G, K, N) of issue 6 at the smallest and largest token
+    counts where they matter, in about four minutes; --full adds the middle sizes."""
     if smoke:  # interpret mode on CPU: tiny, but still uneven groups and several tiles
         return [Problem("smoke G=8 K=64 N=512", 8, 64, 512, 200, d) for d in ("balanced", "zipf")] + [
             Problem("smoke decode G=16 K=64 N=512", 16, 64, 512, 16, "decode", top_k=4)]
@@ -181,15 +183,18 @@ def problems(quick: bool, smoke: bool) -> list[Problem]:
         for k, n in ((7168, 4096), (2048, 7168)):
             if quick and k == 2048:
                 continue
-            for tokens in (4096, 16384) if quick else (512, 4096, 16384):
+            tokens = (512, 2048, 4096, 8192, 16384) if full else (512, 16384) if k == 7168 and not quick else (16384,)
+            for t in tokens:
                 for dist in ("balanced", "zipf"):
-                    dsv3.append(Problem(f"DSv3 G={g} K={k} N={n}", g, k, n, 8 * tokens, dist))
+                    dsv3.append(Problem(f"DSv3 G={g} K={k} N={n}", g, k, n, 8 * t, dist))
     for k, n in ((6144, 65536),) if quick else ((6144, 65536), (32768, 6144)):
         for dist in ("balanced", "zipf"):
             grok.append(Problem(f"Grok-1 G=8 K={k} N={n}", 8, k, n, 16384, dist, top_k=2))
-    for model, g, k, n, top_k, tokens in [("DSv3", 256, 7168, 4096, 8, (1, 8, 64)), ("DSv3", 256, 2048, 7168, 8, (1, 64)),
-                                          ("Grok-1", 8, 6144, 65536, 2, (1, 8, 64))]:
-        for t in ((tokens[0], tokens[-1]) if quick else tokens):
+    for model, g, k, n, top_k, tokens in [("DSv3", 256, 7168, 4096, 8, (1, 64)), ("DSv3", 256, 2048, 7168, 8, (1,)),
+                                          ("Grok-1", 8, 6144, 65536, 2, (1, 64))]:
+        if full:
+            tokens = (1, 8, 64)
+        for t in ((tokens[0],) if quick else tokens):
             decode.append(Problem(f"decode {model} G={g} K={k} N={n} top{top_k}", g, k, n, top_k * t, "decode", top_k))
     # Cheapest first, so that a tight --budget still leaves every table with rows.
     return decode + grok + dsv3
@@ -206,25 +211,44 @@ def rel_err(x, ref) -> float:
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def spot_check(out, lhs, rhs, sizes: np.ndarray, scale=None) -> float:
-    """Worst relative error over the rows of the largest, the smallest non-empty and a random group
-    against an exact float32 product; inf if a row past sum(group_sizes) is not exactly zero."""
-    ends = np.cumsum(sizes)
-    starts = ends - sizes
-    nonempty = np.flatnonzero(sizes)
-    picks = {int(np.argmax(sizes)), int(nonempty[np.argmin(sizes[nonempty])]),
-             int(np.random.default_rng(0).choice(nonempty))}
-    worst = 0.0
-    for gi in picks:
-        rows = slice(int(starts[gi]), int(ends[gi]))
+@functools.partial(jax.jit, static_argnames="rows")
+def _group_rows_product(lhs, rhs, scale, starts, gids, rows: int):
+    """Exact float32 product of `rows` rows starting at each starts[i] with rhs[gids[i]] (fixed
+    shapes: one compile per problem shape, whatever the group sizes)."""
+    def one(start, gi):
+        x = jax.lax.dynamic_slice_in_dim(lhs, start, rows).astype(jnp.float32)
         w = rhs[gi].astype(jnp.float32)
         if scale is not None:
             w = w * scale[gi].reshape(1, -1)
-        ref = jnp.dot(lhs[rows].astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
-        worst = max(worst, rel_err(out[rows], ref))
-    tail = np.asarray(out[int(ends[-1]):], np.float32)
-    if tail.size and np.any(tail != 0):
-        worst = float("inf")
+        return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)
+
+    return jax.lax.map(lambda a: one(*a), (starts, gids))
+
+
+def spot_check(out, lhs, rhs, sizes: np.ndarray, scale=None) -> float:
+    """Worst relative error, against an exact float32 product, over up to 64 rows of the largest, the
+    smallest non-empty and a random group; inf if a row past sum(group_sizes) is not exactly zero."""
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    nonempty = np.flatnonzero(sizes)
+    gids = np.array([np.argmax(sizes), nonempty[np.argmin(sizes[nonempty])],
+                     np.random.default_rng(0).choice(nonempty)], np.int32)
+    rows = int(min(64, lhs.shape[0]))
+    # A window of `rows` rows inside [0, m) that covers the group's first rows; rows of the window
+    # outside the group are not compared.
+    win = np.minimum(starts[gids], lhs.shape[0] - rows).astype(np.int32)
+    ref = np.asarray(_group_rows_product(lhs, rhs, scale, jnp.asarray(win), jnp.asarray(gids), rows=rows))
+    got = np.asarray(jax.lax.map(lambda s0: jax.lax.dynamic_slice_in_dim(out, s0, rows), jnp.asarray(win)),
+                     np.float32)
+    worst = 0.0
+    for i, gi in enumerate(gids):
+        r = np.arange(win[i], win[i] + rows)
+        mine = (r >= starts[gi]) & (r < ends[gi])
+        worst = max(worst, rel_err(got[i][mine], ref[i][mine]))
+    if int(ends[-1]) < out.shape[0]:
+        tail = np.asarray(out[int(ends[-1]):], np.float32)
+        if np.any(tail != 0):
+            worst = float("inf")
     return worst
 
 
@@ -251,14 +275,14 @@ def _full_checks(smoke: bool) -> list[str]:
         if not err < tol:
             failures.append(f"{name}: rel err {err:.3g} > {tol}")
 
-    for dtype in (jnp.bfloat16, jnp.float32):
-        lhs = jax.random.normal(next(key), (m, k), dtype)
-        for transpose in (False, True):
-            rhs = jax.random.normal(next(key), (g, n, k) if transpose else (g, k, n), dtype)
-            got = jax.jit(functools.partial(grouped_matmul.gmm, transpose_rhs=transpose, implementation=IMPL))(
-                lhs, rhs, gs)
-            ref = grouped_matmul.gmm_reference(lhs, rhs, gs, transpose_rhs=transpose)
-            check(f"gmm {jnp.dtype(dtype).name} transpose_rhs={transpose}", got, ref, TOL[jnp.dtype(dtype)])
+    # bf16 here; the float32 gradient checks below run the float32 forward, transposed and tgmm kernels.
+    lhs = jax.random.normal(next(key), (m, k), jnp.bfloat16)
+    for transpose in (False, True):
+        rhs = jax.random.normal(next(key), (g, n, k) if transpose else (g, k, n), jnp.bfloat16)
+        got = jax.jit(functools.partial(grouped_matmul.gmm, transpose_rhs=transpose, implementation=IMPL))(
+            lhs, rhs, gs)
+        ref = grouped_matmul.gmm_reference(lhs, rhs, gs, transpose_rhs=transpose)
+        check(f"gmm bfloat16 transpose_rhs={transpose}", got, ref, TOL[jnp.dtype(jnp.bfloat16)])
     lhs = jax.random.normal(next(key), (m, k), jnp.bfloat16)
     q = jax.random.randint(next(key), (g, k, n), -127, 128, jnp.int8)
     scale = jax.random.uniform(next(key), (g, 1, n), jnp.float32, 0.005, 0.02)
@@ -290,6 +314,21 @@ def ours(lhs, rhs, gs, scale=None, config=None):
         return grouped_matmul.gmm(lhs, rhs, gs, rhs_scale=scale, implementation=IMPL)
     return _gmm_gpu.gmm(lhs, rhs, gs, rhs_scale=None if scale is None else scale.reshape(scale.shape[0], -1),
                         config=config, interpret=IMPL == "pallas_interpret")
+
+
+@jax.jit
+def ragged_dot(lhs, rhs, gs):
+    return jax.lax.ragged_dot(lhs, rhs, gs)
+
+
+@functools.lru_cache(maxsize=None)
+def mgpu_jit(cfg_items: tuple):
+    fn, _ = mgpu_example()
+    cfg = dict(cfg_items)
+    return jax.jit(lambda a, b, c: fn(a, b, group_sizes=c, **cfg))
+
+
+OURS_JIT = jax.jit(lambda *a: ours(*a))  # looks IMPL up at trace time
 
 
 def ragged_dot_bytes(p: Problem) -> int:
@@ -334,7 +373,7 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args) -> dict:
     row = dict(shape=p.name, m=p.m, dist=p.dist, active=active, flops=flops)
     budget = 1.0 if args.smoke else 4.0
 
-    f_ours = jax.jit(ours)
+    f_ours = OURS_JIT
     out = f_ours(lhs, rhs, gs)
     row["err"] = spot_check(out, lhs, rhs, sizes)
     if not row["err"] < TOL[jnp.dtype(jnp.bfloat16)]:
@@ -357,7 +396,7 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args) -> dict:
         row["ragged_dot"] = f"skipped (XLA would allocate {ragged_dot_bytes(p) / 2**30:.0f} GiB)"
     else:
         try:
-            f = jax.jit(lambda a, b, c: jax.lax.ragged_dot(a, b, c))
+            f = ragged_dot
             r = f(lhs, rhs, gs)
             row["ragged_dot_err"] = spot_check(r, lhs, rhs, sizes)
             tr = time_fn(f, lhs, rhs, gs, budget_s=budget)
@@ -374,7 +413,7 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args) -> dict:
         row["mgpu"] = "n/a: K % 64 or N % 512 != 0"
     else:
         try:
-            f = jax.jit(lambda a, b, c: fn(a, b, group_sizes=c, **cfg))
+            f = mgpu_jit(tuple(sorted(cfg.items())))
             r = f(lhs, rhs, gs)
             row["mgpu_err"] = spot_check(r, lhs, rhs, sizes)
             tm = time_fn(f, lhs, rhs, gs, budget_s=budget)
@@ -399,6 +438,36 @@ SWEEP = {  # (bm, bn, bk, num_warps, num_stages, band)
     "small": [(16, 128, 128, 4, 4, 8), (16, 64, 128, 4, 4, 8), (16, 64, 256, 4, 3, 8), (16, 128, 64, 4, 6, 8),
               (32, 128, 128, 4, 4, 8), (16, 256, 64, 4, 4, 8)],
 }
+
+
+SMALL_CANDIDATES = [(16, 128, 128, 4, 4, 1), (16, 128, 128, 4, 4, 8), (16, 64, 128, 4, 4, 1), (16, 64, 256, 4, 3, 1)]
+
+
+def tune_small() -> None:
+    """Pick the streaming (few rows per group) config on the shape that needs it most (one token, 8
+    of 256 small experts) and install it for the tables; the winner is printed for gmm_config."""
+    p = Problem("decode DSv3", 256, 2048, 7168, 8, "decode")
+    rhs = random_weights(p.g, p.k, p.n)
+    sizes = group_sizes_for(p, seed=1)
+    gs = jnp.asarray(sizes)
+    lhs = jax.random.normal(jax.random.key(4), (p.m, p.k), jnp.bfloat16)
+    wbytes = np.count_nonzero(sizes) * p.k * p.n * 2
+    best = None
+    for c in SMALL_CANDIDATES:
+        cfg = _gmm_gpu.BlockConfig(*c)
+        try:
+            f = jax.jit(functools.partial(ours, config=cfg))
+            err = spot_check(f(lhs, rhs, gs), lhs, rhs, sizes)
+            t = time_fn(f, lhs, rhs, gs, inner=5, reps=5, budget_s=2)
+            log(f"tune small {p.name} G={p.g} K={p.k} N={p.n} M={p.m} {c}: {t * 1e3:.3f} ms "
+                f"{wbytes / t / 1e9:.0f} GB/s err {err:.1e}")
+            if err < TOL[jnp.dtype(jnp.bfloat16)] and (best is None or t < best[0]):
+                best = (t, cfg)
+        except Exception as e:  # noqa: BLE001
+            log(f"tune small {c}: fails {short(e)}")
+    if best is not None:
+        _gmm_gpu.REGIME_CONFIGS[16] = best[1]
+        log(f"TUNED small regime: REGIME_CONFIGS[16] = {best[1]}")
 
 
 def sweep(args, deadline: float) -> None:
@@ -486,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a subset of the shapes")
     ap.add_argument("--tune", action="store_true", help="after the tables, sweep block configs per regime")
+    ap.add_argument("--tune-small", action="store_true",
+                    help="before the tables, pick the few-rows-per-group config and use it")
+    ap.add_argument("--full", action="store_true", help="every token count of issue 6 (about twice as long)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (runs on CPU)")
     ap.add_argument("--only", default="", help="substring filter on shape names")
     ap.add_argument("--json", default="", help="also write every row here")
@@ -508,10 +580,14 @@ def main(argv: list[str] | None = None) -> int:
     log(f"copy bandwidth {args.copy_bw / 1e9:.0f} GB/s (read + write); dense bf16 {size}^3 "
         f"{args.peak_flops / 1e12:.0f} TFLOP/s")
     failures = full_checks(args.smoke)
+    log(f"[{time.perf_counter() - t_start:.0f} s] checks done")
+    if args.tune_small and not args.smoke:
+        tune_small()
+        log(f"[{time.perf_counter() - t_start:.0f} s] tune-small done")
     rows: list[dict] = []
     rhs = rhs_int8 = scale = None
     shape = None
-    for p in problems(args.quick, args.smoke):
+    for p in problems(args.quick, args.smoke, args.full):
         if args.only and args.only not in p.name:
             continue
         if time.perf_counter() - t_start > args.budget:
@@ -529,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             row = dict(shape=p.name, m=p.m, dist=p.dist, FAIL=short(e))
+        row["at_s"] = round(time.perf_counter() - t_start, 1)
         rows.append(row)
         log(json.dumps(row))
         if "FAIL" in row:

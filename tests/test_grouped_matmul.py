@@ -119,6 +119,21 @@ def test_public_gmm_interpret_options(dtype, transpose, int8):
     assert rel_err(out, numpy_gmm(lhs, rhs, sizes, transpose, scale)) < TOL[jnp.dtype(dtype)]
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_int8_pair_packing(dtype, monkeypatch):
+    """int8 weights of 2**31..2**32 elements are read as int16 pairs (Pallas Triton's int32 offsets
+    would wrap); force that path on a small problem: K and N ragged, several N blocks."""
+    monkeypatch.setattr(_gmm_gpu, "INT8_PACK_ABOVE", 0)
+    m, k, n, sizes = SHAPES["m_not_block_multiple_ragged_k_n"]
+    n = 2 * n + 2  # even, and not a multiple of the block
+    lhs, rhs, gs, scale = make(m, k, n, sizes, dtype, int8=True)
+    assert _gmm_gpu.int8_offsets_overflow(rhs)
+    out = _gmm_gpu.gmm(lhs, rhs, gs, rhs_scale=scale.reshape(len(sizes), n), config=TINY, interpret=True)
+    assert rel_err(out, numpy_gmm(lhs, rhs, sizes, scale=scale)) < TOL[jnp.dtype(dtype)]
+    with pytest.raises(NotImplementedError, match="32-bit offsets"):
+        _gmm_gpu.gmm(lhs, rhs.swapaxes(1, 2), gs, transpose_rhs=True, config=TINY, interpret=True)
+
+
 def test_preferred_element_type():
     lhs, rhs, gs, _ = make(*SHAPES["all_groups_in_one_block"], dtype=jnp.bfloat16)
     out = grouped_matmul.gmm(lhs, rhs, gs, preferred_element_type=jnp.float32, implementation="pallas_interpret")

@@ -62,22 +62,27 @@ def _fit_smem(cfg: BlockConfig, lhs_itemsize: int, rhs_itemsize: int) -> BlockCo
     return cfg
 
 
-def gmm_config(m: int, k: int, n: int, g: int, lhs_itemsize: int = 2, rhs_itemsize: int = 2) -> BlockConfig:
-    """Block shapes by expected rows per group (tuned on H100, bf16; see docs/bench_gmm.md).
+# Block configs by expected rows per group (H100, bf16; docs/bench_gmm.md has the sweep). Few rows
+# per group (decode, small batches) stream weights: small row tiles, a deep K block in flight, and
+# band=1 so that the programs running together read neighbouring column blocks of one expert (wide
+# contiguous DRAM reads) rather than the same column block of several experts. Many rows per group
+# are compute-bound: wgmma-sized tiles with 8 warps and 3 stages, banded for L2 reuse of weights.
+REGIME_CONFIGS = {
+    16: BlockConfig(bm=16, bn=128, bk=128, num_warps=4, num_stages=4, band=1),
+    48: BlockConfig(bm=32, bn=128, bk=128, num_warps=4, num_stages=4),
+    96: BlockConfig(bm=64, bn=128, bk=64, num_warps=4, num_stages=4),
+    None: BlockConfig(bm=128, bn=256, bk=64, num_warps=8, num_stages=3),
+}
 
-    Few rows per group (decode, small batches): the kernel streams weights, so row tiles are small
-    and each program keeps a deep K block in flight. Many rows per group: compute-bound, large
-    tiles with 8 warps (wgmma-sized) and 3 stages.
-    """
+
+def gmm_config(m: int, k: int, n: int, g: int, lhs_itemsize: int = 2, rhs_itemsize: int = 2) -> BlockConfig:
+    """The block config for a problem: by rows per group (if every group were equal), then fitted
+    to the dimensions and to shared memory."""
     rows_per_group = m / max(1, min(g, m))
-    if rows_per_group <= 16:  # int8 weights: twice the K per stage for the same bytes in flight
-        cfg = BlockConfig(bm=16, bn=128, bk=256 if rhs_itemsize == 1 else 128, num_warps=4, num_stages=4)
-    elif rows_per_group <= 48:
-        cfg = BlockConfig(bm=32, bn=128, bk=128, num_warps=4, num_stages=4)
-    elif rows_per_group <= 96:
-        cfg = BlockConfig(bm=64, bn=128, bk=64, num_warps=4, num_stages=4)
-    else:
-        cfg = BlockConfig(bm=128, bn=256, bk=64, num_warps=8, num_stages=3)
+    limit = next((r for r in REGIME_CONFIGS if r is not None and rows_per_group <= r), None)
+    cfg = REGIME_CONFIGS[limit]
+    if limit == 16 and rhs_itemsize == 1:  # int8 weights: twice the K per stage for the same bytes in flight
+        cfg = dataclasses.replace(cfg, bk=2 * cfg.bk)
     return _fit_smem(_fit(cfg, m, k, n), lhs_itemsize, rhs_itemsize)
 
 
@@ -163,6 +168,7 @@ def _gmm_kernel(
     transpose_rhs: bool,
     has_scale: bool,
     compute_dtype,
+    packed: bool = False,
 ):
     if has_scale:
         scale_ref, out_ref = rest
@@ -187,8 +193,9 @@ def _gmm_kernel(
 
     @pl.when(live & (group < num_groups))
     def _compute():
-        acc = _gmm_k_loop(lhs_ref, rhs_ref, group, row0, col0, rows, cols, m=m, k=k, n=n, cfg=cfg,
-                          transpose_rhs=transpose_rhs, compute_dtype=compute_dtype)
+        loop = _gmm_k_loop_packed if packed else _gmm_k_loop
+        acc = loop(lhs_ref, rhs_ref, group, row0, col0, rows, cols, m=m, k=k, n=n, cfg=cfg,
+                   transpose_rhs=transpose_rhs, compute_dtype=compute_dtype)
         if has_scale:
             scale_cols = col0 + lax.broadcasted_iota(jnp.int32, (bn,), 0)
             scale = plgpu.load(scale_ref.at[group, pl.ds(col0, bn)], mask=scale_cols < n, other=0.0)
@@ -224,6 +231,60 @@ def _gmm_k_loop(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k, n, cfg
     return lax.fori_loop(0, pl.cdiv(k, bk), body, jnp.zeros((bm, bn), jnp.float32))
 
 
+def _gmm_k_loop_packed(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k, n, cfg, transpose_rhs,
+                       compute_dtype):
+    """int8 weights read as int16 pairs of adjacent output columns (see `int8_offsets_overflow`).
+
+    Each int16 holds column 2j in its low byte and 2j+1 in its high byte (little-endian bitcast);
+    the two bytes are sign-extended by shifts and multiplied separately, and the epilogue
+    interleaves the even- and odd-column accumulators with two exact 0/1 float32 products (no
+    reshape or strided store is needed, neither of which the Triton lowering offers).
+    """
+    assert not transpose_rhs
+    bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
+    bn2, n2 = bn // 2, n // 2
+    pair0 = col0 // 2
+    row_ok = rows < m
+    pair_ok = pair0 + lax.broadcasted_iota(jnp.int32, (1, bn2), 1) < n2
+    eight = jnp.int16(8)
+
+    def body(i, accs):
+        acc_even, acc_odd = accs
+        k0 = i * bk
+        kk_row = k0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        kk_col = k0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+        a = plgpu.load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=row_ok & (kk_row < k), other=0)
+        w = plgpu.load(rhs_ref.at[group, pl.ds(k0, bk), pl.ds(pair0, bn2)], mask=(kk_col < k) & pair_ok, other=0)
+        even = lax.shift_right_arithmetic(lax.shift_left(w, eight), eight)
+        odd = lax.shift_right_arithmetic(w, eight)
+        a = a.astype(compute_dtype)
+        dims = (((1,), (0,)), ((), ()))
+        acc_even += lax.dot_general(a, even.astype(compute_dtype), dims, preferred_element_type=jnp.float32)
+        acc_odd += lax.dot_general(a, odd.astype(compute_dtype), dims, preferred_element_type=jnp.float32)
+        return acc_even, acc_odd
+
+    zeros = jnp.zeros((bm, bn2), jnp.float32)
+    acc_even, acc_odd = lax.fori_loop(0, pl.cdiv(k, bk), body, (zeros, zeros))
+    pair = lax.broadcasted_iota(jnp.int32, (bn2, bn), 0)
+    col = lax.broadcasted_iota(jnp.int32, (bn2, bn), 1)
+    to_even = (col == 2 * pair).astype(jnp.float32)
+    to_odd = (col == 2 * pair + 1).astype(jnp.float32)
+    exact = lax.Precision.HIGHEST  # IEEE float32: a 0/1 matrix moves values without rounding
+    dims = (((1,), (0,)), ((), ()))
+    return (lax.dot_general(acc_even, to_even, dims, precision=exact, preferred_element_type=jnp.float32)
+            + lax.dot_general(acc_odd, to_odd, dims, precision=exact, preferred_element_type=jnp.float32))
+
+
+# Pallas' Triton lowering computes element offsets in int32 unless an operand exceeds 2**32 bytes, so
+# an int8 operand of 2**31..2**32 elements (e.g. [256, 2048, 7168] DeepSeek-V3 experts on one device)
+# would wrap around. Such weights are read as int16 pairs instead (half the elements, same bytes).
+INT8_PACK_ABOVE = 2**31 - 1
+
+
+def int8_offsets_overflow(rhs) -> bool:
+    return jnp.dtype(rhs.dtype).itemsize == 1 and INT8_PACK_ABOVE < rhs.size <= 2**32
+
+
 def _compiler_params(cfg: BlockConfig):
     return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -247,13 +308,21 @@ def gmm(
         return jnp.zeros((m, n), out_dtype)
     cfg = config or gmm_config(m, k, n, g, jnp.dtype(lhs.dtype).itemsize, jnp.dtype(rhs.dtype).itemsize)
     compute_dtype = lhs.dtype if jnp.issubdtype(rhs.dtype, jnp.integer) else jnp.promote_types(lhs.dtype, rhs.dtype)
+    packed = int8_offsets_overflow(rhs)
+    if packed:
+        if transpose_rhs or n % 2:
+            raise NotImplementedError(
+                f"int8 rhs of shape {rhs.shape} (2**31..2**32 elements) with transpose_rhs={transpose_rhs}: Pallas' "
+                "Triton lowering would overflow its 32-bit offsets; pass the weights as [g, k, n] with n even, or shard "
+                "the experts so that one device holds fewer than 2**31 weights")
+        rhs = lax.bitcast_convert_type(rhs.reshape(g, k, n // 2, 2), jnp.int16)
     meta = make_work_items(group_sizes, m, cfg.bm)
     n_items = max_work_items(m, g, cfg.bm)
     n_blocks = pl.cdiv(n, cfg.bn)
     grid = (pl.cdiv(n_items, cfg.band) * cfg.band * n_blocks,)
     kernel = functools.partial(
         _gmm_kernel, m=m, k=k, n=n, num_groups=g, cfg=cfg, transpose_rhs=transpose_rhs,
-        has_scale=rhs_scale is not None, compute_dtype=compute_dtype,
+        has_scale=rhs_scale is not None, compute_dtype=compute_dtype, packed=packed,
     )
     operands = (*meta, lhs, rhs) + (() if rhs_scale is None else (rhs_scale.astype(jnp.float32),))
     return pl.pallas_call(

@@ -196,8 +196,20 @@ def problems(quick: bool, smoke: bool, full: bool = False) -> list[Problem]:
             tokens = (1, 8, 64)
         for t in ((tokens[0],) if quick else tokens):
             decode.append(Problem(f"decode {model} G={g} K={k} N={n} top{top_k}", g, k, n, top_k * t, "decode", top_k))
-    # Cheapest first, so that a tight --budget still leaves every table with rows.
-    return decode + grok + dsv3
+    # Run order (the tables sort their rows): the shapes each target is judged on first, so that a
+    # tight --budget still fills every table and every target.
+    def priority(p: Problem) -> tuple:
+        if p.decode:
+            return (0 if p.m == p.top_k else 5, p.name)
+        if p.m == 8 * 16384 and p.k == 7168:
+            return (1, -p.g)
+        if p.name.startswith("Grok-1") and p.k == 6144:
+            return (2, 0)
+        if p.g == 256 and p.m == 8 * 512 and p.k == 7168:
+            return (3, 0)
+        return (6, p.name, p.m)
+
+    return sorted(decode + grok + dsv3, key=priority)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +452,7 @@ SWEEP = {  # (bm, bn, bk, num_warps, num_stages, band)
 }
 
 
-SMALL_CANDIDATES = [(16, 128, 128, 4, 4, 1), (16, 128, 128, 4, 4, 8), (16, 64, 128, 4, 4, 1), (16, 64, 256, 4, 3, 1)]
+SMALL_CANDIDATES = [(16, 128, 128, 4, 4, 1), (16, 128, 128, 4, 4, 8), (16, 64, 128, 4, 4, 1)]
 
 
 def tune_small() -> None:
@@ -522,7 +534,7 @@ def print_tables(rows: list[dict], copy_bw: float, peak: float) -> None:
     log("| shape | M | loads | active | ours ms | ours TFLOP/s | dense TFLOP/s | ours/dense | ragged_dot TFLOP/s "
         "| mgpu example TFLOP/s | floor ms | floor/ours |")
     log("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: not r.get("shape", "").startswith("DSv3")):  # stable: DSv3, then Grok-1
+    for r in sorted(rows, key=lambda r: (not r["shape"].startswith("DSv3"), r["shape"], r["m"], r["dist"])):
         if r.get("dist") in (None, "decode") or "ours_ms" not in r:
             continue
         rd = fmt(r.get("ragged_dot_tflops")) if "ragged_dot_tflops" in r else r.get("ragged_dot", "-")
@@ -536,7 +548,7 @@ def print_tables(rows: list[dict], copy_bw: float, peak: float) -> None:
     log("| shape | M | active experts | ours ms | weight GB/s | / copy BW | int8 ms | int8 weight GB/s | "
         "ragged_dot ms | mgpu example ms |")
     log("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["shape"], r["m"])):
         if r.get("dist") != "decode" or "ours_ms" not in r:
             continue
         rd = fmt(r.get("ragged_dot_ms"), ".3f") if "ragged_dot_ms" in r else r.get("ragged_dot", "-")
@@ -564,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=240.0,
                     help="seconds: start no new shape after this (the tables print what ran)")
     ap.add_argument("--tune-budget", type=float, default=90.0, help="seconds for --tune")
+    ap.add_argument("--skip-full-checks", action="store_true",
+                    help="only the per-shape spot checks (when device time is short)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     dev = jax.devices()[0]
@@ -579,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     args.peak_flops = 2.0 * size**3 / dense_seconds(size, size, size)
     log(f"copy bandwidth {args.copy_bw / 1e9:.0f} GB/s (read + write); dense bf16 {size}^3 "
         f"{args.peak_flops / 1e12:.0f} TFLOP/s")
-    failures = full_checks(args.smoke)
+    failures = [] if args.skip_full_checks else full_checks(args.smoke)
     log(f"[{time.perf_counter() - t_start:.0f} s] checks done")
     if args.tune_small and not args.smoke:
         tune_small()

@@ -1,0 +1,402 @@
+"""DeepSeek-V3 and Grok-1 at their published widths, sharded over every device of one host:
+prefill / decode throughput, time to first token, memory per device and the collective share.
+
+    # 8×H200 (issue 8): full depth, DeepSeek-V3 expert-parallel (32 experts per GPU) in int8,
+    # Grok-1 tensor-parallel in bf16
+    NCCL_NVLS_ENABLE=0 python scripts/run_big_models.py --json $OUT/big.json
+    # one H100, reduced depth
+    python scripts/run_big_models.py --layers 4 --grok-layers 6 --json $OUT/big.json
+    # 8 simulated CPU devices, tiny widths (the same meshes, rules and code paths)
+    python scripts/run_big_models.py --cpu-devices 8 --tiny --layers 2 --grok-layers 2
+
+Weights are random (no checkpoint can be downloaded) and created directly sharded: each leaf comes
+from its own `jax.jit(init, out_shardings=...)`, so no device and not the host ever holds a whole
+parameter. Layouts (docs/scaling.md): DeepSeek-V3 on `make_mesh(expert=N)` with `RULES["tensor"]`
+(experts split, attention data-parallel over the batch); Grok-1 on `make_mesh(tensor=N)` with
+`RULES["tensor"]` (heads, expert width and vocabulary split). `--mesh` overrides either.
+
+Measured: prefill tokens/s of one prompt of 1K and 8K tokens (its time is the time to first
+token), decode tokens/s of one step at batch 1/8/64 with a 4K cache, device memory (peak and in
+use, where the backend reports it; else the parameter + cache bytes of device 0), and the share of
+a decode step that its collectives take when run alone (the same all-to-all / all-reduce shapes as
+the step's MoE exchanges or tensor-parallel reductions, timed in isolation: an estimate, since in
+the step they may overlap compute). Compared with the weight-bytes / bandwidth roofline (bandwidth
+measured in the same run) and the seed figures of issue 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+SEED = {  # per-stream decode tok/s, memory GB, latency ms we aim to beat (issue 8)
+    "deepseek_v3": {"tok_s": 32, "memory_gb": 120, "latency_ms": 125},
+    "grok1": {"tok_s": 28, "memory_gb": 80, "latency_ms": 145},
+}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["deepseek-v3", "grok-1"], choices=["deepseek-v3", "grok-1"])
+    ap.add_argument("--layers", type=int, default=None, help="DeepSeek-V3 depth (default: published, 61)")
+    ap.add_argument("--dense-layers", type=int, default=None, help="DeepSeek-V3 leading dense layers (default: min(3, layers - 1))")
+    ap.add_argument("--grok-layers", type=int, default=None, help="Grok-1 depth (default: --layers, else published, 64)")
+    ap.add_argument("--deepseek-weights", choices=["int8", "bf16"], default="int8", help="bf16 does not fit 8×141 GB at full depth")
+    ap.add_argument("--grok-weights", choices=["int8", "bf16"], default="bf16")
+    ap.add_argument("--mesh", default=None, help='override both layouts, e.g. "tensor=2,expert=4" (axes data, fsdp, tensor, expert)')
+    ap.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
+    ap.add_argument("--cpu-devices", type=int, default=None, help="simulate N CPU devices (sets XLA_FLAGS; CPU only)")
+    ap.add_argument("--tiny", action="store_true", help="tiny widths (the -tiny presets, made divisible by 8 devices)")
+    ap.add_argument("--prefill", type=int, nargs="+", default=[1024, 8192])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--cache-len", type=int, default=4096)
+    ap.add_argument("--decode-steps", type=int, default=8, help="timed decode steps per batch size (median)")
+    ap.add_argument("--json", default=None, help="also write the results here (rewritten after every measurement)")
+    return ap.parse_args(argv)
+
+
+ARGS = parse_args()
+if ARGS.cpu_devices:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={ARGS.cpu_devices}"
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the weights take most of each card
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from vishwam_jax.models import family_module  # noqa: E402
+from vishwam_jax.presets import get_config  # noqa: E402
+from vishwam_jax.sharding import RULES, make_mesh, param_shardings, parse_mesh, use_mesh  # noqa: E402
+from vishwam_jax.sharding.expert_parallel import shard_map  # noqa: E402
+from vishwam_jax.sharding.rules import spec_for  # noqa: E402
+from vishwam_jax.utils.benchmarking import copy_bandwidth  # noqa: E402
+
+RESULTS: dict = {"argv": sys.argv[1:], "runs": []}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def save() -> None:
+    if ARGS.json:
+        with open(ARGS.json, "w") as f:
+            json.dump(RESULTS, f, indent=1)
+
+
+# -- configs -----------------------------------------------------------------------------------------
+def deepseek_config():
+    c = get_config("deepseek-v3-tiny" if ARGS.tiny else "deepseek-v3-671b")
+    if ARGS.layers is not None:
+        c.num_layers = ARGS.layers
+    dense = ARGS.dense_layers if ARGS.dense_layers is not None else min(c.num_dense_layers, max(c.num_layers - 1, 0))
+    c.num_dense_layers = min(dense, c.num_layers)
+    c.num_mtp_layers = 0  # serving: the MTP module is only for speculative decoding
+    c.max_seq_len = max(c.max_seq_len, ARGS.cache_len + 64, max(ARGS.prefill))
+    return c
+
+
+def grok_config():
+    c = get_config("grok-1-tiny" if ARGS.tiny else "grok-1")
+    layers = ARGS.grok_layers if ARGS.grok_layers is not None else ARGS.layers
+    if layers is not None:
+        c.num_layers = layers
+    if ARGS.tiny:  # the tiny preset has 4 query heads and 4 experts: make both divide 8 devices
+        c.num_q_heads, c.num_experts = 8, 8
+    c.max_seq_len = max(c.max_seq_len, ARGS.cache_len + 64, max(ARGS.prefill))
+    return c
+
+
+# -- directly-sharded random weights ---------------------------------------------------------------
+_KEEP_DENSE = ("embed", "lm_head", "router", "router_bias", "wk_b", "wv_b")  # gathered / tied / absorbed-MLA weights
+
+
+def _fan_in(name: str, shape: tuple, expert: bool) -> int:
+    lead = 1 if expert else 0
+    return math.prod(shape[lead : lead + (2 if name in ("o", "wo") else 1)])
+
+
+def abstract_params(config, weights: str):
+    """ShapeDtypeStructs of the bf16 parameters, matrices as {"int8", "scale"} when weights="int8"
+    (per-output-channel scales: the contracted axes have size 1)."""
+    shapes = jax.eval_shape(lambda: family_module(config).init_params(config, jax.random.key(0), jnp.bfloat16))
+    if weights == "bf16":
+        return shapes
+
+    def quantize(path, s):
+        name = str(getattr(path[-1], "key", ""))
+        if len(s.shape) < 2 or name in _KEEP_DENSE:
+            return s
+        expert = len(s.shape) == 3 and name in ("gate", "up", "down")
+        lead = 1 if expert else 0
+        n_in = 2 if name in ("o", "wo") else 1
+        scale = tuple(1 if lead <= i < lead + n_in else n for i, n in enumerate(s.shape))
+        return {"int8": jax.ShapeDtypeStruct(s.shape, jnp.int8), "scale": jax.ShapeDtypeStruct(scale, jnp.float32)}
+
+    return jax.tree_util.tree_map_with_path(quantize, shapes)
+
+
+@functools.lru_cache(maxsize=None)
+def _leaf_init(kind: str, shape: tuple, dtype, sharding, std: float):
+    def init(key):
+        if kind == "ones":
+            return jnp.ones(shape, dtype)
+        if kind == "zeros":
+            return jnp.zeros(shape, dtype)
+        # Drawn in the stored dtype: a float32 / int32 draw of a 3.8 G-entry expert stack would need
+        # 15 GB of scratch on one device.
+        if kind == "int8":
+            return jax.lax.bitcast_convert_type(jax.random.bits(key, shape, jnp.uint8), jnp.int8)
+        if kind == "scale":  # uniform int8 has std ~74: scales give the dequantized weight std `std`
+            return jnp.full(shape, std / 74.0, dtype)
+        return jax.random.normal(key, shape, dtype) * jnp.asarray(std, dtype)
+
+    return jax.jit(init, out_shardings=sharding)
+
+
+def random_params(config, abstract, shardings, seed: int = 0):
+    key = jax.random.key(seed)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    flat_shardings = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    out = []
+    for i, ((path, s), sharding) in enumerate(zip(flat, flat_shardings)):
+        names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        name = names[-1] if names[-1] not in ("int8", "scale") else names[-2]
+        if len(s.shape) == 1:
+            kind, std = ("zeros" if name == "router_bias" else "ones"), 0.0
+        elif names[-1] in ("int8", "scale"):
+            expert = len(s.shape) == 3 and name in ("gate", "up", "down")
+            full = abstract_leaf_shape(abstract, path)
+            kind, std = names[-1], _fan_in(name, full, expert) ** -0.5
+        else:
+            expert = len(s.shape) == 3 and name in ("gate", "up", "down")
+            kind, std = "normal", (1.0 if name == "embed" and config.family == "deepseek_v3" else _fan_in(name, s.shape, expert) ** -0.5)
+        out.append(_leaf_init(kind, tuple(s.shape), s.dtype, sharding, float(std))(jax.random.fold_in(key, i)))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def abstract_leaf_shape(abstract, path) -> tuple:
+    node = abstract
+    for k in path[:-1]:
+        node = node[getattr(k, "key", getattr(k, "idx", None))]
+    return tuple(node["int8"].shape)
+
+
+# -- placement of caches and inputs ------------------------------------------------------------------
+def cache_shardings(cache, mesh, rules):
+    """Batch over the rules' batch axes, KV heads over tensor (where they divide)."""
+    names = {1: ("batch",), 2: ("batch", "length"), 3: ("batch", "length", None), 4: ("batch", "length", "kv_heads", "head_dim")}
+    return jax.tree_util.tree_map(
+        lambda x: NamedSharding(mesh, spec_for(names[x.ndim], tuple(x.shape), mesh, rules.activations, strict=False)), cache
+    )
+
+
+def device_memory() -> dict:
+    """GB per device, the largest over the devices (empty where the backend reports nothing, e.g. CPU)."""
+    out: dict = {}
+    for dev in jax.devices():
+        stats = dev.memory_stats() or {}
+        for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit"):
+            if k in stats:
+                out[k] = max(out.get(k, 0.0), stats[k] / 1e9)
+    return out
+
+
+def shard_bytes(tree) -> float:
+    """Bytes of device 0's shards of `tree`."""
+    dev = jax.devices()[0]
+    return sum(s.data.nbytes for x in jax.tree_util.tree_leaves(tree) for s in x.addressable_shards if s.device == dev)
+
+
+def timed(fn, *args, iters: int = 3):
+    out = jax.block_until_ready(fn(*args))  # compile + warm-up
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), out
+
+
+# -- collectives of one decode step, timed alone ------------------------------------------------------
+def collective_time(config, mesh, batch: int) -> tuple[str, float]:
+    sizes = dict(mesh.shape)
+    ep, tp = sizes.get("expert", 1), sizes.get("tensor", 1)
+    d = config.d_model
+    moe_layers = config.num_layers - config.get("num_dense_layers", 0)
+    k = config.get("num_experts_per_token") or config.get("num_selected_experts")
+    if ep > 1:
+        # The dense exchange's buffers: [ep, cap, d] per device with cap = local tokens × k
+        # (capacity-free), sent and returned once per MoE layer.
+        token_shards = math.prod(s for a, s in sizes.items() if a in ("data", "fsdp", "expert"))
+        cap = math.ceil(batch / token_shards) * k
+        buf = jnp.zeros((token_shards * ep, cap, d), jnp.bfloat16)
+        spec = PartitionSpec(tuple(a for a in ("data", "fsdp", "expert") if sizes.get(a, 1) > 1))
+
+        def body(x):
+            for _ in range(2 * moe_layers):
+                x = jax.lax.all_to_all(x, "expert", 0, 0) * 1.0001  # keep each exchange distinct
+            return x
+
+        # On GPU/TPU the step's exchange is ragged (only routed rows travel): this bounds it from above.
+        what = f"{2 * moe_layers} dense all-to-alls of [{ep}, {cap}, {d}] bf16"
+    elif tp > 1:
+        buf = jnp.zeros((tp, batch, d), jnp.bfloat16)
+        spec = PartitionSpec("tensor")
+        layers = config.num_layers
+
+        def body(x):
+            for _ in range(2 * layers):
+                x = jax.lax.psum(x, "tensor") * 0.5
+            return x
+
+        what = f"{2 * layers} all-reduces of [{batch}, {d}] bf16"
+    else:
+        return "none (one device)", 0.0
+    buf = jax.device_put(buf, NamedSharding(mesh, spec))
+    fn = jax.jit(shard_map(body, mesh, in_specs=spec, out_specs=spec))
+    seconds, _ = timed(fn, buf, iters=5)
+    return what, seconds
+
+
+# -- one model ----------------------------------------------------------------------------------------
+def run_model(name: str, config, weights: str, mesh, rules) -> dict:
+    family = family_module(config)
+    res = {"model": name, "layers": config.num_layers, "weights": weights, "mesh": dict(mesh.shape), "rules": rules.name,
+           "devices": mesh.devices.size, "device_kind": jax.devices()[0].device_kind}
+    RESULTS["runs"].append(res)
+    abstract = abstract_params(config, weights)
+    shardings = param_shardings(config, abstract, mesh, rules)
+    t = time.perf_counter()
+    params = random_params(config, abstract, shardings)
+    jax.block_until_ready(params)
+    res["init_s"] = time.perf_counter() - t
+    total = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    res["param_gb_total"] = total / 1e9
+    res["param_gb_device0"] = shard_bytes(params) / 1e9
+    res["memory_after_init_gb"] = device_memory()
+    log(f"[{name}] {config.num_layers} layers, {weights}, mesh {dict(mesh.shape)} rules {rules.name}: "
+        f"{total / 1e9:.4g} GB of weights, {res['param_gb_device0']:.4g} GB on device 0, init {res['init_s']:.1f} s")
+    save()
+
+    vocab_hi = min(config.vocab_size, 30000)
+    rng = np.random.default_rng(0)
+    cache_dtype = jnp.bfloat16
+
+    def make_cache(batch, slots):
+        abstract_cache = jax.eval_shape(lambda: family.init_cache(config, batch, slots, cache_dtype))
+        sh = cache_shardings(abstract_cache, mesh, rules)
+        return jax.jit(lambda: family.init_cache(config, batch, slots, cache_dtype), out_shardings=sh)(), sh
+
+    with use_mesh(mesh, rules):
+        # Prefill: one prompt into a fresh cache, logits of its last position (the engine's prefill).
+        def prefill_body(p, tokens, cache):
+            last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32)
+            logits, cache = family.forward(p, tokens, config, cache=cache, logit_positions=last)
+            return jnp.argmax(logits[:, -1], -1), cache
+
+        res["prefill"] = []
+        for length in ARGS.prefill:
+            tokens = jnp.asarray(rng.integers(3, vocab_hi, (1, length)), jnp.int32)
+            times = []
+            prefill = None
+            for i in range(3):  # first call compiles
+                cache, sh = make_cache(1, length)
+                prefill = prefill or jax.jit(prefill_body, donate_argnums=2, out_shardings=(NamedSharding(mesh, PartitionSpec()), sh))
+                jax.block_until_ready(cache)
+                t = time.perf_counter()
+                jax.block_until_ready(prefill(params, tokens, cache))
+                times.append(time.perf_counter() - t)
+                del cache
+            s = float(np.median(times[1:]))
+            res["prefill"].append({"tokens": length, "seconds": s, "tok_s": length / s, "ttft_ms": s * 1e3, "compile_s": times[0] - s})
+            log(f"[{name}] prefill {length:>5} tokens: {length / s:,.0f} tok/s, time to first token {s * 1e3:,.1f} ms")
+            save()
+
+        # Decode: one token per row against a cache holding cache_len positions.
+        def decode_body(p, tokens, cache):
+            logits, cache = family.forward(p, tokens, config, cache=cache)
+            return jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None], cache
+
+        res["decode"] = []
+        replicated = NamedSharding(mesh, PartitionSpec())
+        for batch in ARGS.batches:
+            cache, sh = make_cache(batch, ARGS.cache_len + ARGS.decode_steps + 4)
+            # The cache comes back placed as it went in, so step 2 reuses step 1's compilation.
+            decode = jax.jit(decode_body, donate_argnums=2, out_shardings=(replicated, sh))
+            # The cache's contents do not change the cost; its length does: mark cache_len positions filled.
+            cache = dict(cache)
+            cache["pos"] = jax.device_put(jnp.full((batch,), ARGS.cache_len, jnp.int32), sh["pos"])
+            cache["layers"] = [_mark_filled(layer, ARGS.cache_len, s) for layer, s in zip(cache["layers"], sh["layers"])]
+            token = jax.device_put(jnp.asarray(rng.integers(3, vocab_hi, (batch, 1)), jnp.int32), replicated)
+            t = time.perf_counter()
+            token, cache = decode(params, token, cache)
+            jax.block_until_ready(token)
+            compile_s = time.perf_counter() - t
+            token, cache = decode(params, token, cache)  # one more untimed step (allocator warm-up)
+            times = []
+            for _ in range(ARGS.decode_steps):
+                t = time.perf_counter()
+                token, cache = decode(params, token, cache)
+                jax.block_until_ready(token)
+                times.append(time.perf_counter() - t)
+            step = float(np.median(times))
+            what, coll = collective_time(config, mesh, batch)
+            row = {"batch": batch, "cache_len": ARGS.cache_len, "step_ms": step * 1e3, "tok_s": batch / step,
+                   "tok_s_per_stream": 1 / step, "collectives": what, "collective_ms_alone": coll * 1e3,
+                   "collective_share": coll / step, "compile_s": compile_s, "memory_gb": device_memory(),
+                   "cache_gb_device0": shard_bytes(cache) / 1e9}
+            res["decode"].append(row)
+            log(f"[{name}] decode batch {batch:>3} @ {ARGS.cache_len} cache: step {step * 1e3:,.2f} ms, {batch / step:,.1f} tok/s "
+                f"({1 / step:,.1f} per stream); collectives alone {coll * 1e3:,.2f} ms = {coll / step:.0%} of the step [{what}]")
+            del cache
+            save()
+
+    # Roofline: bytes of device 0's weights / its measured copy bandwidth (an upper bound on decode
+    # speed at batch 1 for a dense read of everything it holds; MoE reads fewer expert bytes).
+    bw = copy_bandwidth(1 << 30 if jax.default_backend() != "cpu" else 1 << 26)
+    res["copy_bandwidth_gb_s"] = bw / 1e9
+    res["roofline_step_ms_all_weights"] = res["param_gb_device0"] * 1e9 / bw * 1e3
+    res["memory_final_gb"] = device_memory()
+    res["seed"] = SEED[config.family]
+    log(f"[{name}] copy bandwidth {bw / 1e9:,.0f} GB/s: reading device 0's weights takes {res['roofline_step_ms_all_weights']:,.2f} ms; "
+        f"memory {res['memory_final_gb'] or 'not reported by this backend'}; seed per-stream {SEED[config.family]}")
+    save()
+    del params
+    return res
+
+
+def _mark_filled(layer: dict, n: int, shardings: dict) -> dict:
+    """A cache layer whose first n slots count as written (GQA caches record each slot's position)."""
+    if "slot_pos" not in layer:
+        return layer
+    b, slots = layer["slot_pos"].shape
+    pos = jnp.where(jnp.arange(slots) < n, jnp.arange(slots), -1)
+    return {**layer, "slot_pos": jax.device_put(jnp.broadcast_to(pos, (b, slots)).astype(jnp.int32), shardings["slot_pos"])}
+
+
+def main() -> None:
+    devices = jax.devices()[: ARGS.devices] if ARGS.devices else jax.devices()
+    n = len(devices)
+    log(f"jax {jax.__version__}, {n} × {devices[0].device_kind} ({jax.default_backend()})")
+    RESULTS["jax"] = jax.__version__
+    for name in ARGS.models:
+        config = deepseek_config() if name == "deepseek-v3" else grok_config()
+        if ARGS.mesh:
+            sizes = parse_mesh(ARGS.mesh)
+        else:  # docs/scaling.md's serving layouts
+            sizes = {"expert": n} if name == "deepseek-v3" else {"tensor": n}
+        mesh = make_mesh(**sizes, devices=devices)
+        weights = ARGS.deepseek_weights if name == "deepseek-v3" else ARGS.grok_weights
+        run_model(name, config, weights, mesh, RULES["tensor"])
+
+
+if __name__ == "__main__":
+    main()

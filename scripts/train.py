@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 
 from vishwam_jax.training import lora as lora_lib  # noqa: E402
 from vishwam_jax.training.remat import POLICY_NAMES  # noqa: E402
-from vishwam_jax.training.trainer import DTYPES, TrainConfig  # noqa: E402
+from vishwam_jax.training.trainer import DTYPES, RESUME_MODES, TrainConfig  # noqa: E402
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
@@ -57,7 +57,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
     lo.add_argument("--lora-targets", default=",".join(lora_lib.DEFAULT_TARGETS),
                     help="comma-separated regexes matched against weight names (q,k,v,o,gate,up,down or layers\\.1\\..*)")
     c = ap.add_argument_group("checkpoints, logging, export")
-    c.add_argument("--workdir", default=d.workdir, help="Orbax checkpoints; an existing one is resumed")
+    c.add_argument("--workdir", default=d.workdir, help="Orbax checkpoints (a directory or gs://...); an existing one is resumed")
+    c.add_argument("--resume", nargs="?", const="required", default=d.resume, choices=RESUME_MODES,
+                   help="auto (default): continue from --workdir's latest checkpoint if there is one; "
+                        "--resume alone: fail if there is none; never: fail if there is one")
     c.add_argument("--save-every", type=int, default=d.save_every)
     c.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept")
     c.add_argument("--sync-save", action="store_true", help="block on checkpoint writes (default: async)")
@@ -86,7 +89,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
         compute_dtype=a.compute_dtype, remat=a.remat, seed=a.seed, mtp_weight=a.mtp_weight,
         router_bias_rate=a.router_bias_rate, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
         lora_targets=tuple(t for t in a.lora_targets.split(",") if t), workdir=a.workdir, save_every=a.save_every,
-        keep=a.keep, async_save=not a.sync_save, log_every=a.log_every, export=a.export, export_dtype=a.export_dtype,
+        keep=a.keep, resume=a.resume, async_save=not a.sync_save, log_every=a.log_every, export=a.export, export_dtype=a.export_dtype,
         mesh=mesh, rules=a.rules, peak_tflops=a.peak_tflops,
     )
     return a, tc

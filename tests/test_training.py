@@ -105,6 +105,11 @@ def test_resume_is_exact_after_a_crash(tmp_path):
     # A different batch size would silently be a different run: refused.
     with pytest.raises(ResumeMismatchError, match="batch_size"):
         train(TrainConfig(**{**common, "batch_size": 8, "steps": 8}, workdir=str(tmp_path / "run")), log=_quiet)
+    # Explicit intent (scripts/train.py --resume / --resume never) is checked, not guessed.
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(TrainConfig(**common, workdir=str(tmp_path / "empty"), resume="required"), log=_quiet)
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        train(TrainConfig(**common, workdir=str(tmp_path / "run"), resume="never"), log=_quiet)
 
 
 def test_cli_trains_and_exports_a_loadable_model(tmp_path, capsys):
@@ -249,6 +254,44 @@ def test_lora_merged_export_equals_base_plus_scaled_ab(tmp_path):
     tokens = jnp.asarray([[5, 9, 200, 31, 7]], jnp.int32)
     want = family.forward(lora.merge(base, adapters, cfg), tokens, config)[0]
     np.testing.assert_allclose(np.asarray(model.logits(tokens)), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_lora_on_the_moe_families(tmp_path):
+    # DeepSeek-V3: the default targets reach MLA's low-rank projections, the dense MLP, the shared
+    # expert and the routed expert stacks; every delta has its weight's shape.
+    ds, ds_family = _tiny("deepseek-v3-tiny")
+    ds_params = ds_family.init_params(ds, jax.random.key(0))
+    names = lora.target_names(ds_params, lora.LoraConfig())
+    leaves = {n.rsplit(".", 1)[-1] for n in names}
+    assert {"wq_a", "wq_b", "wkv_a", "wo", "gate", "up", "down"} <= leaves
+    assert "layers.2.experts.gate" in names and "layers.2.shared.down" in names and "mtp.0.block.experts.up" in names
+    adapters = lora.init_adapters(ds_params, lora.LoraConfig(rank=2), jax.random.key(1))
+    assert adapters["layers.2.experts.gate"]["a"].shape[0] == ds.num_experts
+    merged = lora.merge(ds_params, jax.tree_util.tree_map(jnp.ones_like, adapters), lora.LoraConfig(rank=2))
+    assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(ds_params)
+    assert all(a.shape == b.shape for a, b in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(ds_params)))
+
+    # Grok-1: adapters on attention and the expert stacks train through the MoE dispatch, the
+    # base stays frozen, and the merged export's logits are the adapted model's.
+    config, family = _tiny("grok-1-tiny", num_layers=2)
+    base = family.init_params(config, jax.random.key(0))
+    cfg = lora.LoraConfig(rank=2, alpha=4.0, targets=("q", "o", "gate", "down"))
+    opt = make_optimizer(3e-2, 10, warmup_steps=0)
+    state = _state(lora.init_adapters(base, cfg, jax.random.key(1)), opt)
+    step = make_train_step(family, config, opt, StepConfig(lora=cfg))
+    batch = _batch(config, 1, 4, 16)
+    losses = []
+    for _ in range(3):
+        state, m = step(state, base, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0], losses
+    assert np.abs(np.asarray(state["params"]["layers.1.moe.gate"]["b"])).max() > 0
+    lora.export_merged(tmp_path / "grok-ft", base, state["params"], cfg, config)
+    tokens = jnp.asarray([[5, 9, 200, 31, 7]], jnp.int32)
+    logits = jax.jit(lambda p: family.forward(p, tokens, config)[0])
+    want = logits(lora.merge(base, state["params"], cfg))
+    got = logits(orbax_io.restore_params(tmp_path / "grok-ft"))  # a normal model directory
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 def _quantize(w):

@@ -16,8 +16,9 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-# Settings that determine which batches a step sees: a resumed run must keep them.
-DATA_KEYS = ("data", "seed", "batch_size", "seq_len", "grad_accum")
+# Settings that determine which batches a step sees: a resumed run must keep them. (Not the mesh
+# nor grad_accum: a run may resume on other hardware, and accumulation does not change the step.)
+DATA_KEYS = ("data", "seed", "batch_size", "seq_len")
 
 
 class ResumeMismatchError(ValueError):

@@ -125,9 +125,13 @@ def make_train_step(
             (_, sums), g = grad_fn(trainable, frozen, micro, counts)
             return jax.tree_util.tree_map(jnp.add, grads, g), sums
 
-        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
-        grads, per_micro = jax.lax.scan(accumulate, zeros, batch)
-        sums = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), per_micro)
+        if batch.shape[0] == 1:
+            # No accumulation: no float32 accumulator beside the gradients (a model-sized buffer).
+            (_, sums), grads = grad_fn(trainable, frozen, batch[0], counts)
+        else:
+            zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+            grads, per_micro = jax.lax.scan(accumulate, zeros, batch)
+            sums = jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), per_micro)
         grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, trainable)
         updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
         params = optax.apply_updates(trainable, updates)

@@ -35,6 +35,7 @@ from vishwam_jax.training.remat import check_policy
 from vishwam_jax.training.step import StepConfig, frozen_from_gradients, init_state, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+RESUME_MODES = ("auto", "required", "never")
 
 
 @dataclasses.dataclass
@@ -63,7 +64,8 @@ class TrainConfig:
     lora_rank: int = 0  # > 0: fine-tune LoRA adapters of this rank on the frozen model
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = lora_lib.DEFAULT_TARGETS
-    workdir: str | None = None  # Orbax checkpoints (resumed from when present)
+    workdir: str | None = None  # Orbax checkpoints (local directory or gs://...)
+    resume: str = "auto"  # auto: continue from workdir's latest checkpoint if any; required; never (start fresh only)
     save_every: int = 100
     keep: int = 3
     async_save: bool = True
@@ -149,6 +151,10 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
     raises stops training like a crash would, after in-flight checkpoint writes have finished.
     """
     check_policy(tc.remat)
+    if tc.resume not in RESUME_MODES:
+        raise ValueError(f"resume must be one of {', '.join(RESUME_MODES)}, got {tc.resume!r}")
+    if tc.resume == "required" and not tc.workdir:
+        raise ValueError("resume='required' needs a workdir to resume from")
     if tc.batch_size % tc.grad_accum:
         raise ValueError(f"batch_size {tc.batch_size} is not a multiple of grad_accum {tc.grad_accum}")
     micro = tc.batch_size // tc.grad_accum
@@ -208,8 +214,13 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
     meta = tc.run_meta()
     ckpt = TrainCheckpoints(tc.workdir, save_every=tc.save_every, keep=tc.keep, async_save=tc.async_save) if tc.workdir else None
     start = 0
-    if ckpt is not None and ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
+    latest = None if ckpt is None else ckpt.latest_step()
+    if latest is None and tc.resume == "required":
+        raise FileNotFoundError(f"nothing to resume: no checkpoint in {ckpt.directory}")
+    if latest is not None and tc.resume == "never":
+        raise FileExistsError(f"{ckpt.directory} already holds checkpoints (latest: step {latest}); use another workdir or resume")
+    if latest is not None:
+        start = latest
         state, saved = ckpt.restore(start, state)
         check_resumable(saved, meta)
         log(f"resumed from {ckpt.directory} at step {start}")

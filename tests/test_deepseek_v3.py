@@ -403,6 +403,8 @@ def test_bad_checkpoints_are_named(case, tmp_path):
     hf = json.loads((case.src / "config.json").read_text())
     with pytest.raises(CheckpointFormatError, match="scoring_func 'softmax'"):
         hf_deepseek.config_from_hf({**hf, "scoring_func": "softmax"})
+    with pytest.raises(CheckpointFormatError, match="required field 'kv_lora_rank' is missing"):
+        hf_deepseek.config_from_hf({k: v for k, v in hf.items() if k != "kv_lora_rank"})
     src = tmp_path / "broken"
     src.mkdir()
     tensors = load_file(case.src / "model.safetensors")

@@ -55,6 +55,11 @@ def config_from_hf(hf: dict, where: str = "config.json"):
     def unsupported(what):
         return CheckpointFormatError(f"{where}: {what} is not DeepSeek-V3 (not supported)")
 
+    def need(key, table=hf, where_in=""):
+        if table.get(key) is None:
+            raise CheckpointFormatError(f"{where}: required field {where_in}{key!r} is missing")
+        return table[key]
+
     if hf.get("scoring_func", "sigmoid") != "sigmoid":
         raise unsupported(f"scoring_func {hf['scoring_func']!r}")
     if hf.get("topk_method", "noaux_tc") != "noaux_tc":
@@ -70,21 +75,21 @@ def config_from_hf(hf: dict, where: str = "config.json"):
 
     c = deepseek_v3_base()
     c.name = hf.get("_name_or_path", "") or "hf-deepseek_v3"
-    c.vocab_size = hf["vocab_size"]
-    c.d_model = hf["hidden_size"]
-    c.num_layers = hf["num_hidden_layers"]
+    c.vocab_size = need("vocab_size")
+    c.d_model = need("hidden_size")
+    c.num_layers = need("num_hidden_layers")
     c.num_dense_layers = int(hf.get("first_k_dense_replace") or 0)
-    c.ffn_dim = hf["intermediate_size"]
-    c.num_heads = hf["num_attention_heads"]
+    c.ffn_dim = need("intermediate_size")
+    c.num_heads = need("num_attention_heads")
     c.q_lora_rank = int(hf.get("q_lora_rank") or 0)
-    c.kv_lora_rank = hf["kv_lora_rank"]
-    c.qk_nope_head_dim = hf["qk_nope_head_dim"]
-    c.qk_rope_head_dim = hf["qk_rope_head_dim"]
-    c.v_head_dim = hf["v_head_dim"]
-    c.num_experts = hf["n_routed_experts"]
+    c.kv_lora_rank = need("kv_lora_rank")
+    c.qk_nope_head_dim = need("qk_nope_head_dim")
+    c.qk_rope_head_dim = need("qk_rope_head_dim")
+    c.v_head_dim = need("v_head_dim")
+    c.num_experts = need("n_routed_experts")
     c.num_shared_experts = int(hf.get("n_shared_experts") or 0)
-    c.moe_ffn_dim = hf["moe_intermediate_size"]
-    c.num_experts_per_token = hf["num_experts_per_tok"]
+    c.moe_ffn_dim = need("moe_intermediate_size")
+    c.num_experts_per_token = need("num_experts_per_tok")
     c.num_expert_groups = int(hf.get("n_group") or 1)
     c.num_groups_per_token = int(hf.get("topk_group") or 1)
     c.routed_scaling_factor = float(hf.get("routed_scaling_factor", 1.0))
@@ -108,7 +113,7 @@ def config_from_hf(hf: dict, where: str = "config.json"):
         if rope.get("attention_factor") is not None or rope.get("truncate") is False:
             raise unsupported("a YaRN attention_factor override or truncate=false")
         c.rope_scaling_type = "yarn"
-        c.rope_original_max_len = int(rope["original_max_position_embeddings"])
+        c.rope_original_max_len = int(need("original_max_position_embeddings", rope, "rope_scaling."))
         factor = rope.get("factor")
         c.rope_scaling_factor = float(factor if factor is not None else c.max_seq_len / c.rope_original_max_len)
         c.rope_beta_fast = float(rope.get("beta_fast") or 32)

@@ -2,13 +2,13 @@
 """Grouped-matmul benchmark (one GPU): our Pallas `gmm` against `jax.lax.ragged_dot`, JAX's Hopper example
 kernel (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`) and a dense bf16 matmul of the same FLOPs.
 
-    python scripts/benchmark_gmm.py              # DeepSeek-V3, Grok-1 and decode tables (~4 min on an H100)
+    python scripts/benchmark_gmm.py              # DeepSeek-V3, Grok-1 and decode tables (--budget caps it: 240 s)
     python scripts/benchmark_gmm.py --quick      # a subset
     python scripts/benchmark_gmm.py --tune       # the tables, then a sweep of block configs per regime
     python scripts/benchmark_gmm.py --smoke      # tiny shapes in Pallas interpret mode (checks this script on CPU)
 
 Shapes: DeepSeek-V3 (G=256 and G=32 local experts; K=7168, N=4096 and K=2048, N=7168; M = 8 routed
-copies x 512 / 4096 / 16384 tokens), Grok-1 (G=8; K=6144, N=65536 and K=32768, N=6144; M=16384), each
+copies x 512 and 16384 tokens, --full adds 2048 / 4096 / 8192), Grok-1 (G=8; K=6144, N=65536 and K=32768, N=6144; M=16384), each
 with balanced and Zipf-skewed (p ~ 1/rank^1.2) expert loads; decode sizes (DeepSeek top-8 and Grok top-2
 routing of 1..64 tokens), where reading the active experts' weights bounds the time: reported as GB/s
 of weights against the copy bandwidth measured in the same run (bf16 and int8 weights).
@@ -174,7 +174,7 @@ def group_sizes_for(p: Problem, seed: int) -> np.ndarray:
 
 def problems(quick: bool, smoke: bool, full: bool = False) -> list[Problem]:
     """The default set covers every (model, G, K, N) of issue 6 at the smallest and largest token
-    counts where they matter, in about four minutes; --full adds the middle sizes."""
+    counts where they matter (meant to fit the default --budget); --full adds the middle sizes."""
     if smoke:  # interpret mode on CPU: tiny, but still uneven groups and several tiles
         return [Problem("smoke G=8 K=64 N=512", 8, 64, 512, 200, d) for d in ("balanced", "zipf")] + [
             Problem("smoke decode G=16 K=64 N=512", 16, 64, 512, 16, "decode", top_k=4)]

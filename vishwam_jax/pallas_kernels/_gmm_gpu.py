@@ -62,13 +62,14 @@ def _fit_smem(cfg: BlockConfig, lhs_itemsize: int, rhs_itemsize: int) -> BlockCo
     return cfg
 
 
-# Block configs by expected rows per group (H100, bf16; docs/bench_gmm.md has the sweep). Few rows
-# per group (decode, small batches) stream weights: small row tiles, a deep K block in flight, and
-# band=1 so that the programs running together read neighbouring column blocks of one expert (wide
-# contiguous DRAM reads) rather than the same column block of several experts. Many rows per group
-# are compute-bound: wgmma-sized tiles with 8 warps and 3 stages, banded for L2 reuse of weights.
+# Block configs by expected rows per group (H100, bf16; docs/bench_gmm.md has the measurements). Few
+# rows per group (decode, small batches) stream weights: small row tiles and a deep K block in flight.
+# Many rows per group are compute-bound: wgmma-sized tiles with 8 warps and 3 stages, banded so that
+# the programs running together share weight blocks in L2. The one-token decode shapes stay below
+# target with band=8; band=1 (neighbouring column blocks of one expert run together: wider contiguous
+# reads) is the first thing to try (`benchmark_gmm.py --tune-small` times both) but is not measured yet.
 REGIME_CONFIGS = {
-    16: BlockConfig(bm=16, bn=128, bk=128, num_warps=4, num_stages=4, band=1),
+    16: BlockConfig(bm=16, bn=128, bk=128, num_warps=4, num_stages=4),
     48: BlockConfig(bm=32, bn=128, bk=128, num_warps=4, num_stages=4),
     96: BlockConfig(bm=64, bn=128, bk=64, num_warps=4, num_stages=4),
     None: BlockConfig(bm=128, bn=256, bk=64, num_warps=8, num_stages=3),

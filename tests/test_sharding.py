@@ -246,6 +246,32 @@ def test_sharded_forward_equals_single_device(name, sizes, rules, monkeypatch):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-5)
 
 
+DECODE_CASES = [c for c in (("deepseek-v3-tiny", dict(expert=8), 1), ("grok-1-tiny", dict(tensor=2, expert=4), 8)) if c[0] in MOE_PRESETS]
+
+
+@pytest.mark.parametrize("name, sizes, batch", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
+def test_sharded_prefill_and_decode_with_cache_equal_single_device(name, sizes, batch):
+    """The serving layouts of docs/scaling.md on 8 devices: the cached prefill and a decode step
+    (a batch of 1 that the 8 token shards must pad; a batch split over expert with the expert width
+    over tensor) give the single-device logits."""
+    config, params, tokens, _ = _reference(name)
+    family = family_module(config)
+    tokens = tokens[:batch]
+
+    def run(p, cache):
+        prefill, cache = family.forward(p, tokens[:, :6], config, cache=cache)
+        step, cache = family.forward(p, tokens[:, 6:7], config, cache=cache)
+        return prefill, step
+
+    ref = jax.jit(run)(params, family.init_cache(config, batch, 16))
+    mesh = make_mesh(**sizes)
+    sharded = jax.device_put(params, param_shardings(config, params, mesh, "tensor"))
+    with use_mesh(mesh, "tensor"):
+        out = jax.jit(run)(sharded, family.init_cache(config, batch, 16))
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+
+
 # -- restore onto another mesh ----------------------------------------------------------------------
 @pytest.mark.parametrize("name", [p for p in ("gemma2-tiny", "grok-1-tiny", "deepseek-v3-tiny") if p in FAMILY_PRESETS])
 def test_restore_onto_a_different_mesh(name, tmp_path):

@@ -447,7 +447,7 @@ def test_detect_ignores_other_directories(tmp_path):
 
 
 # -- HF-format ports ------------------------------------------------------------------------------
-def write_hf_port(root: Path, params: dict, c, layout: str, lm_head: np.ndarray | None = None) -> None:
+def write_hf_port(root: Path, params: dict, c, layout: str, lm_head: np.ndarray | None = None, fmt: str = "safetensors") -> None:
     from safetensors.numpy import save_file
 
     names = hf_grok.LAYOUTS[layout]
@@ -468,7 +468,17 @@ def write_hf_port(root: Path, params: dict, c, layout: str, lm_head: np.ndarray 
     if lm_head is not None:
         t["lm_head.weight"] = lm_head
     root.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in t.items()}, str(root / "model.safetensors"))
+    if fmt == "safetensors":
+        save_file({k: np.ascontiguousarray(v) for k, v in t.items()}, str(root / "model.safetensors"))
+    else:  # as both ports were published: bfloat16 torch.save shards and a weight map
+        import torch
+
+        names = sorted(t)
+        shards = {f"pytorch_model-0000{i + 1}-of-00002.bin": names[i::2] for i in range(2)}
+        for file, keys in shards.items():
+            torch.save({k: torch.from_numpy(np.ascontiguousarray(t[k], np.float32)).to(torch.bfloat16) for k in keys}, root / file)
+        index = {"metadata": {}, "weight_map": {k: file for file, keys in shards.items() for k in keys}}
+        (root / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     hf = {
         "architectures": ["Grok1ModelForCausalLM" if layout == "hpcai" else "GrokForCausalLM"],
         "model_type": "grok-1" if layout == "hpcai" else "grok",
@@ -494,6 +504,32 @@ def test_hf_ports_convert_exactly(layout, tmp_path):
         assert model.config[field] == c[field], field
     forward = jit_forward(c)
     assert _rel_err(forward(model.params, jnp.asarray(TOKENS)), forward(params, jnp.asarray(TOKENS))) < 1e-6
+
+
+def test_hf_port_in_pytorch_bin_shards(tmp_path):
+    """The ports' published form: sharded bfloat16 `.bin` files, read without unpickling code."""
+    c = tiny_config(num_layers=2)
+    params = random_params(c, seed=10, q_gain=3.0)
+    write_hf_port(tmp_path / "hf", params, c, "keyfan", fmt="bin")
+    assert hf_grok.detect(tmp_path / "hf") and not list((tmp_path / "hf").glob("*.safetensors"))
+    vj.convert(tmp_path / "hf", tmp_path / "m")
+    assert orbax_io.param_shapes(tmp_path / "m")["layers"][1]["moe"]["down"].dtype == jnp.bfloat16
+    model = vj.load(tmp_path / "m", dtype=np.float32)
+    as_bf16 = jax.tree_util.tree_map(lambda a: np.asarray(a, ml_dtypes.bfloat16).astype(np.float32), params)
+    forward = jit_forward(c)
+    assert _rel_err(forward(model.params, jnp.asarray(TOKENS)), forward(as_bf16, jnp.asarray(TOKENS))) < 1e-6
+
+
+def test_hf_port_bin_with_code_is_refused_without_running_it(tmp_path):
+    import torch
+
+    c = tiny_config(num_layers=1)
+    write_hf_port(tmp_path / "hf", random_params(c, seed=10), c, "keyfan", fmt="bin")
+    marker = tmp_path / "pwned"
+    torch.save({"transformer.in_out_embed.weight": _Exploit(marker)}, tmp_path / "hf" / "pytorch_model-00001-of-00002.bin")
+    with pytest.raises(CheckpointFormatError, match="pytorch_model-00001-of-00002.bin: not a PyTorch weights file"):
+        vj.convert(tmp_path / "hf", tmp_path / "m")
+    assert not marker.exists()
 
 
 def test_hf_port_with_an_untied_head_is_refused(tmp_path):

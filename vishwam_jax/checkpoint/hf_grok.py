@@ -19,9 +19,11 @@ expert):
        transformer.decoder_layer.{i}.router.weight
        transformer.decoder_layer.{i}.moe.{e}.linear | linear_v | linear_1 .weight
 
-Not supported: `.bin` (PyTorch pickle) shards - re-save them as safetensors first; Grok-2
-(`Grok1ForCausalLM`, a different architecture); the `pytorch/` port proposed in xai-org/grok-1, which
-has no published weights.
+Both ports were published as PyTorch `.bin` shards (`pytorch_model-000NN-of-000MM.bin`); those are
+read with `torch.load(weights_only=True, mmap=True)` (torch's restricted unpickler: tensors only, and
+memory-mapped, so one tensor at a time is read), as are `*.safetensors` re-saves of them.
+Not supported: Grok-2 (`Grok1ForCausalLM`, a different architecture); the `pytorch/` port proposed in
+xai-org/grok-1, which has no published weights.
 
 Dimensions, the three multipliers and the token ids are read from config.json (the release's values
 where a field is absent). The computation itself is the release's: these ports carry its weights, so
@@ -33,15 +35,19 @@ An `lm_head.weight`, if present, must equal the embedding: Grok-1's output is ti
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from vishwam_jax.checkpoint.hf_common import copy_tokenizer_files, first_id, has_safetensors, read_hf_config, storage_dtype
 from vishwam_jax.checkpoint.orbax_io import CheckpointWriter
 from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError, SafetensorsIndex
 from vishwam_jax.presets.grok1 import grok1_base
+
+BIN_INDEX = "pytorch_model.bin.index.json"
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +91,83 @@ LAYOUTS = {
 }
 
 
+class TorchBinIndex:
+    """The tensors of PyTorch `.bin` shards, with SafetensorsIndex's interface (names, get).
+
+    Each shard is opened with `weights_only=True` (torch's restricted unpickler, which rebuilds
+    tensors and refuses arbitrary objects) and `mmap=True`, so a tensor's bytes are read only when
+    it is converted."""
+
+    def __init__(self, directory: str | Path):
+        try:
+            import torch  # noqa: F401  (optional: only these ports need it)
+        except ImportError:
+            raise CheckpointFormatError(
+                f"{directory} holds PyTorch .bin shards; reading them needs torch (pip install torch), "
+                "or re-save them as safetensors"
+            ) from None
+        self.directory = Path(directory)
+        self._shards: dict[Path, dict] = {}
+        index = self.directory / BIN_INDEX
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointFormatError(f"{index} is not a valid shard index ({err})") from None
+            self._file_of = {name: self.directory / file for name, file in weight_map.items()}
+            missing = sorted({f.name for f in self._file_of.values() if not f.is_file()})
+            if missing:
+                raise CheckpointFormatError(f"{index} names shard(s) that are not there: {', '.join(missing)}")
+        else:
+            self._file_of = {name: f for f in sorted(self.directory.glob("*.bin")) for name in self._shard(f)}
+        if not self._file_of:
+            raise CheckpointFormatError(f"no PyTorch .bin shards in {self.directory}")
+
+    def _shard(self, file: Path) -> dict:
+        if file not in self._shards:
+            import torch
+
+            try:
+                self._shards[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # torch raises UnpicklingError, RuntimeError, ... for bad files
+                raise CheckpointFormatError(f"{file}: not a PyTorch weights file ({type(err).__name__}: {err})") from None
+            if not isinstance(self._shards[file], dict):
+                raise CheckpointFormatError(f"{file} holds a {type(self._shards[file]).__name__}, not a state dict")
+        return self._shards[file]
+
+    def names(self) -> list[str]:
+        return sorted(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def get(self, name: str) -> np.ndarray:
+        import torch
+
+        if name not in self._file_of:
+            raise CheckpointFormatError(f"tensor {name!r} not found in {self.directory}")
+        t = self._shard(self._file_of[name]).get(name)
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointFormatError(f"{self._file_of[name].name}: {name!r} is missing or not a tensor")
+        t = t.contiguous()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+
+def _has_bin(src: Path) -> bool:
+    return (src / BIN_INDEX).exists() or any(src.glob("*.bin"))
+
+
 def detect(src: str | Path) -> bool:
     src = Path(src)
-    if not (src / "config.json").exists() or not has_safetensors(src):
+    if not (src / "config.json").exists() or not (has_safetensors(src) or _has_bin(src)):
         return False
     hf = read_hf_config(src)
     return bool(set(hf.get("architectures") or ()) & _ARCHITECTURES) or hf.get("model_type") in _MODEL_TYPES
 
 
-def _layout(index: SafetensorsIndex) -> str:
+def _layout(index: SafetensorsIndex | TorchBinIndex) -> str:
     for name, layout in LAYOUTS.items():
         if layout["embed"] in index:
             return name
@@ -136,7 +210,7 @@ def config_from_hf(hf: dict):
     return c
 
 
-def _check_tied(index: SafetensorsIndex, embed_name: str, rows: int = 4096) -> None:
+def _check_tied(index: SafetensorsIndex | TorchBinIndex, embed_name: str, rows: int = 4096) -> None:
     if "lm_head.weight" not in index:
         return
     embed, head = index.get(embed_name), index.get("lm_head.weight")
@@ -156,7 +230,7 @@ def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False, **opti
         raise ValueError(f"option(s) {', '.join(sorted(options))} do not apply to HF-format Grok-1 ports")
     src, dst = Path(src), Path(dst)
     config = config_from_hf(read_hf_config(src))
-    index = SafetensorsIndex(src)
+    index = SafetensorsIndex(src) if has_safetensors(src) else TorchBinIndex(src)
     names = LAYOUTS[_layout(index)]
     d, h, kh, hd = config.d_model, config.num_q_heads, config.num_kv_heads, config.key_size
     e, f = config.num_experts, config.ffn_dim

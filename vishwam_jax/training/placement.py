@@ -33,8 +33,16 @@ def state_shardings(
     """Shardings of {"step", "params", "opt_state"}: Adam's moments are sharded like the parameters
     they track (so FSDP shards the optimizer state too); counters and the like are replicated."""
     opt_shapes = jax.eval_shape(optimizer.init, trainable_shapes)
+    # Leaves the optimizer leaves alone (optax.multi_transform's frozen group) hold a MaskedNode
+    # where the parameter tree has an array: keep it (it has no buffer to place).
+    masked = lambda x: isinstance(x, optax.MaskedNode)
     opt = optax.tree_map_params(
-        optimizer, lambda _, s: s, opt_shapes, trainable_shardings, transform_non_params=lambda _: replicated(mesh)
+        optimizer,
+        lambda leaf, s: leaf if masked(leaf) else s,
+        opt_shapes,
+        trainable_shardings,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=masked,
     )
     return {"step": replicated(mesh), "params": trainable_shardings, "opt_state": opt}
 

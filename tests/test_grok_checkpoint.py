@@ -538,3 +538,6 @@ def test_hf_port_with_an_untied_head_is_refused(tmp_path):
     write_hf_port(tmp_path / "hf", params, c, "hpcai", lm_head=params["embed"] * 2)
     with pytest.raises(CheckpointFormatError, match="lm_head.weight differs"):
         vj.convert(tmp_path / "hf", tmp_path / "m")
+    # The release's options have no meaning for a port (config.json, dense weights): refused by name.
+    with pytest.raises(CheckpointFormatError, match="option.s. keep_int8 do not apply to HF-format Grok-1 ports"):
+        vj.convert(tmp_path / "hf", tmp_path / "m", keep_int8=True)

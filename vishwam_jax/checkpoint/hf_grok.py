@@ -227,7 +227,7 @@ def _check_tied(index: SafetensorsIndex | TorchBinIndex, embed_name: str, rows: 
 def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False, **options) -> None:
     if options:
         # config=/keep_int8= belong to the release's format: these ports ship config.json and dense weights.
-        raise ValueError(f"option(s) {', '.join(sorted(options))} do not apply to HF-format Grok-1 ports")
+        raise CheckpointFormatError(f"option(s) {', '.join(sorted(options))} do not apply to HF-format Grok-1 ports")
     src, dst = Path(src), Path(dst)
     config = config_from_hf(read_hf_config(src))
     index = SafetensorsIndex(src) if has_safetensors(src) else TorchBinIndex(src)

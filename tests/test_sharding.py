@@ -112,6 +112,26 @@ def test_mesh_device_order_comes_from_jax_make_mesh():
     assert [d.id for d in mesh.devices.flat] == [d.id for d in ref.devices.flat]
 
 
+def test_multi_slice_mesh_puts_only_data_across_slices():
+    """On a multi-slice TPU job (devices carry slice_index) the data axis spans the slices and every
+    other axis stays inside one slice; a layout that would put another axis across DCN is refused."""
+    from vishwam_jax.sharding.mesh import multi_slice_grid, num_slices
+
+    class Dev:  # what mesh_utils reads of a TPU device
+        platform = device_kind = "cpu"
+
+        def __init__(self, i):
+            self.id, self.slice_index, self.process_index = i, i // 4, i // 2
+
+    devices = [Dev(i) for i in range(8)]
+    assert num_slices(devices) == 2 and num_slices(jax.devices()) == 1
+    grid = multi_slice_grid({"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}, devices)
+    assert grid.shape == (2, 2, 2, 1)
+    assert [{d.slice_index for d in grid[i].flat} for i in range(2)] == [{0}, {1}]
+    with pytest.raises(MeshError, match="the devices span 2 slices: data .* must be a multiple of 2"):
+        multi_slice_grid({"data": 1, "fsdp": 4, "tensor": 2, "expert": 1}, devices)
+
+
 # -- logical names and rules ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", FAMILY_PRESETS)
 def test_every_large_parameter_is_named_and_sharded_for_training(name):

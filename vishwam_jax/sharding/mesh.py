@@ -2,7 +2,8 @@
 
 Axes, outermost first (the order matters: `jax.make_mesh` lays the innermost axes over the closest
 devices, so the chattiest axis goes last):
-    data    pure data parallelism: parameters replicated, only gradients all-reduced
+    data    pure data parallelism: parameters replicated, only gradients all-reduced (the one axis
+            that may span TPU slices over the data-center network: multi_slice_grid)
     fsdp    data parallelism with parameters/optimizer state sharded (all-gathered per layer)
     tensor  Megatron-style tensor parallelism inside a layer (heads, MLP width, vocabulary)
     expert  expert parallelism of MoE layers (tokens exchanged by all-to-all); outside MoE layers it
@@ -49,6 +50,8 @@ def make_mesh(
     shape = tuple(sizes[a] for a in AXES)
     axis_types = _auto_axis_types(len(AXES))
     kwargs = {} if axis_types is None else {"axis_types": axis_types}
+    if num_slices(devices) > 1:
+        return Mesh(multi_slice_grid(sizes, devices), AXES, **kwargs)
     try:
         # Topology-aware device order (ICI torus / NVLink islands) rather than jax.devices() order.
         return jax.make_mesh(shape, AXES, devices=devices, **kwargs)
@@ -58,6 +61,27 @@ def make_mesh(
         import numpy as np
 
         return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES, **kwargs)
+
+
+def num_slices(devices: Sequence) -> int:
+    """How many TPU slices (ICI domains joined by the data-center network) the devices span."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def multi_slice_grid(sizes: dict[str, int], devices: Sequence):
+    """The device array of a mesh over several TPU slices (multi-slice / Megascale): only `data`
+    crosses the data-center network (DCN), which carries one gradient all-reduce per step; every
+    other axis stays inside a slice, on ICI."""
+    from jax.experimental import mesh_utils
+
+    n = num_slices(devices)
+    if sizes["data"] % n:
+        raise MeshError(
+            f"the devices span {n} slices: data (the only axis that crosses the data-center network) must be a "
+            f"multiple of {n}; got {' × '.join(f'{a}={s}' for a, s in sizes.items())}"
+        )
+    ici = (sizes["data"] // n,) + tuple(sizes[a] for a in AXES[1:])
+    return mesh_utils.create_hybrid_device_mesh(ici, (n,) + (1,) * (len(AXES) - 1), devices=devices)
 
 
 def _resolve_sizes(sizes: dict[str, int], n_devices: int) -> dict[str, int]:

@@ -344,7 +344,7 @@ def test_generate_cli_on_the_tiny_preset(capsys):
 
     assert generate.run(["--model", "grok-1-tiny", "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "0"]) == 0
     out = capsys.readouterr()
-    assert out.out.startswith("Hi") and "decode 4 tokens" in out.err
+    assert out.out.startswith("Hi") and "tok/s" in out.err  # (fewer than 4 decoded if EOS comes first)
 
 
 @pytest.mark.skipif(not TOKENIZER.exists(), reason=f"{TOKENIZER} not present")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
+from vishwam_jax.inference import paged_cache
 from vishwam_jax.inference.sampling import SamplingParams, sample
 
 
@@ -69,10 +70,14 @@ def _signature(tree) -> tuple:
 class Generator:
     """Compiled prefill + decode for one model (family module, config, params)."""
 
-    def __init__(self, family, config, *, cache_dtype=None):
+    def __init__(self, family, config, *, cache_dtype=None, paged_blocks: int | None = None):
+        """paged_blocks: keep the cache in a pool of this many 64-token pages (MLA latent caches
+        only; inference/paged_cache.py): each row of a batch gets the pages its prompt +
+        max_new_tokens need instead of the longest row's length."""
         self.family = family
         self.config = config
         self.cache_dtype = cache_dtype
+        self.paged = None if paged_blocks is None else paged_cache.PagedCache(paged_blocks)
         self._prefill_jit = jax.jit(self._prefill_impl, static_argnames=("max_len", "sampling"))
         self._decode_jit = jax.jit(self._decode_impl, static_argnames=("steps", "sampling"), donate_argnames=("state",))
         self._executables: dict = {}
@@ -88,11 +93,14 @@ class Generator:
         return self._executables[key]
 
     # -- compiled pieces -------------------------------------------------------------------------
-    def _prefill_impl(self, params, tokens, lengths, key, *, max_len: int, sampling: SamplingParams):
+    def _prefill_impl(self, params, tokens, lengths, key, block_table=None, *, max_len: int, sampling: SamplingParams):
         dtype = self.cache_dtype or jax.tree_util.tree_leaves(params)[0].dtype
         if not jnp.issubdtype(dtype, jnp.floating):
             dtype = jnp.bfloat16
-        cache = self.family.init_cache(self.config, tokens.shape[0], max_len, dtype)
+        if block_table is None:
+            cache = self.family.init_cache(self.config, tokens.shape[0], max_len, dtype)
+        else:
+            cache = paged_cache.paged_model_cache(self.family, self.config, block_table, self.paged.num_blocks, dtype)
         last = (lengths - 1)[:, None]
         logits, cache = self.family.forward(params, tokens, self.config, cache=cache, lengths=lengths, logit_positions=last)
         key, sub = jax.random.split(key)
@@ -156,6 +164,23 @@ class Generator:
         max_len = max(min(needed, limit), tokens.shape[1])
         self.stats = GenerationStats()
         args = (params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed))
+        if self.paged is None:
+            return self._generate(args, lengths, max_new_tokens, chunk, max_len, sampling, on_tokens)
+        # one request id per row; the pages go back to the pool however the call ends
+        width = paged_cache.pages_for(max_len)
+        rows = [object() for _ in range(len(lengths))]
+        try:
+            for row, n in zip(rows, lengths):
+                self.paged.reserve(row, min(int(n) + steps_total, width * paged_cache.PAGE))
+            table = jnp.asarray(self.paged.block_table(rows, width))
+            return self._generate(args + (table,), lengths, max_new_tokens, chunk, max_len, sampling, on_tokens)
+        finally:
+            for row in rows:
+                if row in self.paged:
+                    self.paged.release(row)
+
+    def _generate(self, args, lengths, max_new_tokens, chunk, max_len, sampling, on_tokens):
+        params = args[0]
         prefill = self._compiled(self._prefill_jit, *args, max_len=max_len, sampling=sampling)
         start = time.perf_counter()
         state = jax.block_until_ready(prefill(*args))

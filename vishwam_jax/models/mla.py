@@ -24,6 +24,8 @@ Parameters of one layer (weights [in, out], heads as their own axis):
                                                                            when q_lora_rank == 0)
     wkv_a [d, r + rope]  kv_norm [r]  wk_b [r, h, nope]  wv_b [r, h, v]  wo [h, v, d]
 Cache of one layer: {"kv": [b, max_len, r + rope]}; slot p holds the token at position p.
+Paged (inference/paged_cache.py): {"kv": [num_blocks, page, r + rope], "block_table": [b, max_blocks]};
+token p of row b lives at kv[block_table[b, p // page], p % page].
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from vishwam_jax.inference import paged_cache
 from vishwam_jax.models.layers import init_dense, linear, rms_norm
 from vishwam_jax.models.rope import apply_rope, inverse_frequencies, yarn_mscale
 from vishwam_jax.pallas_kernels.mla_attention import mla_decode, mla_prefill
@@ -157,6 +160,8 @@ def write_latents(
 ) -> dict:
     """Store each row's first lengths[b] chunk tokens at their positions' slots; the padding after
     them is sent out of range and dropped (it must not land on a live slot)."""
+    if "block_table" in cache:
+        return {**cache, "kv": paged_cache.write_tokens(cache["kv"], cache["block_table"], kv, positions, lengths)}
     batch, slots = cache["kv"].shape[:2]
     in_row = jnp.arange(kv.shape[1])[None, :] < lengths[:, None]
     slot = jnp.where(in_row, positions, slots)
@@ -187,6 +192,7 @@ def absorbed_attention(
     q = jnp.concatenate([q_latent, q_pe.astype(q_latent.dtype)], axis=-1)
     # Every chunk token counts as written for the visibility rule; padded queries' outputs are unused.
     total = positions[:, 0] + x.shape[1]
-    o_latent = mla_decode(q, cache["kv"], total, softmax_scale=softmax_scale(config), v_head_dim=r)
+    o_latent = mla_decode(q, cache["kv"], total, softmax_scale=softmax_scale(config), v_head_dim=r,
+                          block_table=cache.get("block_table"))
     out = linear(o_latent.astype(x.dtype), params["wv_b"], "bthc,chv->bthv")
     return linear(out, params["wo"], "bthv,hvd->btd"), cache

@@ -10,7 +10,9 @@ over the visible cache positions j < lengths[b] - s_q + i + 1 (causal) or j < le
 `lengths[b]` counts the s_q new tokens, already written. A row with nothing visible returns zeros.
 
 Paged cache: `cache` is [num_blocks, page (64), 576] and token t of row b lives at
-cache[block_table[b, t // page], t % page]. Block-table entries past a row's length are never read.
+cache[block_table[b, t // page], t % page]. Block-table entries past a row's length may hold anything
+(ids are clipped into the pool; the pages they then point at get zero attention weight, though
+the "xla" form needs them finite).
 
 Prefill (`mla_prefill`): ordinary causal attention with q/k head dim 192 (128 nope + 64 rope) and
 v head dim 128, differentiable (Pallas forward and backward on GPU).
@@ -177,6 +179,11 @@ def mla_decode(
     if impl == "xla":
         return mla_decode_xla(q, cache, lengths, return_lse=return_lse, **kwargs)
     lengths = lengths.astype(jnp.int32)
+    if block_table is not None:
+        # in range whatever the caller's unused entries hold (a paged cache marks them with an
+        # out-of-range id): a query padded past its row's pages may then read another page's
+        # finite values, which its mask discards, but never memory outside the pool
+        block_table = jnp.clip(block_table.astype(jnp.int32), 0, cache.shape[0] - 1)
     if impl == "pallas_tpu":
         from vishwam_jax.pallas_kernels import _mla_tpu  # Mosaic imports only where used
 

@@ -1,0 +1,185 @@
+"""The paged latent cache: page allocation and freeing, block tables, page writes, attention through
+block tables (Pallas kernel interpreted, XLA, reference) against the contiguous cache, and paged
+generation of rows of very different lengths against contiguous generation (DeepSeek-V3 tiny)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from vishwam_jax.inference import paged_cache as pc
+from vishwam_jax.inference.engine import Generator
+from vishwam_jax.models import deepseek_v3 as ds
+from vishwam_jax.models import gemma
+from vishwam_jax.models import mla
+from vishwam_jax.pallas_kernels import mla_attention
+from vishwam_jax.presets import get_config
+
+
+# -- allocation -------------------------------------------------------------------------------------
+def test_allocator_hands_out_each_page_once_and_takes_them_back():
+    a = pc.BlockAllocator(5)
+    x = a.allocate(3)
+    y = a.allocate(2)
+    assert sorted(x + y) == [0, 1, 2, 3, 4] and a.num_free == 0
+    with pytest.raises(pc.CacheFullError, match="need 1 free pages, only 0 of 5"):
+        a.allocate(1)
+    a.free(x)
+    assert a.num_free == 3
+    with pytest.raises(ValueError, match="double free"):
+        a.free(x[:1])
+    with pytest.raises(ValueError, match="outside the pool"):
+        a.free([5])
+    with pytest.raises(ValueError, match="double free"):
+        a.free([y[0], y[0]])
+    assert a.num_free == 3  # failed frees change nothing
+    with pytest.raises(pc.CacheFullError):
+        a.allocate(4)  # all-or-nothing
+    assert a.num_free == 3 and sorted(a.allocate(3)) == sorted(x)
+    with pytest.raises(ValueError):
+        pc.BlockAllocator(0)
+
+
+def test_sequences_grow_release_and_form_block_tables():
+    cache = pc.PagedCache(8, page=4)
+    assert cache.reserve("a", 5) and cache.capacity("a") == 8  # 2 pages
+    assert cache.reserve("a", 8) == []  # already room
+    cache.reserve("b", 1)
+    cache.reserve("a", 9)  # a third page for "a"
+    assert len(cache.pages("a")) == 3 and cache.allocator.num_free == 4
+    table = cache.block_table(["b", "a"])
+    assert table.dtype == np.int32 and table.shape == (2, 3)
+    assert list(table[1]) == cache.pages("a")
+    assert list(table[0]) == cache.pages("b") + [8, 8]  # unused entries: the out-of-range id
+    with pytest.raises(ValueError, match="max_blocks=2"):
+        cache.block_table(["a"], max_blocks=2)
+    with pytest.raises(pc.CacheFullError):
+        cache.reserve("c", 100)
+    assert "c" not in cache and cache.allocator.num_free == 4  # a failed reservation leaves nothing behind
+    cache.release("a")
+    assert cache.allocator.num_free == 7 and "a" not in cache
+    with pytest.raises(KeyError):
+        cache.release("a")
+
+
+# -- page writes ----------------------------------------------------------------------------------
+def test_write_tokens_places_each_token_in_its_page_and_drops_the_rest():
+    rng = np.random.default_rng(0)
+    page, c = 4, 3
+    pool = jnp.asarray(rng.standard_normal((6, page, c)), jnp.float32)
+    table = jnp.asarray([[4, 1, 6], [0, 6, 6]], jnp.int32)  # 6 = out of range (unused)
+    values = jnp.asarray(rng.standard_normal((2, 3, c)), jnp.float32)
+    # row 0 writes positions 3, 4, 5 (crossing from page 4 into page 1); row 1 has one live token
+    # at position 2 and two padding tokens; a row-1 token at position 5 would fall in an unused entry
+    positions = jnp.asarray([[3, 4, 5], [2, 3, 5]], jnp.int32)
+    lengths = jnp.asarray([3, 1], jnp.int32)
+    out = np.asarray(pc.write_tokens(pool, table, values, positions, lengths))
+    want = np.array(pool)
+    want[4, 3], want[1, 0], want[1, 1] = values[0, 0], values[0, 1], values[0, 2]
+    want[0, 2] = values[1, 0]
+    np.testing.assert_array_equal(out, want)
+    # the same with every token live: the one aimed at row 1's unused entry is dropped, not written
+    out = np.asarray(pc.write_tokens(pool, table, values, positions, jnp.asarray([3, 3])))
+    want[0, 3] = values[1, 1]
+    np.testing.assert_array_equal(out, want)
+
+
+# -- attention through block tables ------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["pallas_interpret", "xla"])
+def test_mla_decode_through_block_tables_equals_contiguous(impl):
+    """Rows of very different lengths, pages allocated after churn (so out of order), each row owning
+    only the pages it needs; s_q = 2 (causal) against the contiguous cache's reference."""
+    rng = np.random.default_rng(1)
+    dv, dr, heads, s_q = 32, 16, 8, 2
+    lengths = [2, 300, 64, 129]
+    cache = pc.PagedCache(16)
+    for i in range(6):  # churn: interleaved reservations and releases shuffle the free list
+        cache.reserve(("junk", i), 64 * (1 + i % 2))
+    for i in (1, 4, 2):
+        cache.release(("junk", i))
+    for b, n in enumerate(lengths):
+        cache.reserve(b, n)
+    table = jnp.asarray(cache.block_table(range(len(lengths))))
+    assert cache.pages(1) != sorted(cache.pages(1))  # the 300-token row's pages are out of order
+    contiguous = rng.standard_normal((len(lengths), 320, dv + dr)).astype(np.float32)
+    pool = pc.init_pool(cache.num_blocks, dv + dr, jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(320), (len(lengths), 320))
+    pool = pc.write_tokens(pool, table, jnp.asarray(contiguous), positions, jnp.asarray(lengths))
+    np.testing.assert_array_equal(
+        np.asarray(pc.gather_tokens(pool, table))[1, :300], contiguous[1, :300])
+    q = jnp.asarray(rng.standard_normal((len(lengths), s_q, heads, dv + dr)), jnp.float32)
+    kw = dict(softmax_scale=0.2, v_head_dim=dv)
+    want = mla_attention.mla_decode_reference(q, jnp.asarray(contiguous), jnp.asarray(lengths), **kw)
+    got = mla_attention.mla_decode(q, pool, jnp.asarray(lengths), block_table=table, implementation=impl,
+                                   num_splits=2, **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+
+
+# -- the model and the generator ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = get_config("deepseek-v3-tiny")
+    params = ds.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+    # every parameter random (norm weights included), so no path can hide behind ones
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    leaves = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return cfg, jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def test_model_forward_on_a_paged_cache_equals_contiguous(tiny):
+    """A right-padded prefill chunk then two decode steps: identical logits on both caches."""
+    cfg, params = tiny
+    rng = np.random.default_rng(2)
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(2, 70)))
+    lengths = jnp.asarray([5, 70])
+    cache = pc.PagedCache(6)
+    cache.reserve("short", 5 + 2)
+    cache.reserve("long", 70 + 2)
+    table = cache.block_table(["short", "long"])
+    paged = pc.paged_model_cache(ds, cfg, table, cache.num_blocks, jnp.float32)
+    flat = ds.init_cache(cfg, 2, 72, jnp.float32)
+    step = jax.jit(lambda c, t, n: ds.forward(params, t, cfg, cache=c, lengths=n))
+    for chunk, n in ((tokens, lengths), (tokens[:, :1], jnp.ones(2, jnp.int32)), (tokens[:, 1:2], jnp.ones(2, jnp.int32))):
+        a, paged = step(paged, chunk, n)
+        b, flat = step(flat, chunk, n)
+        live = np.arange(chunk.shape[1])[None, :] < np.asarray(n)[:, None]
+        np.testing.assert_allclose(np.asarray(a)[live], np.asarray(b)[live], rtol=1e-5, atol=1e-5)
+    assert paged["layers"][0]["kv"].shape == (6, pc.PAGE, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+
+
+def test_paged_generation_equals_contiguous_in_fewer_pages(tiny):
+    """A 3-token and a 100-token prompt: a contiguous cache gives both rows 106 slots (4 pages'
+    worth); the paged generator fits them in 1 + 2 pages and returns the same tokens, then frees
+    every page; a pool one page short is refused before anything runs."""
+    cfg, params = tiny
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(3, cfg.vocab_size, 3)), list(rng.integers(3, cfg.vocab_size, 100))]
+    want = np.asarray(Generator(ds, cfg).generate(params, prompts, max_new_tokens=6))
+    gen = Generator(ds, cfg, paged_blocks=3)
+    got = np.asarray(gen.generate(params, prompts, max_new_tokens=6))
+    np.testing.assert_array_equal(got, want)
+    assert gen.paged.allocator.num_free == 3
+    short = Generator(ds, cfg, paged_blocks=2)
+    with pytest.raises(pc.CacheFullError):
+        short.generate(params, prompts, max_new_tokens=6)
+    assert short.paged.allocator.num_free == 2
+
+
+def test_only_latent_caches_page():
+    with pytest.raises(NotImplementedError, match="MLA latent caches only"):
+        pc.paged_model_cache(gemma, get_config("gemma-tiny"), np.zeros((1, 1), np.int32), 4, jnp.float32)
+
+
+def test_mla_write_latents_dispatches_on_the_block_table():
+    """models/mla.py routes a paged layer cache through write_tokens and keeps its table."""
+    pool = pc.init_pool(3, 4, jnp.float32, page=2)
+    layer = {"kv": pool, "block_table": jnp.asarray([[2, 0]], jnp.int32)}
+    kv = jnp.arange(12, dtype=jnp.float32).reshape(1, 3, 4)
+    out = mla.write_latents(layer, kv, jnp.asarray([[1, 2, 3]]), jnp.asarray([3]))
+    assert out["block_table"] is layer["block_table"]
+    np.testing.assert_array_equal(np.asarray(out["kv"])[2, 1], kv[0, 0])
+    np.testing.assert_array_equal(np.asarray(out["kv"])[0], kv[0, 1:])

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Benchmark and check the MLA kernels (vishwam_jax.pallas_kernels.mla_attention) on one GPU.
 
-    python scripts/benchmark_mla.py            # full decode + prefill tables
+    python scripts/benchmark_mla.py            # one shape per regime (~4 min on an H100)
+    python scripts/benchmark_mla.py --more     # 19 decode + 6 prefill shapes (~9 min); --all: the full grid
     python scripts/benchmark_mla.py --quick    # a subset (a minute or two)
+    main(argv) -> exit status, for scripts/benchmark_kernels.py
     python scripts/benchmark_mla.py --tune     # sweep tile configs on representative shapes
 
 Decode (s_q = 1, bf16, every row's cache full): our kernel vs the XLA einsum form, with achieved
@@ -379,6 +381,40 @@ def split_sweep(bw, peak, scale):
         log(f"splits h{heads} b{batch} L{length} (µs; * = auto): " + ", ".join(cells))
 
 
+def decode_shapes(args) -> list[tuple]:
+    """(heads, batch, cache length, paged) rows of the decode table."""
+    # default: one shape per regime, both head counts, batch 1..128, caches 1K..32K (~4 min
+    # with the prefill pair below); --more: 17 + 2 shapes (~9 min); --all: the full grid
+    shapes = [(128, 1, 4096, False), (16, 1, 32768, False), (128, 8, 32768, False), (16, 8, 4096, False),
+              (128, 64, 1024, False), (16, 128, 8192, False), (128, 128, 8192, False), (128, 64, 4096, True)]
+    if args.more:
+        shapes = [(128, 1, 4096), (128, 1, 32768), (128, 8, 4096), (128, 8, 32768), (128, 64, 1024),
+                  (128, 64, 4096), (128, 64, 8192), (128, 128, 4096), (128, 128, 8192), (128, 128, 32768),
+                  (16, 1, 4096), (16, 1, 32768), (16, 8, 8192), (16, 64, 8192), (16, 128, 1024),
+                  (16, 128, 8192), (16, 128, 32768)]
+        shapes = [s + (False,) for s in shapes] + [(128, 64, 4096, True), (16, 128, 8192, True)]
+    if args.all:
+        shapes = [(h, b, L, False) for h in (128, 16) for b in (1, 8, 64, 128) for L in (1024, 4096, 8192, 32768)]
+        shapes += [(128, 64, 4096, True), (16, 128, 8192, True)]
+    if args.quick:
+        shapes = [(128, 1, 4096, False), (128, 64, 4096, False), (16, 128, 8192, False)]
+    return shapes
+
+
+def prefill_shapes(args) -> list[tuple]:
+    """(heads, batch, tokens) rows of the prefill tables."""
+    pshapes = [(128, 1, 4096), (16, 8, 2048)]
+    if args.more:
+        pshapes = [(128, 1, 1024), (128, 1, 8192), (128, 4, 2048), (128, 8, 4096), (16, 1, 8192),
+                   (16, 8, 4096)]
+    if args.all:
+        pshapes = [(h, b, t) for h in (128, 16) for b, t in ((1, 1024), (1, 4096), (1, 8192), (4, 2048),
+                                                             (8, 1024), (8, 4096))]
+    if args.quick:
+        pshapes = [(16, 8, 2048)]
+    return pshapes
+
+
 def dump(path, report):
     if path:
         with open(path, "w") as f:
@@ -388,7 +424,8 @@ def dump(path, report):
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 all checks passed, 1 a kernel result mismatched its reference, 2 no GPU."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a subset of the shapes")
+    ap.add_argument("--quick", action="store_true", help="three decode shapes and one prefill shape")
+    ap.add_argument("--more", action="store_true", help="19 decode and 6 prefill shapes (~9 min on an H100)")
     ap.add_argument("--tune", action="store_true", help="sweep tile configs instead of the tables")
     ap.add_argument("--all", action="store_true", help="every combination of the decode/prefill grids")
     ap.add_argument("--no-prefill", action="store_true")
@@ -421,58 +458,40 @@ def main(argv: list[str] | None = None) -> int:
         tune(bw, peak, scale)  # then the tables, with the winners
     if args.split_sweep:
         split_sweep(bw, peak, scale)
-    if True:
-        if not args.no_decode:
-            # correctness of the auto path on ragged / paged / multi-token inputs (bf16, realistic dims)
-            decode_extra_checks(scale)
-            shapes = [(h, b, L) for h in (128, 16) for b in (1, 8, 64, 128) for L in (1024, 4096, 8192, 32768)]
-            if not args.all:  # the full grid takes ~4 min; these cover each regime
-                shapes = [(128, 1, 4096), (128, 1, 32768), (128, 8, 4096), (128, 8, 32768), (128, 64, 1024),
-                          (128, 64, 4096), (128, 64, 8192), (128, 128, 4096), (128, 128, 8192), (128, 128, 32768),
-                          (16, 1, 4096), (16, 1, 32768), (16, 8, 8192), (16, 64, 8192), (16, 128, 1024),
-                          (16, 128, 8192), (16, 128, 32768)]
-            if args.quick:
-                shapes = [(128, 1, 4096), (128, 64, 4096), (128, 128, 8192), (16, 128, 8192), (16, 1, 32768),
-                          (16, 8, 4096)]
-            shapes = [s + (False,) for s in shapes] + [(128, 64, 4096, True), (16, 128, 8192, True)]
-            for heads, batch, length, paged in shapes:
-                if out_of_time(0.65 if not args.no_prefill else 1.0):
-                    log(f"budget: skipping decode h{heads} b{batch} L{length} and later shapes")
-                    break
-                r = decode_case(batch, heads, length, bw, peak, scale, paged=paged)
-                report["decode"].append(r)
-                log(fmt_decode_row(r))
-                dump(args.json, report)
-        if not args.no_prefill:
-            prefill_check(scale)
-            impls = {"ours": ("pallas_gpu", None), "cudnn": ("cudnn_native", None), "cudnn_pad": ("cudnn_pad", None),
-                     "xla": ("xla", None)}
-            pshapes = [(h, b, t) for h in (128, 16) for b, t in ((1, 1024), (1, 4096), (1, 8192), (4, 2048),
-                                                                 (8, 1024), (8, 4096))]
-            if not args.all:
-                pshapes = [(128, 1, 1024), (128, 1, 8192), (128, 4, 2048), (128, 8, 4096), (16, 1, 8192),
-                           (16, 8, 4096)]
-            if args.quick:
-                pshapes = [(128, 1, 4096), (16, 8, 2048)]
-            for heads, batch, t in pshapes:
-                if out_of_time():
-                    log(f"budget: skipping prefill h{heads} b{batch} t{t} and later shapes")
-                    break
-                r = prefill_case(batch, t, heads, scale, impls, peak)
-                report["prefill"].append(r)
-                dump(args.json, report)
-                log(f"prefill h{heads} b{batch} t{t}: fwd {r['fwd']} fwd+bwd {r['fwdbwd']}")
+    if not args.no_decode:
+        # correctness of the auto path on ragged / paged / multi-token inputs (bf16, realistic dims)
+        decode_extra_checks(scale)
+        for heads, batch, length, paged in decode_shapes(args):
+            if out_of_time(0.65 if not args.no_prefill else 1.0):
+                log(f"budget: skipping decode h{heads} b{batch} L{length} and later shapes")
+                break
+            r = decode_case(batch, heads, length, bw, peak, scale, paged=paged)
+            report["decode"].append(r)
+            log(fmt_decode_row(r))
+            dump(args.json, report)
+    if not args.no_prefill:
+        prefill_check(scale)
+        impls = {"ours": ("pallas_gpu", None), "cudnn": ("cudnn_native", None), "cudnn_pad": ("cudnn_pad", None),
+                 "xla": ("xla", None)}
+        for heads, batch, t in prefill_shapes(args):
+            if out_of_time():
+                log(f"budget: skipping prefill h{heads} b{batch} t{t} and later shapes")
+                break
+            r = prefill_case(batch, t, heads, scale, impls, peak)
+            report["prefill"].append(r)
+            dump(args.json, report)
+            log(f"prefill h{heads} b{batch} t{t}: fwd {r['fwd']} fwd+bwd {r['fwdbwd']}")
 
-        log(f"\nmeasured in this run: copy {bw / 1e9:.0f} GB/s, dense bf16 matmul {peak / 1e12:.0f} TFLOP/s")
-        if report["decode"]:
-            log("\nDecode (s_q = 1, bf16, full caches)\n" + DECODE_HEADER)
-            for r in report["decode"]:
-                log(fmt_decode_row(r))
-        if report["prefill"]:
-            for key, title in (("fwd", "forward"), ("fwdbwd", "forward + backward")):
-                log(f"\nPrefill {title} (causal, bf16)\n" + PREFILL_HEADER)
-                for r in report["prefill"]:
-                    log(fmt_prefill_row(r, key))
+    log(f"\nmeasured in this run: copy {bw / 1e9:.0f} GB/s, dense bf16 matmul {peak / 1e12:.0f} TFLOP/s")
+    if report["decode"]:
+        log("\nDecode (s_q = 1, bf16, full caches)\n" + DECODE_HEADER)
+        for r in report["decode"]:
+            log(fmt_decode_row(r))
+    if report["prefill"]:
+        for key, title in (("fwd", "forward"), ("fwdbwd", "forward + backward")):
+            log(f"\nPrefill {title} (causal, bf16)\n" + PREFILL_HEADER)
+            for r in report["prefill"]:
+                log(fmt_prefill_row(r, key))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -166,15 +166,26 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
 
         mesh = make_mesh(**tc.mesh)
         rules = resolve_rules(tc.rules, mesh)
+    # Checked before the (possibly huge) model is loaded: the batch must split over the mesh.
+    batch_sh = None if mesh is None else placement.batch_sharding(mesh, rules, micro)
+    tokens = data_lib.load_tokens(tc.data, tc.data_dtype)
+    if tc.heldout_fraction:
+        tokens, _ = data_lib.train_heldout_split(tokens, tc.heldout_fraction)
+    lora_cfg = lora_lib.LoraConfig(tc.lora_rank, tc.lora_alpha, tuple(tc.lora_targets)) if tc.lora_rank else None
+    meta = tc.run_meta()
+    ckpt = TrainCheckpoints(tc.workdir, save_every=tc.save_every, keep=tc.keep, async_save=tc.async_save) if tc.workdir else None
+    latest = None if ckpt is None else ckpt.latest_step()
+    if latest is None and tc.resume == "required":
+        ckpt.close()
+        raise FileNotFoundError(f"nothing to resume: no checkpoint in {ckpt.directory}")
+    if latest is not None and tc.resume == "never":
+        ckpt.close()
+        raise FileExistsError(f"{ckpt.directory} already holds checkpoints (latest: step {latest}); use another workdir or resume")
     shardings_for = None if mesh is None else (lambda config, shapes: placement.model_shardings(config, shapes, mesh, rules))
     config, params, tokenizer_files = load_model(tc, shardings_for)
     config.remat_policy = tc.remat
     family = family_module(config)
 
-    tokens = data_lib.load_tokens(tc.data, tc.data_dtype)
-    if tc.heldout_fraction:
-        tokens, _ = data_lib.train_heldout_split(tokens, tc.heldout_fraction)
-    lora_cfg = lora_lib.LoraConfig(tc.lora_rank, tc.lora_alpha, tuple(tc.lora_targets)) if tc.lora_rank else None
     if lora_cfg is None:
         quantized = [lora_lib.leaf_name(p) for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0] if is_quantized(x)]
         if quantized:
@@ -195,7 +206,7 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
     )
     step_cfg = StepConfig(compute_dtype=compute_dtype, mtp_weight=tc.mtp_weight if depths else 0.0, router_bias_rate=bias_rate, lora=lora_cfg)
 
-    state_sh = batch_sh = None
+    state_sh = None
     if mesh is None:
         state = init_state(trainable, optimizer)
     else:
@@ -203,7 +214,6 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
         trainable_sh = jax.tree_util.tree_map(lambda x: x.sharding, trainable)
         state_sh = placement.state_shardings(trainable_sh, shapes, optimizer, mesh)
         state = jax.jit(lambda t: init_state(t, optimizer), out_shardings=state_sh)(trainable)
-        batch_sh = placement.batch_sharding(mesh, rules, micro)
     global_shape = (tc.grad_accum, micro, tc.seq_len + 1)
     rows = None if batch_sh is None or jax.process_count() == 1 else placement.local_rows(batch_sh, global_shape)
     train_step = make_train_step(
@@ -211,18 +221,15 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
         metrics_sharding=None if mesh is None else placement.replicated(mesh),
     )
 
-    meta = tc.run_meta()
-    ckpt = TrainCheckpoints(tc.workdir, save_every=tc.save_every, keep=tc.keep, async_save=tc.async_save) if tc.workdir else None
     start = 0
-    latest = None if ckpt is None else ckpt.latest_step()
-    if latest is None and tc.resume == "required":
-        raise FileNotFoundError(f"nothing to resume: no checkpoint in {ckpt.directory}")
-    if latest is not None and tc.resume == "never":
-        raise FileExistsError(f"{ckpt.directory} already holds checkpoints (latest: step {latest}); use another workdir or resume")
     if latest is not None:
         start = latest
         state, saved = ckpt.restore(start, state)
-        check_resumable(saved, meta)
+        try:
+            check_resumable(saved, meta)
+        except ValueError:
+            ckpt.close()
+            raise
         log(f"resumed from {ckpt.directory} at step {start}")
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))

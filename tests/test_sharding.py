@@ -316,3 +316,23 @@ def test_restore_onto_a_different_mesh(name, tmp_path):
         assert got.sharding.is_equivalent_to(sharding, got.ndim)
         for shard in got.addressable_shards:  # each device holds exactly its slice
             np.testing.assert_array_equal(shard.data, np.asarray(ref)[shard.index])
+
+
+def test_documented_layouts_divide_the_published_shapes():
+    """docs/scaling.md's layouts (scripts/scaling_plan.py) shard the 671B / 314B presets with the
+    real rule presets: a rule or preset change that breaks them fails here, not on the pod."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "scripts" / "scaling_plan.py"
+    spec = importlib.util.spec_from_file_location("scaling_plan", path)
+    plan = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("scaling_plan", plan)  # dataclasses look their module up there
+    spec.loader.exec_module(plan)
+    for layout in plan.LAYOUTS:
+        config = get_config(layout.preset)
+        stats = plan.param_stats(config, layout)  # raises ShardingError if a dimension does not divide
+        assert stats.per_device * layout.devices >= stats.total  # every parameter is held somewhere
+        table = plan.train_table(layout) if layout.phase == "train" else plan.serve_table(layout)
+        assert f"RULES[{layout.rules!r}]" in table

@@ -112,6 +112,43 @@ def test_resume_is_exact_after_a_crash(tmp_path):
         train(TrainConfig(**common, workdir=str(tmp_path / "run"), resume="never"), log=_quiet)
 
 
+def test_two_process_run_equals_one_process_and_resumes_on_another_topology(tmp_path):
+    """Two processes x 4 CPU devices (jax.distributed, like two GPU nodes or TPU hosts): each host
+    feeds only its own batch rows and writes its own checkpoint shards; the losses equal one
+    process with 8 devices, and that one process resumes the two-process checkpoint exactly."""
+    import json
+    import socket
+    import subprocess
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from multihost_train_worker import CONFIG
+    finally:
+        sys.path.pop(0)
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = str(sock.getsockname()[1])
+    workdir = tmp_path / "run"
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    worker = str(ROOT / "tests" / "multihost_train_worker.py")
+    procs = [
+        subprocess.Popen([sys.executable, worker, str(i), "2", port, str(workdir), str(tmp_path / f"losses_{i}.json"), "2"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    two = [json.loads((tmp_path / f"losses_{i}.json").read_text()) for i in range(2)]
+    assert two[0] == two[1] and len(two[0]) == 3  # steps 0..2 reported, then "crashed"
+
+    one = [h["loss"] for h in train(TrainConfig(**CONFIG), log=_quiet)]
+    np.testing.assert_allclose(two[0], one[:3], rtol=1e-5)
+    logs = []
+    resumed = train(TrainConfig(**CONFIG, workdir=str(workdir)), log=logs.append)
+    assert any("resumed" in line and "step 2" in line for line in logs), logs
+    np.testing.assert_allclose([h["loss"] for h in resumed], one[2:], rtol=1e-5)
+
+
 def test_cli_trains_and_exports_a_loadable_model(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "scripts"))
     try:

@@ -182,6 +182,28 @@ def test_auto_backend_and_env(monkeypatch):
         mla_attention._resolve("bogus")
 
 
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(q=np.zeros((2, 1, 4, 48))), "q has 48 channels per head but the cache 49"),
+        (dict(q=np.zeros((2, 4, 49))), "q must be"),
+        (dict(lengths=np.zeros((3,), np.int32)), "lengths must be"),
+        (dict(lengths=np.zeros((2,), np.float32)), "lengths must be integers"),
+        (dict(cache=np.zeros((3, 8, 49))), "3 rows for a batch of 2"),
+        (dict(block_table=np.zeros((3, 2), np.int32)), "block_table must be"),
+        (dict(v_head_dim=64), "v_head_dim=64"),
+    ],
+)
+def test_decode_bad_input_is_named(change, match):
+    args = dict(q=np.zeros((2, 1, 4, 49)), cache=np.zeros((2, 8, 49)), lengths=np.zeros((2,), np.int32),
+                block_table=None, v_head_dim=32)
+    args.update(change)
+    args = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    with pytest.raises((ValueError, TypeError), match=match):
+        mla_attention.mla_decode(args.pop("q"), args.pop("cache"), args.pop("lengths"), softmax_scale=1.0,
+                                 implementation="xla", **args)
+
+
 # -- prefill ------------------------------------------------------------------------------------
 PREFILL_CONFIG = ((32, 16, 4, 1), (16, 32, 4, 1), (32, 16, 4, 1))  # q/k blocks of unequal size
 
@@ -221,3 +243,5 @@ def test_prefill_192_128_and_xla():
                                     config=((16, 16, 4, 1),) * 3)
     assert _rel(out, ref) < 1e-5
     assert _rel(mla_attention.mla_prefill(q, k, v, softmax_scale=0.1), ref) < 1e-5  # auto = xla on CPU
+    with pytest.raises(ValueError, match="mla_prefill needs"):
+        mla_attention.mla_prefill(q, k[:, :10], v, softmax_scale=0.1)

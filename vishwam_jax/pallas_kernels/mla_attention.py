@@ -143,6 +143,29 @@ def mla_decode_xla(
     return o
 
 
+def _check_decode_args(q, cache, lengths, block_table, v_head_dim: int) -> None:
+    """Name the problem before any einsum or kernel trips over it."""
+    if q.ndim != 4:
+        raise ValueError(f"q must be [batch, s_q, heads, channels], got shape {q.shape}")
+    batch, _, _, d = q.shape
+    if cache.ndim != 3:
+        raise ValueError(f"cache must be [batch, slots, channels] or [num_blocks, page, channels], got {cache.shape}")
+    if cache.shape[-1] != d:
+        raise ValueError(f"q has {d} channels per head but the cache {cache.shape[-1]}")
+    if not 0 < v_head_dim <= d:
+        raise ValueError(f"v_head_dim={v_head_dim} must be in 1..{d} (the value is the cache's first v_head_dim channels)")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must be [batch={batch}], got shape {lengths.shape}")
+    if block_table is None:
+        if cache.shape[0] != batch:
+            raise ValueError(f"contiguous cache has {cache.shape[0]} rows for a batch of {batch} (paged? pass block_table)")
+    elif block_table.ndim != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must be [batch={batch}, max_blocks], got shape {block_table.shape}")
+    for name, x in (("lengths", lengths), ("block_table", block_table)):
+        if x is not None and not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(f"{name} must be integers, got {x.dtype}")
+
+
 def _triton_shapes_ok(d: int, v_head_dim: int) -> bool:
     dr = d - v_head_dim
     pow2 = lambda n: n >= 16 and not n & (n - 1)  # noqa: E731
@@ -171,6 +194,7 @@ def mla_decode(
     impl, auto = _resolve(implementation)
     if impl == "cudnn":
         raise ValueError("the cuDNN implementation is for mla_prefill only")
+    _check_decode_args(q, cache, lengths, block_table, v_head_dim)
     if auto and impl == "pallas_gpu" and not _triton_shapes_ok(q.shape[-1], v_head_dim):
         impl = "xla"
     kwargs = dict(softmax_scale=softmax_scale, block_table=block_table, v_head_dim=v_head_dim, causal=causal)
@@ -275,6 +299,9 @@ def mla_prefill(
     """Self-attention over one chunk of t tokens (naive MLA form: per-head k, v materialised).
     Differentiable on every implementation; `config` overrides the Pallas block shapes."""
     impl, auto = _resolve(implementation)
+    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"mla_prefill needs q, k [b, t, h, d] of one shape and v [b, t, h, dv], got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
     kwargs = dict(softmax_scale=softmax_scale, causal=causal)
     if impl == "reference":
         return mla_prefill_reference(q, k, v, **kwargs)

@@ -189,9 +189,11 @@ def train_table(layout: Layout) -> str:
     saved = L * tokens_micro * d * 2  # full remat: one bf16 residual per layer boundary
     rows_routed = tokens_micro * k
     # The exchange's buffers (sent / received / regrouped / returned rows of width d, gate / up / hidden
-    # rows of width f/tensor): each holds ep × cap rows, cap = c × rows / ep, or cap = rows capacity-free.
+    # rows of width f/tensor): each holds ep × cap rows, cap = c × rows / ep, or capacity-free the most
+    # one source can send one device, tokens × min(k, E/ep) (a token's k experts are distinct).
     buf = lambda c: c * rows_routed * (4 * d + 3 * config.get("moe_ffn_dim", config.ffn_dim) / tp) * 2
-    c = ep if layout.capacity_factor is None else layout.capacity_factor
+    c_free = ep * min(k, config.num_experts // ep) / k
+    c = c_free if layout.capacity_factor is None else layout.capacity_factor
     moe_buf = buf(c)
     vocab = config.vocab_size / tp
     logits = tokens_micro * vocab * 4 * 2  # float32 logits and their gradient
@@ -205,7 +207,7 @@ def train_table(layout: Layout) -> str:
     add("float32 gradients", fmt_gb(grads), "4 B × params per chip")
     add("bf16 weights gathered for compute", fmt_gb(gathered), f"2 layers × {st.largest_layer_gathered / 1e9:.2f} B params × 2 B (largest layer after the FSDP all-gather)")
     add("saved activations (full remat)", fmt_gb(saved), f"{L} layers × {tokens_micro:,} tokens × d={d} × 2 B")
-    cap_name = "capacity-free: c = ep" if layout.capacity_factor is None else f"capacity factor c = {c:g}"
+    cap_name = f"capacity-free: c = ep·min(k, E/ep)/k = {c:g}" if layout.capacity_factor is None else f"capacity factor c = {c:g}"
     add(f"MoE exchange buffers ({cap_name})", fmt_gb(moe_buf), f"c × {rows_routed:,} routed rows × (4·d + 3·f/tensor) × 2 B")
     add("logits + their gradient", fmt_gb(logits), f"{tokens_micro:,} tokens × vocab/tensor={vocab:,.0f} × 4 B × 2")
     if attn:
@@ -214,7 +216,7 @@ def train_table(layout: Layout) -> str:
         add("attention scores", "O(t·h·d) only", "flash kernel (pallas_kernels.mla_attention): no t×t matrix")
     add("**total per chip**", f"**{fmt_gb(total)}** of {fmt_gb(layout.chip.hbm)}", "")
     if layout.capacity_factor is not None:
-        add("(capacity-free exchange instead)", fmt_gb(buf(ep)), f"c = ep = {ep}: the reason this layout sets a capacity factor")
+        add("(capacity-free exchange instead)", fmt_gb(buf(c_free)), f"c = ep·min(k, E/ep)/k = {c_free:g}: the reason this layout sets a capacity factor")
 
     # Communication per optimizer step, bytes received per chip.
     micro = accum

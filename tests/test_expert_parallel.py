@@ -77,13 +77,16 @@ def test_skewed_routing_equals_single_device(sizes, rules, spy):
     np.testing.assert_array_equal(out_counts, ref_counts)
 
 
-def test_every_token_on_one_expert_drops_nothing(spy):
-    """The worst case of a capacity-free exchange: every device sends all its rows to one device."""
+@pytest.mark.parametrize("sizes", [dict(fsdp=2, expert=4), dict(expert=8)], ids=["2-experts-per-device", "1-expert-per-device"])
+def test_every_token_on_one_expert_drops_nothing(sizes, spy):
+    """The worst case of a capacity-free exchange: every device sends all the rows it can to one
+    device (with one expert per device, k=2 distinct experts put one row per token on each of two
+    devices: exactly the n_local * min(k, E/ep) rows the buffers are sized for)."""
     params = _expert_params(1)
     x, gates, _ = _skewed(48, seed=1)
-    experts = jnp.stack([jnp.full((48,), 6, jnp.int32), jnp.full((48,), 7, jnp.int32)], axis=1)  # both on device 3
+    experts = jnp.stack([jnp.full((48,), 6, jnp.int32), jnp.full((48,), 7, jnp.int32)], axis=1)
     ref, _ = _dispatch(x, gates, experts, params)
-    with use_mesh(make_mesh(fsdp=2, expert=4)):
+    with use_mesh(make_mesh(**sizes)):
         out, _ = _dispatch(x, gates, experts, params)
     assert spy
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)

@@ -233,10 +233,10 @@ def collective_time(config, mesh, batch: int) -> tuple[str, float]:
     moe_layers = config.num_layers - config.get("num_dense_layers", 0)
     k = config.get("num_experts_per_token") or config.get("num_selected_experts")
     if ep > 1:
-        # The dense exchange's buffers: [ep, cap, d] per device with cap = local tokens × k
-        # (capacity-free), sent and returned once per MoE layer.
+        # The dense exchange's buffers: [ep, cap, d] per device with cap = local tokens ×
+        # min(k, experts per device) (capacity-free), sent and returned once per MoE layer.
         token_shards = math.prod(s for a, s in sizes.items() if a in ("data", "fsdp", "expert"))
-        cap = math.ceil(batch / token_shards) * k
+        cap = math.ceil(batch / token_shards) * min(k, config.num_experts // ep)
         buf = jnp.zeros((token_shards * ep, cap, d), jnp.bfloat16)
         spec = PartitionSpec(tuple(a for a in ("data", "fsdp", "expert") if sizes.get(a, 1) > 1))
 

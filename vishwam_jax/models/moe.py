@@ -80,7 +80,8 @@ def dispatch_experts(
 
     expert_params: gate/up [e, d, f], down [e, f, d] (gated MLP per expert; may be int8).
     Under `vishwam_jax.sharding.use_mesh` with an expert axis > 1 the experts run expert-parallel
-    (tokens exchanged by all-to-all, sharding/expert_parallel.py); the result is the same.
+    (tokens exchanged by all-to-all, sharding/expert_parallel.py); the result is the same provided
+    each token's k experts are distinct, as every top-k router gives (its buffers rely on it).
     """
     active = context.current()
     if active is not None and active.expert_size > 1 and not context.inside_manual_region():

@@ -97,18 +97,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
 
 def main(argv=None) -> list[dict]:
     args, tc = parse_args(argv)
-    if args.coordinator or args.num_processes or args.distributed:
-        from vishwam_jax.sharding import initialize_distributed
+    from vishwam_jax.sharding import initialize_distributed
 
-        # Before anything touches a device: the device list must be the global one.
-        initialize_distributed(args.coordinator, args.num_processes, args.process_id, force=args.distributed)
-    else:
-        try:
-            from vishwam_jax.sharding import initialize_distributed
-        except ImportError:
-            initialize_distributed = None
-        if initialize_distributed is not None:
-            initialize_distributed()  # starts only when the environment describes a multi-host job
+    # Before anything touches a device (the device list must be the global one). Without explicit
+    # settings it starts only when the environment describes a multi-host job (TPU pod, SLURM,
+    # JAX_COORDINATOR_ADDRESS...), so the same command runs on a laptop.
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id, force=args.distributed)
     from vishwam_jax.training.trainer import train
 
     return train(tc)

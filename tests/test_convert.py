@@ -160,3 +160,13 @@ def test_corrupt_params_are_reported(tmp_path):
     (tmp_path / "out" / "params" / "embed" / ".zarray").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt"):
         vj.load(tmp_path / "out")
+
+
+def test_convert_stays_callable_after_the_cli_module_is_imported(tmp_path):
+    # Importing the `python -m vishwam_jax.convert` module rebinds the package attribute of the same name.
+    import vishwam_jax.convert as cli
+
+    tensors = write_hf_gemma(tmp_path / "hf")
+    vj.convert(tmp_path / "hf", tmp_path / "out")
+    np.testing.assert_array_equal(orbax_io.restore_params(tmp_path / "out")["embed"], tensors["model.embed_tokens.weight"])
+    assert cli.run([str(tmp_path / "hf"), str(tmp_path / "out")]) == 2  # exists, no --overwrite: one-line error

@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import types
+
+from vishwam_jax.checkpoint.convert import convert
 
 
 def run(argv=None) -> int:
@@ -27,7 +30,6 @@ def run(argv=None) -> int:
     ap.add_argument("--keep-int8", action="store_true", help="Grok-1 only: keep int8 weights + scales (weight-only int8)")
     args = ap.parse_args(argv)
 
-    from vishwam_jax.checkpoint.convert import convert
     from vishwam_jax.checkpoint.orbax_io import CheckpointError
     from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError
     from vishwam_jax.presets import UnknownModelError
@@ -42,6 +44,9 @@ def run(argv=None) -> int:
     except (CheckpointError, CheckpointFormatError, UnknownModelError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (ValueError, OSError) as err:  # bad shapes/values in the source, unreadable files
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
     except TypeError as err:
         if "unexpected keyword" in str(err):
             print(f"error: option not supported for this checkpoint format ({err})", file=sys.stderr)
@@ -53,6 +58,16 @@ def run(argv=None) -> int:
 
 def main() -> None:
     sys.exit(run())
+
+
+class _CallableModule(types.ModuleType):
+    # `import vishwam_jax.convert` rebinds the package attribute `vishwam_jax.convert` from the library
+    # function to this module; making the module callable keeps `vj.convert(src, dst)` working after it.
+    def __call__(self, *args, **kwargs):
+        return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

@@ -157,8 +157,8 @@ def test_cli_trains_and_exports_a_loadable_model(tmp_path, capsys):
         sys.path.pop(0)
     out = tmp_path / "model"
     # The resume test's settings: the same program, so the compilation cache serves it.
-    train_cli.main(["--model", "gemma-tiny", "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2",
-                    "--warmup-steps", "2", "--export", str(out)])
+    first = train_cli.main(["--model", "gemma-tiny", "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2",
+                            "--warmup-steps", "2", "--export", str(out)])
     lines = capsys.readouterr().out.splitlines()
     step_lines = [ln for ln in lines if ln.startswith("step")]
     assert len(step_lines) == 6
@@ -167,6 +167,12 @@ def test_cli_trains_and_exports_a_loadable_model(tmp_path, capsys):
     model = vj.load(out)
     assert model.config.name == "gemma-tiny" and "remat_policy" not in model.config
     assert np.isfinite(np.asarray(model.logits([[5, 6, 7]]))).all()
+    # Full fine-tuning from a model directory (float32 masters from the bf16 export): it starts
+    # where the first run ended, not from scratch.
+    again = train_cli.main(["--model", str(out), "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2",
+                            "--warmup-steps", "2", "--log-every", "100"])
+    assert again[0]["loss"] < first[0]["loss"] - 0.1, (again[0], first[0])
+    np.testing.assert_allclose(again[0]["loss"], first[-1]["loss"], atol=0.3)
 
 
 # -- the train step --------------------------------------------------------------------------------

@@ -101,7 +101,8 @@ if [[ -n "$HOSTS" ]]; then
     if [[ -n "$LOG_DIR" ]]; then
       ssh -o BatchMode=yes "$host" "$cmd" >"$LOG_DIR/process_$i.log" 2>&1 &
     else
-      ssh -o BatchMode=yes "$host" "$cmd" 2>&1 | sed -u "s/^/[$i] /" &
+      # Prefixed by the process index; $! stays ssh's pid, so its exit status is the one waited for.
+      ssh -o BatchMode=yes "$host" "$cmd" > >(sed -u "s/^/[$i] /") 2>&1 &
     fi
     PIDS+=($!)
   done

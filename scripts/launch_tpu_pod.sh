@@ -84,8 +84,9 @@ for a in "$@"; do TRAIN_ARGS+=" $(printf '%q' "$a")"; done
 
 if [[ $SYNC -eq 1 ]]; then
   # A tarball of the tracked and untracked-but-not-ignored files: no virtualenvs, caches or checkpoints.
-  TARBALL="$(mktemp -t vishwam_jax.XXXXXX).tar.gz"
-  trap 'rm -f "$TARBALL"' EXIT
+  TMP="$(mktemp -d)"
+  trap 'rm -rf "$TMP"' EXIT
+  TARBALL="$TMP/vishwam_jax.tar.gz"
   (cd "$HERE" && git ls-files -co --exclude-standard -z | tar --null -czf "$TARBALL" -T -)
   run "${GCLOUD[@]}" scp "$TARBALL" "$TPU:/tmp/vishwam_jax.tar.gz" "${COMMON[@]}"
   run "${GCLOUD[@]}" ssh "$TPU" "${COMMON[@]}" --command "mkdir -p $REPO_DIR && tar -xzf /tmp/vishwam_jax.tar.gz -C $REPO_DIR"

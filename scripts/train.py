@@ -79,9 +79,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
 
     mesh = None
     if a.mesh:
-        from vishwam_jax.sharding import parse_mesh
+        from vishwam_jax.sharding import MeshError, parse_mesh
 
-        mesh = parse_mesh(a.mesh)
+        try:
+            mesh = parse_mesh(a.mesh)
+        except MeshError as err:
+            ap.error(f"--mesh: {err}")
     tc = TrainConfig(
         model=a.model, data=a.data, data_dtype=a.data_dtype, steps=a.steps, batch_size=a.batch_size,
         grad_accum=a.grad_accum, seq_len=a.seq_len, lr=a.lr, warmup_steps=a.warmup_steps, end_lr_ratio=a.end_lr_ratio,
@@ -105,7 +108,13 @@ def main(argv=None) -> list[dict]:
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, force=args.distributed)
     from vishwam_jax.training.trainer import train
 
-    return train(tc)
+    try:
+        return train(tc)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        # Bad settings or data (unknown model, a batch the mesh cannot split, a checkpoint of another
+        # run, token ids outside the vocabulary...): the message names the problem.
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

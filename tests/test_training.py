@@ -173,6 +173,18 @@ def test_cli_trains_and_exports_a_loadable_model(tmp_path, capsys):
                             "--warmup-steps", "2", "--log-every", "100"])
     assert again[0]["loss"] < first[0]["loss"] - 0.1, (again[0], first[0])
     np.testing.assert_allclose(again[0]["loss"], first[-1]["loss"], atol=0.3)
+    # Bad settings end with a message naming the problem (exit 2), before any model is built.
+    capsys.readouterr()
+    for argv, message in [
+        (["--model", "gemma2-2bb"], "did you mean gemma2-2b"),
+        (["--mesh", "fsdp=3"], "needs 3 devices"),
+        (["--mesh", "fsdp=8", "--batch-size", "4"], "does not divide"),
+        (["--batch-size", "6", "--grad-accum", "4"], "not a multiple of grad_accum"),
+        (["--data", str(tmp_path / "missing.bin")], "neither 'shakespeare' nor an existing token file"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            train_cli.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
 
 
 # -- the train step --------------------------------------------------------------------------------

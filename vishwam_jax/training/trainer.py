@@ -23,7 +23,7 @@ import numpy as np
 from vishwam_jax.checkpoint import orbax_io
 from vishwam_jax.models import family_module
 from vishwam_jax.models.layers import is_quantized
-from vishwam_jax.presets import get_config, list_models
+from vishwam_jax.presets import UnknownModelError, get_config, list_models
 from vishwam_jax.training import data as data_lib
 from vishwam_jax.training import lora as lora_lib
 from vishwam_jax.training import metrics as metrics_lib
@@ -90,6 +90,18 @@ class TrainConfig:
         }
 
 
+def _check_model(model: str) -> None:
+    """A preset name or an existing directory; a typo gets the close preset names."""
+    if model in list_models() or Path(model).expanduser().is_dir():
+        return
+    if "/" in model or model.startswith((".", "~")):
+        raise FileNotFoundError(f"model directory {model} does not exist")
+    try:
+        get_config(model)
+    except UnknownModelError as err:
+        raise UnknownModelError(f"{err} (and no directory named {model!r} exists)") from None
+
+
 def load_model(tc: TrainConfig, shardings_for: Callable | None = None) -> tuple[ml_collections.ConfigDict, Any, list[Path]]:
     """(config, params, tokenizer files to carry into an export). A preset is initialised from
     `seed`; a directory is restored (onto `shardings_for(config, shapes)` when given). Full
@@ -135,7 +147,7 @@ class _StepLog:
         now = time.perf_counter()
         seconds, self.last = now - self.last, now
         self.history.append({"step": step, **host})
-        if jax.process_index() == 0 and (step % self.tc.log_every == 0 or step == self.tc.steps - 1):
+        if step % self.tc.log_every == 0 or step == self.tc.steps - 1:
             tokens = self.tc.batch_size * self.tc.seq_len
             note = "(includes compilation)" if self.first else ""
             self.log(metrics_lib.format_step(step, host, seconds, tokens, self.flops, jax.device_count(), self.peak, note))
@@ -151,6 +163,9 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
     raises stops training like a crash would, after in-flight checkpoint writes have finished.
     """
     check_policy(tc.remat)
+    _check_model(tc.model)
+    if jax.process_index() != 0:  # one host reports (on_step still runs everywhere)
+        log = lambda line: None
     if tc.resume not in RESUME_MODES:
         raise ValueError(f"resume must be one of {', '.join(RESUME_MODES)}, got {tc.resume!r}")
     if tc.resume == "required" and not tc.workdir:

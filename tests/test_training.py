@@ -114,9 +114,10 @@ def test_resume_is_exact_after_a_crash(tmp_path):
 
 def test_two_process_run_equals_one_process_and_resumes_on_another_topology(tmp_path):
     """Two processes x 4 CPU devices (jax.distributed, like two GPU nodes or TPU hosts): each host
-    feeds only its own batch rows and writes its own checkpoint shards; the losses equal one
-    process with 8 devices, and that one process resumes the two-process checkpoint exactly."""
+    feeds only its own batch rows and writes its own checkpoint shards. The losses equal one process
+    with 8 devices; that one process resumes the two-process checkpoint exactly and exports it."""
     import json
+    import shutil
     import socket
     import subprocess
 
@@ -132,21 +133,31 @@ def test_two_process_run_equals_one_process_and_resumes_on_another_topology(tmp_
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
     worker = str(ROOT / "tests" / "multihost_train_worker.py")
     procs = [
-        subprocess.Popen([sys.executable, worker, str(i), "2", port, str(workdir), str(tmp_path / f"losses_{i}.json"), "2"],
+        subprocess.Popen([sys.executable, worker, str(i), "2", port, str(workdir), str(tmp_path / f"losses_{i}.json")],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     two = [json.loads((tmp_path / f"losses_{i}.json").read_text()) for i in range(2)]
-    assert two[0] == two[1] and len(two[0]) == 3  # steps 0..2 reported, then "crashed"
+    assert two[0] == two[1] and len(two[0]) == 4
 
-    one = [h["loss"] for h in train(TrainConfig(**CONFIG), log=_quiet)]
-    np.testing.assert_allclose(two[0], one[:3], rtol=1e-5)
+    one = [h["loss"] for h in train(TrainConfig(**CONFIG, export=str(tmp_path / "one")), log=_quiet)]
+    np.testing.assert_allclose(two[0], one, rtol=1e-5)
+    # As if the two-process run had died before its final save: one process continues from step 2.
+    final = workdir / "4"
+    shutil.move(final, tmp_path / "final")
     logs = []
     resumed = train(TrainConfig(**CONFIG, workdir=str(workdir)), log=logs.append)
     assert any("resumed" in line and "step 2" in line for line in logs), logs
     np.testing.assert_allclose([h["loss"] for h in resumed], one[2:], rtol=1e-5)
+    # The two-process final checkpoint, exported on one host (resume at step 4, no step run).
+    shutil.rmtree(final)
+    shutil.move(tmp_path / "final", final)
+    assert train(TrainConfig(**CONFIG, workdir=str(workdir), export=str(tmp_path / "two")), log=_quiet) == []
+    for a, b in zip(jax.tree_util.tree_leaves(orbax_io.restore_params(tmp_path / "two")),
+                    jax.tree_util.tree_leaves(orbax_io.restore_params(tmp_path / "one"))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_cli_trains_and_exports_a_loadable_model(tmp_path, capsys):

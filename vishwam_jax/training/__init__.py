@@ -1,1 +1,16 @@
-"""Training: data, optimizer, loss and the jitted train step."""
+"""Training and fine-tuning for every family (docs/training.md).
+
+    trainer        the loop behind scripts/train.py: TrainConfig, train, evaluate, export
+    step           the jitted train step (micro-batch accumulation, bf16 compute on float32 masters,
+                   DeepSeek-V3's router-bias balancing)
+    objective      next-token and MTP losses as sums over target tokens
+    optimizer      optax AdamW + warmup/cosine + global-norm clipping, frozen leaves
+    remat          named jax.checkpoint policies applied per decoder layer
+    lora           LoRA adapters, merge and merged export
+    data           the Shakespeare corpus and memory-mapped token files, batches by (seed, step)
+    placement      train state and batches on a mesh (multi-host batch rows)
+    checkpointing  Orbax CheckpointManager with async saves and resume checks
+    metrics        model FLOPs, MFU, memory for the per-step log line
+
+Kept import-free: the model files import `training.remat`, and the trainer imports the models.
+"""

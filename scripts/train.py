@@ -34,6 +34,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
     m.add_argument("--data", default=d.data, help="'shakespeare', a .npy of token ids, or a flat binary token file")
     m.add_argument("--data-dtype", default=d.data_dtype, help="element type of a flat binary token file (uint16, uint32)")
     m.add_argument("--seed", type=int, default=d.seed, help="initialization and data order")
+    m.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction, help="hold out this tail of the data (never trained on)")
+    m.add_argument("--eval-every", type=int, default=d.eval_every, help="> 0: held-out loss every N steps and at the end")
+    m.add_argument("--eval-batches", type=int, default=d.eval_batches, help="held-out batches per evaluation")
     o = ap.add_argument_group("optimization")
     o.add_argument("--steps", type=int, default=d.steps)
     o.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per optimizer step (all micro-batches)")
@@ -86,7 +89,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
         except MeshError as err:
             ap.error(f"--mesh: {err}")
     tc = TrainConfig(
-        model=a.model, data=a.data, data_dtype=a.data_dtype, steps=a.steps, batch_size=a.batch_size,
+        model=a.model, data=a.data, data_dtype=a.data_dtype, heldout_fraction=a.heldout_fraction, eval_every=a.eval_every,
+        eval_batches=a.eval_batches, steps=a.steps, batch_size=a.batch_size,
         grad_accum=a.grad_accum, seq_len=a.seq_len, lr=a.lr, warmup_steps=a.warmup_steps, end_lr_ratio=a.end_lr_ratio,
         weight_decay=a.weight_decay, clip_norm=a.clip_norm, b1=a.b1, b2=a.b2, param_dtype=a.param_dtype,
         compute_dtype=a.compute_dtype, remat=a.remat, seed=a.seed, mtp_weight=a.mtp_weight,

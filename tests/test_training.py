@@ -73,13 +73,21 @@ def compilation_cache(tmp_path_factory):
 
 # -- the trainer end to end ------------------------------------------------------------------------
 def test_loss_decreases_on_shakespeare():
-    tc = TrainConfig(model="gemma-tiny", steps=40, batch_size=8, seq_len=64, lr=1e-2, warmup_steps=5, heldout_fraction=0.02)
-    history = train(tc, log=_quiet)
+    tc = TrainConfig(model="gemma-tiny", steps=40, batch_size=8, seq_len=64, lr=1e-2, warmup_steps=5, heldout_fraction=0.02,
+                     eval_every=20, eval_batches=4)
+    logs = []
+    history = train(tc, log=logs.append)
     losses = [h["loss"] for h in history]
     assert len(losses) == 40 and np.isfinite(losses).all()
     # Bytes start near ln(256) = 5.5; a byte-frequency model alone reaches ~3.3.
     assert np.mean(losses[:3]) > 5.0
     assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.5, losses
+    # ... and so does the loss on text it never trained on (the corpus' last 2%), at steps 19 and 39.
+    evals = {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}
+    assert sorted(evals) == [19, 39] and evals[39] < evals[19] < 5.0, evals
+    assert sum("held-out loss" in line for line in logs) == 2
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        train(TrainConfig(model="gemma-tiny", eval_every=10), log=_quiet)
 
 
 def test_resume_is_exact_after_a_crash(tmp_path):

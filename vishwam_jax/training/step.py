@@ -25,7 +25,7 @@ from vishwam_jax.training import lora as lora_lib
 from vishwam_jax.training.objective import cast_floating, loss_sums, mtp_depths, next_token_loss, objective, token_counts
 from vishwam_jax.training.optimizer import make_optimizer
 
-__all__ = ["StepConfig", "init_state", "make_train_step", "make_optimizer", "next_token_loss", "frozen_from_gradients"]
+__all__ = ["StepConfig", "init_state", "make_train_step", "make_eval_step", "make_optimizer", "next_token_loss", "frozen_from_gradients"]
 
 # Routing stays float32 in every family (the releases keep router and bias in float32): a bf16 bias
 # would round away DeepSeek-V3's 0.001 balancing steps.
@@ -154,3 +154,17 @@ def make_train_step(
     if state_shardings is None:
         return jax.jit(step, donate_argnums=(0,))
     return jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, metrics_sharding))
+
+
+def make_eval_step(family, config, cfg: StepConfig = StepConfig(), *, out_sharding: Any = None) -> Callable:
+    """(trainable, frozen, batch [1, b, t + 1]) -> (sum of next-token CE, number of targets), jitted:
+    the model as the train step sees it (compute dtype, LoRA merged), no MTP, nothing updated."""
+
+    def evaluate(trainable: Any, frozen: Any, batch: Int[Array, "1 b t1"]):
+        micro = batch[0]
+        sums = loss_sums(family, config, _compute_params(trainable, frozen, cfg), micro)
+        return sums["nll"], token_counts(micro, config.pad_token_id, 0)["main"]
+
+    if out_sharding is None:
+        return jax.jit(evaluate)
+    return jax.jit(evaluate, out_shardings=(out_sharding, out_sharding))

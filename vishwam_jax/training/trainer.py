@@ -32,7 +32,7 @@ from vishwam_jax.training.checkpointing import TrainCheckpoints, check_resumable
 from vishwam_jax.training.objective import mtp_depths
 from vishwam_jax.training.optimizer import make_optimizer, make_schedule
 from vishwam_jax.training.remat import check_policy
-from vishwam_jax.training.step import StepConfig, frozen_from_gradients, init_state, make_train_step
+from vishwam_jax.training.step import StepConfig, frozen_from_gradients, init_state, make_eval_step, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 RESUME_MODES = ("auto", "required", "never")
@@ -44,6 +44,8 @@ class TrainConfig:
     data: str = "shakespeare"  # "shakespeare", a .npy of token ids, or a flat binary token file
     data_dtype: str = "uint16"  # element type of a flat binary token file
     heldout_fraction: float = 0.0  # train only on the stream before this tail (data.train_heldout_split)
+    eval_every: int = 0  # > 0: held-out loss every this many steps and at the end (needs heldout_fraction)
+    eval_batches: int = 8  # held-out batches (of batch_size / grad_accum windows) per evaluation
     steps: int = 100  # total optimizer steps (the schedule's length; a resumed run keeps it)
     batch_size: int = 8  # sequences per optimizer step, all micro-batches together
     grad_accum: int = 1  # micro-batches per step (batch_size / grad_accum sequences each)
@@ -122,8 +124,9 @@ def load_model(tc: TrainConfig, shardings_for: Callable | None = None) -> tuple[
 
 
 class _StepLog:
-    """Fetches each step's metrics one step late, so the host never waits for the step it just
-    dispatched (the device stays busy); reports them in order."""
+    """Reports each step once its metrics are ready, in order. The loop prepares the next batch
+    (host reads, host-to-device copy) while the device still runs the previous step and only then
+    waits for it (`flush`), so step times are exact: the interval between consecutive steps' results."""
 
     def __init__(self, tc: TrainConfig, flops_per_token: float, on_step: Callable | None, log: Callable):
         self.tc, self.flops, self.on_step, self.log = tc, flops_per_token, on_step, log
@@ -147,9 +150,11 @@ class _StepLog:
         now = time.perf_counter()
         seconds, self.last = now - self.last, now
         self.history.append({"step": step, **host})
-        if step % self.tc.log_every == 0 or step == self.tc.steps - 1:
+        if step % self.tc.log_every == 0 or step == self.tc.steps - 1 or "eval_loss" in host:
             tokens = self.tc.batch_size * self.tc.seq_len
             note = "(includes compilation)" if self.first else ""
+            if "eval_loss" in host:
+                note = f"held-out loss {host['eval_loss']:.4f} (time includes it) {note}".strip()
             self.log(metrics_lib.format_step(step, host, seconds, tokens, self.flops, jax.device_count(), self.peak, note))
         self.first = False
         if self.on_step is not None:
@@ -190,8 +195,10 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
     # Checked before the (possibly huge) model is loaded: the batch must split over the mesh.
     batch_sh = None if mesh is None else placement.batch_sharding(mesh, rules, micro)
     tokens = data_lib.load_tokens(tc.data, tc.data_dtype)
+    heldout = None
     if tc.heldout_fraction:
-        tokens, _ = data_lib.train_heldout_split(tokens, tc.heldout_fraction)
+        tokens, heldout = data_lib.train_heldout_split(tokens, tc.heldout_fraction)
+    eval_host = _eval_batches(tc, heldout, micro)
     lora_cfg = lora_lib.LoraConfig(tc.lora_rank, tc.lora_alpha, tuple(tc.lora_targets)) if tc.lora_rank else None
     meta = tc.run_meta()
     ckpt = TrainCheckpoints(tc.workdir, save_every=tc.save_every, keep=tc.keep, async_save=tc.async_save) if tc.workdir else None
@@ -241,6 +248,18 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
         family, config, optimizer, step_cfg, schedule=schedule, state_shardings=state_sh,
         metrics_sharding=None if mesh is None else placement.replicated(mesh),
     )
+    if eval_host:
+        eval_step = make_eval_step(family, config, step_cfg, out_sharding=None if mesh is None else placement.replicated(mesh))
+        eval_shape = (1, micro, tc.seq_len + 1)
+        eval_rows = None if batch_sh is None or jax.process_count() == 1 else placement.local_rows(batch_sh, eval_shape)
+
+        def held_out_loss(trainable):
+            nll = count = 0.0
+            for host_batch in eval_host:
+                local = host_batch if eval_rows is None else host_batch[eval_rows]
+                n, c = eval_step(trainable, frozen, placement.device_batch(local, batch_sh, eval_shape))
+                nll, count = nll + n, count + c
+            return nll / jnp.maximum(count, 1.0)
 
     start = 0
     if latest is not None:
@@ -271,7 +290,10 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
                 if host.max(initial=0) >= config.vocab_size:
                     raise ValueError(f"token id {host.max()} at step {step} is outside the vocabulary of {config.vocab_size}")
                 batch = placement.device_batch(host, batch_sh, global_shape)
+                steplog.flush()  # the previous step, which ran while this batch was prepared
                 state, metrics = train_step(state, frozen, batch)
+                if eval_host and ((step + 1) % tc.eval_every == 0 or step + 1 == tc.steps):
+                    metrics = {**metrics, "eval_loss": held_out_loss(state["params"])}
                 steplog.push(step, metrics)
                 if ckpt is not None:
                     ckpt.save(step + 1, state, meta, force=step + 1 == tc.steps)
@@ -285,6 +307,22 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
         export(tc, config, state["params"], frozen, lora_cfg, tokenizer_files)
         log(f"wrote {tc.export}")
     return steplog.history
+
+
+def _eval_batches(tc: TrainConfig, heldout: np.ndarray | None, micro: int) -> list[np.ndarray]:
+    """The first `eval_batches` batches of consecutive held-out windows (the same every time)."""
+    if not tc.eval_every:
+        return []
+    if heldout is None:
+        raise ValueError("eval_every needs a held-out split: set heldout_fraction (--heldout-fraction), e.g. 0.01")
+    batches = []
+    for b in data_lib.heldout_batches(heldout, micro, tc.seq_len):
+        batches.append(b)
+        if len(batches) == tc.eval_batches:
+            break
+    if not batches:
+        raise ValueError(f"the held-out split ({len(heldout)} tokens) is too small for one batch of {micro} x {tc.seq_len + 1}")
+    return batches
 
 
 def _mesh_context(mesh, rules):

@@ -10,6 +10,7 @@ All norms are RMSNorm with Gemma's `1 + w` scale.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -19,6 +20,7 @@ from jaxtyping import Array, Float, Int
 from vishwam_jax.models.attention import chunk_positions, gqa_self_attention, init_kv_cache_layer
 from vishwam_jax.models.layers import embed, gated_mlp, init_dense, rms_norm, soft_cap
 from vishwam_jax.models.rope import inverse_frequencies
+from vishwam_jax.training.remat import remat_layer
 
 
 def _is_sliding(config, i: int) -> bool:
@@ -78,6 +80,32 @@ def rope_tables(config) -> dict:
     }
 
 
+def _layer(layer: dict, x: Float[Array, "b t d"], layer_cache, positions, lengths, key_valid, *, config, sliding: bool, inv_freq):
+    """x += [post_norm](attention(norm(x))); x += [post_norm](geglu_mlp(norm(x)))."""
+    eps = config.norm_eps
+    norm = lambda x, w: rms_norm(x, w, eps, plus_one=True)
+    h, layer_cache = gqa_self_attention(
+        layer["attn"],
+        norm(x, layer["attn_norm"]),
+        positions,
+        lengths,
+        key_valid,
+        layer_cache,
+        inv_freq=inv_freq,
+        scale=config.query_pre_attn_scalar**-0.5,
+        softcap=config.attn_logit_softcap,
+        window=config.sliding_window if sliding else 0,
+        qk_norm_eps=eps if config.use_qk_norm else None,
+    )
+    if config.use_post_attn_norm:
+        h = norm(h, layer["post_attn_norm"])
+    x = x + h
+    h = gated_mlp(norm(x, layer["mlp_norm"]), layer["mlp"], config.activation)
+    if config.use_post_ffw_norm:
+        h = norm(h, layer["post_mlp_norm"])
+    return x + h, layer_cache
+
+
 def forward(
     params: dict,
     tokens: Int[Array, "b t"],
@@ -105,27 +133,10 @@ def forward(
     new_layers = []
     for i, layer in enumerate(params["layers"]):
         sliding = _is_sliding(config, i)
-        h, layer_cache = gqa_self_attention(
-            layer["attn"],
-            norm(x, layer["attn_norm"]),
-            positions,
-            lengths,
-            key_valid,
-            None if cache is None else cache["layers"][i],
-            inv_freq=ropes["sliding" if sliding else "full"],
-            scale=config.query_pre_attn_scalar**-0.5,
-            softcap=config.attn_logit_softcap,
-            window=config.sliding_window if sliding else 0,
-            qk_norm_eps=eps if config.use_qk_norm else None,
-        )
+        # One layer's body under the activation-checkpointing policy of config.remat_policy.
+        block = remat_layer(functools.partial(_layer, config=config, sliding=sliding, inv_freq=ropes["sliding" if sliding else "full"]), config)
+        x, layer_cache = block(layer, x, None if cache is None else cache["layers"][i], positions, lengths, key_valid)
         new_layers.append(layer_cache)
-        if config.use_post_attn_norm:
-            h = norm(h, layer["post_attn_norm"])
-        x = x + h
-        h = gated_mlp(norm(x, layer["mlp_norm"]), layer["mlp"], config.activation)
-        if config.use_post_ffw_norm:
-            h = norm(h, layer["post_mlp_norm"])
-        x = x + h
 
     x = norm(x, params["final_norm"])
     if logit_positions is not None:

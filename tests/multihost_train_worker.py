@@ -1,11 +1,11 @@
 """One process of a two-process CPU training job (tests/test_training.py's multi-host test).
 
-    python tests/multihost_train_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR OUT_JSON
+    python tests/multihost_train_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR OUT_JSON EXPORT_DIR
 
 Each process owns 4 CPU devices; jax.distributed joins them into one 8-device job (gloo
 collectives), as scripts/launch_gpu_multinode.sh joins GPU nodes. The run trains gemma-tiny on an
-fsdp=8 mesh, checkpoints into WORKDIR (every process writes its own shards) and writes the losses
-it saw to OUT_JSON.
+fsdp=8 mesh, checkpoints into WORKDIR (every process writes its own shards), exports the final
+model to EXPORT_DIR (together: each process its own shards) and writes the losses it saw to OUT_JSON.
 """
 
 import json
@@ -19,7 +19,7 @@ CONFIG = dict(
 )
 
 
-def main(pid: int, n: int, port: str, workdir: str, out: str) -> None:
+def main(pid: int, n: int, port: str, workdir: str, out: str, export: str) -> None:
     # Before jax starts: this process's share of the devices.
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -34,11 +34,11 @@ def main(pid: int, n: int, port: str, workdir: str, out: str) -> None:
     initialize_distributed(f"localhost:{port}", n, pid)
     assert jax.process_count() == n and jax.device_count() == 4 * n
 
-    history = train(TrainConfig(**CONFIG, workdir=workdir), log=lambda line: None)
+    history = train(TrainConfig(**CONFIG, workdir=workdir, export=export), log=lambda line: None)
     with open(out, "w") as f:
         json.dump([h["loss"] for h in history], f)
 
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(int(a[0]), int(a[1]), a[2], a[3], a[4])
+    main(int(a[0]), int(a[1]), a[2], a[3], a[4], a[5])

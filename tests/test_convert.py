@@ -97,6 +97,53 @@ def test_interrupted_conversion_leaves_nothing_that_loads(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # the temporary directory is removed too
 
 
+def test_save_params_sharded_tree_and_interrupted_save(tmp_path, monkeypatch):
+    """An in-memory tree sharded over 8 devices (Orbax writes it shard by shard) restores equal (bfloat16
+    and int8 kept); a save that fails after the arrays are written leaves nothing that loads, and
+    overwrite replaces an existing directory."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
+    rng = np.random.default_rng(0)
+    host = {
+        "embed": rng.standard_normal((40, 6)).astype(np.float32),
+        "layers": [{"w": rng.standard_normal((8, 6)).astype(jnp.bfloat16)}, {"q": rng.integers(-127, 127, (4, 6)).astype(np.int8)}],
+        "scale": np.float32(0.5),
+    }
+    specs = {"embed": P("a", "b"), "layers": [{"w": P(None, "b")}, {"q": P("a")}], "scale": P()}
+    params = jax.tree_util.tree_map(lambda x, s: jax.device_put(jnp.asarray(x), NamedSharding(mesh, s)), host, specs)
+    config = ml_collections.ConfigDict({"family": "test", "dims": (1, 2)})
+
+    orbax_io.save_params(tmp_path / "m", params, config)
+    restored = orbax_io.restore_params(tmp_path / "m")
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(host)
+    for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(host)):
+        assert a.dtype == np.asarray(b).dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    assert orbax_io.read_config(tmp_path / "m").dims == (1, 2)
+    with pytest.raises(CheckpointError, match="already exists"):
+        orbax_io.save_params(tmp_path / "m", params, config)
+
+    (tmp_path / "tokenizer.model").write_bytes(b"tok")
+
+    def failing_copy(src, dst):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(orbax_io.shutil, "copyfile", failing_copy)
+    with pytest.raises(OSError, match="simulated"):
+        orbax_io.save_params(tmp_path / "n", params, config, files=(tmp_path / "tokenizer.model",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "tokenizer.model"]  # no partial directory left
+    monkeypatch.undo()
+
+    doubled = jax.tree_util.tree_map(lambda x: x * 2 if x.dtype != jnp.int8 else x, params)
+    orbax_io.save_params(tmp_path / "m", doubled, config, overwrite=True, files=(tmp_path / "tokenizer.model",))
+    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == b"tok"
+    np.testing.assert_array_equal(np.asarray(orbax_io.restore_params(tmp_path / "m")["embed"]), 2 * host["embed"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "tokenizer.model"]
+
+
 def test_killed_conversion_is_not_a_model(tmp_path):
     """A process killed mid-way cannot clean up: what it leaves must be refused by `load`."""
     write_hf_gemma(tmp_path / "hf")

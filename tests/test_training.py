@@ -122,8 +122,9 @@ def test_resume_is_exact_after_a_crash(tmp_path):
 
 def test_two_process_run_equals_one_process_and_resumes_on_another_topology(tmp_path):
     """Two processes x 4 CPU devices (jax.distributed, like two GPU nodes or TPU hosts): each host
-    feeds only its own batch rows and writes its own checkpoint shards. The losses equal one process
-    with 8 devices; that one process resumes the two-process checkpoint exactly and exports it."""
+    feeds only its own batch rows and writes its own checkpoint and export shards. The losses and the
+    export equal one process with 8 devices; that one process resumes the two-process checkpoint
+    exactly and exports it."""
     import json
     import shutil
     import socket
@@ -141,7 +142,8 @@ def test_two_process_run_equals_one_process_and_resumes_on_another_topology(tmp_
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
     worker = str(ROOT / "tests" / "multihost_train_worker.py")
     procs = [
-        subprocess.Popen([sys.executable, worker, str(i), "2", port, str(workdir), str(tmp_path / f"losses_{i}.json")],
+        subprocess.Popen([sys.executable, worker, str(i), "2", port, str(workdir), str(tmp_path / f"losses_{i}.json"),
+                          str(tmp_path / "two_procs")],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)
     ]
@@ -152,6 +154,17 @@ def test_two_process_run_equals_one_process_and_resumes_on_another_topology(tmp_
 
     one = [h["loss"] for h in train(TrainConfig(**CONFIG, export=str(tmp_path / "one")), log=_quiet)]
     np.testing.assert_allclose(two[0], one, rtol=1e-5)
+    # The export both processes wrote together: complete, nothing half-written left beside it, and
+    # the same model as the one-process export.
+    assert not [p.name for p in tmp_path.iterdir() if "partial" in p.name]
+    together, alone = orbax_io.restore_params(tmp_path / "two_procs"), orbax_io.restore_params(tmp_path / "one")
+    assert jax.tree_util.tree_structure(together) == jax.tree_util.tree_structure(alone)
+    for a, b in zip(jax.tree_util.tree_leaves(together), jax.tree_util.tree_leaves(alone)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert orbax_io.read_config(tmp_path / "two_procs").to_dict() == orbax_io.read_config(tmp_path / "one").to_dict()
+    tokens = [[5, 6, 7, 8]]
+    np.testing.assert_allclose(np.asarray(vj.load(tmp_path / "two_procs").logits(tokens)),
+                               np.asarray(vj.load(tmp_path / "one").logits(tokens)), rtol=1e-4, atol=1e-5)
     # As if the two-process run had died before its final save: one process continues from step 2.
     final = workdir / "4"
     shutil.move(final, tmp_path / "final")

@@ -11,6 +11,12 @@ written by tensorstore as the zarr array Orbax would have written, slice by slic
 Orbax then writes its metadata for a tree of tiny placeholders of the same structure, and the real
 arrays replace the placeholders. Everything happens in a temporary sibling directory that is renamed
 into place only when complete, so an interrupted conversion never leaves a directory that loads.
+
+An in-memory tree of (possibly sharded, possibly multi-host) jax.Arrays, e.g. after training, takes
+the other road: `save_params` is collective, every process hands its shards to Orbax's own save
+(tensorstore writes each shard once, from the process that owns it), and process 0 alone adds the
+config, tokenizer files and the marker and renames the directory into place, after Orbax's commit.
+Both roads give the same layout, so either loads with `restore_params` onto any topology.
 """
 
 from __future__ import annotations
@@ -115,6 +121,13 @@ class CheckpointWriter:
     def finalize(self) -> None:
         if not self._leaves:
             raise CheckpointError("no parameters were written")
+        if jax.process_count() > 1:
+            # Orbax's save below is collective: a writer run by one process of a multi-process job
+            # would wait forever for the others.
+            raise CheckpointError(
+                "CheckpointWriter streams host arrays from a single process; in a multi-process (jax.distributed) "
+                "job save a parameter tree with save_params, which every process calls together"
+            )
         template = _tree_from_paths({p: np.zeros((1,), np.float32) for p in self._leaves})
         params_dir = self.tmp / "params"
         ocp.PyTreeCheckpointer(use_ocdbt=False).save(params_dir, template)
@@ -164,12 +177,64 @@ def _tree_from_paths(leaves: dict[tuple, Any]) -> Any:
 
 
 def save_params(dst: str | Path, params: Any, config: ml_collections.ConfigDict, *, overwrite: bool = False, files: tuple = ()) -> None:
-    """Save an in-memory parameter tree as a model directory (e.g. after training)."""
-    with CheckpointWriter(dst, config, overwrite=overwrite) as writer:
-        for path, leaf in _flatten_with_paths(params):
-            writer.write(path, np.asarray(jax.device_get(leaf)))
-        for f in files:
-            writer.copy_file(f)
+    """Save an in-memory parameter tree (jax.Arrays, sharded or not, or host numpy arrays) as a model
+    directory, e.g. after training.
+
+    Collective in a multi-process (jax.distributed) job: every process calls it with the same tree of
+    global arrays and the same arguments, and `dst` must be on storage all processes share. Each
+    process writes only the shards it owns (one replica of each), so no host ever holds the whole
+    model; process 0 writes config.json, copies `files` and renames the directory into place. Returns
+    on every process once the directory is complete.
+    """
+    dst = Path(dst).absolute()
+    leaves = list(_flatten_with_paths(params))  # refuses node types a model directory cannot hold
+    if not leaves:
+        raise CheckpointError("no parameters were written")
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    primary = jax.process_index() == 0
+    tmp = dst.parent / f".{dst.name}.partial-{_shared_token()}"
+    try:
+        if primary:
+            tmp.mkdir(parents=True)
+        _barrier(f"vishwam_save_params_mkdir_{tmp.name}")
+        # Chunks of at most ~64 MB inside each shard: a later restore onto another sharding reads
+        # little more than its own slices.
+        save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), params)
+        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
+        checkpointer.save(tmp / "params", args=ocp.args.PyTreeSave(params, save_args=save_args))
+        checkpointer.close()
+        # Orbax has committed every process's shards before its save returns anywhere.
+        if primary:
+            for f in files:
+                shutil.copyfile(f, tmp / Path(f).name)
+            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=_json_default))
+            (tmp / COMPLETE_MARKER).write_text("ok\n")
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.replace(tmp, dst)  # the only step that makes `dst` a model directory
+        _barrier(f"vishwam_save_params_done_{tmp.name}")
+    except BaseException:
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _shared_token() -> str:
+    """A random name part that every process agrees on (process 0's)."""
+    token = np.frombuffer(uuid.uuid4().bytes[:4], np.int32).copy()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        token = multihost_utils.broadcast_one_to_all(token)
+    return f"{int(np.asarray(token)[0]) & 0xFFFFFFFF:08x}"
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _flatten_with_paths(tree: Any) -> Iterator[tuple[tuple, Any]]:

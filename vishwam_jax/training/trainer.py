@@ -169,12 +169,6 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
     """
     check_policy(tc.remat)
     _check_model(tc.model)
-    if tc.export and jax.process_count() > 1:
-        # The model directory writer is single-host. Refused now rather than after the training.
-        raise ValueError(
-            "export from a multi-host run is not supported: train with --workdir, then export on one host with the "
-            "same settings, --steps equal to the checkpoint's step and --export (it resumes, runs no step, writes)"
-        )
     if jax.process_index() != 0:  # one host reports (on_step still runs everywhere)
         log = lambda line: None
     if tc.resume not in RESUME_MODES:
@@ -336,8 +330,9 @@ def _mesh_context(mesh, rules):
 
 
 def export(tc: TrainConfig, config, trainable: Any, frozen: Any, lora_cfg, files: list[Path]) -> None:
-    """Write the trained model as a model directory loadable by `vishwam_jax.load` (one host; a
-    multi-host run is refused up front, see `train`)."""
+    """Write the trained model as a model directory loadable by `vishwam_jax.load`. Multi-host: every
+    process calls it; each writes its own shards and process 0 completes the directory
+    (orbax_io.save_params), which must be on storage all hosts share."""
     _write_export(tc, config, trainable, frozen, lora_cfg, files)
 
 

@@ -74,6 +74,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
     s = ap.add_argument_group("devices")
     s.add_argument("--mesh", default=None, help="mesh axis sizes, e.g. data=2,fsdp=4 (axes data, fsdp, tensor, expert)")
     s.add_argument("--rules", default=None, help="sharding rule preset (single, fsdp, tensor, expert); default from the mesh")
+    s.add_argument("--moe-capacity-factor", type=float, default=d.moe_capacity_factor,
+                   help="expert parallelism: bound each device pair's token buffer to this x its routed rows / ep and drop "
+                        "the overflow (default: capacity-free, nothing dropped; docs/scaling.md uses 2 on pods)")
     s.add_argument("--coordinator", default=None, help="multi-host: coordinator host:port (process 0)")
     s.add_argument("--num-processes", type=int, default=None)
     s.add_argument("--process-id", type=int, default=None)
@@ -97,7 +100,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
         router_bias_rate=a.router_bias_rate, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
         lora_targets=tuple(t for t in a.lora_targets.split(",") if t), workdir=a.workdir, save_every=a.save_every,
         keep=a.keep, resume=a.resume, async_save=not a.sync_save, log_every=a.log_every, export=a.export, export_dtype=a.export_dtype,
-        mesh=mesh, rules=a.rules, peak_tflops=a.peak_tflops,
+        mesh=mesh, rules=a.rules, moe_capacity_factor=a.moe_capacity_factor, peak_tflops=a.peak_tflops,
     )
     return a, tc
 

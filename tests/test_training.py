@@ -219,6 +219,31 @@ def test_cli_trains_and_exports_a_loadable_model(tmp_path, capsys):
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
 
 
+def test_moe_capacity_factor_reaches_the_expert_exchange(capsys):
+    """--moe-capacity-factor is the trained step's capacity: a tiny one drops tokens and changes the
+    loss of the capacity-free default (that an ample one drops nothing is test_expert_parallel's);
+    bad settings are named."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train as train_cli
+    finally:
+        sys.path.pop(0)
+    common = ["--model", "grok-1-tiny", "--steps", "1", "--batch-size", "8", "--seq-len", "16", "--warmup-steps", "1",
+              "--compute-dtype", "float32", "--mesh", "fsdp=2,expert=4", "--log-every", "100"]
+    assert train_cli.parse_args(common)[1].moe_capacity_factor is None  # default: capacity-free
+    free = [h["loss"] for h in train_cli.main(common)]
+    tiny = [h["loss"] for h in train_cli.main(common + ["--moe-capacity-factor", "0.05"])]
+    assert abs(tiny[0] - free[0]) > 1e-4, (tiny, free)
+    capsys.readouterr()
+    for argv, message in [
+        (["--moe-capacity-factor", "0"], "must be positive"),
+        (["--moe-capacity-factor", "2", "--mesh", "fsdp=8"], "no expert axis larger than 1"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            train_cli.main(["--model", "grok-1-tiny"] + argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+
+
 # -- the train step --------------------------------------------------------------------------------
 def test_grad_accumulation_equals_one_big_batch():
     config, family = _tiny()

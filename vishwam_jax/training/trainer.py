@@ -76,6 +76,10 @@ class TrainConfig:
     export_dtype: str = "bfloat16"
     mesh: dict | None = None  # e.g. {"data": 2, "fsdp": 4}; None: one device
     rules: str | None = None  # a sharding rule preset; None: the sharding package's default for the mesh
+    # Expert parallelism (a mesh with expert > 1): None exchanges tokens capacity-free (nothing dropped,
+    # worst-case buffers); c bounds each device pair's buffer to c x its routed rows / ep and drops the
+    # overflow (docs/scaling.md: c = 2 for DeepSeek-V3 on a pod).
+    moe_capacity_factor: float | None = None
     peak_tflops: float | None = None  # per device, for MFU where the device is not in metrics.PEAK_FLOPS
 
     def run_meta(self) -> dict:
@@ -186,6 +190,14 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
 
         mesh = make_mesh(**tc.mesh)
         rules = resolve_rules(tc.rules, mesh)
+    if tc.moe_capacity_factor is not None:
+        if not tc.moe_capacity_factor > 0:
+            raise ValueError(f"moe_capacity_factor must be positive (or None: capacity-free); got {tc.moe_capacity_factor}")
+        if mesh is None or mesh.shape.get("expert", 1) == 1:
+            raise ValueError(
+                f"moe_capacity_factor bounds the expert-parallel token exchange, but the mesh {tc.mesh or 'none'} has no "
+                "expert axis larger than 1 (e.g. mesh fsdp=2,expert=4)"
+            )
     # Checked before the (possibly huge) model is loaded: the batch must split over the mesh.
     batch_sh = None if mesh is None else placement.batch_sharding(mesh, rules, micro)
     tokens = data_lib.load_tokens(tc.data, tc.data_dtype)
@@ -276,7 +288,7 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
         f"compute {tc.compute_dtype}, mesh {tc.mesh or 'none'}")
 
     steplog = _StepLog(tc, flops, on_step, log)
-    context = _mesh_context(mesh, rules)
+    context = _mesh_context(mesh, rules, tc.moe_capacity_factor)
     try:
         with context:
             for step in range(start, tc.steps):
@@ -319,14 +331,14 @@ def _eval_batches(tc: TrainConfig, heldout: np.ndarray | None, micro: int) -> li
     return batches
 
 
-def _mesh_context(mesh, rules):
+def _mesh_context(mesh, rules, moe_capacity_factor: float | None):
     if mesh is None:
         import contextlib
 
         return contextlib.nullcontext()
     from vishwam_jax.sharding import use_mesh
 
-    return use_mesh(mesh, rules)
+    return use_mesh(mesh, rules, moe_capacity_factor=moe_capacity_factor)
 
 
 def export(tc: TrainConfig, config, trainable: Any, frozen: Any, lora_cfg, files: list[Path]) -> None:

@@ -169,6 +169,32 @@ def test_paged_generation_equals_contiguous_in_fewer_pages(tiny):
     assert short.paged.allocator.num_free == 2
 
 
+def test_model_generate_with_paged_blocks_equals_contiguous(tiny):
+    """The public API: Model.generate(..., paged_blocks=N) returns the contiguous cache's greedy
+    tokens (a short and a long prompt, streamed in chunks), gives its pages back, and is refused
+    clearly for a family without a latent cache or a pool size that is not a page count."""
+    import vishwam_jax as vj
+
+    cfg, params = tiny
+    model = vj.Model(cfg, params)
+    rng = np.random.default_rng(4)
+    prompts = [list(rng.integers(3, cfg.vocab_size, 4)), list(rng.integers(3, cfg.vocab_size, 90))]
+    want = np.asarray(model.generate(prompts, 7))
+    got = np.asarray(model.generate(prompts, 7, paged_blocks=3, chunk=3))
+    np.testing.assert_array_equal(got, want)
+    assert model._paged_generators[3].paged.allocator.num_free == 3
+    assert model.last_generation_stats.prefill_tokens == 94
+    with pytest.raises(pc.CacheFullError):
+        model.generate(prompts, 7, paged_blocks=2)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="paged_blocks must be a positive number"):
+            model.generate(prompts, 7, paged_blocks=bad)
+    gcfg = get_config("gemma-tiny")
+    g = vj.Model(gcfg, gemma.init_params(gcfg, jax.random.PRNGKey(0), jnp.float32))
+    with pytest.raises(ValueError, match="gemma-tiny has no paged cache"):
+        g.generate([[5, 6, 7]], 2, paged_blocks=4)
+
+
 def test_only_latent_caches_page():
     with pytest.raises(NotImplementedError, match="MLA latent caches only"):
         pc.paged_model_cache(gemma, get_config("gemma-tiny"), np.zeros((1, 1), np.int32), 4, jnp.float32)

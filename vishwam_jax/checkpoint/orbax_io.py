@@ -198,6 +198,11 @@ def save_params(dst: str | Path, params: Any, config: ml_collections.ConfigDict,
         if primary:
             tmp.mkdir(parents=True)
         _barrier(f"vishwam_save_params_mkdir_{tmp.name}")
+        if not tmp.is_dir():
+            raise CheckpointError(
+                f"process {jax.process_index()} does not see {tmp}, which process 0 created: a multi-process save "
+                "needs a destination on storage every host shares"
+            )
         # Chunks of at most ~64 MB inside each shard: a later restore onto another sharding reads
         # little more than its own slices.
         save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES), params)

@@ -75,19 +75,47 @@ def write_kv(cache: dict, k: Array, v: Array, positions: Int[Array, "b t"], leng
     }
 
 
+# Queries per score block. A whole [t, t] float32 block is 13 GB per layer for Grok-1's 48 heads at 8K;
+# blocks of 1024 queries bound it to b·h·1024·s while leaving short prompts and decoding untouched.
+QUERY_BLOCK = 1024
+
+
 def attend_segments(
     q: Float[Array, "b t h d"],
     segments: list[tuple[Array, Array, Array]],
     *,
     scale: float,
     softcap: float = 0.0,
+    query_block: int | None = None,
 ) -> Float[Array, "b t h dv"]:
     """Softmax attention over several key/value segments (e.g. the cache and the new chunk) with
     grouped KV heads, float32 scores and optional tanh soft-capping.
 
-    Each segment is (k [b, s, kh, d], v [b, s, kh, dv], visible [b, t, s]). Scores are concatenated
-    rather than keys, so a large cache is read in place and never copied.
+    Each segment is (k [b, s, kv_heads, d], v [b, s, kv_heads, dv], visible [b, t, s]). Scores are
+    concatenated rather than keys, so a large cache is read in place and never copied. More than
+    `query_block` queries are processed a block at a time (each block rematerialized in the backward
+    pass), so neither the forward nor the gradient holds all t × s scores at once.
     """
+    b, t, h, _ = q.shape
+    query_block = query_block or QUERY_BLOCK
+    if t <= query_block:
+        return _attend_block(q, segments, scale, softcap)
+    n = -(-t // query_block)
+    pad = n * query_block - t
+    # Padded query rows see no key: finite uniform weights, sliced off below.
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    masks = [jnp.pad(m, ((0, 0), (0, pad), (0, 0))) for _, _, m in segments]
+
+    @jax.checkpoint
+    def block(i):
+        rows = lambda a: jax.lax.dynamic_slice_in_dim(a, i * query_block, query_block, axis=1)
+        return _attend_block(rows(q), [(k, v, rows(m)) for (k, v, _), m in zip(segments, masks)], scale, softcap)
+
+    out = jax.lax.map(block, jnp.arange(n))  # [n, b, query_block, h, dv]
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * query_block, h, -1)[:, :t]
+
+
+def _attend_block(q: Float[Array, "b t h d"], segments: list, scale: float, softcap: float) -> Float[Array, "b t h dv"]:
     b, t, h, d = q.shape
     kh = segments[0][0].shape[2]
     qg = q.reshape(b, t, kh, h // kh, d)

@@ -1,0 +1,65 @@
+"""The shared GQA attention core: query blocking changes memory, never the result."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vishwam_jax.models.attention import attend_segments
+
+
+def _segments(key, b=2, t=13, s_cache=7, kh=2, d=8, dv=6):
+    ks = jax.random.split(key, 6)
+    cache = (jax.random.normal(ks[0], (b, s_cache, kh, d)), jax.random.normal(ks[1], (b, s_cache, kh, dv)),
+             jax.random.bernoulli(ks[2], 0.7, (b, t, s_cache)))
+    causal = jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, 0)
+    causal = causal.at[1, :, 9:].set(False)  # a row whose last keys are padding
+    chunk = (jax.random.normal(ks[3], (b, t, kh, d)), jax.random.normal(ks[4], (b, t, kh, dv)), causal)
+    return [cache, chunk]
+
+
+@pytest.mark.parametrize("query_block", [1, 4, 5, 12])
+def test_query_blocks_equal_one_block_forward_and_gradient(query_block):
+    key = jax.random.PRNGKey(0)
+    segments = _segments(key)
+    q = jax.random.normal(jax.random.PRNGKey(1), (2, 13, 4, 8))
+
+    masks = [m for _, _, m in segments]
+    kvs = [(k, v) for k, v, _ in segments]
+
+    def loss(q, kvs, block):
+        out = attend_segments(q, [(k, v, m) for (k, v), m in zip(kvs, masks)], scale=0.3, softcap=2.0, query_block=block)
+        return jnp.sum(jnp.sin(out)), out
+
+    grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    (_, ref), ref_grads = grad_fn(q, kvs, 10**6)
+    (_, got), got_grads = jax.jit(grad_fn, static_argnums=2)(q, kvs, query_block)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_long_prompts_never_hold_all_scores():
+    b, t, h, kh, d = 1, 4096, 8, 2, 16
+    q = jax.ShapeDtypeStruct((b, t, h, d), jnp.float32)
+    k = jax.ShapeDtypeStruct((b, t, kh, d), jnp.float32)
+    m = jax.ShapeDtypeStruct((b, t, t), jnp.bool_)
+    fn = lambda q, k, m, block: attend_segments(q, [(k, k, m)], scale=1.0, query_block=block)
+    temp = lambda block: jax.jit(fn, static_argnums=3).lower(q, k, m, block).compile().memory_analysis().temp_size_in_bytes
+    all_scores = b * h * t * t * 4  # float32
+    # One block at a time: scratch scales with the block (a few score-sized buffers of it), not with t.
+    assert temp(t) > all_scores
+    assert temp(1024) < temp(t) / 3 and temp(512) < temp(1024) * 0.6
+
+
+@pytest.mark.parametrize("preset", ["gemma2-tiny", "grok-1-tiny"])
+def test_models_give_the_same_logits_with_small_query_blocks(preset, monkeypatch):
+    import vishwam_jax as vj
+    from vishwam_jax.models import attention
+
+    model = vj.load(preset, dtype="float32")
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 40), 3, model.config.vocab_size)
+    ref = model.logits(tokens)
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
+    model = vj.load(preset, dtype="float32")  # a fresh model: nothing compiled with the old block
+    np.testing.assert_allclose(model.logits(tokens), ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 
 from vishwam_jax.training import lora as lora_lib  # noqa: E402
-from vishwam_jax.training.remat import POLICY_NAMES  # noqa: E402
+from vishwam_jax.models.remat import POLICY_NAMES  # noqa: E402
 from vishwam_jax.training.trainer import DTYPES, RESUME_MODES, TrainConfig  # noqa: E402
 
 

@@ -18,7 +18,8 @@ import vishwam_jax as vj
 from vishwam_jax.checkpoint import orbax_io
 from vishwam_jax.models import family_module
 from vishwam_jax.presets import get_config
-from vishwam_jax.training import data, lora, metrics, remat
+from vishwam_jax.models import remat
+from vishwam_jax.training import data, lora, metrics
 from vishwam_jax.training.checkpointing import ResumeMismatchError
 from vishwam_jax.training.objective import cast_floating, loss_sums, next_token_loss
 from vishwam_jax.training.optimizer import make_optimizer

@@ -42,7 +42,7 @@ from vishwam_jax.models import mla
 from vishwam_jax.models.attention import chunk_positions
 from vishwam_jax.models.layers import embed, gated_mlp, init_dense, rms_norm
 from vishwam_jax.models.moe import dispatch_experts, grouped_sigmoid_router
-from vishwam_jax.training.remat import remat_layer
+from vishwam_jax.models.remat import remat_layer
 
 
 def is_moe_layer(config, i: int) -> bool:

@@ -20,7 +20,7 @@ from jaxtyping import Array, Float, Int
 from vishwam_jax.models.attention import chunk_positions, gqa_self_attention, init_kv_cache_layer
 from vishwam_jax.models.layers import embed, gated_mlp, init_dense, rms_norm, soft_cap
 from vishwam_jax.models.rope import inverse_frequencies
-from vishwam_jax.training.remat import remat_layer
+from vishwam_jax.models.remat import remat_layer
 
 
 def _is_sliding(config, i: int) -> bool:

@@ -29,7 +29,7 @@ from vishwam_jax.models.attention import chunk_positions, gqa_self_attention, in
 from vishwam_jax.models.layers import embed, init_dense, rms_norm
 from vishwam_jax.models.moe import dispatch_experts, softmax_topk_router
 from vishwam_jax.models.rope import inverse_frequencies
-from vishwam_jax.training.remat import remat_layer
+from vishwam_jax.models.remat import remat_layer
 
 
 def init_params(config, key: jax.Array, dtype=jnp.float32) -> dict:

@@ -5,12 +5,11 @@
                    DeepSeek-V3's router-bias balancing)
     objective      next-token and MTP losses as sums over target tokens
     optimizer      optax AdamW + warmup/cosine + global-norm clipping, frozen leaves
-    remat          named jax.checkpoint policies applied per decoder layer
     lora           LoRA adapters, merge and merged export
     data           the Shakespeare corpus and memory-mapped token files, batches by (seed, step)
     placement      train state and batches on a mesh (multi-host batch rows)
     checkpointing  Orbax CheckpointManager with async saves and resume checks
     metrics        model FLOPs, MFU, memory for the per-step log line
 
-Kept import-free: the model files import `training.remat`, and the trainer imports the models.
+Activation checkpointing policies live with the models (models/remat.py), which apply them per layer.
 """

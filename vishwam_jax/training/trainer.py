@@ -31,7 +31,7 @@ from vishwam_jax.training import placement
 from vishwam_jax.training.checkpointing import TrainCheckpoints, check_resumable
 from vishwam_jax.training.objective import mtp_depths
 from vishwam_jax.training.optimizer import make_optimizer, make_schedule
-from vishwam_jax.training.remat import check_policy
+from vishwam_jax.models.remat import check_policy
 from vishwam_jax.training.step import StepConfig, frozen_from_gradients, init_state, make_eval_step, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -59,7 +59,7 @@ class TrainConfig:
     b2: float = 0.95
     param_dtype: str = "float32"  # master weights and optimizer state
     compute_dtype: str = "bfloat16"  # forward/backward
-    remat: str = "none"  # activation checkpointing policy (training/remat.py)
+    remat: str = "none"  # activation checkpointing policy (models/remat.py)
     seed: int = 0  # initialization and data order
     mtp_weight: float = 0.3  # DeepSeek-V3's λ on the MTP loss (ignored by families without MTP)
     router_bias_rate: float = 0.001  # DeepSeek-V3's γ (ignored by families without it; off with LoRA)

@@ -68,6 +68,13 @@ def grouped_linear(x: Float[Array, "m a"], w: Any, group_sizes: Int[Array, "g"])
     return grouped_matmul.gmm(x, w.astype(x.dtype), group_sizes, preferred_element_type=x.dtype)
 
 
+def expert_mlp(rows: Float[Array, "m d"], expert_params: dict, group_sizes: Int[Array, "g"], activation: str) -> Float[Array, "m d"]:
+    """The gated MLP of each group's expert over rows sorted by group: act(x W_gate) * (x W_up) W_down."""
+    act = ACTIVATIONS[activation]
+    h = act(grouped_linear(rows, expert_params["gate"], group_sizes)) * grouped_linear(rows, expert_params["up"], group_sizes)
+    return grouped_linear(h, expert_params["down"], group_sizes)
+
+
 def dispatch_experts(
     x: Float[Array, "n d"],
     gates: Float[Array, "n k"],
@@ -91,9 +98,7 @@ def dispatch_experts(
     order = jnp.argsort(flat, stable=True)
     rows = x[order // k]  # each token repeated once per selected expert, sorted by expert
     counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    act = ACTIVATIONS[activation]
-    h = act(grouped_linear(rows, expert_params["gate"], counts)) * grouped_linear(rows, expert_params["up"], counts)
-    out = grouped_linear(h, expert_params["down"], counts)
+    out = expert_mlp(rows, expert_params, counts, activation)
     # Unsort with the inverse permutation and reduce over k: deterministic, no scatter-add.
     unsorted = jnp.zeros_like(out).at[order].set(out).reshape(n, k, -1)
     y = jnp.einsum("nkd,nk->nd", unsorted.astype(jnp.float32), gates.astype(jnp.float32))

@@ -165,7 +165,7 @@ def _local_dispatch(
     width_axes: tuple[str, ...],
 ) -> Float[Array, "n d"]:
     """One device's part: its tokens in, its tokens' combined expert outputs out."""
-    from vishwam_jax.models.moe import ACTIVATIONS, grouped_linear  # local: moe imports this module
+    from vishwam_jax.models.moe import expert_mlp  # local: moe imports this module
 
     n, d = x.shape
     k = experts.shape[1]
@@ -212,9 +212,7 @@ def _local_dispatch(
     regroup = jnp.argsort(local_expert, stable=True)
     group_sizes = jnp.bincount(local_expert, length=e_local + 1)[:e_local].astype(jnp.int32)
     h_in = received.reshape(ep * cap, d)[regroup]
-    act = ACTIVATIONS[activation]
-    h = act(grouped_linear(h_in, params["gate"], group_sizes)) * grouped_linear(h_in, params["up"], group_sizes)
-    out = grouped_linear(h, params["down"], group_sizes)
+    out = expert_mlp(h_in, params, group_sizes, activation)
     # Rows past the groups are empty slots; a grouped matmul may leave anything there.
     out = jnp.where((jnp.arange(ep * cap) < group_sizes.sum())[:, None], out, 0)
     out = jnp.zeros_like(out).at[regroup].set(out)

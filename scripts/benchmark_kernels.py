@@ -21,6 +21,8 @@ KERNELS = {"gmm": "benchmark_gmm.py", "mla": "benchmark_mla.py"}
 def _load_main(filename: str):
     spec = importlib.util.spec_from_file_location(filename.removesuffix(".py"), SCRIPTS / filename)
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs: dataclasses resolve string annotations through sys.modules.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module.main
 

@@ -16,6 +16,7 @@ TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
 # A block config small enough that the tiny test shapes span several row tiles, N blocks, K steps
 # and work-item bands: the kernel's loops and masks are exercised, not just one block.
 TINY = _gmm_gpu.BlockConfig(bm=16, bn=16, bk=16, band=2)
+TINY_ALIGNED = _gmm_gpu.BlockConfig(bm=16, bn=16, bk=16, band=2, group_aligned=True)
 
 
 @pytest.fixture(autouse=True)
@@ -91,14 +92,14 @@ def _reversed_work_items(group_sizes, m, bm):
 _ORIGINAL_MAKE_WORK_ITEMS = _gmm_gpu.make_work_items
 
 
-@pytest.mark.parametrize("order", ["forward", "reversed"])
+@pytest.mark.parametrize("order", ["forward", "reversed", "group_aligned"])
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_pallas_interpret_matches_reference(name, order, monkeypatch):
     if order == "reversed":
         monkeypatch.setattr(_gmm_gpu, "make_work_items", _reversed_work_items)
     m, k, n, sizes = SHAPES[name]
     lhs, rhs, gs, _ = make(m, k, n, sizes, seed=len(name))
-    out = _gmm_gpu.gmm(lhs, rhs, gs, config=TINY, interpret=True)
+    out = _gmm_gpu.gmm(lhs, rhs, gs, config=TINY_ALIGNED if order == "group_aligned" else TINY, interpret=True)
     ref = grouped_matmul.gmm_reference(lhs, rhs, gs)
     assert rel_err(out, ref) < TOL[jnp.dtype(jnp.float32)]
     past = int(np.sum(sizes))
@@ -231,6 +232,35 @@ def test_work_items_cover_every_row_once():
             np.testing.assert_array_equal(hits, 1)  # every row written by exactly one visit (incl. padding)
             assert count[0] <= len(group_ids) == _gmm_gpu.max_work_items(m, g, bm)
             assert np.all(np.diff(tile_ids[: count[0]]) >= 0)  # visits of one tile are consecutive
+
+
+def test_group_aligned_work_items_read_each_small_group_once():
+    rng = np.random.default_rng(1)
+    m, g, bm = 45, 6, 8
+    items = jax.jit(_gmm_gpu.make_group_aligned_work_items, static_argnums=(1, 2))
+    for trial in range(12):
+        sizes = rng.multinomial(int(rng.integers(0, m + 1)), np.ones(g) / g)
+        sizes[rng.random(g) < 0.3] = 0
+        group_ids, row_starts, starts, ends, count = map(np.asarray, items(jnp.asarray(sizes), m, bm))
+        live = group_ids[: count[0]]
+        hits = np.zeros(m, int)
+        for gi, r0 in zip(live, row_starts[: count[0]]):
+            rows = np.arange(r0, min(r0 + bm, m))
+            mine = rows[(rows >= starts[gi]) & (rows < ends[gi])]
+            assert mine.size and mine[0] == r0, (trial, "an item must start on one of its group's rows")
+            hits[mine] += 1
+        np.testing.assert_array_equal(hits, 1)
+        padding = m - sizes.sum()
+        expected = np.concatenate([-(-sizes // bm), [-(-padding // bm)]])  # ceil(size / bm) visits per group
+        np.testing.assert_array_equal(np.bincount(live, minlength=g + 1), expected)
+        assert count[0] <= len(group_ids) == _gmm_gpu.max_work_items(m, g, bm, group_aligned=True)
+
+
+def test_decode_config_group_aligned():
+    cfg = _gmm_gpu.gmm_config(128, 6144, 65536, 8, group_aligned=True)  # Grok-1 decode, 64 tokens
+    assert cfg.group_aligned and cfg.bm == 32
+    assert not _gmm_gpu.gmm_config(128, 6144, 65536, 8, group_aligned=False).group_aligned
+    assert not _gmm_gpu.gmm_config(8 * 16384, 7168, 4096, 32, group_aligned=True).group_aligned  # compute-bound
 
 
 def test_backend_selection(monkeypatch):

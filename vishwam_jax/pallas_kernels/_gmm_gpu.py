@@ -1,10 +1,13 @@
 """Pallas (Triton lowering) grouped matmul kernels for GPUs; the same kernels run in interpret mode on CPU.
 
-`gmm`: one program per (work item, N block). A work item is a (group, row tile) pair from
-`make_work_items`: row tiles are aligned to the global tile grid, a tile that straddles a group
-boundary is visited once per group and each visit stores only its own rows, empty groups get no
-work item, and the rows past sum(group_sizes) form one extra "padding group" whose items store
-zeros without reading any weights. Visits of one tile write disjoint rows, so programs never race.
+`gmm`: one program per (work item, N block). A work item is a (group, first row) pair. By default
+(`make_work_items`) row tiles are aligned to the global tile grid: a tile that straddles a group
+boundary is visited once per group and each visit stores only its own rows. With
+`BlockConfig.group_aligned` (`make_group_aligned_work_items`) every group's tiles start at its own
+first row instead, so a group of up to bm rows is one visit and its weights are read once, at the
+cost of masked rows in a group's last tile. Either way empty groups get no work item, and the rows
+past sum(group_sizes) form one extra "padding group" whose items store zeros without reading any
+weights. Visits write disjoint rows, so programs never race.
 
 `tgmm`: one program per (group, K block, N block), looping over that group's rows.
 """
@@ -30,6 +33,7 @@ class BlockConfig:
     num_warps: int = 4
     num_stages: int = 3
     band: int = 8  # work items visited together before moving to the next N block (L2 reuse)
+    group_aligned: bool = False  # tiles start at each group's first row instead of the global grid
 
 
 def _pow2_at_least(x: int, floor: int = 16) -> int:
@@ -68,6 +72,10 @@ def _fit_smem(cfg: BlockConfig, lhs_itemsize: int, rhs_itemsize: int) -> BlockCo
 # the programs running together share weight blocks in L2. The one-token decode shapes stay below
 # target with band=8; band=1 (neighbouring column blocks of one expert run together: wider contiguous
 # reads) is the first thing to try (`benchmark_gmm.py --tune-small` times both) but is not measured yet.
+# With ~bm rows per group (Grok-1 decode at 64 tokens: 16 rows in each of 8 experts) most groups
+# straddle two grid tiles and their weights are read twice; group-aligned tiles of at least twice the
+# expected group size read each active expert once (`benchmark_gmm.py` times both on every decode row).
+DECODE_GROUP_ALIGNED = False
 REGIME_CONFIGS = {
     16: BlockConfig(bm=16, bn=128, bk=128, num_warps=4, num_stages=4),
     48: BlockConfig(bm=32, bn=128, bk=128, num_warps=4, num_stages=4),
@@ -76,14 +84,19 @@ REGIME_CONFIGS = {
 }
 
 
-def gmm_config(m: int, k: int, n: int, g: int, lhs_itemsize: int = 2, rhs_itemsize: int = 2) -> BlockConfig:
+def gmm_config(m: int, k: int, n: int, g: int, lhs_itemsize: int = 2, rhs_itemsize: int = 2,
+               group_aligned: bool | None = None) -> BlockConfig:
     """The block config for a problem: by rows per group (if every group were equal), then fitted
-    to the dimensions and to shared memory."""
+    to the dimensions and to shared memory. `group_aligned` (default `DECODE_GROUP_ALIGNED`) picks
+    the tiling of the streaming regime."""
     rows_per_group = m / max(1, min(g, m))
     limit = next((r for r in REGIME_CONFIGS if r is not None and rows_per_group <= r), None)
     cfg = REGIME_CONFIGS[limit]
     if limit == 16 and rhs_itemsize == 1:  # int8 weights: twice the K per stage for the same bytes in flight
         cfg = dataclasses.replace(cfg, bk=2 * cfg.bk)
+    if limit == 16 and (DECODE_GROUP_ALIGNED if group_aligned is None else group_aligned):
+        bm = min(64, _pow2_at_least(int(2 * rows_per_group)))
+        cfg = dataclasses.replace(cfg, group_aligned=True, bm=bm, bk=cfg.bk if bm <= 32 else cfg.bk // 2)
     return _fit_smem(_fit(cfg, m, k, n), lhs_itemsize, rhs_itemsize)
 
 
@@ -96,12 +109,15 @@ def tgmm_config(m: int, k: int, n: int, g: int, itemsize: int = 2) -> BlockConfi
 # Work items
 
 
-def max_work_items(m: int, g: int, bm: int) -> int:
+def max_work_items(m: int, g: int, bm: int, group_aligned: bool = False) -> int:
     """Static bound: every row tile once, plus one extra visit per group boundary inside a tile.
 
     With the padding group there are at most min(g + 1, m) non-empty groups, hence at most that
-    many minus one boundaries.
+    many minus one boundaries. Group-aligned: sum of ceil(size / bm) over those groups, at most
+    m / bm + one partial tile per group.
     """
+    if group_aligned:
+        return m // bm + min(g + 1, m)
     return pl.cdiv(m, bm) + max(0, min(g + 1, m) - 1)
 
 
@@ -136,6 +152,30 @@ def make_work_items(
     return group_ids, tile_ids.astype(jnp.int32), starts, ends, item_end[-1:].astype(jnp.int32)
 
 
+def make_group_aligned_work_items(
+    group_sizes: Int[Array, "g"], m: int, bm: int
+) -> tuple[Int[Array, "w"], Int[Array, "w"], Int[Array, "g+1"], Int[Array, "g+1"], Int[Array, "1"]]:
+    """(group id, first row) per work item, each group's tiles starting at its own first row; and
+    the live item count. Items past the count are padding of the static grid; the kernel skips them."""
+    g = group_sizes.shape[0]
+    starts, ends = group_bounds(group_sizes, m)
+    tiles = (ends - starts + bm - 1) // bm
+    item_end = jnp.cumsum(tiles)
+    item_start = item_end - tiles
+    w = jnp.arange(max_work_items(m, g, bm, group_aligned=True), dtype=jnp.int32)
+    group_ids = jnp.minimum(jnp.searchsorted(item_end, w, side="right"), g).astype(jnp.int32)
+    row_starts = starts[group_ids] + (w - item_start[group_ids]) * bm
+    return group_ids, row_starts.astype(jnp.int32), starts, ends, item_end[-1:].astype(jnp.int32)
+
+
+def work_item_rows(group_sizes: Int[Array, "g"], m: int, cfg: BlockConfig):
+    """(group id, first row, starts, ends, live count) of the work items of `cfg`'s tiling."""
+    if cfg.group_aligned:
+        return make_group_aligned_work_items(group_sizes, m, cfg.bm)
+    group_ids, tile_ids, starts, ends, count = make_work_items(group_sizes, m, cfg.bm)
+    return group_ids, tile_ids * cfg.bm, starts, ends, count
+
+
 # ---------------------------------------------------------------------------------------------
 # gmm kernel
 
@@ -154,7 +194,7 @@ def _banded_program_ids(num_items, n_blocks: int, band: int):
 
 def _gmm_kernel(
     group_ids_ref,
-    tile_ids_ref,
+    row_starts_ref,
     starts_ref,
     ends_ref,
     num_items_ref,
@@ -181,7 +221,7 @@ def _gmm_kernel(
     live = band_live & (item < num_items_ref[0]) & (n_block < n_blocks)
     item = jnp.where(live, item, 0)
     group = group_ids_ref[item]
-    row0 = tile_ids_ref[item] * bm
+    row0 = row_starts_ref[item]
     col0 = n_block * bn
     rows = row0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
     cols = col0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
@@ -317,8 +357,8 @@ def gmm(
                 "Triton lowering would overflow its 32-bit offsets; pass the weights as [g, k, n] with n even, or shard "
                 "the experts so that one device holds fewer than 2**31 weights")
         rhs = lax.bitcast_convert_type(rhs.reshape(g, k, n // 2, 2), jnp.int16)
-    meta = make_work_items(group_sizes, m, cfg.bm)
-    n_items = max_work_items(m, g, cfg.bm)
+    meta = work_item_rows(group_sizes, m, cfg)
+    n_items = max_work_items(m, g, cfg.bm, cfg.group_aligned)
     n_blocks = pl.cdiv(n, cfg.bn)
     grid = (pl.cdiv(n_items, cfg.band) * cfg.band * n_blocks,)
     kernel = functools.partial(

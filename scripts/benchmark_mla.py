@@ -381,6 +381,26 @@ def split_sweep(bw, peak, scale):
         log(f"splits h{heads} b{batch} L{length} (µs; * = auto): " + ", ".join(cells))
 
 
+def small_batch_sweep(bw, peak, scale):
+    """Splits x tiles on the shapes where one batch row's work must be spread over the chip (the rows
+    where the default loses to XLA), timed with XLA in the same process; the winners are printed."""
+    narrow = dict(num_warps=4)
+    cases = {
+        (16, 1, 32768): {f"s{n}k{k}st{st}": dict(narrow, block_h=16, block_k=k, num_stages=st, num_splits=n)
+                         for n in (64, 128, 256) for k, st in ((32, 3), (32, 4), (64, 2))},
+        (16, 8, 4096): {f"s{n}k{k}st{st}": dict(narrow, block_h=16, block_k=k, num_stages=st, num_splits=n)
+                        for n in (4, 8, 16, 32) for k, st in ((32, 3), (64, 2))},
+        (128, 1, 4096): {f"s{n}": dict(_mla_gpu.CFG_WIDE, num_splits=n) for n in (4, 8, 16, 32, 64)},
+    }
+    for (heads, batch, length), configs in cases.items():
+        r = decode_case(batch, heads, length, bw, peak, scale, configs=configs, do_check=False)
+        times = r["times_us"]
+        auto = _mla_gpu.default_config(heads, batch, length, False)
+        cells = ", ".join(f"{k}: {v:.1f}" for k, v in sorted(times.items(), key=lambda kv: kv[1]))
+        log(f"small-batch sweep h{heads} b{batch} L{length} (µs; default splits {auto['num_splits']}, "
+            f"floor {r['floor_us']:.1f}): {cells}")
+
+
 def decode_shapes(args) -> list[tuple]:
     """(heads, batch, cache length, paged) rows of the decode table."""
     # default: one shape per regime, both head counts, batch 1..128, caches 1K..32K (~4 min
@@ -398,6 +418,9 @@ def decode_shapes(args) -> list[tuple]:
         shapes += [(128, 64, 4096, True), (16, 128, 8192, True)]
     if args.quick:
         shapes = [(128, 1, 4096, False), (128, 64, 4096, False), (16, 128, 8192, False)]
+    if args.shape:
+        shapes = [(int(h), int(b), int(L), paged == "paged") for h, b, L, paged in
+                  (tuple(x.split(",")) + ("",) * (4 - len(x.split(","))) for x in args.shape)]
     return shapes
 
 
@@ -433,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the raw numbers here")
     ap.add_argument("--verbose", action="store_true", help="log compile times")
     ap.add_argument("--split-sweep", action="store_true", help="time a few explicit split counts first")
+    ap.add_argument("--shape", action="append", default=[], metavar="HEADS,BATCH,LEN[,paged]",
+                    help="decode shapes to time instead of the default set (repeatable)")
+    ap.add_argument("--small-batch-sweep", action="store_true",
+                    help="time split counts x tiles on the small-batch shapes first (reported only)")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds: stop starting new shapes after this (the tables print what ran)")
     args = ap.parse_args(argv)
@@ -458,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         tune(bw, peak, scale)  # then the tables, with the winners
     if args.split_sweep:
         split_sweep(bw, peak, scale)
+    if args.small_batch_sweep:
+        small_batch_sweep(bw, peak, scale)
     if not args.no_decode:
         # correctness of the auto path on ragged / paged / multi-token inputs (bf16, realistic dims)
         decode_extra_checks(scale)

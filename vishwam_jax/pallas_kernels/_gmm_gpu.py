@@ -67,17 +67,17 @@ def _fit_smem(cfg: BlockConfig, lhs_itemsize: int, rhs_itemsize: int) -> BlockCo
 
 
 # Block configs by expected rows per group (H100, bf16; docs/bench_gmm.md has the measurements). Few
-# rows per group (decode, small batches) stream weights: small row tiles and a deep K block in flight.
-# Many rows per group are compute-bound: wgmma-sized tiles with 8 warps and 3 stages, banded so that
-# the programs running together share weight blocks in L2. The one-token decode shapes stay below
-# target with band=8; band=1 (neighbouring column blocks of one expert run together: wider contiguous
-# reads) is the first thing to try (`benchmark_gmm.py --tune-small` times both) but is not measured yet.
+# rows per group (decode, small batches) stream weights: small row tiles, narrow N blocks (more programs)
+# and six K blocks in flight (one DeepSeek-V3 token, K=2048: 0.248 ms against 0.360 ms for bn=128 with
+# four stages). Many rows per group are compute-bound: wgmma-sized tiles with 8 warps and 3 stages,
+# banded so that the programs running together share weight blocks in L2.
 # With ~bm rows per group (Grok-1 decode at 64 tokens: 16 rows in each of 8 experts) most groups
 # straddle two grid tiles and their weights are read twice; group-aligned tiles of at least twice the
-# expected group size read each active expert once (`benchmark_gmm.py` times both on every decode row).
-DECODE_GROUP_ALIGNED = False
+# expected group size read each active expert once (2.29 against 2.72 ms there; `benchmark_gmm.py`
+# times both tilings on every decode row).
+DECODE_GROUP_ALIGNED = True
 REGIME_CONFIGS = {
-    16: BlockConfig(bm=16, bn=128, bk=128, num_warps=4, num_stages=4),
+    16: BlockConfig(bm=16, bn=64, bk=128, num_warps=4, num_stages=6),
     48: BlockConfig(bm=32, bn=128, bk=128, num_warps=4, num_stages=4),
     96: BlockConfig(bm=64, bn=128, bk=64, num_warps=4, num_stages=4),
     None: BlockConfig(bm=128, bn=256, bk=64, num_warps=8, num_stages=3),
@@ -95,8 +95,7 @@ def gmm_config(m: int, k: int, n: int, g: int, lhs_itemsize: int = 2, rhs_itemsi
     if limit == 16 and rhs_itemsize == 1:  # int8 weights: twice the K per stage for the same bytes in flight
         cfg = dataclasses.replace(cfg, bk=2 * cfg.bk)
     if limit == 16 and (DECODE_GROUP_ALIGNED if group_aligned is None else group_aligned):
-        bm = min(64, _pow2_at_least(int(2 * rows_per_group)))
-        cfg = dataclasses.replace(cfg, group_aligned=True, bm=bm, bk=cfg.bk if bm <= 32 else cfg.bk // 2)
+        cfg = dataclasses.replace(cfg, group_aligned=True, bm=_pow2_at_least(int(2 * rows_per_group)))  # <= 32
     return _fit_smem(_fit(cfg, m, k, n), lhs_itemsize, rhs_itemsize)
 
 

@@ -74,7 +74,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from vishwam_jax.models import family_module  # noqa: E402
 from vishwam_jax.presets import get_config  # noqa: E402
 from vishwam_jax.sharding import RULES, make_mesh, param_shardings, parse_mesh, use_mesh  # noqa: E402
-from vishwam_jax.sharding.expert_parallel import shard_map  # noqa: E402
+from vishwam_jax.sharding.context import shard_map  # noqa: E402
 from vishwam_jax.sharding.rules import spec_for  # noqa: E402
 from vishwam_jax.utils.benchmarking import copy_bandwidth  # noqa: E402
 

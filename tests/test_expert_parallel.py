@@ -176,3 +176,35 @@ def test_ragged_exchange_equals_dense_exchange(spy):
             outs[method], _ = _dispatch(x, gates, experts, params)
     np.testing.assert_allclose(outs["ragged"], ref, rtol=2e-2, atol=2e-2)  # GPU matmul precision
     np.testing.assert_allclose(outs["ragged"], outs["dense"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sizes, n", [(dict(tensor=8), 1), (dict(data=2, tensor=4), 64)], ids=["decode-batch-1", "tokens-over-data"])
+@pytest.mark.parametrize("int8", [False, True])
+def test_tensor_parallel_experts_run_on_width_shards(sizes, n, int8, monkeypatch):
+    """No expert axis, width split over tensor (Grok-1 served tensor-parallel): each device runs its
+    width shard and the outputs are summed, so the weights are never gathered (left to GSPMD, the
+    Pallas grouped matmul, which it cannot partition, would get them all-gathered on every call)."""
+    from vishwam_jax.sharding.rules import param_shardings
+
+    calls = []
+    real = expert_parallel.dispatch_experts_width_parallel
+    monkeypatch.setattr(expert_parallel, "dispatch_experts_width_parallel", lambda *a: calls.append(1) or real(*a))
+    params = _expert_params(3)
+    if int8:
+        params = {name: {"int8": jnp.clip(jnp.round(w * 60), -127, 127).astype(jnp.int8),
+                         "scale": jnp.full((E, 1, w.shape[2]), 1 / 60, jnp.float32)} for name, w in params.items()}
+    x, gates, experts = _skewed(n, seed=3)
+    ref, ref_counts = _dispatch(x, gates, experts, params)
+    mesh = make_mesh(**sizes)
+    with use_mesh(mesh, "tensor"):
+        placed = jax.device_put(params, param_shardings({}, params, mesh, "tensor"))
+        down = placed["down"]["int8"] if int8 else placed["down"]
+        assert down.sharding.spec[1] == "tensor"  # the width really is split
+        fn = jax.jit(lambda *a: moe.dispatch_experts(*a, "silu", E))
+        out, counts = fn(x, gates, experts, placed)
+        hlo = fn.lower(x, gates, experts, placed).compile().as_text()
+    assert calls, "the width-parallel path was not taken"
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(counts, ref_counts)
+    assert "all-gather" not in hlo  # the only collective is the output's all-reduce
+    assert "all-reduce" in hlo

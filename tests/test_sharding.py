@@ -266,10 +266,18 @@ def test_sharded_forward_equals_single_device(name, sizes, rules, monkeypatch):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-5)
 
 
-DECODE_CASES = [c for c in (("deepseek-v3-tiny", dict(expert=8), 1), ("grok-1-tiny", dict(tensor=2, expert=4), 8)) if c[0] in MOE_PRESETS]
+DECODE_CASES = [
+    c for c in (
+        ("deepseek-v3-tiny", dict(expert=8), 1),
+        ("grok-1-tiny", dict(tensor=2, expert=4), 8),
+        ("deepseek-v3-tiny", dict(data=2, tensor=4), 4),  # latent-cache decode kernel per (batch, heads) block
+        ("grok-1-tiny", dict(data=4, tensor=2), 8),  # tensor-parallel experts: width shards, no expert axis
+    )
+    if c[0] in MOE_PRESETS
+]
 
 
-@pytest.mark.parametrize("name, sizes, batch", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
+@pytest.mark.parametrize("name, sizes, batch", DECODE_CASES, ids=[f"{c[0]}-{'-'.join(map(str, c[1].items()))}" for c in DECODE_CASES])
 def test_sharded_prefill_and_decode_with_cache_equal_single_device(name, sizes, batch):
     """The serving layouts of docs/scaling.md on 8 devices: the cached prefill and a decode step
     (a batch of 1 that the 8 token shards must pad; a batch split over expert with the expert width

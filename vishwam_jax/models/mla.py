@@ -30,6 +30,8 @@ token p of row b lives at kv[block_table[b, p // page], p % page].
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +41,7 @@ from vishwam_jax.inference import paged_cache
 from vishwam_jax.models.layers import init_dense, linear, rms_norm
 from vishwam_jax.models.rope import apply_rope, inverse_frequencies, yarn_mscale
 from vishwam_jax.pallas_kernels.mla_attention import mla_decode, mla_prefill
+from vishwam_jax.sharding.context import per_device
 
 
 # -- configuration-derived constants ---------------------------------------------------------------
@@ -192,7 +195,16 @@ def absorbed_attention(
     q = jnp.concatenate([q_latent, q_pe.astype(q_latent.dtype)], axis=-1)
     # Every chunk token counts as written for the visibility rule; padded queries' outputs are unused.
     total = positions[:, 0] + x.shape[1]
-    o_latent = mla_decode(q, cache["kv"], total, softmax_scale=softmax_scale(config), v_head_dim=r,
-                          block_table=cache.get("block_table"))
+    # Per device under a mesh: the decode kernel is a Pallas call that XLA cannot partition. Batch
+    # rows (and heads under tensor parallelism) are independent; a paged pool is indexed by global
+    # block ids, so it stays whole and only the block table is split.
+    names_q, names_out = ("batch", "length", "heads", None), ("batch", "length", "heads", None)
+    decode = functools.partial(mla_decode, softmax_scale=softmax_scale(config), v_head_dim=r)
+    if "block_table" in cache:
+        o_latent = per_device(lambda q_, kv, n, table: decode(q_, kv, n, block_table=table),
+                              (q, cache["kv"], total, cache["block_table"]),
+                              (names_q, None, ("batch",), ("batch", None)), names_out)
+    else:
+        o_latent = per_device(decode, (q, cache["kv"], total), (names_q, ("batch", None, None), ("batch",)), names_out)
     out = linear(o_latent.astype(x.dtype), params["wv_b"], "bthc,chv->bthv")
     return linear(out, params["wo"], "bthv,hvd->btd"), cache

@@ -89,10 +89,27 @@ def dispatch_experts(
     Under `vishwam_jax.sharding.use_mesh` with an expert axis > 1 the experts run expert-parallel
     (tokens exchanged by all-to-all, sharding/expert_parallel.py); the result is the same provided
     each token's k experts are distinct, as every top-k router gives (its buffers rely on it).
+    With no expert axis but the expert width sharded (rule `expert_mlp`), each device runs its width
+    shard and the outputs are summed, so the grouped-matmul kernel never sees a sharded operand.
     """
     active = context.current()
-    if active is not None and active.expert_size > 1 and not context.inside_manual_region():
-        return expert_parallel.dispatch_experts_parallel(x, gates, experts, expert_params, activation, num_experts, active)
+    if active is not None and not context.inside_manual_region():
+        if active.expert_size > 1:
+            return expert_parallel.dispatch_experts_parallel(x, gates, experts, expert_params, activation, num_experts, active)
+        if expert_parallel.width_axes(active, expert_params):  # tensor-parallel experts (no expert axis)
+            counts = jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.int32)
+            local = lambda *a: _dispatch_local(*a, activation=activation, num_experts=num_experts)[0]  # noqa: E731
+            y = expert_parallel.dispatch_experts_width_parallel(x, gates, experts, expert_params, local, active)
+            return y.astype(x.dtype), counts
+    y, counts = _dispatch_local(x, gates, experts, expert_params, activation=activation, num_experts=num_experts)
+    return y.astype(x.dtype), counts
+
+
+def _dispatch_local(
+    x: Float[Array, "n d"], gates: Float[Array, "n k"], experts: Int[Array, "n k"], expert_params: dict, *,
+    activation: str, num_experts: int,
+) -> tuple[Float[Array, "n d"], Int[Array, "e"]]:
+    """The sorted dispatch on one device: float32 output (summed as is over width shards) and counts."""
     n, k = experts.shape
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
@@ -101,5 +118,4 @@ def dispatch_experts(
     out = expert_mlp(rows, expert_params, counts, activation)
     # Unsort with the inverse permutation and reduce over k: deterministic, no scatter-add.
     unsorted = jnp.zeros_like(out).at[order].set(out).reshape(n, k, -1)
-    y = jnp.einsum("nkd,nk->nd", unsorted.astype(jnp.float32), gates.astype(jnp.float32))
-    return y.astype(x.dtype), counts
+    return jnp.einsum("nkd,nk->nd", unsorted.astype(jnp.float32), gates.astype(jnp.float32)), counts

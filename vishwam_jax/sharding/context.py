@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array
 
 from vishwam_jax.sharding.rules import LogicalAxes, Rules, resolve_rules, spec_for
@@ -98,3 +99,37 @@ def constrain(x: Array, names: LogicalAxes) -> Array:
         raise ValueError(f"logical names {names} do not match an array of shape {x.shape}")
     spec = spec_for(tuple(names), tuple(x.shape), active.mesh, active.rules.activations, strict=False)
     return jax.lax.with_sharding_constraint(x, NamedSharding(active.mesh, spec))
+
+
+def shard_map(f: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
+    """`jax.shard_map` (jax >= 0.7) or `jax.experimental.shard_map.shard_map` (older), without the
+    replication check (our bodies end in explicit collectives)."""
+    if hasattr(jax, "shard_map"):
+        params = inspect.signature(jax.shard_map).parameters
+        check = {"check_vma": False} if "check_vma" in params else {"check_rep": False}
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **check)
+    from jax.experimental.shard_map import shard_map as legacy
+
+    return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def per_device(fn: Callable, args: Sequence[Array], names: Sequence[LogicalAxes | None], out_names: LogicalAxes) -> Array:
+    """`fn(*args)` run on each device's block of its arguments, laid out as `constrain` lays out
+    `names` (None: replicated), its output assembled by `out_names`. For kernels XLA cannot
+    partition (a Pallas call): left to GSPMD, their sharded operands would be gathered onto every
+    device on each call. Without an active mesh, or inside shard_map, just `fn(*args)`.
+
+    fn must treat the dimensions named alike independently (a batch row, a head), so the blocks'
+    results are the global result's blocks.
+    """
+    active = _ACTIVE.get()
+    if active is None or inside_manual_region():
+        return fn(*args)
+    mesh, table = active.mesh, active.rules.activations
+
+    def spec(n, shape):
+        return PartitionSpec() if n is None else spec_for(tuple(n), tuple(shape), mesh, table, strict=False)
+
+    out_shape = jax.eval_shape(fn, *args).shape
+    in_specs = tuple(spec(n, a.shape) for a, n in zip(args, names))
+    return shard_map(fn, mesh, in_specs, spec(out_names, out_shape))(*args)

@@ -24,12 +24,15 @@ past it are dropped (their expert contributes 0), which trades exactness for mem
 
 If the MoE width is sharded over `tensor` (rule `expert_mlp`), every tensor shard computes a partial
 down-projection and the combined output is summed over `tensor` at the end, on the smallest array.
+With no expert axis but a sharded width (Grok-1 served tensor-parallel), `dispatch_experts_width_parallel`
+does only that: each device runs the local dispatch on its width shard of every expert and the
+outputs are summed. Either way the grouped matmul, a Pallas kernel XLA cannot partition, sees only
+per-device blocks; left to GSPMD, its sharded weights would be all-gathered on every call.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from typing import Any, Callable
 
@@ -38,21 +41,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Float, Int
 
-from vishwam_jax.sharding.context import ActiveMesh
+from vishwam_jax.sharding.context import ActiveMesh, shard_map
 from vishwam_jax.sharding.mesh import AXES, mesh_sizes
 from vishwam_jax.sharding.rules import ShardingError
-
-
-def shard_map(f: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
-    """`jax.shard_map` (jax >= 0.7) or `jax.experimental.shard_map.shard_map` (older), without the
-    replication check (collectives here produce values the checker cannot always follow)."""
-    if hasattr(jax, "shard_map"):
-        params = inspect.signature(jax.shard_map).parameters
-        check = {"check_vma": False} if "check_vma" in params else {"check_rep": False} if "check_rep" in params else {}
-        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **check)
-    from jax.experimental.shard_map import shard_map as legacy
-
-    return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
 def _exchange_method(active: ActiveMesh) -> str:
@@ -79,12 +70,59 @@ def _width_axes(active: ActiveMesh, f: int) -> tuple[str, ...]:
     return axes if axes and f % math.prod(sizes[a] for a in axes) == 0 else ()
 
 
-def _weight_spec(leaf_shape: tuple[int, ...], f_dim: int, width_axes: tuple[str, ...]) -> PartitionSpec:
+def _weight_spec(leaf_shape: tuple[int, ...], f_dim: int, width_axes: tuple[str, ...],
+                 expert_axis: str | None = "expert") -> PartitionSpec:
     spec: list[Any] = [None] * len(leaf_shape)
-    spec[0] = "expert"
+    spec[0] = expert_axis
     if width_axes and leaf_shape[f_dim] > 1:  # an int8 scale has size 1 on contracted axes
         spec[f_dim] = width_axes[0] if len(width_axes) == 1 else width_axes
     return PartitionSpec(*spec)
+
+
+def _weight_specs(expert_params: dict, width_axes: tuple[str, ...], expert_axis: str | None) -> dict:
+    """PartitionSpecs of the gate/up ([e, d, f]) and down ([e, f, d]) leaves, int8 dicts included."""
+    return {
+        name: jax.tree_util.tree_map(
+            lambda w, fd=(1 if name == "down" else 2): _weight_spec(w.shape, fd, width_axes, expert_axis), leaf)
+        for name, leaf in expert_params.items()
+        if name in ("gate", "up", "down")
+    }
+
+
+def expert_width(expert_params: dict) -> int:
+    down = expert_params["down"]
+    return (down["int8"] if isinstance(down, dict) else down).shape[1]  # [e, f, d], possibly int8
+
+
+def width_axes(active: ActiveMesh, expert_params: dict) -> tuple[str, ...]:
+    return _width_axes(active, expert_width(expert_params))
+
+
+def dispatch_experts_width_parallel(
+    x: Float[Array, "n d"],
+    gates: Float[Array, "n k"],
+    experts: Int[Array, "n k"],
+    expert_params: dict,
+    local_dispatch: Callable,
+    active: ActiveMesh,
+) -> Float[Array, "n d"]:
+    """`local_dispatch(x, gates, experts, params) -> float32 [n, d]` on each device's width shard of
+    every expert (all experts on every device), summed over the width axes. Tokens stay split over
+    the batch axes that divide them (replicated otherwise: a decode batch of 1)."""
+    mesh = active.mesh
+    sizes = mesh_sizes(mesh)
+    axes = width_axes(active, expert_params)
+    token_axes = _token_axes(active, axes)
+    if x.shape[0] % math.prod(sizes[a] for a in token_axes):
+        token_axes = ()
+    tok = PartitionSpec(token_axes if token_axes else None)
+    specs = _weight_specs(expert_params, axes, expert_axis=None)
+    params = {name: expert_params[name] for name in specs}
+
+    def body(x, gates, experts, params):
+        return jax.lax.psum(local_dispatch(x, gates, experts, params), axes)
+
+    return shard_map(body, mesh, in_specs=(tok, tok, tok, specs), out_specs=tok)(x, gates, experts, params)
 
 
 def _exclusive_cumsum(x: Int[Array, "... n"]) -> Int[Array, "... n"]:
@@ -108,11 +146,8 @@ def dispatch_experts_parallel(
         raise ShardingError(f"expert={ep} does not divide num_experts={num_experts} (expert parallelism splits the experts evenly)")
     n, d = x.shape
     k = experts.shape[1]
-    down = expert_params["down"]
-    f = (down["int8"] if isinstance(down, dict) else down).shape[1]  # [e, f, d], possibly int8
-
-    width_axes = _width_axes(active, f)
-    token_axes = _token_axes(active, width_axes)
+    axes = width_axes(active, expert_params)
+    token_axes = _token_axes(active, axes)
     shards = math.prod(sizes[a] for a in token_axes)
 
     # Pad the tokens to a multiple of the token shards; the pad rows have gate 0 and are spread over
@@ -131,11 +166,7 @@ def dispatch_experts_parallel(
     most = n_local * min(k, num_experts // ep)
     cap = most if active.moe_capacity_factor is None else max(1, min(most, math.ceil(active.moe_capacity_factor * rows / ep)))
 
-    weight_specs = {
-        name: jax.tree_util.tree_map(lambda w, fd=(1 if name == "down" else 2): _weight_spec(w.shape, fd, width_axes), leaf)
-        for name, leaf in expert_params.items()
-        if name in ("gate", "up", "down")
-    }
+    weight_specs = _weight_specs(expert_params, axes, expert_axis="expert")
     tok = PartitionSpec(token_axes if len(token_axes) > 1 else token_axes[0])
     body = functools.partial(
         _local_dispatch,
@@ -144,7 +175,7 @@ def dispatch_experts_parallel(
         ep=ep,
         cap=cap,
         method=_exchange_method(active),
-        width_axes=width_axes,
+        width_axes=axes,
     )
     params = {name: expert_params[name] for name in weight_specs}
     y = shard_map(body, mesh, in_specs=(tok, tok, tok, weight_specs), out_specs=tok)(x, gates, experts, params)

@@ -182,6 +182,24 @@ def test_auto_backend_and_env(monkeypatch):
         mla_attention._resolve("bogus")
 
 
+def test_auto_sends_small_contiguous_caches_to_xla_on_gpu(monkeypatch):
+    """Auto on GPU: caches up to XLA_BELOW_CACHE_BYTES run the einsum form (faster there on an H100);
+    larger or paged caches run the kernel (here replaced by a marker, since CPU cannot run Triton)."""
+    monkeypatch.setattr(mla_attention, "_platform", lambda: "gpu")
+    monkeypatch.delenv(mla_attention.ENV_VAR, raising=False)
+    ran = []
+    monkeypatch.setattr(mla_attention._mla_gpu, "mla_decode_gpu", lambda *a, **k: ran.append("kernel") or (a[0][..., :512], a[0][..., 0]))
+    monkeypatch.setattr(mla_attention, "mla_decode_xla", lambda *a, **k: ran.append("xla") or a[0][..., :512])
+    q = jnp.zeros((1, 1, 16, 576), jnp.bfloat16)
+    small = jnp.zeros((1, 4096, 576), jnp.bfloat16)  # 4.7 MB
+    mla_attention.mla_decode(q, small, jnp.array([5]), softmax_scale=0.1)
+    big = jax.ShapeDtypeStruct((1, 65536, 576), jnp.bfloat16)  # 75 MB: traced only
+    jax.eval_shape(lambda c: mla_attention.mla_decode(q, c, jnp.array([5]), softmax_scale=0.1), big)
+    pool, table = jnp.zeros((64, 64, 576), jnp.bfloat16), jnp.zeros((1, 64), jnp.int32)  # paged: kernel
+    mla_attention.mla_decode(q, pool, jnp.array([5]), softmax_scale=0.1, block_table=table)
+    assert ran == ["xla", "kernel", "kernel"]
+
+
 @pytest.mark.parametrize(
     "change, match",
     [

@@ -67,17 +67,24 @@ def _fit_smem(cfg: BlockConfig, lhs_itemsize: int, rhs_itemsize: int) -> BlockCo
 
 
 # Block configs by expected rows per group (H100, bf16; docs/bench_gmm.md has the measurements). Few
-# rows per group (decode, small batches) stream weights: small row tiles, narrow N blocks (more programs)
-# and six K blocks in flight (one DeepSeek-V3 token, K=2048: 0.248 ms against 0.360 ms for bn=128 with
-# four stages). Many rows per group are compute-bound: wgmma-sized tiles with 8 warps and 3 stages,
-# banded so that the programs running together share weight blocks in L2.
+# rows per group (decode, small batches) stream weights: small row tiles and a deep K block in flight.
+# Many rows per group are compute-bound: wgmma-sized tiles with 8 warps and 3 stages, banded so that
+# the programs running together share weight blocks in L2.
 # With ~bm rows per group (Grok-1 decode at 64 tokens: 16 rows in each of 8 experts) most groups
 # straddle two grid tiles and their weights are read twice; group-aligned tiles of at least twice the
 # expected group size read each active expert once (2.29 against 2.72 ms there; `benchmark_gmm.py`
 # times both tilings on every decode row).
 DECODE_GROUP_ALIGNED = True
+# Streaming with few programs (one DeepSeek-V3 token: 8 experts x 4096/128 N blocks = 256 programs for
+# 132 SMs) needs more bytes in flight per SM: narrower N blocks (twice the programs) and six K blocks
+# in flight: 0.378 / 0.396 ms against 0.433 / 0.459 ms on the two one-token DeepSeek-V3 shapes. With
+# many programs (Grok-1's N=65536, DeepSeek-V3 at 64 tokens) the same config was slower (1.04 against
+# 0.64 ms; 5.07 against 4.51 ms), so it applies below four waves of 132 SMs only; and to float
+# weights only (int8 one-token DeepSeek-V3: 0.49 / 0.45 ms against 0.44 / 0.38 ms without it).
+FEW_STREAMING_PROGRAMS = 4 * 132
+STREAMING_FEW_PROGRAMS = BlockConfig(bm=16, bn=64, bk=128, num_warps=4, num_stages=6)
 REGIME_CONFIGS = {
-    16: BlockConfig(bm=16, bn=64, bk=128, num_warps=4, num_stages=6),
+    16: BlockConfig(bm=16, bn=128, bk=128, num_warps=4, num_stages=4),
     48: BlockConfig(bm=32, bn=128, bk=128, num_warps=4, num_stages=4),
     96: BlockConfig(bm=64, bn=128, bk=64, num_warps=4, num_stages=4),
     None: BlockConfig(bm=128, bn=256, bk=64, num_warps=8, num_stages=3),
@@ -92,6 +99,8 @@ def gmm_config(m: int, k: int, n: int, g: int, lhs_itemsize: int = 2, rhs_itemsi
     rows_per_group = m / max(1, min(g, m))
     limit = next((r for r in REGIME_CONFIGS if r is not None and rows_per_group <= r), None)
     cfg = REGIME_CONFIGS[limit]
+    if limit == 16 and rhs_itemsize > 1 and min(g, m) * pl.cdiv(n, cfg.bn) < FEW_STREAMING_PROGRAMS:
+        cfg = STREAMING_FEW_PROGRAMS
     if limit == 16 and rhs_itemsize == 1:  # int8 weights: twice the K per stage for the same bytes in flight
         cfg = dataclasses.replace(cfg, bk=2 * cfg.bk)
     if limit == 16 and (DECODE_GROUP_ALIGNED if group_aligned is None else group_aligned):

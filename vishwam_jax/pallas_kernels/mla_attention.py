@@ -166,6 +166,18 @@ def _check_decode_args(q, cache, lengths, block_table, v_head_dim: int) -> None:
             raise TypeError(f"{name} must be integers, got {x.dtype}")
 
 
+# Below this many contiguous-cache bytes per call the Triton kernel's fixed cost (~22-25 µs on an
+# H100, whatever the split count: docs/bench_mla.md) exceeds XLA's einsums: 4.7-38 MB caches ran
+# 13-19 µs in XLA against 25-54 µs in the kernel, 75 MB and up ran faster in the kernel.
+XLA_BELOW_CACHE_BYTES = 48 << 20
+
+
+def _xla_faster(cache, block_table) -> bool:
+    """Auto mode on GPU: a small contiguous cache goes to the einsum form (a paged one would first be
+    gathered into a copy, so it stays on the kernel)."""
+    return block_table is None and cache.size * cache.dtype.itemsize <= XLA_BELOW_CACHE_BYTES
+
+
 def _triton_shapes_ok(d: int, v_head_dim: int) -> bool:
     dr = d - v_head_dim
     pow2 = lambda n: n >= 16 and not n & (n - 1)  # noqa: E731
@@ -195,7 +207,7 @@ def mla_decode(
     if impl == "cudnn":
         raise ValueError("the cuDNN implementation is for mla_prefill only")
     _check_decode_args(q, cache, lengths, block_table, v_head_dim)
-    if auto and impl == "pallas_gpu" and not _triton_shapes_ok(q.shape[-1], v_head_dim):
+    if auto and impl == "pallas_gpu" and (not _triton_shapes_ok(q.shape[-1], v_head_dim) or _xla_faster(cache, block_table)):
         impl = "xla"
     kwargs = dict(softmax_scale=softmax_scale, block_table=block_table, v_head_dim=v_head_dim, causal=causal)
     if impl == "reference":

@@ -181,9 +181,14 @@ def test_rotate_half_layout_direct_queries_and_release_config(tmp_path_factory):
 
 
 # -- MLA: absorbed decode on the latent cache ------------------------------------------------------
-def test_absorbed_decode_matches_naive_prefill(case):
+@pytest.mark.parametrize("prompt_attention", ["absorbed", "naive"])
+def test_absorbed_decode_matches_naive_prefill(case, prompt_attention, monkeypatch):
     """Right-padded rows of different lengths: a 6-token prefill chunk then one token per step
-    through the latent cache equals the naive full forward, row by row."""
+    through the latent cache equals the naive full forward, row by row. The prompt chunk enters
+    the empty cache in either form (mla.cached_attention picks naive for long chunks)."""
+    from vishwam_jax.models import mla
+
+    monkeypatch.setattr(mla, "NAIVE_PREFILL_MIN_TOKENS", 1 if prompt_attention == "naive" else 10**9)
     cfg, params = case.config, case.params
     rng = np.random.default_rng(4)
     lengths = np.array([16, 11])

@@ -197,7 +197,9 @@ def test_auto_sends_small_contiguous_caches_to_xla_on_gpu(monkeypatch):
     jax.eval_shape(lambda c: mla_attention.mla_decode(q, c, jnp.array([5]), softmax_scale=0.1), big)
     pool, table = jnp.zeros((64, 64, 576), jnp.bfloat16), jnp.zeros((1, 64), jnp.int32)  # paged: kernel
     mla_attention.mla_decode(q, pool, jnp.array([5]), softmax_scale=0.1, block_table=table)
-    assert ran == ["xla", "kernel", "kernel"]
+    chunk = jnp.zeros((1, 512, 16, 576), jnp.bfloat16)  # a prefill chunk: its scores would not fit XLA's form
+    mla_attention.mla_decode(chunk, small, jnp.array([512]), softmax_scale=0.1)
+    assert ran == ["xla", "kernel", "kernel", "kernel"]
 
 
 @pytest.mark.parametrize(

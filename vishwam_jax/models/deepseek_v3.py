@@ -157,7 +157,7 @@ def decoder_layer(
     if cache is None:
         a = mla.naive_attention(layer["attn"], h, positions, config)
     else:
-        a, cache = mla.absorbed_attention(layer["attn"], h, positions, lengths, cache, config)
+        a, cache = mla.cached_attention(layer["attn"], h, positions, lengths, cache, config)
     x = x + a
     h = norm(x, layer["mlp_norm"])
     if "experts" in layer:

@@ -140,13 +140,14 @@ def naive_attention(
     x: Float[Array, "b t d"],
     positions: Int[Array, "b t"],
     config,
+    kv: Float[Array, "b t c"] | None = None,
 ) -> Float[Array, "b t d"]:
     """Causal self-attention within the chunk with per-head keys/values materialised from the
-    latents (the chunk starts at position 0: no cache). Right padding needs no mask of its own:
-    a valid query never sees a later (padded) key."""
+    latents `kv` (computed here if not given; the chunk starts at position 0: no cache). Right
+    padding needs no mask of its own: a valid query never sees a later (padded) key."""
     r, h = config.kv_lora_rank, config.num_heads
     q_nope, q_pe = queries(params, x, positions, config)
-    kv = latents(params, x, positions, config)
+    kv = latents(params, x, positions, config) if kv is None else kv
     c_kv, k_pe = kv[..., :r], kv[..., r:]
     k_nope = linear(c_kv, params["wk_b"], "bsc,chn->bshn")
     v = linear(c_kv, params["wv_b"], "bsc,chv->bshv")
@@ -170,6 +171,35 @@ def write_latents(
     slot = jnp.where(in_row, positions, slots)
     rows = jnp.arange(batch)[:, None]
     return {"kv": cache["kv"].at[rows, slot].set(kv.astype(cache["kv"].dtype), mode="drop")}
+
+
+# A prompt entering an empty cache attends in the naive form when its chunk is long: causal
+# self-attention over t tokens with 192-dim keys and 128-dim values costs ~t²·h·320 FLOPs against
+# the absorbed form's ~2·t²·h·1088 over latent keys, and runs on the prefill kernels (cuDNN's MLA on
+# GPU) rather than the decode kernel. Both write the same latents, so decoding continues either way.
+NAIVE_PREFILL_MIN_TOKENS = 64
+
+
+def cached_attention(
+    params: dict,
+    x: Float[Array, "b t d"],
+    positions: Int[Array, "b t"],
+    lengths: Int[Array, "b"],
+    cache: dict,
+    config,
+) -> tuple[Float[Array, "b t d"], dict]:
+    """Attention of a chunk that continues each row's cache; the cache with the chunk's latents."""
+    if x.shape[1] < NAIVE_PREFILL_MIN_TOKENS:
+        return absorbed_attention(params, x, positions, lengths, cache, config)
+
+    def naive(cache):
+        kv = latents(params, x, positions, config)
+        return naive_attention(params, x, positions, config, kv), write_latents(cache, kv, positions, lengths)
+
+    def absorbed(cache):
+        return absorbed_attention(params, x, positions, lengths, cache, config)
+
+    return jax.lax.cond(jnp.all(positions[:, 0] == 0), naive, absorbed, cache)
 
 
 def absorbed_attention(

@@ -172,10 +172,13 @@ def _check_decode_args(q, cache, lengths, block_table, v_head_dim: int) -> None:
 XLA_BELOW_CACHE_BYTES = 48 << 20
 
 
-def _xla_faster(cache, block_table) -> bool:
-    """Auto mode on GPU: a small contiguous cache goes to the einsum form (a paged one would first be
-    gathered into a copy, so it stays on the kernel)."""
-    return block_table is None and cache.size * cache.dtype.itemsize <= XLA_BELOW_CACHE_BYTES
+XLA_MAX_QUERIES = 4  # decode and speculative verification; a prefill chunk's [s_q, h, L] scores would not fit
+
+
+def _xla_faster(cache, block_table, s_q: int = 1) -> bool:
+    """Auto mode on GPU: decoding over a small contiguous cache goes to the einsum form (a paged one
+    would first be gathered into a copy, and a long chunk would materialise its scores: the kernel)."""
+    return block_table is None and s_q <= XLA_MAX_QUERIES and cache.size * cache.dtype.itemsize <= XLA_BELOW_CACHE_BYTES
 
 
 def _triton_shapes_ok(d: int, v_head_dim: int) -> bool:
@@ -207,7 +210,7 @@ def mla_decode(
     if impl == "cudnn":
         raise ValueError("the cuDNN implementation is for mla_prefill only")
     _check_decode_args(q, cache, lengths, block_table, v_head_dim)
-    if auto and impl == "pallas_gpu" and (not _triton_shapes_ok(q.shape[-1], v_head_dim) or _xla_faster(cache, block_table)):
+    if auto and impl == "pallas_gpu" and (not _triton_shapes_ok(q.shape[-1], v_head_dim) or _xla_faster(cache, block_table, q.shape[1])):
         impl = "xla"
     kwargs = dict(softmax_scale=softmax_scale, block_table=block_table, v_head_dim=v_head_dim, causal=causal)
     if impl == "reference":

@@ -154,7 +154,12 @@ def naive_attention(
     q = jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1)
     k_pe = jnp.broadcast_to(k_pe[:, :, None, :], k_pe.shape[:2] + (h, k_pe.shape[-1]))  # shared by every head
     k = jnp.concatenate([k_nope, k_pe.astype(k_nope.dtype)], axis=-1)
-    out = mla_prefill(q, k, v, softmax_scale=softmax_scale(config), causal=True)
+    # Per device under a mesh, like the decode kernel: XLA cannot partition the Pallas kernel, and
+    # cuDNN's partitioner refuses the sequence-dim sharding GSPMD may pick when a batch of 1 does
+    # not divide the batch axes.
+    names = ("batch", "length", "heads", None)
+    prefill = functools.partial(mla_prefill, softmax_scale=softmax_scale(config), causal=True)
+    out = per_device(prefill, (q, k, v), (names, names, names), names)
     return linear(out, params["wo"], "bthv,hvd->btd")
 
 

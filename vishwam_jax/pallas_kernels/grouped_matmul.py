@@ -237,26 +237,7 @@ def gmm(
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     scale = _scale_2d(rhs_scale, rhs, transpose_rhs)
     impl = resolve_implementation(implementation)
-    if scale is not None and _dequantize_first(lhs.shape[0], rhs.shape[0], impl):
-        rhs, scale = _dequantize(rhs, scale, transpose_rhs, lhs.dtype), None
     return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), scale, transpose_rhs, out_dtype, impl)
-
-
-# int8 weights with many rows per group (prefill) can be widened to the compute dtype in one XLA pass
-# before a float gmm, instead of tile by tile inside the kernel: a trade of one extra weight pass for
-# a kernel without in-loop conversion. $VISHWAM_INT8_DEQUANT_ROWS sets the rows per group from which
-# that is done (unset: never), so benchmarks can time both.
-DEQUANT_ENV_VAR = "VISHWAM_INT8_DEQUANT_ROWS"
-
-
-def _dequantize_first(m: int, g: int, impl: str) -> bool:
-    rows = os.environ.get(DEQUANT_ENV_VAR)
-    return impl == "pallas_gpu" and rows is not None and m >= float(rows) * g
-
-
-def _dequantize(rhs: Array, scale: Float[Array, "g n"], transpose_rhs: bool, dtype) -> Array:
-    s = scale[:, :, None] if transpose_rhs else scale[:, None, :]
-    return (rhs.astype(jnp.float32) * s).astype(dtype)
 
 
 def tgmm(

@@ -56,6 +56,10 @@ def parse_args(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--cache-len", type=int, default=4096)
     ap.add_argument("--decode-steps", type=int, default=8, help="timed decode steps per batch size (median)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also trace the first prefill and 3 decode steps per batch size; report device 0's time per kernel")
+    ap.add_argument("--moe-exchange", choices=["auto", "ragged", "dense"], default="auto",
+                    help="expert-parallel all-to-all (use_mesh's moe_all_to_all)")
     ap.add_argument("--json", default=None, help="also write the results here (rewritten after every measurement)")
     return ap.parse_args(argv)
 
@@ -77,6 +81,7 @@ from vishwam_jax.sharding import RULES, make_mesh, param_shardings, parse_mesh, 
 from vishwam_jax.sharding.context import shard_map  # noqa: E402
 from vishwam_jax.sharding.rules import spec_for  # noqa: E402
 from vishwam_jax.utils.benchmarking import copy_bandwidth  # noqa: E402
+from vishwam_jax.utils.profiling import format_summary, profile_device_ops, summarize_trace  # noqa: E402
 
 RESULTS: dict = {"argv": sys.argv[1:], "runs": []}
 
@@ -270,6 +275,7 @@ def collective_time(config, mesh, batch: int) -> tuple[str, float]:
 def run_model(name: str, config, weights: str, mesh, rules) -> dict:
     family = family_module(config)
     res = {"model": name, "layers": config.num_layers, "weights": weights, "mesh": dict(mesh.shape), "rules": rules.name,
+           "moe_exchange": ARGS.moe_exchange,
            "devices": mesh.devices.size, "device_kind": jax.devices()[0].device_kind}
     RESULTS["runs"].append(res)
     abstract = abstract_params(config, weights)
@@ -295,7 +301,7 @@ def run_model(name: str, config, weights: str, mesh, rules) -> dict:
         sh = cache_shardings(abstract_cache, mesh, rules)
         return jax.jit(lambda: family.init_cache(config, batch, slots, cache_dtype), out_shardings=sh)(), sh
 
-    with use_mesh(mesh, rules):
+    with use_mesh(mesh, rules, moe_all_to_all=ARGS.moe_exchange):
         # Prefill: one prompt into a fresh cache, logits of its last position (the engine's prefill).
         def prefill_body(p, tokens, cache):
             last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32)
@@ -318,6 +324,14 @@ def run_model(name: str, config, weights: str, mesh, rules) -> dict:
             s = float(np.median(times[1:]))
             res["prefill"].append({"tokens": length, "seconds": s, "tok_s": length / s, "ttft_ms": s * 1e3, "compile_s": times[0] - s})
             log(f"[{name}] prefill {length:>5} tokens: {length / s:,.0f} tok/s, time to first token {s * 1e3:,.1f} ms")
+            if ARGS.profile and length == ARGS.prefill[0]:
+                def one_prefill():
+                    fresh, _ = make_cache(1, length)
+                    return prefill(params, tokens, fresh)[0]
+
+                summary = profile_device_ops(one_prefill, calls=1)
+                res["prefill"][-1]["profile"] = _profile_row(summary)
+                log(f"[{name}] prefill {length} profile (cache creation included), " + format_summary(summary, top=12))
             save()
 
         # Decode: one token per row against a cache holding cache_len positions.
@@ -328,7 +342,7 @@ def run_model(name: str, config, weights: str, mesh, rules) -> dict:
         res["decode"] = []
         replicated = NamedSharding(mesh, PartitionSpec())
         for batch in ARGS.batches:
-            cache, sh = make_cache(batch, ARGS.cache_len + ARGS.decode_steps + 4)
+            cache, sh = make_cache(batch, ARGS.cache_len + ARGS.decode_steps + 12)  # + warm-up and profiled steps
             # The cache comes back placed as it went in, so step 2 reuses step 1's compilation.
             decode = jax.jit(decode_body, donate_argnums=2, out_shardings=(replicated, sh))
             # The cache's contents do not change the cost; its length does: mark cache_len positions filled.
@@ -356,6 +370,21 @@ def run_model(name: str, config, weights: str, mesh, rules) -> dict:
             res["decode"].append(row)
             log(f"[{name}] decode batch {batch:>3} @ {ARGS.cache_len} cache: step {step * 1e3:,.2f} ms, {batch / step:,.1f} tok/s "
                 f"({1 / step:,.1f} per stream); collectives alone {coll * 1e3:,.2f} ms = {coll / step:.0%} of the step [{what}]")
+            if ARGS.profile:
+                state = {"token": token, "cache": cache}
+
+                def one_step():
+                    state["token"], state["cache"] = decode(params, state["token"], state["cache"])
+                    return state["token"]
+
+                summary = profile_device_ops(one_step, calls=3)
+                cache = state["cache"]
+                row["profile"] = _profile_row(summary)
+                log(f"[{name}] decode batch {batch} profile, " + format_summary(summary, top=12))
+                if mesh.devices.size > 1:  # the last device too: a collective's wait shows up on the early one
+                    last = summarize_trace(summary["trace"], calls=3, device=mesh.devices.size - 1)
+                    row["profile_last_device"] = _profile_row(last)
+                    log(f"[{name}] decode batch {batch} profile, " + format_summary(last, top=6))
             del cache
             save()
 
@@ -371,6 +400,10 @@ def run_model(name: str, config, weights: str, mesh, rules) -> dict:
     save()
     del params
     return res
+
+
+def _profile_row(summary: dict) -> dict:
+    return {"device": summary["device"], "busy_us_per_call": summary["busy_us_per_call"], "ops": summary["ops"][:25]}
 
 
 def _mark_filled(layer: dict, n: int, shardings: dict) -> dict:

@@ -106,6 +106,15 @@ def test_pallas_interpret_matches_reference(name, order, monkeypatch):
     np.testing.assert_array_equal(np.asarray(out[past:]), 0.0)  # rows past the groups are exactly zero
 
 
+def test_packed_epilogue_fits_shared_memory():
+    """The int16-pair epilogue's two exact products hold 4·bn·(bm + bn) bytes of shared memory:
+    bm=128, bn=256 asked for 384 KiB on an H200 (launch failure); bn is narrowed to fit."""
+    cfg = _gmm_gpu._fit_packed_epilogue(_gmm_gpu.BlockConfig(bm=128, bn=256, bk=64, num_warps=8, num_stages=3))
+    assert cfg.bn == 128 and 4 * cfg.bn * (cfg.bm + cfg.bn) <= _gmm_gpu.SMEM_BUDGET
+    small = _gmm_gpu.BlockConfig(bm=16, bn=128, bk=256)
+    assert _gmm_gpu._fit_packed_epilogue(small) == small
+
+
 @pytest.mark.parametrize(
     "dtype,transpose,int8",
     [(jnp.bfloat16, False, False), (jnp.float32, True, False), (jnp.bfloat16, False, True), (jnp.float32, True, True)],

@@ -79,7 +79,7 @@ def _check(lhs: Array, rhs: Array, group_sizes: Array, transpose_rhs: bool, rhs_
 def row_groups(group_sizes: Int[Array, "g"], m: int) -> Int[Array, "m"]:
     """Group of every row; rows past sum(group_sizes) get g (one past the last group)."""
     ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    return jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right").astype(jnp.int32)
+    return jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right", method="compare_all").astype(jnp.int32)
 
 
 def _row_scales(scale: Float[Array, "g n"], group_sizes: Int[Array, "g"], m: int) -> Float[Array, "m n"]:

@@ -28,7 +28,7 @@ class ActiveMesh:
     rules: Rules
     # How expert parallelism exchanges tokens: "ragged" (jax.lax.ragged_all_to_all: only the routed
     # rows travel; GPU/TPU), "dense" (jax.lax.all_to_all of worst-case-sized buffers: any backend),
-    # "auto" (ragged where the backend has it, else dense).
+    # "auto" (ragged on TPU, dense elsewhere: on GPUs NCCL's dense exchange measured faster).
     moe_all_to_all: str = "auto"
     # None: capacity-free (no token is ever dropped; buffers sized for the worst case). A factor c
     # bounds each device pair's buffer to ceil(c * rows / expert) and drops the overflow.

@@ -400,7 +400,7 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args) -> dict:
     flops = 2.0 * total * p.k * p.n
     active = int(np.count_nonzero(sizes))
     weight_bytes = active * p.k * p.n * 2
-    row = dict(shape=p.name, m=p.m, dist=p.dist, active=active, flops=flops)
+    row = dict(shape=p.name, m=p.m, dist=p.dist, active=active, flops=flops, weight_bytes=weight_bytes)
     budget = 1.0 if args.smoke else 4.0
 
     f_ours = OURS_JIT
@@ -499,15 +499,21 @@ SMALL_CANDIDATES = [(64, 128, 4, 6), (128, 128, 4, 4), (128, 64, 4, 6), (256, 64
 SMALL_SHAPES = [(256, 7168, 4096, 8), (256, 2048, 7168, 8), (8, 6144, 65536, 2), (8, 6144, 65536, 128)]
 
 
-def _profiled_us(f, *args, calls: int = 20) -> tuple[float, float]:
-    """(grouped-matmul kernel µs, all kernels µs) per call, from a profiler trace: device time only,
-    free of the host-side noise that dominates wall-clock timing of sub-millisecond calls."""
+@functools.lru_cache(maxsize=None)
+def _profiling():
+    """vishwam_jax.utils.profiling loaded by path (stdlib + jax only): works without the package."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("vishwam_profiling", ROOT / "vishwam_jax/utils/profiling.py")
-    profiling = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profiling)  # by path: stdlib + jax only, works without the package
-    summary = profiling.profile_device_ops(lambda: f(*args), calls=calls)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _profiled_us(f, *args, calls: int = 20) -> tuple[float, float]:
+    """(grouped-matmul kernel µs, all kernels µs) per call, from a profiler trace: device time only,
+    free of the host-side noise that dominates wall-clock timing of sub-millisecond calls."""
+    summary = _profiling().profile_device_ops(lambda: f(*args), calls=calls)
     kernel = sum(op["us_per_call"] for op in summary["ops"] if op["name"].startswith("vishwam_gmm"))
     return kernel, summary["busy_us_per_call"]
 
@@ -635,11 +641,13 @@ def print_tables(rows: list[dict], copy_bw: float, peak: float) -> None:
             "| ragged_dot µs | mgpu example µs |")
         log("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sorted(dev, key=lambda r: (r["shape"], r["m"])):
-            wbytes = r["weight_GBps"] * r["ours_ms"] * 1e6  # bytes
-            gbps = wbytes / max(r["ours_dev_us"], 1e-9) / 1e3
+            wbytes = r["weight_bytes"]
+            # A trace without device lines (CPU) gives 0 µs: no rate then.
+            gbps = wbytes / r["ours_dev_us"] / 1e3 if r["ours_dev_us"] else None
             i8 = r.get("int8_dev_us")
-            i8_gbps = wbytes / 2 / i8 / 1e3 if i8 else None  # (no device lines on CPU: 0 µs)
-            log(f"| {r['shape']} | {r['m']} | {r['active']} | {r['ours_dev_us']:.1f} | {gbps:.0f} | {gbps * 1e9 / copy_bw:.2f} | "
+            i8_gbps = wbytes / 2 / i8 / 1e3 if i8 else None
+            log(f"| {r['shape']} | {r['m']} | {r['active']} | {r['ours_dev_us']:.1f} | {fmt(gbps)} | "
+                f"{fmt(gbps and gbps * 1e9 / copy_bw, '.2f')} | "
                 f"{fmt(i8, '.1f')} | {fmt(i8_gbps)} | {fmt(i8_gbps and i8_gbps * 1e9 / copy_bw, '.2f')} | "
                 f"{fmt(r.get('ragged_dot_dev_us'), '.1f')} | {fmt(r.get('mgpu_dev_us'), '.1f')} |")
     failed = [r for r in rows if "ours_ms" not in r]

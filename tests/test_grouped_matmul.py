@@ -115,6 +115,19 @@ def test_packed_epilogue_fits_shared_memory():
     assert _gmm_gpu._fit_packed_epilogue(small) == small
 
 
+def test_packed_int8_with_the_prefill_config(monkeypatch):
+    """int16-pair weights through gmm's own config choice at many rows per group (the compute-bound
+    128 x 256 tile, narrowed for the pair epilogue), N not a multiple of the narrowed block."""
+    monkeypatch.setattr(_gmm_gpu, "INT8_PACK_ABOVE", 0)
+    sizes = [130, 0, 120, 250]
+    m, k, n = 512, 32, 300
+    assert _gmm_gpu.gmm_config(m, k, n, len(sizes), 2, 1).bn == 256  # before the epilogue fit
+    lhs, rhs, gs, scale = make(m, k, n, sizes, jnp.float32, int8=True)
+    out = _gmm_gpu.gmm(lhs, rhs, gs, rhs_scale=scale.reshape(len(sizes), n), interpret=True)
+    assert rel_err(out, numpy_gmm(lhs, rhs, sizes, scale=scale)) < TOL[jnp.dtype(jnp.float32)]
+    np.testing.assert_array_equal(np.asarray(out[sum(sizes):]), 0.0)
+
+
 @pytest.mark.parametrize(
     "dtype,transpose,int8",
     [(jnp.bfloat16, False, False), (jnp.float32, True, False), (jnp.bfloat16, False, True), (jnp.float32, True, True)],

@@ -48,7 +48,7 @@ from vishwam_jax.sharding.rules import ShardingError
 
 
 def _exchange_method(active: ActiveMesh) -> str:
-    """"auto": ragged on TPU only. XLA:CPU has no ragged all-to-all, and on GPUs (2 x H200, jax
+    """The exchange of `moe_all_to_all`; "auto" is ragged on TPU only. XLA:CPU has no ragged all-to-all, and on GPUs (2 x H200, jax
     0.11.2, DeepSeek-V3 8 layers, docs/bench_big_models.md) the dense exchange over NCCL ran the
     step 4-5x faster in prefill (20,743 against 5,113 tok/s at 1K tokens) and 19% faster in decode
     at batch 64, despite moving the padding: XLA's ragged kernel took ~0.4 ms for 7 MB."""

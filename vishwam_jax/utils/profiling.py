@@ -19,6 +19,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import tempfile
 from typing import Callable
 
@@ -46,7 +47,11 @@ def summarize_trace(path: str, calls: int = 1, device: int = 0) -> dict:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     processes = _names(events, "process_name")
     threads = _names(events, "thread_name")
-    devices = sorted((pid for pid, name in processes.items() if name.startswith("/device:")), key=lambda p: processes[p])
+    # Natural order, so "/device:GPU:10" comes after "/device:GPU:2".
+    def natural(pid):
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", processes[pid])]
+
+    devices = sorted((pid for pid, name in processes.items() if name.startswith("/device:")), key=natural)
     if device >= len(devices):
         return {"device": None, "busy_us_per_call": 0.0, "ops": [], "lines": []}
     pid = devices[device]

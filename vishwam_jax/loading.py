@@ -1,16 +1,19 @@
-"""`load`: a preset name (random weights) or a model directory (Orbax), optionally onto a mesh."""
+"""`load`: a preset name, a config (random weights) or a model directory (Orbax), optionally onto a mesh."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+from flax import nnx
 
+from vishwam_jax import models
 from vishwam_jax.checkpoint import orbax_io
 from vishwam_jax.model import Model
-from vishwam_jax.models import family_module
-from vishwam_jax.presets import UnknownModelError, get_config, list_models
+from vishwam_jax.presets import UnknownModelError, get_config, list_models, replace
 from vishwam_jax.tokenizer import load_tokenizer
 
 # The embedded demo model: a small byte-level Gemma trained on Shakespeare by scripts/train_demo.py.
@@ -18,42 +21,81 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "data" / "gemma-shakespeare"
 
 
 def _looks_like_path(name: str) -> bool:
-    return "/" in name or name.startswith(".") or Path(name).exists()
+    return "/" in name or name.startswith((".", "~")) or Path(name).expanduser().exists()
 
 
-def load(path_or_preset: str | Path, *, dtype=None, mesh=None, rules=None, seed: int = 0) -> Model:
+def load(source: str | Path | ml_collections.ConfigDict, *, dtype=None, mesh=None, rules=None, seed: int = 0) -> Model:
     """Return a `Model`.
 
-    path_or_preset: a preset name from `list_models()` (randomly initialised weights from `seed`)
-      or a model directory written by `convert`/training.
-    dtype: parameter dtype (default: float32 for presets, the stored dtype for checkpoints).
+    source: a preset name from `list_models()` or a config (`get_config(...)`): randomly initialised
+      weights from `seed`; or a model directory written by `convert`/training.
+    dtype: parameter dtype (default: float32 for random weights, the stored dtype for checkpoints).
     mesh, rules: place the parameters sharded on `mesh` by the logical-axis `rules`
       (see vishwam_jax.sharding); each host then reads only its own shards.
     """
-    name = str(path_or_preset)
+    if isinstance(source, ml_collections.ConfigDict):
+        return _random(replace(source), dtype or jnp.float32, mesh, rules, seed)
+    name = str(source)
     if not _looks_like_path(name) and name in list_models():
-        config = get_config(name)
-        family = family_module(config)
-        dtype = dtype or jnp.float32
-        init = lambda key: family.init_params(config, key, dtype)
-        if mesh is not None:
-            from vishwam_jax.sharding import param_shardings
-
-            shapes = jax.eval_shape(init, jax.random.key(seed))
-            init = jax.jit(init, out_shardings=param_shardings(config, shapes, mesh, rules))
-        params = init(jax.random.key(seed))
-        return Model(config, params, load_tokenizer(config))
+        return _random(get_config(name), dtype or jnp.float32, mesh, rules, seed)
     if not _looks_like_path(name):
         try:
             get_config(name)  # raises with close matches
         except UnknownModelError as err:
             raise UnknownModelError(f"{err} (and no directory named {name!r} exists)") from None
-    config = orbax_io.read_config(name)
-    family_module(config)
+    path = Path(name).expanduser()
+    config = orbax_io.read_config(path)
+    graphdef, abstract_state = nnx.split(models.abstract(config), nnx.Param)
+    _check_layout(path, abstract_state)
     shardings = None
     if mesh is not None:
         from vishwam_jax.sharding import param_shardings
 
-        shardings = param_shardings(config, orbax_io.param_shapes(name), mesh, rules)
-    params = orbax_io.restore_params(name, dtype=dtype, shardings=shardings)
-    return Model(config, params, load_tokenizer(config, name))
+        shardings = orbax_io.to_disk_tree(nnx.to_pure_dict(param_shardings(abstract_state, mesh, rules, config)))
+    stored = orbax_io.restore_params(path, dtype=dtype, shardings=shardings)
+    nnx.replace_by_pure_dict(abstract_state, orbax_io.from_disk_tree(stored))
+    return Model(nnx.merge(graphdef, abstract_state), load_tokenizer(config, path))
+
+
+def _random(config, dtype, mesh, rules, seed: int) -> Model:
+    def init() -> nnx.State:
+        return nnx.state(models.build(config, rngs=nnx.Rngs(seed), dtype=dtype), nnx.Param)
+
+    graphdef, abstract_state = nnx.split(models.abstract(config, dtype), nnx.Param)
+    if mesh is not None:
+        from vishwam_jax.sharding import param_shardings
+
+        params = jax.jit(init, out_shardings=param_shardings(abstract_state, mesh, rules, config))()
+    else:
+        params = jax.jit(init)()
+    return Model(nnx.merge(graphdef, params), load_tokenizer(config))
+
+
+def _check_layout(path: Path, abstract_state: nnx.State) -> None:
+    """The stored parameter tree must be the model's, leaf for leaf and shape for shape."""
+    stored = _flat(orbax_io.from_disk_tree(orbax_io.param_shapes(path)))
+    expected = _flat(nnx.to_pure_dict(abstract_state))
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = [f"{k} {tuple(stored[k].shape)} (expected {tuple(expected[k].shape)})"
+             for k in sorted(set(stored) & set(expected)) if tuple(stored[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                parts.append(f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}")
+        raise orbax_io.CheckpointError(
+            f"{path}: the stored parameters do not match the model its config.json describes ({'; '.join(parts)}); "
+            "a directory written by an older vishwam_jax must be converted again"
+        )
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out

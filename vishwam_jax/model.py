@@ -1,46 +1,55 @@
-"""The public `Model`: one API for every family (config, params, logits, generate)."""
+"""The public `Model`: one API for every family (config, module, params, logits, generate)."""
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from vishwam_jax.inference import paged_cache
 from vishwam_jax.inference.engine import Generator
 from vishwam_jax.inference.sampling import SamplingParams
-from vishwam_jax.models import family_module
+from vishwam_jax.models import apply
+from vishwam_jax.models.interface import CausalLM
+from vishwam_jax.models.layers import check_axes
 
 
 class Model:
-    """A model family's forward bound to a config and a parameter pytree.
+    """A family's `nnx.Module`, split once into its structure and its parameters.
 
+    model.module                            the family's nnx.Module (merged on demand from params)
+    model.graphdef, model.params            nnx.split(model.module, nnx.Param): what jitted code takes
     model.logits(tokens)                    float32 logits [b, t, vocab] of full sequences
     model.generate(prompts, max_new_tokens) new token ids [b, max_new_tokens] (int32)
-    model.generate(..., paged_blocks=N)     the same, with the latent cache in a pool of N 64-token
-                                            pages (MLA families: DeepSeek-V3)
+    model.generate(..., paged_blocks=N)     the same, with the cache in a pool of N 64-token pages
+                                            (families whose capabilities include paged_cache)
     """
 
-    def __init__(self, config, params, tokenizer=None):
-        self.config = config
-        self.params = params
+    def __init__(self, module: CausalLM, tokenizer=None):
+        check_axes(module)
+        self.config = module.config
+        self.graphdef, self.params = nnx.split(module, nnx.Param)
         self.tokenizer = tokenizer
-        self.family = family_module(config)
-        self._logits = jax.jit(functools.partial(self._logits_impl))
-        self._generator = Generator(self.family, config)
+        graphdef = self.graphdef
+        self._logits = jax.jit(lambda params, tokens: apply(graphdef, params, tokens).logits)
+        self._generator = Generator(self.graphdef, self.config)
         self._paged_generators: dict[int, Generator] = {}  # one page pool (and its compilations) per size
         self._last_generator = self._generator
+
+    @property
+    def module(self) -> CausalLM:
+        return nnx.merge(self.graphdef, self.params)
+
+    @property
+    def capabilities(self):
+        return type(self.module).capabilities
 
     def __repr__(self) -> str:
         n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
         return f"Model({self.config.get('name') or self.config.family}, {n / 1e6:.1f}M parameters)"
-
-    def _logits_impl(self, params, tokens):
-        return self.family.forward(params, tokens, self.config)[0]
 
     def logits(self, tokens: Int[Array, "b t"] | Sequence[Sequence[int]]) -> Float[Array, "b t v"]:
         tokens = jnp.asarray(tokens, jnp.int32)
@@ -69,10 +78,10 @@ class Model:
         paged_blocks: keep the latent cache in a pool of this many 64-token pages
         (inference/paged_cache.py) instead of `batch x (longest prompt + max_new_tokens)` slots:
         each row takes only the pages its own prompt + max_new_tokens need, so a batch mixing short
-        and long prompts needs far less cache memory. The tokens are the same as without it. MLA
-        families only (DeepSeek-V3; others raise ValueError); a pool too small for the batch raises
-        paged_cache.CacheFullError before anything runs. The pages go back to the pool when the call
-        returns.
+        and long prompts needs far less cache memory. The tokens are the same as without it. Families
+        with a paged cache only (DeepSeek-V3; others raise ValueError); a pool too small for the batch
+        raises paged_cache.CacheFullError before anything runs. The pages go back to the pool when
+        the call returns.
         """
         sampling = SamplingParams(float(temperature), top_k, top_p)
         generator = self._generator if paged_blocks is None else self._paged_generator(paged_blocks)
@@ -85,16 +94,14 @@ class Model:
         if isinstance(blocks, bool) or not isinstance(blocks, (int, np.integer)) or blocks < 1:
             raise ValueError(f"paged_blocks must be a positive number of 64-token pages (or None); got {blocks!r}")
         blocks = int(blocks)
+        if not self.capabilities.paged_cache:
+            name = self.config.get("name") or self.config.family
+            raise ValueError(
+                f"paged_blocks: {name} has no paged cache (only MLA latent caches page, i.e. DeepSeek-V3); "
+                "generate without paged_blocks"
+            )
         if blocks not in self._paged_generators:
-            try:  # shapes only: nothing is allocated
-                jax.eval_shape(lambda: paged_cache.paged_model_cache(self.family, self.config, jnp.zeros((1, 1), jnp.int32), 1, jnp.float32))
-            except NotImplementedError:
-                name = self.config.get("name") or self.config.family
-                raise ValueError(
-                    f"paged_blocks: {name} has no paged cache (only MLA latent caches page, i.e. DeepSeek-V3); "
-                    "generate without paged_blocks"
-                ) from None
-            self._paged_generators[blocks] = Generator(self.family, self.config, paged_blocks=blocks)
+            self._paged_generators[blocks] = Generator(self.graphdef, self.config, paged_blocks=blocks)
         return self._paged_generators[blocks]
 
     @property

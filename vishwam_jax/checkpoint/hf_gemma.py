@@ -20,7 +20,8 @@ from vishwam_jax.checkpoint.hf_common import (
 )
 from vishwam_jax.checkpoint.orbax_io import CheckpointWriter
 from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError, SafetensorsIndex
-from vishwam_jax.presets.gemma import gemma_base
+from vishwam_jax.presets import ConfigError, from_dict
+from vishwam_jax.presets.gemma import attention_period, gemma_base, layer_slot
 
 _MODEL_TYPES = {"gemma": 1, "gemma2": 2, "gemma3_text": 3, "gemma3": 3}
 # Where the decoder's tensors live, by architecture: text-only or inside a multimodal checkpoint.
@@ -57,14 +58,8 @@ def config_from_hf(hf: dict):
     c.use_qk_norm = generation >= 3
     c.max_seq_len = int(hf.get("max_position_embeddings", 8192))
     if generation >= 2:
-        pattern = 2 if generation == 2 else int(hf.get("sliding_window_pattern", 6))
-        layer_types = hf.get("layer_types") or [
-            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(c.num_layers)
-        ]
-        c.layer_types = tuple("sliding" if t == "sliding_attention" else "full" for t in layer_types)
         c.sliding_window = int(hf.get("sliding_window") or 0)
-    else:
-        c.layer_types = ("full",) * c.num_layers
+        c.sliding_window_pattern = _pattern(hf, generation, c.num_layers)
     full = rope_settings(hf, "full_attention")
     c.rope_theta = float(full.get("rope_theta") or (1_000_000.0 if generation == 3 else 10_000.0))
     kind = full.get("rope_type", "default")
@@ -82,7 +77,25 @@ def config_from_hf(hf: dict):
     c.eos_token_id = first_id(hf.get("eos_token_id"), 1)
     c.bos_token_id = first_id(hf.get("bos_token_id"), 2)
     c.tokenizer = "sentencepiece"
-    return c
+    try:
+        return from_dict(c.to_dict())
+    except ConfigError as err:
+        raise CheckpointFormatError(f"config.json: {err}") from None
+
+
+def _pattern(hf: dict, generation: int, num_layers: int) -> int:
+    """The local/global period: every pattern-th layer global. Layers are scanned in periods, so an
+    explicit `layer_types` list must follow one."""
+    pattern = 2 if generation == 2 else int(hf.get("sliding_window_pattern", 6))
+    listed = hf.get("layer_types")
+    if listed:
+        globals_at = [i for i, t in enumerate(listed) if t != "sliding_attention"]
+        pattern = globals_at[0] + 1 if globals_at else num_layers + 1
+        if tuple(listed) != tuple(
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(len(listed))
+        ):
+            raise CheckpointFormatError(f"config.json: layer_types {listed} do not repeat with a fixed period (not supported)")
+    return pattern
 
 
 def _prefix(index: SafetensorsIndex) -> str:
@@ -97,40 +110,46 @@ def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> Non
     config = config_from_hf(hf)
     if hf.get("tie_word_embeddings") is False:
         raise CheckpointFormatError(f"{src}: untied output embeddings are not a Gemma checkpoint")
-    index = SafetensorsIndex(src)
-    p = _prefix(index)
+    tensors = SafetensorsIndex(src)
+    p = _prefix(tensors)
     d, h, kh, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
     with CheckpointWriter(dst, config, overwrite=overwrite) as writer:
 
-        def put(path, name, transform=lambda w: w, shape=None):
-            w = index.get(name)
+        def put(path, name, transform=lambda w: w, shape=None, *, index=None, count=0):
+            w = tensors.get(name)
             if shape is not None and tuple(w.shape) != shape:
                 raise CheckpointFormatError(f"{name}: shape {tuple(w.shape)} does not match the config ({shape})")
             out = np.ascontiguousarray(transform(w))
-            writer.write(path, out.astype(storage_dtype(w, dtype)))
+            writer.write_layer(path, index, count, out.astype(storage_dtype(w, dtype)))
 
-        put(("embed",), f"{p}embed_tokens.weight", shape=(config.vocab_size, d))
-        put(("final_norm",), f"{p}norm.weight", shape=(d,))
+        put(("embed", "embedding"), f"{p}embed_tokens.weight", shape=(config.vocab_size, d))
+        put(("final_norm", "scale"), f"{p}norm.weight", shape=(d,))
         generation2 = config.use_post_attn_norm
+        num_periods = config.num_layers // attention_period(config)
         for i in range(config.num_layers):
             L = f"{p}layers.{i}."
-            put(("layers", i, "attn_norm"), L + "input_layernorm.weight", shape=(d,))
-            put(("layers", i, "attn", "q"), L + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, hd), (h * hd, d))
-            put(("layers", i, "attn", "k"), L + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, kh, hd), (kh * hd, d))
-            put(("layers", i, "attn", "v"), L + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, kh, hd), (kh * hd, d))
-            put(("layers", i, "attn", "o"), L + "self_attn.o_proj.weight", lambda w: w.T.reshape(h, hd, d), (d, h * hd))
+            prefix, index = layer_slot(config, i)
+
+            def put_layer(path, name, transform=lambda w: w, shape=None):
+                put(prefix + path, name, transform, shape, index=index, count=num_periods)
+
+            put_layer(("attn_norm", "scale"), L + "input_layernorm.weight", shape=(d,))
+            put_layer(("attn", "q", "kernel"), L + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, hd), (h * hd, d))
+            put_layer(("attn", "k", "kernel"), L + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, kh, hd), (kh * hd, d))
+            put_layer(("attn", "v", "kernel"), L + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, kh, hd), (kh * hd, d))
+            put_layer(("attn", "o", "kernel"), L + "self_attn.o_proj.weight", lambda w: w.T.reshape(h, hd, d), (d, h * hd))
             if config.use_qk_norm:
-                put(("layers", i, "attn", "q_norm"), L + "self_attn.q_norm.weight", shape=(hd,))
-                put(("layers", i, "attn", "k_norm"), L + "self_attn.k_norm.weight", shape=(hd,))
+                put_layer(("attn", "q_norm", "scale"), L + "self_attn.q_norm.weight", shape=(hd,))
+                put_layer(("attn", "k_norm", "scale"), L + "self_attn.k_norm.weight", shape=(hd,))
             if generation2:
                 # Gemma 2/3 name the norm after attention "post_attention"; Gemma 1 (Llama naming)
                 # uses that name for the norm before the MLP.
-                put(("layers", i, "post_attn_norm"), L + "post_attention_layernorm.weight", shape=(d,))
-                put(("layers", i, "mlp_norm"), L + "pre_feedforward_layernorm.weight", shape=(d,))
-                put(("layers", i, "post_mlp_norm"), L + "post_feedforward_layernorm.weight", shape=(d,))
+                put_layer(("post_attn_norm", "scale"), L + "post_attention_layernorm.weight", shape=(d,))
+                put_layer(("mlp_norm", "scale"), L + "pre_feedforward_layernorm.weight", shape=(d,))
+                put_layer(("post_mlp_norm", "scale"), L + "post_feedforward_layernorm.weight", shape=(d,))
             else:
-                put(("layers", i, "mlp_norm"), L + "post_attention_layernorm.weight", shape=(d,))
-            put(("layers", i, "mlp", "gate"), L + "mlp.gate_proj.weight", lambda w: w.T, (config.ffn_dim, d))
-            put(("layers", i, "mlp", "up"), L + "mlp.up_proj.weight", lambda w: w.T, (config.ffn_dim, d))
-            put(("layers", i, "mlp", "down"), L + "mlp.down_proj.weight", lambda w: w.T, (d, config.ffn_dim))
+                put_layer(("mlp_norm", "scale"), L + "post_attention_layernorm.weight", shape=(d,))
+            put_layer(("mlp", "gate", "kernel"), L + "mlp.gate_proj.weight", lambda w: w.T, (config.ffn_dim, d))
+            put_layer(("mlp", "up", "kernel"), L + "mlp.up_proj.weight", lambda w: w.T, (config.ffn_dim, d))
+            put_layer(("mlp", "down", "kernel"), L + "mlp.down_proj.weight", lambda w: w.T, (d, config.ffn_dim))
         copy_tokenizer_files(src, writer)

@@ -1,8 +1,10 @@
 """Orbax checkpoint directories: streamed writing and (sharded) restoring.
 
-Layout of a converted model directory:
-    config.json         the model's ConfigDict (our field names)
-    params/             an Orbax PyTree checkpoint (one zarr array per leaf, no OCDBT)
+Layout of a converted model directory (docs/checkpoint_layout.md):
+    config.json         the model's config (presets' shared field names)
+    params/             an Orbax PyTree checkpoint of the parameters' pure nested dict (the NNX state
+                        without its Variable wrappers; list positions as lists): one zarr array per
+                        leaf, no OCDBT, restorable with Orbax alone
     tokenizer.*         tokenizer files copied from the source
     VISHWAM_COMPLETE    written last; a directory without it is not a model
 
@@ -34,6 +36,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from flax import nnx
 
 COMPLETE_MARKER = "VISHWAM_COMPLETE"
 _CHUNK_BYTES = 64 << 20  # zarr chunk target: bounded read-modify-write when streaming slices
@@ -76,6 +79,7 @@ class CheckpointWriter:
         self.tmp = self.dst.parent / f".{self.dst.name}.partial-{uuid.uuid4().hex[:8]}"
         self._arrays = self.tmp / "arrays"
         self._leaves: dict[tuple, tuple[tuple[int, ...], np.dtype]] = {}
+        self._stacks: dict[tuple, tuple[ts.TensorStore, set[int]]] = {}  # stacked leaves being filled
         self._overwrite = overwrite
 
     def __enter__(self) -> "CheckpointWriter":
@@ -115,12 +119,35 @@ class CheckpointWriter:
         store = self.create(path, array.shape, array.dtype)
         store.write(array).result()
 
+    def write_layer(self, path: tuple, index: int | None, count: int, array: np.ndarray) -> None:
+        """Write one layer's `array` at `index` of the stacked leaf `path` ([count, *array.shape],
+        created on first use); index None writes an unstacked leaf. Finalizing checks that every
+        index of every stacked leaf was written."""
+        if index is None:
+            self.write(path, array)
+            return
+        array = np.asarray(array)
+        path = tuple(path)
+        if path not in self._stacks:
+            self._stacks[path] = (self.create(path, (count, *array.shape), array.dtype), set())
+        store, done = self._stacks[path]
+        if tuple(store.shape[1:]) != array.shape or not 0 <= index < count:
+            raise ValueError(f"layer {index} of {_leaf_name(path)}: shape {array.shape} does not fit {tuple(store.shape)}")
+        if index in done:
+            raise ValueError(f"layer {index} of {_leaf_name(path)} written twice")
+        store[index].write(array.astype(store.dtype.numpy_dtype)).result()
+        done.add(index)
+
     def copy_file(self, src: str | Path, name: str | None = None) -> None:
         shutil.copyfile(src, self.tmp / (name or Path(src).name))
 
     def finalize(self) -> None:
         if not self._leaves:
             raise CheckpointError("no parameters were written")
+        for path, (store, done) in self._stacks.items():
+            if len(done) != store.shape[0]:
+                absent = sorted(set(range(store.shape[0])) - done)
+                raise CheckpointError(f"{_leaf_name(path)}: layers {absent[:8]} were never written")
         if jax.process_count() > 1:
             # Orbax's save below is collective: a writer run by one process of a multi-process job
             # would wait forever for the others.
@@ -136,17 +163,35 @@ class CheckpointWriter:
             shutil.rmtree(params_dir / name)
             os.replace(self._arrays / name, params_dir / name)
         shutil.rmtree(self._arrays)
-        (self.tmp / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2, default=_json_default))
+        (self.tmp / "config.json").write_text(_config_json(self.config))
         (self.tmp / COMPLETE_MARKER).write_text("ok\n")
         if self.dst.exists():
             shutil.rmtree(self.dst)
         os.replace(self.tmp, self.dst)
 
 
-def _json_default(value):
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"cannot serialise {type(value).__name__} in a config")
+def _config_json(config) -> str:
+    from vishwam_jax.presets import to_dict
+
+    return json.dumps(to_dict(config), indent=2)
+
+
+def to_disk_tree(pure: Any) -> Any:
+    """An NNX pure dict (list positions as int keys) as the tree stored on disk (lists)."""
+    if isinstance(pure, dict):
+        if pure and all(isinstance(k, int) for k in pure):
+            return [to_disk_tree(pure[i]) for i in sorted(pure)]
+        return {k: to_disk_tree(v) for k, v in pure.items()}
+    return pure
+
+
+def from_disk_tree(tree: Any) -> Any:
+    """The stored tree back in NNX's pure-dict form (lists as int-keyed dicts)."""
+    if isinstance(tree, (list, tuple)):
+        return {i: from_disk_tree(v) for i, v in enumerate(tree)}
+    if isinstance(tree, dict):
+        return {k: from_disk_tree(v) for k, v in tree.items()}
+    return tree
 
 
 def _zarr_dtype(dtype: np.dtype) -> str:
@@ -187,6 +232,9 @@ def save_params(dst: str | Path, params: Any, config: ml_collections.ConfigDict,
     on every process once the directory is complete.
     """
     dst = Path(dst).absolute()
+    if isinstance(params, nnx.State):  # store its pure nested dict
+        params = nnx.to_pure_dict(params)
+    params = to_disk_tree(params)
     leaves = list(_flatten_with_paths(params))  # refuses node types a model directory cannot hold
     if not leaves:
         raise CheckpointError("no parameters were written")
@@ -213,7 +261,7 @@ def save_params(dst: str | Path, params: Any, config: ml_collections.ConfigDict,
         if primary:
             for f in files:
                 shutil.copyfile(f, tmp / Path(f).name)
-            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=_json_default))
+            (tmp / "config.json").write_text(_config_json(config))
             (tmp / COMPLETE_MARKER).write_text("ok\n")
             if dst.exists():
                 shutil.rmtree(dst)
@@ -270,13 +318,20 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
-def read_config(path: str | Path) -> ml_collections.ConfigDict:
+def read_config(path: str | Path) -> ml_collections.FrozenConfigDict:
+    from vishwam_jax.presets import ConfigError, from_dict
+
     path = check_model_dir(path)
     try:
         raw = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path / 'config.json'} is corrupt: {err}") from None
-    return ml_collections.ConfigDict({k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    try:
+        return from_dict(raw)
+    except ConfigError as err:
+        raise CheckpointError(
+            f"{path / 'config.json'}: {err} (a model directory written by an older vishwam_jax: convert it again)"
+        ) from None
 
 
 def param_shapes(path: str | Path) -> Any:

@@ -1,5 +1,6 @@
-"""Batched generation over any family's `forward`/`init_cache`: a jitted prefill and a jitted decode
-loop (`lax.while_loop`, which stops early once every row has emitted EOS).
+"""Batched generation over any family module: a jitted prefill and a jitted decode loop
+(`lax.while_loop`, which stops early once every row has emitted EOS). Both take the parameters
+explicitly and merge them with the module's graphdef inside the trace; the cache is data.
 
 Prompts of different lengths are right-padded; each row keeps its own position in the cache, so no
 row attends to another's padding and greedy decoding equals argmax over the growing sequence.
@@ -14,6 +15,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jaxtyping import Array, Int
 
 from vishwam_jax.inference import paged_cache
@@ -68,13 +70,14 @@ def _signature(tree) -> tuple:
 
 
 class Generator:
-    """Compiled prefill + decode for one model (family module, config, params)."""
+    """Compiled prefill + decode for one model structure (`graphdef`, from nnx.split)."""
 
-    def __init__(self, family, config, *, cache_dtype=None, paged_blocks: int | None = None):
-        """paged_blocks: keep the cache in a pool of this many 64-token pages (MLA latent caches
-        only; inference/paged_cache.py): each row of a batch gets the pages its prompt +
+    def __init__(self, graphdef: nnx.GraphDef, config, *, cache_dtype=None, paged_blocks: int | None = None):
+        """config: the model's config (its pad/eos ids and context length are read from it).
+        paged_blocks: keep the cache in a pool of this many 64-token pages (families with a paged
+        cache; inference/paged_cache.py): each row of a batch gets the pages its prompt +
         max_new_tokens need instead of the longest row's length."""
-        self.family = family
+        self.graphdef = graphdef
         self.config = config
         self.cache_dtype = cache_dtype
         self.paged = None if paged_blocks is None else paged_cache.PagedCache(paged_blocks)
@@ -97,20 +100,22 @@ class Generator:
         dtype = self.cache_dtype or jax.tree_util.tree_leaves(params)[0].dtype
         if not jnp.issubdtype(dtype, jnp.floating):
             dtype = jnp.bfloat16
+        model = nnx.merge(self.graphdef, params)
         if block_table is None:
-            cache = self.family.init_cache(self.config, tokens.shape[0], max_len, dtype)
+            cache = model.init_cache(tokens.shape[0], max_len, dtype)
         else:
-            cache = paged_cache.paged_model_cache(self.family, self.config, block_table, self.paged.num_blocks, dtype)
-        last = (lengths - 1)[:, None]
-        logits, cache = self.family.forward(params, tokens, self.config, cache=cache, lengths=lengths, logit_positions=last)
+            cache = model.init_paged_cache(block_table, self.paged.num_blocks, dtype)
+        out = model(tokens, cache=cache, lengths=lengths, logit_positions=(lengths - 1)[:, None])
         key, sub = jax.random.split(key)
-        first = sample(logits[:, 0], sub, sampling)
+        first = sample(out.logits[:, 0], sub, sampling)
+        cache = out.cache
         return {"cache": cache, "token": first, "done": jnp.zeros_like(first, bool), "key": key}
 
     def _decode_impl(self, params, state, stop_ids, *, steps: int, sampling: SamplingParams):
         """Emit `steps` tokens per row: the pending token first, then one forward per new token.
         Finished rows emit padding and stop advancing."""
         pad = self.config.pad_token_id
+        model = nnx.merge(self.graphdef, params)
         batch = state["token"].shape[0]
         out = jnp.full((batch, steps), pad, jnp.int32)
 
@@ -124,10 +129,10 @@ class Generator:
             out = out.at[:, i].set(jnp.where(done, pad, token))
             done = done | jnp.isin(token, stop_ids)
             live = (~done).astype(jnp.int32)
-            logits, cache = self.family.forward(params, token[:, None], self.config, cache=state["cache"], lengths=live)
+            step = model(token[:, None], cache=state["cache"], lengths=live)
             key, sub = jax.random.split(state["key"])
-            nxt = sample(logits[:, -1], sub, sampling)
-            return i + 1, {"cache": cache, "token": nxt, "done": done, "key": key}, out
+            nxt = sample(step.logits[:, -1], sub, sampling)
+            return i + 1, {"cache": step.cache, "token": nxt, "done": done, "key": key}, out
 
         _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
         return out, state

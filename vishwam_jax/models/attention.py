@@ -1,6 +1,6 @@
 """Grouped-query attention over an explicit KV cache (shared by Gemma and Grok-1).
 
-The cache of one layer is a dict of arrays:
+The cache of one layer is a dict of arrays (stacked with a leading layer axis across a scanned stack):
     k, v      [b, slots, kv_heads, head_dim]
     slot_pos  [b, slots] int32: the absolute position held by each slot, -1 when empty or masked.
 Full-attention layers have one slot per position (slots = max length); sliding-window layers keep a
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from vishwam_jax.models.layers import linear, rms_norm, soft_cap
-from vishwam_jax.models.rope import apply_rope
+from vishwam_jax.models.layers import Linear, RMSNorm, int8_scale_shape, soft_cap
+from vishwam_jax.models.rope import RotaryEmbedding
 from vishwam_jax.sharding.context import constrain
 
 # Finite so that a query with no visible key (a padding row) gives uniform weights, not NaN.
@@ -163,40 +163,64 @@ def cached_attention(
     return out, cache
 
 
-def gqa_self_attention(
-    params: dict,
-    x: Float[Array, "b t d"],
-    positions: Int[Array, "b t"],
-    lengths: Int[Array, "b"],
-    key_valid: Bool[Array, "b t"],
-    cache: dict | None,
-    *,
-    inv_freq: np.ndarray,
-    scale: float,
-    softcap: float = 0.0,
-    window: int = 0,
-    qk_norm_eps: float | None = None,
-    qk_norm_plus_one: bool = True,
-) -> tuple[Float[Array, "b t d"], dict | None]:
-    """Project, (QK-norm), rotate, attend through the cache, and project out.
+class Attention(nnx.Module):
+    """Grouped-query self-attention over the explicit cache: project, (QK-norm), rotate, attend, project out.
 
-    params: q [d, h, hd], k/v [d, kh, hd], o [h, hd, d], and q_norm/k_norm [hd] when QK-norm is used.
+    Weights: q [d, h, hd], k/v [d, kh, hd], o [h, hd, d]; q_norm/k_norm [hd] when QK-norm is used.
     """
-    # Heads over tensor (Megatron): attention is then local to each shard until the out projection.
-    q = constrain(linear(x, params["q"], "btd,dhk->bthk"), ("batch", "length", "heads", "head_dim"))
-    k = constrain(linear(x, params["k"], "btd,dhk->bthk"), ("batch", "length", "kv_heads", "head_dim"))
-    v = constrain(linear(x, params["v"], "btd,dhk->bthk"), ("batch", "length", "kv_heads", "head_dim"))
-    if qk_norm_eps is not None:
-        q = rms_norm(q, params["q_norm"], qk_norm_eps, plus_one=qk_norm_plus_one)
-        k = rms_norm(k, params["k_norm"], qk_norm_eps, plus_one=qk_norm_plus_one)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
-    out, cache = cached_attention(q, k, v, positions, lengths, key_valid, cache, scale=scale, softcap=softcap, window=window)
-    out = constrain(out, ("batch", "length", "heads", "head_dim"))
-    return constrain(linear(out, params["o"], "bthk,hkd->btd"), ("batch", "length", "embed")), cache
 
+    def __init__(
+        self,
+        d: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        rope: RotaryEmbedding,
+        scale: float,
+        softcap: float = 0.0,
+        window: int = 0,
+        qk_norm_eps: float | None = None,
+        qk_norm_plus_one: bool = True,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        int8: bool = False,
+    ):
+        h, kh, hd = num_heads, num_kv_heads, head_dim
+        q_shape, kv_shape, o_shape = (d, h, hd), (d, kh, hd), (h, hd, d)
+        self.q = Linear(q_shape, ("embed", "heads", "head_dim"), "btd,dhk->bthk", rngs=rngs, fan_in=d, dtype=dtype,
+                        int8_scale_shape=int8_scale_shape(q_shape, (0,), int8))
+        self.k = Linear(kv_shape, ("embed", "kv_heads", "head_dim"), "btd,dhk->bthk", rngs=rngs, fan_in=d, dtype=dtype,
+                        int8_scale_shape=int8_scale_shape(kv_shape, (0,), int8))
+        self.v = Linear(kv_shape, ("embed", "kv_heads", "head_dim"), "btd,dhk->bthk", rngs=rngs, fan_in=d, dtype=dtype,
+                        int8_scale_shape=int8_scale_shape(kv_shape, (0,), int8))
+        self.o = Linear(o_shape, ("heads", "head_dim", "embed"), "bthk,hkd->btd", rngs=rngs, fan_in=h * hd, dtype=dtype,
+                        int8_scale_shape=int8_scale_shape(o_shape, (0, 1), int8))
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(hd, eps=qk_norm_eps, plus_one=qk_norm_plus_one, dtype=dtype)
+            self.k_norm = RMSNorm(hd, eps=qk_norm_eps, plus_one=qk_norm_plus_one, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rope = rope
+        self.scale, self.softcap, self.window = float(scale), float(softcap), int(window)
 
-def chunk_positions(cache: dict | None, batch: int, length: int) -> Int[Array, "b t"]:
-    """Absolute positions of a chunk of `length` tokens: it starts where each row's cache ends."""
-    start = jnp.zeros((batch,), jnp.int32) if cache is None else cache["pos"]
-    return start[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+    def __call__(
+        self,
+        x: Float[Array, "b t d"],
+        positions: Int[Array, "b t"],
+        lengths: Int[Array, "b"],
+        key_valid: Bool[Array, "b t"],
+        cache: dict | None,
+    ) -> tuple[Float[Array, "b t d"], dict | None]:
+        # Heads over tensor (Megatron): attention is then local to each shard until the out projection.
+        q = constrain(self.q(x), ("batch", "length", "heads", "head_dim"))
+        k = constrain(self.k(x), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(self.v(x), ("batch", "length", "kv_heads", "head_dim"))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        out, cache = cached_attention(
+            q, k, v, positions, lengths, key_valid, cache, scale=self.scale, softcap=self.softcap, window=self.window
+        )
+        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        return constrain(self.o(out), ("batch", "length", "embed")), cache

@@ -1,147 +1,148 @@
-"""Gemma 1, 2 and 3 (text): one forward, configured per generation.
+"""Gemma 1, 2 and 3 (text): one model, configured per generation.
 
     x = embed(tokens) * sqrt(d)
     for each layer:   x += [post_norm](attention(norm(x)))      # GQA/MQA, RoPE, soft-cap, window, QK-norm
                       x += [post_norm](geglu_mlp(norm(x)))
     logits = soft_cap(norm(x) @ embed.T)                          # tied embeddings
 
-All norms are RMSNorm with Gemma's `1 + w` scale.
+All norms are RMSNorm with Gemma's `1 + w` scale. Gemma 2 and 3 alternate sliding-window (local)
+and global layers with a fixed period (every 2nd / 6th layer is global), so the layers are stored and
+scanned in periods: `blocks` stacks the num_layers // period full periods (layer i is
+blocks.layers[i % period] at index i // period) and `tail` holds the remaining layers unstacked.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
-import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
 
-from vishwam_jax.models.attention import chunk_positions, gqa_self_attention, init_kv_cache_layer
-from vishwam_jax.models.layers import embed, gated_mlp, init_dense, rms_norm, soft_cap
-from vishwam_jax.models.rope import inverse_frequencies
-from vishwam_jax.models.remat import remat_layer
-
-
-def _is_sliding(config, i: int) -> bool:
-    return bool(config.sliding_window) and config.layer_types[i] == "sliding"
-
-
-def init_params(config, key: jax.Array, dtype=jnp.float32) -> dict:
-    d, h, kh, hd, f = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim, config.ffn_dim
-    keys = iter(jax.random.split(key, 2 + 7 * config.num_layers))
-    zeros = lambda n: jnp.zeros((n,), dtype)  # 1 + 0: identity norms
-    layers = []
-    for _ in range(config.num_layers):
-        layer = {
-            "attn_norm": zeros(d),
-            "attn": {
-                "q": init_dense(next(keys), (d, h, hd), d, dtype),
-                "k": init_dense(next(keys), (d, kh, hd), d, dtype),
-                "v": init_dense(next(keys), (d, kh, hd), d, dtype),
-                "o": init_dense(next(keys), (h, hd, d), h * hd, dtype),
-            },
-            "mlp_norm": zeros(d),
-            "mlp": {
-                "gate": init_dense(next(keys), (d, f), d, dtype),
-                "up": init_dense(next(keys), (d, f), d, dtype),
-                "down": init_dense(next(keys), (f, d), f, dtype),
-            },
-        }
-        if config.use_qk_norm:
-            layer["attn"]["q_norm"] = zeros(hd)
-            layer["attn"]["k_norm"] = zeros(hd)
-        if config.use_post_attn_norm:
-            layer["post_attn_norm"] = zeros(d)
-        if config.use_post_ffw_norm:
-            layer["post_mlp_norm"] = zeros(d)
-        layers.append(layer)
-    return {
-        # Scaled so that embed * sqrt(d) has unit-variance entries.
-        "embed": init_dense(next(keys), (config.vocab_size, d), d, dtype),
-        "layers": layers,
-        "final_norm": zeros(d),
-    }
+from vishwam_jax.models import stack
+from vishwam_jax.models.attention import Attention, init_kv_cache_layer
+from vishwam_jax.models.interface import Cache, Capabilities, ForwardOutput, chunk_lengths, chunk_positions
+from vishwam_jax.models.layers import Embed, GatedMLP, RMSNorm, soft_cap
+from vishwam_jax.models.remat import policy_of
+from vishwam_jax.models.rope import RotaryEmbedding
+from vishwam_jax.presets.gemma import attention_period
 
 
-def init_cache(config, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """Full-length slots for global layers, a ring of `sliding_window` slots for local ones."""
-    layers = []
-    for i in range(config.num_layers):
-        slots = min(config.sliding_window, max_len) if _is_sliding(config, i) else max_len
-        layers.append(init_kv_cache_layer(batch, slots, config.num_kv_heads, config.head_dim, dtype))
-    return {"pos": jnp.zeros((batch,), jnp.int32), "layers": layers}
-
-
-def rope_tables(config) -> dict:
-    return {
-        "full": inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling_type, config.rope_scaling_factor),
-        "sliding": inverse_frequencies(config.head_dim, config.rope_local_theta),
-    }
-
-
-def _layer(layer: dict, x: Float[Array, "b t d"], layer_cache, positions, lengths, key_valid, *, config, sliding: bool, inv_freq):
+class DecoderLayer(nnx.Module):
     """x += [post_norm](attention(norm(x))); x += [post_norm](geglu_mlp(norm(x)))."""
-    eps = config.norm_eps
-    norm = lambda x, w: rms_norm(x, w, eps, plus_one=True)
-    h, layer_cache = gqa_self_attention(
-        layer["attn"],
-        norm(x, layer["attn_norm"]),
-        positions,
-        lengths,
-        key_valid,
-        layer_cache,
-        inv_freq=inv_freq,
-        scale=config.query_pre_attn_scalar**-0.5,
-        softcap=config.attn_logit_softcap,
-        window=config.sliding_window if sliding else 0,
-        qk_norm_eps=eps if config.use_qk_norm else None,
-    )
-    if config.use_post_attn_norm:
-        h = norm(h, layer["post_attn_norm"])
-    x = x + h
-    h = gated_mlp(norm(x, layer["mlp_norm"]), layer["mlp"], config.activation)
-    if config.use_post_ffw_norm:
-        h = norm(h, layer["post_mlp_norm"])
-    return x + h, layer_cache
+
+    def __init__(self, config, *, sliding: bool, rngs: nnx.Rngs, dtype=jnp.float32):
+        d, eps = config.d_model, config.norm_eps
+        norm = lambda: RMSNorm(d, eps=eps, plus_one=True, dtype=dtype)  # noqa: E731
+        if sliding:
+            rope = RotaryEmbedding(config.head_dim, config.rope_local_theta)
+        else:
+            rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling_type, config.rope_scaling_factor)
+        self.attn_norm = norm()
+        self.attn = Attention(
+            d, config.num_heads, config.num_kv_heads, config.head_dim,
+            rope=rope,
+            scale=config.query_pre_attn_scalar**-0.5,
+            softcap=config.attn_logit_softcap,
+            window=config.sliding_window if sliding else 0,
+            qk_norm_eps=eps if config.use_qk_norm else None,
+            rngs=rngs, dtype=dtype,
+        )  # fmt: skip
+        self.post_attn_norm = norm() if config.use_post_attn_norm else None
+        self.mlp_norm = norm()
+        self.mlp = GatedMLP(d, config.ffn_dim, config.activation, rngs=rngs, dtype=dtype)
+        self.post_mlp_norm = norm() if config.use_post_ffw_norm else None
+
+    def __call__(self, x: Float[Array, "b t d"], positions, lengths, key_valid, cache: dict | None):
+        h, cache = self.attn(self.attn_norm(x), positions, lengths, key_valid, cache)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h, cache
 
 
-def forward(
-    params: dict,
-    tokens: Int[Array, "b t"],
-    config,
-    *,
-    cache: dict | None = None,
-    lengths: Int[Array, "b"] | None = None,
-    logit_positions: Int[Array, "b k"] | None = None,
-) -> tuple[Float[Array, "b k v"], dict | None]:
-    """Logits (float32) for a chunk of tokens that continues each row's cache.
+class Period(nnx.Module):
+    """Consecutive layers of one local/global period, run in order."""
 
-    lengths: how many of the chunk's tokens belong to each row (the rest is right padding and is
-      neither attended to nor cached); defaults to all of them.
-    logit_positions: chunk indices at which to compute logits (default: every position).
-    """
-    batch, t = tokens.shape
-    lengths = jnp.full((batch,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
-    positions = chunk_positions(cache, batch, t)
-    key_valid = jnp.ones((batch, t), bool)
-    ropes = rope_tables(config)
-    eps = config.norm_eps
-    norm = lambda x, w: rms_norm(x, w, eps, plus_one=True)
+    def __init__(self, config, kinds: tuple[str, ...], *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.layers = nnx.List([DecoderLayer(config, sliding=k == "sliding", rngs=rngs, dtype=dtype) for k in kinds])
 
-    x = embed(tokens, params["embed"], math.sqrt(config.d_model))
-    new_layers = []
-    for i, layer in enumerate(params["layers"]):
-        sliding = _is_sliding(config, i)
-        # One layer's body under the activation-checkpointing policy of config.remat_policy.
-        block = remat_layer(functools.partial(_layer, config=config, sliding=sliding, inv_freq=ropes["sliding" if sliding else "full"]), config)
-        x, layer_cache = block(layer, x, None if cache is None else cache["layers"][i], positions, lengths, key_valid)
-        new_layers.append(layer_cache)
+    def __call__(self, x, positions, lengths, key_valid, caches: list | None):
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, positions, lengths, key_valid, None if caches is None else caches[i])
+            new_caches.append(cache)
+        return x, (None if caches is None else new_caches)
 
-    x = norm(x, params["final_norm"])
-    if logit_positions is not None:
-        x = jnp.take_along_axis(x, logit_positions[:, :, None], axis=1)
-    logits = jnp.einsum("btd,vd->btv", x, params["embed"], preferred_element_type=jnp.float32)
-    logits = soft_cap(logits, config.final_logit_softcap)
-    new_cache = None if cache is None else {"pos": cache["pos"] + lengths, "layers": new_layers}
-    return logits, new_cache
+
+class Gemma(nnx.Module):
+    capabilities = Capabilities()
+
+    def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.config = config
+        period = attention_period(config)
+        num_periods, remainder = divmod(config.num_layers, period)
+        kinds = config.layer_types
+        # Scaled so that embed * sqrt(d) has unit-variance entries.
+        self.embed = Embed(config.vocab_size, config.d_model, rngs=rngs, dtype=dtype)
+        self.blocks = (
+            stack.stacked(num_periods, lambda r: Period(config, kinds[:period], rngs=r, dtype=dtype), rngs) if num_periods else None
+        )
+        self.tail = Period(config, kinds[num_periods * period :], rngs=rngs, dtype=dtype) if remainder else None
+        self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, plus_one=True, dtype=dtype)
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
+        """Full-length slots for global layers, a ring of `sliding_window` slots for local ones;
+        stacked like the layers (blocks: one stacked cache per position in the period)."""
+        c = self.config
+        period = attention_period(c)
+        num_periods = c.num_layers // period
+
+        def layer_cache(kind: str, count: int | None) -> dict:
+            slots = min(c.sliding_window, max_len) if kind == "sliding" else max_len
+            one = init_kv_cache_layer(batch, slots, c.num_kv_heads, c.head_dim, dtype)
+            return one if count is None else {k: jnp.broadcast_to(v, (count, *v.shape)) for k, v in one.items()}
+
+        cache: Cache = {"pos": jnp.zeros((batch,), jnp.int32)}
+        if num_periods:
+            cache["blocks"] = [layer_cache(kind, num_periods) for kind in c.layer_types[:period]]
+        if c.num_layers % period:
+            cache["tail"] = [layer_cache(kind, None) for kind in c.layer_types[num_periods * period :]]
+        return cache
+
+    def __call__(
+        self,
+        tokens: Int[Array, "b t"],
+        *,
+        cache: Cache | None = None,
+        lengths: Int[Array, "b"] | None = None,
+        logit_positions: Int[Array, "b k"] | None = None,
+    ) -> ForwardOutput:
+        batch, t = tokens.shape
+        lengths = chunk_lengths(lengths, batch, t)
+        positions = chunk_positions(cache, batch, t)
+        key_valid: Bool[Array, "b t"] = jnp.ones((batch, t), bool)
+        policy = policy_of(self.config)
+
+        def body(period: Period, x, caches):
+            x, caches = period(x, positions, lengths, key_valid, caches)
+            return x, caches, None
+
+        x = self.embed(tokens, math.sqrt(self.config.d_model))
+        new_cache: Cache = {}
+        if self.blocks is not None:
+            caches = None if cache is None else cache["blocks"]
+            x, new_cache["blocks"], _ = stack.scan(self.blocks, x, caches, body, remat_policy=policy, unroll=self.config.scan_unroll)
+        if self.tail is not None:
+            x, new_cache["tail"], _ = stack.run(self.tail, x, None if cache is None else cache["tail"], body, remat_policy=policy)
+
+        x = self.final_norm(x)
+        if logit_positions is not None:
+            x = jnp.take_along_axis(x, logit_positions[:, :, None], axis=1)
+        logits = soft_cap(self.embed.attend(x), self.config.final_logit_softcap)
+        if cache is None:
+            return ForwardOutput(logits=logits)
+        return ForwardOutput(logits=logits, cache={"pos": cache["pos"] + lengths, **new_cache})

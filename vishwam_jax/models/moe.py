@@ -1,4 +1,5 @@
-"""Mixture-of-experts: the routers of Grok-1 and DeepSeek-V3, and one sorted dispatch for both.
+"""Mixture-of-experts: the routers of Grok-1 and DeepSeek-V3, the stacked experts, and one sorted
+dispatch for both (functional cores below, with the modules that own their parameters at the end).
 
 Dispatch sorts the (token, expert) pairs by expert and runs each expert matrix over its contiguous
 rows with a grouped matmul, so the work is proportional to tokens × experts-per-token — never a dense
@@ -11,9 +12,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from vishwam_jax.models.layers import ACTIVATIONS, is_quantized
+from vishwam_jax.models.layers import ACTIVATIONS, Linear, int8_scale_shape, is_quantized, param, truncated_normal
 from vishwam_jax.sharding import context, expert_parallel
 
 
@@ -119,3 +121,61 @@ def _dispatch_local(
     # Unsort with the inverse permutation and reduce over k: deterministic, no scatter-add.
     unsorted = jnp.zeros_like(out).at[order].set(out).reshape(n, k, -1)
     return jnp.einsum("nkd,nk->nd", unsorted.astype(jnp.float32), gates.astype(jnp.float32)), counts
+
+
+# -- modules ---------------------------------------------------------------------------------------
+class SoftmaxRouter(nnx.Module):
+    """Grok-1's router: softmax over every expert in float32, top-k gates (renormalized or not).
+    The weight stays float32 whatever the model dtype (the release routes in float32)."""
+
+    def __init__(self, d: int, num_experts: int, k: int, *, renormalize: bool = False, rngs: nnx.Rngs):
+        self.k, self.renormalize = k, renormalize
+        self.kernel = param(truncated_normal(rngs.params(), (d, num_experts), d, jnp.float32), ("embed", "router_experts"))
+
+    def __call__(self, x: Float[Array, "n d"]) -> tuple[Float[Array, "n k"], Int[Array, "n k"]]:
+        return softmax_topk_router(x, self.kernel[...], self.k, renormalize=self.renormalize)
+
+
+class GroupedSigmoidRouter(nnx.Module):
+    """DeepSeek-V3's router: sigmoid affinities, group-limited top-k chosen on affinity + bias (the
+    auxiliary-loss-free balancing bias, which never enters a gate), float32 throughout."""
+
+    def __init__(
+        self, d: int, num_experts: int, k: int, *, num_groups: int, topk_groups: int, routed_scaling_factor: float,
+        renormalize: bool = True, rngs: nnx.Rngs,
+    ):  # fmt: skip
+        self.k, self.num_groups, self.topk_groups = k, num_groups, topk_groups
+        self.routed_scaling_factor, self.renormalize = float(routed_scaling_factor), renormalize
+        self.kernel = param(truncated_normal(rngs.params(), (d, num_experts), d, jnp.float32), ("embed", "router_experts"))
+        self.bias = param(jnp.zeros((num_experts,), jnp.float32), ("router_experts",))
+
+    def __call__(self, x: Float[Array, "n d"]) -> tuple[Float[Array, "n k"], Int[Array, "n k"]]:
+        return grouped_sigmoid_router(
+            x, self.kernel[...], self.bias[...], self.k,
+            num_groups=self.num_groups, topk_groups=self.topk_groups,
+            routed_scaling_factor=self.routed_scaling_factor, renormalize=self.renormalize,
+        )  # fmt: skip
+
+
+class Experts(nnx.Module):
+    """`num_experts` gated MLPs stacked: gate/up [e, d, f], down [e, f, d] (optionally weight-only
+    int8 with per-output-channel scales), run by the sorted dispatch over the grouped matmul."""
+
+    def __init__(self, num_experts: int, d: int, f: int, activation: str, *, rngs: nnx.Rngs, dtype=jnp.float32, int8: bool = False):
+        self.activation, self.num_experts = activation, num_experts
+        up_shape, down_shape = (num_experts, d, f), (num_experts, f, d)
+        up_axes, down_axes = ("experts", "embed", "expert_mlp"), ("experts", "expert_mlp", "embed")
+        self.gate = Linear(up_shape, up_axes, "", rngs=rngs, fan_in=d, dtype=dtype, int8_scale_shape=int8_scale_shape(up_shape, (1,), int8))
+        self.up = Linear(up_shape, up_axes, "", rngs=rngs, fan_in=d, dtype=dtype, int8_scale_shape=int8_scale_shape(up_shape, (1,), int8))
+        self.down = Linear(down_shape, down_axes, "", rngs=rngs, fan_in=f, dtype=dtype,
+                           int8_scale_shape=int8_scale_shape(down_shape, (1,), int8))
+
+    def weights(self) -> dict:
+        """{"gate", "up", "down"}: arrays or {"int8", "scale"}, as the dispatch takes them."""
+        return {"gate": self.gate.weight, "up": self.up.weight, "down": self.down.weight}
+
+    def __call__(
+        self, x: Float[Array, "n d"], gates: Float[Array, "n k"], experts: Int[Array, "n k"]
+    ) -> tuple[Float[Array, "n d"], Int[Array, "e"]]:
+        """sum_k gates[:, k] * mlp_{experts[:, k]}(x), and the tokens routed to each expert."""
+        return dispatch_experts(x, gates, experts, self.weights(), self.activation, self.num_experts)

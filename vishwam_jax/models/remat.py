@@ -1,8 +1,7 @@
-"""Activation checkpointing: named `jax.checkpoint` policies that every family applies per layer.
+"""Activation checkpointing: named `jax.checkpoint` policies applied per scanned block.
 
-A family wraps the body of one layer with `remat_layer(body, config)`; the policy is read from
-`config.remat_policy` (absent: "none"), so training selects it by setting one config field and the
-inference path, which never sets it, is untouched.
+`models/stack.py` wraps each layer's body with `remat(body, policy)`; the policy is read from
+`config.remat_policy` ("none" for inference), so training selects it by one config field.
 
     none                                  keep every activation (fastest, most memory)
     full                                  keep only each layer's inputs; recompute the layer in backward
@@ -33,16 +32,16 @@ def check_policy(name: str) -> str:
     return name
 
 
-def remat(fn: F, policy: str) -> F:
-    """`fn` under `jax.checkpoint` with the named policy ("none": `fn` itself)."""
-    if check_policy(policy) == "none":
+def remat(fn: F, policy: str, *, prevent_cse: bool = True) -> F:
+    """`fn` under `jax.checkpoint` with the named policy ("none": `fn` itself).
+
+    prevent_cse=False inside a scan body: the scan already keeps XLA from merging the recomputation
+    back into the forward, and the barrier would only cost speed.
+    """
+    if check_policy(policy or "none") == "none":
         return fn
-    # prevent_cse=True (the default) because the layers are unrolled Python loops, not a scan: without
-    # it XLA may merge the recomputation back into the forward and keep the activations after all.
-    return jax.checkpoint(fn, policy=POLICIES[policy])
+    return jax.checkpoint(fn, policy=POLICIES[policy], prevent_cse=prevent_cse)
 
 
-def remat_layer(fn: F, config) -> F:
-    """`fn` (one layer's body; pass only arrays/pytrees as arguments, bind static values with
-    functools.partial) under the policy named by `config.remat_policy`."""
-    return remat(fn, config.get("remat_policy", "none") or "none")
+def policy_of(config) -> str:
+    return config.get("remat_policy", "none") or "none"

@@ -3,13 +3,16 @@ interleaved-pair layouts (the two conventions found in released checkpoints)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jaxtyping import Array, Float, Int
 
 
+@functools.lru_cache(maxsize=None)
 def inverse_frequencies(
     rotary_dim: int,
     theta: float,
@@ -31,7 +34,9 @@ def inverse_frequencies(
         inv_freq = _yarn_inverse_frequencies(inv_freq, rotary_dim, theta, scaling_factor, original_max_len, beta_fast, beta_slow)
     else:
         raise ValueError(f"unknown rope scaling type {scaling_type!r}")
-    return inv_freq.astype(np.float32)
+    inv_freq = inv_freq.astype(np.float32)
+    inv_freq.setflags(write=False)  # shared by every caller through the cache
+    return inv_freq
 
 
 def _yarn_inverse_frequencies(inv_freq, dim, theta, factor, original_max_len, beta_fast, beta_slow):
@@ -82,3 +87,39 @@ def apply_rope(
         x1, x2 = x32[..., :half], x32[..., half:]
         out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+class RotaryEmbedding(nnx.Module):
+    """The rotary table of one attention flavour. It holds no parameters: its frequencies are a
+    host-side constant of the configuration, folded into the compiled program."""
+
+    def __init__(
+        self,
+        dim: int,
+        theta: float,
+        scaling_type: str = "none",
+        scaling_factor: float = 1.0,
+        *,
+        interleaved: bool = False,
+        attention_factor: float = 1.0,
+        original_max_len: int = 4096,
+        beta_fast: float = 32.0,
+        beta_slow: float = 1.0,
+    ):
+        self.dim, self.theta = int(dim), float(theta)
+        self.scaling_type, self.scaling_factor = scaling_type, float(scaling_factor)
+        self.interleaved, self.attention_factor = interleaved, float(attention_factor)
+        self.original_max_len, self.beta_fast, self.beta_slow = int(original_max_len), float(beta_fast), float(beta_slow)
+        inverse_frequencies(*self._key())  # fail at construction on an unknown scaling type
+
+    def _key(self) -> tuple:
+        return (self.dim, self.theta, self.scaling_type, self.scaling_factor)
+
+    @property
+    def inv_freq(self) -> np.ndarray:
+        return inverse_frequencies(
+            *self._key(), original_max_len=self.original_max_len, beta_fast=self.beta_fast, beta_slow=self.beta_slow
+        )
+
+    def __call__(self, x: Float[Array, "b t h d"], positions: Int[Array, "b t"]) -> Float[Array, "b t h d"]:
+        return apply_rope(x, positions, self.inv_freq, interleaved=self.interleaved, attention_factor=self.attention_factor)

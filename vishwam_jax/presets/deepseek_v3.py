@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from vishwam_jax.presets import register
+from vishwam_jax.presets import ConfigError, Family, register, register_family
 
 
 def deepseek_v3_base() -> ml_collections.ConfigDict:
@@ -59,7 +59,36 @@ def deepseek_v3_base() -> ml_collections.ConfigDict:
     c.eos_token_id = 1
     c.bos_token_id = 0
     c.tokenizer = "hf"
+    c.remat_policy = "none"
+    c.scan_unroll = 1  # layers per scan iteration (at least the depth: straight-line code)
+    c.quantization = "none"
+    # Derived (the shared vocabulary's view of MLA): every head has its own keys after decompression,
+    # and a query-key dot product spans the nope and rope parts.
+    c.num_kv_heads = c.num_heads
+    c.head_dim = c.qk_nope_head_dim + c.qk_rope_head_dim
     return c
+
+
+def _finalize(c: ml_collections.ConfigDict) -> None:
+    c.num_kv_heads = c.num_heads
+    c.head_dim = c.qk_nope_head_dim + c.qk_rope_head_dim
+    if not 0 <= c.num_dense_layers <= c.num_layers:
+        raise ConfigError(f"num_dense_layers={c.num_dense_layers} must be between 0 and num_layers={c.num_layers}")
+    if c.num_experts % c.num_expert_groups:
+        raise ConfigError(f"num_expert_groups={c.num_expert_groups} does not divide num_experts={c.num_experts}")
+    if not 1 <= c.num_groups_per_token <= c.num_expert_groups:
+        raise ConfigError(f"num_groups_per_token={c.num_groups_per_token} must be between 1 and num_expert_groups={c.num_expert_groups}")
+    per_group = c.num_experts // c.num_expert_groups
+    if c.num_experts_per_token > c.num_groups_per_token * per_group:
+        raise ConfigError(
+            f"num_experts_per_token={c.num_experts_per_token} exceeds the {c.num_groups_per_token * per_group} experts "
+            "of the groups a token may use"
+        )
+    if c.num_mtp_layers < 0:
+        raise ConfigError(f"num_mtp_layers must be >= 0, got {c.num_mtp_layers}")
+
+
+register_family("deepseek_v3", Family(deepseek_v3_base, _finalize, derived=("num_kv_heads", "head_dim")))
 
 
 @register("deepseek-v3-671b")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from vishwam_jax.presets import register
+from vishwam_jax.presets import ConfigError, Family, register, register_family
 
 
 def gemma_base() -> ml_collections.ConfigDict:
@@ -32,7 +32,10 @@ def gemma_base() -> ml_collections.ConfigDict:
     c.use_post_ffw_norm = False
     c.use_qk_norm = False
     c.sliding_window = 0  # 0: no sliding-window layers
-    c.layer_types = ("full",) * c.num_layers  # "full" | "sliding" per layer
+    # Every sliding_window_pattern-th layer is global, the others sliding (Gemma 2: 2, Gemma 3: 6);
+    # the layers are scanned in periods of this many. layer_types is derived from it.
+    c.sliding_window_pattern = 1
+    c.layer_types = ("full",) * c.num_layers  # derived: "full" | "sliding" per layer
     c.rope_theta = 10_000.0  # full-attention layers
     c.rope_local_theta = 10_000.0  # sliding-window layers
     c.rope_scaling_type = "none"  # full-attention layers: "none" | "linear"
@@ -42,18 +45,48 @@ def gemma_base() -> ml_collections.ConfigDict:
     c.eos_token_id = 1
     c.bos_token_id = 2
     c.tokenizer = "sentencepiece"  # "sentencepiece" | "hf" | "bytes"
+    c.remat_policy = "none"
+    c.scan_unroll = 1  # layers per scan iteration (at least the depth: straight-line code)
+    c.quantization = "none"
     return c
 
 
-def _layer_types(num_layers: int, pattern: int) -> tuple[str, ...]:
-    """Every `pattern`-th layer is global, the rest sliding-window (Gemma 2: 2, Gemma 3: 6)."""
+def layer_types(num_layers: int, pattern: int, sliding_window: int) -> tuple[str, ...]:
+    """Every `pattern`-th layer is global, the rest sliding-window (all global without a window)."""
+    if not sliding_window:
+        return ("full",) * num_layers
     return tuple("full" if (i + 1) % pattern == 0 else "sliding" for i in range(num_layers))
+
+
+def attention_period(config) -> int:
+    """Layers per scanned period: the local/global pattern (1 when every layer is global)."""
+    return config.sliding_window_pattern if config.sliding_window else 1
+
+
+def layer_slot(config, i: int) -> tuple[tuple, int | None]:
+    """Where layer i's parameters live in the stored tree: (path prefix, index on the stacked axis or
+    None for an unstacked tail layer). Layer i is position i % period of period i // period."""
+    period = attention_period(config)
+    full = config.num_layers // period * period
+    if i < full:
+        return ("blocks", "layers", i % period), i // period
+    return ("tail", "layers", i - full), None
+
+
+def _finalize(c: ml_collections.ConfigDict) -> None:
+    if not isinstance(c.sliding_window_pattern, int) or c.sliding_window_pattern < 1:
+        raise ConfigError(f"sliding_window_pattern must be a positive integer, got {c.sliding_window_pattern!r}")
+    if c.sliding_window < 0:
+        raise ConfigError(f"sliding_window must be >= 0, got {c.sliding_window}")
+    c.layer_types = layer_types(c.num_layers, c.sliding_window_pattern, c.sliding_window)
+
+
+register_family("gemma", Family(gemma_base, _finalize, derived=("layer_types",)))
 
 
 def _gemma1(d, layers, heads, kv_heads, ffn) -> ml_collections.ConfigDict:
     c = gemma_base()
     c.d_model, c.num_layers, c.num_heads, c.num_kv_heads, c.ffn_dim = d, layers, heads, kv_heads, ffn
-    c.layer_types = ("full",) * layers
     return c
 
 
@@ -63,8 +96,7 @@ def _gemma2(d, layers, heads, kv_heads, head_dim, ffn, qpas) -> ml_collections.C
     c.head_dim, c.ffn_dim, c.query_pre_attn_scalar = head_dim, ffn, float(qpas)
     c.attn_logit_softcap, c.final_logit_softcap = 50.0, 30.0
     c.use_post_attn_norm = c.use_post_ffw_norm = True
-    c.sliding_window = 4096
-    c.layer_types = _layer_types(layers, 2)
+    c.sliding_window, c.sliding_window_pattern = 4096, 2
     return c
 
 
@@ -74,8 +106,7 @@ def _gemma3(d, layers, heads, kv_heads, head_dim, ffn, qpas, window, vocab, scal
     c.d_model, c.num_layers, c.num_heads, c.num_kv_heads = d, layers, heads, kv_heads
     c.head_dim, c.ffn_dim, c.query_pre_attn_scalar = head_dim, ffn, float(qpas)
     c.use_post_attn_norm = c.use_post_ffw_norm = c.use_qk_norm = True
-    c.sliding_window = window
-    c.layer_types = _layer_types(layers, 6)
+    c.sliding_window, c.sliding_window_pattern = window, 6
     c.rope_theta, c.rope_local_theta = 1_000_000.0, 10_000.0
     if scaling != 1.0:
         c.rope_scaling_type, c.rope_scaling_factor = "linear", float(scaling)
@@ -113,16 +144,12 @@ def _gemma_tiny():
 
 @register("gemma2-tiny")
 def _gemma2_tiny():
-    c = _tiny(_gemma2(64, 4, 4, 2, 16, 128, 16))
-    c.layer_types = _layer_types(4, 2)
-    return c
+    return _tiny(_gemma2(64, 4, 4, 2, 16, 128, 16))
 
 
 @register("gemma3-tiny")
 def _gemma3_tiny():
-    c = _tiny(_gemma3(64, 6, 4, 2, 16, 128, 16, 8, 256, 8.0))
-    c.layer_types = _layer_types(6, 6)
-    return c
+    return _tiny(_gemma3(64, 6, 4, 2, 16, 128, 16, 8, 256, 8.0))
 
 
 @register("gemma-shakespeare")
@@ -133,8 +160,7 @@ def _gemma_shakespeare():
     c.d_model, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.ffn_dim = 256, 4, 8, 2, 32, 640
     c.query_pre_attn_scalar = 32.0
     c.use_post_attn_norm = c.use_post_ffw_norm = c.use_qk_norm = True
-    c.sliding_window = 128
-    c.layer_types = _layer_types(4, 2)
+    c.sliding_window, c.sliding_window_pattern = 128, 2
     c.rope_theta, c.rope_local_theta = 10_000.0, 10_000.0
     c.max_seq_len = 1024
     c.pad_token_id, c.eos_token_id, c.bos_token_id = 256, 257, 258

@@ -1,8 +1,7 @@
 """Grok-1 presets: the released 314B model (xai-org/grok-1) and small models of the same structure.
 
-Field names follow the release's own config where one exists (num_q_heads, num_kv_heads, key_size,
-widening_factor, num_experts, num_selected_experts and the three multipliers), so a value can be
-checked against the release's run.py by name. See shared/docs/grok1.md.
+Field names are the shared vocabulary of every family; the comment after each names the release's
+own field (run.py), so a value can be checked against it. See shared/docs/grok1.md.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import math
 
 import ml_collections
 
-from vishwam_jax.presets import register
+from vishwam_jax.presets import ConfigError, Family, register, register_family
 
 
 def ffn_size(emb_size: int, widening_factor: float) -> int:
@@ -29,13 +28,13 @@ def grok1_base() -> ml_collections.ConfigDict:
     c.vocab_size = 128 * 1024
     c.d_model = 48 * 128  # the release's emb_size
     c.num_layers = 64
-    c.num_q_heads = 48
+    c.num_heads = 48  # num_q_heads
     c.num_kv_heads = 8
-    c.key_size = 128
+    c.head_dim = 128  # key_size
     c.widening_factor = 8.0  # the release's knob for the expert width ...
-    c.ffn_dim = ffn_size(c.d_model, c.widening_factor)  # ... and the width it gives (32768): what the model reads
+    c.moe_ffn_dim = ffn_size(c.d_model, c.widening_factor)  # ... and the width it gives (32768): what the model reads
     c.num_experts = 8
-    c.num_selected_experts = 2
+    c.num_experts_per_token = 2  # num_selected_experts
     c.embedding_multiplier_scale = 78.38367176906169  # sqrt(6144)
     c.output_multiplier_scale = 0.5773502691896257  # 1/sqrt(3)
     c.attn_output_multiplier = 0.08838834764831845  # 1/sqrt(128): the only scaling of q.k
@@ -48,7 +47,20 @@ def grok1_base() -> ml_collections.ConfigDict:
     c.eos_token_id = 2
     c.bos_token_id = 1
     c.tokenizer = "sentencepiece"  # the release's tokenizer.model (131072 pieces)
+    c.remat_policy = "none"
+    c.scan_unroll = 1  # layers per scan iteration (at least the depth: straight-line code)
+    c.quantization = "none"  # "int8": the release's int8 weights kept (weight-only int8 matmuls)
     return c
+
+
+def _finalize(c: ml_collections.ConfigDict) -> None:
+    if not 1 <= c.num_experts_per_token <= c.num_experts:
+        raise ConfigError(f"num_experts_per_token={c.num_experts_per_token} must be between 1 and num_experts={c.num_experts}")
+    if c.moe_ffn_dim < 1:
+        raise ConfigError(f"moe_ffn_dim must be positive, got {c.moe_ffn_dim}")
+
+
+register_family("grok1", Family(grok1_base, _finalize))
 
 
 def _small(d: int, layers: int, q_heads: int, kv_heads: int, key_size: int, widening: float, experts: int, vocab: int):
@@ -56,9 +68,9 @@ def _small(d: int, layers: int, q_heads: int, kv_heads: int, key_size: int, wide
     embeddings) at a reduced size; the multipliers follow the release's rules for the new sizes."""
     c = grok1_base()
     c.vocab_size, c.d_model, c.num_layers = vocab, d, layers
-    c.num_q_heads, c.num_kv_heads, c.key_size = q_heads, kv_heads, key_size
+    c.num_heads, c.num_kv_heads, c.head_dim = q_heads, kv_heads, key_size
     c.widening_factor, c.num_experts = float(widening), experts
-    c.ffn_dim = ffn_size(d, widening)
+    c.moe_ffn_dim = ffn_size(d, widening)
     c.embedding_multiplier_scale = math.sqrt(d)
     c.attn_output_multiplier = 1.0 / math.sqrt(key_size)
     return c

@@ -117,94 +117,39 @@ def resolve_rules(rules: Rules | str | None, mesh: Mesh) -> Rules:
 
 
 # -- logical names of every parameter --------------------------------------------------------------
-# Keyed by a leaf's own name (the dict key; for int8 weights the key above "int8"/"scale") and rank.
-# Weights are [in, out] with heads as their own axis (see each family's module docstring).
-_ATTN_Q = ("embed", "heads", "head_dim")
-_ATTN_KV = ("embed", "kv_heads", "head_dim")
-_PARAM_NAMES: dict[tuple[str, int], LogicalAxes] = {
-    ("embed", 2): ("vocab", "embed"),  # all families (tied in Gemma and Grok-1)
-    ("lm_head", 2): ("embed", "vocab"),  # untied output projections
-    ("head", 2): ("embed", "vocab"),
-    ("unembed", 2): ("embed", "vocab"),
-    ("output", 2): ("embed", "vocab"),
-    # GQA / MQA attention (Gemma, Grok-1)
-    ("q", 3): _ATTN_Q,
-    ("k", 3): _ATTN_KV,
-    ("v", 3): _ATTN_KV,
-    ("o", 3): ("heads", "head_dim", "embed"),
-    # MLA (DeepSeek-V3, models/mla.py)
-    ("wq", 3): _ATTN_Q,
-    ("wq_a", 2): ("embed", "q_lora"),
-    ("wq_b", 3): ("q_lora", "heads", "head_dim"),
-    ("wkv_a", 2): ("embed", "kv_lora"),  # out = kv_lora_rank + qk_rope_head_dim
-    ("wk_b", 3): ("kv_lora", "heads", "head_dim"),
-    ("wv_b", 3): ("kv_lora", "heads", "head_dim"),
-    ("wo", 3): ("heads", "head_dim", "embed"),
-    # gated MLPs: dense [d, f] / [f, d]; routed experts stacked [e, d, f] / [e, f, d]
-    ("gate", 2): ("embed", "mlp"),
-    ("up", 2): ("embed", "mlp"),
-    ("down", 2): ("mlp", "embed"),
-    ("gate", 3): ("experts", "embed", "expert_mlp"),
-    ("up", 3): ("experts", "embed", "expert_mlp"),
-    ("down", 3): ("experts", "expert_mlp", "embed"),
-    # routers stay whole: tiny, and top-k over a sharded expert axis would need a gather anyway
-    ("router", 2): ("embed", "router_experts"),
-    ("gate_w", 2): ("embed", "router_experts"),
-}
-
-
-def _key_name(k) -> str | int:
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return getattr(k, attr)
-    return str(k)
-
-
+# Each nnx.Param names its axes where the model creates it (models/layers.py `param`); these helpers
+# read them back. Nothing here looks at a parameter's name or size.
 def leaf_name(path) -> str:
-    """The dotted name of a leaf ("layers.0.attn.k"): the name Orbax gives its directory."""
-    return ".".join(str(_key_name(k)) for k in path)
+    """The dotted name of a leaf ("blocks.layers.0.attn.q.kernel")."""
+    out = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+        else:
+            out.append(str(k))
+    return ".".join(out)
 
 
-def _fallback_names(config, shape: tuple[int, ...]) -> LogicalAxes:
-    """Names for a leaf no table entry knows (a new family's extra weight): only the dimensions that
-    are unambiguously the vocabulary or the model width get a name; everything else stays whole,
-    which is always correct, merely not memory-optimal."""
-    vocab, d = config.get("vocab_size"), config.get("d_model")
-    if len(shape) <= 1:
-        return ("norm",) * len(shape)
-    by_size = {}
-    if vocab and vocab != d:
-        by_size[vocab] = "vocab"
-    if d:
-        by_size[d] = "embed"
-    return tuple(by_size.get(s) for s in shape)
+def _is_variable(x) -> bool:
+    from flax import nnx
+
+    return isinstance(x, nnx.Variable)
 
 
-def leaf_logical_axes(config, path, shape: tuple[int, ...]) -> LogicalAxes:
-    keys = [k for k in (_key_name(p) for p in path) if isinstance(k, str)]
-    if keys and keys[-1] in ("int8", "scale"):
-        keys = keys[:-1]  # int8 weights: {"int8": w, "scale": s}; the scale's size-1 axes stay whole
-    name = keys[-1] if keys else ""
-    rank = len(shape)
-    if (name, rank) in _PARAM_NAMES:
-        return _PARAM_NAMES[(name, rank)]
-    if rank > 1 and (name, rank - 1) in _PARAM_NAMES:
-        return ("layers",) + _PARAM_NAMES[(name, rank - 1)]  # layers stacked for scan
-    if rank == 1:
-        return ("norm",)  # norm scales and biases: small, replicated
-    return _fallback_names(config, shape)
+def logical_axes(state: Any) -> Any:
+    """A tree like the parameter state `state` (an nnx.State of Params, concrete or abstract) with
+    the tuple of logical axis names of each parameter as its leaf."""
 
+    def names(path, variable):
+        axes = variable.get_metadata().get("out_sharding")
+        shape = tuple(variable.get_value().shape)
+        if axes is None or len(axes) != len(shape):
+            raise ShardingError(f"parameter {leaf_name(path)} of shape {shape} has no logical axis names per dimension ({axes})")
+        return tuple(axes)
 
-def logical_axes(config, shapes: Any) -> Any:
-    """A tree like `shapes` (arrays or ShapeDtypeStructs) with a tuple of logical names per leaf."""
-
-    def names(path, leaf):
-        out = leaf_logical_axes(config, path, tuple(leaf.shape))
-        if len(out) != len(leaf.shape):
-            raise ShardingError(f"logical names {out} do not match the shape {tuple(leaf.shape)} of parameter {leaf_name(path)}")
-        return out
-
-    return jax.tree_util.tree_map_with_path(names, shapes)
+    return jax.tree_util.tree_map_with_path(names, state, is_leaf=_is_variable)
 
 
 # -- names → PartitionSpecs --------------------------------------------------------------------------
@@ -216,11 +161,11 @@ _REPLICATE_IF_FEWER = frozenset({"kv_heads"})
 _CONFIG_FIELDS = {
     "vocab": ("vocab_size",),
     "embed": ("d_model",),
-    "heads": ("num_heads", "num_q_heads"),
+    "heads": ("num_heads",),
     "kv_heads": ("num_kv_heads",),
-    "head_dim": ("head_dim", "key_size", "qk_nope_head_dim", "v_head_dim"),
+    "head_dim": ("head_dim", "qk_nope_head_dim", "v_head_dim"),
     "mlp": ("ffn_dim",),
-    "expert_mlp": ("moe_ffn_dim", "ffn_dim"),
+    "expert_mlp": ("moe_ffn_dim",),
     "experts": ("num_experts",),
     "q_lora": ("q_lora_rank",),
     "kv_lora": ("kv_lora_rank",),
@@ -287,22 +232,25 @@ def spec_for(
     return PartitionSpec(*out)
 
 
-def _param_specs(config, shapes: Any, mesh: Mesh, rules: Rules) -> tuple[Any, list[str]]:
-    names = logical_axes(config, shapes)
+def _param_specs(state: Any, mesh: Mesh, rules: Rules, config=None) -> tuple[Any, list[str]]:
     sizes = mesh_sizes(mesh)
     problems: list[str] = []
 
-    def one(path, leaf, leaf_names):
+    def one(path, variable):
+        axes = variable.get_metadata().get("out_sharding")
+        shape = tuple(variable.get_value().shape)
+        if axes is None or len(axes) != len(shape):
+            raise ShardingError(f"parameter {leaf_name(path)} of shape {shape} has no logical axis names per dimension ({axes})")
         errors: list = []
-        spec = spec_for(leaf_names, tuple(leaf.shape), mesh, rules.params, strict=True, errors=errors)
-        for dim, name, axes in errors:
+        spec = spec_for(tuple(axes), shape, mesh, rules.params, strict=True, errors=errors)
+        for dim, name, mesh_axes in errors:
             problems.append(
-                f"{_axes_desc(axes, sizes)} does not divide {describe_dim(config, name, leaf.shape[dim])} "
-                f"(parameter {leaf_name(path)}, dimension {dim} {name!r} of shape {tuple(leaf.shape)})"
+                f"{_axes_desc(mesh_axes, sizes)} does not divide {describe_dim(config, name, shape[dim])} "
+                f"(parameter {leaf_name(path)}, dimension {dim} {name!r} of shape {shape})"
             )
-        return spec
+        return variable.replace(spec)
 
-    specs = jax.tree_util.tree_map_with_path(one, shapes, names)
+    specs = jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_variable)
     return specs, problems
 
 
@@ -324,29 +272,28 @@ def _raise(problems: list[str], mesh: Mesh, rules: Rules) -> None:
     )
 
 
-def validate(config, shapes: Any, mesh: Mesh, rules: Rules | str | None = None) -> None:
+def validate(state: Any, mesh: Mesh, rules: Rules | str | None = None, config=None) -> None:
     """Raise ShardingError naming every dimension the mesh does not divide under `rules`."""
-    rules = resolve_rules(rules, mesh)
-    _, problems = _param_specs(config, shapes, mesh, rules)
-    problems = _config_problems(config, mesh) + problems
-    if problems:
-        _raise(problems, mesh, rules)
+    param_specs(state, mesh, rules, config)
 
 
-def param_specs(config, shapes: Any, mesh: Mesh, rules: Rules | str | None = None) -> Any:
-    """PartitionSpec per parameter leaf (validated: raises ShardingError rather than mis-shard)."""
+def param_specs(state: Any, mesh: Mesh, rules: Rules | str | None = None, config=None) -> Any:
+    """The parameter state with a PartitionSpec in place of each value, from each parameter's own
+    logical axes (validated: raises ShardingError rather than mis-shard). `config` only improves the
+    messages (the field a dimension comes from) and checks whole-model constraints."""
     rules = resolve_rules(rules, mesh)
-    specs, problems = _param_specs(config, shapes, mesh, rules)
+    specs, problems = _param_specs(state, mesh, rules, config)
     problems = _config_problems(config, mesh) + problems
     if problems:
         _raise(problems, mesh, rules)
     return specs
 
 
-def param_shardings(config, shapes: Any, mesh: Mesh, rules: Rules | str | None = None) -> Any:
-    """NamedSharding per parameter leaf of `shapes` (a tree of arrays or ShapeDtypeStructs).
+def param_shardings(state: Any, mesh: Mesh, rules: Rules | str | None = None, config=None) -> Any:
+    """The parameter state with a NamedSharding in place of each value: usable as `out_shardings`
+    of a jitted initialiser, or (`.to_pure_dict()`) as the target of a sharded restore.
 
     rules: a Rules, a preset name from RULES, or None for default_rules(mesh).
     """
-    specs = param_specs(config, shapes, mesh, rules)
+    specs = param_specs(state, mesh, rules, config)
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -45,7 +45,7 @@ class Model:
 
     @property
     def capabilities(self):
-        return type(self.module).capabilities
+        return self.module.capabilities
 
     def __repr__(self) -> str:
         n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))

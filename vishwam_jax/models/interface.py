@@ -1,7 +1,8 @@
 """What every family provides, typed: its outputs, its caches and its declared capabilities.
 
-A family is an `nnx.Module` class implementing `CausalLM`. Optional abilities are declared in its
-`capabilities` class attribute and come with a second protocol (`MultiTokenPredictor` for DeepSeek's
+A family is an `nnx.Module` class implementing `CausalLM`. Optional abilities are declared by its
+`capabilities` (a class attribute, or a property where the config decides, e.g. a DeepSeek-V3
+without MTP layers) and come with a second protocol (`MultiTokenPredictor` for DeepSeek's
 MTP module, `PagedLatentCache` for caches that live in a page pool), so callers ask
 `model.capabilities.mtp`, never `hasattr`.
 """
@@ -9,7 +10,7 @@ MTP module, `PagedLatentCache` for caches that live in a page pool), so callers 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import jax.numpy as jnp
 from flax import struct
@@ -47,7 +48,7 @@ class CausalLM(Protocol):
     """A decoder-only language model; one forward serves prefill and decode."""
 
     config: Any
-    capabilities: ClassVar[Capabilities]
+    capabilities: Capabilities
 
     def __call__(
         self,

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
         steps = s.decode_tokens / batch
         step_s = s.decode_s / steps
         # KV bytes read per step at the mean cache length of the run (full-attention layers).
-        cache = model.family.init_cache(c, batch, args.prompt_len + args.new_tokens, jnp.dtype(args.dtype))
+        cache = model.module.init_cache(batch, args.prompt_len + args.new_tokens, jnp.dtype(args.dtype))
         kv_bytes = tree_bytes(cache) * (args.prompt_len + args.new_tokens / 2) / (args.prompt_len + args.new_tokens)
         floor_s = (param_bytes + kv_bytes) / bw
         row = {

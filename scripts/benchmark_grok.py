@@ -21,48 +21,78 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import vishwam_jax as vj
-from vishwam_jax.models import grok1
+from vishwam_jax import models
 from vishwam_jax.pallas_kernels import grouped_matmul
-from vishwam_jax.presets import get_config
+from vishwam_jax.presets import get_config, replace
 from vishwam_jax.utils.benchmarking import copy_bandwidth, tree_bytes
 
-MATMUL_WEIGHTS = {"q", "k", "v", "o", "gate", "up", "down"}
+
+def _draw(key, shape, dtype, std):
+    if dtype == jnp.int8:  # int8 ~ U(-127, 127)
+        return jax.random.randint(key, shape, -127, 128, jnp.int32).astype(jnp.int8)
+    return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
 
 
-def random_params(config, weights: str, seed: int = 0) -> dict:
-    """Random weights generated on the device leaf by leaf (no host copy of ~20 GB). int8: every
-    attention and expert matrix int8 with per-output-channel scales, as `convert(keep_int8=True)`
-    writes them; embedding, norms and router stay floating (as in the release)."""
-    shapes = jax.eval_shape(lambda k: grok1.init_params(config, k, jnp.bfloat16), jax.random.key(0))
-    normal = jax.jit(lambda key, std, shape: (jax.random.normal(key, shape, jnp.float32) * std).astype(jnp.bfloat16), static_argnums=2)
-    ints = jax.jit(lambda key, shape: jax.random.randint(key, shape, -127, 128, jnp.int32).astype(jnp.int8), static_argnums=1)
+# One layer of a stacked leaf at a time, into a donated buffer: the float32 draw covers one layer
+# (no float32 copy of a whole [L, 8, 6144, 32768] expert stack).
+_fill_layer = jax.jit(lambda buf, i, key, std: buf.at[i].set(_draw(key, buf.shape[1:], buf.dtype, std)), donate_argnums=0)
+_draw_jit = jax.jit(_draw, static_argnums=(1, 2))
+
+
+def _fan_in(path: tuple, kernel_shape: tuple[int, ...]) -> int:
+    """Input width of a weight (stacked leaves have the layer axis first)."""
+    if path[0] == "embed":
+        return kernel_shape[-1]
+    if path[-2] == "o":  # [L, h, hd, d]
+        return kernel_shape[1] * kernel_shape[2]
+    if "experts" in path:  # [L, e, in, out]
+        return kernel_shape[2]
+    return kernel_shape[1]  # [L, d, ...]
+
+
+def random_model(config, seed: int = 0) -> nnx.Module:
+    """The Grok-1 module with random bf16 weights generated on the device leaf by leaf (no host copy
+    of ~20 GB). With config.quantization == "int8" every attention and expert matrix is int8 with
+    per-output-channel scales, as `convert(keep_int8=True)` writes them; embedding, norms and router
+    stay floating (as in the release)."""
+    graphdef, state = nnx.split(models.abstract(config, jnp.bfloat16), nnx.Param)
+    shapes = nnx.to_pure_dict(state)
     keys = iter(jax.random.split(jax.random.key(seed), 4096))
 
-    def make(path, s):
-        name = path[-1].key
-        if name.endswith("norm"):
+    def make(keypath, s):
+        path = tuple(k.key for k in keypath)
+        if path[-2].endswith("norm"):
             return jnp.ones(s.shape, s.dtype)
-        fan_in = s.shape[0] * s.shape[1] if name == "o" else s.shape[-1] if name == "embed" else s.shape[-2] if s.ndim == 3 else s.shape[0]
-        if weights == "int8" and name in MATMUL_WEIGHTS:
-            contracted = (0, 1) if name == "o" else (1,) if name in ("gate", "up", "down") else (0,)
-            scale_shape = tuple(1 if a in contracted else n for a, n in enumerate(s.shape))
-            scale = jnp.full(scale_shape, 1.0 / (64 * math.sqrt(fan_in)), jnp.float32)  # int8 ~ U(-127,127)
-            return {"int8": ints(next(keys), s.shape), "scale": scale}
-        return normal(next(keys), 1.0 / math.sqrt(fan_in), s.shape).astype(s.dtype)
+        node = shapes
+        for k in path[:-1]:
+            node = node[k]
+        fan_in = _fan_in(path, node["kernel"].shape if "kernel" in node else s.shape)
+        if path[-1] == "scale":  # of an int8 kernel: U(-127, 127) * scale has std 1/sqrt(fan_in)
+            return jnp.full(s.shape, 1.0 / (64 * math.sqrt(fan_in)), s.dtype)
+        std = 1.0 / math.sqrt(fan_in)
+        if path[0] != "layers":
+            return _draw_jit(next(keys), s.shape, s.dtype, std)
+        buf = jnp.zeros(s.shape, s.dtype)
+        for i in range(s.shape[0]):
+            buf = _fill_layer(buf, i, next(keys), std)
+        return buf
 
-    return jax.tree_util.tree_map_with_path(make, shapes)
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(make, shapes))
+    return nnx.merge(graphdef, state)
 
 
 def step_bytes(config, params, batch: int, cache_len: float) -> float:
     """Bytes one decode step must read (see the module docstring)."""
-    layer = params["layers"][0]
-    e, k = config.num_experts, config.num_selected_experts
+    p = nnx.to_pure_dict(params)
+    e, k = config.num_experts, config.num_experts_per_token
     distinct = e * (1 - (1 - k / e) ** batch)
-    per_layer = tree_bytes(layer) - tree_bytes(layer["moe"]) + tree_bytes(layer["moe"]) * distinct / e
-    kv = 2 * batch * cache_len * config.num_kv_heads * config.key_size * 2  # k and v, bf16
-    return tree_bytes(params["embed"]) + tree_bytes(params["final_norm"]) + config.num_layers * (per_layer + kv)
+    experts = tree_bytes(p["layers"]["experts"])  # every layer's
+    layers = tree_bytes(p["layers"]) - experts + experts * distinct / e
+    kv = 2 * batch * cache_len * config.num_kv_heads * config.head_dim * 2  # k and v, bf16
+    return tree_bytes(p["embed"]) + tree_bytes(p["final_norm"]) + layers + config.num_layers * kv
 
 
 def decode_temp_bytes(model) -> int:
@@ -81,6 +111,7 @@ def main(argv=None) -> None:
     ap.add_argument("--weights", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration (at least --layers: straight-line code)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -88,19 +119,18 @@ def main(argv=None) -> None:
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, grouped matmul: {gmm_impl}", flush=True)
     bw = copy_bandwidth()
     print(f"measured copy bandwidth: {bw / 1e12:.2f} TB/s", flush=True)
-    config = get_config(args.preset)
-    config.num_layers = args.layers
-    config.eos_token_id = -1  # never sampled: every row decodes every step
-    models = {}
+    # eos -1: never sampled, so every row decodes every step.
+    config = get_config(args.preset, num_layers=args.layers, eos_token_id=-1, scan_unroll=args.scan_unroll)
+    loaded = {}
     for weights in args.weights:  # both held at once (~33 GB at 2 layers): rows alternate bf16/int8
-        params = random_params(config, weights)
-        models[weights] = vj.Model(config, params)
-        int8_bytes = sum(x.size for x in jax.tree_util.tree_leaves(params) if x.dtype == jnp.int8)
-        print(f"{weights}: {tree_bytes(params) / 1e9:.2f} GB of parameters ({int8_bytes / 1e9:.2f} GB of them int8)", flush=True)
+        model = vj.Model(random_model(replace(config, quantization="int8" if weights == "int8" else "none")))
+        loaded[weights] = model
+        int8_bytes = sum(x.size for x in jax.tree_util.tree_leaves(model.params) if x.dtype == jnp.int8)
+        print(f"{weights}: {tree_bytes(model.params) / 1e9:.2f} GB of parameters ({int8_bytes / 1e9:.2f} GB of them int8)", flush=True)
     rows = []
     for batch in args.batch:
         prompts = np.random.default_rng(0).integers(3, config.vocab_size, size=(batch, args.prompt_len))
-        for weights, model in models.items():
+        for weights, model in loaded.items():
             params = model.params
             model.generate(prompts, args.new_tokens)  # compile + warm up
             compile_s = model.last_generation_stats.compile_s

@@ -9,9 +9,12 @@ prefill / decode throughput, time to first token, memory per device and the coll
     # 8 simulated CPU devices, tiny widths (the same meshes, rules and code paths)
     python scripts/run_big_models.py --cpu-devices 8 --tiny --layers 2 --grok-layers 2
 
-Weights are random (no checkpoint can be downloaded) and created directly sharded: each leaf comes
-from its own `jax.jit(init, out_shardings=...)`, so no device and not the host ever holds a whole
-parameter. Layouts (docs/scaling.md): DeepSeek-V3 on `make_mesh(expert=N)` with `RULES["tensor"]`
+Weights are random (no checkpoint can be downloaded) and created directly sharded: the parameter
+state of `models.abstract(config)` (nnx.eval_shape: shapes and logical axes, no memory) gives each
+Param's NamedSharding (`param_shardings`), and each leaf comes from its own
+`jax.jit(init, out_shardings=...)`, so no device and not the host ever holds a whole parameter.
+int8 weights are the family's own weight-only int8 model (`quantization="int8"`).
+Layouts (docs/scaling.md): DeepSeek-V3 on `make_mesh(expert=N)` with `RULES["tensor"]`
 (experts split, attention data-parallel over the batch); Grok-1 on `make_mesh(tensor=N)` with
 `RULES["tensor"]` (heads, expert width and vocabulary split). `--mesh` overrides either.
 
@@ -46,7 +49,9 @@ def parse_args(argv=None):
     ap.add_argument("--layers", type=int, default=None, help="DeepSeek-V3 depth (default: published, 61)")
     ap.add_argument("--dense-layers", type=int, default=None, help="DeepSeek-V3 leading dense layers (default: min(3, layers - 1))")
     ap.add_argument("--grok-layers", type=int, default=None, help="Grok-1 depth (default: --layers, else published, 64)")
-    ap.add_argument("--deepseek-weights", choices=["int8", "bf16"], default="int8", help="bf16 does not fit 8×141 GB at full depth")
+    ap.add_argument("--deepseek-weights", choices=["int8", "bf16"], default=None,
+                    help="default: int8 where the family's config accepts quantization='int8', else bf16 "
+                         "(bf16 does not fit 8×141 GB at full depth)")
     ap.add_argument("--grok-weights", choices=["int8", "bf16"], default="bf16")
     ap.add_argument("--mesh", default=None, help='override both layouts, e.g. "tensor=2,expert=4" (axes data, fsdp, tensor, expert)')
     ap.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
@@ -73,11 +78,13 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the weights t
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from vishwam_jax.models import family_module  # noqa: E402
-from vishwam_jax.presets import get_config  # noqa: E402
-from vishwam_jax.sharding import RULES, make_mesh, param_shardings, parse_mesh, use_mesh  # noqa: E402
+from scaling_plan import matrix_fan_ins  # noqa: E402  (scripts/: the Linears' fan-ins from their einsums)
+from vishwam_jax import models  # noqa: E402
+from vishwam_jax.presets import ConfigError, get_config  # noqa: E402
+from vishwam_jax.sharding import RULES, logical_axes, make_mesh, param_shardings, parse_mesh, use_mesh  # noqa: E402
 from vishwam_jax.sharding.context import shard_map  # noqa: E402
 from vishwam_jax.sharding.rules import spec_for  # noqa: E402
 from vishwam_jax.utils.benchmarking import copy_bandwidth  # noqa: E402
@@ -97,55 +104,55 @@ def save() -> None:
 
 
 # -- configs -----------------------------------------------------------------------------------------
-def deepseek_config():
-    c = get_config("deepseek-v3-tiny" if ARGS.tiny else "deepseek-v3-671b")
-    if ARGS.layers is not None:
-        c.num_layers = ARGS.layers
-    dense = ARGS.dense_layers if ARGS.dense_layers is not None else min(c.num_dense_layers, max(c.num_layers - 1, 0))
-    c.num_dense_layers = min(dense, c.num_layers)
-    c.num_mtp_layers = 0  # serving: the MTP module is only for speculative decoding
-    c.max_seq_len = max(c.max_seq_len, ARGS.cache_len + 64, max(ARGS.prefill))
-    return c
+def _quantization(weights: str) -> dict:
+    return {"quantization": "int8"} if weights == "int8" else {}
 
 
-def grok_config():
-    c = get_config("grok-1-tiny" if ARGS.tiny else "grok-1")
+def deepseek_weights() -> str:
+    """--deepseek-weights, or int8 where the DeepSeek-V3 config accepts it (else bf16, said in the log)."""
+    if ARGS.deepseek_weights:
+        return ARGS.deepseek_weights
+    try:
+        get_config("deepseek-v3-tiny", quantization="int8")
+        return "int8"
+    except ConfigError as err:
+        log(f"[deepseek-v3] bf16 weights: {err}")
+        return "bf16"
+
+
+def deepseek_config(weights: str):
+    name = "deepseek-v3-tiny" if ARGS.tiny else "deepseek-v3-671b"
+    base = get_config(name)
+    layers = ARGS.layers if ARGS.layers is not None else base.num_layers
+    dense = ARGS.dense_layers if ARGS.dense_layers is not None else min(base.num_dense_layers, max(layers - 1, 0))
+    return get_config(
+        name,
+        num_layers=layers,
+        num_dense_layers=min(dense, layers),
+        num_mtp_layers=0,  # serving: the MTP module is only for speculative decoding
+        max_seq_len=max(base.max_seq_len, ARGS.cache_len + 64, max(ARGS.prefill)),
+        **_quantization(weights),
+    )
+
+
+def grok_config(weights: str):
+    name = "grok-1-tiny" if ARGS.tiny else "grok-1"
+    base = get_config(name)
     layers = ARGS.grok_layers if ARGS.grok_layers is not None else ARGS.layers
-    if layers is not None:
-        c.num_layers = layers
+    overrides = {"num_layers": layers} if layers is not None else {}
     if ARGS.tiny:  # the tiny preset has 4 query heads and 4 experts: make both divide 8 devices
-        c.num_q_heads, c.num_experts = 8, 8
-    c.max_seq_len = max(c.max_seq_len, ARGS.cache_len + 64, max(ARGS.prefill))
-    return c
+        overrides.update(num_heads=8, num_experts=8)
+    return get_config(name, max_seq_len=max(base.max_seq_len, ARGS.cache_len + 64, max(ARGS.prefill)),
+                      **overrides, **_quantization(weights))
 
 
 # -- directly-sharded random weights ---------------------------------------------------------------
-_KEEP_DENSE = ("embed", "lm_head", "router", "router_bias", "wk_b", "wv_b")  # gathered / tied / absorbed-MLA weights
-
-
-def _fan_in(name: str, shape: tuple, expert: bool) -> int:
-    lead = 1 if expert else 0
-    return math.prod(shape[lead : lead + (2 if name in ("o", "wo") else 1)])
-
-
-def abstract_params(config, weights: str):
-    """ShapeDtypeStructs of the bf16 parameters, matrices as {"int8", "scale"} when weights="int8"
-    (per-output-channel scales: the contracted axes have size 1)."""
-    shapes = jax.eval_shape(lambda: family_module(config).init_params(config, jax.random.key(0), jnp.bfloat16))
-    if weights == "bf16":
-        return shapes
-
-    def quantize(path, s):
-        name = str(getattr(path[-1], "key", ""))
-        if len(s.shape) < 2 or name in _KEEP_DENSE:
-            return s
-        expert = len(s.shape) == 3 and name in ("gate", "up", "down")
-        lead = 1 if expert else 0
-        n_in = 2 if name in ("o", "wo") else 1
-        scale = tuple(1 if lead <= i < lead + n_in else n for i, n in enumerate(s.shape))
-        return {"int8": jax.ShapeDtypeStruct(s.shape, jnp.int8), "scale": jax.ShapeDtypeStruct(scale, jnp.float32)}
-
-    return jax.tree_util.tree_map_with_path(quantize, shapes)
+def abstract_model(config) -> tuple[nnx.Module, nnx.GraphDef, nnx.State]:
+    """The family module with bf16 ShapeDtypeStructs for parameters (int8 kernels + float32 scales
+    under quantization="int8"), its graphdef and its Param state."""
+    module = models.abstract(config, jnp.bfloat16)
+    graphdef, state = nnx.split(module, nnx.Param)
+    return module, graphdef, state
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,41 +173,55 @@ def _leaf_init(kind: str, shape: tuple, dtype, sharding, std: float):
     return jax.jit(init, out_shardings=sharding)
 
 
-def random_params(config, abstract, shardings, seed: int = 0):
+def _is_param(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def random_params(module, state: nnx.State, shardings: nnx.State, seed: int = 0) -> nnx.State:
+    """Random values for the Param state, each leaf created directly with its sharding. What a leaf
+    is comes from the model's structure, not from its name: norm scales (logical axis "norm") are
+    1, other vectors (the router's balancing bias) 0; a Linear's kernel is drawn with std
+    1/sqrt(fan-in) from its own einsum (int8: uniform random bytes, its `scale` beside it giving the
+    same std); other matrices (embedding, routers) with 1/sqrt(d)."""
     key = jax.random.key(seed)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    fan_ins = matrix_fan_ins(module)
+    linears = {path[:-1]: fan_in for path, fan_in in fan_ins.items()}  # Linear module path -> fan-in
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_param)
     flat_shardings = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    flat_names = jax.tree_util.tree_leaves(logical_axes(state), is_leaf=lambda x: isinstance(x, tuple))
     out = []
-    for i, ((path, s), sharding) in enumerate(zip(flat, flat_shardings)):
-        names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-        name = names[-1] if names[-1] not in ("int8", "scale") else names[-2]
-        if len(s.shape) == 1:
-            kind, std = ("zeros" if name == "router_bias" else "ones"), 0.0
-        elif names[-1] in ("int8", "scale"):
-            expert = len(s.shape) == 3 and name in ("gate", "up", "down")
-            full = abstract_leaf_shape(abstract, path)
-            kind, std = names[-1], _fan_in(name, full, expert) ** -0.5
+    for i, ((keypath, variable), sharding, names) in enumerate(zip(flat, flat_shardings, flat_names)):
+        path = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in keypath)
+        s = variable.get_value()
+        per_layer = [n for n in names if n != "layers"]
+        if path in fan_ins:
+            kind = "int8" if s.dtype == jnp.int8 else "normal"
+            std = fan_ins[path] ** -0.5
+        elif path[:-1] in linears:  # an int8 Linear's per-output-channel scale
+            kind, std = "scale", linears[path[:-1]] ** -0.5
+        elif per_layer[-1:] == ["norm"]:
+            kind, std = "ones", 0.0
+        elif len(per_layer) == 1:
+            kind, std = "zeros", 0.0
         else:
-            expert = len(s.shape) == 3 and name in ("gate", "up", "down")
-            kind, std = "normal", (1.0 if name == "embed" and config.family == "deepseek_v3" else _fan_in(name, s.shape, expert) ** -0.5)
-        out.append(_leaf_init(kind, tuple(s.shape), s.dtype, sharding, float(std))(jax.random.fold_in(key, i)))
+            kind, std = "normal", s.shape[names.index("embed")] ** -0.5
+        value = _leaf_init(kind, tuple(s.shape), s.dtype, sharding, float(std))(jax.random.fold_in(key, i))
+        out.append(variable.replace(value))
     return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def abstract_leaf_shape(abstract, path) -> tuple:
-    node = abstract
-    for k in path[:-1]:
-        node = node[getattr(k, "key", getattr(k, "idx", None))]
-    return tuple(node["int8"].shape)
 
 
 # -- placement of caches and inputs ------------------------------------------------------------------
 def cache_shardings(cache, mesh, rules):
-    """Batch over the rules' batch axes, KV heads over tensor (where they divide)."""
-    names = {1: ("batch",), 2: ("batch", "length"), 3: ("batch", "length", None), 4: ("batch", "length", "kv_heads", "head_dim")}
-    return jax.tree_util.tree_map(
-        lambda x: NamedSharding(mesh, spec_for(names[x.ndim], tuple(x.shape), mesh, rules.activations, strict=False)), cache
-    )
+    """Batch over the rules' batch axes, KV heads over tensor (where they divide). Every cache leaf
+    but "pos" belongs to a stack of layers (its leading axis, never split): per layer, [b, slots]
+    slot positions, [b, slots, c] latent rows (MLA) or [b, slots, kv_heads, head_dim] keys/values."""
+    per_layer = {2: ("batch", "length"), 3: ("batch", "length", None), 4: ("batch", "length", "kv_heads", "head_dim")}
+
+    def one(path, x):
+        names = ("batch",) if path[0].key == "pos" else ("layers",) + per_layer[x.ndim - 1]
+        return NamedSharding(mesh, spec_for(names, tuple(x.shape), mesh, rules.activations, strict=False))
+
+    return jax.tree_util.tree_map_with_path(one, cache)
 
 
 def device_memory() -> dict:
@@ -236,7 +257,7 @@ def collective_time(config, mesh, batch: int) -> tuple[str, float]:
     ep, tp = sizes.get("expert", 1), sizes.get("tensor", 1)
     d = config.d_model
     moe_layers = config.num_layers - config.get("num_dense_layers", 0)
-    k = config.get("num_experts_per_token") or config.get("num_selected_experts")
+    k = config.num_experts_per_token
     if ep > 1:
         # The dense exchange's buffers: [ep, cap, d] per device with cap = local tokens ×
         # min(k, experts per device) (capacity-free), sent and returned once per MoE layer.
@@ -273,15 +294,14 @@ def collective_time(config, mesh, batch: int) -> tuple[str, float]:
 
 # -- one model ----------------------------------------------------------------------------------------
 def run_model(name: str, config, weights: str, mesh, rules) -> dict:
-    family = family_module(config)
+    module, graphdef, abstract = abstract_model(config)
     res = {"model": name, "layers": config.num_layers, "weights": weights, "mesh": dict(mesh.shape), "rules": rules.name,
            "moe_exchange": ARGS.moe_exchange,
            "devices": mesh.devices.size, "device_kind": jax.devices()[0].device_kind}
     RESULTS["runs"].append(res)
-    abstract = abstract_params(config, weights)
-    shardings = param_shardings(config, abstract, mesh, rules)
+    shardings = param_shardings(abstract, mesh, rules, config)
     t = time.perf_counter()
-    params = random_params(config, abstract, shardings)
+    params = random_params(module, abstract, shardings)
     jax.block_until_ready(params)
     res["init_s"] = time.perf_counter() - t
     total = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
@@ -297,16 +317,16 @@ def run_model(name: str, config, weights: str, mesh, rules) -> dict:
     cache_dtype = jnp.bfloat16
 
     def make_cache(batch, slots):
-        abstract_cache = jax.eval_shape(lambda: family.init_cache(config, batch, slots, cache_dtype))
+        abstract_cache = jax.eval_shape(lambda: module.init_cache(batch, slots, cache_dtype))
         sh = cache_shardings(abstract_cache, mesh, rules)
-        return jax.jit(lambda: family.init_cache(config, batch, slots, cache_dtype), out_shardings=sh)(), sh
+        return jax.jit(lambda: module.init_cache(batch, slots, cache_dtype), out_shardings=sh)(), sh
 
     with use_mesh(mesh, rules, moe_all_to_all=ARGS.moe_exchange):
         # Prefill: one prompt into a fresh cache, logits of its last position (the engine's prefill).
         def prefill_body(p, tokens, cache):
             last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32)
-            logits, cache = family.forward(p, tokens, config, cache=cache, logit_positions=last)
-            return jnp.argmax(logits[:, -1], -1), cache
+            out = models.apply(graphdef, p, tokens, cache=cache, logit_positions=last)
+            return jnp.argmax(out.logits[:, -1], -1), out.cache
 
         res["prefill"] = []
         for length in ARGS.prefill:
@@ -336,8 +356,8 @@ def run_model(name: str, config, weights: str, mesh, rules) -> dict:
 
         # Decode: one token per row against a cache holding cache_len positions.
         def decode_body(p, tokens, cache):
-            logits, cache = family.forward(p, tokens, config, cache=cache)
-            return jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None], cache
+            out = models.apply(graphdef, p, tokens, cache=cache)
+            return jnp.argmax(out.logits[:, -1], -1).astype(jnp.int32)[:, None], out.cache
 
         res["decode"] = []
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -348,7 +368,7 @@ def run_model(name: str, config, weights: str, mesh, rules) -> dict:
             # The cache's contents do not change the cost; its length does: mark cache_len positions filled.
             cache = dict(cache)
             cache["pos"] = jax.device_put(jnp.full((batch,), ARGS.cache_len, jnp.int32), sh["pos"])
-            cache["layers"] = [_mark_filled(layer, ARGS.cache_len, s) for layer, s in zip(cache["layers"], sh["layers"])]
+            cache = {k: v if k == "pos" else _mark_filled(v, ARGS.cache_len, sh[k]) for k, v in cache.items()}
             token = jax.device_put(jnp.asarray(rng.integers(3, vocab_hi, (batch, 1)), jnp.int32), replicated)
             t = time.perf_counter()
             token, cache = decode(params, token, cache)
@@ -406,13 +426,14 @@ def _profile_row(summary: dict) -> dict:
     return {"device": summary["device"], "busy_us_per_call": summary["busy_us_per_call"], "ops": summary["ops"][:25]}
 
 
-def _mark_filled(layer: dict, n: int, shardings: dict) -> dict:
-    """A cache layer whose first n slots count as written (GQA caches record each slot's position)."""
-    if "slot_pos" not in layer:
-        return layer
-    b, slots = layer["slot_pos"].shape
-    pos = jnp.where(jnp.arange(slots) < n, jnp.arange(slots), -1)
-    return {**layer, "slot_pos": jax.device_put(jnp.broadcast_to(pos, (b, slots)).astype(jnp.int32), shardings["slot_pos"])}
+def _mark_filled(stack: dict, n: int, shardings: dict) -> dict:
+    """A stack's cache whose first n slots count as written in every layer (GQA caches record each
+    slot's position, [layers, b, slots]; MLA's latent cache counts by "pos" alone)."""
+    if "slot_pos" not in stack:
+        return stack
+    shape = stack["slot_pos"].shape
+    pos = jnp.where(jnp.arange(shape[-1]) < n, jnp.arange(shape[-1]), -1)
+    return {**stack, "slot_pos": jax.device_put(jnp.broadcast_to(pos, shape).astype(jnp.int32), shardings["slot_pos"])}
 
 
 def main() -> None:
@@ -421,13 +442,13 @@ def main() -> None:
     log(f"jax {jax.__version__}, {n} × {devices[0].device_kind} ({jax.default_backend()})")
     RESULTS["jax"] = jax.__version__
     for name in ARGS.models:
-        config = deepseek_config() if name == "deepseek-v3" else grok_config()
+        weights = deepseek_weights() if name == "deepseek-v3" else ARGS.grok_weights
+        config = deepseek_config(weights) if name == "deepseek-v3" else grok_config(weights)
         if ARGS.mesh:
             sizes = parse_mesh(ARGS.mesh)
         else:  # docs/scaling.md's serving layouts
             sizes = {"expert": n} if name == "deepseek-v3" else {"tensor": n}
         mesh = make_mesh(**sizes, devices=devices)
-        weights = ARGS.deepseek_weights if name == "deepseek-v3" else ARGS.grok_weights
         run_model(name, config, weights, mesh, RULES["tensor"])
 
 

@@ -1,11 +1,12 @@
 """The arithmetic behind docs/scaling.md: per-device memory and per-step communication of DeepSeek-V3
 671B and Grok-1 314B, trained on a TPU v5p slice and served on 8×H200.
 
-Parameter shapes come from the registered presets (jax.eval_shape of each family's init_params:
-nothing is allocated), and per-device weight bytes from the same `param_specs` that shards a real
-run (so a layout that does not divide a dimension fails here exactly as it would on the pod). KV
-cache shapes come from each family's init_cache. Activation and communication volumes are formulas
-written out next to the numbers they produce: estimates, not measurements.
+Parameter shapes and their logical axes come from the registered presets (`models.abstract`: the
+family's nnx.Module under nnx.eval_shape, nothing allocated), and per-device weight bytes from the
+same `param_specs` of that parameter state that shards a real run (so a layout that does not divide
+a dimension fails here exactly as it would on the pod). KV cache shapes come from each family's
+init_cache. Activation and communication volumes are formulas written out next to the numbers they
+produce: estimates, not measurements.
 
     python scripts/scaling_plan.py            # markdown tables (what docs/scaling.md shows)
 """
@@ -18,11 +19,13 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from vishwam_jax.models import family_module
+from vishwam_jax import models
+from vishwam_jax.models.layers import Linear
 from vishwam_jax.presets import get_config
-from vishwam_jax.sharding import AXES, leaf_name, logical_axes, param_specs
+from vishwam_jax.sharding import AXES, logical_axes, param_specs
 
 GB = 1e9
 
@@ -76,18 +79,40 @@ def abstract_mesh(sizes: dict) -> AbstractMesh:
         return AbstractMesh(tuple(zip(AXES, shape)))
 
 
-def shapes_of(config):
-    return jax.eval_shape(lambda k: family_module(config).init_params(config, k, jnp.bfloat16), jax.random.key(0))
+def abstract_state(config, dtype=jnp.bfloat16) -> tuple[nnx.Module, nnx.State]:
+    """The family module with ShapeDtypeStructs for parameters, and its Param state."""
+    module = models.abstract(config, dtype)
+    return module, nnx.state(module, nnx.Param)
 
 
-def _is_matrix(path_names: list[str], ndim: int) -> bool:
-    return ndim >= 2 and path_names[-1] not in ("router",)
+def _einsum_contracted(spec: str) -> tuple[int, ...]:
+    """Positions of the weight's (second operand's) letters that the einsum `spec` sums over."""
+    inputs, out = spec.replace("...", "").split("->")
+    weight = inputs.split(",")[1]
+    return tuple(i for i, a in enumerate(weight) if a not in out)
 
 
-def _in_dims(name: str, names: tuple) -> int:
-    """How many leading (non-experts) axes a weight contracts: 2 for the attention out projections
-    ([heads, head_dim, d]), else 1 (weights are [in, out...])."""
-    return 2 if name in ("o", "wo") else 1
+def matrix_fan_ins(module: nnx.Module) -> dict[tuple, int]:
+    """{path of a Linear's kernel: its fan-in}, the product of the weight dimensions its einsum
+    contracts (an o projection [heads, head_dim, d]: heads × head_dim), read off each Linear's own
+    spec, so no weight is recognised by its name. The routed experts' Linears (no spec: the sorted
+    dispatch applies them, [e, in, out]) contract their dimension after `experts`. Paths are the
+    module attribute paths of nnx.iter_graph; a stacked Linear's kernel has the stack axes in front.
+    Embedding tables and routers are not Linears: they are never quantized."""
+    out = {}
+    for path, node in nnx.iter_graph(module):
+        if not isinstance(node, Linear):
+            continue
+        shape = tuple(node.kernel.get_value().shape)
+        names = tuple(node.kernel.get_metadata()["out_sharding"])
+        lead = names.count("layers")  # a stacked Linear: the stack axes in front of the einsum's weight
+        dims = tuple(lead + i for i in _einsum_contracted(node.spec)) if node.spec else (names.index("experts") + 1,)
+        out[tuple(path) + ("kernel",)] = math.prod(shape[i] for i in dims)
+    return out
+
+
+def _path(keypath) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in keypath)
 
 
 @dataclass
@@ -101,19 +126,21 @@ class ParamStats:
 
 
 def param_stats(config, layout: Layout) -> ParamStats:
-    shapes = shapes_of(config)
+    module, state = abstract_state(config)
     mesh = abstract_mesh(layout.mesh)
     sizes = {a: layout.mesh.get(a, 1) for a in AXES}
-    specs = param_specs(config, shapes, mesh, layout.rules)  # raises, naming the dimension, if it does not divide
-    names = logical_axes(config, shapes)
-    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    specs = param_specs(state, mesh, layout.rules, config)  # raises, naming the dimension, if it does not divide
+    names = logical_axes(state)
+    fan_ins = matrix_fan_ins(module)
+    # Paths end at each nnx.Param (not at its `.value` inside): the module attribute paths.
+    flat = [(kp, v.get_value()) for kp, v in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]]
     flat_specs = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     flat_names = jax.tree_util.tree_leaves(names, is_leaf=lambda x: isinstance(x, tuple))
     st = ParamStats()
     per_layer: dict[str, float] = {}
     fsdp_dims = {"embed", "q_lora", "kv_lora"}  # the dimensions the FSDP table shards (gathered per layer)
-    for (path, leaf), spec, leaf_names in zip(flat, flat_specs, flat_names):
-        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    for (keypath, leaf), spec, leaf_names in zip(flat, flat_specs, flat_names):
+        path = _path(keypath)
         n = leaf.size
         st.total += n
         if "experts" in leaf_names:
@@ -127,19 +154,16 @@ def param_stats(config, layout: Layout) -> ParamStats:
                 gathered_split *= s
         st.per_device += n / split
         st.per_device_gathered += n / gathered_split
-        layer_key = ".".join(keys[:2]) if keys[0] in ("layers", "mtp") else keys[0]
-        per_layer[layer_key] = per_layer.get(layer_key, 0) + n / gathered_split
-        if _is_matrix(keys, leaf.ndim) and keys[-1] not in ("embed",):
-            lead = 1 if "experts" in leaf_names else 0
-            fan_in = math.prod(leaf.shape[lead : lead + _in_dims(keys[-1], leaf_names)])
-            st.int8_scales += 4 * n / fan_in / split
-    st.largest_layer_gathered = max(v for k, v in per_layer.items() if k.startswith(("layers", "mtp")))
+        if leaf_names[:1] == ("layers",):  # one slice of a scanned stack is one layer (or one MTP depth)
+            per_layer[path[0]] = per_layer.get(path[0], 0) + n / gathered_split / leaf.shape[0]
+        if path in fan_ins:  # weight-only int8: one float32 scale per output channel
+            st.int8_scales += 4 * n / fan_ins[path] / split
+    st.largest_layer_gathered = max(per_layer.values())
     return st
 
 
 def active_params(config, st: ParamStats) -> float:
-    k = config.get("num_experts_per_token") or config.get("num_selected_experts")
-    return st.total - st.expert + st.expert * k / config.num_experts
+    return st.total - st.expert + st.expert * config.num_experts_per_token / config.num_experts
 
 
 def moe_layers(config) -> int:
@@ -149,11 +173,12 @@ def moe_layers(config) -> int:
 
 
 def top_k(config) -> int:
-    return config.get("num_experts_per_token") or config.get("num_selected_experts")
+    return config.num_experts_per_token
 
 
 def cache_bytes_per_token(config) -> float:
-    cache = jax.eval_shape(lambda: family_module(config).init_cache(config, 1, 1, jnp.bfloat16))
+    module = models.abstract(config, jnp.bfloat16)
+    cache = jax.eval_shape(lambda: module.init_cache(1, 1, jnp.bfloat16))
     return sum(l.size * l.dtype.itemsize for l in jax.tree_util.tree_leaves(cache) if l.ndim >= 2)
 
 
@@ -176,7 +201,7 @@ def train_table(layout: Layout) -> str:
     seqs_per_chip = layout.global_batch * tp / n_dev  # tensor shards see the same sequences
     accum = seqs_per_chip / layout.micro_batch
     tokens_micro = layout.micro_batch * layout.seq_len  # tokens per chip per micro-batch
-    heads = config.get("num_heads") or config.get("num_q_heads")
+    heads = config.num_heads
     L = config.num_layers + config.get("num_mtp_layers", 0)
     rows = []
     add = lambda what, value, how: rows.append(f"| {what} | {value} | {how} |")
@@ -191,7 +216,7 @@ def train_table(layout: Layout) -> str:
     # The exchange's buffers (sent / received / regrouped / returned rows of width d, gate / up / hidden
     # rows of width f/tensor): each holds ep × cap rows, cap = c × rows / ep, or capacity-free the most
     # one source can send one device, tokens × min(k, E/ep) (a token's k experts are distinct).
-    buf = lambda c: c * rows_routed * (4 * d + 3 * config.get("moe_ffn_dim", config.ffn_dim) / tp) * 2
+    buf = lambda c: c * rows_routed * (4 * d + 3 * config.moe_ffn_dim / tp) * 2
     c_free = ep * min(k, config.num_experts // ep) / k
     c = c_free if layout.capacity_factor is None else layout.capacity_factor
     moe_buf = buf(c)
@@ -200,7 +225,7 @@ def train_table(layout: Layout) -> str:
     flash = config.family == "deepseek_v3"  # MLA prefill/training attention is the Pallas flash kernel
     attn = 0 if flash else 2 * layout.micro_batch * heads / tp * layout.seq_len**2 * 4
     total = master + adam + grads + gathered + saved + moe_buf + logits + attn
-    add("parameters (total / active per token)", f"{st.total / 1e9:,.1f} B / {active_params(config, st) / 1e9:,.1f} B", "eval_shape of init_params")
+    add("parameters (total / active per token)", f"{st.total / 1e9:,.1f} B / {active_params(config, st) / 1e9:,.1f} B", "models.abstract (nnx.eval_shape)")
     add("parameters per chip", f"{st.per_device / 1e9:,.3f} B", f"param_specs(rules={layout.rules!r})")
     add("float32 master weights", fmt_gb(master), "4 B × params per chip")
     add("Adam moments (float32 m, v)", fmt_gb(adam), "8 B × params per chip")
@@ -265,7 +290,7 @@ def serve_table(layout: Layout) -> str:
     rows = []
     add = lambda what, value, how: rows.append(f"| {what} | {value} | {how} |")
     fmt = "int8 (weight-only, f32 per-output-channel scales)" if layout.weight_bytes == 1 else "bf16"
-    add("parameters (total / active per token)", f"{st.total / 1e9:,.1f} B / {active_params(config, st) / 1e9:,.1f} B", "eval_shape of init_params")
+    add("parameters (total / active per token)", f"{st.total / 1e9:,.1f} B / {active_params(config, st) / 1e9:,.1f} B", "models.abstract (nnx.eval_shape)")
     add(f"weights per GPU ({fmt})", fmt_gb(weights), f"{st.per_device / 1e9:,.2f} B params per GPU from param_specs(rules={layout.rules!r})")
     add("KV cache per token (all layers)", f"{per_tok / 1e3:,.1f} KB", "eval_shape of init_cache, bf16")
     for b in layout.decode_batches:

@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     model = vj.load(args.out)
     _, heldout = data.train_heldout_split(data.shakespeare_bytes(), HELDOUT_FRACTION)
     n_windows = sum(1 for _ in data.heldout_batches(heldout, 16, args.seq_len)) * 16
-    loss = evaluate(model.family, model.config, model.params, heldout, 16, args.seq_len, jnp.bfloat16)
+    loss = evaluate(model.module, heldout, 16, args.seq_len, jnp.bfloat16)
     print(f"held-out loss {loss:.4f} nats/byte ({loss / np.log(2):.3f} bits/byte) over {n_windows} windows")
 
     prompt = model.tokenizer.encode("ROMEO.\n")

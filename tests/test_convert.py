@@ -45,12 +45,14 @@ def test_sharded_checkpoint_converts_exactly(tmp_path):
     tensors = write_hf_gemma(tmp_path / "hf", shards=3)
     vj.convert(tmp_path / "hf", tmp_path / "out")
     params = orbax_io.restore_params(tmp_path / "out")
-    np.testing.assert_array_equal(params["embed"], tensors["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(params["embed"]["embedding"], tensors["model.embed_tokens.weight"])
+    # Gemma 1 has no local layers: one period of one layer, stacked over the 2 layers.
+    layers = params["blocks"]["layers"][0]
     q = tensors["model.layers.1.self_attn.q_proj.weight"]  # [h*hd, d] -> [d, h, hd]
-    np.testing.assert_array_equal(params["layers"][1]["attn"]["q"], q.T.reshape(32, 2, 16))
-    np.testing.assert_array_equal(params["layers"][0]["mlp"]["down"], tensors["model.layers.0.mlp.down_proj.weight"].T)
+    np.testing.assert_array_equal(layers["attn"]["q"]["kernel"][1], q.T.reshape(32, 2, 16))
+    np.testing.assert_array_equal(layers["mlp"]["down"]["kernel"][0], tensors["model.layers.0.mlp.down_proj.weight"].T)
     # Gemma 1 names the pre-MLP norm "post_attention_layernorm".
-    np.testing.assert_array_equal(params["layers"][0]["mlp_norm"], tensors["model.layers.0.post_attention_layernorm.weight"])
+    np.testing.assert_array_equal(layers["mlp_norm"]["scale"][0], tensors["model.layers.0.post_attention_layernorm.weight"])
 
 
 def test_bfloat16_storage(tmp_path):
@@ -82,15 +84,15 @@ def test_peak_memory_stays_near_one_tensor(tmp_path):
 def test_interrupted_conversion_leaves_nothing_that_loads(tmp_path, monkeypatch):
     write_hf_gemma(tmp_path / "hf")
     calls = {"n": 0}
-    original = orbax_io.CheckpointWriter.write
+    original = orbax_io.CheckpointWriter.create
 
-    def failing_write(self, path, array):
+    def failing_create(self, path, shape, dtype):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError("disk full (simulated)")
-        return original(self, path, array)
+        return original(self, path, shape, dtype)
 
-    monkeypatch.setattr(orbax_io.CheckpointWriter, "write", failing_write)
+    monkeypatch.setattr(orbax_io.CheckpointWriter, "create", failing_create)
     with pytest.raises(OSError, match="simulated"):
         vj.convert(tmp_path / "hf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -103,7 +105,6 @@ def test_save_params_sharded_tree_and_interrupted_save(tmp_path, monkeypatch):
     overwrite replaces an existing directory."""
     import jax
     import jax.numpy as jnp
-    import ml_collections
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
@@ -115,14 +116,14 @@ def test_save_params_sharded_tree_and_interrupted_save(tmp_path, monkeypatch):
     }
     specs = {"embed": P("a", "b"), "layers": [{"w": P(None, "b")}, {"q": P("a")}], "scale": P()}
     params = jax.tree_util.tree_map(lambda x, s: jax.device_put(jnp.asarray(x), NamedSharding(mesh, s)), host, specs)
-    config = ml_collections.ConfigDict({"family": "test", "dims": (1, 2)})
+    config = vj.get_config("gemma3-tiny", num_layers=7)
 
     orbax_io.save_params(tmp_path / "m", params, config)
     restored = orbax_io.restore_params(tmp_path / "m")
     assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(host)
     for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(host)):
         assert a.dtype == np.asarray(b).dtype and np.array_equal(np.asarray(a), np.asarray(b))
-    assert orbax_io.read_config(tmp_path / "m").dims == (1, 2)
+    assert orbax_io.read_config(tmp_path / "m") == config  # derived fields (layer_types) recomputed alike
     with pytest.raises(CheckpointError, match="already exists"):
         orbax_io.save_params(tmp_path / "m", params, config)
 
@@ -204,7 +205,7 @@ def test_load_errors(tmp_path):
 def test_corrupt_params_are_reported(tmp_path):
     write_hf_gemma(tmp_path / "hf")
     vj.convert(tmp_path / "hf", tmp_path / "out")
-    (tmp_path / "out" / "params" / "embed" / ".zarray").write_text("{not json")
+    (tmp_path / "out" / "params" / "embed.embedding" / ".zarray").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt"):
         vj.load(tmp_path / "out")
 
@@ -215,5 +216,5 @@ def test_convert_stays_callable_after_the_cli_module_is_imported(tmp_path):
 
     tensors = write_hf_gemma(tmp_path / "hf")
     vj.convert(tmp_path / "hf", tmp_path / "out")
-    np.testing.assert_array_equal(orbax_io.restore_params(tmp_path / "out")["embed"], tensors["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(orbax_io.restore_params(tmp_path / "out")["embed"]["embedding"], tensors["model.embed_tokens.weight"])
     assert cli.run([str(tmp_path / "hf"), str(tmp_path / "out")]) == 2  # exists, no --overwrite: one-line error

@@ -17,19 +17,23 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import chex  # noqa: E402
+from flax import nnx  # noqa: E402
 from hf_utils import assert_logits_close, hf_greedy, randomize_all  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from vishwam_jax import models  # noqa: E402
 from vishwam_jax.checkpoint import hf_deepseek  # noqa: E402
 from vishwam_jax.checkpoint.convert import convert  # noqa: E402
-from vishwam_jax.checkpoint.orbax_io import read_config, restore_params  # noqa: E402
+from vishwam_jax.checkpoint.orbax_io import from_disk_tree, read_config, restore_params  # noqa: E402
 from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError  # noqa: E402
 from vishwam_jax.inference.engine import Generator  # noqa: E402
 from vishwam_jax.inference.speculative import SpeculativeGenerator  # noqa: E402
-from vishwam_jax.model import Model  # noqa: E402
+from vishwam_jax.loading import load  # noqa: E402
+from vishwam_jax.models import apply  # noqa: E402
 from vishwam_jax.models import deepseek_v3 as ds  # noqa: E402
 from vishwam_jax.models.moe import grouped_sigmoid_router  # noqa: E402
-from vishwam_jax.presets import get_config  # noqa: E402
+from vishwam_jax.presets import get_config, replace  # noqa: E402
 
 YARN = {
     "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
@@ -46,8 +50,8 @@ BASE = dict(
 )
 
 
-def _jit_forward(config):
-    return jax.jit(lambda p, t: ds.forward(p, t, config)[0])
+def _jit_forward(graphdef):
+    return jax.jit(lambda p, t: apply(graphdef, p, t).logits)
 
 
 def _release_mtp_tensors(mtp, hf) -> dict:
@@ -98,9 +102,10 @@ def _build(tmp_path_factory, name, hf_kwargs, *, with_mtp: bool, release_config:
         _rewrite_config_as_release(src)
     dst = tmp_path_factory.mktemp(f"ours-{name}") / "model"
     convert(src, dst)
-    config = read_config(dst)
-    params = restore_params(dst)
-    return types.SimpleNamespace(hf=hf, mtp=mtp, src=src, dst=dst, config=config, params=params, model=Model(config, params))
+    model = load(dst)
+    return types.SimpleNamespace(
+        hf=hf, mtp=mtp, src=src, dst=dst, config=model.config, graphdef=model.graphdef, params=model.params, model=model
+    )
 
 
 def _rewrite_config_as_release(src):
@@ -128,10 +133,12 @@ def test_logits_and_expert_counts_match_transformers(case):
     tokens = np.random.default_rng(0).integers(3, 97, size=(2, 19))
     with torch.no_grad():
         theirs = case.hf(torch.tensor(tokens)).logits.numpy()
-    assert_logits_close(_jit_forward(case.config)(case.params, jnp.asarray(tokens)), theirs)
-    _, _, aux = jax.jit(lambda p, t: ds.forward_with_aux(p, t, case.config))(case.params, jnp.asarray(tokens))
-    counts = np.asarray(aux["expert_counts"])
-    assert counts.shape == (2, 16) and (counts.sum(axis=1) == tokens.size * 3).all()
+    assert_logits_close(_jit_forward(case.graphdef)(case.params, jnp.asarray(tokens)), theirs)
+    out = jax.jit(lambda p, t: apply(case.graphdef, p, t))(case.params, jnp.asarray(tokens))
+    counts = np.asarray(out.expert_counts)
+    chex.assert_shape(out.expert_counts, (2, 16))
+    chex.assert_type(out.expert_counts, jnp.int32)
+    assert (counts.sum(axis=1) == tokens.size * 3).all()
 
 
 def test_greedy_generation_matches_transformers(case):
@@ -151,15 +158,16 @@ def test_mtp_module_matches_transformers(case):
         positions = torch.arange(1, 12)[None].expand(2, -1)  # transformers: the position of each entry's token
         h = case.mtp.forward_layer(0, hidden[:, :-1], positions, None, input_ids=ids[:, 1:])
         theirs = case.mtp._project_to_logits(h).numpy()
-    assert case.config.num_mtp_layers == 1
-    ours_hidden = jax.jit(lambda p, t: ds.forward_with_aux(p, t, case.config)[2]["hidden"])(case.params, jnp.asarray(tokens))
+    assert case.config.num_mtp_layers == 1 and case.model.capabilities.mtp
+    g = case.graphdef
+    ours_hidden = jax.jit(lambda p, t: apply(g, p, t).hidden)(case.params, jnp.asarray(tokens))
     np.testing.assert_allclose(ours_hidden, hidden.numpy(), atol=1e-5)
-    ours = jax.jit(lambda p, h, t: ds.mtp_forward(p, h, t, case.config)[0])(case.params, ours_hidden[:, :-1], jnp.asarray(tokens[:, 1:]))
+    ours = jax.jit(lambda p, h, t: apply(g, p, h, t, method="mtp").logits)(case.params, ours_hidden[:, :-1], jnp.asarray(tokens[:, 1:]))
     assert_logits_close(ours, theirs)
     # The MTP loss: depth 1 predicts t_{i+2} from entry i.
     logp = theirs[:, :-1] - np.log(np.exp(theirs[:, :-1]).sum(-1, keepdims=True))
     expected = -np.take_along_axis(logp, tokens[:, 2:, None], axis=-1).mean()
-    loss = jax.jit(lambda p, t: ds.mtp_loss(p, t, case.config))(case.params, jnp.asarray(tokens))
+    loss = jax.jit(lambda p, t: apply(g, p, t, method="mtp_loss"))(case.params, jnp.asarray(tokens))
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
@@ -173,11 +181,12 @@ def test_rotate_half_layout_direct_queries_and_release_config(tmp_path_factory):
     cfg = c.config
     assert not cfg.rope_interleaved and cfg.q_lora_rank == 0 and cfg.num_dense_layers == 2
     assert cfg.rope_scaling_type == "yarn" and cfg.rope_mscale_all_dim == 0.707 and cfg.num_mtp_layers == 0
-    assert "mtp" not in c.params and "wq" in c.params["layers"][0]["attn"]
+    assert "mtp_layers" not in c.params and not c.model.capabilities.mtp
+    assert "wq" in c.params["dense_layers"]["attn"] and "wq_a" not in c.params["moe_layers"]["attn"]
     tokens = np.random.default_rng(3).integers(3, 97, size=(2, 17))
     with torch.no_grad():
         theirs = c.hf(torch.tensor(tokens)).logits.numpy()
-    assert_logits_close(_jit_forward(cfg)(c.params, jnp.asarray(tokens)), theirs)
+    assert_logits_close(_jit_forward(c.graphdef)(c.params, jnp.asarray(tokens)), theirs)
 
 
 # -- MLA: absorbed decode on the latent cache ------------------------------------------------------
@@ -189,15 +198,16 @@ def test_absorbed_decode_matches_naive_prefill(case, prompt_attention, monkeypat
     from vishwam_jax.models import mla
 
     monkeypatch.setattr(mla, "NAIVE_PREFILL_MIN_TOKENS", 1 if prompt_attention == "naive" else 10**9)
-    cfg, params = case.config, case.params
+    cfg, params, g = case.config, case.params, case.graphdef
     rng = np.random.default_rng(4)
     lengths = np.array([16, 11])
     tokens = rng.integers(3, 97, size=(2, 16))
     tokens[1, 11:] = cfg.pad_token_id
-    naive = np.asarray(_jit_forward(cfg)(params, jnp.asarray(tokens)))
-    step = jax.jit(lambda p, t, c, n: ds.forward(p, t, cfg, cache=c, lengths=n))
-    cache = ds.init_cache(cfg, 2, 24, jnp.float32)
-    assert cache["layers"][0]["kv"].shape == (2, 24, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    naive = np.asarray(_jit_forward(g)(params, jnp.asarray(tokens)))
+    step = jax.jit(lambda p, t, c, n: (lambda out: (out.logits, out.cache))(apply(g, p, t, cache=c, lengths=n)))
+    cache = case.model.module.init_cache(2, 24, jnp.float32)
+    chex.assert_shape(cache["dense_layers"]["kv"], (1, 2, 24, cfg.kv_lora_rank + cfg.qk_rope_head_dim))
+    chex.assert_shape(cache["moe_layers"]["kv"], (2, 2, 24, cfg.kv_lora_rank + cfg.qk_rope_head_dim))
     logits, cache = step(params, jnp.asarray(tokens[:, :6]), cache, jnp.array([6, 4]))
     got = [[logits[0, i] for i in range(6)], [logits[1, i] for i in range(4)]]
     pos = np.array([6, 4])
@@ -215,9 +225,11 @@ def test_absorbed_decode_matches_naive_prefill(case, prompt_attention, monkeypat
 
 def test_latent_cache_is_576_values_per_token_per_layer():
     c = get_config("deepseek-v3-671b")
-    cache = jax.eval_shape(lambda: ds.init_cache(c, 1, 1, jnp.bfloat16))
-    assert all(layer["kv"].shape == (1, 1, 576) for layer in cache["layers"]) and len(cache["layers"]) == 61
-    ours = sum(layer["kv"].size * 2 for layer in cache["layers"])
+    module = models.abstract(c)
+    cache = jax.eval_shape(lambda: module.init_cache(1, 1, jnp.bfloat16))
+    chex.assert_shape(cache["dense_layers"]["kv"], (3, 1, 1, 576))
+    chex.assert_shape(cache["moe_layers"]["kv"], (58, 1, 1, 576))  # 61 layers in all
+    ours = sum(cache[stack]["kv"].size * 2 for stack in ("dense_layers", "moe_layers"))
     naive_mha = c.num_layers * c.num_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * 2
     assert ours == 70_272 and naive_mha == 4_997_120  # ~70 KB against ~5 MB per token
 
@@ -263,13 +275,15 @@ def test_update_router_bias():
     counts = jnp.array([[5, 1, 3, 3]])  # mean 3: over-, under-, exactly loaded
     np.testing.assert_allclose(ds.update_router_bias(bias, counts, 0.01), [[0.09, 0.01, -0.2, 0.3]], rtol=1e-6)
     cfg = get_config("deepseek-v3-tiny")
-    params = jax.eval_shape(lambda: ds.init_params(cfg, jax.random.key(0)))
+    params = nnx.state(models.abstract(cfg), nnx.Param)
     params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), params)
     counts = jnp.zeros((2, 16), jnp.int32).at[:, 0].set(16)
     new = ds.update_router_biases(params, counts, 0.5)
-    assert "router_bias" not in new["layers"][0]
-    for i in (1, 2):
-        np.testing.assert_allclose(new["layers"][i]["router_bias"], [-0.5] + [0.5] * 15)
+    assert "router" not in new["dense_layers"]
+    np.testing.assert_allclose(new["moe_layers"]["router"]["bias"][...], [[-0.5] + [0.5] * 15] * 2)
+    # Nothing else changes: not the MTP block's router bias, not any other parameter.
+    rest = lambda state: {k: v for k, v in nnx.to_flat_state(state) if k != ("moe_layers", "router", "bias")}  # noqa: E731
+    chex.assert_trees_all_equal(rest(new), rest(params))
     with pytest.raises(ValueError, match="2 MoE layers"):
         ds.update_router_biases(params, counts[:1], 0.5)
 
@@ -279,40 +293,45 @@ def _good_drafter(params, eps):
     """Shrink every block's output by `eps` so the main model is nearly a bigram table
     norm(embed(t)) @ head, and make the MTP module exactly that table applied to its token: its
     drafts are then often, but not always, right — both verification paths run."""
-    p = jax.tree_util.tree_map(lambda x: x, params)
-    for layer in p["layers"] + [p["mtp"][0]["block"]]:
-        scale = 0.0 if layer is p["mtp"][0]["block"] else eps
-        layer["attn"]["wo"] = layer["attn"]["wo"] * scale
+    p = nnx.to_pure_dict(params)  # nested dicts of arrays (stacks: every layer at once)
+    m = p["mtp_layers"]
+    for layer, scale in ((p["dense_layers"], eps), (p["moe_layers"], eps), (m["block"], 0.0)):
+        layer["attn"]["wo"]["kernel"] = layer["attn"]["wo"]["kernel"] * scale
         for name in ("mlp", "experts", "shared"):
             if name in layer:
-                layer[name]["down"] = layer[name]["down"] * scale
-    m = p["mtp"][0]
-    d = m["enorm"].shape[0]
-    m["eh_proj"] = jnp.concatenate([jnp.eye(d), jnp.zeros((d, d))]).astype(m["eh_proj"].dtype)
-    m["enorm"] = jnp.ones_like(m["enorm"])
-    m["norm"] = p["final_norm"]
-    return p
+                layer[name]["down"]["kernel"] = layer[name]["down"]["kernel"] * scale
+    d = m["enorm"]["scale"].shape[-1]
+    m["eh_proj"]["kernel"] = jnp.concatenate([jnp.eye(d), jnp.zeros((d, d))])[None].astype(m["eh_proj"]["kernel"].dtype)
+    m["enorm"]["scale"] = jnp.ones_like(m["enorm"]["scale"])
+    m["norm"]["scale"] = p["final_norm"]["scale"][None]
+    new = jax.tree_util.tree_map(lambda x: x, params)
+    nnx.replace_by_pure_dict(new, p)
+    return new
 
 
 def test_mtp_speculative_decoding_equals_greedy(case):
-    cfg = case.config
+    cfg, g = case.config, case.graphdef
     rng = np.random.default_rng(6)
     prompts = [list(rng.integers(3, 97, size=n)) for n in (7, 3, 12)]
-    spec, greedy = SpeculativeGenerator(cfg), Generator(ds, cfg)
+    spec, greedy = SpeculativeGenerator(g, cfg), Generator(g, cfg)
     for params in (case.params, _good_drafter(case.params, 0.3)):
         plain = np.asarray(greedy.generate(params, prompts, 12))
         result = spec.generate(params, prompts, 12)
         np.testing.assert_array_equal(result.tokens, plain)
         # Also with an EOS inside the generation: rows stop at the same token.
-        eos, cfg.eos_token_id = cfg.eos_token_id, int(plain[0, 5])
-        try:
-            plain_eos = np.asarray(greedy.generate(params, prompts, 12))
-            np.testing.assert_array_equal(spec.generate(params, prompts, 12).tokens, plain_eos)
-            assert (plain_eos[0, 6:] == cfg.pad_token_id).all()
-        finally:
-            cfg.eos_token_id = eos
+        eos_cfg = replace(cfg, eos_token_id=int(plain[0, 5]))
+        plain_eos = np.asarray(Generator(g, eos_cfg).generate(params, prompts, 12))
+        np.testing.assert_array_equal(SpeculativeGenerator(g, eos_cfg).generate(params, prompts, 12).tokens, plain_eos)
+        assert (plain_eos[0, 6:] == cfg.pad_token_id).all()
     assert 0 < result.accepted < result.drafted, (result.accepted, result.drafted)
     assert result.steps < 12 and 0.0 < result.acceptance_rate < 1.0
+
+
+def test_speculative_decoding_refuses_a_model_without_mtp():
+    cfg = get_config("deepseek-v3-tiny", num_mtp_layers=0)
+    graphdef, _ = nnx.split(models.abstract(cfg), nnx.Param)
+    with pytest.raises(ValueError, match="needs a model with an MTP module"):
+        SpeculativeGenerator(graphdef, cfg)
 
 
 # -- conversion ------------------------------------------------------------------------------------
@@ -360,8 +379,9 @@ def test_fp8_release_conversion_within_fp8_error(case, tmp_path, monkeypatch):
     convert(src, dst)
     assert whole and not [p for p in whole if "experts" in p], whole
     assert read_config(dst).to_dict() == case.config.to_dict()
-    fp8 = restore_params(dst)
-    ref = case.params
+    fp8 = from_disk_tree(restore_params(dst))
+    ref = nnx.to_pure_dict(case.params)
+    chex.assert_trees_all_equal_shapes(fp8, ref)
 
     def check(path, ours, orig):
         key = jax.tree_util.keystr(path)
@@ -399,9 +419,9 @@ def test_transformers_in_memory_expert_layout_converts_the_same(case, tmp_path):
     save_file({k: v.detach().clone().contiguous() for k, v in case.hf.state_dict().items()}, src / "model.safetensors")
     (src / "config.json").write_text((case.src / "config.json").read_text())
     convert(src, tmp_path / "ours")
-    fused = restore_params(tmp_path / "ours")
-    reference = {k: v for k, v in case.params.items() if k != "mtp"}
-    jax.tree_util.tree_map(np.testing.assert_array_equal, fused, reference)
+    fused = from_disk_tree(restore_params(tmp_path / "ours"))
+    reference = {k: v for k, v in nnx.to_pure_dict(case.params).items() if k != "mtp_layers"}
+    chex.assert_trees_all_equal(fused, reference)
 
 
 def test_bad_checkpoints_are_named(case, tmp_path):

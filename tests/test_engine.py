@@ -5,18 +5,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import vishwam_jax as vj
 from vishwam_jax.inference.sampling import SamplingParams, sample
 from vishwam_jax.inference.engine import PromptTooLongError
-from vishwam_jax.models import gemma
+
+
+def spread(params, norm_offset: float = 0.3):
+    """Random tiny models collapse onto one token; larger weights (and norms away from identity)
+    make their argmax path varied. Norm scales are told apart by their logical axes, not their rank
+    (stacked layers give them a leading layer axis)."""
+
+    def one(variable):
+        if variable.get_metadata()["out_sharding"][-1] == "norm":
+            return variable.replace(variable[...] + norm_offset)
+        return variable.replace(variable[...] * 3.0)
+
+    return jax.tree_util.tree_map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 @pytest.fixture(scope="module", params=["gemma-tiny", "gemma2-tiny", "gemma3-tiny"])
 def model(request):
     m = vj.load(request.param, seed=3)
-    # Random tiny models collapse onto one token; larger embeddings make their argmax path varied.
-    m.params = jax.tree_util.tree_map(lambda p: p * 3.0 if p.ndim >= 2 else p + 0.3, m.params)
+    m.params = spread(m.params)
     return m
 
 
@@ -53,12 +65,13 @@ def test_streaming_chunks_equal_one_call(model):
 
 def test_stops_at_eos_per_row_and_pads():
     m = vj.load("gemma-tiny", seed=0)
-    m.params = jax.tree_util.tree_map(lambda p: p * 3.0 if p.ndim >= 2 else p, m.params)
+    m.params = spread(m.params, norm_offset=0.0)
     prompt = [5, 6, 7]
     free = [int(t) for t in np.asarray(m.generate([prompt], 8))[0]]
     # The first token that did not occur before becomes EOS: the row must stop right after it.
     j = next(i for i in range(1, 8) if free[i] not in free[:i])
-    m.config.eos_token_id = free[j]
+    m = vj.load(vj.get_config("gemma-tiny", eos_token_id=free[j]), seed=0)  # the same weights
+    m.params = spread(m.params, norm_offset=0.0)
     out = np.asarray(m.generate([prompt, [9, 9, 9, 9]], 8))
     assert list(out[0][: j + 1]) == free[: j + 1]
     assert list(out[0][j + 1 :]) == [m.config.pad_token_id] * (7 - j)
@@ -101,8 +114,12 @@ def test_prompt_too_long_raises():
 
 
 def test_sliding_layers_use_ring_buffers_of_window_size():
-    c = vj.get_config("gemma2-tiny")
-    cache = gemma.init_cache(c, 2, 100)
-    sizes = [layer["k"].shape[1] for layer in cache["layers"]]
+    model = vj.load("gemma2-tiny")
+    c = model.config
+    cache = model.module.init_cache(2, 100)
+    # Layer i is position i % period of the scanned blocks: each position's cache is stacked over periods.
+    period = len(cache["blocks"])
+    sizes = [cache["blocks"][i % period]["k"].shape[2] for i in range(c.num_layers)]
     assert sizes == [c.sliding_window if t == "sliding" else 100 for t in c.layer_types]
     assert min(sizes) == 8
+    assert all(block["k"].shape[0] == c.num_layers // period for block in cache["blocks"])

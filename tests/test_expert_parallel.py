@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from vishwam_jax.models import moe
 from vishwam_jax.sharding import ShardingError, expert_parallel, make_mesh, use_mesh
@@ -205,7 +206,7 @@ def test_tensor_parallel_experts_run_on_width_shards(sizes, n, int8, monkeypatch
     """No expert axis, width split over tensor (Grok-1 served tensor-parallel): each device runs its
     width shard and the outputs are summed, so the weights are never gathered (left to GSPMD, the
     Pallas grouped matmul, which it cannot partition, would get them all-gathered on every call)."""
-    from vishwam_jax.sharding.rules import param_shardings
+    from vishwam_jax.sharding import logical_axes, param_shardings
 
     calls = []
     real = expert_parallel.dispatch_experts_width_parallel
@@ -216,14 +217,20 @@ def test_tensor_parallel_experts_run_on_width_shards(sizes, n, int8, monkeypatch
                          "scale": jnp.full((E, 1, w.shape[2]), 1 / 60, jnp.float32)} for name, w in params.items()}
     x, gates, experts = _skewed(n, seed=3)
     ref, ref_counts = _dispatch(x, gates, experts, params)
+    # The weights as the Experts module's Params: placed by their own logical axes, which are the
+    # layout the shard_map blocks of the dispatch assume.
+    graphdef, state = nnx.split(moe.Experts(E, D, F, "silu", rngs=nnx.Rngs(0), int8=int8), nnx.Param)
+    for name, axes in nnx.to_pure_dict(logical_axes(state)).items():
+        assert axes == {leaf: expert_parallel.WEIGHT_AXES[name] for leaf in axes}
+    nnx.replace_by_pure_dict(state, {name: {"kernel": w["int8"], "scale": w["scale"]} if int8 else {"kernel": w}
+                                     for name, w in params.items()})
     mesh = make_mesh(**sizes)
     with use_mesh(mesh, "tensor"):
-        placed = jax.device_put(params, param_shardings({}, params, mesh, "tensor"))
-        down = placed["down"]["int8"] if int8 else placed["down"]
-        assert down.sharding.spec[1] == "tensor"  # the width really is split
-        fn = jax.jit(lambda *a: moe.dispatch_experts(*a, "silu", E))
-        out, counts = fn(x, gates, experts, placed)
-        hlo = fn.lower(x, gates, experts, placed).compile().as_text()
+        placed = jax.device_put(state, param_shardings(state, mesh, "tensor"))
+        assert placed["down"]["kernel"].get_value().sharding.spec[1] == "tensor"  # the width really is split
+        fn = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a))
+        out, counts = fn(placed, x, gates, experts)
+        hlo = fn.lower(placed, x, gates, experts).compile().as_text()
     assert calls, "the width-parallel path was not taken"
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(counts, ref_counts)

@@ -7,14 +7,19 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from grok_utils import jit_forward, random_params, tiny_config
+from flax import nnx
+from grok_utils import jit_forward, layer, make_model, module, random_params, tiny_config
 
-import vishwam_jax as vj
-from vishwam_jax.models import grok1
+from vishwam_jax import models
+from vishwam_jax.models import stack
+from vishwam_jax.models.grok1 import Grok1
+from vishwam_jax.models.interface import Capabilities
+from vishwam_jax.models.layers import check_axes
 from vishwam_jax.presets import get_config
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "grok1-tokenizer.model"
@@ -54,7 +59,7 @@ def reference_logits(params, tokens, c, alter: frozenset = frozenset()):
     P = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
     tokens = np.asarray(tokens)
     b, t = tokens.shape
-    h_q, kh, hd = c.num_q_heads, c.num_kv_heads, c.key_size
+    h_q, kh, hd = c.num_heads, c.num_kv_heads, c.head_dim
     norm = lambda x, w: _rms_norm(x, w, c.norm_eps, one_plus_w="one_plus_w" in alter)
     gelu = _gelu_erf if "exact_gelu" in alter else _gelu_tanh
 
@@ -63,16 +68,17 @@ def reference_logits(params, tokens, c, alter: frozenset = frozenset()):
     if "no_pad_mask" in alter:
         input_mask = np.ones_like(input_mask)
     # 2. embedding times its multiplier
-    E = P["embed"]
+    E = P["embed"]["embedding"]
     h = E[tokens] * (1.0 if "no_embedding_multiplier" in alter else c.embedding_multiplier_scale)
     positions = np.broadcast_to(np.arange(t, dtype=np.float64), (b, t))
     causal = np.tril(np.ones((t, t), bool))
-    for L in P["layers"]:
+    for i in range(c.num_layers):
+        L = layer(P, i)
         # 3a. attention on rms_norm(h), then rms_norm_1 of its output is added
-        x = norm(h, L["attn_norm"])
-        q = np.einsum("btd,dhk->bthk", x, L["attn"]["q"])
-        k = np.einsum("btd,dhk->bthk", x, L["attn"]["k"])
-        v = np.einsum("btd,dhk->bthk", x, L["attn"]["v"])
+        x = norm(h, L["attn_norm"]["scale"])
+        q = np.einsum("btd,dhk->bthk", x, L["attn"]["q"]["kernel"])
+        k = np.einsum("btd,dhk->bthk", x, L["attn"]["k"]["kernel"])
+        v = np.einsum("btd,dhk->bthk", x, L["attn"]["v"]["kernel"])
         theta = 100_000.0 if "theta_1e5" in alter else c.rope_theta
         q = _rope(q, positions, theta, interleaved="interleaved_rope" in alter)
         k = _rope(k, positions, theta, interleaved="interleaved_rope" in alter)
@@ -92,34 +98,35 @@ def reference_logits(params, tokens, c, alter: frozenset = frozenset()):
         w = np.exp(logits - logits.max(-1, keepdims=True))
         w = w / w.sum(-1, keepdims=True)
         a = np.einsum("bhts,bshd->bthd", w, v)
-        a = np.einsum("bthd,hdD->btD", a, L["attn"]["o"])
+        a = np.einsum("bthd,hdD->btD", a, L["attn"]["o"]["kernel"])
         if "pre_norm_only" in alter:
             h = h + a
         else:
-            h = h + norm(a, L["post_attn_norm"])
+            h = h + norm(a, L["post_attn_norm"]["scale"])
         # 3b. MoE on rms_norm_2(h), then rms_norm_3 of its output is added
-        x = norm(h, L["moe_norm"])
-        probs = x @ L["router"]
+        x = norm(h, L["moe_norm"]["scale"])
+        probs = x @ L["router"]["kernel"]
         probs = np.exp(probs - probs.max(-1, keepdims=True))
         probs = probs / probs.sum(-1, keepdims=True)
-        top = np.argsort(-probs, axis=-1)[..., : c.num_selected_experts]
+        top = np.argsort(-probs, axis=-1)[..., : c.num_experts_per_token]
         gates = np.take_along_axis(probs, top, axis=-1)
         if "renormalize" in alter:
             gates = gates / gates.sum(-1, keepdims=True)
         m = np.zeros_like(x)
-        for slot in range(c.num_selected_experts):
+        W, V, U = (L["experts"][name]["kernel"] for name in ("gate", "up", "down"))
+        for slot in range(c.num_experts_per_token):
             for e in range(c.num_experts):
                 sel = top[..., slot] == e
                 if sel.any():
                     xe = x[sel]
-                    y = (gelu(xe @ L["moe"]["gate"][e]) * (xe @ L["moe"]["up"][e])) @ L["moe"]["down"][e]
+                    y = (gelu(xe @ W[e]) * (xe @ V[e])) @ U[e]
                     m[sel] += gates[..., slot][sel][:, None] * y
         if "pre_norm_only" in alter:
             h = h + m
         else:
-            h = h + norm(m, L["post_moe_norm"])
+            h = h + norm(m, L["post_moe_norm"]["scale"])
     # 4. final norm, tied output embedding, output multiplier
-    h = norm(h, P["final_norm"])
+    h = norm(h, P["final_norm"]["scale"])
     return (h @ E.T) * (1.0 if "no_output_multiplier" in alter else c.output_multiplier_scale)
 
 
@@ -193,16 +200,17 @@ def test_norm_eps_is_read_from_the_config():
 def _reference_moe(x, layer, c, renormalize=False):
     x = np.asarray(x, np.float64)
     P = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), layer)
-    probs = np.exp(x @ P["router"])
+    probs = np.exp(x @ P["router"]["kernel"])
     probs = probs / probs.sum(-1, keepdims=True)  # softmax over all experts
-    top = np.argsort(-probs, axis=-1)[:, : c.num_selected_experts]
+    top = np.argsort(-probs, axis=-1)[:, : c.num_experts_per_token]
+    W, V, U = (P["experts"][name]["kernel"] for name in ("gate", "up", "down"))
     gates = np.take_along_axis(probs, top, axis=-1)
     if renormalize:
         gates = gates / gates.sum(-1, keepdims=True)
     out = np.zeros_like(x)
     for n in range(x.shape[0]):
         for g, e in zip(gates[n], top[n]):
-            out[n] += g * (_gelu_tanh(x[n] @ P["moe"]["gate"][e]) * (x[n] @ P["moe"]["up"][e])) @ P["moe"]["down"][e]
+            out[n] += g * (_gelu_tanh(x[n] @ W[e]) * (x[n] @ V[e])) @ U[e]
     return out
 
 
@@ -210,11 +218,14 @@ def test_top2_gates_not_renormalized(detail_case):
     """The MoE output is sum(gate * expert) with the two softmax probabilities as they are. (In the
     full forward rms_norm_3 divides out any per-token factor, so this is checked on the MoE itself.)"""
     c, params, _ = detail_case
-    layer = params["layers"][0]
+    first = stack.layer(module(c, params).layers, 0)  # the first DecoderLayer as a module
     x = np.random.default_rng(2).normal(size=(1, 24, c.d_model)).astype(np.float32)
-    ours = np.asarray(grok1.moe(jax.tree_util.tree_map(jnp.asarray, layer), jnp.asarray(x), c))[0]
-    assert _rel_err(ours, _reference_moe(x[0], layer, c)) < TOL
-    assert _rel_err(ours, _reference_moe(x[0], layer, c, renormalize=True)) > 0.1
+    y, counts = first.moe(jnp.asarray(x))
+    ours = np.asarray(y)[0]
+    assert _rel_err(ours, _reference_moe(x[0], layer(params, 0), c)) < TOL
+    assert _rel_err(ours, _reference_moe(x[0], layer(params, 0), c, renormalize=True)) > 0.1
+    chex.assert_shape(counts, (c.num_experts,))
+    assert int(counts.sum()) == 24 * c.num_experts_per_token
 
 
 def test_tied_output_embedding(detail_case):
@@ -223,11 +234,12 @@ def test_tied_output_embedding(detail_case):
     output matrix."""
     c, params, ours = detail_case
     assert set(params) == {"embed", "layers", "final_norm"}
+    assert set(params["embed"]) == {"embedding"}
     changed = jax.tree_util.tree_map(lambda a: a, params)
     row = 450
     assert row not in TOKENS
-    changed["embed"] = params["embed"].copy()
-    changed["embed"][row] *= -3.0
+    changed["embed"] = {"embedding": params["embed"]["embedding"].copy()}
+    changed["embed"]["embedding"][row] *= -3.0
     new = np.asarray(jit_forward(c)(changed, jnp.asarray(TOKENS)))
     diff = np.abs(new - ours).max(axis=(0, 1))
     assert diff[row] > 1e-2 and np.delete(diff, row).max() < 1e-5
@@ -238,8 +250,8 @@ def test_padding_tokens_are_invisible_to_later_tokens(detail_case):
     pad's embedding row (token 0) changes no logits of other positions."""
     c, params, ours = detail_case
     changed = jax.tree_util.tree_map(lambda a: a, params)
-    changed["embed"] = params["embed"].copy()
-    changed["embed"][0] = np.random.default_rng(5).normal(size=c.d_model) * 3
+    changed["embed"] = {"embedding": params["embed"]["embedding"].copy()}
+    changed["embed"]["embedding"][0] = np.random.default_rng(5).normal(size=c.d_model) * 3
     new = np.asarray(jit_forward(c)(changed, jnp.asarray(TOKENS)))
     not_pad = TOKENS != 0
     # Column 0 (the pad token's own logit) changes through the tied output; the rest must not.
@@ -250,15 +262,16 @@ def test_released_config():
     c = get_config("grok-1")
     assert c.family == "grok1"
     assert (c.vocab_size, c.d_model, c.num_layers, c.max_seq_len) == (131072, 6144, 64, 8192)
-    assert (c.num_q_heads, c.num_kv_heads, c.key_size) == (48, 8, 128)
-    assert (c.widening_factor, c.ffn_dim, c.num_experts, c.num_selected_experts) == (8, 32768, 8, 2)
+    assert (c.num_heads, c.num_kv_heads, c.head_dim) == (48, 8, 128)
+    assert (c.widening_factor, c.moe_ffn_dim, c.num_experts, c.num_experts_per_token) == (8, 32768, 8, 2)
     assert c.embedding_multiplier_scale == 78.38367176906169 == pytest.approx(math.sqrt(6144))
     assert c.output_multiplier_scale == 0.5773502691896257 == pytest.approx(1 / math.sqrt(3))
     assert c.attn_output_multiplier == 0.08838834764831845 == pytest.approx(1 / math.sqrt(128))
     assert (c.attn_logit_softcap, c.norm_eps, c.rope_theta, c.activation) == (30.0, 1e-5, 10_000.0, "gelu_tanh")
     assert (c.pad_token_id, c.eos_token_id, c.bos_token_id, c.tokenizer) == (0, 2, 1, "sentencepiece")
-    shapes = jax.eval_shape(lambda k: grok1.init_params(c, k, jnp.bfloat16), jax.random.key(0))
-    assert shapes["layers"][0]["router"].dtype == jnp.float32  # the release routes in float32
+    shapes = nnx.to_pure_dict(nnx.state(models.abstract(c, jnp.bfloat16), nnx.Param))  # no memory
+    assert shapes["layers"]["router"]["kernel"].dtype == jnp.float32  # the release routes in float32
+    chex.assert_shape(shapes["layers"]["experts"]["gate"]["kernel"], (64, 8, 6144, 32768))
     n = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
     assert 314e9 < n < 317e9  # "314B": 64 x (8 experts x 3 x 6144 x 32768 + attention) + embedding
     active = n - 64 * 6 * 3 * 6144 * 32768  # 2 of 8 experts per token
@@ -268,11 +281,11 @@ def test_released_config():
 @pytest.mark.parametrize("name", ["grok-1-tiny", "grok-1-small"])
 def test_small_presets_keep_the_structure(name):
     c, full = get_config(name), get_config("grok-1")
-    assert c.family == "grok1" and c.num_selected_experts == 2 and c.num_q_heads % c.num_kv_heads == 0
+    assert c.family == "grok1" and c.num_experts_per_token == 2 and c.num_heads % c.num_kv_heads == 0
     for field in ("output_multiplier_scale", "attn_logit_softcap", "norm_eps", "rope_theta", "activation", "pad_token_id", "eos_token_id"):
         assert c[field] == full[field], field
     assert c.embedding_multiplier_scale == pytest.approx(math.sqrt(c.d_model))
-    assert c.attn_output_multiplier == pytest.approx(1 / math.sqrt(c.key_size))
+    assert c.attn_output_multiplier == pytest.approx(1 / math.sqrt(c.head_dim))
     assert get_config("grok-1-tiny").num_layers >= 12  # lexicographic leaf order differs from numeric
 
 
@@ -289,8 +302,8 @@ def test_bfloat16_forward_tracks_float32():
 def model():
     c = tiny_config(num_layers=2)
     params = random_params(c, seed=4)
-    params["embed"] = params["embed"] * 3.0  # varied greedy paths rather than one repeated token
-    return vj.Model(c, jax.tree_util.tree_map(jnp.asarray, params))
+    params["embed"]["embedding"] = params["embed"]["embedding"] * 3.0  # varied greedy paths rather than one repeated token
+    return make_model(c, params)
 
 
 def test_cached_greedy_generation_equals_argmax_of_growing_sequence(model):
@@ -312,15 +325,18 @@ def test_cache_chunks_equal_one_pass():
     """Prefill in two chunks through the cache gives the logits of one full pass (positions offset by
     the cache length, pad keys still masked)."""
     c = tiny_config(num_layers=2)
-    params = jax.tree_util.tree_map(jnp.asarray, random_params(c, seed=6, q_gain=5.0))
+    params = random_params(c, seed=6, q_gain=5.0)
+    graphdef, state = nnx.split(module(c, params), nnx.Param)
     tokens = jnp.asarray(TOKENS)
-    step = jax.jit(lambda p, t, cache: grok1.forward(p, t, c, cache=cache))
+    step = jax.jit(lambda p, t, cache: models.apply(graphdef, p, t, cache=cache))
     full = jit_forward(c)(params, tokens)
-    cache = grok1.init_cache(c, tokens.shape[0], 16, jnp.float32)
-    first, cache = step(params, tokens[:, :3], cache)
-    second, cache = step(params, tokens[:, 3:], cache)
+    cache = nnx.merge(graphdef, state).init_cache(tokens.shape[0], 16, jnp.float32)
+    chex.assert_shape(cache["layers"]["k"], (c.num_layers, 3, 16, c.num_kv_heads, c.head_dim))  # stacked per layer
+    first = step(state, tokens[:, :3], cache)
+    second = step(state, tokens[:, 3:], first.cache)
+    cache = second.cache
     np.testing.assert_array_equal(np.asarray(cache["pos"]), [8, 8, 8])
-    chunked = jnp.concatenate([first, second], axis=1)
+    chunked = jnp.concatenate([first.logits, second.logits], axis=1)
     # Leading pads see no key at all (their own rows are meaningless); every other position must agree.
     seen = np.cumsum(TOKENS != 0, axis=1) > 0
     assert _rel_err(np.asarray(chunked)[seen], np.asarray(full)[seen]) < 1e-5
@@ -354,3 +370,53 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused():
     with pytest.raises(ValueError, match="has 131072 tokens but the model's vocabulary has 512"):
         tokenizer_from_file(TOKENIZER, get_config("grok-1-tiny"))
     assert tokenizer_from_file(TOKENIZER, get_config("grok-1-small")).vocab_size == 131072
+
+
+# -- the NNX module -------------------------------------------------------------------------------
+def test_module_declares_axes_and_capabilities():
+    """Every parameter names a logical axis per dimension; the layers are one stack on a leading
+    "layers" axis; norms, router and embedding stay float under weight-only int8."""
+    c = tiny_config(num_layers=3)
+    m = models.build(c)
+    assert isinstance(m, Grok1) and isinstance(m, nnx.Module) and m.capabilities == Capabilities(moe=True)
+    check_axes(m)
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(m, nnx.Param)))
+    assert tuple(specs["layers"]["experts"]["gate"]["kernel"]) == ("layers", "experts", "embed", "expert_mlp")
+    assert tuple(specs["layers"]["attn"]["q"]["kernel"]) == ("layers", "embed", "heads", "head_dim")
+    assert tuple(specs["embed"]["embedding"]) == ("vocab", "embed")
+    q = nnx.to_pure_dict(nnx.state(models.abstract(tiny_config(num_layers=3, quantization="int8")), nnx.Param))
+    assert q["layers"]["attn"]["o"]["kernel"].dtype == jnp.int8 and q["layers"]["attn"]["o"]["scale"].shape == (3, 1, 1, c.d_model)
+    assert q["layers"]["experts"]["down"]["kernel"].dtype == jnp.int8 and q["layers"]["experts"]["down"]["scale"].shape == (3, 4, 1, 32)
+    assert q["layers"]["router"]["kernel"].dtype == jnp.float32 and set(q["layers"]["attn_norm"]) == {"scale"}
+    assert set(q["embed"]) == {"embedding"}
+
+
+def test_expert_counts_per_layer():
+    c = tiny_config(num_layers=3)
+    out = models.apply(*nnx.split(module(c, random_params(c, seed=2)), nnx.Param), jnp.asarray(TOKENS))
+    chex.assert_shape(out.expert_counts, (3, c.num_experts))
+    chex.assert_type(out.expert_counts, jnp.int32)
+    np.testing.assert_array_equal(np.asarray(out.expert_counts).sum(axis=1), TOKENS.size * c.num_experts_per_token)
+
+
+@pytest.mark.parametrize("overrides", [{"remat_policy": "full"}, {"scan_unroll": 2}, {"scan_unroll": 3}])
+def test_remat_and_unroll_keep_the_logits(overrides):
+    c = tiny_config(num_layers=3)
+    params = random_params(c, seed=3)
+    chex.assert_trees_all_close(
+        jit_forward(tiny_config(num_layers=3, **overrides))(params, jnp.asarray(TOKENS)),
+        jit_forward(c)(params, jnp.asarray(TOKENS)),
+        rtol=1e-5, atol=1e-5,  # fusion across layer boundaries reorders float32 sums
+    )
+
+
+def test_trace_is_independent_of_depth():
+    """The layers run under one scan: a 64-layer program has as many operations as a 2-layer one."""
+
+    def size(layers: int) -> int:
+        graphdef, state = nnx.split(models.abstract(tiny_config(num_layers=layers)), nnx.Param)
+        cache = jax.eval_shape(lambda: nnx.merge(graphdef, state).init_cache(2, 16, jnp.float32))
+        step = lambda s, t, cache: models.apply(graphdef, s, t, cache=cache)  # noqa: E731
+        return len(jax.make_jaxpr(step)(state, jax.ShapeDtypeStruct((2, 1), jnp.int32), cache).jaxpr.eqns)
+
+    assert size(64) == size(2)

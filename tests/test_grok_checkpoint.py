@@ -16,16 +16,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from grok_utils import jit_forward, random_params, tiny_config
+from flax import nnx
+from grok_utils import NORMS, jit_forward, layer, module, random_params, tiny_config
 
 import vishwam_jax as vj
+from vishwam_jax import models
 from vishwam_jax.checkpoint import grok_release, hf_grok, orbax_io
-from vishwam_jax.models import grok1
 from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError
 from vishwam_jax.presets import get_config
 
@@ -62,50 +64,61 @@ def dequantize(q: QuantizedWeight8bit, in_axis: int) -> np.ndarray:
     return q.weight.astype(np.float32) * np.repeat(q.scales.astype(np.float32), reps, axis=in_axis)
 
 
+RELEASE_NORMS = dict(zip(NORMS, ("rms_norm", "rms_norm_1", "rms_norm_2", "rms_norm_3")))
+
+
 def release_tree(params: dict, c) -> dict:
     """Our parameters as the release's Haiku dict {module path: {param name: leaf}}: linear weights
     flattened over heads, attention and expert matrices int8 (row-parallel ones in blocks)."""
-    d, h, kh, hd = c.d_model, c.num_q_heads, c.num_kv_heads, c.key_size
+    d, h, kh, hd = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
     tree = {
-        "language_model/in_out_embed": {"embeddings": params["embed"]},
-        "language_model/rms_norm": {"scale": params["final_norm"]},
+        "language_model/in_out_embed": {"embeddings": params["embed"]["embedding"]},
+        "language_model/rms_norm": {"scale": params["final_norm"]["scale"]},
     }
-    for n, L in enumerate(params["layers"]):
+    for n in range(c.num_layers):
+        L = layer(params, n)
+        attn, experts = ({k: w["kernel"] for k, w in L[group].items()} for group in ("attn", "experts"))
         p = f"transformer/decoder_layer_{n}/"
-        tree[p + "multi_head_attention/query"] = {"w": quantize(L["attn"]["q"].reshape(d, h * hd), 0)}
-        tree[p + "multi_head_attention/key"] = {"w": quantize(L["attn"]["k"].reshape(d, kh * hd), 0)}
-        tree[p + "multi_head_attention/value"] = {"w": quantize(L["attn"]["v"].reshape(d, kh * hd), 0)}
-        tree[p + "multi_head_attention/linear"] = {"w": quantize(L["attn"]["o"].reshape(h * hd, d), 0, ROW_BLOCKS)}
-        tree[p + "moe/linear"] = {"w": quantize(L["moe"]["gate"], 1)}
-        tree[p + "moe/linear_v"] = {"w": quantize(L["moe"]["up"], 1)}
-        tree[p + "moe/linear_1"] = {"w": quantize(L["moe"]["down"], 1, ROW_BLOCKS)}
-        tree[p + "router"] = {"w": L["router"]}
-        for ours, theirs in (("attn_norm", "rms_norm"), ("post_attn_norm", "rms_norm_1"), ("moe_norm", "rms_norm_2"), ("post_moe_norm", "rms_norm_3")):
-            tree[p + theirs] = {"scale": L[ours]}
+        tree[p + "multi_head_attention/query"] = {"w": quantize(attn["q"].reshape(d, h * hd), 0)}
+        tree[p + "multi_head_attention/key"] = {"w": quantize(attn["k"].reshape(d, kh * hd), 0)}
+        tree[p + "multi_head_attention/value"] = {"w": quantize(attn["v"].reshape(d, kh * hd), 0)}
+        tree[p + "multi_head_attention/linear"] = {"w": quantize(attn["o"].reshape(h * hd, d), 0, ROW_BLOCKS)}
+        tree[p + "moe/linear"] = {"w": quantize(experts["gate"], 1)}
+        tree[p + "moe/linear_v"] = {"w": quantize(experts["up"], 1)}
+        tree[p + "moe/linear_1"] = {"w": quantize(experts["down"], 1, ROW_BLOCKS)}
+        tree[p + "router"] = {"w": L["router"]["kernel"]}
+        for ours, theirs in RELEASE_NORMS.items():
+            tree[p + theirs] = {"scale": L[ours]["scale"]}
     return tree
 
 
 def dequantized_params(tree: dict, c) -> dict:
-    """What the dequantizing converter must produce, computed here from the release tree."""
-    d, h, kh, hd = c.d_model, c.num_q_heads, c.num_kv_heads, c.key_size
-    out = {"embed": tree["language_model/in_out_embed"]["embeddings"], "final_norm": tree["language_model/rms_norm"]["scale"], "layers": []}
+    """What the dequantizing converter must produce, computed here from the release tree (our
+    module's pure dict: every layer stacked on the leading axis)."""
+    d, h, kh, hd = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+    layers = []
     for n in range(c.num_layers):
         g = lambda m: tree[f"transformer/decoder_layer_{n}/{m}"]
-        out["layers"].append(
+        attn = {
+            "q": dequantize(g("multi_head_attention/query")["w"], 0).reshape(d, h, hd),
+            "k": dequantize(g("multi_head_attention/key")["w"], 0).reshape(d, kh, hd),
+            "v": dequantize(g("multi_head_attention/value")["w"], 0).reshape(d, kh, hd),
+            "o": dequantize(g("multi_head_attention/linear")["w"], 0).reshape(h, hd, d),
+        }
+        experts = {k: dequantize(g(m)["w"], 1) for k, m in (("gate", "moe/linear"), ("up", "moe/linear_v"), ("down", "moe/linear_1"))}
+        layers.append(
             {
-                "attn_norm": g("rms_norm")["scale"], "post_attn_norm": g("rms_norm_1")["scale"],
-                "moe_norm": g("rms_norm_2")["scale"], "post_moe_norm": g("rms_norm_3")["scale"],
-                "attn": {
-                    "q": dequantize(g("multi_head_attention/query")["w"], 0).reshape(d, h, hd),
-                    "k": dequantize(g("multi_head_attention/key")["w"], 0).reshape(d, kh, hd),
-                    "v": dequantize(g("multi_head_attention/value")["w"], 0).reshape(d, kh, hd),
-                    "o": dequantize(g("multi_head_attention/linear")["w"], 0).reshape(h, hd, d),
-                },
-                "router": g("router")["w"],
-                "moe": {k: dequantize(g(m)["w"], 1) for k, m in (("gate", "moe/linear"), ("up", "moe/linear_v"), ("down", "moe/linear_1"))},
+                **{ours: {"scale": g(theirs)["scale"]} for ours, theirs in RELEASE_NORMS.items()},
+                "attn": {k: {"kernel": w} for k, w in attn.items()},
+                "router": {"kernel": g("router")["w"]},
+                "experts": {k: {"kernel": w} for k, w in experts.items()},
             }
         )
-    return out
+    return {
+        "embed": {"embedding": tree["language_model/in_out_embed"]["embeddings"]},
+        "final_norm": {"scale": tree["language_model/rms_norm"]["scale"]},
+        "layers": jax.tree_util.tree_map(lambda *xs: np.stack(xs), *layers),
+    }
 
 
 def write_release(root: Path, tree: dict, protocol: int = 4) -> Path:
@@ -169,10 +182,12 @@ def test_default_storage_is_bfloat16_for_dequantized_weights(release, tmp_path):
     _, _, _, root = release
     grok_release.convert(root, tmp_path / "m", config="grok-1-tiny")
     shapes = orbax_io.param_shapes(tmp_path / "m")
-    assert shapes["layers"][10]["moe"]["down"].dtype == jnp.bfloat16  # dequantized int8
-    assert shapes["layers"][10]["attn"]["q"].shape == (32, 4, 8)
-    assert shapes["embed"].dtype == np.float32 and shapes["layers"][3]["router"].dtype == np.float32  # plain leaves as stored
-    assert orbax_io.read_config(tmp_path / "m").family == "grok1"
+    layers = shapes["layers"]  # every layer stacked on the leading axis
+    assert layers["experts"]["down"]["kernel"].dtype == jnp.bfloat16  # dequantized int8
+    chex.assert_shape(layers["attn"]["q"]["kernel"], (12, 32, 4, 8))
+    assert shapes["embed"]["embedding"].dtype == np.float32 and layers["router"]["kernel"].dtype == np.float32  # plain leaves as stored
+    config = orbax_io.read_config(tmp_path / "m")
+    assert config.family == "grok1" and config.quantization == "none" and config.tokenizer == "sentencepiece"
 
 
 def convert_cli(*args: str) -> subprocess.CompletedProcess:
@@ -182,36 +197,36 @@ def convert_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def _dense(w) -> np.ndarray:
-    return np.asarray(w["int8"], np.float32) * np.asarray(w["scale"], np.float32)
+    return np.asarray(w["kernel"], np.float32) * np.asarray(w["scale"], np.float32)
 
 
 def test_keep_int8_runs_weight_only_int8(release, forward, tmp_path):
     c, params, tree, root = release
     dst = tmp_path / "int8"
     vj.convert(root, dst, config={"preset": "grok-1-tiny"}, keep_int8=True)
-    shapes = orbax_io.param_shapes(dst)
-    layer = shapes["layers"][11]
-    assert layer["attn"]["q"]["int8"].dtype == np.int8 and layer["attn"]["q"]["scale"].shape == (1, 4, 8)
-    assert layer["attn"]["o"]["scale"].shape == (1, 1, 32)
-    assert layer["moe"]["down"]["int8"].shape == (4, 48, 32) and layer["moe"]["down"]["scale"].shape == (4, 1, 32)
+    assert orbax_io.read_config(dst).quantization == "int8"  # the model is built with int8 weights
+    layers = orbax_io.param_shapes(dst)["layers"]  # [12, ...]: every layer stacked
+    assert layers["attn"]["q"]["kernel"].dtype == np.int8 and layers["attn"]["q"]["scale"].shape == (12, 1, 4, 8)
+    assert layers["attn"]["o"]["scale"].shape == (12, 1, 1, 32)
+    assert layers["experts"]["down"]["kernel"].shape == (12, 4, 48, 32) and layers["experts"]["down"]["scale"].shape == (12, 4, 1, 32)
     model = vj.load(dst, dtype=np.float32)
-    assert model.params["layers"][0]["moe"]["gate"]["int8"].dtype == jnp.int8  # loaded as int8, not dequantized
+    loaded = nnx.to_pure_dict(model.params)
+    assert loaded["layers"]["experts"]["gate"]["kernel"].dtype == jnp.int8  # loaded as int8, not dequantized
     expected = dequantized_params(tree, c)
     for n in (2, 10):
-        got, want = model.params["layers"][n], expected["layers"][n]
+        got, want = layer(loaded, n), layer(expected, n)
         # Per-output-channel scales (q, k, v, gate, up): the release's int8 values, bit for bit.
         release_q = tree[f"transformer/decoder_layer_{n}/multi_head_attention/query"]["w"].weight
-        np.testing.assert_array_equal(np.asarray(got["attn"]["q"]["int8"]).reshape(32, 32), release_q)
-        np.testing.assert_allclose(_dense(got["moe"]["gate"]), want["moe"]["gate"], rtol=1e-6, atol=0)
+        np.testing.assert_array_equal(np.asarray(got["attn"]["q"]["kernel"]).reshape(32, 32), release_q)
+        np.testing.assert_allclose(_dense(got["experts"]["gate"]), want["experts"]["gate"]["kernel"], rtol=1e-6, atol=0)
         # Block scales along the input (o, down) are requantized per output channel: within half a step.
-        for w, dense in ((got["attn"]["o"], want["attn"]["o"]), (got["moe"]["down"], want["moe"]["down"])):
+        for w, dense in ((got["attn"]["o"], want["attn"]["o"]["kernel"]), (got["experts"]["down"], want["experts"]["down"]["kernel"])):
             step = np.asarray(w["scale"], np.float32)
             assert np.all(np.abs(_dense(w) - dense) <= 0.5 * step * (1 + 1e-5))
-    # The int8 matmuls compute what their dequantized weights compute.
-    as_float = jax.tree_util.tree_map(lambda x: x, model.params)
-    for L in as_float["layers"]:
-        L["attn"] = {k: _dense(w) for k, w in L["attn"].items()}
-        L["moe"] = {k: _dense(w) for k, w in L["moe"].items()}
+    # The int8 matmuls compute what their dequantized weights compute (the float model's tree).
+    as_float = jax.tree_util.tree_map(lambda x: x, loaded)
+    for group in ("attn", "experts"):
+        as_float["layers"][group] = {k: {"kernel": _dense(w)} for k, w in loaded["layers"][group].items()}
     assert _rel_err(model.logits(TOKENS), forward(as_float, jnp.asarray(TOKENS))) < 1e-4
 
 
@@ -231,7 +246,7 @@ def test_int8_error_against_the_original_float_model(keep_int8, tmp_path):
     else:
         vj.convert(tmp_path / "src", tmp_path / "m", config=config, dtype=np.float32)
     model = vj.load(tmp_path / "m")
-    assert jax.tree_util.tree_leaves(model.params["layers"][1]["moe"])[0].dtype == (jnp.int8 if keep_int8 else jnp.float32)
+    assert model.params["layers"]["experts"]["gate"]["kernel"][...].dtype == (jnp.int8 if keep_int8 else jnp.float32)
     assert _rel_err(model.logits(TOKENS), jit_forward(c)(params, jnp.asarray(TOKENS))) < 0.06
     # Cached generation runs on the int8 weights too.
     prompt = [5, 6, 7, 8]
@@ -248,16 +263,18 @@ def test_weight_only_int8_keeps_no_dequantized_copy(monkeypatch):
     guards against) needs ~2x that copy in this model. Measured with the reference grouped matmul,
     because XLA:CPU's ragged_dot lowering needs large temporaries of its own, int8 or not."""
     monkeypatch.setenv("VISHWAM_GMM_IMPL", "reference")
-    c = tiny_config(num_layers=4, d_model=256, ffn_dim=512, num_q_heads=8, num_kv_heads=2, key_size=32)
-    params = random_params(c, seed=13)
-    for L in params["layers"]:
-        L["attn"] = {k: grok_release.requantize(w, (0, 1) if k == "o" else (0,)) for k, w in L["attn"].items()}
-        L["moe"] = {k: grok_release.requantize(w, (1,)) for k, w in L["moe"].items()}
-        for group in ("attn", "moe"):
-            L[group] = {k: {"int8": q, "scale": s} for k, (q, s) in L[group].items()}
+    overrides = dict(num_layers=4, d_model=256, moe_ffn_dim=512, num_heads=8, num_kv_heads=2, head_dim=32)
+    params = random_params(tiny_config(**overrides), seed=13)
+    # Requantized per output channel along the stacked axis too (the layer axis is never contracted).
+    contracted = {"o": (1, 2), "gate": (2,), "up": (2,), "down": (2,)}
+    for group in ("attn", "experts"):
+        for k, w in params["layers"][group].items():
+            q, s = grok_release.requantize(w["kernel"], contracted.get(k, (1,)))
+            params["layers"][group][k] = {"kernel": q, "scale": s}
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.int8 if a.dtype == np.int8 else jnp.bfloat16), params)
     int8_bytes = sum(a.size for a in jax.tree_util.tree_leaves(params) if a.dtype == jnp.int8)
-    step = jax.jit(lambda p, t: grok1.forward(p, t, c)[0]).lower(params, jnp.ones((1, 1), jnp.int32)).compile()
+    graphdef, state = nnx.split(module(tiny_config(quantization="int8", **overrides), params), nnx.Param)
+    step = jax.jit(lambda p, t: models.apply(graphdef, p, t).logits).lower(state, jnp.ones((1, 1), jnp.int32)).compile()
     assert step.memory_analysis().temp_size_in_bytes < 0.5 * (2 * int8_bytes)
 
 
@@ -289,8 +306,11 @@ def test_leaf_order_is_lexicographic():
     # decoder_layer_1, then 10..19, then 2: layer 10 starts at leaf 26, layer 2 at 146, layer 9 ends the file.
     assert names[14].startswith("transformer/decoder_layer_1/") and names[26].startswith("transformer/decoder_layer_10/")
     assert names[146].startswith("transformer/decoder_layer_2/") and names[769] == "transformer/decoder_layer_9/router/w"
-    assert plan[26].dest == ("layers", 10, "moe", "gate") and plan[3].dest == ("layers", 0, "moe", "down")
-    assert plan[4].dest == ("layers", 0, "moe", "up")
+    assert (plan[26].dest, plan[26].layer) == (("layers", "experts", "gate", "kernel"), 10)
+    assert (plan[3].dest, plan[3].layer) == (("layers", "experts", "down", "kernel"), 0)
+    assert (plan[4].dest, plan[4].layer) == (("layers", "experts", "up", "kernel"), 0)
+    assert (plan[0].dest, plan[0].layer) == (("embed", "embedding"), None)
+    assert (plan[769].dest, plan[769].layer) == (("layers", "router", "kernel"), 9)
     # The same order as jax.tree_util flattening a Haiku-style dict of those module paths.
     haiku = {name.rsplit("/", 1)[0]: {name.rsplit("/", 1)[1]: i} for i, name in enumerate(names)}
     assert jax.tree_util.tree_leaves(haiku) == list(range(770))
@@ -396,7 +416,11 @@ def test_refuses_unknown_config_fields():
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         grok_release.resolve_config({"num_kv_heads": 5})
     c = grok_release.resolve_config('{"num_layers": 2, "emb_size": 1024, "widening_factor": 4}')
-    assert (c.num_layers, c.d_model, c.ffn_dim, c.num_q_heads) == (2, 1024, 2736, 48)
+    assert (c.num_layers, c.d_model, c.moe_ffn_dim, c.num_heads) == (2, 1024, 2736, 48)
+    c = grok_release.resolve_config({"preset": "grok-1-tiny", "num_q_heads": 8, "key_size": 4, "num_selected_experts": 3})
+    assert (c.num_heads, c.head_dim, c.num_experts_per_token) == (8, 4, 3)  # the release's names, mapped
+    with pytest.raises(AttributeError):  # validated and frozen
+        c.num_layers = 3
 
 
 class _Exploit:
@@ -451,20 +475,21 @@ def write_hf_port(root: Path, params: dict, c, layout: str, lm_head: np.ndarray 
     from safetensors.numpy import save_file
 
     names = hf_grok.LAYOUTS[layout]
-    d, h, kh, hd = c.d_model, c.num_q_heads, c.num_kv_heads, c.key_size
-    t = {names["embed"]: params["embed"], names["final_norm"]: params["final_norm"]}
-    for i, L in enumerate(params["layers"]):
+    d, h, kh, hd = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+    t = {names["embed"]: params["embed"]["embedding"], names["final_norm"]: params["final_norm"]["scale"]}
+    for i in range(c.num_layers):
+        L = layer(params, i)
         n = lambda key, **kw: names[key].format(i=i, **kw)
-        for key in ("attn_norm", "post_attn_norm", "moe_norm", "post_moe_norm"):
-            t[n(key)] = L[key]
-        t[n("q")] = L["attn"]["q"].reshape(d, h * hd).T  # PyTorch: [out, in]
-        t[n("k")] = L["attn"]["k"].reshape(d, kh * hd).T
-        t[n("v")] = L["attn"]["v"].reshape(d, kh * hd).T
-        t[n("o")] = L["attn"]["o"].reshape(h * hd, d).T
-        t[n("router")] = L["router"].T
+        for key in NORMS:
+            t[n(key)] = L[key]["scale"]
+        t[n("q")] = L["attn"]["q"]["kernel"].reshape(d, h * hd).T  # PyTorch: [out, in]
+        t[n("k")] = L["attn"]["k"]["kernel"].reshape(d, kh * hd).T
+        t[n("v")] = L["attn"]["v"]["kernel"].reshape(d, kh * hd).T
+        t[n("o")] = L["attn"]["o"]["kernel"].reshape(h * hd, d).T
+        t[n("router")] = L["router"]["kernel"].T
         for e in range(c.num_experts):
             for key in ("gate", "up", "down"):
-                t[n(key, e=e)] = L["moe"][key][e].T
+                t[n(key, e=e)] = L["experts"][key]["kernel"][e].T
     if lm_head is not None:
         t["lm_head.weight"] = lm_head
     root.mkdir(parents=True, exist_ok=True)
@@ -482,7 +507,7 @@ def write_hf_port(root: Path, params: dict, c, layout: str, lm_head: np.ndarray 
     hf = {
         "architectures": ["Grok1ModelForCausalLM" if layout == "hpcai" else "GrokForCausalLM"],
         "model_type": "grok-1" if layout == "hpcai" else "grok",
-        "vocab_size": c.vocab_size, "hidden_size": d, "intermediate_size": c.ffn_dim,
+        "vocab_size": c.vocab_size, "hidden_size": d, "intermediate_size": c.moe_ffn_dim,
         "num_hidden_layers": c.num_layers, "num_attention_heads": h, "num_key_value_heads": kh, "head_dim": hd,
         "num_experts": c.num_experts, "num_experts_per_tok": 2, "max_position_embeddings": c.max_seq_len,
         "embedding_multiplier_scale": c.embedding_multiplier_scale, "output_multiplier_scale": c.output_multiplier_scale,
@@ -496,11 +521,11 @@ def write_hf_port(root: Path, params: dict, c, layout: str, lm_head: np.ndarray 
 def test_hf_ports_convert_exactly(layout, tmp_path):
     c = tiny_config(num_layers=2)
     params = random_params(c, seed=9, q_gain=3.0)
-    write_hf_port(tmp_path / "hf", params, c, layout, lm_head=params["embed"] if layout == "hpcai" else None)
+    write_hf_port(tmp_path / "hf", params, c, layout, lm_head=params["embed"]["embedding"] if layout == "hpcai" else None)
     assert hf_grok.detect(tmp_path / "hf") and not grok_release.detect(tmp_path / "hf")
     vj.convert(tmp_path / "hf", tmp_path / "m")
     model = vj.load(tmp_path / "m")
-    for field in ("d_model", "num_layers", "num_q_heads", "num_kv_heads", "key_size", "ffn_dim", "num_experts", "attn_output_multiplier"):
+    for field in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "moe_ffn_dim", "num_experts", "attn_output_multiplier"):
         assert model.config[field] == c[field], field
     forward = jit_forward(c)
     assert _rel_err(forward(model.params, jnp.asarray(TOKENS)), forward(params, jnp.asarray(TOKENS))) < 1e-6
@@ -513,7 +538,7 @@ def test_hf_port_in_pytorch_bin_shards(tmp_path):
     write_hf_port(tmp_path / "hf", params, c, "keyfan", fmt="bin")
     assert hf_grok.detect(tmp_path / "hf") and not list((tmp_path / "hf").glob("*.safetensors"))
     vj.convert(tmp_path / "hf", tmp_path / "m")
-    assert orbax_io.param_shapes(tmp_path / "m")["layers"][1]["moe"]["down"].dtype == jnp.bfloat16
+    assert orbax_io.param_shapes(tmp_path / "m")["layers"]["experts"]["down"]["kernel"].dtype == jnp.bfloat16
     model = vj.load(tmp_path / "m", dtype=np.float32)
     as_bf16 = jax.tree_util.tree_map(lambda a: np.asarray(a, ml_dtypes.bfloat16).astype(np.float32), params)
     forward = jit_forward(c)
@@ -535,7 +560,7 @@ def test_hf_port_bin_with_code_is_refused_without_running_it(tmp_path):
 def test_hf_port_with_an_untied_head_is_refused(tmp_path):
     c = tiny_config(num_layers=2)
     params = random_params(c, seed=9)
-    write_hf_port(tmp_path / "hf", params, c, "hpcai", lm_head=params["embed"] * 2)
+    write_hf_port(tmp_path / "hf", params, c, "hpcai", lm_head=params["embed"]["embedding"] * 2)
     with pytest.raises(CheckpointFormatError, match="lm_head.weight differs"):
         vj.convert(tmp_path / "hf", tmp_path / "m")
     # The release's options have no meaning for a port (config.json, dense weights): refused by name.

@@ -14,11 +14,18 @@ output, expert down projection) carry one row of scales per block of input rows 
 [6144, d]), so each scale axis is accepted when its size divides the weight's.
 
 The release ships no config file: `config` names a preset and/or overrides in the release's own
-field names, and every leaf's shape is checked against it. Each file is unpickled on its own and
-written out before the next is read, so memory holds one leaf (at most one 1.6 GB expert stack).
+field names (mapped onto the presets' shared vocabulary), and every leaf's shape is checked against
+it. Each file is unpickled on its own and written out before the next is read, so memory holds one
+leaf and its converted copy (at most one layer's expert stack: 1.6 GB int8 in, 3.2 GB bfloat16 out).
 
-keep_int8=True keeps the int8 weights with per-output-channel scales, for the model's weight-only
-int8 matmuls (which scale the matmul's output). Scales that vary along a contracted (input) axis
+Written layout (docs/checkpoint_layout.md): the module attribute paths of models/grok1.py, each layer
+at its index of the stacked `layers` leaves (presets.grok1.layer_slot), e.g.
+    transformer/decoder_layer_10/moe/linear/w   ->  layers.experts.gate.kernel[10]     [L, e, d, f]
+    transformer/decoder_layer_3/rms_norm/scale  ->  layers.attn_norm.scale[3]          [L, d]
+
+keep_int8=True keeps the int8 weights with per-output-channel scales (`kernel` int8 + `scale`
+float32), for the model's weight-only int8 matmuls (which scale the matmul's output); the config
+then says quantization="int8", so the model is built with those int8 weights. Scales that vary along a contracted (input) axis
 cannot be applied to the output, so those weights - in the release the attention output and the
 expert down projections - are requantized per output channel from their exact dense values: one
 more rounding, of at most half the new int8 step per weight.
@@ -40,8 +47,8 @@ import numpy as np
 
 from vishwam_jax.checkpoint.orbax_io import CheckpointWriter
 from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError
-from vishwam_jax.presets import get_config
-from vishwam_jax.presets.grok1 import ffn_size
+from vishwam_jax.presets import Config, ConfigError, get_config, replace
+from vishwam_jax.presets.grok1 import ffn_size, layer_slot
 
 logger = logging.getLogger(__name__)
 
@@ -53,17 +60,17 @@ PICKLE_WARNING = (
 LEAF_FILE = re.compile(r"tensor(\d{5})_(\d{3})")
 
 # Overrides accepted by `convert(config={...})`, in the release's names (run.py / model.py), and the
-# fields of our config they set.
+# fields of our config (the presets' shared vocabulary) they set.
 RELEASE_FIELDS = {
     "vocab_size": "vocab_size",
     "emb_size": "d_model",
     "num_layers": "num_layers",
-    "num_q_heads": "num_q_heads",
+    "num_q_heads": "num_heads",
     "num_kv_heads": "num_kv_heads",
-    "key_size": "key_size",
+    "key_size": "head_dim",
     "num_experts": "num_experts",
-    "num_selected_experts": "num_selected_experts",
-    "widening_factor": "widening_factor",
+    "num_selected_experts": "num_experts_per_token",
+    "widening_factor": "widening_factor",  # sets moe_ffn_dim by the release's rule (presets.grok1.ffn_size)
     "embedding_multiplier_scale": "embedding_multiplier_scale",
     "output_multiplier_scale": "output_multiplier_scale",
     "attn_output_multiplier": "attn_output_multiplier",
@@ -144,95 +151,113 @@ def read_leaf(path: Path) -> np.ndarray | QuantizedWeight8bit:
 class Leaf:
     index: int  # the file tensor{index:05d}_000
     name: str  # module path / parameter name, as in the release
-    dest: tuple  # our parameter path
+    dest: tuple  # our parameter path (int8: the `kernel`, with `scale` beside it)
+    layer: int | None  # index on the stacked axis of `dest` (None: an unstacked leaf)
     shape: tuple[int, ...]  # as stored in the release
-    target: tuple[int, ...]  # as stored by us (heads split out)
+    target: tuple[int, ...]  # one layer as stored by us (heads split out)
     contracted: tuple[int, ...] = ()  # input axes of a matmul weight (release layout); () for others
+    target_contracted: tuple[int, ...] = ()  # the same axes in our layout
 
     @property
     def is_matmul(self) -> bool:
         return bool(self.contracted)
 
-    def target_contracted(self) -> tuple[int, ...]:
-        """The input axes in our layout: the leading ones for attention, the middle one for experts."""
-        if len(self.shape) == 3:  # experts [e, in, out]
-            return (1,)
-        n_in = 1 if self.dest[-1] in ("q", "k", "v") else len(self.target) - 1
-        return tuple(range(n_in))
+    @property
+    def scale_dest(self) -> tuple:
+        return self.dest[:-1] + ("scale",)
 
 
 def leaf_plan(config) -> list[Leaf]:
     """Every release leaf in file order: module paths sorted as strings, as jax.tree_util sorts the
     keys of Haiku's flat {module_path: {param: array}} dict."""
-    d, h, kh, hd = config.d_model, config.num_q_heads, config.num_kv_heads, config.key_size
-    e, f, v = config.num_experts, config.ffn_dim, config.vocab_size
+    d, h, kh, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
+    e, f, v = config.num_experts, config.moe_ffn_dim, config.vocab_size
+    # release module -> (param, our path, layer, release shape, our shape, contracted: release, ours)
     modules: dict[str, tuple] = {
-        "language_model/in_out_embed": ("embeddings", ("embed",), (v, d), (v, d), ()),
-        "language_model/rms_norm": ("scale", ("final_norm",), (d,), (d,), ()),
+        "language_model/in_out_embed": ("embeddings", ("embed", "embedding"), None, (v, d), (v, d), (), ()),
+        "language_model/rms_norm": ("scale", ("final_norm", "scale"), None, (d,), (d,), (), ()),
     }
     for n in range(config.num_layers):
-        p, L = f"transformer/decoder_layer_{n}/", ("layers", n)
+        p = f"transformer/decoder_layer_{n}/"
+        L, i = layer_slot(config, n)
         modules |= {
-            p + "moe/linear": ("w", L + ("moe", "gate"), (e, d, f), (e, d, f), (1,)),
-            p + "moe/linear_1": ("w", L + ("moe", "down"), (e, f, d), (e, f, d), (1,)),
-            p + "moe/linear_v": ("w", L + ("moe", "up"), (e, d, f), (e, d, f), (1,)),
-            p + "multi_head_attention/key": ("w", L + ("attn", "k"), (d, kh * hd), (d, kh, hd), (0,)),
-            p + "multi_head_attention/linear": ("w", L + ("attn", "o"), (h * hd, d), (h, hd, d), (0,)),
-            p + "multi_head_attention/query": ("w", L + ("attn", "q"), (d, h * hd), (d, h, hd), (0,)),
-            p + "multi_head_attention/value": ("w", L + ("attn", "v"), (d, kh * hd), (d, kh, hd), (0,)),
-            p + "rms_norm": ("scale", L + ("attn_norm",), (d,), (d,), ()),
-            p + "rms_norm_1": ("scale", L + ("post_attn_norm",), (d,), (d,), ()),
-            p + "rms_norm_2": ("scale", L + ("moe_norm",), (d,), (d,), ()),
-            p + "rms_norm_3": ("scale", L + ("post_moe_norm",), (d,), (d,), ()),
-            p + "router": ("w", L + ("router",), (d, e), (d, e), ()),
+            p + "moe/linear": ("w", L + ("experts", "gate", "kernel"), i, (e, d, f), (e, d, f), (1,), (1,)),
+            p + "moe/linear_1": ("w", L + ("experts", "down", "kernel"), i, (e, f, d), (e, f, d), (1,), (1,)),
+            p + "moe/linear_v": ("w", L + ("experts", "up", "kernel"), i, (e, d, f), (e, d, f), (1,), (1,)),
+            p + "multi_head_attention/key": ("w", L + ("attn", "k", "kernel"), i, (d, kh * hd), (d, kh, hd), (0,), (0,)),
+            p + "multi_head_attention/linear": ("w", L + ("attn", "o", "kernel"), i, (h * hd, d), (h, hd, d), (0,), (0, 1)),
+            p + "multi_head_attention/query": ("w", L + ("attn", "q", "kernel"), i, (d, h * hd), (d, h, hd), (0,), (0,)),
+            p + "multi_head_attention/value": ("w", L + ("attn", "v", "kernel"), i, (d, kh * hd), (d, kh, hd), (0,), (0,)),
+            p + "rms_norm": ("scale", L + ("attn_norm", "scale"), i, (d,), (d,), (), ()),
+            p + "rms_norm_1": ("scale", L + ("post_attn_norm", "scale"), i, (d,), (d,), (), ()),
+            p + "rms_norm_2": ("scale", L + ("moe_norm", "scale"), i, (d,), (d,), (), ()),
+            p + "rms_norm_3": ("scale", L + ("post_moe_norm", "scale"), i, (d,), (d,), (), ()),
+            p + "router": ("w", L + ("router", "kernel"), i, (d, e), (d, e), (), ()),
         }
     return [
-        Leaf(i, f"{module}/{param}", dest, shape, target, contracted)
-        for i, (module, (param, dest, shape, target, contracted)) in enumerate(sorted(modules.items()))
+        Leaf(i, f"{module}/{param}", dest, layer, shape, target, contracted, target_contracted)
+        for i, (module, (param, dest, layer, shape, target, contracted, target_contracted)) in enumerate(sorted(modules.items()))
     ]
 
 
 # -- configuration --------------------------------------------------------------------------------
-def resolve_config(config: str | Mapping | ml_collections.ConfigDict = "grok-1") -> ml_collections.ConfigDict:
-    """A Grok-1 ConfigDict from a preset name, a JSON object string, a ConfigDict, or a dict of
-    overrides in the release's field names (optionally with "preset": the base, default grok-1)."""
-    if isinstance(config, ml_collections.ConfigDict):
-        c = ml_collections.ConfigDict(config.to_dict())
-    elif isinstance(config, str) and config.lstrip().startswith("{"):
+def resolve_config(config: str | Mapping | ml_collections.ConfigDict = "grok-1") -> Config:
+    """A validated, frozen Grok-1 config from a preset name, a JSON object string, a config, or a dict
+    of overrides in the release's field names (optionally with "preset": the base, default grok-1)."""
+    if isinstance(config, ml_collections.ConfigDict):  # frozen or not
+        _check_family(config)
+        return _validated(lambda: replace(config))
+    if isinstance(config, str) and config.lstrip().startswith("{"):
         try:
             overrides = json.loads(config)
         except json.JSONDecodeError as err:
             raise GrokConfigError(f"config {config!r} is not valid JSON: {err}") from None
         return resolve_config(overrides)
-    elif isinstance(config, str):
+    if isinstance(config, str):
         c = get_config(config)
-    elif isinstance(config, Mapping):
-        overrides = dict(config)
-        base = overrides.pop("preset", "grok-1")
-        unknown = sorted(set(overrides) - set(RELEASE_FIELDS))
-        if unknown:
-            raise GrokConfigError(
-                f"unknown Grok-1 config field(s) {', '.join(unknown)}; the release's fields are: {', '.join(RELEASE_FIELDS)}"
-            )
-        c = get_config(base)
-        for key, value in overrides.items():
-            field = RELEASE_FIELDS[key]
-            kind = type(c[field])
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (kind is int and value != int(value)):
-                raise GrokConfigError(f"config field {key} must be a positive {'integer' if kind is int else 'number'}, not {value!r}")
-            setattr(c, field, kind(value))
-        c.ffn_dim = ffn_size(c.d_model, c.widening_factor)
-        if overrides:
-            c.name = f"{base} ({', '.join(f'{k}={v}' for k, v in overrides.items())})"
-    else:
+        _check_family(c)
+        return c
+    if not isinstance(config, Mapping):
         raise GrokConfigError(f"config must be a preset name, a dict or a ConfigDict, not {type(config).__name__}")
+    overrides = dict(config)
+    base_name = overrides.pop("preset", "grok-1")
+    unknown = sorted(set(overrides) - set(RELEASE_FIELDS))
+    if unknown:
+        raise GrokConfigError(
+            f"unknown Grok-1 config field(s) {', '.join(unknown)}; the release's fields are: {', '.join(RELEASE_FIELDS)}"
+        )
+    base = get_config(base_name)
+    _check_family(base)
+    fields = {}
+    for key, value in overrides.items():
+        field = RELEASE_FIELDS[key]
+        kind = type(base[field])
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (kind is int and value != int(value)):
+            raise GrokConfigError(f"config field {key} must be a positive {'integer' if kind is int else 'number'}, not {value!r}")
+        fields[field] = kind(value)
+    get = lambda field: fields.get(field, base[field])  # noqa: E731
+    # Checked here to name the release's fields in the message.
+    if get("num_heads") % get("num_kv_heads"):
+        raise GrokConfigError(f"num_q_heads ({get('num_heads')}) must be a multiple of num_kv_heads ({get('num_kv_heads')})")
+    if get("num_experts_per_token") > get("num_experts"):
+        raise GrokConfigError(f"num_selected_experts ({get('num_experts_per_token')}) exceeds num_experts ({get('num_experts')})")
+    # The release derives the expert width from emb_size and widening_factor.
+    fields["moe_ffn_dim"] = ffn_size(get("d_model"), get("widening_factor"))
+    if overrides:
+        fields["name"] = f"{base_name} ({', '.join(f'{k}={v}' for k, v in overrides.items())})"
+    return _validated(lambda: replace(base, **fields))
+
+
+def _check_family(c) -> None:
     if c.get("family") != "grok1":
         raise GrokConfigError(f"config {c.get('name')!r} is a {c.get('family')!r} model, not Grok-1")
-    if c.num_q_heads % c.num_kv_heads:
-        raise GrokConfigError(f"num_q_heads ({c.num_q_heads}) must be a multiple of num_kv_heads ({c.num_kv_heads})")
-    if c.num_selected_experts > c.num_experts:
-        raise GrokConfigError(f"num_selected_experts ({c.num_selected_experts}) exceeds num_experts ({c.num_experts})")
-    return c
+
+
+def _validated(make) -> Config:
+    try:
+        return make()
+    except ConfigError as err:
+        raise GrokConfigError(f"invalid Grok-1 config: {err}") from None
 
 
 # -- layout ---------------------------------------------------------------------------------------
@@ -354,36 +379,60 @@ def _fields_of(leaf: Leaf) -> str:
     return "emb_size"
 
 
-def _write_quantized(writer: CheckpointWriter, leaf: Leaf, q: QuantizedWeight8bit, keep_int8: bool, dtype) -> None:
+def _write(writer: CheckpointWriter, config, leaf: Leaf, path: tuple, array: np.ndarray) -> None:
+    """One layer's array at its index of the stacked leaf `path` (or the unstacked leaf)."""
+    writer.write_layer(path, leaf.layer, config.num_layers, array)
+
+
+def _write_quantized(writer: CheckpointWriter, config, leaf: Leaf, q: QuantizedWeight8bit, keep_int8: bool, dtype) -> None:
     if q.weight.shape != leaf.shape:
         raise CheckpointFormatError(
             f"leaf {leaf.index} ({leaf.name}): int8 weight shape {q.weight.shape} does not match the config "
             f"({leaf.shape}); check the config's {_fields_of(leaf)}"
         )
     scales = block_scales(leaf, q.scales)
-    slices = _slices(leaf)
 
     if not (keep_int8 and leaf.is_matmul):
-        out = writer.create(leaf.dest, leaf.target, dtype)
-        for sl in slices:
+        # Filled one expert at a time: no float32 copy of the whole stack.
+        out = np.empty(leaf.target, dtype)
+        for sl in _slices(leaf):
             dense = dequantize_blocks(q.weight[sl], _scales_of_slice(scales, leaf, sl))
-            out[sl].write(dense.reshape(leaf.target[len(sl) :]).astype(dtype)).result()
+            out[sl] = dense.reshape(leaf.target[len(sl) :]).astype(dtype)
+        _write(writer, config, leaf, leaf.dest, out)
         return
 
-    # Our int8 layout: the weight in our shape, scales of our shape with the contracted axes of size 1.
-    contracted = tuple(a - len(slices[0]) for a in leaf.contracted)  # axes within one slice
-    scale_shape = tuple(1 if a in leaf.target_contracted() else n for a, n in enumerate(leaf.target))
-    out_q = writer.create(leaf.dest + ("int8",), leaf.target, np.int8)
-    out_s = writer.create(leaf.dest + ("scale",), scale_shape, np.float32)
-    for sl in slices:
+    def per_output_channel(sl, contracted):
         w, s = q.weight[sl], _scales_of_slice(scales, leaf, sl)
         if all(s.shape[a] == 1 for a in contracted):
             # Already one scale per output channel (or coarser): the int8 values stay exact.
-            s = spread_scales(s.astype(np.float32), tuple(1 if a in contracted else n for a, n in enumerate(w.shape)))
-        else:
-            w, s = requantize(dequantize_blocks(w, s), contracted)
-        out_q[sl].write(w.reshape(leaf.target[len(sl) :])).result()
-        out_s[sl].write(s.reshape(scale_shape[len(sl) :])).result()
+            return w, spread_scales(s.astype(np.float32), tuple(1 if a in contracted else n for a, n in enumerate(w.shape)))
+        return requantize(dequantize_blocks(w, s), contracted)
+
+    _write_int8(writer, config, leaf, per_output_channel)
+
+
+def _write_int8(writer: CheckpointWriter, config, leaf: Leaf, quantize_slice) -> None:
+    """Our int8 layout: `kernel` int8 in our shape, `scale` float32 of our shape with the contracted
+    axes of size 1. quantize_slice(slice, contracted axes within it) -> (int8, scales) of one slice."""
+    slices = _slices(leaf)
+    contracted = tuple(a - len(slices[0]) for a in leaf.contracted)  # axes within one slice
+    scale_shape = tuple(1 if a in leaf.target_contracted else n for a, n in enumerate(leaf.target))
+    out_q, out_s = np.empty(leaf.target, np.int8), np.empty(scale_shape, np.float32)
+    for sl in slices:
+        w, s = quantize_slice(sl, contracted)
+        out_q[sl] = w.reshape(leaf.target[len(sl) :])
+        out_s[sl] = s.reshape(scale_shape[len(sl) :])
+    _write(writer, config, leaf, leaf.dest, out_q)
+    _write(writer, config, leaf, leaf.scale_dest, out_s)
+
+
+def _write_float(writer: CheckpointWriter, config, leaf: Leaf, obj: np.ndarray, keep_int8: bool, dtype) -> None:
+    """A plain float leaf; under keep_int8 a matmul weight stored dense is quantized per output
+    channel, since the int8 model has int8 weights in every matmul."""
+    if keep_int8 and leaf.is_matmul:
+        _write_int8(writer, config, leaf, lambda sl, contracted: requantize(obj[sl].astype(np.float32), contracted))
+        return
+    _write(writer, config, leaf, leaf.dest, obj.reshape(leaf.target).astype(np.dtype(dtype) if dtype is not None else obj.dtype))
 
 
 # -- conversion -----------------------------------------------------------------------------------
@@ -403,14 +452,16 @@ def convert(
 
     dtype: storage dtype of floating weights; int8 weights are dequantized to it (default bfloat16,
       the release's compute dtype), plain float leaves keep their own dtype unless it is given.
-    config: a preset name (default "grok-1"), a ConfigDict, or a dict of overrides in the release's
+    config: a preset name (default "grok-1"), a config, or a dict of overrides in the release's
       field names (see RELEASE_FIELDS), optionally with "preset" naming the base.
     keep_int8: keep QuantizedWeight8bit matmul weights as int8 + per-output-channel scales (the
-      model then runs weight-only int8); embeddings, norms and the router are always float.
+      config says quantization="int8": the model runs weight-only int8); embeddings, norms and the
+      router are always float.
     """
     src, dst = Path(src), Path(dst)
     c = resolve_config(config)
-    c.tokenizer = "sentencepiece"  # the release's tokenizer.model, whatever a small preset used
+    # The release's tokenizer.model, whatever a small preset used; the model built with int8 weights or not.
+    c = _validated(lambda: replace(c, tokenizer="sentencepiece", quantization="int8" if keep_int8 else "none"))
     plan = leaf_plan(c)
     ckpt, files = leaf_files(src, len(plan))
     dequant_dtype = np.dtype(dtype) if dtype is not None else np.dtype(ml_dtypes.bfloat16)
@@ -419,15 +470,14 @@ def convert(
         for leaf, path in zip(plan, files):
             obj = read_leaf(path)
             if isinstance(obj, QuantizedWeight8bit):
-                _write_quantized(writer, leaf, obj, keep_int8, dequant_dtype)
+                _write_quantized(writer, c, leaf, obj, keep_int8, dequant_dtype)
             else:
                 if obj.shape != leaf.shape:
                     raise CheckpointFormatError(
                         f"leaf {leaf.index} ({leaf.name}, {path.name}): shape {obj.shape} does not match the config "
                         f"({leaf.shape}); check the config's {_fields_of(leaf)}"
                     )
-                out = obj.reshape(leaf.target).astype(np.dtype(dtype) if dtype is not None else obj.dtype)
-                writer.write(leaf.dest, out)
+                _write_float(writer, c, leaf, obj, keep_int8, dtype)
             logger.info("converted leaf %d/%d %s", leaf.index + 1, len(plan), leaf.name)
             del obj
         tokenizer = _tokenizer_file(src, ckpt)

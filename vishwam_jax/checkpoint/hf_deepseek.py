@@ -10,9 +10,12 @@ extra tensors (enorm, hnorm, eh_proj, shared_head.norm; its embed_tokens and sha
 copies of the main model's, which our MTP shares). transformers' own DeepseekV3ForCausalLM saves no
 MTP layer; then the converted model has num_mtp_layers = 0.
 
-Routed experts are stacked into [E, ...] leaves written one expert at a time, so peak memory is about
-one expert (plus one zarr chunk), never one layer. PyTorch weights are [out, in]; ours [in, out] with
-heads as their own axis (models/mla.py lists the layout).
+Written in the model's own layout (models/deepseek_v3.py): the dense layers, the MoE layers and the
+MTP depths each form a stack whose leaves have the layer on a leading axis (presets/deepseek_v3.py
+`layer_slot` says which stack and index a layer goes to). Routed experts go into [L, E, ...] leaves
+one (layer, expert) slice at a time, so peak memory is about one expert (plus one zarr chunk), never
+one layer. PyTorch weights are [out, in]; ours [in, out] with heads as their own axis (models/mla.py
+lists the layout).
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from vishwam_jax.checkpoint.hf_common import (
     rope_settings,
     storage_dtype,
 )
-from vishwam_jax.checkpoint.orbax_io import CheckpointWriter
+from vishwam_jax.checkpoint.orbax_io import CheckpointError, CheckpointWriter
 from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError, SafetensorsIndex
-from vishwam_jax.presets.deepseek_v3 import deepseek_v3_base
+from vishwam_jax.presets import ConfigError, from_dict
+from vishwam_jax.presets.deepseek_v3 import deepseek_v3_base, layer_slot, mtp_slot
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +53,20 @@ def detect(src: Path) -> bool:
 
 # -- config ----------------------------------------------------------------------------------------
 def config_from_hf(hf: dict, where: str = "config.json"):
-    """Our config from a DeepSeek-V3 config.json, as the release writes it (`rope_scaling` with
-    "type") or as transformers v5 writes it (`rope_parameters` with "rope_type")."""
+    """Our (frozen, validated) config from a DeepSeek-V3 config.json, as the release writes it
+    (`rope_scaling` with "type") or as transformers v5 writes it (`rope_parameters` with "rope_type")."""
+    return _freeze(_config_fields(hf, where), where)
+
+
+def _freeze(fields, where: str):
+    try:
+        return from_dict(fields.to_dict())
+    except ConfigError as err:
+        raise CheckpointFormatError(f"{where}: {err}") from None
+
+
+def _config_fields(hf: dict, where: str):
+    """The config's fields (a mutable ConfigDict, before validation and freezing)."""
 
     def unsupported(what):
         return CheckpointFormatError(f"{where}: {what} is not DeepSeek-V3 (not supported)")
@@ -188,86 +204,101 @@ class _Tensors:
 def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> None:
     src = Path(src)
     hf = read_hf_config(src)
-    config = config_from_hf(hf, str(src / "config.json"))
-    index = SafetensorsIndex(src)
-    tensors = _Tensors(index, _block_size(hf), dtype)
-    mtp_first = config.num_layers
-    if config.num_mtp_layers and f"model.layers.{mtp_first}.eh_proj.weight" not in index:
-        log.info("%s: config has %d MTP layers but no model.layers.%d.* tensors; converting without MTP", src, config.num_mtp_layers, mtp_first)
-        config.num_mtp_layers = 0
+    where = str(src / "config.json")
+    fields = _config_fields(hf, where)
+    source = SafetensorsIndex(src)
+    tensors = _Tensors(source, _block_size(hf), dtype)
+    mtp_first = fields.num_layers
+    if fields.num_mtp_layers and f"model.layers.{mtp_first}.eh_proj.weight" not in source:
+        log.info("%s: config has %d MTP layers but no model.layers.%d.* tensors; converting without MTP", src, fields.num_mtp_layers, mtp_first)
+        fields.num_mtp_layers = 0
+    config = _freeze(fields, where)
 
     d, h, v = config.d_model, config.num_heads, config.vocab_size
     nope, rope, r, vd = config.qk_nope_head_dim, config.qk_rope_head_dim, config.kv_lora_rank, config.v_head_dim
     e, fe = config.num_experts, config.moe_ffn_dim
 
     with CheckpointWriter(dst, config, overwrite=overwrite) as writer:
+        expert_stores: dict[tuple, tuple] = {}  # [L, E, ...] leaves being filled: (store, written (layer, expert))
 
-        def put(path, name, shape, transform=lambda w: w, force_dtype=None):
+        def put(path, name, shape, transform=lambda w: w, force_dtype=None, *, index=None, count=0):
+            """One tensor, transformed to our layout, at `index` of the stacked leaf `path` (or unstacked)."""
             w, out_dtype = tensors.get(name, shape)
-            writer.write(path, np.ascontiguousarray(transform(w)).astype(force_dtype or out_dtype))
+            writer.write_layer(path, index, count, np.ascontiguousarray(transform(w)).astype(force_dtype or out_dtype))
 
-        def put_experts(path, L, proj, shape, transform):
-            """Stack model.layers.N.mlp.experts.{0..E-1}.<proj>.weight into one [E, ...] leaf."""
+        def put_experts(path, L, proj, shape, transform, index, count):
+            """model.layers.N.mlp.experts.{0..E-1}.<proj>.weight into slices [index, 0..E-1] of the
+            [count, E, ...] leaf `path`: one expert in memory at a time."""
             fused = f"{L}mlp.experts.gate_up_proj" if proj in ("gate_proj", "up_proj") else f"{L}mlp.experts.down_proj"
-            store = None
             for i in range(e):
-                if fused in index:  # transformers' in-memory layout: gate_up [E, 2f, d], down [E, d, f]
-                    w, out_dtype = index.get(fused)[i], storage_dtype(index.get(fused), dtype)
+                if fused in source:  # transformers' in-memory layout: gate_up [E, 2f, d], down [E, d, f]
+                    w, out_dtype = source.get(fused)[i], storage_dtype(source.get(fused), dtype)
                     w = {"gate_proj": w[:fe], "up_proj": w[fe:], "down_proj": w}[proj]
                     if tuple(w.shape) != shape:
                         raise CheckpointFormatError(f"{fused}: expert shape {tuple(w.shape)} does not match the config ({shape})")
                 else:
                     w, out_dtype = tensors.get(f"{L}mlp.experts.{i}.{proj}.weight", shape)
                 out = np.ascontiguousarray(transform(w)).astype(out_dtype)
-                if store is None:
-                    store = writer.create(path, (e,) + out.shape, out.dtype)
-                store[i].write(out).result()
+                if path not in expert_stores:
+                    expert_stores[path] = (writer.create(path, (count, e) + out.shape, out.dtype), set())
+                store, written = expert_stores[path]
+                if tuple(store.shape[2:]) != out.shape:
+                    raise CheckpointFormatError(f"{L}mlp.experts.{i}.{proj}: shape {out.shape} does not fit {tuple(store.shape)}")
+                store[index, i].write(out.astype(store.dtype.numpy_dtype)).result()
+                written.add((index, i))
 
-        def put_layer(prefix: tuple, L: str, moe: bool):
-            a = prefix + ("attn",)
-            put(prefix + ("attn_norm",), L + "input_layernorm.weight", (d,))
+        def put_layer(prefix: tuple, L: str, moe: bool, index: int, count: int):
+            def p(path, name, shape, transform=lambda w: w, force_dtype=None):
+                put(prefix + path, L + name, shape, transform, force_dtype, index=index, count=count)
+
+            a = ("attn",)
+            p(("attn_norm", "scale"), "input_layernorm.weight", (d,))
             if config.q_lora_rank:
                 q = config.q_lora_rank
-                put(a + ("wq_a",), L + "self_attn.q_a_proj.weight", (q, d), lambda w: w.T)
-                put(a + ("q_norm",), L + "self_attn.q_a_layernorm.weight", (q,))
-                put(a + ("wq_b",), L + "self_attn.q_b_proj.weight", (h * (nope + rope), q), lambda w: w.T.reshape(q, h, nope + rope))
+                p(a + ("wq_a", "kernel"), "self_attn.q_a_proj.weight", (q, d), lambda w: w.T)
+                p(a + ("q_norm", "scale"), "self_attn.q_a_layernorm.weight", (q,))
+                p(a + ("wq_b", "kernel"), "self_attn.q_b_proj.weight", (h * (nope + rope), q), lambda w: w.T.reshape(q, h, nope + rope))
             else:
-                put(a + ("wq",), L + "self_attn.q_proj.weight", (h * (nope + rope), d), lambda w: w.T.reshape(d, h, nope + rope))
-            put(a + ("wkv_a",), L + "self_attn.kv_a_proj_with_mqa.weight", (r + rope, d), lambda w: w.T)
-            put(a + ("kv_norm",), L + "self_attn.kv_a_layernorm.weight", (r,))
+                p(a + ("wq", "kernel"), "self_attn.q_proj.weight", (h * (nope + rope), d), lambda w: w.T.reshape(d, h, nope + rope))
+            p(a + ("wkv_a", "kernel"), "self_attn.kv_a_proj_with_mqa.weight", (r + rope, d), lambda w: w.T)
+            p(a + ("kv_norm", "scale"), "self_attn.kv_a_layernorm.weight", (r,))
             # kv_b_proj rows are per head [k_nope (nope) ; v (v_head_dim)]; split for absorption.
-            kv_b = lambda w: w.T.reshape(r, h, nope + vd)
-            put(a + ("wk_b",), L + "self_attn.kv_b_proj.weight", (h * (nope + vd), r), lambda w: kv_b(w)[..., :nope])
-            put(a + ("wv_b",), L + "self_attn.kv_b_proj.weight", (h * (nope + vd), r), lambda w: kv_b(w)[..., nope:])
-            put(a + ("wo",), L + "self_attn.o_proj.weight", (d, h * vd), lambda w: w.T.reshape(h, vd, d))
-            put(prefix + ("mlp_norm",), L + "post_attention_layernorm.weight", (d,))
+            kv_b = lambda w: w.T.reshape(r, h, nope + vd)  # noqa: E731
+            p(a + ("wk_b", "kernel"), "self_attn.kv_b_proj.weight", (h * (nope + vd), r), lambda w: kv_b(w)[..., :nope])
+            p(a + ("wv_b", "kernel"), "self_attn.kv_b_proj.weight", (h * (nope + vd), r), lambda w: kv_b(w)[..., nope:])
+            p(a + ("wo", "kernel"), "self_attn.o_proj.weight", (d, h * vd), lambda w: w.T.reshape(h, vd, d))
+            p(("mlp_norm", "scale"), "post_attention_layernorm.weight", (d,))
             if not moe:
                 f = config.ffn_dim
-                put(prefix + ("mlp", "gate"), L + "mlp.gate_proj.weight", (f, d), lambda w: w.T)
-                put(prefix + ("mlp", "up"), L + "mlp.up_proj.weight", (f, d), lambda w: w.T)
-                put(prefix + ("mlp", "down"), L + "mlp.down_proj.weight", (d, f), lambda w: w.T)
+                p(("mlp", "gate", "kernel"), "mlp.gate_proj.weight", (f, d), lambda w: w.T)
+                p(("mlp", "up", "kernel"), "mlp.up_proj.weight", (f, d), lambda w: w.T)
+                p(("mlp", "down", "kernel"), "mlp.down_proj.weight", (d, f), lambda w: w.T)
                 return
             # Routing stays float32 whatever `dtype`: near-ties between experts decide the route.
-            put(prefix + ("router",), L + "mlp.gate.weight", (e, d), lambda w: w.T, np.float32)
-            put(prefix + ("router_bias",), L + "mlp.gate.e_score_correction_bias", (e,), force_dtype=np.float32)
-            put_experts(prefix + ("experts", "gate"), L, "gate_proj", (fe, d), lambda w: w.T)
-            put_experts(prefix + ("experts", "up"), L, "up_proj", (fe, d), lambda w: w.T)
-            put_experts(prefix + ("experts", "down"), L, "down_proj", (d, fe), lambda w: w.T)
+            p(("router", "kernel"), "mlp.gate.weight", (e, d), lambda w: w.T, np.float32)
+            p(("router", "bias"), "mlp.gate.e_score_correction_bias", (e,), force_dtype=np.float32)
+            for proj, name, shape in (("gate", "gate_proj", (fe, d)), ("up", "up_proj", (fe, d)), ("down", "down_proj", (d, fe))):
+                put_experts(prefix + ("experts", proj, "kernel"), L, name, shape, lambda w: w.T, index, count)
             fs = fe * config.num_shared_experts
-            put(prefix + ("shared", "gate"), L + "mlp.shared_experts.gate_proj.weight", (fs, d), lambda w: w.T)
-            put(prefix + ("shared", "up"), L + "mlp.shared_experts.up_proj.weight", (fs, d), lambda w: w.T)
-            put(prefix + ("shared", "down"), L + "mlp.shared_experts.down_proj.weight", (d, fs), lambda w: w.T)
+            p(("shared", "gate", "kernel"), "mlp.shared_experts.gate_proj.weight", (fs, d), lambda w: w.T)
+            p(("shared", "up", "kernel"), "mlp.shared_experts.up_proj.weight", (fs, d), lambda w: w.T)
+            p(("shared", "down", "kernel"), "mlp.shared_experts.down_proj.weight", (d, fs), lambda w: w.T)
 
-        put(("embed",), "model.embed_tokens.weight", (v, d))
-        put(("final_norm",), "model.norm.weight", (d,))
-        put(("lm_head",), "lm_head.weight", (v, d), lambda w: w.T)
+        put(("embed", "embedding"), "model.embed_tokens.weight", (v, d))
+        put(("final_norm", "scale"), "model.norm.weight", (d,))
+        put(("lm_head", "kernel"), "lm_head.weight", (v, d), lambda w: w.T)
         for i in range(config.num_layers):
-            put_layer(("layers", i), f"model.layers.{i}.", moe=i >= config.num_dense_layers)
+            prefix, at, count = layer_slot(config, i)
+            put_layer(prefix, f"model.layers.{i}.", i >= config.num_dense_layers, at, count)
         for k in range(config.num_mtp_layers):
+            prefix, at, count = mtp_slot(config, k)
             L = f"model.layers.{mtp_first + k}."
-            put(("mtp", k, "enorm"), L + "enorm.weight", (d,))
-            put(("mtp", k, "hnorm"), L + "hnorm.weight", (d,))
-            put(("mtp", k, "eh_proj"), L + "eh_proj.weight", (d, 2 * d), lambda w: w.T)
-            put(("mtp", k, "norm"), L + "shared_head.norm.weight", (d,))
-            put_layer(("mtp", k, "block"), L, moe=True)
+            put(prefix + ("enorm", "scale"), L + "enorm.weight", (d,), index=at, count=count)
+            put(prefix + ("hnorm", "scale"), L + "hnorm.weight", (d,), index=at, count=count)
+            put(prefix + ("eh_proj", "kernel"), L + "eh_proj.weight", (d, 2 * d), lambda w: w.T, index=at, count=count)
+            put(prefix + ("norm", "scale"), L + "shared_head.norm.weight", (d,), index=at, count=count)
+            put_layer(prefix + ("block",), L, True, at, count)
+        for path, (store, written) in expert_stores.items():
+            if len(written) != store.shape[0] * store.shape[1]:
+                raise CheckpointError(f"{'.'.join(path)}: {store.shape[0] * store.shape[1] - len(written)} expert slices were never written")
         copy_tokenizer_files(src, writer)

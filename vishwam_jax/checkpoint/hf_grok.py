@@ -31,6 +31,10 @@ the activation (tanh GELU), the attention cap (30, or config `max_attn_value`), 
 RoPE theta 10000 are not taken from config.json, whose values in some ports are Mixtral defaults the
 weights were never run with (Aqwu's GrokConfig says silu and theta 1e5); a disagreeing value is logged.
 An `lm_head.weight`, if present, must equal the embedding: Grok-1's output is tied.
+
+Written layout: models/grok1.py's module paths, every layer at its index of the stacked `layers`
+leaves (presets.grok1.layer_slot); one layer's expert stack [e, d, f] is assembled one expert at a
+time and written whole, so memory holds at most one layer's stack.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ import numpy as np
 from vishwam_jax.checkpoint.hf_common import copy_tokenizer_files, first_id, has_safetensors, read_hf_config, storage_dtype
 from vishwam_jax.checkpoint.orbax_io import CheckpointWriter
 from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError, SafetensorsIndex
-from vishwam_jax.presets.grok1 import grok1_base
+from vishwam_jax.presets import Config, ConfigError, from_dict
+from vishwam_jax.presets.grok1 import grok1_base, layer_slot
 
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -177,19 +182,19 @@ def _layout(index: SafetensorsIndex | TorchBinIndex) -> str:
     )
 
 
-def config_from_hf(hf: dict):
+def config_from_hf(hf: dict) -> Config:
     c = grok1_base()
     c.name = hf.get("_name_or_path", "") or "hf-grok-1"
     c.vocab_size = int(hf.get("vocab_size", c.vocab_size))
     c.d_model = int(hf.get("hidden_size", c.d_model))
     c.num_layers = int(hf.get("num_hidden_layers", c.num_layers))
-    c.num_q_heads = int(hf.get("num_attention_heads", c.num_q_heads))
-    c.num_kv_heads = int(hf.get("num_key_value_heads") or c.num_q_heads)
-    c.key_size = int(hf.get("head_dim") or c.d_model // c.num_q_heads)
-    c.ffn_dim = int(hf.get("intermediate_size", c.ffn_dim))
-    c.widening_factor = c.ffn_dim * 3 / (2 * c.d_model)  # informational: ffn_dim is what the model reads
+    c.num_heads = int(hf.get("num_attention_heads", c.num_heads))
+    c.num_kv_heads = int(hf.get("num_key_value_heads") or c.num_heads)
+    c.head_dim = int(hf.get("head_dim") or c.d_model // c.num_heads)
+    c.moe_ffn_dim = int(hf.get("intermediate_size", c.moe_ffn_dim))
+    c.widening_factor = c.moe_ffn_dim * 3 / (2 * c.d_model)  # informational: moe_ffn_dim is what the model reads
     c.num_experts = int(hf.get("num_experts") or hf.get("num_local_experts") or c.num_experts)
-    c.num_selected_experts = int(hf.get("num_experts_per_tok", c.num_selected_experts))
+    c.num_experts_per_token = int(hf.get("num_experts_per_tok", c.num_experts_per_token))
     for field in ("embedding_multiplier_scale", "output_multiplier_scale", "attn_output_multiplier"):
         value = hf.get(field)
         if isinstance(value, (list, tuple)):  # one published config wrote `x = value,` (a 1-tuple)
@@ -207,7 +212,10 @@ def config_from_hf(hf: dict):
             logger.warning("config.json says %s=%s; using the release's %s (the weights were trained with it)", field, hf[field], ours)
     if hf.get("hidden_act") not in (None, "gelu", "gelu_new", "gelu_pytorch_tanh"):
         logger.warning("config.json says hidden_act=%s; using the release's tanh GELU", hf["hidden_act"])
-    return c
+    try:
+        return from_dict(c.to_dict())  # validated and frozen
+    except ConfigError as err:
+        raise CheckpointFormatError(f"config.json: {err}") from None
 
 
 def _check_tied(index: SafetensorsIndex | TorchBinIndex, embed_name: str, rows: int = 4096) -> None:
@@ -232,8 +240,8 @@ def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False, **opti
     config = config_from_hf(read_hf_config(src))
     index = SafetensorsIndex(src) if has_safetensors(src) else TorchBinIndex(src)
     names = LAYOUTS[_layout(index)]
-    d, h, kh, hd = config.d_model, config.num_q_heads, config.num_kv_heads, config.key_size
-    e, f = config.num_experts, config.ffn_dim
+    d, h, kh, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim
+    e, f, count = config.num_experts, config.moe_ffn_dim, config.num_layers
     _check_tied(index, names["embed"])
 
     def get(key: str, shape: tuple[int, ...], **fmt) -> np.ndarray:
@@ -247,24 +255,24 @@ def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False, **opti
 
     with CheckpointWriter(dst, config, overwrite=overwrite) as writer:
 
-        def put(path: tuple, w: np.ndarray) -> None:
-            writer.write(path, np.ascontiguousarray(w).astype(storage_dtype(w, dtype)))
+        def put(path: tuple, w: np.ndarray, index: int | None = None) -> None:
+            writer.write_layer(path, index, count, np.ascontiguousarray(w).astype(storage_dtype(w, dtype)))
 
-        put(("embed",), get("embed", (config.vocab_size, d)))
-        put(("final_norm",), get("final_norm", (d,)))
+        put(("embed", "embedding"), get("embed", (config.vocab_size, d)))
+        put(("final_norm", "scale"), get("final_norm", (d,)))
         for i in range(config.num_layers):
-            L = ("layers", i)
+            L, n = layer_slot(config, i)
             for key in ("attn_norm", "post_attn_norm", "moe_norm", "post_moe_norm"):
-                put(L + (key,), get(key, (d,), i=i))
-            put(L + ("attn", "q"), get("q", (h * hd, d), i=i).T.reshape(d, h, hd))
-            put(L + ("attn", "k"), get("k", (kh * hd, d), i=i).T.reshape(d, kh, hd))
-            put(L + ("attn", "v"), get("v", (kh * hd, d), i=i).T.reshape(d, kh, hd))
-            put(L + ("attn", "o"), get("o", (d, h * hd), i=i).T.reshape(h, hd, d))
-            put(L + ("router",), get("router", (e, d), i=i).T)
+                put(L + (key, "scale"), get(key, (d,), i=i), n)
+            put(L + ("attn", "q", "kernel"), get("q", (h * hd, d), i=i).T.reshape(d, h, hd), n)
+            put(L + ("attn", "k", "kernel"), get("k", (kh * hd, d), i=i).T.reshape(d, kh, hd), n)
+            put(L + ("attn", "v", "kernel"), get("v", (kh * hd, d), i=i).T.reshape(d, kh, hd), n)
+            put(L + ("attn", "o", "kernel"), get("o", (d, h * hd), i=i).T.reshape(h, hd, d), n)
+            put(L + ("router", "kernel"), get("router", (e, d), i=i).T, n)
             for key, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
                 first = get(key, shape, i=i, e=0)
-                stack = writer.create(L + ("moe", key), (e,) + shape[::-1], storage_dtype(first, dtype))
-                for j in range(e):  # one expert at a time: bounded memory
-                    w = get(key, shape, i=i, e=j).T
-                    stack[j].write(np.ascontiguousarray(w).astype(storage_dtype(w, dtype))).result()
+                stack = np.empty((e,) + shape[::-1], storage_dtype(first, dtype))
+                for j in range(e):  # one expert at a time (PyTorch [out, in] -> ours [in, out])
+                    stack[j] = get(key, shape, i=i, e=j).T
+                writer.write_layer(L + ("experts", key, "kernel"), n, count, stack)
         copy_tokenizer_files(src, writer)

@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jaxtyping import Array, Int
+from flax import nnx, struct
+from jaxtyping import Array, Bool, Int
 
 from vishwam_jax.inference import paged_cache
 from vishwam_jax.inference.sampling import SamplingParams, sample
@@ -43,6 +43,17 @@ def pad_prompts(prompts: Sequence[Sequence[int]] | np.ndarray, pad_id: int, mult
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
     return tokens, lengths
+
+
+@struct.dataclass
+class DecodeState:
+    """What the decode loop carries between compiled calls: the cache, each row's pending token
+    (sampled, not yet emitted), which rows have finished, and the sampling key."""
+
+    cache: Any
+    token: Int[Array, "b"]
+    done: Bool[Array, "b"]
+    key: jax.Array
 
 
 @dataclasses.dataclass
@@ -109,30 +120,30 @@ class Generator:
         key, sub = jax.random.split(key)
         first = sample(out.logits[:, 0], sub, sampling)
         cache = out.cache
-        return {"cache": cache, "token": first, "done": jnp.zeros_like(first, bool), "key": key}
+        return DecodeState(cache=cache, token=first, done=jnp.zeros_like(first, bool), key=key)
 
     def _decode_impl(self, params, state, stop_ids, *, steps: int, sampling: SamplingParams):
         """Emit `steps` tokens per row: the pending token first, then one forward per new token.
         Finished rows emit padding and stop advancing."""
         pad = self.config.pad_token_id
         model = nnx.merge(self.graphdef, params)
-        batch = state["token"].shape[0]
+        batch = state.token.shape[0]
         out = jnp.full((batch, steps), pad, jnp.int32)
 
         def cond(carry):
             i, state, _ = carry
-            return (i < steps) & ~jnp.all(state["done"])
+            return (i < steps) & ~jnp.all(state.done)
 
         def body(carry):
             i, state, out = carry
-            token, done = state["token"], state["done"]
+            token, done = state.token, state.done
             out = out.at[:, i].set(jnp.where(done, pad, token))
             done = done | jnp.isin(token, stop_ids)
             live = (~done).astype(jnp.int32)
-            step = model(token[:, None], cache=state["cache"], lengths=live)
-            key, sub = jax.random.split(state["key"])
+            step = model(token[:, None], cache=state.cache, lengths=live)
+            key, sub = jax.random.split(state.key)
             nxt = sample(step.logits[:, -1], sub, sampling)
-            return i + 1, {"cache": step.cache, "token": nxt, "done": done, "key": key}, out
+            return i + 1, DecodeState(cache=step.cache, token=nxt, done=done, key=key), out
 
         _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
         return out, state
@@ -203,7 +214,7 @@ class Generator:
             produced += block.shape[1]
             if on_tokens is not None:
                 on_tokens(block)
-            if bool(np.asarray(state["done"]).all()):
+            if bool(np.asarray(state.done).all()):
                 break
         self.stats.decode_s = time.perf_counter() - start
         out = np.concatenate(blocks, axis=1)

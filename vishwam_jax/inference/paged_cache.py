@@ -12,7 +12,9 @@ A contiguous cache gives every row of a batch `max_len` slots, so a batch mixing
 compiled calls, e.g. reserving prompt + max_new_tokens pages per request before a generate call,
 and freeing them when the request ends). `PagedCache` tracks which pages each sequence owns and
 builds the block-table array fed to the model; `mla_attention.mla_decode(..., block_table=)` reads
-the pool through it, and `write_tokens` (jit-able) scatters new latents into their pages.
+the pool through it, and `write_tokens` (jit-able) scatters new latents into their pages. A family
+with a paged cache (`capabilities.paged_cache`) builds its stacked pools in `init_paged_cache`
+(DeepSeek-V3: [layers, num_blocks, page, 576] per stack, one block table for every layer).
 
 Unused table entries hold `num_blocks`, an out-of-range id: a write aimed there is dropped by the
 scatter (it can never land in another sequence's page) and the attention never reads entries past
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 from typing import Hashable, Iterable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
@@ -156,25 +157,3 @@ def gather_tokens(pool: Float[Array, "nb page c"], block_table: Int[Array, "b mb
     nb, page, c = pool.shape
     b, mb = block_table.shape
     return pool[jnp.clip(block_table, 0, nb - 1)].reshape(b, mb * page, c)
-
-
-def paged_model_cache(family, config, block_table: Int[Array, "b mb"], num_blocks: int, dtype,
-                      page: int = PAGE) -> dict:
-    """A model family's decode cache with each layer's latent store replaced by a page pool read
-    through `block_table` (the same table for every layer). Only MLA latent caches page (layers of
-    {"kv": [b, max_len, c]}, i.e. DeepSeek-V3); other layouts raise NotImplementedError."""
-    proto = jax.eval_shape(lambda: family.init_cache(config, 1, page, dtype))
-    layers = proto.get("layers") if isinstance(proto, dict) else None
-    if set(getattr(proto, "keys", lambda: ())()) != {"pos", "layers"} or not layers or any(
-        set(layer) != {"kv"} for layer in layers
-    ):
-        name = getattr(family, "__name__", str(family))
-        raise NotImplementedError(f"the paged cache pages MLA latent caches only; {name}'s cache is not one")
-    table = jnp.asarray(block_table, jnp.int32)
-    return {
-        "pos": jnp.zeros((table.shape[0],), jnp.int32),
-        "layers": [
-            {"kv": init_pool(num_blocks, layer["kv"].shape[-1], layer["kv"].dtype, page), "block_table": table}
-            for layer in layers
-        ],
-    }

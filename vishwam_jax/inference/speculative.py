@@ -23,9 +23,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from vishwam_jax import models
 from vishwam_jax.inference.engine import PromptTooLongError, pad_prompts
-from vishwam_jax.models import family_module
 
 
 @dataclasses.dataclass
@@ -40,25 +41,26 @@ class SpeculativeResult:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-def _prefill(family, config, params, tokens, lengths, *, max_len: int):
+def _prefill(graphdef, params, tokens, lengths, *, max_len: int):
     """Main model over the prompts, the first greedy token, then the MTP module over entries
     (h_i, x_{i+1}) of the prompt (the last entry uses the first generated token) for the first draft."""
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    model = nnx.merge(graphdef, params)
+    dtype = model.embed.embedding.dtype  # the compute dtype (the routers stay float32 whatever it is)
     batch, t = tokens.shape
     rows = jnp.arange(batch)
-    cache = family.init_cache(config, batch, max_len, dtype)
-    logits, cache, aux = family.forward_with_aux(params, tokens, config, cache=cache, lengths=lengths, logit_positions=(lengths - 1)[:, None])
-    first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+    out = model(tokens, cache=model.init_cache(batch, max_len, dtype), lengths=lengths, logit_positions=(lengths - 1)[:, None])
+    first = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
     following = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1).at[rows, lengths - 1].set(first)
-    mtp_cache = family.init_mtp_cache(config, batch, max_len, dtype)
-    mtp_logits, mtp_cache, _ = family.mtp_forward(
-        params, aux["hidden"], following, config, cache=mtp_cache, lengths=lengths, logit_positions=(lengths - 1)[:, None]
-    )
-    draft = jnp.argmax(mtp_logits[:, 0], axis=-1).astype(jnp.int32)
-    return {"cache": cache, "mtp_cache": mtp_cache, "token": first, "draft": draft}
+    drafted = model.mtp(
+        out.hidden, following, cache=model.init_mtp_cache(batch, max_len, dtype), lengths=lengths,
+        logit_positions=(lengths - 1)[:, None],
+    )  # fmt: skip
+    draft = jnp.argmax(drafted.logits[:, 0], axis=-1).astype(jnp.int32)
+    return {"cache": out.cache, "mtp_cache": drafted.cache, "token": first, "draft": draft}
 
 
-def _decode(family, config, params, state, stop_ids, *, max_new_tokens: int):
+def _decode(graphdef, config, params, state, stop_ids, *, max_new_tokens: int):
+    model = nnx.merge(graphdef, params)
     pad = config.pad_token_id
     batch = state["token"].shape[0]
     rows = jnp.arange(batch)
@@ -80,8 +82,8 @@ def _decode(family, config, params, state, stop_ids, *, max_new_tokens: int):
         live = live_rows(c)
         token, draft = c["token"], c["draft"]
         chunk = jnp.stack([token, draft], axis=1)
-        logits, cache, aux = family.forward_with_aux(params, chunk, config, cache=c["cache"], lengths=jnp.where(live, 2, 0))
-        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [b, 2]
+        verify = model(chunk, cache=c["cache"], lengths=jnp.where(live, 2, 0))
+        greedy = jnp.argmax(verify.logits, axis=-1).astype(jnp.int32)  # [b, 2]
         g1, g2 = greedy[:, 0], greedy[:, 1]
         token_stops = jnp.isin(token, stop_ids)
         verified = live & ~token_stops  # the draft matters only if the row goes on after x_P
@@ -91,16 +93,15 @@ def _decode(family, config, params, state, stop_ids, *, max_new_tokens: int):
         done = c["done"] | (live & token_stops) | (accepted & jnp.isin(draft, stop_ids))
         advance = jnp.where(live, 1 + accepted.astype(jnp.int32), 0)
         # The verify forward advanced live rows by 2; keep only the confirmed tokens (rewind).
-        cache = {**cache, "pos": c["cache"]["pos"] + advance}
-        mtp_logits, mtp_cache, _ = family.mtp_forward(
-            params, aux["hidden"], greedy, config, cache=c["mtp_cache"], lengths=advance,
-            logit_positions=accepted.astype(jnp.int32)[:, None],
+        cache = {**verify.cache, "pos": c["cache"]["pos"] + advance}
+        drafted = model.mtp(
+            verify.hidden, greedy, cache=c["mtp_cache"], lengths=advance, logit_positions=accepted.astype(jnp.int32)[:, None]
         )
-        new_draft = jnp.argmax(mtp_logits[:, 0], axis=-1).astype(jnp.int32)
-        keep = lambda new, old: jnp.where(live, new, old)
+        new_draft = jnp.argmax(drafted.logits[:, 0], axis=-1).astype(jnp.int32)
+        keep = lambda new, old: jnp.where(live, new, old)  # noqa: E731
         return {
             "cache": cache,
-            "mtp_cache": mtp_cache,
+            "mtp_cache": drafted.cache,
             "token": keep(jnp.where(accepted, g2, g1), token),
             "draft": keep(new_draft, draft),
             "out": out,
@@ -116,15 +117,20 @@ def _decode(family, config, params, state, stop_ids, *, max_new_tokens: int):
 
 
 class SpeculativeGenerator:
-    """Compiled MTP-speculative prefill + decode for one model config (reused across calls)."""
+    """Compiled MTP-speculative prefill + decode for one model structure (`graphdef`, from
+    nnx.split(module, nnx.Param)), reused across calls; the parameters are passed to `generate`."""
 
-    def __init__(self, config):
-        self.family = family_module(config)
-        if not hasattr(self.family, "mtp_forward") or not config.get("num_mtp_layers"):
+    def __init__(self, graphdef: nnx.GraphDef, config):
+        """config: the model's config (pad/eos ids, context length). Raises ValueError for a model
+        whose capabilities do not include MTP."""
+        # The capabilities of the module `graphdef` describes (a property of the config for
+        # DeepSeek-V3), read from its abstract twin: no parameters are needed.
+        if not models.abstract(config).capabilities.mtp:
             raise ValueError(f"{config.get('name') or config.family}: speculative decoding needs a model with an MTP module")
+        self.graphdef = graphdef
         self.config = config
-        self._prefill = jax.jit(functools.partial(_prefill, self.family, config), static_argnames=("max_len",))
-        self._decode = jax.jit(functools.partial(_decode, self.family, config), static_argnames=("max_new_tokens",))
+        self._prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=("max_len",))
+        self._decode = jax.jit(functools.partial(_decode, graphdef, config), static_argnames=("max_new_tokens",))
 
     def generate(self, params, prompts, max_new_tokens: int) -> SpeculativeResult:
         """Greedy generation for a batch of prompts (lists of ids of any lengths, or [b, t]);
@@ -144,8 +150,3 @@ class SpeculativeGenerator:
         stop_ids = jnp.asarray(np.atleast_1d(np.array(config.eos_token_id, np.int32)))
         out, accepted, drafted, steps = self._decode(params, state, stop_ids, max_new_tokens=max_new_tokens)
         return SpeculativeResult(np.asarray(out), int(accepted), int(drafted), int(steps))
-
-
-def speculative_generate(params, config, prompts, max_new_tokens: int) -> SpeculativeResult:
-    """One-off `SpeculativeGenerator(config).generate(...)` (compiles on every call)."""
-    return SpeculativeGenerator(config).generate(params, prompts, max_new_tokens)

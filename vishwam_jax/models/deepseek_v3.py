@@ -19,275 +19,323 @@
 
 All norms are RMSNorm multiplying by `w` itself (not Gemma's 1 + w).
 
-Parameters (weights [in, out]; experts stacked [E, ...]):
-    embed [V, d]   final_norm [d]   lm_head [d, V]
-    layers[i]: attn_norm [d], attn {see models/mla.py}, mlp_norm [d], and either
-               mlp {gate, up [d, f], down [f, d]}                                  (dense)
-               router [d, E] f32, router_bias [E] f32, experts {gate, up [E, d, fe], down [E, fe, d]},
-               shared {gate, up [d, fe * shared], down [fe * shared, d]}            (MoE)
-    mtp[k]: enorm, hnorm [d], eh_proj [2d, d], block {an MoE layer}, norm [d]
-Cache: {"pos": [b] next position per row, "layers": [{"kv": [b, max_len, kv_lora + rope]}]}.
+Parameters (module attribute paths; weights [in, out]; each stack has its layers on a leading axis):
+    embed.embedding [V, d]   final_norm.scale [d]   lm_head.kernel [d, V]
+    dense_layers (num_dense_layers): attn_norm, attn {models/mla.py}, mlp_norm, mlp.{gate, up [d, f], down [f, d]}
+    moe_layers (num_layers - num_dense_layers): attn_norm, attn, mlp_norm,
+        router.{kernel [d, E], bias [E]} (float32), experts.{gate, up [E, d, fe], down [E, fe, d]},
+        shared.{gate, up [d, fe * shared], down [fe * shared, d]}
+    mtp_layers (num_mtp_layers): enorm, hnorm [d], eh_proj [2d, d], block {one MoE layer}, norm [d]
+Cache: {"pos": [b] next position per row, "dense_layers": {"kv": [Ld, b, max_len, kv_lora + rope]},
+"moe_layers": {"kv": [Lm, b, max_len, kv_lora + rope]}}; paged (`init_paged_cache`): each "kv" a
+stacked page pool [L, num_blocks, page, kv_lora + rope] and one "block_table" [b, max_blocks] for
+every layer.
 """
 
 from __future__ import annotations
 
-import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from vishwam_jax.models import mla
-from vishwam_jax.models.attention import chunk_positions
-from vishwam_jax.models.layers import embed, gated_mlp, init_dense, rms_norm
-from vishwam_jax.models.moe import dispatch_experts, grouped_sigmoid_router
-from vishwam_jax.models.remat import remat_layer
+from vishwam_jax.inference import paged_cache
+from vishwam_jax.models import stack
+from vishwam_jax.models.interface import Cache, Capabilities, ForwardOutput, chunk_lengths, chunk_positions
+from vishwam_jax.models.layers import Embed, GatedMLP, Linear, RMSNorm
+from vishwam_jax.models.mla import MLA, init_cache_layer, latent_width
+from vishwam_jax.models.moe import Experts, GroupedSigmoidRouter, dispatch_experts
+from vishwam_jax.models.remat import policy_of
+from vishwam_jax.sharding import context
 
-
-def is_moe_layer(config, i: int) -> bool:
-    return i >= config.num_dense_layers
-
-
-# -- parameters ------------------------------------------------------------------------------------
-def _init_layer(config, key: jax.Array, dtype, moe: bool) -> dict:
-    d, e, fe = config.d_model, config.num_experts, config.moe_ffn_dim
-    keys = iter(jax.random.split(key, 8))
-    layer = {
-        "attn_norm": jnp.ones((d,), dtype),
-        "attn": mla.init_params(config, next(keys), dtype),
-        "mlp_norm": jnp.ones((d,), dtype),
-    }
-    if not moe:
-        f = config.ffn_dim
-        layer["mlp"] = {
-            "gate": init_dense(next(keys), (d, f), d, dtype),
-            "up": init_dense(next(keys), (d, f), d, dtype),
-            "down": init_dense(next(keys), (f, d), f, dtype),
-        }
-        return layer
-    fs = fe * config.num_shared_experts
-    # Routing is done in float32 whatever the weights (the release keeps gate and bias in float32).
-    layer["router"] = init_dense(next(keys), (d, e), d, jnp.float32)
-    layer["router_bias"] = jnp.zeros((e,), jnp.float32)
-    layer["experts"] = {
-        "gate": init_dense(next(keys), (e, d, fe), d, dtype),
-        "up": init_dense(next(keys), (e, d, fe), d, dtype),
-        "down": init_dense(next(keys), (e, fe, d), fe, dtype),
-    }
-    layer["shared"] = {
-        "gate": init_dense(next(keys), (d, fs), d, dtype),
-        "up": init_dense(next(keys), (d, fs), d, dtype),
-        "down": init_dense(next(keys), (fs, d), fs, dtype),
-    }
-    return layer
-
-
-def init_params(config, key: jax.Array, dtype=jnp.float32) -> dict:
-    d, v = config.d_model, config.vocab_size
-    k_embed, k_head, k_layers, k_mtp = jax.random.split(key, 4)
-    layer_keys = jax.random.split(k_layers, config.num_layers)
-    params = {
-        "embed": init_dense(k_embed, (v, d), 1, dtype),  # unit entries: the embedding is not scaled
-        "layers": [_init_layer(config, layer_keys[i], dtype, is_moe_layer(config, i)) for i in range(config.num_layers)],
-        "final_norm": jnp.ones((d,), dtype),
-        "lm_head": init_dense(k_head, (d, v), d, dtype),
-    }
-    if config.num_mtp_layers:
-        mtp_keys = jax.random.split(k_mtp, 2 * config.num_mtp_layers)
-        params["mtp"] = [
-            {
-                "enorm": jnp.ones((d,), dtype),
-                "hnorm": jnp.ones((d,), dtype),
-                "eh_proj": init_dense(mtp_keys[2 * k], (2 * d, d), 2 * d, dtype),
-                "block": _init_layer(config, mtp_keys[2 * k + 1], dtype, moe=True),
-                "norm": jnp.ones((d,), dtype),
-            }
-            for k in range(config.num_mtp_layers)
-        ]
-    return params
-
-
-def init_cache(config, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
-    """The latent cache: kv_lora_rank + qk_rope_head_dim values per token per layer (576 for the
-    released model: ~70 KB per token in bf16 over 61 layers, against ~5 MB for per-head K/V)."""
-    layers = [mla.init_cache_layer(config, batch, max_len, dtype) for _ in range(config.num_layers)]
-    return {"pos": jnp.zeros((batch,), jnp.int32), "layers": layers}
-
-
-def init_mtp_cache(config, batch: int, max_len: int, dtype=jnp.bfloat16, depth: int = 0) -> dict:
-    """The latent cache of one MTP module's block (same layout as one main layer's)."""
-    del depth  # every depth has the same shape; the argument documents which one a cache serves
-    return {"pos": jnp.zeros((batch,), jnp.int32), "layers": [mla.init_cache_layer(config, batch, max_len, dtype)]}
+# Routed experts of one layer run as (flat tokens, gates, experts) -> (output, tokens per expert).
+ExpertsFn = Callable[[Array, Array, Array], tuple[Array, Array]]
 
 
 # -- blocks ----------------------------------------------------------------------------------------
-def moe(layer: dict, x: Float[Array, "b t d"], config) -> tuple[Float[Array, "b t d"], Int[Array, "e"]]:
-    """DeepSeekMoE: group-limited sigmoid routing (bias for selection only) through the shared
-    sorted dispatch, plus the always-on shared expert. Also the tokens routed to each expert."""
-    b, t, d = x.shape
-    flat = x.reshape(b * t, d)
-    gates, experts = grouped_sigmoid_router(
-        flat,
-        layer["router"],
-        layer["router_bias"],
-        config.num_experts_per_token,
-        num_groups=config.num_expert_groups,
-        topk_groups=config.num_groups_per_token,
-        routed_scaling_factor=config.routed_scaling_factor,
-        renormalize=config.norm_topk_prob,
-    )
-    routed, counts = dispatch_experts(flat, gates, experts, layer["experts"], config.activation, config.num_experts)
-    y = routed + gated_mlp(flat, layer["shared"], config.activation)
-    return y.reshape(b, t, d), counts
-
-
-def decoder_layer(
-    layer: dict,
-    x: Float[Array, "b t d"],
-    positions: Int[Array, "b t"],
-    lengths: Int[Array, "b"],
-    cache: dict | None,
-    config,
-) -> tuple[Float[Array, "b t d"], dict | None, Int[Array, "e"] | None]:
+class DecoderLayer(nnx.Module):
     """Pre-norm residual block: MLA (naive form without a cache, absorbed over the latent cache
-    with one), then the dense SwiGLU or the MoE. Returns (x, cache, expert counts or None)."""
-    norm = lambda v, w: rms_norm(v, w, config.norm_eps)
-    h = norm(x, layer["attn_norm"])
-    if cache is None:
-        a = mla.naive_attention(layer["attn"], h, positions, config)
-    else:
-        a, cache = mla.cached_attention(layer["attn"], h, positions, lengths, cache, config)
-    x = x + a
-    h = norm(x, layer["mlp_norm"])
-    if "experts" in layer:
-        m, counts = moe(layer, h, config)
-    else:
-        m, counts = gated_mlp(h, layer["mlp"], config.activation), None
-    return x + m, cache, counts
+    with one), then the dense SwiGLU (`mlp`) or DeepSeekMoE (`router`, `experts`, `shared`)."""
+
+    def __init__(self, config, *, moe: bool, rngs: nnx.Rngs, dtype=jnp.float32):
+        d, eps, act = config.d_model, config.norm_eps, config.activation
+        self.attn_norm = RMSNorm(d, eps=eps, dtype=dtype)
+        self.attn = MLA(config, rngs=rngs, dtype=dtype)
+        self.mlp_norm = RMSNorm(d, eps=eps, dtype=dtype)
+        if not moe:
+            self.mlp = GatedMLP(d, config.ffn_dim, act, rngs=rngs, dtype=dtype)
+            self.router = self.experts = self.shared = None
+            return
+        self.mlp = None
+        # Routing is done in float32 whatever the weights (the release keeps gate and bias in float32).
+        self.router = GroupedSigmoidRouter(
+            d, config.num_experts, config.num_experts_per_token,
+            num_groups=config.num_expert_groups, topk_groups=config.num_groups_per_token,
+            routed_scaling_factor=config.routed_scaling_factor, renormalize=config.norm_topk_prob, rngs=rngs,
+        )  # fmt: skip
+        self.experts = Experts(config.num_experts, d, config.moe_ffn_dim, act, rngs=rngs, dtype=dtype)
+        self.shared = GatedMLP(d, config.moe_ffn_dim * config.num_shared_experts, act, rngs=rngs, dtype=dtype)
+
+    def moe(self, x: Float[Array, "b t d"], experts: ExpertsFn | None = None) -> tuple[Float[Array, "b t d"], Int[Array, "e"]]:
+        """DeepSeekMoE: group-limited sigmoid routing (bias for selection only) through the shared
+        sorted dispatch, plus the always-on shared expert. Also the tokens routed to each expert.
+        experts: this layer's routed experts when they are read from the whole stack (`stacked_experts`)."""
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        gates, chosen = self.router(flat)
+        routed, counts = (experts or self.experts)(flat, gates, chosen)
+        return (routed + self.shared(flat)).reshape(b, t, d), counts
+
+    def __call__(
+        self,
+        x: Float[Array, "b t d"],
+        positions: Int[Array, "b t"],
+        lengths: Int[Array, "b"],
+        cache: dict | None,
+        *,
+        experts: ExpertsFn | None = None,
+    ) -> tuple[Float[Array, "b t d"], dict | None, Int[Array, "e"] | None]:
+        """(x, cache, expert counts or None for a dense layer)."""
+        a, cache = self.attn(self.attn_norm(x), positions, lengths, cache)
+        x = x + a
+        h = self.mlp_norm(x)
+        if self.mlp is not None:
+            return x + self.mlp(h), cache, None
+        m, counts = self.moe(h, experts)
+        return x + m, cache, counts
 
 
-def _logits(params: dict, h: Float[Array, "b t d"], logit_positions) -> Float[Array, "b k v"]:
-    if logit_positions is not None:
-        h = jnp.take_along_axis(h, logit_positions[:, :, None], axis=1)
-    return jnp.einsum("btd,dv->btv", h, params["lm_head"].astype(h.dtype), preferred_element_type=jnp.float32)
+class MTP(nnx.Module):
+    """One multi-token-prediction depth (§2.2): h' = norm(block(W_eh [enorm(e) ; hnorm(h)]))."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        d, eps = config.d_model, config.norm_eps
+        self.enorm = RMSNorm(d, eps=eps, dtype=dtype)
+        self.hnorm = RMSNorm(d, eps=eps, dtype=dtype)
+        self.eh_proj = Linear((2 * d, d), (None, "embed"), "btc,cd->btd", rngs=rngs, fan_in=2 * d, dtype=dtype)
+        self.block = DecoderLayer(config, moe=True, rngs=rngs, dtype=dtype)
+        self.norm = RMSNorm(d, eps=eps, dtype=dtype)
+
+
+def stacked_experts(experts: Experts) -> Callable[[Int[Array, ""]], ExpertsFn]:
+    """The routed experts of a whole stack ([L, E, ...] weights) as one group axis of L * E, so that
+    layer i runs its experts by offsetting expert ids by i * E: the kernels then read layer i's
+    experts in place. (A scanned layer's own slice of a stacked weight is a copy in front of the
+    grouped-matmul kernel — on an H200, 3x the decode step of 64 experts x 4 layers.) Local dispatch
+    only: under a mesh the experts are sharded and go through sharding/expert_parallel.py."""
+    weights = experts.weights()
+    depth, e = jax.tree_util.tree_leaves(weights)[0].shape[:2]
+    flat = jax.tree_util.tree_map(lambda w: w.reshape((depth * e,) + w.shape[2:]), weights)
+
+    def at(index: Int[Array, ""]) -> ExpertsFn:
+        def run(x, gates, chosen):
+            y, counts = dispatch_experts(x, gates, chosen + index * e, flat, experts.activation, depth * e)
+            return y, jax.lax.dynamic_slice_in_dim(counts, index * e, e)
+
+        return run
+
+    return at
+
+
+def _read_in_place(cache: Cache | None) -> bool:
+    """Whether a forward reads each layer's experts from the whole stack (`stacked_experts`):
+    inference through a cache on one device. Training (no cache) takes each layer's slice, whose
+    gradient stays one layer's size."""
+    return cache is not None and context.current() is None
 
 
 # -- the model -------------------------------------------------------------------------------------
-def forward_with_aux(
-    params: dict,
-    tokens: Int[Array, "b t"],
-    config,
-    *,
-    cache: dict | None = None,
-    lengths: Int[Array, "b"] | None = None,
-    logit_positions: Int[Array, "b k"] | None = None,
-) -> tuple[Float[Array, "b k v"], dict | None, dict]:
-    """`forward`, plus aux = {"hidden": the final normed hidden state [b, t, d] (the MTP input),
-    "expert_counts": tokens routed to each expert [num_moe_layers, E] int32 (padding included:
-    it occupies experts too)}."""
-    batch, t = tokens.shape
-    lengths = jnp.full((batch,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
-    positions = chunk_positions(cache, batch, t)
-    x = embed(tokens, params["embed"])
-    new_layers, counts = [], []
-    # Each layer under the activation-checkpointing policy of config.remat_policy (training).
-    block = remat_layer(functools.partial(decoder_layer, config=config), config)
-    for i, layer in enumerate(params["layers"]):
-        x, layer_cache, c = block(layer, x, positions, lengths, None if cache is None else cache["layers"][i])
-        new_layers.append(layer_cache)
-        if c is not None:
-            counts.append(c)
-    h = rms_norm(x, params["final_norm"], config.norm_eps)
-    logits = _logits(params, h, logit_positions)
-    new_cache = None if cache is None else {"pos": cache["pos"] + lengths, "layers": new_layers}
-    num_experts = config.num_experts
-    aux = {"hidden": h, "expert_counts": jnp.stack(counts) if counts else jnp.zeros((0, num_experts), jnp.int32)}
-    return logits, new_cache, aux
+class DeepSeekV3(nnx.Module):
+    def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.config = config
+        d, v = config.d_model, config.vocab_size
+        num_dense, num_moe = config.num_dense_layers, config.num_layers - config.num_dense_layers
+        self.embed = Embed(v, d, rngs=rngs, dtype=dtype, init_std_fan_in=1)  # unit entries: not scaled
+        self.dense_layers = (
+            stack.stacked(num_dense, lambda r: DecoderLayer(config, moe=False, rngs=r, dtype=dtype), rngs) if num_dense else None
+        )
+        self.moe_layers = (
+            stack.stacked(num_moe, lambda r: DecoderLayer(config, moe=True, rngs=r, dtype=dtype), rngs) if num_moe else None
+        )
+        self.final_norm = RMSNorm(d, eps=config.norm_eps, dtype=dtype)
+        self.lm_head = Linear((d, v), ("embed", "vocab"), "btd,dv->btv", rngs=rngs, fan_in=d, dtype=dtype)
+        depths = config.num_mtp_layers
+        self.mtp_layers = stack.stacked(depths, lambda r: MTP(config, rngs=r, dtype=dtype), rngs) if depths else None
 
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(mtp=self.config.num_mtp_layers > 0, paged_cache=True, moe=True)
 
-def forward(
-    params: dict,
-    tokens: Int[Array, "b t"],
-    config,
-    *,
-    cache: dict | None = None,
-    lengths: Int[Array, "b"] | None = None,
-    logit_positions: Int[Array, "b k"] | None = None,
-) -> tuple[Float[Array, "b k v"], dict | None]:
-    """Logits (float32) for a chunk of tokens that continues each row's cache.
+    def _stacks(self) -> list[tuple[str, int]]:
+        c = self.config
+        stacks = [("dense_layers", c.num_dense_layers), ("moe_layers", c.num_layers - c.num_dense_layers)]
+        return [(name, depth) for name, depth in stacks if depth]
 
-    cache=None: a full causal forward (naive MLA). With a cache, the chunk starts at cache["pos"]
-      per row and attends through the latent cache (absorbed MLA).
-    lengths: how many of the chunk's tokens belong to each row (the rest is right padding and is
-      neither attended to nor cached); defaults to all of them.
-    logit_positions: chunk indices at which to compute logits (default: every position).
-    """
-    logits, cache, _ = forward_with_aux(params, tokens, config, cache=cache, lengths=lengths, logit_positions=logit_positions)
-    return logits, cache
+    # -- caches ------------------------------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.bfloat16) -> Cache:
+        """The latent cache: kv_lora_rank + qk_rope_head_dim values per token per layer (576 for the
+        released model: ~70 KB per token in bf16 over 61 layers, against ~5 MB for per-head K/V)."""
+        one = init_cache_layer(self.config, batch, max_len, dtype)["kv"]
+        cache: Cache = {"pos": jnp.zeros((batch,), jnp.int32)}
+        for name, depth in self._stacks():
+            cache[name] = {"kv": jnp.broadcast_to(one, (depth, *one.shape))}
+        return cache
 
+    def init_paged_cache(self, block_table: Int[Array, "b mb"], num_blocks: int, dtype=jnp.bfloat16) -> Cache:
+        """The latent cache in page pools (inference/paged_cache.py): per stack [L, num_blocks, page,
+        576], read through one block table for every layer (a sequence's page k is the same id in
+        each layer's pool)."""
+        table = jnp.asarray(block_table, jnp.int32)
+        pool = paged_cache.init_pool(num_blocks, latent_width(self.config), dtype)
+        cache: Cache = {"pos": jnp.zeros((table.shape[0],), jnp.int32), "block_table": table}
+        for name, depth in self._stacks():
+            cache[name] = {"kv": jnp.broadcast_to(pool, (depth, *pool.shape))}
+        return cache
 
-# -- multi-token prediction ------------------------------------------------------------------------
-def mtp_forward(
-    params: dict,
-    hidden: Float[Array, "b t d"],
-    next_tokens: Int[Array, "b t"],
-    config,
-    *,
-    depth: int = 0,
-    cache: dict | None = None,
-    lengths: Int[Array, "b"] | None = None,
-    logit_positions: Int[Array, "b k"] | None = None,
-) -> tuple[Float[Array, "b k v"], dict | None, dict]:
-    """MTP module `depth` (0-based) over entries i: hidden[i] = h^{depth}_i and next_tokens[i] =
-    t_{i+depth+1}; logits predict t_{i+depth+2}. aux["hidden"] is h^{depth+1} (the next depth's input).
+    def init_mtp_cache(self, batch: int, max_len: int, dtype=jnp.bfloat16) -> Cache:
+        """The latent cache of one MTP depth's block (the layout of one main layer's)."""
+        return {"pos": jnp.zeros((batch,), jnp.int32), "block": init_cache_layer(self.config, batch, max_len, dtype)}
 
-    Entry i runs at rope position i (the cache's slot i). transformers places it at i + 1, the
-    position of its token; rope scores depend only on position differences, so both agree.
-    """
-    m = params["mtp"][depth]
-    batch, t = next_tokens.shape
-    lengths = jnp.full((batch,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
-    positions = chunk_positions(cache, batch, t)
-    norm = lambda v, w: rms_norm(v, w, config.norm_eps)
-    e = embed(next_tokens, params["embed"]).astype(hidden.dtype)
-    x = jnp.einsum("btc,cd->btd", jnp.concatenate([norm(e, m["enorm"]), norm(hidden, m["hnorm"])], axis=-1), m["eh_proj"].astype(hidden.dtype))
-    block = remat_layer(functools.partial(decoder_layer, config=config), config)
-    x, layer_cache, counts = block(m["block"], x, positions, lengths, None if cache is None else cache["layers"][0])
-    h = norm(x, m["norm"])
-    logits = _logits(params, h, logit_positions)
-    new_cache = None if cache is None else {"pos": cache["pos"] + lengths, "layers": [layer_cache]}
-    return logits, new_cache, {"hidden": h, "expert_counts": counts[None]}
+    # -- forward -----------------------------------------------------------------------------------
+    def _run_stack(
+        self, layers: DecoderLayer, name: str, x: Float[Array, "b t d"], positions, lengths, cache: Cache | None
+    ) -> tuple[Float[Array, "b t d"], dict | None, Int[Array, "l e"] | None]:
+        """One stack under lax.scan: (x, its new cache, per-layer expert counts or None)."""
+        experts = stacked_experts(layers.experts) if layers.experts is not None and _read_in_place(cache) else None
+        paged = cache is not None and "block_table" in cache
+        pool = None
+        if paged:
+            # The stack's pools as one pool of L * num_blocks pages, carried through the scan and read
+            # and written in place by layer i through the table offset by i * num_blocks (sliced out
+            # and stacked back, the whole pool would be copied at every step). Unused entries (ids
+            # >= num_blocks) stay out of range, so their writes are still dropped.
+            stacked_pool = cache[name]["kv"]
+            depth, num_blocks = stacked_pool.shape[:2]
+            pool = stacked_pool.reshape((depth * num_blocks,) + stacked_pool.shape[2:])
+            table = cache["block_table"]
 
+        def body(layer: DecoderLayer, carry, layer_cache):
+            x, i, pool = carry
+            if pool is not None:
+                layer_cache = {"kv": pool, "block_table": jnp.where(table < num_blocks, table + i * num_blocks, depth * num_blocks)}
+            x, layer_cache, counts = layer(x, positions, lengths, layer_cache, experts=None if experts is None else experts(i))
+            if pool is not None:
+                pool, layer_cache = layer_cache["kv"], None
+            return (x, i + 1, pool), layer_cache, counts
 
-def mtp_loss(
-    params: dict,
-    tokens: Int[Array, "b t"],
-    config,
-    *,
-    hidden: Float[Array, "b t d"] | None = None,
-    loss_mask: Float[Array, "b t"] | None = None,
-) -> Float[Array, ""]:
-    """(1/D) sum_k L_MTP^k (§2.2): the mean cross-entropy of each depth k predicting t_{i+k+1};
-    the caller weights it by λ. hidden: the main model's aux["hidden"] on `tokens` (recomputed when
-    omitted). loss_mask [b, t]: weight of each *target* position (e.g. 0 on padding)."""
-    depths = config.num_mtp_layers
-    t = tokens.shape[1]
-    if t < depths + 2:
-        raise ValueError(f"MTP depth {depths} needs sequences of at least {depths + 2} tokens, got {t}")
-    if hidden is None:
-        _, _, aux = forward_with_aux(params, tokens, config)
-        hidden = aux["hidden"]
-    mask = jnp.ones(tokens.shape, jnp.float32) if loss_mask is None else loss_mask.astype(jnp.float32)
-    losses = []
-    for k in range(1, depths + 1):
-        n = t - k  # entries i = 0 .. t-k-1 (the last has no target and only feeds deeper depths)
-        logits, _, aux = mtp_forward(params, hidden[:, :n], tokens[:, k:], config, depth=k - 1)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), tokens[:, k + 1 :])
-        w = mask[:, k + 1 :]
-        losses.append(jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0))
-        hidden = aux["hidden"][:, : n - 1]
-    return jnp.mean(jnp.stack(losses))
+        caches = None if cache is None or paged else cache[name]
+        (x, _, pool), new_caches, counts = stack.scan(
+            layers, (x, jnp.int32(0), pool), caches, body, remat_policy=policy_of(self.config), unroll=self.config.scan_unroll
+        )
+        if paged:
+            new_caches = {"kv": pool.reshape(stacked_pool.shape)}
+        return x, new_caches, counts
+
+    def _logits(self, h: Float[Array, "b t d"], logit_positions: Int[Array, "b k"] | None) -> Float[Array, "b k v"]:
+        if logit_positions is not None:
+            h = jnp.take_along_axis(h, logit_positions[:, :, None], axis=1)
+        return jnp.einsum("btd,dv->btv", h, self.lm_head.weight.astype(h.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "b t"],
+        *,
+        cache: Cache | None = None,
+        lengths: Int[Array, "b"] | None = None,
+        logit_positions: Int[Array, "b k"] | None = None,
+    ) -> ForwardOutput:
+        """Logits (float32) for a chunk of tokens that continues each row's cache.
+
+        cache=None: a full causal forward (naive MLA). With a cache, the chunk starts at cache["pos"]
+          per row and attends through the latent cache (absorbed MLA; naive for a long first chunk).
+        lengths: how many of the chunk's tokens belong to each row (the rest is right padding and is
+          neither attended to nor cached); defaults to all of them.
+        logit_positions: chunk indices at which to compute logits (default: every position).
+        Also hidden (the final normed hidden state [b, t, d], the MTP input) and expert_counts
+        (tokens routed to each expert [num_moe_layers, E] int32, padding included: it occupies
+        experts too).
+        """
+        batch, t = tokens.shape
+        lengths = chunk_lengths(lengths, batch, t)
+        positions = chunk_positions(cache, batch, t)
+        x = self.embed(tokens)
+        new_cache: Cache = {}
+        counts = jnp.zeros((0, self.config.num_experts), jnp.int32)
+        if self.dense_layers is not None:
+            x, new_cache["dense_layers"], _ = self._run_stack(self.dense_layers, "dense_layers", x, positions, lengths, cache)
+        if self.moe_layers is not None:
+            x, new_cache["moe_layers"], counts = self._run_stack(self.moe_layers, "moe_layers", x, positions, lengths, cache)
+        h = self.final_norm(x)
+        logits = self._logits(h, logit_positions)
+        if cache is None:
+            return ForwardOutput(logits=logits, hidden=h, expert_counts=counts)
+        new_cache["pos"] = cache["pos"] + lengths
+        if "block_table" in cache:
+            new_cache["block_table"] = cache["block_table"]
+        return ForwardOutput(logits=logits, cache=new_cache, hidden=h, expert_counts=counts)
+
+    # -- multi-token prediction --------------------------------------------------------------------
+    def mtp(
+        self,
+        hidden: Float[Array, "b t d"],
+        next_tokens: Int[Array, "b t"],
+        *,
+        depth: int = 0,
+        cache: Cache | None = None,
+        lengths: Int[Array, "b"] | None = None,
+        logit_positions: Int[Array, "b k"] | None = None,
+    ) -> ForwardOutput:
+        """MTP module `depth` (0-based) over entries i: hidden[i] = h^{depth}_i and next_tokens[i] =
+        t_{i+depth+1}; logits predict t_{i+depth+2}. `hidden` of the output is h^{depth+1} (the next
+        depth's input); expert_counts [1, E].
+
+        Entry i runs at rope position i (the cache's slot i). transformers places it at i + 1, the
+        position of its token; rope scores depend only on position differences, so both agree.
+        """
+        if self.mtp_layers is None:
+            raise ValueError(f"{self.config.get('name') or 'this model'} has no MTP module (num_mtp_layers = 0)")
+        m: MTP = stack.layer(self.mtp_layers, depth)
+        batch, t = next_tokens.shape
+        lengths = chunk_lengths(lengths, batch, t)
+        positions = chunk_positions(cache, batch, t)
+        experts = stacked_experts(self.mtp_layers.block.experts)(depth) if _read_in_place(cache) else None
+        e = self.embed(next_tokens).astype(hidden.dtype)
+        x = m.eh_proj(jnp.concatenate([m.enorm(e), m.hnorm(hidden)], axis=-1))
+
+        def body(block: DecoderLayer, x, block_cache):
+            return block(x, positions, lengths, block_cache, experts=experts)
+
+        x, block_cache, counts = stack.run(m.block, x, None if cache is None else cache["block"], body, remat_policy=policy_of(self.config))
+        h = m.norm(x)
+        logits = self._logits(h, logit_positions)
+        new_cache = None if cache is None else {"pos": cache["pos"] + lengths, "block": block_cache}
+        return ForwardOutput(logits=logits, cache=new_cache, hidden=h, expert_counts=counts[None])
+
+    def mtp_loss(
+        self, tokens: Int[Array, "b t"], *, hidden: Float[Array, "b t d"] | None = None, loss_mask: Float[Array, "b t"] | None = None
+    ) -> Float[Array, ""]:
+        """(1/D) sum_k L_MTP^k (§2.2): the mean cross-entropy of each depth k predicting t_{i+k+1};
+        the caller weights it by λ. hidden: the main model's output hidden on `tokens` (recomputed
+        when omitted). loss_mask [b, t]: weight of each *target* position (e.g. 0 on padding)."""
+        depths = self.config.num_mtp_layers
+        t = tokens.shape[1]
+        if t < depths + 2:
+            raise ValueError(f"MTP depth {depths} needs sequences of at least {depths + 2} tokens, got {t}")
+        if hidden is None:
+            hidden = self(tokens).hidden
+        mask = jnp.ones(tokens.shape, jnp.float32) if loss_mask is None else loss_mask.astype(jnp.float32)
+        losses = []
+        for k in range(1, depths + 1):
+            n = t - k  # entries i = 0 .. t-k-1 (the last has no target and only feeds deeper depths)
+            out = self.mtp(hidden[:, :n], tokens[:, k:], depth=k - 1)
+            ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1].astype(jnp.float32), tokens[:, k + 1 :])
+            w = mask[:, k + 1 :]
+            losses.append(jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0))
+            hidden = out.hidden[:, : n - 1]
+        return jnp.mean(jnp.stack(losses))
 
 
 # -- auxiliary-loss-free load balancing ------------------------------------------------------------
@@ -299,13 +347,23 @@ def update_router_bias(bias: Float[Array, "... e"], counts: Int[Array, "... e"],
     return (bias.astype(jnp.float32) + step).astype(bias.dtype)
 
 
-def update_router_biases(params: dict, expert_counts: Int[Array, "l e"], gamma: float) -> dict:
-    """`update_router_bias` for every MoE layer of the main model, from aux["expert_counts"]
-    (summed over the batches of a step); returns new params with only the biases changed."""
-    moe_layers = [i for i, layer in enumerate(params["layers"]) if "router_bias" in layer]
-    if len(moe_layers) != expert_counts.shape[0]:
-        raise ValueError(f"{expert_counts.shape[0]} rows of expert counts for {len(moe_layers)} MoE layers")
-    layers = list(params["layers"])
-    for row, i in enumerate(moe_layers):
-        layers[i] = {**layers[i], "router_bias": update_router_bias(layers[i]["router_bias"], expert_counts[row], gamma)}
-    return {**params, "layers": layers}
+_MOE_BIAS = ("moe_layers", "router", "bias")
+
+
+def update_router_biases(params: nnx.State, expert_counts: Int[Array, "l e"], gamma: float) -> nnx.State:
+    """`update_router_bias` for the stacked MoE layers of the main model (moe_layers.router.bias
+    [L, E]), from a forward's expert_counts (summed over the batches of a step); returns the
+    parameters (an nnx.State, or its pure dict) with only those biases changed."""
+
+    def names(path) -> tuple:
+        return tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)[: len(_MOE_BIAS)]
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    layers = sum(leaf.shape[0] for path, leaf in flat if names(path) == _MOE_BIAS)
+    if layers != expert_counts.shape[0]:
+        raise ValueError(f"{expert_counts.shape[0]} rows of expert counts for {layers} MoE layers")
+
+    def update(path, leaf):
+        return update_router_bias(leaf, expert_counts, gamma) if names(path) == _MOE_BIAS else leaf
+
+    return jax.tree_util.tree_map_with_path(update, params)

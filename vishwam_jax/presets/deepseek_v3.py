@@ -86,9 +86,32 @@ def _finalize(c: ml_collections.ConfigDict) -> None:
         )
     if c.num_mtp_layers < 0:
         raise ConfigError(f"num_mtp_layers must be >= 0, got {c.num_mtp_layers}")
+    if c.quantization != "none":
+        # MLA applies W_k_b both per head and absorbed (contracting different axes), which
+        # per-output-channel int8 scales cannot serve; the release's FP8 is dequantized on conversion.
+        raise ConfigError(f"quantization {c.quantization!r} is not supported for DeepSeek-V3 (only 'none')")
 
 
 register_family("deepseek_v3", Family(deepseek_v3_base, _finalize, derived=("num_kv_heads", "head_dim")))
+
+
+def layer_slot(config, i: int) -> tuple[tuple, int, int]:
+    """Where decoder layer i's parameters live in the stored tree: (path prefix, index on the stacked
+    axis, layers in that stack). The first num_dense_layers layers (SwiGLU) form the stack
+    `dense_layers`, the rest (MoE) the stack `moe_layers`, each scanned in order."""
+    dense, total = config.num_dense_layers, config.num_layers
+    if not 0 <= i < total:
+        raise IndexError(f"layer {i} of a {total}-layer DeepSeek-V3")
+    if i < dense:
+        return ("dense_layers",), i, dense
+    return ("moe_layers",), i - dense, total - dense
+
+
+def mtp_slot(config, k: int) -> tuple[tuple, int, int]:
+    """(path prefix, stack index, stack size) of MTP depth k (0-based): the stack `mtp_layers`."""
+    if not 0 <= k < config.num_mtp_layers:
+        raise IndexError(f"MTP depth {k} of {config.num_mtp_layers}")
+    return ("mtp_layers",), k, config.num_mtp_layers
 
 
 @register("deepseek-v3-671b")

@@ -63,6 +63,15 @@ def _finalize(c: ml_collections.ConfigDict) -> None:
 register_family("grok1", Family(grok1_base, _finalize))
 
 
+def layer_slot(config, i: int) -> tuple[tuple, int]:
+    """Where layer i's parameters live in the stored tree: (path prefix, index on the stacked axis).
+    Every Grok-1 layer has the same structure (attention + MoE), so all of them form one stack
+    `layers` scanned in order: layer i is index i of every leaf under ("layers",)."""
+    if not 0 <= i < config.num_layers:
+        raise IndexError(f"layer {i} of a {config.num_layers}-layer Grok-1")
+    return ("layers",), i
+
+
 def _small(d: int, layers: int, q_heads: int, kv_heads: int, key_size: int, widening: float, experts: int, vocab: int):
     """Same structure as the release (GQA, 4 norms per layer, top-2 MoE in every layer, tied
     embeddings) at a reduced size; the multipliers follow the release's rules for the new sizes."""

@@ -1,10 +1,15 @@
 """One mesh for every model: mesh building, logical-axis rules, activation constraints, and the
 expert-parallel MoE exchange.
 
+Every nnx.Param names the logical axis of each of its dimensions where the model creates it
+(models/layers.py `param`); this package only maps those names to the mesh axes.
+
     mesh = make_mesh(fsdp=4, tensor=2)                      # axes data, fsdp, tensor, expert
-    shardings = param_shardings(config, shapes, mesh, "fsdp")
+    graphdef, state = nnx.split(models.abstract(config), nnx.Param)   # no memory
+    shardings = param_shardings(state, mesh, "fsdp", config)          # the State, NamedSharding per Param
+    params = jax.jit(init, out_shardings=shardings)()                 # created sharded
     with use_mesh(mesh, RULES["fsdp"]):                      # activation constraints + expert parallelism
-        logits = jax.jit(forward)(params, tokens)
+        logits = jax.jit(lambda p, t: models.apply(graphdef, p, t).logits)(params, tokens)
 """
 
 from vishwam_jax.sharding.context import ActiveMesh, constrain, current, use_mesh

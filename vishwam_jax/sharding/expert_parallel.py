@@ -75,10 +75,22 @@ def _width_axes(active: ActiveMesh, f: int) -> tuple[str, ...]:
     return axes if axes and f % math.prod(sizes[a] for a in axes) == 0 else ()
 
 
-def _weight_spec(leaf_shape: tuple[int, ...], f_dim: int, width_axes: tuple[str, ...],
+# The layout of the expert weights the dispatch takes ({"gate", "up", "down"}, each an array or an
+# int8 {"int8", "scale"} pair): the logical names models/moe.py's Experts gives its Params. The
+# shard_map blocks below split the `experts` dimension over `expert` and `expert_mlp` over the width
+# axes; `embed` stays whole inside (an fsdp-sharded embed is gathered on the way in, as FSDP does).
+WEIGHT_AXES = {
+    "gate": ("experts", "embed", "expert_mlp"),
+    "up": ("experts", "embed", "expert_mlp"),
+    "down": ("experts", "expert_mlp", "embed"),
+}
+
+
+def _weight_spec(leaf_shape: tuple[int, ...], axes: tuple[str, ...], width_axes: tuple[str, ...],
                  expert_axis: str | None = "expert") -> PartitionSpec:
     spec: list[Any] = [None] * len(leaf_shape)
-    spec[0] = expert_axis
+    spec[axes.index("experts")] = expert_axis
+    f_dim = axes.index("expert_mlp")
     if width_axes and leaf_shape[f_dim] > 1:  # an int8 scale has size 1 on contracted axes
         spec[f_dim] = width_axes[0] if len(width_axes) == 1 else width_axes
     return PartitionSpec(*spec)
@@ -87,16 +99,15 @@ def _weight_spec(leaf_shape: tuple[int, ...], f_dim: int, width_axes: tuple[str,
 def _weight_specs(expert_params: dict, width_axes: tuple[str, ...], expert_axis: str | None) -> dict:
     """PartitionSpecs of the gate/up ([e, d, f]) and down ([e, f, d]) leaves, int8 dicts included."""
     return {
-        name: jax.tree_util.tree_map(
-            lambda w, fd=(1 if name == "down" else 2): _weight_spec(w.shape, fd, width_axes, expert_axis), leaf)
-        for name, leaf in expert_params.items()
-        if name in ("gate", "up", "down")
+        name: jax.tree_util.tree_map(lambda w, axes=axes: _weight_spec(w.shape, axes, width_axes, expert_axis), expert_params[name])
+        for name, axes in WEIGHT_AXES.items()
     }
 
 
 def expert_width(expert_params: dict) -> int:
+    """The hidden width f of every expert (read off the down projection, possibly int8)."""
     down = expert_params["down"]
-    return (down["int8"] if isinstance(down, dict) else down).shape[1]  # [e, f, d], possibly int8
+    return (down["int8"] if isinstance(down, dict) else down).shape[WEIGHT_AXES["down"].index("expert_mlp")]
 
 
 def width_axes(active: ActiveMesh, expert_params: dict) -> tuple[str, ...]:

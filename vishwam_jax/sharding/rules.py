@@ -16,6 +16,12 @@ Presets (`RULES[name]`), for the mesh axes of sharding/mesh.py:
     expert  expert-parallel MoE training: `fsdp` plus experts over expert (tokens reach them by
             all-to-all in models/moe.py); dense weights sharded over fsdp × expert
 Axes of size 1 are ignored, so every preset is valid on every mesh that divides the dimensions.
+
+The names are the parameters' own: each nnx.Param carries one per dimension from where the model
+creates it (models/layers.py `param`), stacked layers with "layers" in front (never sharded). Nothing
+here looks at a parameter's path, rank or size to decide its placement; a parameter without names
+is a ShardingError. A dimension of size 1 stays whole, so an int8 weight's per-channel scale (size 1
+on the contracted axes, the weight's names otherwise) is split exactly like its weight elsewhere.
 """
 
 from __future__ import annotations
@@ -138,18 +144,31 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
+def _axes_of(path, leaf) -> tuple[LogicalAxes, tuple[int, ...]]:
+    """(logical names, shape) of one parameter; a ShardingError if it has no name per dimension.
+
+    Only an nnx.Variable carries names: a bare array (a pure dict instead of the nnx.State) is
+    refused rather than placed by a guess."""
+    if not _is_variable(leaf):
+        raise ShardingError(
+            f"parameter {leaf_name(path)} is a bare {type(leaf).__name__}, not an nnx.Variable: pass the nnx.State of "
+            "the module's Params (nnx.split(module, nnx.Param) or nnx.split(models.abstract(config), nnx.Param)), "
+            "whose Params carry their logical axes"
+        )
+    axes = leaf.get_metadata().get("out_sharding")
+    shape = tuple(leaf.get_value().shape)
+    if axes is None or isinstance(axes, str) or len(axes) != len(shape):
+        raise ShardingError(
+            f"parameter {leaf_name(path)} of shape {shape} has no logical axis name per dimension (got {axes!r}); "
+            "create it with models.layers.param(value, axes)"
+        )
+    return tuple(axes), shape
+
+
 def logical_axes(state: Any) -> Any:
     """A tree like the parameter state `state` (an nnx.State of Params, concrete or abstract) with
     the tuple of logical axis names of each parameter as its leaf."""
-
-    def names(path, variable):
-        axes = variable.get_metadata().get("out_sharding")
-        shape = tuple(variable.get_value().shape)
-        if axes is None or len(axes) != len(shape):
-            raise ShardingError(f"parameter {leaf_name(path)} of shape {shape} has no logical axis names per dimension ({axes})")
-        return tuple(axes)
-
-    return jax.tree_util.tree_map_with_path(names, state, is_leaf=_is_variable)
+    return jax.tree_util.tree_map_with_path(lambda path, v: _axes_of(path, v)[0], state, is_leaf=_is_variable)
 
 
 # -- names → PartitionSpecs --------------------------------------------------------------------------
@@ -237,12 +256,9 @@ def _param_specs(state: Any, mesh: Mesh, rules: Rules, config=None) -> tuple[Any
     problems: list[str] = []
 
     def one(path, variable):
-        axes = variable.get_metadata().get("out_sharding")
-        shape = tuple(variable.get_value().shape)
-        if axes is None or len(axes) != len(shape):
-            raise ShardingError(f"parameter {leaf_name(path)} of shape {shape} has no logical axis names per dimension ({axes})")
+        axes, shape = _axes_of(path, variable)
         errors: list = []
-        spec = spec_for(tuple(axes), shape, mesh, rules.params, strict=True, errors=errors)
+        spec = spec_for(axes, shape, mesh, rules.params, strict=True, errors=errors)
         for dim, name, mesh_axes in errors:
             problems.append(
                 f"{_axes_desc(mesh_axes, sizes)} does not divide {describe_dim(config, name, shape[dim])} "
@@ -265,11 +281,10 @@ def _config_problems(config, mesh: Mesh) -> list[str]:
 
 
 def _raise(problems: list[str], mesh: Mesh, rules: Rules) -> None:
-    shown = "\n  ".join(problems[:8])
-    more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
-    raise ShardingError(
-        f"mesh {dict(mesh_sizes(mesh))} with rules {rules.name!r} cannot shard this model:\n  {shown}{more}"
-    )
+    # Every problem is shown: with the layers stacked there is one line per kind of parameter, not
+    # per layer, so even the 671B model's list stays short.
+    shown = "\n  ".join(problems)
+    raise ShardingError(f"mesh {dict(mesh_sizes(mesh))} with rules {rules.name!r} cannot shard this model:\n  {shown}")
 
 
 def validate(state: Any, mesh: Mesh, rules: Rules | str | None = None, config=None) -> None:

@@ -1,15 +1,18 @@
 """LoRA adapters for every family: W' = W + (alpha / rank) * A @ B on chosen weights, base frozen.
 
-Weights here are einsum operands with the input axes first, so one rule gives each weight its
-low-rank shape without knowing the family:
-    [in, out...]       q/k/v [d, h, hd], gate/up [d, f], wq_b [q_lora, h, hd], ...  in = axis 0
-    [in..., out]       output projections o/wo [h, hd, d]                          in = all but last
-    [E, in, out]       stacked experts gate/up/down                               one adapter per expert
-A is [*E, prod(in), r] (random), B is [*E, r, prod(out)] (zeros), so training starts at the base model.
+A target is the `kernel` of a `Linear` module, chosen by the module's attribute name (q, k, v, o,
+wq_a, ..., gate, up, down) or its dotted path. Each kernel names its logical axes, and those give the
+adapter its shape without knowing the family:
+    leading "layers" / "experts" axes   stacked layers, stacked experts: one adapter per layer (per expert)
+    then [in, out...]                   q/k/v [d, h, hd], gate/up [d, f], wq_b [q_lora, h, hd], ...   in = 1 axis
+    or   [in..., out]                   output projections o/wo [h, hd, d]                           in = all but last
+A is [*batch, prod(in), r] (random), B is [*batch, r, prod(out)] (zeros), so training starts at the base model.
 
-Adapters are a flat dict {"layers.3.attn.q": {"a": ..., "b": ...}} (dotted parameter names); the
-model sees the merged weights, computed inside the jitted step in the compute dtype. int8 base
-weights ({"int8", "scale"}) are frozen as they are and dequantized only for the merge.
+Adapters are a flat dict {"blocks.layers.0.attn.q.kernel": {"a": ..., "b": ...}} keyed by the
+kernel's dotted path in the parameter state; the model sees the merged state, computed inside the
+jitted step in the compute dtype. A weight-only int8 kernel (Linear with `scale`) stays int8 and
+frozen; merged, it holds the dense W' with unit scales, so the module (and a merged export's layout,
+which `vishwam_jax.load` checks against the config) is unchanged.
 """
 
 from __future__ import annotations
@@ -23,22 +26,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jaxtyping import Array, Float
 
 from vishwam_jax.checkpoint.orbax_io import save_params
-from vishwam_jax.models.layers import dequantize, is_quantized
 
 # Matrices of every family that LoRA commonly adapts: attention (Gemma/Grok q k v o; DeepSeek MLA
 # wq/wq_a/wq_b/wkv_a/wk_b/wv_b/wo) and MLPs/experts (gate up down).
 DEFAULT_TARGETS = ("q", "k", "v", "o", "wq", "wq_a", "wq_b", "wkv_a", "wk_b", "wv_b", "wo", "gate", "up", "down")
 _OUTPUT_PROJECTIONS = ("o", "wo")
-_EXPERT_MATRICES = ("gate", "up", "down")
+# Leading logical axes that stack independent matrices: each slice gets its own adapter.
+_STACKED_AXES = ("layers", "experts")
+_KERNEL = "kernel"
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """rank, alpha (the update is scaled by alpha / rank) and targets: regular expressions, each
-    matched in full against a weight's dotted name ("layers.0.attn.q") or its last part ("q")."""
+    matched in full against a Linear's attribute name ("q"), its dotted module path
+    ("blocks.layers.0.attn.q") or its kernel's path ("blocks.layers.0.attn.q.kernel")."""
 
     rank: int = 8
     alpha: float = 16.0
@@ -54,106 +60,135 @@ class LoraConfig:
 
 
 def leaf_name(path: tuple) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    """Dotted name of a leaf from a jax key path or an nnx flat-state path ("blocks.layers.0.attn.q.kernel").
+    The `.value` attribute step into an nnx.Variable is not part of the name."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.GetAttrKey):
+            continue
+        parts.append(str(getattr(k, "key", getattr(k, "idx", k))))
+    return ".".join(parts)
 
 
-def _named_weights(params: Any) -> dict[str, Any]:
-    """Every parameter by dotted name; an int8 weight {"int8", "scale"} counts as one weight."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
-    return {leaf_name(path): leaf for path, leaf in flat}
+def _variables(params: nnx.State) -> dict[str, nnx.Variable]:
+    """Every parameter of the state by dotted name (concrete or abstract values)."""
+    if not isinstance(params, nnx.State):
+        raise TypeError(f"LoRA works on the model's parameter state (nnx.State from nnx.split); got {type(params).__name__}")
+    return {leaf_name(path): v for path, v in nnx.to_flat_state(params)}
 
 
-def _shape(w: Any) -> tuple[int, ...]:
-    return tuple((w["int8"] if is_quantized(w) else w).shape)
+def _axes(variable: nnx.Variable) -> tuple:
+    return tuple(variable.get_metadata().get("out_sharding") or (None,) * len(variable.get_value().shape))
 
 
-def layout(name: str, shape: tuple[int, ...]) -> tuple[int, int]:
-    """(number of leading expert axes, number of input axes after them) of a weight."""
-    last = name.rsplit(".", 1)[-1]
-    if len(shape) < 2:
-        raise ValueError(f"LoRA target {name} has shape {shape}: only matrices (2-D or more) can be adapted")
-    if last in _OUTPUT_PROJECTIONS:
-        return 0, len(shape) - 1
-    if last in _EXPERT_MATRICES and len(shape) == 3:
-        return 1, 1
-    return 0, 1
+def layout(name: str, axes: tuple, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(number of leading stacked axes, number of input axes after them) of a kernel."""
+    batch = 0
+    while batch < len(shape) and axes[batch] in _STACKED_AXES:
+        batch += 1
+    rest = len(shape) - batch
+    if rest < 2:
+        raise ValueError(f"LoRA target {name} has shape {shape} (axes {axes}): only matrices (2-D or more) can be adapted")
+    module = name.rsplit(".", 2)[-2] if name.endswith("." + _KERNEL) else name.rsplit(".", 1)[-1]
+    return batch, (rest - 1 if module in _OUTPUT_PROJECTIONS else 1)
 
 
-def _split(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
-    batch, n_in = layout(name, shape)
+def _split(name: str, variable: nnx.Variable) -> tuple[tuple[int, ...], int, int]:
+    shape = tuple(variable.get_value().shape)
+    batch, n_in = layout(name, _axes(variable), shape)
     return shape[:batch], int(np.prod(shape[batch : batch + n_in])), int(np.prod(shape[batch + n_in :]))
 
 
-def target_names(params: Any, cfg: LoraConfig) -> list[str]:
-    """The dotted names of the weights `cfg.targets` selects (raises if a pattern selects nothing)."""
-    names = _named_weights(params)
+def _is_matrix(variable: nnx.Variable) -> bool:
+    axes, shape = _axes(variable), variable.get_value().shape
+    return len([a for a in axes if a not in _STACKED_AXES]) >= 2 and len(shape) >= 2
+
+
+def target_names(params: nnx.State, cfg: LoraConfig) -> list[str]:
+    """The kernel paths `cfg.targets` selects, in state order (raises if nothing is selected)."""
+    variables = _variables(params)
     patterns = [re.compile(t) for t in cfg.targets]
-    chosen, used = [], set()
-    for name, w in names.items():
-        if len(_shape(w)) < 2:
+    chosen = []
+    for name, v in variables.items():
+        if not name.endswith("." + _KERNEL) or not _is_matrix(v):
             continue
-        for p in patterns:
-            if p.fullmatch(name) or p.fullmatch(name.rsplit(".", 1)[-1]):
-                chosen.append(name)
-                used.add(p.pattern)
+        module = name[: -len(_KERNEL) - 1]
+        candidates = (name, module, module.rsplit(".", 1)[-1])
+        if any(p.fullmatch(c) for p in patterns for c in candidates):
+            chosen.append(name)
     if not chosen:
-        matrices = sorted({n.rsplit(".", 1)[-1] for n, w in names.items() if len(_shape(w)) >= 2})
-        raise ValueError(f"LoRA targets {list(cfg.targets)} match no weight; this model's matrices are named {matrices}")
-    return sorted(set(chosen), key=list(names).index)
+        modules = sorted({n.rsplit(".", 2)[-2] for n, v in variables.items() if n.endswith("." + _KERNEL) and _is_matrix(v)})
+        raise ValueError(f"LoRA targets {list(cfg.targets)} match no weight; this model's matrices are named {modules}")
+    return chosen
 
 
-def init_adapters(params: Any, cfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> dict[str, dict[str, Array]]:
+def init_adapters(params: nnx.State, cfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> dict[str, dict[str, Array]]:
     """A ~ N(0, 1/in) and B = 0 for each target (float32: adapters are the trainable master copy)."""
-    names = _named_weights(params)
+    variables = _variables(params)
     adapters = {}
     for i, name in enumerate(target_names(params, cfg)):
-        batch, n_in, n_out = _split(name, _shape(names[name]))
+        batch, n_in, n_out = _split(name, variables[name])
         a = jax.random.normal(jax.random.fold_in(key, i), (*batch, n_in, cfg.rank), jnp.float32) / math.sqrt(n_in)
         adapters[name] = {"a": a.astype(dtype), "b": jnp.zeros((*batch, cfg.rank, n_out), dtype)}
     return adapters
 
 
-def delta(name: str, shape: tuple[int, ...], adapter: dict, scale: float) -> Float[Array, "..."]:
-    """scale * A @ B in the weight's own shape (float32)."""
+def delta(shape: tuple[int, ...], adapter: dict, scale: float) -> Float[Array, "..."]:
+    """scale * A @ B (batched over stacked layers / experts) in the weight's own shape (float32)."""
     ab = jnp.matmul(adapter["a"].astype(jnp.float32), adapter["b"].astype(jnp.float32))
     return (scale * ab).reshape(shape)
 
 
-def merge(params: Any, adapters: dict, cfg: LoraConfig, dtype=None) -> Any:
-    """Params with W + scale * A @ B on every adapted weight, those in `dtype` (default: the weight's
-    own float dtype; float32 for int8 weights). Other leaves are returned unchanged."""
-    names = _named_weights(params)
-    missing = set(adapters) - set(names)
+def _scale_of(kernel_name: str) -> str:
+    return kernel_name[: -len(_KERNEL)] + "scale"
+
+
+def merge(params: nnx.State, adapters: dict, cfg: LoraConfig, dtype=None) -> nnx.State:
+    """The state with W + scale * A @ B on every adapted kernel, in `dtype` (default: the kernel's
+    own float dtype; float32 for int8 kernels, whose scales become ones). Other leaves unchanged."""
+    variables = _variables(params)
+    missing = set(adapters) - set(variables)
     if missing:
         raise ValueError(f"adapters for weights the model does not have: {sorted(missing)}")
+    quantized = {n for n in adapters if jnp.issubdtype(variables[n].get_value().dtype, jnp.integer)}
+    unit_scales = {_scale_of(n) for n in quantized}
 
-    def merge_one(path, w):
-        name = leaf_name(path)
+    def merge_one(name: str, v: nnx.Variable) -> nnx.Variable:
+        w = v.get_value()
+        if name in unit_scales:  # the merged kernel is the dense weight: scaling by 1 leaves it so
+            return v.replace(jnp.ones(w.shape, w.dtype))
         if name not in adapters:
-            return w
-        out = jnp.dtype(dtype or (jnp.float32 if is_quantized(w) else w.dtype))
-        d = delta(name, _shape(w), adapters[name], cfg.scale)
+            return v
+        if name in quantized:
+            out = jnp.dtype(dtype or jnp.float32)
+            base = w.astype(jnp.float32) * variables[_scale_of(name)].get_value().astype(jnp.float32)
+        else:
+            out = jnp.dtype(dtype or w.dtype)
+            base = w
         # Added in the output dtype: a bf16 step must not hold a float32 copy of every adapted weight.
-        return dequantize(w, out) + d.astype(out)
+        return v.replace(base.astype(out) + delta(w.shape, adapters[name], cfg.scale).astype(out))
 
-    return jax.tree_util.tree_map_with_path(merge_one, params, is_leaf=is_quantized)
+    return nnx.from_flat_state([(path, merge_one(leaf_name(path), v)) for path, v in nnx.to_flat_state(params)])
 
 
 def export_merged(
-    dst: str | Path, params: Any, adapters: dict, cfg: LoraConfig, config, *, int8_dtype=jnp.bfloat16,
+    dst: str | Path, params: nnx.State, adapters: dict, cfg: LoraConfig, config, *, int8_dtype=jnp.bfloat16,
     overwrite: bool = False, files: tuple = (),
 ) -> None:
     """Write base + adapters as a normal model directory (loads with `vishwam_jax.load`, no LoRA
-    code needed). Adapted weights keep their dtype; adapted int8 weights become `int8_dtype`
-    (a low-rank update does not survive re-quantization to the base's per-channel scales)."""
+    code needed). Adapted weights keep their dtype; adapted int8 kernels become `int8_dtype` with
+    unit scales (a low-rank update does not survive re-quantization to the base's per-channel scales)."""
+    variables = _variables(params)
     merged = merge(params, adapters, cfg, dtype=jnp.float32)
-    names = _named_weights(params)
-    out = jax.tree_util.tree_map_with_path(
-        lambda path, m: m.astype(int8_dtype if is_quantized(names[leaf_name(path)]) else names[leaf_name(path)].dtype)
-        if leaf_name(path) in adapters else m,
-        merged,
-        is_leaf=is_quantized,
-    )
+
+    def cast(path, v: nnx.Variable) -> nnx.Variable:
+        name = leaf_name(path)
+        if name not in adapters:
+            return v
+        original = variables[name].get_value().dtype
+        return v.replace(v.get_value().astype(int8_dtype if jnp.issubdtype(original, jnp.integer) else original))
+
+    out = nnx.from_flat_state([(path, cast(path, v)) for path, v in nnx.to_flat_state(merged)])
     save_params(dst, out, config, overwrite=overwrite, files=files)
 
 

@@ -9,12 +9,10 @@ measures useful work, not work done.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import numpy as np
+from flax import nnx
 
-from vishwam_jax.models.layers import is_quantized
 from vishwam_jax.training.lora import leaf_name
 
 # Dense bf16 peak per chip (datasheets), matched against jax's device_kind, most specific first.
@@ -30,7 +28,6 @@ PEAK_FLOPS = (
     ("TPU v5", 459e12),  # v5p reports "TPU v5"
     ("TPU v4", 275e12),
 )
-_EXPERT_MATRICES = ("gate", "up", "down")
 
 
 def peak_flops(device: jax.Device | None = None) -> float | None:
@@ -42,23 +39,27 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
     return None
 
 
-def active_matmul_params(params: Any, config, mtp_depths: int = 0) -> float:
-    """Weights one token multiplies in a forward (see the module docstring)."""
+def active_matmul_params(params: nnx.State, config, mtp_depths: int = 0) -> float:
+    """Weights one token multiplies in a forward (see the module docstring), from the parameter
+    state (concrete or abstract): every matrix but the embedding table (a lookup) and scales (norms,
+    int8 scales); a weight with an "experts" axis counts only the routed share of its experts."""
     experts = config.get("num_experts") or 0
-    chosen = config.get("num_experts_per_token") or config.get("num_selected_experts") or 0
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
-    total = 0.0
-    for path, leaf in flat:
+    chosen = config.get("num_experts_per_token") or 0
+    total, untied = 0.0, False
+    for path, v in nnx.to_flat_state(params):
         name = leaf_name(path)
-        shape = (leaf["int8"] if is_quantized(leaf) else leaf).shape
-        if name == "embed" or len(shape) < 2:
+        shape = tuple(v.get_value().shape)
+        axes = tuple(v.get_metadata().get("out_sharding") or ())
+        last = name.rsplit(".", 1)[-1]
+        if last in ("embedding", "scale") or len([a for a in axes if a != "layers"]) < 2:
             continue
         n = float(np.prod(shape))
-        if len(shape) == 3 and name.rsplit(".", 1)[-1] in _EXPERT_MATRICES and experts and shape[0] == experts:
+        if "experts" in axes and experts:
             n *= chosen / experts
+        untied = untied or "vocab" in axes
         total += n
     vocab_proj = config.vocab_size * config.d_model
-    if "lm_head" not in params:  # tied: the embedding table is the output projection
+    if not untied:  # tied: the embedding table is the output projection
         total += vocab_proj
     return total + mtp_depths * vocab_proj  # each MTP depth reuses the output head
 
@@ -73,8 +74,7 @@ def _mean_context(seq_len: int, window: int) -> float:
 
 def attention_flops_per_token(config, seq_len: int, mtp_depths: int = 0) -> float:
     """Forward q.k and p.v FLOPs per token, summed over layers (and MTP blocks)."""
-    heads = config.get("num_heads") or config.get("num_q_heads")
-    qk = config.get("head_dim") or config.get("key_size") or (config.qk_nope_head_dim + config.qk_rope_head_dim)
+    heads, qk = config.num_heads, config.head_dim  # DeepSeek-V3: head_dim = qk_nope + qk_rope
     v = config.get("v_head_dim") or qk
     layer_types = config.get("layer_types") or ("full",) * config.num_layers
     window = config.get("sliding_window") or 0
@@ -86,7 +86,7 @@ def attention_flops_per_token(config, seq_len: int, mtp_depths: int = 0) -> floa
     return total
 
 
-def train_flops_per_token(params: Any, config, seq_len: int, mtp_depths: int = 0) -> float:
+def train_flops_per_token(params: nnx.State, config, seq_len: int, mtp_depths: int = 0) -> float:
     return 6.0 * active_matmul_params(params, config, mtp_depths) + 3.0 * attention_flops_per_token(config, seq_len, mtp_depths)
 
 

@@ -3,7 +3,8 @@ prediction (MTP) loss and the per-expert token counts that drive its aux-loss-fr
 
 Losses are returned as *sums* over target tokens; the train step divides by the token counts of the
 whole (accumulated) batch, so k micro-batches give the same gradient as one batch k times larger,
-padding or not.
+padding or not. They take the model as a module: inside a jitted function that is
+`nnx.merge(graphdef, params)` of the explicitly passed parameters.
 """
 
 from __future__ import annotations
@@ -13,19 +14,42 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from vishwam_jax.models.interface import CausalLM
+from vishwam_jax.training.lora import leaf_name
 
-def cast_floating(tree: Any, dtype) -> Any:
-    """Floating leaves to `dtype` (e.g. bf16 compute from float32 master weights); int8 stays int8."""
+# Routing stays float32 in every family (the releases keep router and bias in float32): a bf16 bias
+# would round away DeepSeek-V3's 0.001 balancing steps.
+FLOAT32_MODULES = ("router",)
+
+
+def keeps_float32(name: str) -> bool:
+    """Parameters of a router module ("moe_layers.router.bias", "layers.moe.router.kernel")."""
+    return any(part in FLOAT32_MODULES for part in name.split("."))
+
+
+def cast_floating(params: Any, dtype) -> Any:
+    """Floating leaves to `dtype` (e.g. bf16 compute from float32 master weights); int8 stays int8
+    and routers stay float32."""
     if dtype is None:
-        return tree
-    return jax.tree_util.tree_map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, tree)
+        return params
+
+    def cast(path, p):
+        if keeps_float32(leaf_name(path)) or not jnp.issubdtype(p.dtype, jnp.floating):
+            return p
+        return p.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
-def mtp_depths(config, mtp_weight: float) -> int:
-    """How many MTP modules the loss uses: all the model has, or none when the weight is 0."""
-    return int(config.get("num_mtp_layers", 0) or 0) if mtp_weight else 0
+def mtp_depths(module: CausalLM, mtp_weight: float) -> int:
+    """How many MTP modules the loss uses: all the model has (when it declares the capability), or
+    none when the weight is 0."""
+    if not mtp_weight or not module.capabilities.mtp:
+        return 0
+    return int(module.config.num_mtp_layers)
 
 
 def token_counts(batch: Int[Array, "... t1"], pad_id: int, depths: int) -> dict:
@@ -42,43 +66,38 @@ def _ce_sum(logits: Float[Array, "b t v"], targets: Int[Array, "b t"], pad_id: i
     return jnp.sum(jnp.where(targets != pad_id, losses, 0.0))
 
 
-def loss_sums(family, config, params: Any, batch: Int[Array, "b t1"], depths: int = 0) -> dict:
+def loss_sums(model: CausalLM, batch: Int[Array, "b t1"], depths: int = 0) -> dict:
     """Forward on batch[:, :-1]; cross-entropy sums against the shifted targets.
 
-    Returns {"nll": sum over main targets} and, for families that report them (DeepSeek-V3),
-    "expert_counts" [moe layers, E], plus with depths > 0 "mtp" [depths] sums and
-    "mtp_expert_counts" [depths, E].
+    Returns {"nll": sum over main targets} and, for families that report them (MoE), "expert_counts"
+    [moe layers, E], plus with depths > 0 "mtp" [depths] sums and "mtp_expert_counts" [depths, E].
 
     MTP depth k (1-based) combines h^{k-1}_i with the embedding of t_{i+k} and predicts t_{i+k+1}
     for i = 0 .. T-k-1 (T = batch length - 1): every target the batch holds is used, which is
-    `family.mtp_loss(params, batch)` of the model file computed as sums.
+    `model.mtp_loss(batch)` of the model file computed as sums.
     """
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    pad = config.pad_token_id
-    out: dict = {}
-    if hasattr(family, "forward_with_aux"):
-        logits, _, aux = family.forward_with_aux(params, inputs, config)
-        out["expert_counts"] = aux["expert_counts"]
-    else:
-        if depths:
-            raise ValueError(f"MTP loss requested but the {config.family} family has no forward_with_aux/mtp_forward")
-        logits, _ = family.forward(params, inputs, config)
-        aux = {}
-    out["nll"] = _ce_sum(logits, targets, pad)
+    pad = model.config.pad_token_id
+    out = model(inputs)
+    sums: dict = {"nll": _ce_sum(out.logits, targets, pad)}
+    if out.expert_counts is not None:
+        sums["expert_counts"] = out.expert_counts
     if depths:
+        if not model.capabilities.mtp:
+            raise ValueError(f"MTP loss requested but the {model.config.family} model has no MTP module")
         t = inputs.shape[1]
         if t < depths + 1:
             raise ValueError(f"MTP depth {depths} needs sequences of at least {depths + 1} inputs, got {t}")
-        hidden, sums, counts = aux["hidden"], [], []
+        hidden, mtp_sums, counts = out.hidden, [], []
         for k in range(1, depths + 1):
             n = t - k
-            logits_k, _, aux_k = family.mtp_forward(params, hidden[:, :n], batch[:, k : k + n], config, depth=k - 1)
-            sums.append(_ce_sum(logits_k, batch[:, k + 1 :], pad))
-            counts.append(aux_k["expert_counts"][0])
-            hidden = aux_k["hidden"]
-        out["mtp"] = jnp.stack(sums)
-        out["mtp_expert_counts"] = jnp.stack(counts)
-    return out
+            out_k = model.mtp(hidden[:, :n], batch[:, k : k + n], depth=k - 1)
+            mtp_sums.append(_ce_sum(out_k.logits, batch[:, k + 1 :], pad))
+            counts.append(out_k.expert_counts.reshape(-1, out_k.expert_counts.shape[-1]).sum(axis=0))
+            hidden = out_k.hidden
+        sums["mtp"] = jnp.stack(mtp_sums)
+        sums["mtp_expert_counts"] = jnp.stack(counts)
+    return sums
 
 
 def objective(sums: dict, counts: dict, mtp_weight: float) -> Float[Array, ""]:
@@ -89,8 +108,9 @@ def objective(sums: dict, counts: dict, mtp_weight: float) -> Float[Array, ""]:
     return loss
 
 
-def next_token_loss(family, config, params: Any, batch: Int[Array, "b t1"], compute_dtype=None) -> Float[Array, ""]:
-    """Mean cross-entropy of predicting batch[:, 1:] from batch[:, :-1], ignoring pad targets
-    (evaluation; training adds MTP through `loss_sums`/`objective`)."""
-    sums = loss_sums(family, config, cast_floating(params, compute_dtype), batch)
-    return objective(sums, token_counts(batch, config.pad_token_id, 0), 0.0)
+def next_token_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: Int[Array, "b t1"], compute_dtype=None) -> Float[Array, ""]:
+    """Mean cross-entropy of predicting batch[:, 1:] from batch[:, :-1], ignoring pad targets, of the
+    model `graphdef` + `params` (evaluation; training adds MTP through `loss_sums`/`objective`)."""
+    model = nnx.merge(graphdef, cast_floating(params, compute_dtype))
+    sums = loss_sums(model, batch)
+    return objective(sums, token_counts(batch, model.config.pad_token_id, 0), 0.0)

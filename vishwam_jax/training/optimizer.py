@@ -6,6 +6,9 @@ from typing import Any, Callable
 
 import jax
 import optax
+from flax import nnx
+
+from vishwam_jax.training.lora import leaf_name
 
 
 def make_schedule(
@@ -21,8 +24,15 @@ def make_schedule(
 
 
 def _decay_mask(params: Any) -> Any:
-    # Matrices decay; norms, biases and other vectors do not (the usual AdamW convention).
-    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+    """Matrices decay; norms, biases and other vectors do not (the usual AdamW convention). A
+    parameter of an nnx.State counts its dimensions without the stacked "layers" axis: a norm scale
+    of stacked layers [layers, d] is a vector per layer."""
+    stacked = {}
+    if isinstance(params, nnx.State):
+        for path, v in nnx.to_flat_state(params):
+            axes = v.get_metadata().get("out_sharding") or ()
+            stacked[leaf_name(path)] = sum(a == "layers" for a in axes)
+    return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim - stacked.get(leaf_name(path), 0) >= 2, params)
 
 
 def make_optimizer(

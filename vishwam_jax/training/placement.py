@@ -1,5 +1,6 @@
 """Where the train state and the batches live on a mesh (vishwam_jax.sharding provides the mesh,
-the rule presets and the per-parameter shardings; this module applies them to training's trees).
+the rule presets and the per-parameter shardings from each nnx.Param's logical axes; this module
+applies them to training's trees).
 
 Without a mesh every function here places nothing and the trainer runs on the default device.
 """
@@ -12,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
@@ -19,19 +21,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def model_shardings(config, params_or_shapes: Any, mesh: Mesh, rules) -> Any:
-    """The model's parameter shardings by the sharding package's logical-axis rules."""
+def model_shardings(params: nnx.State, mesh: Mesh, rules, config=None) -> nnx.State:
+    """The parameters' shardings from their own logical axes (concrete or abstract state) by the
+    rules of vishwam_jax.sharding: the same nnx.State with a NamedSharding per parameter."""
     from vishwam_jax.sharding import param_shardings
 
-    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_or_shapes)
-    return param_shardings(config, shapes, mesh, rules)
+    return param_shardings(params, mesh, rules, config)
 
 
 def state_shardings(
     trainable_shardings: Any, trainable_shapes: Any, optimizer: optax.GradientTransformation, mesh: Mesh
 ) -> dict:
     """Shardings of {"step", "params", "opt_state"}: Adam's moments are sharded like the parameters
-    they track (so FSDP shards the optimizer state too); counters and the like are replicated."""
+    they track (so FSDP shards the optimizer state too); counters and the like are replicated.
+    The trainable tree is the model's nnx.State (full training) or the LoRA adapters' dict."""
     opt_shapes = jax.eval_shape(optimizer.init, trainable_shapes)
     # Leaves the optimizer leaves alone (optax.multi_transform's frozen group) hold a MaskedNode
     # where the parameter tree has an array: keep it (it has no buffer to place).

@@ -1,14 +1,21 @@
 """The jitted train step, generic over model families.
 
-    state = {"step": int32[], "params": trainable tree, "opt_state": optax state}
+    graphdef, params = nnx.split(module, nnx.Param)
+    state = {"step": int32[], "params": trainable, "opt_state": optax state}
     new_state, metrics = train_step(state, frozen, batch)      # batch [micro_batches, b, t + 1]
 
-`params` is the whole model (full training; `frozen` is None) or the LoRA adapters (`frozen` is the
-base model, never differentiated, never in the optimizer). Gradients of the micro-batches are summed
-in float32 by a scan and divided by the token counts of the whole batch, so accumulation equals one
-large batch. With a compute dtype the forward and backward run in it while `params` (the master
-copy) and the optimizer stay float32. DeepSeek-V3's router biases are not moved by gradients but by
-the aux-loss-free rule from the step's expert loads.
+`params` is the whole parameter state (full training; `frozen` is None) or the LoRA adapters
+(`frozen` is the base model's state, never differentiated, never in the optimizer). Either way the
+parameters are explicit arguments: the step merges them with the module's graphdef inside jit
+(`nnx.merge`) and mutates nothing. Gradients of the micro-batches are summed in float32 by a scan
+and divided by the token counts of the whole batch, so accumulation equals one large batch. With a
+compute dtype the forward and backward run in it while `params` (the master copy) and the optimizer
+stay float32. DeepSeek-V3's router biases are not moved by gradients but by the aux-loss-free rule
+from the step's expert loads.
+
+The optimizer works on the nnx.State itself (optax maps over its leaves and keeps each nnx.Param
+node with its logical axes): the state is what nnx.split gives, what nnx.merge, the sharding rules
+and the checkpoint writer take, so no conversion is needed anywhere.
 """
 
 from __future__ import annotations
@@ -19,17 +26,22 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from jaxtyping import Array, Int
 
+from vishwam_jax.models.interface import CausalLM
 from vishwam_jax.training import lora as lora_lib
 from vishwam_jax.training.objective import cast_floating, loss_sums, mtp_depths, next_token_loss, objective, token_counts
 from vishwam_jax.training.optimizer import make_optimizer
 
-__all__ = ["StepConfig", "init_state", "make_train_step", "make_eval_step", "make_optimizer", "next_token_loss", "frozen_from_gradients"]
+__all__ = [
+    "StepConfig", "init_state", "make_train_step", "make_eval_step", "make_optimizer", "next_token_loss",
+    "frozen_from_gradients", "balancing_biases",
+]  # fmt: skip
 
-# Routing stays float32 in every family (the releases keep router and bias in float32): a bf16 bias
-# would round away DeepSeek-V3's 0.001 balancing steps.
-_FLOAT32_LEAVES = ("router", "router_bias")
+# DeepSeek-V3's routers carry the auxiliary-loss-free balancing bias ("moe_layers.router.bias").
+_BALANCING_BIAS = "router.bias"
+_MTP_BALANCING_BIAS = "mtp_layers.block." + _BALANCING_BIAS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,43 +52,50 @@ class StepConfig:
     lora: lora_lib.LoraConfig | None = None
 
 
+def is_balancing_bias(name: str) -> bool:
+    return name == _BALANCING_BIAS or name.endswith("." + _BALANCING_BIAS)
+
+
 def frozen_from_gradients(path: tuple, leaf: Any) -> bool:
-    """Leaves the optimizer must leave alone: DeepSeek-V3's router biases (updated by load)."""
-    return lora_lib.leaf_name(path).rsplit(".", 1)[-1] == "router_bias"
+    """Leaves the optimizer must leave alone: DeepSeek-V3's router biases (updated by load) and
+    weight-only int8 kernels (no gradient exists for integers)."""
+    return is_balancing_bias(lora_lib.leaf_name(path)) or not jnp.issubdtype(leaf.dtype, jnp.inexact)
+
+
+def balancing_biases(params: nnx.State) -> list[str]:
+    """The dotted names of the router biases that aux-loss-free balancing moves (none outside DeepSeek-V3)."""
+    return [n for n in (lora_lib.leaf_name(p) for p, _ in nnx.to_flat_state(params)) if is_balancing_bias(n)]
 
 
 def init_state(trainable: Any, optimizer: optax.GradientTransformation) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": optimizer.init(trainable)}
 
 
-def _compute_params(trainable: Any, frozen: Any, cfg: StepConfig) -> Any:
-    if cfg.lora is not None:
-        params = lora_lib.merge(frozen, trainable, cfg.lora, dtype=cfg.compute_dtype)
-    else:
-        params = trainable
-    if cfg.compute_dtype is None:
+def _split(module: CausalLM) -> tuple[nnx.GraphDef, nnx.State]:
+    """The module's graphdef and (abstract) parameter state; the module may be abstract itself."""
+    return nnx.split(module, nnx.Param)
+
+
+def _compute_model(graphdef: nnx.GraphDef, trainable: Any, frozen: Any, cfg: StepConfig) -> CausalLM:
+    """The model the forward runs: LoRA merged in, floats in the compute dtype (inside jit)."""
+    params = lora_lib.merge(frozen, trainable, cfg.lora, dtype=cfg.compute_dtype) if cfg.lora is not None else trainable
+    return nnx.merge(graphdef, cast_floating(params, cfg.compute_dtype))
+
+
+def _update_router_biases(params: nnx.State, sums: dict, rate: float) -> nnx.State:
+    """DeepSeek-V3 §2.1.2 on the main MoE layers and on each MTP depth's MoE block, by the model
+    file's rule (models/deepseek_v3.py), from the step's summed expert loads."""
+    from vishwam_jax.models import deepseek_v3
+
+    params = deepseek_v3.update_router_biases(params, sums["expert_counts"], rate)
+    if "mtp_expert_counts" not in sums:  # MTP off (λ = 0): its blocks saw no tokens
         return params
 
-    def cast(path, p):
-        if lora_lib.leaf_name(path).rsplit(".", 1)[-1] in _FLOAT32_LEAVES or not jnp.issubdtype(p.dtype, jnp.floating):
-            return p
-        return p.astype(cfg.compute_dtype)
+    def mtp(path, leaf):  # mtp_layers.block.router.bias [depths, E], one row per depth
+        name = lora_lib.leaf_name(path)
+        return deepseek_v3.update_router_bias(leaf, sums["mtp_expert_counts"], rate) if name == _MTP_BALANCING_BIAS else leaf
 
-    return jax.tree_util.tree_map_with_path(cast, params)
-
-
-def _update_router_biases(family, params: dict, sums: dict, rate: float) -> dict:
-    """DeepSeek-V3 §2.1.2 on the main MoE layers and on each MTP module's MoE block."""
-    if not rate or "expert_counts" not in sums:
-        return params
-    params = family.update_router_biases(params, sums["expert_counts"], rate)
-    if "mtp_expert_counts" in sums:
-        mtp = []
-        for k, module in enumerate(params["mtp"]):
-            block = {**module["block"], "router_bias": family.update_router_bias(module["block"]["router_bias"], sums["mtp_expert_counts"][k], rate)}
-            mtp.append({**module, "block": block})
-        params = {**params, "mtp": mtp}
-    return params
+    return jax.tree_util.tree_map_with_path(mtp, params)
 
 
 def _load_imbalance(counts: Int[Array, "l e"]) -> Array:
@@ -86,8 +105,7 @@ def _load_imbalance(counts: Int[Array, "l e"]) -> Array:
 
 
 def make_train_step(
-    family,
-    config,
+    module: CausalLM,
     optimizer: optax.GradientTransformation,
     cfg: StepConfig = StepConfig(),
     *,
@@ -97,20 +115,24 @@ def make_train_step(
 ) -> Callable:
     """(state, frozen, batch [k, b, t + 1]) -> (state, metrics), jitted, `state` donated.
 
+    module: the family's nnx.Module (concrete or abstract, e.g. `models.abstract(config)`); only its
+      graphdef is kept. Its config decides the remat policy (`presets.replace(config, remat_policy=...)`).
     metrics: loss (the optimized objective), nll (mean next-token CE), mtp (mean over depths, when
     used), grad_norm (before clipping), lr (when `schedule` is given), tokens, and for MoE families
     that report loads, load_imbalance (max/mean tokens per expert, worst layer).
     state_shardings: keep the new state on these shardings (a sharded run); metrics_sharding: where
     the metrics go (replicated on the mesh).
     """
-    depths = mtp_depths(config, cfg.mtp_weight)
+    config = module.config
+    graphdef, abstract_params = _split(module)
+    depths = mtp_depths(module, cfg.mtp_weight)
     if cfg.router_bias_rate and cfg.lora is not None:
         raise ValueError("the router-bias balancing update needs the base model trainable; use it without LoRA")
-    if cfg.router_bias_rate and not hasattr(family, "update_router_biases"):
-        raise ValueError(f"router_bias_rate is set but the {config.family} family has no aux-loss-free balancing")
+    if cfg.router_bias_rate and not (module.capabilities.moe and balancing_biases(abstract_params)):
+        raise ValueError(f"router_bias_rate is set but the {config.family} model has no aux-loss-free balancing biases")
 
     def micro_objective(trainable, frozen, micro, counts):
-        sums = loss_sums(family, config, _compute_params(trainable, frozen, cfg), micro, depths)
+        sums = loss_sums(_compute_model(graphdef, trainable, frozen, cfg), micro, depths)
         return objective(sums, counts, cfg.mtp_weight), sums
 
     grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
@@ -135,7 +157,8 @@ def make_train_step(
         grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, trainable)
         updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
         params = optax.apply_updates(trainable, updates)
-        params = _update_router_biases(family, params, sums, cfg.router_bias_rate)
+        if cfg.router_bias_rate:
+            params = _update_router_biases(params, sums, cfg.router_bias_rate)
 
         metrics = {
             "loss": objective(sums, counts, cfg.mtp_weight),
@@ -156,14 +179,16 @@ def make_train_step(
     return jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, metrics_sharding))
 
 
-def make_eval_step(family, config, cfg: StepConfig = StepConfig(), *, out_sharding: Any = None) -> Callable:
+def make_eval_step(module: CausalLM, cfg: StepConfig = StepConfig(), *, out_sharding: Any = None) -> Callable:
     """(trainable, frozen, batch [1, b, t + 1]) -> (sum of next-token CE, number of targets), jitted:
     the model as the train step sees it (compute dtype, LoRA merged), no MTP, nothing updated."""
+    graphdef, _ = _split(module)
+    pad = module.config.pad_token_id
 
     def evaluate(trainable: Any, frozen: Any, batch: Int[Array, "1 b t1"]):
         micro = batch[0]
-        sums = loss_sums(family, config, _compute_params(trainable, frozen, cfg), micro)
-        return sums["nll"], token_counts(micro, config.pad_token_id, 0)["main"]
+        sums = loss_sums(_compute_model(graphdef, trainable, frozen, cfg), micro)
+        return sums["nll"], token_counts(micro, pad, 0)["main"]
 
     if out_sharding is None:
         return jax.jit(evaluate)

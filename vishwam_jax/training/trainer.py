@@ -17,22 +17,29 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+from flax import nnx
 
+from vishwam_jax import models
 from vishwam_jax.checkpoint import orbax_io
-from vishwam_jax.models import family_module
-from vishwam_jax.models.layers import is_quantized
-from vishwam_jax.presets import UnknownModelError, get_config, list_models
+from vishwam_jax.models.interface import CausalLM
+from vishwam_jax.models.remat import check_policy
+from vishwam_jax.presets import UnknownModelError, get_config, list_models, replace
 from vishwam_jax.training import data as data_lib
 from vishwam_jax.training import lora as lora_lib
 from vishwam_jax.training import metrics as metrics_lib
 from vishwam_jax.training import placement
 from vishwam_jax.training.checkpointing import TrainCheckpoints, check_resumable
-from vishwam_jax.training.objective import mtp_depths
+from vishwam_jax.training.objective import cast_floating, mtp_depths
 from vishwam_jax.training.optimizer import make_optimizer, make_schedule
-from vishwam_jax.models.remat import check_policy
-from vishwam_jax.training.step import StepConfig, frozen_from_gradients, init_state, make_eval_step, make_train_step
+from vishwam_jax.training.step import (
+    StepConfig,
+    balancing_biases,
+    frozen_from_gradients,
+    init_state,
+    make_eval_step,
+    make_train_step,
+)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 RESUME_MODES = ("auto", "required", "never")
@@ -108,23 +115,26 @@ def _check_model(model: str) -> None:
         raise UnknownModelError(f"{err} (and no directory named {model!r} exists)") from None
 
 
-def load_model(tc: TrainConfig, shardings_for: Callable | None = None) -> tuple[ml_collections.ConfigDict, Any, list[Path]]:
-    """(config, params, tokenizer files to carry into an export). A preset is initialised from
-    `seed`; a directory is restored (onto `shardings_for(config, shapes)` when given). Full
-    training keeps float master weights in param_dtype; LoRA keeps the base as stored."""
+def load_model(tc: TrainConfig, mesh=None, rules=None) -> tuple[Any, CausalLM, nnx.State, list[Path]]:
+    """(config, module, params, tokenizer files to carry into an export).
+
+    A preset is initialised from `seed`; a directory is restored (onto the parameters' shardings on
+    `mesh`, from their logical axes, when given): both by `vishwam_jax.load`. Full training keeps
+    float master weights in param_dtype; LoRA keeps the base as stored. `module` is the abstract
+    module of the training config (`remat_policy` set: configs are frozen, so it is a new config and
+    a new graphdef); `params` is the parameter state the train step takes explicitly.
+    """
+    from vishwam_jax.loading import load
+
     param_dtype = DTYPES[tc.param_dtype]
     if tc.model in list_models():
-        config = get_config(tc.model)
-        family = family_module(config)
-        init = lambda key: family.init_params(config, key, param_dtype)
-        if shardings_for is not None:
-            init = jax.jit(init, out_shardings=shardings_for(config, jax.eval_shape(init, jax.random.key(tc.seed))))
-        return config, init(jax.random.key(tc.seed)), []
-    path = Path(tc.model).expanduser()
-    config = orbax_io.read_config(path)
-    shardings = None if shardings_for is None else shardings_for(config, orbax_io.param_shapes(path))
-    params = orbax_io.restore_params(path, dtype=None if tc.lora_rank else param_dtype, shardings=shardings)
-    return config, params, sorted(path.glob("tokenizer*"))
+        source, dtype, files = get_config(tc.model), param_dtype, []
+    else:
+        path = Path(tc.model).expanduser()
+        source, dtype, files = path, (None if tc.lora_rank else param_dtype), sorted(path.glob("tokenizer*"))
+    model = load(source, dtype=dtype, mesh=mesh, rules=rules, seed=tc.seed)
+    config = replace(model.config, remat_policy=tc.remat)
+    return config, models.abstract(config), model.params, files
 
 
 class _StepLog:
@@ -215,15 +225,16 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
     if latest is not None and tc.resume == "never":
         ckpt.close()
         raise FileExistsError(f"{ckpt.directory} already holds checkpoints (latest: step {latest}); use another workdir or resume")
-    shardings_for = None if mesh is None else (lambda config, shapes: placement.model_shardings(config, shapes, mesh, rules))
-    config, params, tokenizer_files = load_model(tc, shardings_for)
-    config.remat_policy = tc.remat
-    family = family_module(config)
+    config, module, params, tokenizer_files = load_model(tc, mesh, rules)
 
     if lora_cfg is None:
-        quantized = [lora_lib.leaf_name(p) for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0] if is_quantized(x)]
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        quantized = [lora_lib.leaf_name(p) for p, x in flat if jnp.issubdtype(x.dtype, jnp.integer)]
         if quantized:
-            raise ValueError(f"{len(quantized)} weights are int8 (e.g. {quantized[0]}): they cannot take gradient steps; fine-tune with LoRA (--lora-rank) or convert without --keep-int8")
+            raise ValueError(
+                f"{len(quantized)} weights are int8 (e.g. {quantized[0]}): they cannot take gradient steps; "
+                "fine-tune with LoRA (--lora-rank) or convert without --keep-int8"
+            )
         trainable, frozen = params, None
     else:
         trainable = lora_lib.init_adapters(params, lora_cfg, jax.random.fold_in(jax.random.key(tc.seed), 1))
@@ -231,8 +242,10 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
         if mesh is not None:
             trainable = jax.device_put(trainable, placement.replicated(mesh))
 
-    depths = mtp_depths(config, tc.mtp_weight)
-    bias_rate = tc.router_bias_rate if (lora_cfg is None and hasattr(family, "update_router_biases")) else 0.0
+    depths = mtp_depths(module, tc.mtp_weight)
+    # Aux-loss-free balancing where the model has its biases (DeepSeek-V3), and only in full training.
+    balancing = lora_cfg is None and module.capabilities.moe and bool(balancing_biases(params))
+    bias_rate = tc.router_bias_rate if balancing else 0.0
     schedule = make_schedule(tc.lr, tc.steps, warmup_steps=tc.warmup_steps, end_ratio=tc.end_lr_ratio)
     optimizer = make_optimizer(
         schedule, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm, b1=tc.b1, b2=tc.b2,
@@ -245,17 +258,20 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
         state = init_state(trainable, optimizer)
     else:
         shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
-        trainable_sh = jax.tree_util.tree_map(lambda x: x.sharding, trainable)
+        if lora_cfg is None:  # the parameters' own logical axes; Adam's moments follow them
+            trainable_sh = placement.model_shardings(shapes, mesh, rules, config)
+        else:  # adapters are small: replicated
+            trainable_sh = jax.tree_util.tree_map(lambda _: placement.replicated(mesh), trainable)
         state_sh = placement.state_shardings(trainable_sh, shapes, optimizer, mesh)
         state = jax.jit(lambda t: init_state(t, optimizer), out_shardings=state_sh)(trainable)
     global_shape = (tc.grad_accum, micro, tc.seq_len + 1)
     rows = None if batch_sh is None or jax.process_count() == 1 else placement.local_rows(batch_sh, global_shape)
     train_step = make_train_step(
-        family, config, optimizer, step_cfg, schedule=schedule, state_shardings=state_sh,
+        module, optimizer, step_cfg, schedule=schedule, state_shardings=state_sh,
         metrics_sharding=None if mesh is None else placement.replicated(mesh),
     )
     if eval_host:
-        eval_step = make_eval_step(family, config, step_cfg, out_sharding=None if mesh is None else placement.replicated(mesh))
+        eval_step = make_eval_step(module, step_cfg, out_sharding=None if mesh is None else placement.replicated(mesh))
         eval_shape = (1, micro, tc.seq_len + 1)
         eval_rows = None if batch_sh is None or jax.process_count() == 1 else placement.local_rows(batch_sh, eval_shape)
 
@@ -349,24 +365,22 @@ def export(tc: TrainConfig, config, trainable: Any, frozen: Any, lora_cfg, files
 
 
 def _write_export(tc: TrainConfig, config, trainable: Any, frozen: Any, lora_cfg, files: list[Path]) -> None:
-    config = ml_collections.ConfigDict(config.to_dict())
-    del config["remat_policy"]  # a training setting, not part of the model
+    config = replace(config, remat_policy="none")  # a training setting, not part of the model
     dtype = DTYPES[tc.export_dtype]
     if lora_cfg is not None:
         lora_lib.export_merged(tc.export, frozen, trainable, lora_cfg, config, int8_dtype=dtype, overwrite=True, files=tuple(files))
         return
-    routers = lambda path, p: lora_lib.leaf_name(path).rsplit(".", 1)[-1] in ("router", "router_bias")
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, p: p if routers(path, p) or not jnp.issubdtype(p.dtype, jnp.floating) else p.astype(dtype), trainable
-    )
-    orbax_io.save_params(tc.export, params, config, overwrite=True, files=tuple(files))
+    # The parameter state as vishwam_jax.load expects it (routers stay float32, int8 stays int8).
+    orbax_io.save_params(tc.export, cast_floating(trainable, dtype), config, overwrite=True, files=tuple(files))
 
 
-def evaluate(family, config, params: Any, tokens: np.ndarray, batch_size: int, seq_len: int, compute_dtype=None) -> float:
-    """Mean next-token loss over consecutive windows of `tokens` (e.g. a held-out split)."""
+def evaluate(model: CausalLM, tokens: np.ndarray, batch_size: int, seq_len: int, compute_dtype=None) -> float:
+    """Mean next-token loss of the module `model` (e.g. `vishwam_jax.load(dir).module`) over
+    consecutive windows of `tokens` (e.g. a held-out split)."""
     from vishwam_jax.training.objective import next_token_loss
 
-    loss = jax.jit(lambda p, b: next_token_loss(family, config, p, b, compute_dtype))
+    graphdef, params = nnx.split(model, nnx.Param)
+    loss = jax.jit(lambda p, b: next_token_loss(graphdef, p, b, compute_dtype))
     losses = [float(loss(params, jnp.asarray(b))) for b in data_lib.heldout_batches(tokens, batch_size, seq_len)]
     if not losses:
         raise ValueError(f"{len(tokens)} tokens are too few for one batch of {batch_size} x {seq_len}")

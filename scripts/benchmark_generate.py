@@ -26,13 +26,17 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="config overrides of the preset, e.g. scan_unroll=18 (JSON values)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     bw = copy_bandwidth()
     print(f"measured copy bandwidth: {bw / 1e12:.2f} TB/s")
-    model = vj.load(args.model, dtype=jnp.dtype(args.dtype))
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    source = vj.get_config(args.model, **overrides) if overrides else args.model
+    model = vj.load(source, dtype=jnp.dtype(args.dtype))
     param_bytes = tree_bytes(model.params)
     c = model.config
     rows = []

@@ -122,7 +122,7 @@ def _speculative(model, prompts: list[str], encoded: list[list[int]], max_new_to
 
     from vishwam_jax.inference.speculative import SpeculativeGenerator
 
-    generator = SpeculativeGenerator(model.config)  # ValueError (exit 2) for a model without MTP
+    generator = SpeculativeGenerator(model.graphdef, model.config)  # ValueError (exit 2) for a model without MTP
     start = time.perf_counter()
     result = generator.generate(model.params, encoded, max_new_tokens)
     elapsed = time.perf_counter() - start

@@ -13,6 +13,7 @@ from flax import nnx
 from vishwam_jax import models
 from vishwam_jax.checkpoint import orbax_io
 from vishwam_jax.model import Model
+from vishwam_jax.models import stack
 from vishwam_jax.presets import UnknownModelError, get_config, list_models, replace
 from vishwam_jax.tokenizer import load_tokenizer
 
@@ -24,7 +25,15 @@ def _looks_like_path(name: str) -> bool:
     return "/" in name or name.startswith((".", "~")) or Path(name).expanduser().exists()
 
 
-def load(source: str | Path | ml_collections.ConfigDict, *, dtype=None, mesh=None, rules=None, seed: int = 0) -> Model:
+def load(
+    source: str | Path | ml_collections.ConfigDict,
+    *,
+    dtype=None,
+    mesh=None,
+    rules=None,
+    seed: int = 0,
+    unstack_layers: bool | None = None,
+) -> Model:
     """Return a `Model`.
 
     source: a preset name from `list_models()` or a config (`get_config(...)`): randomly initialised
@@ -32,12 +41,16 @@ def load(source: str | Path | ml_collections.ConfigDict, *, dtype=None, mesh=Non
     dtype: parameter dtype (default: float32 for random weights, the stored dtype for checkpoints).
     mesh, rules: place the parameters sharded on `mesh` by the logical-axis `rules`
       (see vishwam_jax.sharding); each host then reads only its own shards.
+    unstack_layers: hold each stacked weight as one buffer per layer (models/stack.py), which XLA's
+      GPU backend reads in place where it copies a scanned layer's slice out of the stack; the
+      layers then run unrolled, so compiling takes longer with depth. None (default): on GPUs only.
     """
+    unstack = jax.default_backend() == "gpu" if unstack_layers is None else bool(unstack_layers)
     if isinstance(source, ml_collections.ConfigDict):
-        return _random(replace(source), dtype or jnp.float32, mesh, rules, seed)
+        return _random(replace(source), dtype or jnp.float32, mesh, rules, seed, unstack)
     name = str(source)
     if not _looks_like_path(name) and name in list_models():
-        return _random(get_config(name), dtype or jnp.float32, mesh, rules, seed)
+        return _random(get_config(name), dtype or jnp.float32, mesh, rules, seed, unstack)
     if not _looks_like_path(name):
         try:
             get_config(name)  # raises with close matches
@@ -54,10 +67,11 @@ def load(source: str | Path | ml_collections.ConfigDict, *, dtype=None, mesh=Non
         shardings = orbax_io.to_disk_tree(nnx.to_pure_dict(param_shardings(abstract_state, mesh, rules, config)))
     stored = orbax_io.restore_params(path, dtype=dtype, shardings=shardings)
     nnx.replace_by_pure_dict(abstract_state, orbax_io.from_disk_tree(stored))
-    return Model(nnx.merge(graphdef, abstract_state), load_tokenizer(config, path))
+    params = stack.unstack_layers(abstract_state) if unstack else abstract_state
+    return Model(nnx.merge(graphdef, params), load_tokenizer(config, path))
 
 
-def _random(config, dtype, mesh, rules, seed: int) -> Model:
+def _random(config, dtype, mesh, rules, seed: int, unstack: bool) -> Model:
     def init() -> nnx.State:
         return nnx.state(models.build(config, rngs=nnx.Rngs(seed), dtype=dtype), nnx.Param)
 
@@ -68,6 +82,8 @@ def _random(config, dtype, mesh, rules, seed: int) -> Model:
         params = jax.jit(init, out_shardings=param_shardings(abstract_state, mesh, rules, config))()
     else:
         params = jax.jit(init)()
+    if unstack:
+        params = stack.unstack_layers(params)
     return Model(nnx.merge(graphdef, params), load_tokenizer(config))
 
 

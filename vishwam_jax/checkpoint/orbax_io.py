@@ -232,8 +232,10 @@ def save_params(dst: str | Path, params: Any, config: ml_collections.ConfigDict,
     on every process once the directory is complete.
     """
     dst = Path(dst).absolute()
-    if isinstance(params, nnx.State):  # store its pure nested dict
-        params = nnx.to_pure_dict(params)
+    if isinstance(params, nnx.State):  # store its pure nested dict, stacked layers as stacked arrays
+        from vishwam_jax.models.stack import restack_layers
+
+        params = nnx.to_pure_dict(restack_layers(params))
     params = to_disk_tree(params)
     leaves = list(_flatten_with_paths(params))  # refuses node types a model directory cannot hold
     if not leaves:

@@ -61,8 +61,9 @@ def check_axes(module: nnx.Module) -> None:
     for path, variable in nnx.iter_graph(module):
         if isinstance(variable, nnx.Param):
             axes = logical_axes_of(variable)
-            if axes is None or len(axes) != jnp.ndim(variable.get_value()):
-                missing.append(f"{'.'.join(map(str, path))} {tuple(jnp.shape(variable.get_value()))}: {axes}")
+            shape = tuple(variable.get_value().shape)  # an array, a ShapeDtypeStruct or per-layer buffers
+            if axes is None or len(axes) != len(shape):
+                missing.append(f"{'.'.join(map(str, path))} {shape}: {axes}")
     if missing:
         raise MissingAxesError("parameters without one logical axis per dimension: " + "; ".join(missing))
 

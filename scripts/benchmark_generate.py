@@ -28,6 +28,8 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="config overrides of the preset, e.g. scan_unroll=18 (JSON values)")
+    ap.add_argument("--layers", choices=["auto", "scanned", "per-layer"], default="auto",
+                    help="stacked weights scanned, or held as per-layer buffers (auto: per-layer on GPUs)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -36,7 +38,8 @@ def main(argv=None) -> None:
     print(f"measured copy bandwidth: {bw / 1e12:.2f} TB/s")
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     source = vj.get_config(args.model, **overrides) if overrides else args.model
-    model = vj.load(source, dtype=jnp.dtype(args.dtype))
+    unstack = {"auto": None, "scanned": False, "per-layer": True}[args.layers]
+    model = vj.load(source, dtype=jnp.dtype(args.dtype), unstack_layers=unstack)
     param_bytes = tree_bytes(model.params)
     c = model.config
     rows = []
@@ -54,7 +57,7 @@ def main(argv=None) -> None:
         kv_bytes = tree_bytes(cache) * (args.prompt_len + args.new_tokens / 2) / (args.prompt_len + args.new_tokens)
         floor_s = (param_bytes + kv_bytes) / bw
         row = {
-            "model": args.model, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "model": args.model, "layers": args.layers, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
             "decode_tok_s_per_stream": 1 / step_s, "step_ms": step_s * 1e3, "roofline_step_ms": floor_s * 1e3,
             "fraction_of_roofline": floor_s / step_s, "param_gb": param_bytes / 1e9,

@@ -17,6 +17,7 @@ tokens), and the latent cache up to each row's length.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -27,11 +28,13 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
+from vishwam_jax import models  # noqa: E402
 from vishwam_jax.inference.engine import Generator  # noqa: E402
-from vishwam_jax.models import deepseek_v3 as ds  # noqa: E402
+from vishwam_jax.models import stack  # noqa: E402
 from vishwam_jax.pallas_kernels import grouped_matmul, mla_attention  # noqa: E402
-from vishwam_jax.presets import get_config  # noqa: E402
+from vishwam_jax.presets import get_config, replace  # noqa: E402
 from vishwam_jax.utils.benchmarking import copy_bandwidth, time_fn, tree_bytes  # noqa: E402
 
 
@@ -43,33 +46,44 @@ def read_bandwidth(num_bytes: int = 4 << 30) -> float:
     return num_bytes / time_fn(fn, x, iters=20)
 
 
-def random_params(config, dtype, seed: int = 0):
-    """Random weights built leaf by leaf and, for large leaves, slab by slab into a donated buffer,
-    so that no float32 copy of a 7.5 GB expert stack ever exists (init_params would need one)."""
-    shapes = jax.eval_shape(lambda: ds.init_params(config, jax.random.key(0), dtype))
-    fill = jax.jit(
-        lambda buf, key, start, rows: jax.lax.dynamic_update_slice_in_dim(
-            buf, (jax.random.normal(key, (rows,) + buf.shape[1:], jnp.float32) * 0.02).astype(buf.dtype), start, 0
-        ),
-        static_argnums=3,
-        donate_argnums=0,
-    )
+def random_params(config, dtype, seed: int = 0, *, per_layer: bool = False) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graphdef and random parameters, built leaf by leaf and, for large leaves, slab by
+    slab into a donated buffer, so that no float32 copy of a 7.5 GB expert stack ever exists (a
+    seeded build of the module would need one). per_layer: each stacked parameter built directly as
+    one buffer per layer (`stack.Layers`, what GPU serving runs), never whole."""
+    graphdef, state = nnx.split(models.abstract(config, dtype), nnx.Param)
+
+    @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+    def fill(buf, key, start, rows):
+        # Slabs of rows of the leaf seen as [-1, last dim]: a reshape of the donated buffer, no copy.
+        flat = buf.reshape(-1, buf.shape[-1])
+        slab = (jax.random.normal(key, (rows, flat.shape[1]), jnp.float32) * 0.02).astype(buf.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(flat, slab, start, 0).reshape(buf.shape)
+
     key = jax.random.key(seed)
 
-    def make(path, s):
+    def draw(name: str, shape: tuple[int, ...], dtype):
         nonlocal key
-        name = jax.tree_util.keystr(path)
-        if len(s.shape) == 1:  # norm scales (identity) and the router's balancing bias (0)
-            return jnp.zeros(s.shape, s.dtype) if "router_bias" in name else jnp.ones(s.shape, s.dtype)
-        buf = jnp.zeros(s.shape, s.dtype)
-        rows = max(1, min(s.shape[0], (1 << 26) // int(np.prod(s.shape[1:]))))
-        for start in range(0, s.shape[0], rows):
+        if name == "scale":  # norm scales: the identity
+            return jnp.ones(shape, dtype)
+        if name == "bias":  # the router's balancing bias
+            return jnp.zeros(shape, dtype)
+        buf = jnp.zeros(shape, dtype)
+        total = int(np.prod(shape[:-1]))
+        rows = max(1, min(total, (1 << 26) // shape[-1]))
+        for start in range(0, total, rows):
             key, sub = jax.random.split(key)
             # The last slab overlaps the previous one rather than compiling a second shape.
-            buf = fill(buf, sub, min(start, s.shape[0] - rows), rows)
+            buf = fill(buf, sub, min(start, total - rows), rows)
         return buf
 
-    return jax.tree_util.tree_map_with_path(make, shapes)
+    def make(path, variable):
+        s, name = variable.get_value(), path[-1].key
+        if per_layer and (variable.get_metadata().get("out_sharding") or (None,))[0] == "layers":
+            return variable.replace(stack.Layers([draw(name, s.shape[1:], s.dtype) for _ in range(s.shape[0])]))
+        return variable.replace(draw(name, s.shape, s.dtype))
+
+    return graphdef, jax.tree_util.tree_map_with_path(make, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def kv_bytes_per_token(config, itemsize: int = 2) -> tuple[int, int]:
@@ -79,36 +93,36 @@ def kv_bytes_per_token(config, itemsize: int = 2) -> tuple[int, int]:
     return ours, config.num_layers * config.num_heads * head_kv * itemsize
 
 
-def fit_to_memory(config, dev, headroom: float) -> None:
-    """Turn MoE layers into dense ones (fewer bytes) until the bf16 parameters leave `headroom`
-    bytes of the device's allocator limit; said out loud, never silently."""
+def fit_to_memory(config, dev, headroom: float):
+    """The config with MoE layers turned into dense ones (fewer bytes) until the bf16 parameters
+    leave `headroom` bytes of the device's allocator limit; said out loud, never silently."""
     stats = dev.memory_stats() or {}
     limit = stats.get("bytes_limit")
     if not limit:
-        return
+        return config
     while True:
-        shapes = jax.eval_shape(lambda: ds.init_params(config, jax.random.key(0), jnp.bfloat16))
-        need = tree_bytes(shapes)
+        need = tree_bytes(nnx.state(models.abstract(config, jnp.bfloat16), nnx.Param))
         if need + headroom <= limit or config.num_dense_layers >= config.num_layers:
             print(f"allocator limit {limit / 2**30:.1f} GiB; parameters {need / 2**30:.1f} GiB", flush=True)
-            return
+            return config
         print(f"{config.num_dense_layers} dense + {config.num_layers - config.num_dense_layers} MoE layers need "
               f"{need / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB: one more layer dense", flush=True)
-        config.num_dense_layers += 1
+        config = replace(config, num_dense_layers=config.num_dense_layers + 1)
 
 
-def decode_step_probe(config, params, prompts: np.ndarray, max_len: int):
+def decode_step_probe(graphdef, params, prompts: np.ndarray, max_len: int):
     """Prefill the prompts into a fresh latent cache, then run one decode step with the router's
     counts: (distinct routed experts per MoE layer that step selects [L], the cache's measured
     bytes per token and layer-stack, i.e. sum of its arrays' sizes / (batch * max_len))."""
 
     @jax.jit
     def probe(p, tokens):
-        cache = ds.init_cache(config, tokens.shape[0], max_len, jnp.bfloat16)
-        logits, cache = ds.forward(p, tokens, config, cache=cache, logit_positions=jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1))
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
-        _, cache, aux = ds.forward_with_aux(p, nxt, config, cache=cache)
-        return aux["expert_counts"], cache["layers"]
+        model = nnx.merge(graphdef, p)
+        cache = model.init_cache(tokens.shape[0], max_len, jnp.bfloat16)
+        out = model(tokens, cache=cache, logit_positions=jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1))
+        nxt = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+        step = model(nxt, cache=out.cache)
+        return step.expert_counts, {k: v for k, v in step.cache.items() if k != "pos"}
 
     counts, layers = probe(params, jnp.asarray(prompts))
     measured = sum(x.nbytes for x in jax.tree_util.tree_leaves(layers)) / (prompts.shape[0] * max_len)
@@ -131,6 +145,8 @@ def main(argv=None) -> None:
                     help="seconds after which no further routing probe, nor configuration of a later --impls entry, is started")
     ap.add_argument("--headroom-gib", type=float, default=4.5, help="device memory kept free of parameters")
     ap.add_argument("--bandwidth-mib", type=int, default=4096, help="buffer size of the bandwidth measurements")
+    ap.add_argument("--layers-form", choices=["auto", "scanned", "per-layer"], default="auto",
+                    help="stacked weights scanned, or held as per-layer buffers (auto: per-layer on GPUs, as vj.load)")
     ap.add_argument("--json", help="also write the results here (rewritten after every row)")
     args = ap.parse_args(argv)
     if args.layers < 1 or not 0 <= args.dense_layers <= args.layers:
@@ -142,17 +158,20 @@ def main(argv=None) -> None:
     read_bw = read_bandwidth(args.bandwidth_mib << 20)
     print(f"measured copy bandwidth: {bw / 1e12:.2f} TB/s, read bandwidth: {read_bw / 1e12:.2f} TB/s", flush=True)
 
-    config = get_config(args.preset)
-    config.num_layers, config.num_dense_layers, config.num_mtp_layers = args.layers, args.dense_layers, 0
-    config.max_seq_len = args.prompt_len + args.new_tokens + 16
-    config.eos_token_id = -1  # never stop early: every row decodes every step
-    fit_to_memory(config, dev, args.headroom_gib * 2**30)
+    # eos -1: never stop early, every row decodes every step.
+    config = get_config(args.preset, num_layers=args.layers, num_dense_layers=args.dense_layers, num_mtp_layers=0,
+                        max_seq_len=args.prompt_len + args.new_tokens + 16, eos_token_id=-1)
+    config = fit_to_memory(config, dev, args.headroom_gib * 2**30)
     moe_layers = config.num_layers - config.num_dense_layers
     start = time.perf_counter()
-    params = jax.block_until_ready(random_params(config, jnp.bfloat16))
+    # Per-layer buffers: what vj.load serves with on GPUs (models/stack.py: XLA copies a scanned layer's slices).
+    per_layer = jax.default_backend() == "gpu" if args.layers_form == "auto" else args.layers_form == "per-layer"
+    graphdef, params = random_params(config, jnp.bfloat16, per_layer=per_layer)
+    params = jax.block_until_ready(params)
     param_bytes = tree_bytes(params)
     print(f"{config.num_layers} layers ({config.num_dense_layers} dense, {moe_layers} MoE with {config.num_experts} experts): "
-          f"{param_bytes / 1e9:.1f} GB of parameters, built on the device in {time.perf_counter() - start:.0f} s", flush=True)
+          f"{param_bytes / 1e9:.1f} GB of parameters ({'per-layer buffers' if per_layer else 'stacked, scanned'}), "
+          f"built on the device in {time.perf_counter() - start:.0f} s", flush=True)
 
     full = get_config(args.preset)
     ours_kv, mha_kv = kv_bytes_per_token(full)
@@ -160,11 +179,13 @@ def main(argv=None) -> None:
     print(f"KV cache per token (bf16), full {full.num_layers}-layer model: latent {ours_kv:,} B vs naive MHA {mha_kv:,} B "
           f"({mha_kv / ours_kv:.1f}x); this {config.num_layers}-layer model: {bench_kv:,} B vs {bench_mha:,} B", flush=True)
 
-    expert_bytes = sum(tree_bytes(l["experts"]) for l in params["layers"] if "experts" in l)
+    stored = nnx.to_pure_dict(params)
+    expert_bytes = tree_bytes(stored["moe_layers"]["experts"]) if moe_layers else 0  # every MoE layer's
     per_expert = expert_bytes / max(1, config.num_experts * moe_layers)
-    embed_bytes = tree_bytes(params["embed"])
+    embed_bytes = tree_bytes(stored["embed"])
     result = {"device": dev.device_kind, "jax": jax.__version__, "copy_bw": bw, "read_bw": read_bw,
               "param_bytes": param_bytes, "layers": config.num_layers, "dense_layers": config.num_dense_layers,
+              "layers_form": "per-layer" if per_layer else "scanned",
               "kv_bytes_per_token": {"latent_full": ours_kv, "naive_mha_full": mha_kv,
                                      "latent_bench": bench_kv, "naive_mha_bench": bench_mha}, "rows": []}
     probes = {}
@@ -177,7 +198,7 @@ def main(argv=None) -> None:
                 os.environ.pop(var, None) if impl == "auto" else os.environ.__setitem__(var, impl)
             rng = np.random.default_rng(batch)
             prompts = rng.integers(3, config.vocab_size, size=(batch, args.prompt_len))
-            gen = Generator(ds, config)  # a fresh one: compiled under this kernel setting
+            gen = Generator(graphdef, config)  # a fresh one: compiled under this kernel setting
             try:
                 gen.generate(params, prompts, args.new_tokens)  # compile + warm up
                 compile_s = gen.stats.compile_s
@@ -190,7 +211,7 @@ def main(argv=None) -> None:
             print(f"[{impl}] batch {batch}: decode {batch * args.new_tokens / s.decode_s:,.1f} tok/s "
                   f"({step_s * 1e3:.2f} ms/step), prefill {s.prefill_tokens_per_s:,.0f} tok/s, compile {compile_s:.0f} s", flush=True)
             if batch not in probes and time.perf_counter() - t0 < args.time_budget:
-                probes[batch] = decode_step_probe(config, params, prompts, config.max_seq_len)
+                probes[batch] = decode_step_probe(graphdef, params, prompts, config.max_seq_len)
             if batch in probes:
                 touched_per_layer, measured_kv = probes[batch]
                 routing = "measured"

@@ -51,14 +51,16 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
     o.add_argument("--b2", type=float, default=d.b2)
     o.add_argument("--param-dtype", choices=DTYPES, default=d.param_dtype, help="master weights / optimizer state")
     o.add_argument("--compute-dtype", choices=DTYPES, default=d.compute_dtype)
-    o.add_argument("--remat", choices=POLICY_NAMES, default=d.remat, help="activation checkpointing policy per layer")
+    o.add_argument("--remat", choices=POLICY_NAMES, default=d.remat,
+                   help="activation checkpointing policy, applied per scanned block of layers")
     o.add_argument("--mtp-weight", type=float, default=d.mtp_weight, help="DeepSeek-V3: λ on the MTP loss (0 disables)")
     o.add_argument("--router-bias-rate", type=float, default=d.router_bias_rate, help="DeepSeek-V3: γ of aux-loss-free balancing")
     lo = ap.add_argument_group("LoRA")
     lo.add_argument("--lora-rank", type=int, default=d.lora_rank, help="> 0: train LoRA adapters on the frozen model")
     lo.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
     lo.add_argument("--lora-targets", default=",".join(lora_lib.DEFAULT_TARGETS),
-                    help="comma-separated regexes matched against weight names (q,k,v,o,gate,up,down or layers\\.1\\..*)")
+                    help="comma-separated regexes matched against Linear names or paths (q,k,v,o,gate,up,down or "
+                         "moe_layers\\.experts\\..*)")
     c = ap.add_argument_group("checkpoints, logging, export")
     c.add_argument("--workdir", default=d.workdir, help="Orbax checkpoints (a directory or gs://...); an existing one is resumed")
     c.add_argument("--resume", nargs="?", const="required", default=d.resume, choices=RESUME_MODES,

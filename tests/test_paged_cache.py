@@ -4,14 +4,17 @@ generation of rows of very different lengths against contiguous generation (Deep
 
 from __future__ import annotations
 
+import chex
 import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from vishwam_jax.inference import paged_cache as pc
 from vishwam_jax.inference.engine import Generator
+from vishwam_jax.models import apply
 from vishwam_jax.models import deepseek_v3 as ds
 from vishwam_jax.models import gemma
 from vishwam_jax.models import mla
@@ -122,17 +125,19 @@ def test_mla_decode_through_block_tables_equals_contiguous(impl):
 @pytest.fixture(scope="module")
 def tiny():
     cfg = get_config("deepseek-v3-tiny")
-    params = ds.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+    module = ds.DeepSeekV3(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(module, nnx.Param)
     # every parameter random (norm weights included), so no path can hide behind ones
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
     leaves = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    return cfg, jax.tree_util.tree_unflatten(tree, leaves)
+    return cfg, graphdef, jax.tree_util.tree_unflatten(tree, leaves)
 
 
 def test_model_forward_on_a_paged_cache_equals_contiguous(tiny):
     """A right-padded prefill chunk then two decode steps: identical logits on both caches."""
-    cfg, params = tiny
+    cfg, graphdef, params = tiny
+    model = nnx.merge(graphdef, params)
     rng = np.random.default_rng(2)
     tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(2, 70)))
     lengths = jnp.asarray([5, 70])
@@ -140,30 +145,41 @@ def test_model_forward_on_a_paged_cache_equals_contiguous(tiny):
     cache.reserve("short", 5 + 2)
     cache.reserve("long", 70 + 2)
     table = cache.block_table(["short", "long"])
-    paged = pc.paged_model_cache(ds, cfg, table, cache.num_blocks, jnp.float32)
-    flat = ds.init_cache(cfg, 2, 72, jnp.float32)
-    step = jax.jit(lambda c, t, n: ds.forward(params, t, cfg, cache=c, lengths=n))
+    paged = model.init_paged_cache(table, cache.num_blocks, jnp.float32)
+    flat = model.init_cache(2, 72, jnp.float32)
+    step = jax.jit(lambda c, t, n: (lambda out: (out.logits, out.cache))(apply(graphdef, params, t, cache=c, lengths=n)))
     for chunk, n in ((tokens, lengths), (tokens[:, :1], jnp.ones(2, jnp.int32)), (tokens[:, 1:2], jnp.ones(2, jnp.int32))):
         a, paged = step(paged, chunk, n)
         b, flat = step(flat, chunk, n)
         live = np.arange(chunk.shape[1])[None, :] < np.asarray(n)[:, None]
         np.testing.assert_allclose(np.asarray(a)[live], np.asarray(b)[live], rtol=1e-5, atol=1e-5)
-    assert paged["layers"][0]["kv"].shape == (6, pc.PAGE, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    # One stacked pool per layer stack, read through the one block table of every layer.
+    chex.assert_shape(paged["dense_layers"]["kv"], (cfg.num_dense_layers, 6, pc.PAGE, width))
+    chex.assert_shape(paged["moe_layers"]["kv"], (cfg.num_layers - cfg.num_dense_layers, 6, pc.PAGE, width))
+    np.testing.assert_array_equal(paged["block_table"], table)
+    # Each layer's tokens sit in its own pool at the pages of the table: layer by layer, the
+    # gathered rows equal the contiguous cache's (the pools are not mixed up between layers).
+    for stack in ("dense_layers", "moe_layers"):
+        for layer in range(paged[stack]["kv"].shape[0]):
+            gathered = np.asarray(pc.gather_tokens(paged[stack]["kv"][layer], jnp.asarray(table)))
+            for row, n in enumerate((5 + 2, 70 + 2)):
+                np.testing.assert_allclose(gathered[row, :n], np.asarray(flat[stack]["kv"][layer, row, :n]), rtol=1e-5, atol=1e-5)
 
 
 def test_paged_generation_equals_contiguous_in_fewer_pages(tiny):
     """A 3-token and a 100-token prompt: a contiguous cache gives both rows 106 slots (4 pages'
     worth); the paged generator fits them in 1 + 2 pages and returns the same tokens, then frees
     every page; a pool one page short is refused before anything runs."""
-    cfg, params = tiny
+    cfg, graphdef, params = tiny
     rng = np.random.default_rng(3)
     prompts = [list(rng.integers(3, cfg.vocab_size, 3)), list(rng.integers(3, cfg.vocab_size, 100))]
-    want = np.asarray(Generator(ds, cfg).generate(params, prompts, max_new_tokens=6))
-    gen = Generator(ds, cfg, paged_blocks=3)
+    want = np.asarray(Generator(graphdef, cfg).generate(params, prompts, max_new_tokens=6))
+    gen = Generator(graphdef, cfg, paged_blocks=3)
     got = np.asarray(gen.generate(params, prompts, max_new_tokens=6))
     np.testing.assert_array_equal(got, want)
     assert gen.paged.allocator.num_free == 3
-    short = Generator(ds, cfg, paged_blocks=2)
+    short = Generator(graphdef, cfg, paged_blocks=2)
     with pytest.raises(pc.CacheFullError):
         short.generate(params, prompts, max_new_tokens=6)
     assert short.paged.allocator.num_free == 2
@@ -175,8 +191,8 @@ def test_model_generate_with_paged_blocks_equals_contiguous(tiny):
     clearly for a family without a latent cache or a pool size that is not a page count."""
     import vishwam_jax as vj
 
-    cfg, params = tiny
-    model = vj.Model(cfg, params)
+    cfg, graphdef, params = tiny
+    model = vj.Model(nnx.merge(graphdef, params))
     rng = np.random.default_rng(4)
     prompts = [list(rng.integers(3, cfg.vocab_size, 4)), list(rng.integers(3, cfg.vocab_size, 90))]
     want = np.asarray(model.generate(prompts, 7))
@@ -189,15 +205,21 @@ def test_model_generate_with_paged_blocks_equals_contiguous(tiny):
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="paged_blocks must be a positive number"):
             model.generate(prompts, 7, paged_blocks=bad)
-    gcfg = get_config("gemma-tiny")
-    g = vj.Model(gcfg, gemma.init_params(gcfg, jax.random.PRNGKey(0), jnp.float32))
+    g = vj.Model(gemma.Gemma(get_config("gemma-tiny"), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="gemma-tiny has no paged cache"):
         g.generate([[5, 6, 7]], 2, paged_blocks=4)
 
 
-def test_only_latent_caches_page():
-    with pytest.raises(NotImplementedError, match="MLA latent caches only"):
-        pc.paged_model_cache(gemma, get_config("gemma-tiny"), np.zeros((1, 1), np.int32), 4, jnp.float32)
+def test_only_latent_caches_page(tiny):
+    """The paged cache is a declared capability: DeepSeek-V3's MLA latent cache pages (and its
+    module builds the pools), Gemma's per-head K/V cache does not."""
+    cfg, graphdef, params = tiny
+    model = nnx.merge(graphdef, params)
+    assert model.capabilities.paged_cache
+    pools = jax.eval_shape(lambda: model.init_paged_cache(np.zeros((1, 1), np.int32), 4, jnp.float32))
+    chex.assert_shape(pools["moe_layers"]["kv"], (cfg.num_layers - cfg.num_dense_layers, 4, pc.PAGE, cfg.kv_lora_rank + cfg.qk_rope_head_dim))
+    g = gemma.Gemma(get_config("gemma-tiny"), rngs=nnx.Rngs(0))
+    assert not g.capabilities.paged_cache
 
 
 def test_mla_write_latents_dispatches_on_the_block_table():

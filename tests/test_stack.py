@@ -38,3 +38,15 @@ def test_unstack_and_restack_round_trip_and_save_stacked(tmp_path):
     orbax_io.save_params(tmp_path / "m", split, model.config)
     back = vj.load(tmp_path / "m", unstack_layers=False)
     chex.assert_trees_all_equal(nnx.to_pure_dict(back.params), nnx.to_pure_dict(model.params))
+
+
+def test_per_layer_buffers_serve_the_paged_cache_and_speculative_decoding():
+    from vishwam_jax.inference.speculative import SpeculativeGenerator
+
+    scanned = vj.load("deepseek-v3-tiny", unstack_layers=False, seed=2)
+    per_layer = vj.load("deepseek-v3-tiny", unstack_layers=True, seed=2)
+    prompts = [list(range(5, 40)), [7, 8, 9]]
+    expected = np.asarray(scanned.generate(prompts, 5))
+    np.testing.assert_array_equal(per_layer.generate(prompts, 5, paged_blocks=8), expected)
+    result = SpeculativeGenerator(per_layer.graphdef, per_layer.config).generate(per_layer.params, prompts, 5)
+    np.testing.assert_array_equal(result.tokens, expected)

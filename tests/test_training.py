@@ -26,7 +26,12 @@ from vishwam_jax.training import data, lora, metrics
 from vishwam_jax.training.checkpointing import ResumeMismatchError
 from vishwam_jax.training.objective import loss_sums, next_token_loss
 from vishwam_jax.training.optimizer import make_optimizer
-from vishwam_jax.training.step import StepConfig, frozen_from_gradients, init_state, make_train_step
+from vishwam_jax.training.step import (
+    StepConfig,
+    frozen_from_gradients,
+    init_state,
+    make_train_step,
+)
 from vishwam_jax.training.trainer import TrainConfig, train
 
 try:
@@ -319,7 +324,7 @@ def test_remat_policies_give_the_same_loss_and_gradients(name, policies):
         module, params = _tiny(name, seed=1, num_layers=2, remat_policy=policy)
         graphdef = _graphdef(module)
         batch = _batch(module.config, 1, 2, 16)[0]
-        fn = jax.value_and_grad(lambda p, g=graphdef: next_token_loss(g, p, batch))
+        fn = jax.value_and_grad(lambda p, g=graphdef, b=batch: next_token_loss(g, p, b))
         # The policy is really applied (one checkpointed region: the scanned stack's layer body,
         # traced once) or really absent.
         assert _remat_regions(fn, params) == ((0, 0) if policy == "none" else (1, 0)), policy
@@ -378,7 +383,7 @@ def test_frozen_leaves_get_no_update():
 
 def test_stacked_norms_do_not_decay():
     """AdamW decays matrices only: a stacked norm scale [layers, d] is a vector per layer."""
-    module, params = _tiny()
+    _, params = _tiny()
     opt = make_optimizer(1.0, 10, warmup_steps=0, weight_decay=0.5, clip_norm=1e9)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     updates, _ = opt.update(zeros, opt.init(params), params)
@@ -524,10 +529,11 @@ def test_lora_on_int8_and_stacked_expert_weights():
         ag, bg = (np.asarray(adapters["layers.experts.gate.kernel"][k]) for k in "ab")
         want = np.asarray(_param(dense, "layers.experts.gate.kernel"), np.float32)
         if params is qparams:
-            want = np.asarray(_param(qparams, "layers.experts.gate.kernel"), np.float32) * np.asarray(_param(qparams, "layers.experts.gate.scale"))
+            kernel, scale = (np.asarray(_param(qparams, f"layers.experts.gate.{k}"), np.float32) for k in ("kernel", "scale"))
+            want = kernel * scale
             # Merged, the kernel is the dense weight: its scales become ones (the module is unchanged).
             np.testing.assert_array_equal(np.asarray(_param(merged, "layers.experts.gate.scale")), 1.0)
-            np.testing.assert_array_equal(np.asarray(_param(merged, "layers.experts.up.kernel")), np.asarray(_param(qparams, "layers.experts.up.kernel")))
+            chex.assert_trees_all_equal(_param(merged, "layers.experts.up.kernel"), _param(qparams, "layers.experts.up.kernel"))
         np.testing.assert_allclose(np.asarray(_param(merged, "layers.experts.gate.kernel")),
                                    want + 2.0 * np.einsum("ledr,lerf->ledf", ag, bg), rtol=1e-5, atol=1e-5)
     # Gradients reach the adapters through the merged int8 weight; the int8 leaf has no gradient.
@@ -606,13 +612,15 @@ def test_deepseek_trains_with_mtp_and_router_bias_balancing():
     np.testing.assert_allclose(mtp_mean, float(mtp_loss), rtol=1e-5)
     gamma = 0.01
     opt = make_optimizer(3e-3, 10, warmup_steps=0, frozen=frozen_from_gradients)
-    # Trained with activation checkpointing: each scanned stack (dense prefix, MoE layers) is one
-    # checkpointed region inside its scan, and each MTP depth's block one more.
+    # Trained with activation checkpointing: each stack (dense prefix, MoE layers) is one
+    # checkpointed region, inside its scan when it has more layers than scan_unroll (a one-layer
+    # stack runs straight-line), and each MTP depth's block is one more.
     rematted, _ = _tiny("deepseek-v3-tiny", remat_policy="full")
     step = make_train_step(rematted, opt, StepConfig(mtp_weight=0.3, router_bias_rate=gamma))
     state0 = _state(params, opt)
-    assert config.num_dense_layers and config.num_layers > config.num_dense_layers
-    assert _remat_regions(step, state0, None, batch) == (2, config.num_mtp_layers)
+    depths = [config.num_dense_layers, config.num_layers - config.num_dense_layers]
+    assert depths == [1, 2] and config.scan_unroll == 1
+    assert _remat_regions(step, state0, None, batch) == (1, 1 + config.num_mtp_layers)
     state, m = step(state0, None, batch)
     assert {"mtp", "load_imbalance"} <= set(m)
     # The biases moved by exactly ±γ (sign of mean load - load), from zero: not by gradients.

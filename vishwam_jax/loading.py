@@ -67,7 +67,7 @@ def load(
         shardings = orbax_io.to_disk_tree(nnx.to_pure_dict(param_shardings(abstract_state, mesh, rules, config)))
     stored = orbax_io.restore_params(path, dtype=dtype, shardings=shardings)
     nnx.replace_by_pure_dict(abstract_state, orbax_io.from_disk_tree(stored))
-    params = stack.unstack_layers(abstract_state) if unstack else abstract_state
+    params = stack.unstack_layers(abstract_state, delete_stacked=True) if unstack else abstract_state
     return Model(nnx.merge(graphdef, params), load_tokenizer(config, path))
 
 
@@ -83,7 +83,7 @@ def _random(config, dtype, mesh, rules, seed: int, unstack: bool) -> Model:
     else:
         params = jax.jit(init)()
     if unstack:
-        params = stack.unstack_layers(params)
+        params = stack.unstack_layers(params, delete_stacked=True)
     return Model(nnx.merge(graphdef, params), load_tokenizer(config))
 
 

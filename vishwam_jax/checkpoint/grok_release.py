@@ -432,7 +432,7 @@ def _write_float(writer: CheckpointWriter, config, leaf: Leaf, obj: np.ndarray, 
     if keep_int8 and leaf.is_matmul:
         _write_int8(writer, config, leaf, lambda sl, contracted: requantize(obj[sl].astype(np.float32), contracted))
         return
-    _write(writer, config, leaf, leaf.dest, obj.reshape(leaf.target).astype(np.dtype(dtype) if dtype is not None else obj.dtype))
+    _write(writer, config, leaf, leaf.dest, obj.reshape(leaf.target).astype(np.dtype(dtype) if dtype is not None else obj.dtype, copy=False))
 
 
 # -- conversion -----------------------------------------------------------------------------------

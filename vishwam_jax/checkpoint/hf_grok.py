@@ -256,7 +256,7 @@ def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False, **opti
     with CheckpointWriter(dst, config, overwrite=overwrite) as writer:
 
         def put(path: tuple, w: np.ndarray, index: int | None = None) -> None:
-            writer.write_layer(path, index, count, np.ascontiguousarray(w).astype(storage_dtype(w, dtype)))
+            writer.write_layer(path, index, count, np.ascontiguousarray(w).astype(storage_dtype(w, dtype), copy=False))
 
         put(("embed", "embedding"), get("embed", (config.vocab_size, d)))
         put(("final_norm", "scale"), get("final_norm", (d,)))

@@ -46,7 +46,7 @@ def _prefill(graphdef, params, tokens, lengths, *, max_len: int):
     (h_i, x_{i+1}) of the prompt (the last entry uses the first generated token) for the first draft."""
     model = nnx.merge(graphdef, params)
     dtype = model.embed.embedding.dtype  # the compute dtype (the routers stay float32 whatever it is)
-    batch, t = tokens.shape
+    batch = tokens.shape[0]
     rows = jnp.arange(batch)
     out = model(tokens, cache=model.init_cache(batch, max_len, dtype), lengths=lengths, logit_positions=(lengths - 1)[:, None])
     first = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)

@@ -19,7 +19,9 @@
 
 All norms are RMSNorm multiplying by `w` itself (not Gemma's 1 + w).
 
-Parameters (module attribute paths; weights [in, out]; each stack has its layers on a leading axis):
+Parameters (module attribute paths, each weight a Linear's `.kernel` [in, out], each norm's `.scale`;
+every parameter of a stack has its layers on a leading axis, or per-layer buffers for GPU serving,
+models/stack.py):
     embed.embedding [V, d]   final_norm.scale [d]   lm_head.kernel [d, V]
     dense_layers (num_dense_layers): attn_norm, attn {models/mla.py}, mlp_norm, mlp.{gate, up [d, f], down [f, d]}
     moe_layers (num_layers - num_dense_layers): attn_norm, attn, mlp_norm,
@@ -34,8 +36,6 @@ every layer.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -47,12 +47,8 @@ from vishwam_jax.models import stack
 from vishwam_jax.models.interface import Cache, Capabilities, ForwardOutput, chunk_lengths, chunk_positions
 from vishwam_jax.models.layers import Embed, GatedMLP, Linear, RMSNorm
 from vishwam_jax.models.mla import MLA, init_cache_layer, latent_width
-from vishwam_jax.models.moe import Experts, GroupedSigmoidRouter, dispatch_experts
+from vishwam_jax.models.moe import Experts, GroupedSigmoidRouter
 from vishwam_jax.models.remat import policy_of
-from vishwam_jax.sharding import context
-
-# Routed experts of one layer run as (flat tokens, gates, experts) -> (output, tokens per expert).
-ExpertsFn = Callable[[Array, Array, Array], tuple[Array, Array]]
 
 
 # -- blocks ----------------------------------------------------------------------------------------
@@ -79,24 +75,17 @@ class DecoderLayer(nnx.Module):
         self.experts = Experts(config.num_experts, d, config.moe_ffn_dim, act, rngs=rngs, dtype=dtype)
         self.shared = GatedMLP(d, config.moe_ffn_dim * config.num_shared_experts, act, rngs=rngs, dtype=dtype)
 
-    def moe(self, x: Float[Array, "b t d"], experts: ExpertsFn | None = None) -> tuple[Float[Array, "b t d"], Int[Array, "e"]]:
+    def moe(self, x: Float[Array, "b t d"]) -> tuple[Float[Array, "b t d"], Int[Array, "e"]]:
         """DeepSeekMoE: group-limited sigmoid routing (bias for selection only) through the shared
-        sorted dispatch, plus the always-on shared expert. Also the tokens routed to each expert.
-        experts: this layer's routed experts when they are read from the whole stack (`stacked_experts`)."""
+        sorted dispatch, plus the always-on shared expert. Also the tokens routed to each expert."""
         b, t, d = x.shape
         flat = x.reshape(b * t, d)
         gates, chosen = self.router(flat)
-        routed, counts = (experts or self.experts)(flat, gates, chosen)
+        routed, counts = self.experts(flat, gates, chosen)
         return (routed + self.shared(flat)).reshape(b, t, d), counts
 
     def __call__(
-        self,
-        x: Float[Array, "b t d"],
-        positions: Int[Array, "b t"],
-        lengths: Int[Array, "b"],
-        cache: dict | None,
-        *,
-        experts: ExpertsFn | None = None,
+        self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], lengths: Int[Array, "b"], cache: dict | None
     ) -> tuple[Float[Array, "b t d"], dict | None, Int[Array, "e"] | None]:
         """(x, cache, expert counts or None for a dense layer)."""
         a, cache = self.attn(self.attn_norm(x), positions, lengths, cache)
@@ -104,7 +93,7 @@ class DecoderLayer(nnx.Module):
         h = self.mlp_norm(x)
         if self.mlp is not None:
             return x + self.mlp(h), cache, None
-        m, counts = self.moe(h, experts)
+        m, counts = self.moe(h)
         return x + m, cache, counts
 
 
@@ -118,33 +107,6 @@ class MTP(nnx.Module):
         self.eh_proj = Linear((2 * d, d), (None, "embed"), "btc,cd->btd", rngs=rngs, fan_in=2 * d, dtype=dtype)
         self.block = DecoderLayer(config, moe=True, rngs=rngs, dtype=dtype)
         self.norm = RMSNorm(d, eps=eps, dtype=dtype)
-
-
-def stacked_experts(experts: Experts) -> Callable[[Int[Array, ""]], ExpertsFn]:
-    """The routed experts of a whole stack ([L, E, ...] weights) as one group axis of L * E, so that
-    layer i runs its experts by offsetting expert ids by i * E: the kernels then read layer i's
-    experts in place. (A scanned layer's own slice of a stacked weight is a copy in front of the
-    grouped-matmul kernel — on an H200, 3x the decode step of 64 experts x 4 layers.) Local dispatch
-    only: under a mesh the experts are sharded and go through sharding/expert_parallel.py."""
-    weights = experts.weights()
-    depth, e = jax.tree_util.tree_leaves(weights)[0].shape[:2]
-    flat = jax.tree_util.tree_map(lambda w: w.reshape((depth * e,) + w.shape[2:]), weights)
-
-    def at(index: Int[Array, ""]) -> ExpertsFn:
-        def run(x, gates, chosen):
-            y, counts = dispatch_experts(x, gates, chosen + index * e, flat, experts.activation, depth * e)
-            return y, jax.lax.dynamic_slice_in_dim(counts, index * e, e)
-
-        return run
-
-    return at
-
-
-def _read_in_place(cache: Cache | None) -> bool:
-    """Whether a forward reads each layer's experts from the whole stack (`stacked_experts`):
-    inference through a cache on one device. Training (no cache) takes each layer's slice, whose
-    gradient stays one layer's size."""
-    return cache is not None and context.current() is None
 
 
 # -- the model -------------------------------------------------------------------------------------
@@ -203,8 +165,8 @@ class DeepSeekV3(nnx.Module):
     def _run_stack(
         self, layers: DecoderLayer, name: str, x: Float[Array, "b t d"], positions, lengths, cache: Cache | None
     ) -> tuple[Float[Array, "b t d"], dict | None, Int[Array, "l e"] | None]:
-        """One stack under lax.scan: (x, its new cache, per-layer expert counts or None)."""
-        experts = stacked_experts(layers.experts) if layers.experts is not None and _read_in_place(cache) else None
+        """One stack under lax.scan (or unrolled over per-layer buffers, models/stack.py): (x, its new
+        cache, per-layer expert counts or None)."""
         paged = cache is not None and "block_table" in cache
         pool = None
         if paged:
@@ -221,7 +183,7 @@ class DeepSeekV3(nnx.Module):
             x, i, pool = carry
             if pool is not None:
                 layer_cache = {"kv": pool, "block_table": jnp.where(table < num_blocks, table + i * num_blocks, depth * num_blocks)}
-            x, layer_cache, counts = layer(x, positions, lengths, layer_cache, experts=None if experts is None else experts(i))
+            x, layer_cache, counts = layer(x, positions, lengths, layer_cache)
             if pool is not None:
                 pool, layer_cache = layer_cache["kv"], None
             return (x, i + 1, pool), layer_cache, counts
@@ -301,12 +263,11 @@ class DeepSeekV3(nnx.Module):
         batch, t = next_tokens.shape
         lengths = chunk_lengths(lengths, batch, t)
         positions = chunk_positions(cache, batch, t)
-        experts = stacked_experts(self.mtp_layers.block.experts)(depth) if _read_in_place(cache) else None
         e = self.embed(next_tokens).astype(hidden.dtype)
         x = m.eh_proj(jnp.concatenate([m.enorm(e), m.hnorm(hidden)], axis=-1))
 
         def body(block: DecoderLayer, x, block_cache):
-            return block(x, positions, lengths, block_cache, experts=experts)
+            return block(x, positions, lengths, block_cache)
 
         x, block_cache, counts = stack.run(m.block, x, None if cache is None else cache["block"], body, remat_policy=policy_of(self.config))
         h = m.norm(x)
@@ -352,18 +313,23 @@ _MOE_BIAS = ("moe_layers", "router", "bias")
 
 def update_router_biases(params: nnx.State, expert_counts: Int[Array, "l e"], gamma: float) -> nnx.State:
     """`update_router_bias` for the stacked MoE layers of the main model (moe_layers.router.bias
-    [L, E]), from a forward's expert_counts (summed over the batches of a step); returns the
-    parameters (an nnx.State, or its pure dict) with only those biases changed."""
+    [L, E], or its per-layer buffers), from a forward's expert_counts (summed over the batches of a
+    step); returns the parameters (an nnx.State, or its pure dict) with only those biases changed."""
 
     def names(path) -> tuple:
         return tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)[: len(_MOE_BIAS)]
 
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    is_layers = lambda x: isinstance(x, stack.Layers)  # noqa: E731
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_layers)
     layers = sum(leaf.shape[0] for path, leaf in flat if names(path) == _MOE_BIAS)
     if layers != expert_counts.shape[0]:
         raise ValueError(f"{expert_counts.shape[0]} rows of expert counts for {layers} MoE layers")
 
     def update(path, leaf):
-        return update_router_bias(leaf, expert_counts, gamma) if names(path) == _MOE_BIAS else leaf
+        if names(path) != _MOE_BIAS:
+            return leaf
+        if is_layers(leaf):
+            return stack.Layers(update_router_bias(b, expert_counts[i], gamma) for i, b in enumerate(leaf.arrays))
+        return update_router_bias(leaf, expert_counts, gamma)
 
-    return jax.tree_util.tree_map_with_path(update, params)
+    return jax.tree_util.tree_map_with_path(update, params, is_leaf=is_layers)

@@ -61,7 +61,7 @@ def _is_layers(x) -> bool:
     return isinstance(x, Layers)
 
 
-def _depth(state) -> int:
+def _depth(state) -> int:  # of a stacked state or cache
     first = jax.tree_util.tree_leaves(state, is_leaf=_is_layers)[0]
     return len(first) if isinstance(first, Layers) else first.shape[0]
 
@@ -76,11 +76,13 @@ def _is_stacked(variable) -> bool:
     return bool(axes) and axes[0] == "layers"
 
 
-def unstack_layers(params: nnx.State) -> nnx.State:
+def unstack_layers(params: nnx.State, *, delete_stacked: bool = False) -> nnx.State:
     """Every stacked parameter (logical axis "layers" first) as `Layers`: one buffer per layer.
 
-    One jitted split per parameter, its stacked input donated, so the peak memory is the model plus
-    its largest stacked parameter. Shardings carry over (the layers axis itself is never sharded).
+    One jitted split per parameter. delete_stacked: free each stacked buffer as soon as it is split
+    (the caller owns `params` and will not read them again), so the peak memory is the model plus its
+    largest stacked parameter, not two models (XLA cannot reuse a donated stack for its smaller
+    slices). Shardings carry over (the layers axis itself is never sharded).
     """
 
     def split(variable):
@@ -91,10 +93,11 @@ def unstack_layers(params: nnx.State) -> nnx.State:
         if isinstance(getattr(array, "sharding", None), jax.sharding.NamedSharding):
             spec = tuple(array.sharding.spec) + (None,) * (array.ndim - len(array.sharding.spec))
             out_shardings = jax.sharding.NamedSharding(array.sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
-        # Donated so that each stacked buffer is freed as soon as it is split (CPU buffers cannot be donated).
-        donate = (0,) if jax.default_backend() != "cpu" else ()
-        slices = jax.jit(lambda a: tuple(a[i] for i in range(a.shape[0])), donate_argnums=donate,
+        slices = jax.jit(lambda a: tuple(a[i] for i in range(a.shape[0])),
                          out_shardings=None if out_shardings is None else (out_shardings,) * array.shape[0])(array)
+        if delete_stacked:
+            jax.block_until_ready(slices)
+            array.delete()
         return variable.replace(Layers(slices))
 
     return jax.tree_util.tree_map(split, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -134,7 +137,7 @@ def scan(
     depth = _depth(state)
     per_layer = any(_is_layers(x) for x in jax.tree_util.tree_leaves(state, is_leaf=_is_layers))
     if per_layer or unroll >= depth:
-        return _unrolled(graphdef, state, depth, carry, caches, body, remat_policy)
+        return _unrolled(graphdef, state, depth, carry, caches, body, remat_policy, per_layer)
 
     def step(carry, xs):
         layer_state, cache = xs
@@ -146,8 +149,12 @@ def scan(
     return carry, caches, outs
 
 
-def _unrolled(graphdef, state, depth: int, carry: Any, caches: Any, body: LayerBody, remat_policy: str):
-    """Straight-line layers (no loop at all, so XLA fuses across layer boundaries as in a Python loop)."""
+def _unrolled(graphdef, state, depth: int, carry: Any, caches: Any, body: LayerBody, remat_policy: str, per_layer: bool):
+    """Straight-line layers (no loop at all, so XLA fuses across layer boundaries as in a Python loop).
+
+    per_layer (the weights are `Layers`): the new caches come back as `Layers` too, so that a decode
+    loop carries one buffer per layer and each step writes only its new tokens, never re-stacking
+    (copying) the whole cache; a stacked cache handed in (a fresh one, at prefill) is split once."""
     block = remat(lambda state, carry, cache: body(nnx.merge(graphdef, state), carry, cache), remat_policy)
     new_caches, outs = [], []
     for i in range(depth):
@@ -155,7 +162,8 @@ def _unrolled(graphdef, state, depth: int, carry: Any, caches: Any, body: LayerB
         new_caches.append(cache)
         outs.append(out)
     stack_all = lambda *xs: jnp.stack(xs)  # noqa: E731
-    return carry, jax.tree_util.tree_map(stack_all, *new_caches), jax.tree_util.tree_map(stack_all, *outs)
+    join = (lambda *xs: Layers(xs)) if per_layer else stack_all
+    return carry, jax.tree_util.tree_map(join, *new_caches), jax.tree_util.tree_map(stack_all, *outs)
 
 
 def run(module: nnx.Module, carry: Any, cache: Any, body: LayerBody, *, remat_policy: str = "none") -> tuple[Any, Any, Any]:

@@ -1,6 +1,7 @@
 """Training checkpoints: Orbax `CheckpointManager` with async saves, for exact resume.
 
-A checkpoint holds the train state (trainable parameters, optimizer state, step) and, as JSON, what
+A checkpoint holds the train state (the trainable parameters, i.e. the model's nnx.State or the LoRA
+adapters, the optimizer state over them, the step) and, as JSON, what
 the data stream needs to continue: batches are a pure function of (seed, step), so the step and the
 data settings *are* the data position. Resuming checks those settings and refuses a mismatch,
 since a different batch size or seed would silently make a different run.

@@ -21,7 +21,6 @@ import dataclasses
 import math
 import re
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -133,7 +132,7 @@ def init_adapters(params: nnx.State, cfg: LoraConfig, key: jax.Array, dtype=jnp.
     return adapters
 
 
-def delta(shape: tuple[int, ...], adapter: dict, scale: float) -> Float[Array, "..."]:
+def delta(shape: tuple[int, ...], adapter: dict, scale: float) -> Float[Array, "..."]:  # noqa: UP037 (jaxtyping shape)
     """scale * A @ B (batched over stacked layers / experts) in the weight's own shape (float32)."""
     ab = jnp.matmul(adapter["a"].astype(jnp.float32), adapter["b"].astype(jnp.float32))
     return (scale * ab).reshape(shape)

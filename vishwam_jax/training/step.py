@@ -31,7 +31,14 @@ from jaxtyping import Array, Int
 
 from vishwam_jax.models.interface import CausalLM
 from vishwam_jax.training import lora as lora_lib
-from vishwam_jax.training.objective import cast_floating, loss_sums, mtp_depths, next_token_loss, objective, token_counts
+from vishwam_jax.training.objective import (
+    cast_floating,
+    loss_sums,
+    mtp_depths,
+    next_token_loss,
+    objective,
+    token_counts,
+)
 from vishwam_jax.training.optimizer import make_optimizer
 
 __all__ = [

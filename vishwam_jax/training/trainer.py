@@ -251,7 +251,9 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
         schedule, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm, b1=tc.b1, b2=tc.b2,
         frozen=frozen_from_gradients if lora_cfg is None else None,
     )
-    step_cfg = StepConfig(compute_dtype=compute_dtype, mtp_weight=tc.mtp_weight if depths else 0.0, router_bias_rate=bias_rate, lora=lora_cfg)
+    step_cfg = StepConfig(
+        compute_dtype=compute_dtype, mtp_weight=tc.mtp_weight if depths else 0.0, router_bias_rate=bias_rate, lora=lora_cfg
+    )
 
     state_sh = None
     if mesh is None:

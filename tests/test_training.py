@@ -221,9 +221,9 @@ def test_cli_trains_and_exports_a_loadable_model(tmp_path, capsys):
     finally:
         sys.path.pop(0)
     out = tmp_path / "model"
-    # The resume test's settings: the same program, so the compilation cache serves it.
+    # Trained under a remat policy, which must not leak into the exported model's config.
     first = train_cli.main(["--model", "gemma-tiny", "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2",
-                            "--warmup-steps", "2", "--export", str(out)])
+                            "--warmup-steps", "2", "--remat", "full", "--export", str(out)])
     lines = capsys.readouterr().out.splitlines()
     step_lines = [ln for ln in lines if ln.startswith("step")]
     assert len(step_lines) == 6

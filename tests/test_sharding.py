@@ -20,7 +20,6 @@ from vishwam_jax.checkpoint import orbax_io
 from vishwam_jax.model import Model
 from vishwam_jax.presets import get_config
 from vishwam_jax.sharding import (
-    RULES,
     MeshError,
     ShardingError,
     constrain,

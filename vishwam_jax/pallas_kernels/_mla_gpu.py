@@ -23,7 +23,6 @@ an all-zero output and lse = -inf rather than NaN.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

@@ -50,3 +50,22 @@ def test_per_layer_buffers_serve_the_paged_cache_and_speculative_decoding():
     np.testing.assert_array_equal(per_layer.generate(prompts, 5, paged_blocks=8), expected)
     result = SpeculativeGenerator(per_layer.graphdef, per_layer.config).generate(per_layer.params, prompts, 5)
     np.testing.assert_array_equal(result.tokens, expected)
+
+
+@pytest.mark.parametrize("name,sizes,rules", [("grok-1-tiny", dict(tensor=2, expert=4), "expert"),
+                                               ("deepseek-v3-tiny", dict(fsdp=2, expert=4), "expert")])
+def test_per_layer_buffers_keep_their_shardings_and_serve_under_a_mesh(name, sizes, rules):
+    from vishwam_jax.sharding import make_mesh, use_mesh
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    single = vj.load(name, unstack_layers=False, seed=4)
+    mesh = make_mesh(**sizes)
+    model = vj.load(name, mesh=mesh, rules=rules, unstack_layers=True, seed=4)
+    experts = model.params["layers" if name.startswith("grok") else "moe_layers"]["experts"]["gate"]["kernel"].get_value()
+    assert isinstance(experts, stack.Layers)
+    assert experts.arrays[0].addressable_shards[0].data.shape[0] < experts.arrays[0].shape[0]  # experts split
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12]] * 8
+    with use_mesh(mesh, rules):
+        got = np.asarray(model.generate(prompts, 4))
+    np.testing.assert_array_equal(got, np.asarray(single.generate(prompts, 4)))

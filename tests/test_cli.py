@@ -72,3 +72,17 @@ def test_convert_cli(tmp_path):
     r = run("vishwam_jax.convert", str(tmp_path / "nothing"), str(tmp_path / "m2"))
     assert r.returncode == 2 and "does not exist" in r.stderr
     assert "trust" in run("vishwam_jax.convert", "--help").stdout
+
+
+def test_streaming_holds_back_a_character_split_between_blocks():
+    from vishwam_jax.generate import StreamedText
+    from vishwam_jax.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    ids = list("née 日本".encode())
+    shown, out = StreamedText(), ""
+    for cut in range(1, len(ids) + 1):  # one byte per streamed block: every split point
+        out += shown.update(tok.decode(ids[:cut]))
+    out += shown.update(tok.decode(ids), final=True)
+    assert out == "née 日本"
+    assert StreamedText().update(tok.decode(list(b"ab\xe6")), final=True) == "ab\ufffd"  # a real trailing error shows

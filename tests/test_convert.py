@@ -218,3 +218,24 @@ def test_convert_stays_callable_after_the_cli_module_is_imported(tmp_path):
     vj.convert(tmp_path / "hf", tmp_path / "out")
     np.testing.assert_array_equal(orbax_io.restore_params(tmp_path / "out")["embed"]["embedding"], tensors["model.embed_tokens.weight"])
     assert cli.run([str(tmp_path / "hf"), str(tmp_path / "out")]) == 2  # exists, no --overwrite: one-line error
+
+
+def test_overwrite_never_deletes_what_is_not_a_model_directory(tmp_path):
+    write_hf_gemma(tmp_path / "hf")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(CheckpointError, match="not a vishwam_jax model directory"):
+        vj.convert(tmp_path / "hf", tmp_path / "photos", overwrite=True)
+    assert (tmp_path / "photos" / "cat.jpg").read_bytes() == b"meow"
+    (tmp_path / "empty").mkdir()  # an empty directory may be replaced
+    vj.convert(tmp_path / "hf", tmp_path / "empty", overwrite=True)
+    vj.load(tmp_path / "empty")
+
+
+def test_paths_with_a_tilde_are_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    write_hf_gemma(tmp_path / "hf")
+    vj.convert("~/hf", "~/models/g")
+    assert (tmp_path / "models" / "g" / orbax_io.COMPLETE_MARKER).exists() and not (tmp_path / "~").exists()
+    assert vj.load("~/models/g").config.family == "gemma"

@@ -87,7 +87,7 @@ def run(argv=None) -> int:
             return _speculative(model, prompts, encoded, args.max_new_tokens)
         stream = len(prompts) == 1
         generated: list[list[int]] = [[] for _ in prompts]
-        printed = [""]
+        shown = StreamedText()
         if stream:
             sys.stdout.write(prompts[0])
 
@@ -95,10 +95,8 @@ def run(argv=None) -> int:
             for row, ids in zip(generated, block):
                 row.extend(int(i) for i in ids)
             if stream:
-                text = model.tokenizer.decode(_until_eos(generated[0], model.config))
-                sys.stdout.write(text[len(printed[0]):])
+                sys.stdout.write(shown.update(model.tokenizer.decode(_until_eos(generated[0], model.config))))
                 sys.stdout.flush()
-                printed[0] = text
 
         model.generate(encoded, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                        chunk=8 if stream else None, on_tokens=on_tokens)
@@ -106,7 +104,7 @@ def run(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if stream:
-        print()
+        print(shown.update(model.tokenizer.decode(_until_eos(generated[0], model.config)), final=True))
     else:
         for prompt, ids in zip(prompts, generated):
             print(f"=== {prompt!r}\n{prompt}{model.tokenizer.decode(_until_eos(ids, model.config))}\n")
@@ -132,6 +130,22 @@ def _speculative(model, prompts: list[str], encoded: list[list[int]], max_new_to
           f"{result.steps} verify steps for up to {max_new_tokens} tokens per row; {elapsed:.1f}s including compile]",
           file=sys.stderr)
     return 0
+
+
+class StreamedText:
+    """What to print of a growing decoded text. A character whose bytes are split between two
+    streamed blocks decodes as U+FFFD until its last byte arrives, so trailing replacement characters
+    are held back until then (or until the end, when they are real)."""
+
+    def __init__(self):
+        self.printed = ""
+
+    def update(self, text: str, *, final: bool = False) -> str:
+        stable = text if final else text.rstrip("\ufffd")
+        if not stable.startswith(self.printed):  # a tokenizer that re-segments earlier text: print nothing twice
+            return ""
+        new, self.printed = stable[len(self.printed):], stable
+        return new
 
 
 def _until_eos(ids: list[int], config) -> list[int]:

@@ -32,7 +32,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype=None, overwrite: bool = F
     dtype: storage dtype of floating weights (default: the source's, float8 sources -> bfloat16).
     Other keyword options are passed to the format's converter (e.g. `config=` and `keep_int8=` for Grok-1).
     """
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if not src.exists():
         raise CheckpointError(f"source checkpoint {src} does not exist")
     if not src.is_dir():

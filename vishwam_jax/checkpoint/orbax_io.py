@@ -72,9 +72,8 @@ class CheckpointWriter:
     """
 
     def __init__(self, dst: str | Path, config: ml_collections.ConfigDict, *, overwrite: bool = False):
-        self.dst = Path(dst).absolute()
-        if self.dst.exists() and not overwrite:
-            raise CheckpointError(f"{self.dst} already exists (pass overwrite=True / --overwrite to replace it)")
+        self.dst = Path(dst).expanduser().absolute()
+        check_replaceable(self.dst, overwrite)
         self.config = config
         self.tmp = self.dst.parent / f".{self.dst.name}.partial-{uuid.uuid4().hex[:8]}"
         self._arrays = self.tmp / "arrays"
@@ -170,6 +169,22 @@ class CheckpointWriter:
         os.replace(self.tmp, self.dst)
 
 
+def check_replaceable(dst: Path, overwrite: bool) -> None:
+    """A destination may be replaced only with overwrite, and only when it is a model directory (or
+    empty): overwrite never deletes a user's other files."""
+    if not dst.exists():
+        return
+    if not overwrite:
+        raise CheckpointError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    if not dst.is_dir():
+        raise CheckpointError(f"{dst} exists and is not a directory; refusing to replace it")
+    if any(dst.iterdir()) and not (dst / COMPLETE_MARKER).exists():
+        raise CheckpointError(
+            f"{dst} exists and is not a vishwam_jax model directory (no {COMPLETE_MARKER}); refusing to delete "
+            "its contents: choose another destination"
+        )
+
+
 def _config_json(config) -> str:
     from vishwam_jax.presets import to_dict
 
@@ -231,7 +246,7 @@ def save_params(dst: str | Path, params: Any, config: ml_collections.ConfigDict,
     model; process 0 writes config.json, copies `files` and renames the directory into place. Returns
     on every process once the directory is complete.
     """
-    dst = Path(dst).absolute()
+    dst = Path(dst).expanduser().absolute()
     if isinstance(params, nnx.State):  # store its pure nested dict, stacked layers as stacked arrays
         from vishwam_jax.models.stack import restack_layers
 
@@ -240,8 +255,7 @@ def save_params(dst: str | Path, params: Any, config: ml_collections.ConfigDict,
     leaves = list(_flatten_with_paths(params))  # refuses node types a model directory cannot hold
     if not leaves:
         raise CheckpointError("no parameters were written")
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    check_replaceable(dst, overwrite)
     primary = jax.process_index() == 0
     tmp = dst.parent / f".{dst.name}.partial-{_shared_token()}"
     try:
@@ -307,7 +321,7 @@ def _key_of(k) -> str | int:
 
 
 def check_model_dir(path: str | Path) -> Path:
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if not path.is_dir():

@@ -45,6 +45,8 @@ def test_generate_batched_prompts_and_prompt_file(tmp_path):
         (["--top-p", "1.5"], "--top-p"),
         (["--top-k", "0"], "--top-k"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
+        # A preset without tokenizer files is refused before its weights are built.
+        (["--model", "gemma-2b"], "pass one with --tokenizer"),
     ],
 )
 def test_generate_bad_input_is_one_line_and_exit_2(args, message):
@@ -53,6 +55,17 @@ def test_generate_bad_input_is_one_line_and_exit_2(args, message):
     lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+    assert "x" * 100 not in r.stdout  # a prompt too long for the context is not echoed first
+
+
+def test_help_shows_defaults():
+    assert "(default: 200)" in run("vishwam_jax.generate", "--help").stdout
+
+
+def test_convert_prints_no_orbax_ocdbt_warning(tmp_path):
+    write_hf_gemma(tmp_path / "hf")
+    r = run("vishwam_jax.convert", str(tmp_path / "hf"), str(tmp_path / "m"))
+    assert r.returncode == 0 and "OCDBT" not in r.stderr, r.stderr[-2000:]
 
 
 def test_generate_corrupt_checkpoint(tmp_path):

@@ -18,9 +18,12 @@ import types
 from vishwam_jax.checkpoint.convert import convert
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each option's default."""
+
+
 def run(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vishwam_jax.convert", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m vishwam_jax.convert", description=__doc__, formatter_class=_HelpFormatter)
     ap.add_argument("src", help="source checkpoint directory")
     ap.add_argument("dst", help="destination model directory (must not exist unless --overwrite)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="storage dtype of floating weights")

@@ -17,16 +17,17 @@ class UsageError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m vishwam_jax.generate", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m vishwam_jax.generate", description=__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", help="preset name (random weights; see --list) or a converted model directory "
                     "(default: the embedded Shakespeare demo model)")
     ap.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
     ap.add_argument("--prompt-file", help="file with one prompt per line")
-    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per prompt")
     ap.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    ap.add_argument("--top-k", type=int, default=None)
-    ap.add_argument("--top-p", type=float, default=None)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    ap.add_argument("--top-p", type=float, default=None, help="sample among the smallest set of tokens with this mass")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--tokenizer", help="tokenizer.model (SentencePiece) or tokenizer.json to use instead of the "
                     "model's own (e.g. for a preset, which has random weights and no tokenizer files)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="parameter dtype")
@@ -74,6 +75,10 @@ def run(argv=None) -> int:
         _validate(args)
         prompts = _prompts(args)
         dtype = {"float32": np.float32, "bfloat16": "bfloat16", None: None}[args.dtype]
+        if args.model in vj.list_models() and not args.tokenizer and vj.get_config(args.model).tokenizer != "bytes":
+            # Said before the (possibly long) weight initialisation, not after it.
+            raise UsageError(f"{args.model} is a preset with random weights and no tokenizer files to encode text "
+                             "prompts; pass one with --tokenizer")
         model = vj.load(args.model or vj.DEFAULT_MODEL_DIR, dtype=dtype)
         if args.tokenizer:
             from vishwam_jax.tokenizer import tokenizer_from_file
@@ -83,6 +88,10 @@ def run(argv=None) -> int:
             raise UsageError(f"{args.model} has no tokenizer (tokenizer.model or tokenizer.json) to encode text "
                              "prompts; pass one with --tokenizer")
         encoded = [model.tokenizer.encode(p) for p in prompts]
+        longest = max(len(e) for e in encoded)
+        if longest + args.max_new_tokens > model.config.max_seq_len:  # before the prompt is echoed
+            raise PromptTooLongError(f"prompt of {longest} tokens + {args.max_new_tokens} new tokens exceeds the "
+                                     f"model's context of {model.config.max_seq_len} tokens")
         if args.speculative:
             return _speculative(model, prompts, encoded, args.max_new_tokens)
         stream = len(prompts) == 1

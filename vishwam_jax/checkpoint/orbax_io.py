@@ -24,6 +24,7 @@ Both roads give the same layout, so either loads with `restore_params` onto any 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -39,6 +40,17 @@ import tensorstore as ts
 from flax import nnx
 
 COMPLETE_MARKER = "VISHWAM_COMPLETE"
+
+
+class _QuietOcdbtMerge(logging.Filter):
+    """Orbax warns on every save without OCDBT (which we turn off on purpose: one zarr array per
+    leaf) that it skips merging OCDBT subdirectories; the warning says nothing to our users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietOcdbtMerge())
 _CHUNK_BYTES = 64 << 20  # zarr chunk target: bounded read-modify-write when streaming slices
 
 

@@ -309,12 +309,16 @@ def update_router_bias(bias: Float[Array, "... e"], counts: Int[Array, "... e"],
 
 
 _MOE_BIAS = ("moe_layers", "router", "bias")
+_MTP_BIAS = ("mtp_layers", "block", "router", "bias")
 
 
-def update_router_biases(params: nnx.State, expert_counts: Int[Array, "l e"], gamma: float) -> nnx.State:
+def update_router_biases(
+    params: nnx.State, expert_counts: Int[Array, "l e"], gamma: float, mtp_expert_counts: Int[Array, "k e"] | None = None
+) -> nnx.State:
     """`update_router_bias` for the stacked MoE layers of the main model (moe_layers.router.bias
     [L, E], or its per-layer buffers), from a forward's expert_counts (summed over the batches of a
-    step); returns the parameters (an nnx.State, or its pure dict) with only those biases changed."""
+    step), and, given mtp_expert_counts, for each MTP depth's block (mtp_layers.block.router.bias
+    [depths, E]); returns the parameters (an nnx.State, or its pure dict) with only those biases changed."""
 
     def names(path) -> tuple:
         return tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)[: len(_MOE_BIAS)]
@@ -326,10 +330,15 @@ def update_router_biases(params: nnx.State, expert_counts: Int[Array, "l e"], ga
         raise ValueError(f"{expert_counts.shape[0]} rows of expert counts for {layers} MoE layers")
 
     def update(path, leaf):
-        if names(path) != _MOE_BIAS:
+        key = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)[: len(_MTP_BIAS)]
+        if names(path) == _MOE_BIAS:
+            counts = expert_counts
+        elif key == _MTP_BIAS and mtp_expert_counts is not None:
+            counts = mtp_expert_counts
+        else:
             return leaf
         if is_layers(leaf):
-            return stack.Layers(update_router_bias(b, expert_counts[i], gamma) for i, b in enumerate(leaf.arrays))
-        return update_router_bias(leaf, expert_counts, gamma)
+            return stack.Layers(update_router_bias(b, counts[i], gamma) for i, b in enumerate(leaf.arrays))
+        return update_router_bias(leaf, counts, gamma)
 
     return jax.tree_util.tree_map_with_path(update, params, is_leaf=is_layers)

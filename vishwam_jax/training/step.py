@@ -48,7 +48,6 @@ __all__ = [
 
 # DeepSeek-V3's routers carry the auxiliary-loss-free balancing bias ("moe_layers.router.bias").
 _BALANCING_BIAS = "router.bias"
-_MTP_BALANCING_BIAS = "mtp_layers.block." + _BALANCING_BIAS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,19 +89,11 @@ def _compute_model(graphdef: nnx.GraphDef, trainable: Any, frozen: Any, cfg: Ste
 
 
 def _update_router_biases(params: nnx.State, sums: dict, rate: float) -> nnx.State:
-    """DeepSeek-V3 §2.1.2 on the main MoE layers and on each MTP depth's MoE block, by the model
-    file's rule (models/deepseek_v3.py), from the step's summed expert loads."""
+    """DeepSeek-V3 §2.1.2 on the main MoE layers and, when MTP ran (λ > 0), on each MTP depth's
+    MoE block, by the model file's rule, from the step's summed expert loads."""
     from vishwam_jax.models import deepseek_v3
 
-    params = deepseek_v3.update_router_biases(params, sums["expert_counts"], rate)
-    if "mtp_expert_counts" not in sums:  # MTP off (λ = 0): its blocks saw no tokens
-        return params
-
-    def mtp(path, leaf):  # mtp_layers.block.router.bias [depths, E], one row per depth
-        name = lora_lib.leaf_name(path)
-        return deepseek_v3.update_router_bias(leaf, sums["mtp_expert_counts"], rate) if name == _MTP_BALANCING_BIAS else leaf
-
-    return jax.tree_util.tree_map_with_path(mtp, params)
+    return deepseek_v3.update_router_biases(params, sums["expert_counts"], rate, sums.get("mtp_expert_counts"))
 
 
 def _load_imbalance(counts: Int[Array, "l e"]) -> Array:

@@ -132,7 +132,9 @@ def load_model(tc: TrainConfig, mesh=None, rules=None) -> tuple[Any, CausalLM, n
     else:
         path = Path(tc.model).expanduser()
         source, dtype, files = path, (None if tc.lora_rank else param_dtype), sorted(path.glob("tokenizer*"))
-    model = load(source, dtype=dtype, mesh=mesh, rules=rules, seed=tc.seed)
+    # Stacked and scanned on every backend: per-layer buffers are a serving layout (models/stack.py),
+    # and a scanned train step compiles in the time of one layer.
+    model = load(source, dtype=dtype, mesh=mesh, rules=rules, seed=tc.seed, unstack_layers=False)
     config = replace(model.config, remat_policy=tc.remat)
     return config, models.abstract(config), model.params, files
 

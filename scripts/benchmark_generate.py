@@ -1,22 +1,29 @@
-"""Decode (and prefill) tokens/s of a preset with random weights against the bandwidth roofline.
+"""Decode (and prefill) tokens/s of a preset with random weights against the read-bandwidth floor,
+and beside transformers on the same GPU in the same run.
 
-    python scripts/benchmark_generate.py --model gemma-2b --dtype bfloat16 --batch 1 8
+    python scripts/benchmark_generate.py --model gemma-2b --dtype bfloat16 --batch 1 8 --peer
 
-The roofline of one decode step is (parameter bytes + KV-cache bytes read) / copy bandwidth, the
-copy bandwidth being measured in the same run.
+The floor of one decode step is (parameter bytes + KV-cache bytes read) / read bandwidth, the read
+bandwidth measured in the same run (`utils.benchmarking.read_bandwidth`; the datasheet figure is shown
+beside it, never divided by). --peer first runs `scripts/peer_transformers.py` (static cache + compile,
+and eager) in a subprocess, before JAX takes the GPU's memory, and prints our rate over each of its rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import vishwam_jax as vj
-from vishwam_jax.utils.benchmarking import copy_bandwidth, tree_bytes
+from vishwam_jax.utils.benchmarking import read_bandwidth, tree_bytes
 
 
 def main(argv=None) -> None:
@@ -30,12 +37,14 @@ def main(argv=None) -> None:
                     help="config overrides of the preset, e.g. scan_unroll=18 (JSON values)")
     ap.add_argument("--layers", choices=["auto", "scanned", "per-layer"], default="auto",
                     help="stacked weights scanned, or held as per-layer buffers (auto: per-layer on GPUs)")
+    ap.add_argument("--peer", action="store_true", help="also run transformers on the same shapes (GPU only)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
+    peer = run_peer(args) if args.peer else []  # before JAX initialises the GPU and reserves its memory
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    bw = copy_bandwidth()
-    print(f"measured copy bandwidth: {bw / 1e12:.2f} TB/s")
+    bw = read_bandwidth()
+    print(f"measured {bw.describe()}", flush=True)
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     source = vj.get_config(args.model, **overrides) if overrides else args.model
     unstack = {"auto": None, "scanned": False, "per-layer": True}[args.layers]
@@ -55,21 +64,43 @@ def main(argv=None) -> None:
         # KV bytes read per step at the mean cache length of the run (full-attention layers).
         cache = model.module.init_cache(batch, args.prompt_len + args.new_tokens, jnp.dtype(args.dtype))
         kv_bytes = tree_bytes(cache) * (args.prompt_len + args.new_tokens / 2) / (args.prompt_len + args.new_tokens)
-        floor_s = (param_bytes + kv_bytes) / bw
+        floor_s = (param_bytes + kv_bytes) / bw.bytes_per_s
         row = {
             "model": args.model, "layers": args.layers, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
             "decode_tok_s_per_stream": 1 / step_s, "step_ms": step_s * 1e3, "roofline_step_ms": floor_s * 1e3,
             "fraction_of_roofline": floor_s / step_s, "param_gb": param_bytes / 1e9,
+            "fraction_of_spec": (param_bytes + kv_bytes) / bw.spec / step_s if bw.spec else None,
         }
+        for p in peer:
+            if p["batch"] == batch:
+                row[f"vs_transformers_{p['mode']}"] = row["decode_tok_s"] / p["decode_tok_s"]
         rows.append(row)
+        spec = f", {100 * row['fraction_of_spec']:.0f}% of spec" if row["fraction_of_spec"] else ""
+        versus = "".join(f", {row['decode_tok_s'] / p['decode_tok_s']:.2f}x transformers {p['mode']}"
+                         for p in peer if p["batch"] == batch)
         print(f"{args.model} {args.dtype} batch {batch}: prefill {row['prefill_tok_s']:,.0f} tok/s, "
               f"decode {row['decode_tok_s']:,.1f} tok/s ({row['decode_tok_s_per_stream']:.1f}/stream), "
-              f"step {row['step_ms']:.2f} ms vs roofline {row['roofline_step_ms']:.2f} ms "
-              f"({100 * row['fraction_of_roofline']:.0f}%)", flush=True)
+              f"step {row['step_ms']:.2f} ms vs floor {row['roofline_step_ms']:.2f} ms "
+              f"({100 * row['fraction_of_roofline']:.0f}% of read bandwidth{spec}){versus}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"copy_bw": bw, "rows": rows}, f, indent=2)
+            json.dump({"read_bw": bw.bytes_per_s, "read_bw_xla": bw.xla_reduction, "read_bw_pallas": bw.pallas_stream,
+                       "spec_bw": bw.spec, "rows": rows, "transformers": peer}, f, indent=2)
+
+
+def run_peer(args) -> list[dict]:
+    """transformers on the same preset and shapes, in a subprocess (its GPU memory is freed when it exits)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "peer.json"
+        cmd = [sys.executable, str(Path(__file__).with_name("peer_transformers.py")), "--model", args.model,
+               "--batch", *map(str, args.batch), "--prompt-len", str(args.prompt_len),
+               "--new-tokens", str(args.new_tokens), "--json", str(out)]
+        proc = subprocess.run(cmd, text=True)
+        if proc.returncode != 0 or not out.exists():
+            print(f"transformers peer failed (exit {proc.returncode}); our rows follow without it", flush=True)
+            return []
+        return json.loads(out.read_text())["rows"]
 
 
 if __name__ == "__main__":

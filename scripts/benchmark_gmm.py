@@ -12,7 +12,7 @@ Shapes: DeepSeek-V3 (G=256 and G=32 local experts; K=7168, N=4096 and K=2048, N=
 copies x 512 and 16384 tokens, --full adds 2048 / 4096 / 8192), Grok-1 (G=8; K=6144, N=65536 and K=32768, N=6144; M=16384), each
 with balanced and Zipf-skewed (p ~ 1/rank^1.2) expert loads; decode sizes (DeepSeek top-8 and Grok top-2
 routing of 1..64 tokens), where reading the active experts' weights bounds the time: reported as GB/s
-of weights against the copy bandwidth measured in the same run (bf16 and int8 weights), by wall clock
+of weights against the read bandwidth measured in the same run (bf16 and int8 weights), by wall clock
 and by device time from a profiler trace (a decode call is shorter than Python's dispatch of it).
 
 Correctness, before any timing: medium problems against `gmm_reference` in full (bf16 / float32,
@@ -112,12 +112,6 @@ def time_fn(fn, *args, inner: int = 3, reps: int = 5, budget_s: float = 10.0) ->
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - t0) / inner)
     return float(np.median(samples))
-
-
-def copy_bandwidth(elems: int) -> float:
-    """Bytes/s (read + write) of an elementwise pass over `elems` bf16 values of random data."""
-    x = jax.random.normal(jax.random.key(0), (elems,), jnp.bfloat16)
-    return 2 * x.nbytes / time_fn(jax.jit(lambda a: a * 2), x, inner=10)
 
 
 @functools.lru_cache(maxsize=None)
@@ -415,9 +409,9 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args) -> dict:
     device_us = (lambda f, *a: _profiled_us(f, *a)[1]) if p.decode and not args.smoke else None
     if device_us:
         row["ours_dev_us"] = device_us(f_ours, lhs, rhs, gs)
-    # The time no kernel can beat: all FLOPs at the dense rate, or all bytes at the copy rate.
+    # The time no kernel can beat: all FLOPs at the dense rate, or all bytes at the read rate.
     moved = weight_bytes + 2 * total * (p.k + p.n)
-    row["floor_ms"] = 1e3 * max(flops / args.peak_flops, moved / args.copy_bw)
+    row["floor_ms"] = 1e3 * max(flops / args.peak_flops, moved / args.read_bw)
 
     if p.decode:  # the other tiling of the streaming regime (grid vs group-aligned tiles), same inputs
         cfg_alt = _gmm_gpu.gmm_config(p.m, p.k, p.n, p.g, group_aligned=not _gmm_gpu.DECODE_GROUP_ALIGNED)
@@ -602,7 +596,7 @@ def fmt(v, spec=".0f"):
     return "-" if v is None else format(v, spec)
 
 
-def print_tables(rows: list[dict], copy_bw: float, peak: float) -> None:
+def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
     log(f"\nPrefill / training shapes (bf16; dense = one [M, K] x [K, N] matmul, same FLOPs when groups cover M; "
         f"the largest dense matmul of this run: {peak / 1e12:.0f} TFLOP/s)")
     log("| shape | M | loads | active | ours ms | ours TFLOP/s | dense TFLOP/s | ours/dense | ragged_dot TFLOP/s "
@@ -617,11 +611,11 @@ def print_tables(rows: list[dict], copy_bw: float, peak: float) -> None:
         ratio = fmt(r["ours_tflops"] / dense, ".2f") if dense else "-"
         log(f"| {r['shape']} | {r['m']} | {r['dist']} | {r['active']} | {r['ours_ms']:.3f} | {r['ours_tflops']:.0f} | "
             f"{fmt(dense)} | {ratio} | {rd} | {mg} | {r['floor_ms']:.3f} | {r['floor_ms'] / r['ours_ms']:.2f} |")
-    log(f"\nDecode sizes (weights read per call; copy bandwidth measured in this run: {copy_bw / 1e9:.0f} GB/s, "
+    log(f"\nDecode sizes (weights read per call; read bandwidth measured in this run: {read_bw / 1e9:.0f} GB/s, "
         "read + write)")
     default_tiling = "group-aligned" if _gmm_gpu.DECODE_GROUP_ALIGNED else "grid"
-    log(f"| shape | M | active experts | ours ms ({default_tiling} tiles) | weight GB/s | / copy BW | other tiling ms "
-        "| other tiling / copy BW | int8 ms | int8 weight GB/s | ragged_dot ms | mgpu example ms |")
+    log(f"| shape | M | active experts | ours ms ({default_tiling} tiles) | weight GB/s | / read BW | other tiling ms "
+        "| other tiling / read BW | int8 ms | int8 weight GB/s | ragged_dot ms | mgpu example ms |")
     log("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["shape"], r["m"])):
         if r.get("dist") != "decode" or "ours_ms" not in r:
@@ -629,15 +623,15 @@ def print_tables(rows: list[dict], copy_bw: float, peak: float) -> None:
         rd = fmt(r.get("ragged_dot_ms"), ".3f") if "ragged_dot_ms" in r else r.get("ragged_dot", "-")
         mg = fmt(r.get("mgpu_ms"), ".3f") if "mgpu_ms" in r else r.get("mgpu", "-")
         log(f"| {r['shape']} | {r['m']} | {r['active']} | {r['ours_ms']:.3f} | {r['weight_GBps']:.0f} | "
-            f"{r['weight_GBps'] * 1e9 / copy_bw:.2f} | "
-            + (f"{r['alt_ms']:.3f} ({r['alt_tiling']}) | {r['alt_weight_GBps'] * 1e9 / copy_bw:.2f} | " if "alt_ms" in r else "- | - | ")
+            f"{r['weight_GBps'] * 1e9 / read_bw:.2f} | "
+            + (f"{r['alt_ms']:.3f} ({r['alt_tiling']}) | {r['alt_weight_GBps'] * 1e9 / read_bw:.2f} | " if "alt_ms" in r else "- | - | ")
             + f"{fmt(r.get('int8_ms'), '.3f')} | "
             f"{fmt(r.get('int8_weight_GBps'))} | {rd} | {mg} |")
     dev = [r for r in rows if r.get("dist") == "decode" and "ours_dev_us" in r]
     if dev:
         log("\nDecode sizes, device time per call (profiler: every kernel of the call, metadata included; "
             "no host dispatch)")
-        log("| shape | M | active experts | ours µs | weight GB/s | / copy BW | int8 µs | int8 weight GB/s | int8 / copy BW "
+        log("| shape | M | active experts | ours µs | weight GB/s | / read BW | int8 µs | int8 weight GB/s | int8 / read BW "
             "| ragged_dot µs | mgpu example µs |")
         log("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sorted(dev, key=lambda r: (r["shape"], r["m"])):
@@ -647,8 +641,8 @@ def print_tables(rows: list[dict], copy_bw: float, peak: float) -> None:
             i8 = r.get("int8_dev_us")
             i8_gbps = wbytes / 2 / i8 / 1e3 if i8 else None
             log(f"| {r['shape']} | {r['m']} | {r['active']} | {r['ours_dev_us']:.1f} | {fmt(gbps)} | "
-                f"{fmt(gbps and gbps * 1e9 / copy_bw, '.2f')} | "
-                f"{fmt(i8, '.1f')} | {fmt(i8_gbps)} | {fmt(i8_gbps and i8_gbps * 1e9 / copy_bw, '.2f')} | "
+                f"{fmt(gbps and gbps * 1e9 / read_bw, '.2f')} | "
+                f"{fmt(i8, '.1f')} | {fmt(i8_gbps)} | {fmt(i8_gbps and i8_gbps * 1e9 / read_bw, '.2f')} | "
                 f"{fmt(r.get('ragged_dot_dev_us'), '.1f')} | {fmt(r.get('mgpu_dev_us'), '.1f')} |")
     failed = [r for r in rows if "ours_ms" not in r]
     for r in failed:
@@ -682,10 +676,12 @@ def main(argv: list[str] | None = None) -> int:
     elif jax.default_backend() != "gpu":
         log("benchmark_gmm.py needs a GPU (the CPU path is covered by tests/test_grouped_matmul.py; try --smoke)")
         return 2
-    args.copy_bw = copy_bandwidth(1 << 20 if args.smoke else 1 << 30)
+    from vishwam_jax.utils.benchmarking import read_bandwidth  # the package: the one ceiling all benchmarks use
+
+    args.read_bw = read_bandwidth(8 << 20 if args.smoke else 2 << 30).bytes_per_s
     size = 256 if args.smoke else 8192
     args.peak_flops = 2.0 * size**3 / dense_seconds(size, size, size)
-    log(f"copy bandwidth {args.copy_bw / 1e9:.0f} GB/s (read + write); dense bf16 {size}^3 "
+    log(f"read bandwidth {args.read_bw / 1e9:.0f} GB/s; dense bf16 {size}^3 "
         f"{args.peak_flops / 1e12:.0f} TFLOP/s")
     failures = [] if args.skip_full_checks else full_checks(args.smoke)
     log(f"[{time.perf_counter() - t_start:.0f} s] checks done")
@@ -719,10 +715,10 @@ def main(argv: list[str] | None = None) -> int:
         if "FAIL" in row:
             failures.append(f"{p.name} M={p.m} {p.dist}: {row['FAIL']}")
         if args.json:
-            Path(args.json).write_text(json.dumps(dict(copy_bw=args.copy_bw, peak=args.peak_flops, rows=rows),
+            Path(args.json).write_text(json.dumps(dict(read_bw=args.read_bw, peak=args.peak_flops, rows=rows),
                                                   indent=1))
     rhs = rhs_int8 = None
-    print_tables(rows, args.copy_bw, args.peak_flops)
+    print_tables(rows, args.read_bw, args.peak_flops)
     if args.tune:
         sweep(args, time.perf_counter() + args.tune_budget)
     log(f"total {time.perf_counter() - t_start:.0f} s")

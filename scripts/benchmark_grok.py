@@ -1,5 +1,5 @@
 """Decode tokens/s of a full-width Grok-1 at reduced depth, bf16 and weight-only int8, against the
-bandwidth roofline.
+read-bandwidth floor.
 
     python scripts/benchmark_grok.py --layers 2 --batch 1 8 --weights bf16 int8
 
@@ -7,7 +7,7 @@ Every layer has the released width (d 6144, 48/8 heads, 8 experts of 32768, top-
 vocabulary; only the depth is cut (314B parameters do not fit one accelerator). Weights are random.
 The roofline of one decode step is the bytes that step must read - the tied embedding (the logits),
 each layer's attention weights, router and the experts its tokens select, the filled KV cache - over
-the copy bandwidth measured in the same run. With random routing a batch of B tokens selects on
+the read bandwidth measured in the same run (`utils.benchmarking.read_bandwidth`). With random routing a batch of B tokens selects on
 average E * (1 - (1 - k/E)^B) distinct experts per layer (2 at B = 1, 7.2 of 8 at B = 8).
 EOS is disabled so that every row decodes every step.
 """
@@ -28,7 +28,7 @@ from vishwam_jax import models
 from vishwam_jax.models import stack
 from vishwam_jax.pallas_kernels import grouped_matmul
 from vishwam_jax.presets import get_config, replace
-from vishwam_jax.utils.benchmarking import copy_bandwidth, tree_bytes
+from vishwam_jax.utils.benchmarking import read_bandwidth, tree_bytes
 
 
 def _draw(key, shape, dtype, std):
@@ -122,8 +122,8 @@ def main(argv=None) -> None:
     gmm_impl = grouped_matmul.resolve_implementation()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, grouped matmul: {gmm_impl}, "
           f"layers: {'per-layer buffers' if per_layer else 'stacked, scanned'}", flush=True)
-    bw = copy_bandwidth()
-    print(f"measured copy bandwidth: {bw / 1e12:.2f} TB/s", flush=True)
+    bw = read_bandwidth()
+    print(f"measured {bw.describe()}", flush=True)
     # eos -1: never sampled, so every row decodes every step.
     config = get_config(args.preset, num_layers=args.layers, eos_token_id=-1, scan_unroll=args.scan_unroll)
     loaded, read_bytes = {}, {}
@@ -151,7 +151,7 @@ def main(argv=None) -> None:
             s = min(runs, key=lambda r: r.decode_s)
             temp = decode_temp_bytes(model)
             step_s = s.decode_s / args.new_tokens
-            floor_s = read_bytes[weights][batch] / bw
+            floor_s = read_bytes[weights][batch] / bw.bytes_per_s
             row = {
                 "weights": weights, "layers": args.layers, "batch": batch, "prompt_len": args.prompt_len,
                 "new_tokens": args.new_tokens, "decode_tok_s": batch / step_s, "step_ms": step_s * 1e3,
@@ -163,7 +163,8 @@ def main(argv=None) -> None:
             rows.append(row)
             if args.json:  # after every row, so a run stopped early still leaves its numbers
                 with open(args.json, "w") as f:
-                    json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "gmm": gmm_impl, "copy_bw": bw, "rows": rows}, f, indent=2)
+                    json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "gmm": gmm_impl,
+                               "read_bw": bw.bytes_per_s, "spec_bw": bw.spec, "rows": rows}, f, indent=2)
             print(f"{weights} batch {batch}: decode {row['decode_tok_s']:,.1f} tok/s, step {row['step_ms']:.2f} ms vs "
                   f"roofline {row['roofline_step_ms']:.2f} ms ({100 * row['fraction_of_roofline']:.0f}%; {row['step_bytes'] / 1e9:.2f} GB "
                   f"read per step), prefill {row['prefill_tok_s']:,.0f} tok/s, decode scratch {temp / 1e9:.3f} GB, "

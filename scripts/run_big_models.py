@@ -87,7 +87,7 @@ from vishwam_jax.presets import ConfigError, get_config  # noqa: E402
 from vishwam_jax.sharding import RULES, logical_axes, make_mesh, param_shardings, parse_mesh, use_mesh  # noqa: E402
 from vishwam_jax.sharding.context import shard_map  # noqa: E402
 from vishwam_jax.sharding.rules import spec_for  # noqa: E402
-from vishwam_jax.utils.benchmarking import copy_bandwidth  # noqa: E402
+from vishwam_jax.utils.benchmarking import read_bandwidth  # noqa: E402
 from vishwam_jax.utils.profiling import format_summary, profile_device_ops, summarize_trace  # noqa: E402
 
 RESULTS: dict = {"argv": sys.argv[1:], "runs": []}
@@ -408,14 +408,14 @@ def run_model(name: str, config, weights: str, mesh, rules) -> dict:
             del cache
             save()
 
-    # Roofline: bytes of device 0's weights / its measured copy bandwidth (an upper bound on decode
+    # Floor: bytes of device 0's weights / its measured read bandwidth (an upper bound on decode
     # speed at batch 1 for a dense read of everything it holds; MoE reads fewer expert bytes).
-    bw = copy_bandwidth(1 << 30 if jax.default_backend() != "cpu" else 1 << 26)
-    res["copy_bandwidth_gb_s"] = bw / 1e9
+    bw = read_bandwidth(1 << 30 if jax.default_backend() != "cpu" else 1 << 26).bytes_per_s
+    res["read_bandwidth_gb_s"] = bw / 1e9
     res["roofline_step_ms_all_weights"] = res["param_gb_device0"] * 1e9 / bw * 1e3
     res["memory_final_gb"] = device_memory()
     res["seed"] = SEED[config.family]
-    log(f"[{name}] copy bandwidth {bw / 1e9:,.0f} GB/s: reading device 0's weights takes {res['roofline_step_ms_all_weights']:,.2f} ms; "
+    log(f"[{name}] read bandwidth {bw / 1e9:,.0f} GB/s: reading device 0's weights takes {res['roofline_step_ms_all_weights']:,.2f} ms; "
         f"memory {res['memory_final_gb'] or 'not reported by this backend'}; seed per-stream {SEED[config.family]}")
     save()
     del params

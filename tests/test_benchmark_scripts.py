@@ -37,3 +37,19 @@ def test_benchmark_grok_smoke_per_layer(tmp_path):
     assert "bf16 batch 1: decode" in out and "int8 batch 1: decode" in out
     rows = json.loads((tmp_path / "grok.json").read_text())["rows"]
     assert [r["layers_form"] for r in rows] == ["per-layer", "per-layer"] and all(r["step_bytes"] > 0 for r in rows)
+
+
+def test_benchmark_generate_peer_is_skipped_by_name_on_a_cpu(tmp_path):
+    out = run("scripts/benchmark_generate.py", "--model", "gemma-tiny", "--dtype", "float32", "--batch", "1",
+              "--prompt-len", "8", "--new-tokens", "4", "--peer", "--json", str(tmp_path / "g.json"))
+    assert "transformers peer: no CUDA GPU on this machine, skipped" in out
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert result["transformers"] == [] and result["read_bw"] > 0
+    assert 0 < result["rows"][0]["fraction_of_roofline"]
+
+
+def test_peer_transformers_runs_its_modes_on_cpu_when_asked(tmp_path):
+    run("scripts/peer_transformers.py", "--model", "gemma-tiny", "--batch", "1", "--prompt-len", "8",
+        "--new-tokens", "3", "--device", "cpu", "--modes", "eager", "static-nocompile", "--json", str(tmp_path / "p.json"))
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["eager", "static-nocompile"] and all(r["decode_tok_s"] > 0 for r in rows)

@@ -83,6 +83,55 @@ def config_from_hf(hf: dict):
         raise CheckpointFormatError(f"config.json: {err}") from None
 
 
+def generation(config) -> int:
+    """1, 2 or 3: the generations differ only in which of these a config turns on."""
+    return 3 if config.use_qk_norm else 2 if config.use_post_attn_norm else 1
+
+
+def config_to_hf(config) -> dict:
+    """The transformers (v5) config.json of a Gemma config: the inverse of `config_from_hf`, so that the
+    same architecture can be built in transformers (a benchmark's peer, an export)."""
+    gen = generation(config)
+    if config.activation != "gelu_tanh":
+        raise ConfigError(f"Gemma in transformers uses gelu_tanh, not {config.activation!r}")
+    hf = {
+        "_name_or_path": config.name,
+        "model_type": {1: "gemma", 2: "gemma2", 3: "gemma3_text"}[gen],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": config.norm_eps,
+        "max_position_embeddings": config.max_seq_len,
+        "pad_token_id": config.pad_token_id,
+        "eos_token_id": config.eos_token_id,
+        "bos_token_id": config.bos_token_id,
+        "tie_word_embeddings": True,
+    }
+    full = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling_type == "linear":
+        full = {"rope_type": "linear", "rope_theta": config.rope_theta, "factor": config.rope_scaling_factor}
+    if gen == 1:
+        hf["rope_parameters"] = full
+        return hf
+    scalar = config.query_pre_attn_scalar
+    hf["query_pre_attn_scalar"] = int(scalar) if float(scalar).is_integer() else scalar  # transformers types it int
+    hf["attn_logit_softcapping"] = config.attn_logit_softcap or None
+    hf["final_logit_softcapping"] = config.final_logit_softcap or None
+    hf["sliding_window"] = config.sliding_window or None
+    hf["layer_types"] = [f"{t}_attention" for t in config.layer_types]
+    if gen == 2:
+        hf["rope_parameters"] = full
+    else:
+        local = {"rope_type": "default", "rope_theta": config.rope_local_theta}
+        hf["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+    return hf
+
+
 def _pattern(hf: dict, generation: int, num_layers: int) -> int:
     """The local/global period: every pattern-th layer global. Layers are scanned in periods, so an
     explicit `layer_types` list must follow one."""

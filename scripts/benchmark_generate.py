@@ -41,7 +41,8 @@ def main(argv=None) -> None:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
-    peer = run_peer(args) if args.peer else []  # before JAX initialises the GPU and reserves its memory
+    peer_run = run_peer(args) if args.peer else {}  # before JAX initialises the GPU and reserves its memory
+    peer = peer_run.get("rows", [])
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     bw = read_bandwidth()
     print(f"measured {bw.describe()}", flush=True)
@@ -86,10 +87,11 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"read_bw": bw.bytes_per_s, "read_bw_xla": bw.xla_reduction, "read_bw_pallas": bw.pallas_stream,
-                       "spec_bw": bw.spec, "rows": rows, "transformers": peer}, f, indent=2)
+                       "spec_bw": bw.spec, "rows": rows, "transformers": peer,
+                       "torch_read_bw": peer_run.get("torch_read_bw")}, f, indent=2)
 
 
-def run_peer(args) -> list[dict]:
+def run_peer(args) -> dict:
     """transformers on the same preset and shapes, in a subprocess (its GPU memory is freed when it exits)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peer.json"
@@ -99,8 +101,8 @@ def run_peer(args) -> list[dict]:
         proc = subprocess.run(cmd, text=True)
         if proc.returncode != 0 or not out.exists():
             print(f"transformers peer failed (exit {proc.returncode}); our rows follow without it", flush=True)
-            return []
-        return json.loads(out.read_text())["rows"]
+            return {}
+        return json.loads(out.read_text())
 
 
 if __name__ == "__main__":

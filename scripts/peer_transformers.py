@@ -32,12 +32,35 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def torch_read_bandwidth(num_bytes: int = 4 << 30) -> float:
+    """Bytes/s of PyTorch's reduction over `num_bytes` of bf16 (CUDA events, ten calls queued): the read
+    rate the peer's own kernels can reach, printed beside ours."""
+    import torch
+
+    x = torch.randn(num_bytes // 2, dtype=torch.bfloat16, device="cuda")
+    x.sum(dtype=torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            x.sum(dtype=torch.float32)
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / 10)
+    del x
+    return num_bytes / best
+
+
 def measure(model, prompts, new_tokens: int, mode: str) -> dict:
     """Prefill and decode rates of `model.generate` in one mode ("static": static cache + compile,
     "static-nocompile", "eager": dynamic cache, no compile)."""
     kwargs = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     if mode.startswith("static"):
-        kwargs |= {"cache_implementation": "static", "disable_compile": mode == "static-nocompile"}
+        # One cache length for both generation lengths: a static cache of another size would recompile.
+        max_cache_len = prompts.shape[1] + new_tokens
+        kwargs |= {"cache_implementation": "static", "max_cache_len": max_cache_len,
+                   "disable_compile": mode == "static-nocompile"}
     else:
         kwargs |= {"disable_compile": True}
 
@@ -96,6 +119,9 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, {device}: {args.model} "
           f"({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, bf16)", flush=True)
+    read_bw = torch_read_bandwidth() if args.device == "cuda" else None
+    if read_bw:
+        print(f"PyTorch reduction read bandwidth: {read_bw / 1e12:.2f} TB/s", flush=True)
     rows = []
     with torch.inference_mode():
         for batch in args.batch:
@@ -109,7 +135,8 @@ def main(argv=None) -> int:
                       f"(warm-up incl. compile {row['warmup_s']:.0f} s)", flush=True)
                 if args.json:  # after every row: a run stopped early keeps its numbers
                     with open(args.json, "w") as f:
-                        json.dump({"device": device, "transformers": transformers.__version__, "rows": rows}, f, indent=2)
+                        json.dump({"device": device, "transformers": transformers.__version__, "torch_read_bw": read_bw,
+                                   "rows": rows}, f, indent=2)
     return 0
 
 

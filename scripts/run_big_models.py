@@ -410,7 +410,7 @@ def run_model(name: str, config, weights: str, mesh, rules) -> dict:
 
     # Floor: bytes of device 0's weights / its measured read bandwidth (an upper bound on decode
     # speed at batch 1 for a dense read of everything it holds; MoE reads fewer expert bytes).
-    bw = read_bandwidth(1 << 30 if jax.default_backend() != "cpu" else 1 << 26).bytes_per_s
+    bw = read_bandwidth().bytes_per_s
     res["read_bandwidth_gb_s"] = bw / 1e9
     res["roofline_step_ms_all_weights"] = res["param_gb_device0"] * 1e9 / bw * 1e3
     res["memory_final_gb"] = device_memory()

@@ -58,13 +58,21 @@ def decode_step_compile(name: str, batch: int = 1, cache_len: int = 4096) -> dic
     traced = time.perf_counter() - start
     lowered.compile()
     compiled = time.perf_counter() - start - traced
-    return {"model": name, "layers": config.num_layers, "trace_s": traced, "compile_s": compiled, "total_s": traced + compiled}
+    return {
+        "model": name,
+        "layers": config.num_layers,
+        "trace_s": traced,
+        "compile_s": compiled,
+        "total_s": traced + compiled,
+    }
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", nargs="*", default=[], metavar="PRESET:N1,N2", help="first-generate time per depth")
-    ap.add_argument("--full", nargs="*", default=[], metavar="PRESET", help="decode-step trace + compile, abstract weights")
+    ap.add_argument(
+        "--full", nargs="*", default=[], metavar="PRESET", help="decode-step trace + compile, abstract weights"
+    )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     import jax
@@ -77,12 +85,19 @@ def main(argv=None) -> None:
         shallow = min(times)
         for n, t in times.items():
             rows.append({"model": name, "layers": n, "first_generate_s": t, "ratio_to_shallowest": t / times[shallow]})
-            print(f"{name} {n} layers: first generate {t:.2f} s ({t / times[shallow]:.2f}x the {shallow}-layer model)", flush=True)
+            print(
+                f"{name} {n} layers: first generate {t:.2f} s ({t / times[shallow]:.2f}x the {shallow}-layer model)",
+                flush=True,
+            )
     for name in args.full:
         row = decode_step_compile(name)
         rows.append(row)
-        print(f"{name} ({row['layers']} layers) decode step: trace {row['trace_s']:.2f} s + compile {row['compile_s']:.2f} s "
-              f"= {row['total_s']:.2f} s", flush=True)
+        print(
+            f"{name} ({row['layers']} layers) decode step: trace {row['trace_s']:.2f} s + compile "
+            f"{row['compile_s']:.2f} s "
+            f"= {row['total_s']:.2f} s",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

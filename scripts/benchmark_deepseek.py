@@ -8,7 +8,8 @@ shared, top-8 of 4 groups out of 8; the dense layers' MLP 18432) and random bf16
 depth is cut (4 layers with all 256 experts is ~74 GB: what one 80 GB H100 holds). No MTP module.
 
 Floor of one decode step = bytes that must be read / read bandwidth measured in the same run
-(`utils.benchmarking.read_bandwidth`; the datasheet figure is printed beside it): every non-expert weight (the embedding only for its gathered rows), the shared experts, the routed
+(`utils.benchmarking.read_bandwidth`; the datasheet figure is printed beside it): every non-expert weight (the
+embedding only for its gathered rows), the shared experts, the routed
 experts that the step's tokens actually select (counted from the router on the benchmark's own
 tokens), and the latent cache up to each row's length.
 """
@@ -34,7 +35,7 @@ from vishwam_jax.inference.engine import Generator  # noqa: E402
 from vishwam_jax.models import stack  # noqa: E402
 from vishwam_jax.pallas_kernels import grouped_matmul, mla_attention  # noqa: E402
 from vishwam_jax.presets import get_config, replace  # noqa: E402
-from vishwam_jax.utils.benchmarking import read_bandwidth, time_fn, tree_bytes  # noqa: E402
+from vishwam_jax.utils.benchmarking import read_bandwidth, tree_bytes  # noqa: E402
 
 
 def random_params(config, dtype, seed: int = 0, *, per_layer: bool = False) -> tuple[nnx.GraphDef, nnx.State]:
@@ -96,8 +97,11 @@ def fit_to_memory(config, dev, headroom: float):
         if need + headroom <= limit or config.num_dense_layers >= config.num_layers:
             print(f"allocator limit {limit / 2**30:.1f} GiB; parameters {need / 2**30:.1f} GiB", flush=True)
             return config
-        print(f"{config.num_dense_layers} dense + {config.num_layers - config.num_dense_layers} MoE layers need "
-              f"{need / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB: one more layer dense", flush=True)
+        print(
+            f"{config.num_dense_layers} dense + {config.num_layers - config.num_dense_layers} MoE layers need "
+            f"{need / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB: one more layer dense",
+            flush=True,
+        )
         config = replace(config, num_dense_layers=config.num_dense_layers + 1)
 
 
@@ -129,15 +133,27 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--impls", nargs="+", default=["auto", "xla"],
-                    help="kernel settings to time, in order: auto (Pallas MLA decode + Pallas grouped matmul on GPU) "
-                         "and/or xla (plain einsums + jax.lax.ragged_dot); later ones only while --time-budget lasts")
-    ap.add_argument("--time-budget", type=float, default=170.0,
-                    help="seconds after which no further routing probe, nor configuration of a later --impls entry, is started")
+    ap.add_argument(
+        "--impls",
+        nargs="+",
+        default=["auto", "xla"],
+        help="kernel settings to time, in order: auto (Pallas MLA decode + Pallas grouped matmul on GPU) "
+        "and/or xla (plain einsums + jax.lax.ragged_dot); later ones only while --time-budget lasts",
+    )
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=170.0,
+        help="seconds after which no further routing probe, nor configuration of a later --impls entry, is started",
+    )
     ap.add_argument("--headroom-gib", type=float, default=4.5, help="device memory kept free of parameters")
     ap.add_argument("--bandwidth-mib", type=int, default=4096, help="buffer size of the bandwidth measurements")
-    ap.add_argument("--layers-form", choices=["auto", "scanned", "per-layer"], default="auto",
-                    help="stacked weights scanned, or held as per-layer buffers (auto: per-layer on GPUs, as vj.load)")
+    ap.add_argument(
+        "--layers-form",
+        choices=["auto", "scanned", "per-layer"],
+        default="auto",
+        help="stacked weights scanned, or held as per-layer buffers (auto: per-layer on GPUs, as vj.load)",
+    )
     ap.add_argument("--json", help="also write the results here (rewritten after every row)")
     args = ap.parse_args(argv)
     if args.layers < 1 or not 0 <= args.dense_layers <= args.layers:
@@ -149,8 +165,14 @@ def main(argv=None) -> None:
     print(f"measured {bw.describe()}", flush=True)
 
     # eos -1: never stop early, every row decodes every step.
-    config = get_config(args.preset, num_layers=args.layers, num_dense_layers=args.dense_layers, num_mtp_layers=0,
-                        max_seq_len=args.prompt_len + args.new_tokens + 16, eos_token_id=-1)
+    config = get_config(
+        args.preset,
+        num_layers=args.layers,
+        num_dense_layers=args.dense_layers,
+        num_mtp_layers=0,
+        max_seq_len=args.prompt_len + args.new_tokens + 16,
+        eos_token_id=-1,
+    )
     config = fit_to_memory(config, dev, args.headroom_gib * 2**30)
     moe_layers = config.num_layers - config.num_dense_layers
     start = time.perf_counter()
@@ -159,26 +181,47 @@ def main(argv=None) -> None:
     graphdef, params = random_params(config, jnp.bfloat16, per_layer=per_layer)
     params = jax.block_until_ready(params)
     param_bytes = tree_bytes(params)
-    print(f"{config.num_layers} layers ({config.num_dense_layers} dense, {moe_layers} MoE with {config.num_experts} experts): "
-          f"{param_bytes / 1e9:.1f} GB of parameters ({'per-layer buffers' if per_layer else 'stacked, scanned'}), "
-          f"built on the device in {time.perf_counter() - start:.0f} s", flush=True)
+    print(
+        f"{config.num_layers} layers ({config.num_dense_layers} dense, {moe_layers} MoE with "
+        f"{config.num_experts} experts): "
+        f"{param_bytes / 1e9:.1f} GB of parameters ({'per-layer buffers' if per_layer else 'stacked, scanned'}), "
+        f"built on the device in {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
 
     full = get_config(args.preset)
     ours_kv, mha_kv = kv_bytes_per_token(full)
     bench_kv, bench_mha = kv_bytes_per_token(config)
-    print(f"KV cache per token (bf16), full {full.num_layers}-layer model: latent {ours_kv:,} B vs naive MHA {mha_kv:,} B "
-          f"({mha_kv / ours_kv:.1f}x); this {config.num_layers}-layer model: {bench_kv:,} B vs {bench_mha:,} B", flush=True)
+    print(
+        f"KV cache per token (bf16), full {full.num_layers}-layer model: latent {ours_kv:,} B vs naive MHA "
+        f"{mha_kv:,} B "
+        f"({mha_kv / ours_kv:.1f}x); this {config.num_layers}-layer model: {bench_kv:,} B vs {bench_mha:,} B",
+        flush=True,
+    )
 
     stored = nnx.to_pure_dict(params)
     expert_bytes = tree_bytes(stored["moe_layers"]["experts"]) if moe_layers else 0  # every MoE layer's
     per_expert = expert_bytes / max(1, config.num_experts * moe_layers)
     embed_bytes = tree_bytes(stored["embed"])
-    result = {"device": dev.device_kind, "jax": jax.__version__, "read_bw": bw.bytes_per_s, "read_bw_xla": bw.xla_reduction,
-              "read_bw_pallas": bw.pallas_stream, "spec_bw": bw.spec,
-              "param_bytes": param_bytes, "layers": config.num_layers, "dense_layers": config.num_dense_layers,
-              "layers_form": "per-layer" if per_layer else "scanned",
-              "kv_bytes_per_token": {"latent_full": ours_kv, "naive_mha_full": mha_kv,
-                                     "latent_bench": bench_kv, "naive_mha_bench": bench_mha}, "rows": []}
+    result = {
+        "device": dev.device_kind,
+        "jax": jax.__version__,
+        "read_bw": bw.bytes_per_s,
+        "read_bw_xla": bw.xla_reduction,
+        "read_bw_pallas": bw.pallas_stream,
+        "spec_bw": bw.spec,
+        "param_bytes": param_bytes,
+        "layers": config.num_layers,
+        "dense_layers": config.num_dense_layers,
+        "layers_form": "per-layer" if per_layer else "scanned",
+        "kv_bytes_per_token": {
+            "latent_full": ours_kv,
+            "naive_mha_full": mha_kv,
+            "latent_bench": bench_kv,
+            "naive_mha_bench": bench_mha,
+        },
+        "rows": [],
+    }
     probes = {}
     for impl in args.impls:
         for batch in args.batch:
@@ -199,8 +242,11 @@ def main(argv=None) -> None:
                 continue
             s = gen.stats
             step_s = s.decode_s / args.new_tokens
-            print(f"[{impl}] batch {batch}: decode {batch * args.new_tokens / s.decode_s:,.1f} tok/s "
-                  f"({step_s * 1e3:.2f} ms/step), prefill {s.prefill_tokens_per_s:,.0f} tok/s, compile {compile_s:.0f} s", flush=True)
+            print(
+                f"[{impl}] batch {batch}: decode {batch * args.new_tokens / s.decode_s:,.1f} tok/s "
+                f"({step_s * 1e3:.2f} ms/step), prefill {s.prefill_tokens_per_s:,.0f} tok/s, compile {compile_s:.0f} s",
+                flush=True,
+            )
             if batch not in probes and time.perf_counter() - t0 < args.time_budget:
                 probes[batch] = decode_step_probe(graphdef, params, prompts, config.max_seq_len)
             if batch in probes:
@@ -219,23 +265,36 @@ def main(argv=None) -> None:
             read = weights + cache_read
             floor_s = read / bw.bytes_per_s
             row = {
-                "kernels": impl, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                "prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": batch * args.new_tokens / s.decode_s,
-                "step_ms": step_s * 1e3, "roofline_step_ms": floor_s * 1e3, "fraction_of_roofline": floor_s / step_s,
+                "kernels": impl,
+                "batch": batch,
+                "prompt_len": args.prompt_len,
+                "new_tokens": args.new_tokens,
+                "prefill_tok_s": s.prefill_tokens_per_s,
+                "decode_tok_s": batch * args.new_tokens / s.decode_s,
+                "step_ms": step_s * 1e3,
+                "roofline_step_ms": floor_s * 1e3,
+                "fraction_of_roofline": floor_s / step_s,
                 "fraction_of_spec": read / bw.spec / step_s if bw.spec else None,
-                "experts_touched_per_step_per_moe_layer": touched_per_layer.tolist(), "routing": routing,
-                "weight_bytes_per_step_gb": weights / 1e9, "cache_bytes_per_step_gb": cache_read / 1e9,
-                "measured_cache_bytes_per_token": measured_kv, "compile_s": compile_s,
+                "experts_touched_per_step_per_moe_layer": touched_per_layer.tolist(),
+                "routing": routing,
+                "weight_bytes_per_step_gb": weights / 1e9,
+                "cache_bytes_per_step_gb": cache_read / 1e9,
+                "measured_cache_bytes_per_token": measured_kv,
+                "compile_s": compile_s,
             }
             result["rows"].append(row)
-            print(f"[{impl}] batch {batch}: prefill {row['prefill_tok_s']:,.0f} tok/s, decode {row['decode_tok_s']:,.1f} tok/s, "
-                  f"step {row['step_ms']:.2f} ms vs floor {row['roofline_step_ms']:.2f} ms at read bandwidth "
-                  f"({100 * row['fraction_of_roofline']:.0f}%"
-                  + (f", {100 * row['fraction_of_spec']:.0f}% of spec" if row["fraction_of_spec"] else "")
-                  + f"); routed experts per MoE layer {touched_per_layer.tolist()} ({routing}), "
-                  f"{weights / 1e9:.2f} GB weights + {cache_read / 1e6:.1f} MB cache read/step; "
-                  f"cache arrays measured {measured_kv:,.0f} B/token (arithmetic {bench_kv:,} B); compile {compile_s:.0f} s",
-                  flush=True)
+            print(
+                f"[{impl}] batch {batch}: prefill {row['prefill_tok_s']:,.0f} tok/s, decode "
+                f"{row['decode_tok_s']:,.1f} tok/s, "
+                f"step {row['step_ms']:.2f} ms vs floor {row['roofline_step_ms']:.2f} ms at read bandwidth "
+                f"({100 * row['fraction_of_roofline']:.0f}%"
+                + (f", {100 * row['fraction_of_spec']:.0f}% of spec" if row["fraction_of_spec"] else "")
+                + f"); routed experts per MoE layer {touched_per_layer.tolist()} ({routing}), "
+                f"{weights / 1e9:.2f} GB weights + {cache_read / 1e6:.1f} MB cache read/step; "
+                f"cache arrays measured {measured_kv:,.0f} B/token (arithmetic {bench_kv:,} B); compile "
+                f"{compile_s:.0f} s",
+                flush=True,
+            )
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(result, f, indent=2)

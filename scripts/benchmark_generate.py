@@ -33,10 +33,19 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                    help="config overrides of the preset, e.g. scan_unroll=18 (JSON values)")
-    ap.add_argument("--layers", choices=["auto", "scanned", "per-layer"], default="auto",
-                    help="stacked weights scanned, or held as per-layer buffers (auto: per-layer on GPUs)")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="config overrides of the preset, e.g. scan_unroll=18 (JSON values)",
+    )
+    ap.add_argument(
+        "--layers",
+        choices=["auto", "scanned", "per-layer"],
+        default="auto",
+        help="stacked weights scanned, or held as per-layer buffers (auto: per-layer on GPUs)",
+    )
     ap.add_argument("--peer", action="store_true", help="also run transformers on the same shapes (GPU only)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
@@ -67,10 +76,18 @@ def main(argv=None) -> None:
         kv_bytes = tree_bytes(cache) * (args.prompt_len + args.new_tokens / 2) / (args.prompt_len + args.new_tokens)
         floor_s = (param_bytes + kv_bytes) / bw.bytes_per_s
         row = {
-            "model": args.model, "layers": args.layers, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-            "prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
-            "decode_tok_s_per_stream": 1 / step_s, "step_ms": step_s * 1e3, "roofline_step_ms": floor_s * 1e3,
-            "fraction_of_roofline": floor_s / step_s, "param_gb": param_bytes / 1e9,
+            "model": args.model,
+            "layers": args.layers,
+            "batch": batch,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "prefill_tok_s": s.prefill_tokens_per_s,
+            "decode_tok_s": s.decode_tokens_per_s,
+            "decode_tok_s_per_stream": 1 / step_s,
+            "step_ms": step_s * 1e3,
+            "roofline_step_ms": floor_s * 1e3,
+            "fraction_of_roofline": floor_s / step_s,
+            "param_gb": param_bytes / 1e9,
             "fraction_of_spec": (param_bytes + kv_bytes) / bw.spec / step_s if bw.spec else None,
         }
         for p in peer:
@@ -78,26 +95,53 @@ def main(argv=None) -> None:
                 row[f"vs_transformers_{p['mode']}"] = row["decode_tok_s"] / p["decode_tok_s"]
         rows.append(row)
         spec = f", {100 * row['fraction_of_spec']:.0f}% of spec" if row["fraction_of_spec"] else ""
-        versus = "".join(f", {row['decode_tok_s'] / p['decode_tok_s']:.2f}x transformers {p['mode']}"
-                         for p in peer if p["batch"] == batch)
-        print(f"{args.model} {args.dtype} batch {batch}: prefill {row['prefill_tok_s']:,.0f} tok/s, "
-              f"decode {row['decode_tok_s']:,.1f} tok/s ({row['decode_tok_s_per_stream']:.1f}/stream), "
-              f"step {row['step_ms']:.2f} ms vs floor {row['roofline_step_ms']:.2f} ms "
-              f"({100 * row['fraction_of_roofline']:.0f}% of read bandwidth{spec}){versus}", flush=True)
+        versus = "".join(
+            f", {row['decode_tok_s'] / p['decode_tok_s']:.2f}x transformers {p['mode']}"
+            for p in peer
+            if p["batch"] == batch
+        )
+        print(
+            f"{args.model} {args.dtype} batch {batch}: prefill {row['prefill_tok_s']:,.0f} tok/s, "
+            f"decode {row['decode_tok_s']:,.1f} tok/s ({row['decode_tok_s_per_stream']:.1f}/stream), "
+            f"step {row['step_ms']:.2f} ms vs floor {row['roofline_step_ms']:.2f} ms "
+            f"({100 * row['fraction_of_roofline']:.0f}% of read bandwidth{spec}){versus}",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"read_bw": bw.bytes_per_s, "read_bw_xla": bw.xla_reduction, "read_bw_pallas": bw.pallas_stream,
-                       "spec_bw": bw.spec, "rows": rows, "transformers": peer,
-                       "torch_read_bw": peer_run.get("torch_read_bw")}, f, indent=2)
+            json.dump(
+                {
+                    "read_bw": bw.bytes_per_s,
+                    "read_bw_xla": bw.xla_reduction,
+                    "read_bw_pallas": bw.pallas_stream,
+                    "spec_bw": bw.spec,
+                    "rows": rows,
+                    "transformers": peer,
+                    "torch_read_bw": peer_run.get("torch_read_bw"),
+                },
+                f,
+                indent=2,
+            )
 
 
 def run_peer(args) -> dict:
     """transformers on the same preset and shapes, in a subprocess (its GPU memory is freed when it exits)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peer.json"
-        cmd = [sys.executable, str(Path(__file__).with_name("peer_transformers.py")), "--model", args.model,
-               "--batch", *map(str, args.batch), "--prompt-len", str(args.prompt_len),
-               "--new-tokens", str(args.new_tokens), "--json", str(out)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).with_name("peer_transformers.py")),
+            "--model",
+            args.model,
+            "--batch",
+            *map(str, args.batch),
+            "--prompt-len",
+            str(args.prompt_len),
+            "--new-tokens",
+            str(args.new_tokens),
+            "--json",
+            str(out),
+        ]
         proc = subprocess.run(cmd, text=True)
         if proc.returncode != 0 or not out.exists():
             print(f"transformers peer failed (exit {proc.returncode}); our rows follow without it", flush=True)

@@ -9,7 +9,8 @@ kernel (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`) and a dense bf16 matm
     python scripts/benchmark_gmm.py --smoke      # tiny shapes in Pallas interpret mode (checks this script on CPU)
 
 Shapes: DeepSeek-V3 (G=256 and G=32 local experts; K=7168, N=4096 and K=2048, N=7168; M = 8 routed
-copies x 512 and 16384 tokens, --full adds 2048 / 4096 / 8192), Grok-1 (G=8; K=6144, N=65536 and K=32768, N=6144; M=16384), each
+copies x 512 and 16384 tokens, --full adds 2048 / 4096 / 8192), Grok-1 (G=8; K=6144, N=65536 and K=32768,
+N=6144; M=16384), each
 with balanced and Zipf-skewed (p ~ 1/rank^1.2) expert loads; decode sizes (DeepSeek top-8 and Grok top-2
 routing of 1..64 tokens), where reading the active experts' weights bounds the time: reported as GB/s
 of weights against the read bandwidth measured in the same run (bf16 and int8 weights), by wall clock
@@ -65,8 +66,9 @@ def _import_kernels():
         sys.modules[name] = pkg
     mods = []
     for name in ("_gmm_gpu", "grouped_matmul"):
-        spec = importlib.util.spec_from_file_location(f"vishwam_jax.pallas_kernels.{name}",
-                                                      ROOT / "vishwam_jax/pallas_kernels" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(
+            f"vishwam_jax.pallas_kernels.{name}", ROOT / "vishwam_jax/pallas_kernels" / f"{name}.py"
+        )
         mod = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = mod
         spec.loader.exec_module(mod)
@@ -114,7 +116,7 @@ def time_fn(fn, *args, inner: int = 3, reps: int = 5, budget_s: float = 10.0) ->
     return float(np.median(samples))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dense_seconds(m: int, k: int, n: int) -> float:
     ka, kb = jax.random.split(jax.random.key(1))
     a = jax.random.normal(ka, (m, k), jnp.bfloat16)
@@ -173,7 +175,8 @@ def problems(quick: bool, smoke: bool, full: bool = False) -> list[Problem]:
     counts where they matter (meant to fit the default --budget); --full adds the middle sizes."""
     if smoke:  # interpret mode on CPU: tiny, but still uneven groups and several tiles
         return [Problem("smoke G=8 K=64 N=512", 8, 64, 512, 200, d) for d in ("balanced", "zipf")] + [
-            Problem("smoke decode G=16 K=64 N=512", 16, 64, 512, 16, "decode", top_k=4)]
+            Problem("smoke decode G=16 K=64 N=512", 16, 64, 512, 16, "decode", top_k=4)
+        ]
     dsv3, grok, decode = [], [], []
     for g in (256, 32):
         for k, n in ((7168, 4096), (2048, 7168)):
@@ -186,12 +189,16 @@ def problems(quick: bool, smoke: bool, full: bool = False) -> list[Problem]:
     for k, n in ((6144, 65536),) if quick else ((6144, 65536), (32768, 6144)):
         for dist in ("balanced", "zipf"):
             grok.append(Problem(f"Grok-1 G=8 K={k} N={n}", 8, k, n, 16384, dist, top_k=2))
-    for model, g, k, n, top_k, tokens in [("DSv3", 256, 7168, 4096, 8, (1, 64)), ("DSv3", 256, 2048, 7168, 8, (1,)),
-                                          ("Grok-1", 8, 6144, 65536, 2, (1, 64))]:
+    for model, g, k, n, top_k, tokens in [
+        ("DSv3", 256, 7168, 4096, 8, (1, 64)),
+        ("DSv3", 256, 2048, 7168, 8, (1,)),
+        ("Grok-1", 8, 6144, 65536, 2, (1, 64)),
+    ]:
         if full:
             tokens = (1, 8, 64)
-        for t in ((tokens[0],) if quick else tokens):
+        for t in (tokens[0],) if quick else tokens:
             decode.append(Problem(f"decode {model} G={g} K={k} N={n} top{top_k}", g, k, n, top_k * t, "decode", top_k))
+
     # Run order (the tables sort their rows): the shapes each target is judged on first, so that a
     # tight --budget still fills every table and every target.
     def priority(p: Problem) -> tuple:
@@ -223,6 +230,7 @@ def rel_err(x, ref) -> float:
 def _group_rows_product(lhs, rhs, scale, starts, gids, rows: int):
     """Exact float32 product of `rows` rows starting at each starts[i] with rhs[gids[i]] (fixed
     shapes: one compile per problem shape, whatever the group sizes)."""
+
     def one(start, gi):
         x = jax.lax.dynamic_slice_in_dim(lhs, start, rows).astype(jnp.float32)
         w = rhs[gi].astype(jnp.float32)
@@ -239,22 +247,22 @@ def spot_check(out, lhs, rhs, sizes: np.ndarray, scale=None) -> float:
     ends = np.cumsum(sizes)
     starts = ends - sizes
     nonempty = np.flatnonzero(sizes)
-    gids = np.array([np.argmax(sizes), nonempty[np.argmin(sizes[nonempty])],
-                     np.random.default_rng(0).choice(nonempty)], np.int32)
+    gids = np.array(
+        [np.argmax(sizes), nonempty[np.argmin(sizes[nonempty])], np.random.default_rng(0).choice(nonempty)], np.int32
+    )
     rows = int(min(64, lhs.shape[0]))
     # A window of `rows` rows inside [0, m) that covers the group's first rows; rows of the window
     # outside the group are not compared.
     win = np.minimum(starts[gids], lhs.shape[0] - rows).astype(np.int32)
     ref = np.asarray(_group_rows_product(lhs, rhs, scale, jnp.asarray(win), jnp.asarray(gids), rows=rows))
-    got = np.asarray(jax.lax.map(lambda s0: jax.lax.dynamic_slice_in_dim(out, s0, rows), jnp.asarray(win)),
-                     np.float32)
+    got = np.asarray(jax.lax.map(lambda s0: jax.lax.dynamic_slice_in_dim(out, s0, rows), jnp.asarray(win)), np.float32)
     worst = 0.0
     for i, gi in enumerate(gids):
         r = np.arange(win[i], win[i] + rows)
         mine = (r >= starts[gi]) & (r < ends[gi])
         worst = max(worst, rel_err(got[i][mine], ref[i][mine]))
     if int(ends[-1]) < out.shape[0]:
-        tail = np.asarray(out[int(ends[-1]):], np.float32)
+        tail = np.asarray(out[int(ends[-1]) :], np.float32)
         if np.any(tail != 0):
             worst = float("inf")
     return worst
@@ -287,8 +295,7 @@ def _full_checks(smoke: bool) -> list[str]:
     lhs = jax.random.normal(next(key), (m, k), jnp.bfloat16)
     for transpose in (False, True):
         rhs = jax.random.normal(next(key), (g, n, k) if transpose else (g, k, n), jnp.bfloat16)
-        got = jax.jit(functools.partial(grouped_matmul.gmm, transpose_rhs=transpose, implementation=IMPL))(
-            lhs, rhs, gs)
+        got = jax.jit(functools.partial(grouped_matmul.gmm, transpose_rhs=transpose, implementation=IMPL))(lhs, rhs, gs)
         ref = grouped_matmul.gmm_reference(lhs, rhs, gs, transpose_rhs=transpose)
         check(f"gmm bfloat16 transpose_rhs={transpose}", got, ref, TOL[jnp.dtype(jnp.bfloat16)])
     lhs = jax.random.normal(next(key), (m, k), jnp.bfloat16)
@@ -307,7 +314,8 @@ def _full_checks(smoke: bool) -> list[str]:
         _gmm_gpu.INT8_PACK_ABOVE = 0 if packed else old
         try:
             got = jax.jit(lambda a, b, s: grouped_matmul.gmm(a, b, jnp.asarray(big), rhs_scale=s, implementation=IMPL))(
-                lhs_big, q_even, scale[..., : q_even.shape[-1]])
+                lhs_big, q_even, scale[..., : q_even.shape[-1]]
+            )
         finally:
             _gmm_gpu.INT8_PACK_ABOVE = old
         want = grouped_matmul.gmm_reference(lhs_big, q_even, jnp.asarray(big), rhs_scale=scale[..., : q_even.shape[-1]])
@@ -336,8 +344,14 @@ def _full_checks(smoke: bool) -> list[str]:
 def ours(lhs, rhs, gs, scale=None, config=None):
     if config is None:
         return grouped_matmul.gmm(lhs, rhs, gs, rhs_scale=scale, implementation=IMPL)
-    return _gmm_gpu.gmm(lhs, rhs, gs, rhs_scale=None if scale is None else scale.reshape(scale.shape[0], -1),
-                        config=config, interpret=IMPL == "pallas_interpret")
+    return _gmm_gpu.gmm(
+        lhs,
+        rhs,
+        gs,
+        rhs_scale=None if scale is None else scale.reshape(scale.shape[0], -1),
+        config=config,
+        interpret=IMPL == "pallas_interpret",
+    )
 
 
 @jax.jit
@@ -345,7 +359,7 @@ def ragged_dot(lhs, rhs, gs):
     return jax.lax.ragged_dot(lhs, rhs, gs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mgpu_jit(cfg_items: tuple):
     fn, _ = mgpu_example()
     cfg = dict(cfg_items)
@@ -377,8 +391,7 @@ def mgpu_config(p: Problem, fn) -> dict | None:
     many rows per group and a 64-row tile for few."""
     if p.k % 64 or p.n % 512:
         return None
-    cfg = dict(block_m=64 if p.m / p.g < 128 else 128, block_n=128, block_k=64, max_concurrent_steps=4,
-               grid_block_n=4)
+    cfg = dict(block_m=64 if p.m / p.g < 128 else 128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=4)
     params = inspect.signature(fn).parameters
     return {k: v for k, v in cfg.items() if k in params}
 
@@ -421,8 +434,11 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args) -> dict:
             if not err_alt < TOL[jnp.dtype(jnp.bfloat16)]:
                 row["FAIL"] = f"mismatch ({cfg_alt}): rel err {err_alt:.3g}"
             t_alt = time_fn(f_alt, lhs, rhs, gs, budget_s=budget)
-            row.update(alt_ms=t_alt * 1e3, alt_weight_GBps=weight_bytes / t_alt / 1e9,
-                       alt_tiling="group-aligned bm={}".format(cfg_alt.bm) if cfg_alt.group_aligned else f"grid bm={cfg_alt.bm}")
+            row.update(
+                alt_ms=t_alt * 1e3,
+                alt_weight_GBps=weight_bytes / t_alt / 1e9,
+                alt_tiling=f"group-aligned bm={cfg_alt.bm}" if cfg_alt.group_aligned else f"grid bm={cfg_alt.bm}",
+            )
 
     if p.decode and rhs_int8 is not None:
         out8 = f_ours(lhs, rhs_int8, gs, scale)
@@ -463,8 +479,11 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args) -> dict:
             tm = time_fn(f, lhs, rhs, gs, budget_s=budget)
             if device_us:
                 row["mgpu_dev_us"] = device_us(f, lhs, rhs, gs)
-            row.update(mgpu_ms=tm * 1e3, mgpu_tflops=flops / tm / 1e12,
-                       mgpu_cfg="{block_m}x{block_n}x{block_k}/s{max_concurrent_steps}/gbn{grid_block_n}".format(**cfg))
+            row.update(
+                mgpu_ms=tm * 1e3,
+                mgpu_tflops=flops / tm / 1e12,
+                mgpu_cfg="{block_m}x{block_n}x{block_k}/s{max_concurrent_steps}/gbn{grid_block_n}".format(**cfg),
+            )
         except Exception as e:  # noqa: BLE001
             row["mgpu"] = "n/a: fails to lower/run: " + short(e)
 
@@ -478,11 +497,23 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args) -> dict:
 
 
 SWEEP = {  # (bm, bn, bk, num_warps, num_stages, band)
-    "large": [(128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 4, 8), (128, 128, 64, 4, 4, 8), (256, 128, 64, 8, 3, 8),
-              (128, 256, 64, 8, 3, 16), (128, 128, 128, 8, 3, 8)],
+    "large": [
+        (128, 256, 64, 8, 3, 8),
+        (128, 256, 64, 8, 4, 8),
+        (128, 128, 64, 4, 4, 8),
+        (256, 128, 64, 8, 3, 8),
+        (128, 256, 64, 8, 3, 16),
+        (128, 128, 128, 8, 3, 8),
+    ],
     "medium": [(64, 128, 64, 4, 4, 8), (64, 256, 64, 8, 3, 8), (128, 128, 64, 4, 4, 8), (64, 128, 128, 4, 3, 8)],
-    "small": [(16, 128, 128, 4, 4, 8), (16, 64, 128, 4, 4, 8), (16, 64, 256, 4, 3, 8), (16, 128, 64, 4, 6, 8),
-              (32, 128, 128, 4, 4, 8), (16, 256, 64, 4, 4, 8)],
+    "small": [
+        (16, 128, 128, 4, 4, 8),
+        (16, 64, 128, 4, 4, 8),
+        (16, 64, 256, 4, 3, 8),
+        (16, 128, 64, 4, 6, 8),
+        (32, 128, 128, 4, 4, 8),
+        (16, 256, 64, 4, 4, 8),
+    ],
 }
 
 
@@ -493,7 +524,7 @@ SMALL_CANDIDATES = [(64, 128, 4, 6), (128, 128, 4, 4), (128, 64, 4, 6), (256, 64
 SMALL_SHAPES = [(256, 7168, 4096, 8), (256, 2048, 7168, 8), (8, 6144, 65536, 2), (8, 6144, 65536, 128)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _profiling():
     """vishwam_jax.utils.profiling loaded by path (stdlib + jax only): works without the package."""
     import importlib.util
@@ -529,24 +560,30 @@ def tune_small(shapes=SMALL_SHAPES) -> None:
             default = _gmm_gpu.gmm_config(p.m, p.k, p.n, p.g, 2, 1 if int8 else 2)
             configs = [default] + [
                 dataclasses.replace(default, bn=bn, bk=2 * bk if int8 else bk, num_warps=warps, num_stages=stages)
-                for bn, bk, warps, stages in SMALL_CANDIDATES]
+                for bn, bk, warps, stages in SMALL_CANDIDATES
+            ]
             best = None
             for i, cfg in enumerate(configs):
                 try:
                     f = jax.jit(functools.partial(ours, config=cfg))
                     err = spot_check(f(lhs, w, gs, sc), lhs, w, sizes, sc)
                     kernel_us, busy_us = _profiled_us(f, lhs, w, gs, sc)
-                    log(f"tune small {p.name} M={p.m} {'int8' if int8 else 'bf16'} "
+                    log(
+                        f"tune small {p.name} M={p.m} {'int8' if int8 else 'bf16'} "
                         f"{'default ' if i == 0 else ''}{dataclasses.astuple(cfg)}: kernel {kernel_us:.1f} us "
-                        f"({wbytes / (2 if int8 else 1) / max(kernel_us, 1e-9) / 1e3:.0f} GB/s), all kernels {busy_us:.1f} us, "
-                        f"err {err:.1e}")
+                        f"({wbytes / (2 if int8 else 1) / max(kernel_us, 1e-9) / 1e3:.0f} GB/s), all kernels "
+                        f"{busy_us:.1f} us, "
+                        f"err {err:.1e}"
+                    )
                     if err < 2e-2 and (best is None or busy_us < best[0]):
                         best = (busy_us, cfg)
                 except Exception as e:  # noqa: BLE001
                     log(f"tune small {p.name} {dataclasses.astuple(cfg)}: fails {short(e)}")
             if best is not None:  # reported, not installed: the tables time the shipped defaults
-                log(f"fastest for {p.name} M={p.m} {'int8' if int8 else 'bf16'}: {dataclasses.astuple(best[1])} "
-                    f"({best[0]:.1f} us of kernels; default {dataclasses.astuple(default)})")
+                log(
+                    f"fastest for {p.name} M={p.m} {'int8' if int8 else 'bf16'}: {dataclasses.astuple(best[1])} "
+                    f"({best[0]:.1f} us of kernels; default {dataclasses.astuple(default)})"
+                )
         del rhs, rhs8
 
 
@@ -581,9 +618,11 @@ def sweep(args, deadline: float) -> None:
                 f = jax.jit(functools.partial(ours, config=cfg))
                 err = spot_check(f(lhs, rhs, gs), lhs, rhs, sizes)
                 t = time_fn(f, lhs, rhs, gs, inner=3, reps=3, budget_s=2)
-                log(f"sweep {regime} {p.name} G={p.g} M={p.m} {p.dist} {'auto ' if c is None else ''}"
+                log(
+                    f"sweep {regime} {p.name} G={p.g} M={p.m} {p.dist} {'auto ' if c is None else ''}"
                     f"{dataclasses.astuple(cfg)}: {t * 1e3:.3f} ms {flops / t / 1e12:.0f} TFLOP/s "
-                    f"{wbytes / t / 1e9:.0f} GB/s err {err:.1e}")
+                    f"{wbytes / t / 1e9:.0f} GB/s err {err:.1e}"
+                )
             except Exception as e:  # noqa: BLE001
                 log(f"sweep {regime} {p.name} M={p.m} {dataclasses.astuple(cfg)}: fails {short(e)}")
 
@@ -597,10 +636,14 @@ def fmt(v, spec=".0f"):
 
 
 def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
-    log(f"\nPrefill / training shapes (bf16; dense = one [M, K] x [K, N] matmul, same FLOPs when groups cover M; "
-        f"the largest dense matmul of this run: {peak / 1e12:.0f} TFLOP/s)")
-    log("| shape | M | loads | active | ours ms | ours TFLOP/s | dense TFLOP/s | ours/dense | ragged_dot TFLOP/s "
-        "| mgpu example TFLOP/s | floor ms | floor/ours |")
+    log(
+        f"\nPrefill / training shapes (bf16; dense = one [M, K] x [K, N] matmul, same FLOPs when groups cover M; "
+        f"the largest dense matmul of this run: {peak / 1e12:.0f} TFLOP/s)"
+    )
+    log(
+        "| shape | M | loads | active | ours ms | ours TFLOP/s | dense TFLOP/s | ours/dense | ragged_dot TFLOP/s "
+        "| mgpu example TFLOP/s | floor ms | floor/ours |"
+    )
     log("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (not r["shape"].startswith("DSv3"), r["shape"], r["m"], r["dist"])):
         if r.get("dist") in (None, "decode") or "ours_ms" not in r:
@@ -609,30 +652,47 @@ def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
         mg = fmt(r.get("mgpu_tflops")) if "mgpu_tflops" in r else r.get("mgpu", "-")
         dense = r.get("dense_tflops")
         ratio = fmt(r["ours_tflops"] / dense, ".2f") if dense else "-"
-        log(f"| {r['shape']} | {r['m']} | {r['dist']} | {r['active']} | {r['ours_ms']:.3f} | {r['ours_tflops']:.0f} | "
-            f"{fmt(dense)} | {ratio} | {rd} | {mg} | {r['floor_ms']:.3f} | {r['floor_ms'] / r['ours_ms']:.2f} |")
-    log(f"\nDecode sizes (weights read per call; read bandwidth measured in this run: {read_bw / 1e9:.0f} GB/s, "
-        "read + write)")
+        log(
+            f"| {r['shape']} | {r['m']} | {r['dist']} | {r['active']} | {r['ours_ms']:.3f} | {r['ours_tflops']:.0f} | "
+            f"{fmt(dense)} | {ratio} | {rd} | {mg} | {r['floor_ms']:.3f} | {r['floor_ms'] / r['ours_ms']:.2f} |"
+        )
+    log(
+        f"\nDecode sizes (weights read per call; read bandwidth measured in this run: {read_bw / 1e9:.0f} GB/s, "
+        "read + write)"
+    )
     default_tiling = "group-aligned" if _gmm_gpu.DECODE_GROUP_ALIGNED else "grid"
-    log(f"| shape | M | active experts | ours ms ({default_tiling} tiles) | weight GB/s | / read BW | other tiling ms "
-        "| other tiling / read BW | int8 ms | int8 weight GB/s | ragged_dot ms | mgpu example ms |")
+    log(
+        f"| shape | M | active experts | ours ms ({default_tiling} tiles) | weight GB/s | / read BW | other tiling ms "
+        "| other tiling / read BW | int8 ms | int8 weight GB/s | ragged_dot ms | mgpu example ms |"
+    )
     log("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["shape"], r["m"])):
         if r.get("dist") != "decode" or "ours_ms" not in r:
             continue
         rd = fmt(r.get("ragged_dot_ms"), ".3f") if "ragged_dot_ms" in r else r.get("ragged_dot", "-")
         mg = fmt(r.get("mgpu_ms"), ".3f") if "mgpu_ms" in r else r.get("mgpu", "-")
-        log(f"| {r['shape']} | {r['m']} | {r['active']} | {r['ours_ms']:.3f} | {r['weight_GBps']:.0f} | "
+        log(
+            f"| {r['shape']} | {r['m']} | {r['active']} | {r['ours_ms']:.3f} | {r['weight_GBps']:.0f} | "
             f"{r['weight_GBps'] * 1e9 / read_bw:.2f} | "
-            + (f"{r['alt_ms']:.3f} ({r['alt_tiling']}) | {r['alt_weight_GBps'] * 1e9 / read_bw:.2f} | " if "alt_ms" in r else "- | - | ")
+            + (
+                f"{r['alt_ms']:.3f} ({r['alt_tiling']}) | {r['alt_weight_GBps'] * 1e9 / read_bw:.2f} | "
+                if "alt_ms" in r
+                else "- | - | "
+            )
             + f"{fmt(r.get('int8_ms'), '.3f')} | "
-            f"{fmt(r.get('int8_weight_GBps'))} | {rd} | {mg} |")
+            f"{fmt(r.get('int8_weight_GBps'))} | {rd} | {mg} |"
+        )
     dev = [r for r in rows if r.get("dist") == "decode" and "ours_dev_us" in r]
     if dev:
-        log("\nDecode sizes, device time per call (profiler: every kernel of the call, metadata included; "
-            "no host dispatch)")
-        log("| shape | M | active experts | ours µs | weight GB/s | / read BW | int8 µs | int8 weight GB/s | int8 / read BW "
-            "| ragged_dot µs | mgpu example µs |")
+        log(
+            "\nDecode sizes, device time per call (profiler: every kernel of the call, metadata included; "
+            "no host dispatch)"
+        )
+        log(
+            "| shape | M | active experts | ours µs | weight GB/s | / read BW | int8 µs | int8 weight GB/s "
+            "| int8 / read BW "
+            "| ragged_dot µs | mgpu example µs |"
+        )
         log("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sorted(dev, key=lambda r: (r["shape"], r["m"])):
             wbytes = r["weight_bytes"]
@@ -640,10 +700,12 @@ def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
             gbps = wbytes / r["ours_dev_us"] / 1e3 if r["ours_dev_us"] else None
             i8 = r.get("int8_dev_us")
             i8_gbps = wbytes / 2 / i8 / 1e3 if i8 else None
-            log(f"| {r['shape']} | {r['m']} | {r['active']} | {r['ours_dev_us']:.1f} | {fmt(gbps)} | "
+            log(
+                f"| {r['shape']} | {r['m']} | {r['active']} | {r['ours_dev_us']:.1f} | {fmt(gbps)} | "
                 f"{fmt(gbps and gbps * 1e9 / read_bw, '.2f')} | "
                 f"{fmt(i8, '.1f')} | {fmt(i8_gbps)} | {fmt(i8_gbps and i8_gbps * 1e9 / read_bw, '.2f')} | "
-                f"{fmt(r.get('ragged_dot_dev_us'), '.1f')} | {fmt(r.get('mgpu_dev_us'), '.1f')} |")
+                f"{fmt(r.get('ragged_dot_dev_us'), '.1f')} | {fmt(r.get('mgpu_dev_us'), '.1f')} |"
+            )
     failed = [r for r in rows if "ours_ms" not in r]
     for r in failed:
         log(f"not measured: {r.get('shape')} M={r.get('m')} {r.get('dist')}: {r.get('FAIL')}")
@@ -655,17 +717,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a subset of the shapes")
     ap.add_argument("--tune", action="store_true", help="after the tables, sweep block configs per regime")
-    ap.add_argument("--tune-small", action="store_true",
-                    help="before the tables, time candidate few-rows-per-group configs (reported only)")
+    ap.add_argument(
+        "--tune-small",
+        action="store_true",
+        help="before the tables, time candidate few-rows-per-group configs (reported only)",
+    )
     ap.add_argument("--full", action="store_true", help="every token count of issue 6 (about twice as long)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (runs on CPU)")
     ap.add_argument("--only", default="", help="substring filter on shape names")
     ap.add_argument("--json", default="", help="also write every row here")
-    ap.add_argument("--budget", type=float, default=240.0,
-                    help="seconds: start no new shape after this (the tables print what ran)")
+    ap.add_argument(
+        "--budget", type=float, default=240.0, help="seconds: start no new shape after this (the tables print what ran)"
+    )
     ap.add_argument("--tune-budget", type=float, default=90.0, help="seconds for --tune")
-    ap.add_argument("--skip-full-checks", action="store_true",
-                    help="only the per-shape spot checks (when device time is short)")
+    ap.add_argument(
+        "--skip-full-checks", action="store_true", help="only the per-shape spot checks (when device time is short)"
+    )
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     dev = jax.devices()[0]
@@ -681,8 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     args.read_bw = read_bandwidth(8 << 20 if args.smoke else None).bytes_per_s
     size = 256 if args.smoke else 8192
     args.peak_flops = 2.0 * size**3 / dense_seconds(size, size, size)
-    log(f"read bandwidth {args.read_bw / 1e9:.0f} GB/s; dense bf16 {size}^3 "
-        f"{args.peak_flops / 1e12:.0f} TFLOP/s")
+    log(f"read bandwidth {args.read_bw / 1e9:.0f} GB/s; dense bf16 {size}^3 {args.peak_flops / 1e12:.0f} TFLOP/s")
     failures = [] if args.skip_full_checks else full_checks(args.smoke)
     log(f"[{time.perf_counter() - t_start:.0f} s] checks done")
     if args.tune_small and not args.smoke:
@@ -715,8 +781,9 @@ def main(argv: list[str] | None = None) -> int:
         if "FAIL" in row:
             failures.append(f"{p.name} M={p.m} {p.dist}: {row['FAIL']}")
         if args.json:
-            Path(args.json).write_text(json.dumps(dict(read_bw=args.read_bw, peak=args.peak_flops, rows=rows),
-                                                  indent=1))
+            Path(args.json).write_text(
+                json.dumps(dict(read_bw=args.read_bw, peak=args.peak_flops, rows=rows), indent=1)
+            )
     rhs = rhs_int8 = None
     print_tables(rows, args.read_bw, args.peak_flops)
     if args.tune:

@@ -7,7 +7,8 @@ Every layer has the released width (d 6144, 48/8 heads, 8 experts of 32768, top-
 vocabulary; only the depth is cut (314B parameters do not fit one accelerator). Weights are random.
 The roofline of one decode step is the bytes that step must read - the tied embedding (the logits),
 each layer's attention weights, router and the experts its tokens select, the filled KV cache - over
-the read bandwidth measured in the same run (`utils.benchmarking.read_bandwidth`). With random routing a batch of B tokens selects on
+the read bandwidth measured in the same run (`utils.benchmarking.read_bandwidth`). With random routing a batch
+of B tokens selects on
 average E * (1 - (1 - k/E)^B) distinct experts per layer (2 at B = 1, 7.2 of 8 at B = 8).
 EOS is disabled so that every row decodes every step.
 """
@@ -39,7 +40,9 @@ def _draw(key, shape, dtype, std):
 
 # One layer of a stacked leaf at a time, into a donated buffer: the float32 draw covers one layer
 # (no float32 copy of a whole [L, 8, 6144, 32768] expert stack).
-_fill_layer = jax.jit(lambda buf, i, key, std: buf.at[i].set(_draw(key, buf.shape[1:], buf.dtype, std)), donate_argnums=0)
+_fill_layer = jax.jit(
+    lambda buf, i, key, std: buf.at[i].set(_draw(key, buf.shape[1:], buf.dtype, std)), donate_argnums=0
+)
 _draw_jit = jax.jit(_draw, static_argnums=(1, 2))
 
 
@@ -112,16 +115,25 @@ def main(argv=None) -> None:
     ap.add_argument("--weights", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--scan-unroll", type=int, default=1, help="layers per scan iteration (at least --layers: straight-line code)")
-    ap.add_argument("--layers-form", choices=["auto", "scanned", "per-layer"], default="auto",
-                    help="stacked weights scanned, or one buffer per layer as vj.load serves on GPUs (auto: per-layer on GPUs)")
+    ap.add_argument(
+        "--scan-unroll", type=int, default=1, help="layers per scan iteration (at least --layers: straight-line code)"
+    )
+    ap.add_argument(
+        "--layers-form",
+        choices=["auto", "scanned", "per-layer"],
+        default="auto",
+        help="stacked weights scanned, or one buffer per layer as vj.load serves on GPUs (auto: per-layer on GPUs)",
+    )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     per_layer = jax.default_backend() == "gpu" if args.layers_form == "auto" else args.layers_form == "per-layer"
 
     gmm_impl = grouped_matmul.resolve_implementation()
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, grouped matmul: {gmm_impl}, "
-          f"layers: {'per-layer buffers' if per_layer else 'stacked, scanned'}", flush=True)
+    print(
+        f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, grouped matmul: {gmm_impl}, "
+        f"layers: {'per-layer buffers' if per_layer else 'stacked, scanned'}",
+        flush=True,
+    )
     bw = read_bandwidth()
     print(f"measured {bw.describe()}", flush=True)
     # eos -1: never sampled, so every row decodes every step.
@@ -130,13 +142,19 @@ def main(argv=None) -> None:
     for weights in args.weights:  # both held at once (~33 GB at 2 layers): rows alternate bf16/int8
         module = random_model(replace(config, quantization="int8" if weights == "int8" else "none"))
         graphdef, stacked = nnx.split(module, nnx.Param)
-        read_bytes[weights] = {b: step_bytes(config, stacked, b, args.prompt_len + args.new_tokens / 2) for b in args.batch}
+        read_bytes[weights] = {
+            b: step_bytes(config, stacked, b, args.prompt_len + args.new_tokens / 2) for b in args.batch
+        }
         if per_layer:  # what vj.load serves with on GPUs (models/stack.py: XLA copies a scanned layer's slices)
             module = nnx.merge(graphdef, stack.unstack_layers(stacked, delete_stacked=True))
         model = vj.Model(module)
         loaded[weights] = model
         int8_bytes = sum(x.size for x in jax.tree_util.tree_leaves(model.params) if x.dtype == jnp.int8)
-        print(f"{weights}: {tree_bytes(model.params) / 1e9:.2f} GB of parameters ({int8_bytes / 1e9:.2f} GB of them int8)", flush=True)
+        print(
+            f"{weights}: {tree_bytes(model.params) / 1e9:.2f} GB of parameters ({int8_bytes / 1e9:.2f} GB of "
+            "them int8)",
+            flush=True,
+        )
     rows = []
     for batch in args.batch:
         prompts = np.random.default_rng(0).integers(3, config.vocab_size, size=(batch, args.prompt_len))
@@ -153,22 +171,46 @@ def main(argv=None) -> None:
             step_s = s.decode_s / args.new_tokens
             floor_s = read_bytes[weights][batch] / bw.bytes_per_s
             row = {
-                "weights": weights, "layers": args.layers, "batch": batch, "prompt_len": args.prompt_len,
-                "new_tokens": args.new_tokens, "decode_tok_s": batch / step_s, "step_ms": step_s * 1e3,
-                "roofline_step_ms": floor_s * 1e3, "fraction_of_roofline": floor_s / step_s,
-                "prefill_tok_s": s.prefill_tokens_per_s, "compile_s": compile_s, "param_bytes": tree_bytes(params),
-                "step_bytes": read_bytes[weights][batch], "decode_temp_bytes": temp,
+                "weights": weights,
+                "layers": args.layers,
+                "batch": batch,
+                "prompt_len": args.prompt_len,
+                "new_tokens": args.new_tokens,
+                "decode_tok_s": batch / step_s,
+                "step_ms": step_s * 1e3,
+                "roofline_step_ms": floor_s * 1e3,
+                "fraction_of_roofline": floor_s / step_s,
+                "prefill_tok_s": s.prefill_tokens_per_s,
+                "compile_s": compile_s,
+                "param_bytes": tree_bytes(params),
+                "step_bytes": read_bytes[weights][batch],
+                "decode_temp_bytes": temp,
                 "layers_form": "per-layer" if per_layer else "scanned",
             }
             rows.append(row)
             if args.json:  # after every row, so a run stopped early still leaves its numbers
                 with open(args.json, "w") as f:
-                    json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "gmm": gmm_impl,
-                               "read_bw": bw.bytes_per_s, "spec_bw": bw.spec, "rows": rows}, f, indent=2)
-            print(f"{weights} batch {batch}: decode {row['decode_tok_s']:,.1f} tok/s, step {row['step_ms']:.2f} ms vs "
-                  f"roofline {row['roofline_step_ms']:.2f} ms ({100 * row['fraction_of_roofline']:.0f}%; {row['step_bytes'] / 1e9:.2f} GB "
-                  f"read per step), prefill {row['prefill_tok_s']:,.0f} tok/s, decode scratch {temp / 1e9:.3f} GB, "
-                  f"compile {compile_s:.0f} s", flush=True)
+                    json.dump(
+                        {
+                            "device": jax.devices()[0].device_kind,
+                            "jax": jax.__version__,
+                            "gmm": gmm_impl,
+                            "read_bw": bw.bytes_per_s,
+                            "spec_bw": bw.spec,
+                            "rows": rows,
+                        },
+                        f,
+                        indent=2,
+                    )
+            print(
+                f"{weights} batch {batch}: decode {row['decode_tok_s']:,.1f} tok/s, step {row['step_ms']:.2f} ms vs "
+                f"roofline {row['roofline_step_ms']:.2f} ms ({100 * row['fraction_of_roofline']:.0f}%; "
+                f"{row['step_bytes'] / 1e9:.2f} GB "
+                f"read per step), prefill {row['prefill_tok_s']:,.0f} tok/s, decode scratch {temp / 1e9:.3f} GB, "
+                f"compile {compile_s:.0f} s",
+                flush=True,
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -126,8 +126,9 @@ def make_runner(op, n_ops):
     return run
 
 
-def decode_case(batch, heads, length, bw, peak, scale, configs=None, do_xla=True, do_check=True, paged=False,
-                num_splits=None):
+def decode_case(
+    batch, heads, length, bw, peak, scale, configs=None, do_xla=True, do_check=True, paged=False, num_splits=None
+):
     """paged: the caches become pools of 64-token pages in shuffled order, read through a block table."""
     cache_bytes = batch * length * D * 2
     n_copies = max(1, min(32, math.ceil(2 * L2_BYTES / cache_bytes)))
@@ -141,28 +142,33 @@ def decode_case(batch, heads, length, bw, peak, scale, configs=None, do_xla=True
     flops = 2 * batch * heads * length * (D + DV)
     bytes_ = cache_bytes + batch * heads * (D + DV) * 2
     floor = max(bytes_ / bw, flops / peak)
-    res = dict(batch=batch, heads=heads, length=length, floor_us=floor * 1e6, bytes=bytes_, flops=flops,
-               paged=paged)
+    res = dict(batch=batch, heads=heads, length=length, floor_us=floor * 1e6, bytes=bytes_, flops=flops, paged=paged)
     results = {}
     nb = min(batch, 4)
     if do_check:
         ref_cache = caches[0][table[:nb]].reshape(nb, length, D) if paged else caches[0][:nb]
         ref = jax.jit(functools.partial(mla.mla_decode_reference, softmax_scale=scale))(
-            qs[0][:nb], ref_cache, lengths[:nb])
+            qs[0][:nb], ref_cache, lengths[:nb]
+        )
     for name, cfg in (configs or {"ours": None}).items():
         try:
             if cfg is None:
-                op = functools.partial(mla.mla_decode, softmax_scale=scale, implementation=OURS, block_table=table,
-                                       num_splits=num_splits)
+                op = functools.partial(
+                    mla.mla_decode, softmax_scale=scale, implementation=OURS, block_table=table, num_splits=num_splits
+                )
             else:
-                op = functools.partial(_mla_gpu.mla_decode_gpu, block_table=table, softmax_scale=scale, v_head_dim=DV,
-                                       **cfg)
+                op = functools.partial(
+                    _mla_gpu.mla_decode_gpu, block_table=table, softmax_scale=scale, v_head_dim=DV, **cfg
+                )
                 op = (lambda f: lambda q, c, l: f(q, c, l)[0])(op)
             runner = make_runner(op, n_ops)
             if do_check:  # the timed program's own first output, against the float32 reference
                 out = runner(qs, caches, lengths)[0]
-                check(f"decode {name} b{batch} h{heads} L{length}{' paged' if paged else ''}", rel_err(out[:nb], ref),
-                      2e-2)
+                check(
+                    f"decode {name} b{batch} h{heads} L{length}{' paged' if paged else ''}",
+                    rel_err(out[:nb], ref),
+                    2e-2,
+                )
             results[name] = time_fn(runner, (qs, caches, lengths), n_ops)
         except Exception as e:  # noqa: BLE001 - report and keep going
             log(f"  {name} failed: {type(e).__name__}: {str(e)[:300]}")
@@ -191,12 +197,17 @@ def fmt_decode_row(r, name="ours"):
     tfs = r["flops"] / (t * 1e-6) / 1e12
     paged = " paged" if r.get("paged") else ""
     auto = r["times_us"].get("auto", float("nan"))
-    return (f"| {r['heads']:>3} | {r['batch']:>3} | {r['length'] // 1024:>3}K{paged} | {t:9.1f} | {gbs:7.0f} | {tfs:6.0f} | "
-            f"{x:9.1f} | {x / t:5.2f}x | {r['floor_us']:7.1f} | {r['floor_us'] / t:5.2f} | {auto:9.1f} |")
+    return (
+        f"| {r['heads']:>3} | {r['batch']:>3} | {r['length'] // 1024:>3}K{paged} | {t:9.1f} | {gbs:7.0f} | "
+        f"{tfs:6.0f} | "
+        f"{x:9.1f} | {x / t:5.2f}x | {r['floor_us']:7.1f} | {r['floor_us'] / t:5.2f} | {auto:9.1f} |"
+    )
 
 
-DECODE_HEADER = ("| heads | batch | cache | kernel µs | GB/s | TFLOP/s | XLA µs | XLA / kernel | floor µs | floor/kernel "
-                 "| auto µs |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+DECODE_HEADER = (
+    "| heads | batch | cache | kernel µs | GB/s | TFLOP/s | XLA µs | XLA / kernel | floor µs | floor/kernel "
+    "| auto µs |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,8 +278,10 @@ def prefill_check(scale):
             check(f"prefill {impl} fwd", rel_err(o, o_r), 2e-2)
             for n, a, b in zip(("dq", "dk", "dv"), g, g_r):
                 check(f"prefill {impl} {n}", rel_err(a, b), 3e-2)
-            log(f"prefill {impl} check: fwd {rel_err(o, o_r):.2e} "
-                + " ".join(f"{n} {rel_err(a, b):.2e}" for n, a, b in zip(("dq", "dk", "dv"), g, g_r)))
+            log(
+                f"prefill {impl} check: fwd {rel_err(o, o_r):.2e} "
+                + " ".join(f"{n} {rel_err(a, b):.2e}" for n, a, b in zip(("dq", "dk", "dv"), g, g_r))
+            )
         except Exception as e:  # noqa: BLE001
             msg = f"prefill {impl} check failed: {type(e).__name__}: {str(e)[:400]}"
             log(msg)
@@ -285,18 +298,24 @@ def fmt_prefill_row(r, key):
     mult = 3.5 if key == "fwdbwd" else 1.0  # bwd = 2.5x fwd matmul work
     tf = r["flops"] * mult / (ours * 1e-6) / 1e12
     best_other = min([x for n, x in r[key].items() if n != "ours" and x is not None and x == x] or [float("nan")])
-    return (f"| {r['heads']:>3} | {r['batch']} | {r['t'] // 1024}K | " + " | ".join(cells)
-            + f" | {tf:5.0f} | {best_other / ours:5.2f}x |")
+    return (
+        f"| {r['heads']:>3} | {r['batch']} | {r['t'] // 1024}K | "
+        + " | ".join(cells)
+        + f" | {tf:5.0f} | {best_other / ours:5.2f}x |"
+    )
 
 
-PREFILL_HEADER = ("| heads | batch | t | ours µs | cuDNN MLA µs | cuDNN v-padded µs | XLA µs | ours TFLOP/s | "
-                  "best other / ours |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+PREFILL_HEADER = (
+    "| heads | batch | t | ours µs | cuDNN MLA µs | cuDNN v-padded µs | XLA µs | ours TFLOP/s | "
+    "best other / ours |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
 
 
 # ------------------------------------------------------------------------------------------------
 def tune(bw, peak, scale):
     """Compact sweeps; the winners are applied to this process's defaults (and printed, to be
     copied into _mla_gpu / _flash_prefill)."""
+
     def best(r):
         ok = {k: v for k, v in r["times_us"].items() if k != "xla" and v == v}
         return min(ok, key=ok.get) if ok else None
@@ -346,8 +365,10 @@ def tune(bw, peak, scale):
             tot += t / r["floor_us"]
         totals[waves] = tot
     _mla_gpu.SPLIT_WAVES = min(totals, key=totals.get)
-    log(f"TUNED decode: CFG_WIDE={_mla_gpu.CFG_WIDE} CFG_NARROW={_mla_gpu.CFG_NARROW} "
-        f"SPLIT_WAVES={_mla_gpu.SPLIT_WAVES}")
+    log(
+        f"TUNED decode: CFG_WIDE={_mla_gpu.CFG_WIDE} CFG_NARROW={_mla_gpu.CFG_NARROW} "
+        f"SPLIT_WAVES={_mla_gpu.SPLIT_WAVES}"
+    )
 
     q, k, v, do = prefill_inputs(2, 4096, 128)
     flops = 2 * 2 * 128 * 4096**2 * 320 / 2
@@ -389,10 +410,16 @@ def small_batch_sweep(bw, peak, scale):
     where the default loses to XLA), timed with XLA in the same process; the winners are printed."""
     narrow = dict(num_warps=4)
     cases = {
-        (16, 1, 32768): {f"s{n}k{k}st{st}": dict(narrow, block_h=16, block_k=k, num_stages=st, num_splits=n)
-                         for n in (64, 128, 256) for k, st in ((32, 3), (32, 4), (64, 2))},
-        (16, 8, 4096): {f"s{n}k{k}st{st}": dict(narrow, block_h=16, block_k=k, num_stages=st, num_splits=n)
-                        for n in (4, 8, 16, 32) for k, st in ((32, 3), (64, 2))},
+        (16, 1, 32768): {
+            f"s{n}k{k}st{st}": dict(narrow, block_h=16, block_k=k, num_stages=st, num_splits=n)
+            for n in (64, 128, 256)
+            for k, st in ((32, 3), (32, 4), (64, 2))
+        },
+        (16, 8, 4096): {
+            f"s{n}k{k}st{st}": dict(narrow, block_h=16, block_k=k, num_stages=st, num_splits=n)
+            for n in (4, 8, 16, 32)
+            for k, st in ((32, 3), (64, 2))
+        },
         (128, 1, 4096): {f"s{n}": dict(_mla_gpu.CFG_WIDE, num_splits=n) for n in (4, 8, 16, 32, 64)},
     }
     for (heads, batch, length), configs in cases.items():
@@ -400,21 +427,46 @@ def small_batch_sweep(bw, peak, scale):
         times = r["times_us"]
         auto = _mla_gpu.default_config(heads, batch, length, False)
         cells = ", ".join(f"{k}: {v:.1f}" for k, v in sorted(times.items(), key=lambda kv: kv[1]))
-        log(f"small-batch sweep h{heads} b{batch} L{length} (µs; default splits {auto['num_splits']}, "
-            f"floor {r['floor_us']:.1f}): {cells}")
+        log(
+            f"small-batch sweep h{heads} b{batch} L{length} (µs; default splits {auto['num_splits']}, "
+            f"floor {r['floor_us']:.1f}): {cells}"
+        )
 
 
 def decode_shapes(args) -> list[tuple]:
     """(heads, batch, cache length, paged) rows of the decode table."""
     # default: one shape per regime, both head counts, batch 1..128, caches 1K..32K (~4 min
     # with the prefill pair below); --more: 17 + 2 shapes (~9 min); --all: the full grid
-    shapes = [(128, 1, 4096, False), (16, 1, 32768, False), (128, 8, 32768, False), (16, 8, 4096, False),
-              (128, 64, 1024, False), (16, 128, 8192, False), (128, 128, 8192, False), (128, 64, 4096, True)]
+    shapes = [
+        (128, 1, 4096, False),
+        (16, 1, 32768, False),
+        (128, 8, 32768, False),
+        (16, 8, 4096, False),
+        (128, 64, 1024, False),
+        (16, 128, 8192, False),
+        (128, 128, 8192, False),
+        (128, 64, 4096, True),
+    ]
     if args.more:
-        shapes = [(128, 1, 4096), (128, 1, 32768), (128, 8, 4096), (128, 8, 32768), (128, 64, 1024),
-                  (128, 64, 4096), (128, 64, 8192), (128, 128, 4096), (128, 128, 8192), (128, 128, 32768),
-                  (16, 1, 4096), (16, 1, 32768), (16, 8, 8192), (16, 64, 8192), (16, 128, 1024),
-                  (16, 128, 8192), (16, 128, 32768)]
+        shapes = [
+            (128, 1, 4096),
+            (128, 1, 32768),
+            (128, 8, 4096),
+            (128, 8, 32768),
+            (128, 64, 1024),
+            (128, 64, 4096),
+            (128, 64, 8192),
+            (128, 128, 4096),
+            (128, 128, 8192),
+            (128, 128, 32768),
+            (16, 1, 4096),
+            (16, 1, 32768),
+            (16, 8, 8192),
+            (16, 64, 8192),
+            (16, 128, 1024),
+            (16, 128, 8192),
+            (16, 128, 32768),
+        ]
         shapes = [s + (False,) for s in shapes] + [(128, 64, 4096, True), (16, 128, 8192, True)]
     if args.all:
         shapes = [(h, b, L, False) for h in (128, 16) for b in (1, 8, 64, 128) for L in (1024, 4096, 8192, 32768)]
@@ -422,8 +474,10 @@ def decode_shapes(args) -> list[tuple]:
     if args.quick:
         shapes = [(128, 1, 4096, False), (128, 64, 4096, False), (16, 128, 8192, False)]
     if args.shape:
-        shapes = [(int(h), int(b), int(L), paged == "paged") for h, b, L, paged in
-                  (tuple(x.split(",")) + ("",) * (4 - len(x.split(","))) for x in args.shape)]
+        shapes = [
+            (int(h), int(b), int(L), paged == "paged")
+            for h, b, L, paged in (tuple(x.split(",")) + ("",) * (4 - len(x.split(","))) for x in args.shape)
+        ]
     return shapes
 
 
@@ -431,11 +485,11 @@ def prefill_shapes(args) -> list[tuple]:
     """(heads, batch, tokens) rows of the prefill tables."""
     pshapes = [(128, 1, 4096), (16, 8, 2048)]
     if args.more:
-        pshapes = [(128, 1, 1024), (128, 1, 8192), (128, 4, 2048), (128, 8, 4096), (16, 1, 8192),
-                   (16, 8, 4096)]
+        pshapes = [(128, 1, 1024), (128, 1, 8192), (128, 4, 2048), (128, 8, 4096), (16, 1, 8192), (16, 8, 4096)]
     if args.all:
-        pshapes = [(h, b, t) for h in (128, 16) for b, t in ((1, 1024), (1, 4096), (1, 8192), (4, 2048),
-                                                             (8, 1024), (8, 4096))]
+        pshapes = [
+            (h, b, t) for h in (128, 16) for b, t in ((1, 1024), (1, 4096), (1, 8192), (4, 2048), (8, 1024), (8, 4096))
+        ]
     if args.quick:
         pshapes = [(16, 8, 2048)]
     return pshapes
@@ -459,12 +513,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the raw numbers here")
     ap.add_argument("--verbose", action="store_true", help="log compile times")
     ap.add_argument("--split-sweep", action="store_true", help="time a few explicit split counts first")
-    ap.add_argument("--shape", action="append", default=[], metavar="HEADS,BATCH,LEN[,paged]",
-                    help="decode shapes to time instead of the default set (repeatable)")
-    ap.add_argument("--small-batch-sweep", action="store_true",
-                    help="time split counts x tiles on the small-batch shapes first (reported only)")
-    ap.add_argument("--budget", type=float, default=None,
-                    help="seconds: stop starting new shapes after this (the tables print what ran)")
+    ap.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="HEADS,BATCH,LEN[,paged]",
+        help="decode shapes to time instead of the default set (repeatable)",
+    )
+    ap.add_argument(
+        "--small-batch-sweep",
+        action="store_true",
+        help="time split counts x tiles on the small-batch shapes first (reported only)",
+    )
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds: stop starting new shapes after this (the tables print what ran)",
+    )
     args = ap.parse_args(argv)
     global VERBOSE
     VERBOSE = args.verbose
@@ -503,8 +569,12 @@ def main(argv: list[str] | None = None) -> int:
             dump(args.json, report)
     if not args.no_prefill:
         prefill_check(scale)
-        impls = {"ours": ("pallas_gpu", None), "cudnn": ("cudnn_native", None), "cudnn_pad": ("cudnn_pad", None),
-                 "xla": ("xla", None)}
+        impls = {
+            "ours": ("pallas_gpu", None),
+            "cudnn": ("cudnn_native", None),
+            "cudnn_pad": ("cudnn_pad", None),
+            "xla": ("xla", None),
+        }
         for heads, batch, t in prefill_shapes(args):
             if out_of_time():
                 log(f"budget: skipping prefill h{heads} b{batch} t{t} and later shapes")
@@ -536,8 +606,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def decode_extra_checks(scale):
     rng = np.random.default_rng(0)
-    for heads, s_q, paged, lengths in ((128, 1, False, [0, 1, 63, 65, 4000, 4096]), (16, 2, True, [2, 64, 1000, 4096]),
-                                       (128, 2, True, [5, 4096, 129, 3000]), (16, 1, False, [4096, 17, 0, 2048])):
+    for heads, s_q, paged, lengths in (
+        (128, 1, False, [0, 1, 63, 65, 4000, 4096]),
+        (16, 2, True, [2, 64, 1000, 4096]),
+        (128, 2, True, [5, 4096, 129, 3000]),
+        (16, 1, False, [4096, 17, 0, 2048]),
+    ):
         batch = len(lengths)
         q = jnp.asarray(rng.standard_normal((batch, s_q, heads, D)), jnp.bfloat16)
         if paged:
@@ -551,8 +625,9 @@ def decode_extra_checks(scale):
         ref = mla.mla_decode_reference(q, cache, ln, softmax_scale=scale, block_table=bt)
         for splits in (None, 7):
             try:
-                out = mla.mla_decode(q, cache, ln, softmax_scale=scale, block_table=bt, num_splits=splits,
-                                     implementation=OURS)
+                out = mla.mla_decode(
+                    q, cache, ln, softmax_scale=scale, block_table=bt, num_splits=splits, implementation=OURS
+                )
                 err = rel_err(out, ref)
                 check(f"decode ragged h{heads} s_q{s_q} paged={paged} splits={splits}", err, 2e-2)
             except Exception as e:  # noqa: BLE001

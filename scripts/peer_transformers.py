@@ -59,8 +59,11 @@ def measure(model, prompts, new_tokens: int, mode: str) -> dict:
     if mode.startswith("static"):
         # One cache length for both generation lengths: a static cache of another size would recompile.
         max_cache_len = prompts.shape[1] + new_tokens
-        kwargs |= {"cache_implementation": "static", "max_cache_len": max_cache_len,
-                   "disable_compile": mode == "static-nocompile"}
+        kwargs |= {
+            "cache_implementation": "static",
+            "max_cache_len": max_cache_len,
+            "disable_compile": mode == "static-nocompile",
+        }
     else:
         kwargs |= {"disable_compile": True}
 
@@ -76,8 +79,13 @@ def measure(model, prompts, new_tokens: int, mode: str) -> dict:
     batch, prompt_len = prompts.shape
     step_s = (full - first) / (new_tokens - 1)
     return {
-        "mode": mode, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "prefill_tok_s": batch * prompt_len / first, "decode_tok_s": batch / step_s, "step_ms": step_s * 1e3,
+        "mode": mode,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "prefill_tok_s": batch * prompt_len / first,
+        "decode_tok_s": batch / step_s,
+        "step_ms": step_s * 1e3,
         "warmup_s": warmup_s,
     }
 
@@ -117,8 +125,11 @@ def main(argv=None) -> int:
     with torch.device(args.device):  # built where it runs: no host copy of the weights
         model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16).eval()
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"transformers {transformers.__version__}, torch {torch.__version__}, {device}: {args.model} "
-          f"({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, bf16)", flush=True)
+    print(
+        f"transformers {transformers.__version__}, torch {torch.__version__}, {device}: {args.model} "
+        f"({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, bf16)",
+        flush=True,
+    )
     read_bw = torch_read_bandwidth() if args.device == "cuda" else None
     if read_bw:
         print(f"PyTorch reduction read bandwidth: {read_bw / 1e12:.2f} TB/s", flush=True)
@@ -130,13 +141,24 @@ def main(argv=None) -> int:
             for mode in args.modes:
                 row = measure(model, prompts, args.new_tokens, mode)
                 rows.append(row)
-                print(f"transformers {mode} batch {batch}: prefill {row['prefill_tok_s']:,.0f} tok/s, decode "
-                      f"{row['decode_tok_s']:,.1f} tok/s, step {row['step_ms']:.2f} ms "
-                      f"(warm-up incl. compile {row['warmup_s']:.0f} s)", flush=True)
+                print(
+                    f"transformers {mode} batch {batch}: prefill {row['prefill_tok_s']:,.0f} tok/s, decode "
+                    f"{row['decode_tok_s']:,.1f} tok/s, step {row['step_ms']:.2f} ms "
+                    f"(warm-up incl. compile {row['warmup_s']:.0f} s)",
+                    flush=True,
+                )
                 if args.json:  # after every row: a run stopped early keeps its numbers
                     with open(args.json, "w") as f:
-                        json.dump({"device": device, "transformers": transformers.__version__, "torch_read_bw": read_bw,
-                                   "rows": rows}, f, indent=2)
+                        json.dump(
+                            {
+                                "device": device,
+                                "transformers": transformers.__version__,
+                                "torch_read_bw": read_bw,
+                                "rows": rows,
+                            },
+                            f,
+                            indent=2,
+                        )
     return 0
 
 

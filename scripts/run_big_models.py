@@ -47,13 +47,23 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["deepseek-v3", "grok-1"], choices=["deepseek-v3", "grok-1"])
     ap.add_argument("--layers", type=int, default=None, help="DeepSeek-V3 depth (default: published, 61)")
-    ap.add_argument("--dense-layers", type=int, default=None, help="DeepSeek-V3 leading dense layers (default: min(3, layers - 1))")
-    ap.add_argument("--grok-layers", type=int, default=None, help="Grok-1 depth (default: --layers, else published, 64)")
-    ap.add_argument("--deepseek-weights", choices=["int8", "bf16"], default=None,
-                    help="default: int8 where the family's config accepts quantization='int8', else bf16 "
-                         "(bf16 does not fit 8×141 GB at full depth)")
+    ap.add_argument(
+        "--dense-layers", type=int, default=None, help="DeepSeek-V3 leading dense layers (default: min(3, layers - 1))"
+    )
+    ap.add_argument(
+        "--grok-layers", type=int, default=None, help="Grok-1 depth (default: --layers, else published, 64)"
+    )
+    ap.add_argument(
+        "--deepseek-weights",
+        choices=["int8", "bf16"],
+        default=None,
+        help="default: int8 where the family's config accepts quantization='int8', else bf16 "
+        "(bf16 does not fit 8×141 GB at full depth)",
+    )
     ap.add_argument("--grok-weights", choices=["int8", "bf16"], default="bf16")
-    ap.add_argument("--mesh", default=None, help='override both layouts, e.g. "tensor=2,expert=4" (axes data, fsdp, tensor, expert)')
+    ap.add_argument(
+        "--mesh", default=None, help='override both layouts, e.g. "tensor=2,expert=4" (axes data, fsdp, tensor, expert)'
+    )
     ap.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
     ap.add_argument("--cpu-devices", type=int, default=None, help="simulate N CPU devices (sets XLA_FLAGS; CPU only)")
     ap.add_argument("--tiny", action="store_true", help="tiny widths (the -tiny presets, made divisible by 8 devices)")
@@ -61,10 +71,17 @@ def parse_args(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--cache-len", type=int, default=4096)
     ap.add_argument("--decode-steps", type=int, default=8, help="timed decode steps per batch size (median)")
-    ap.add_argument("--profile", action="store_true",
-                    help="also trace the first prefill and 3 decode steps per batch size; report device 0's time per kernel")
-    ap.add_argument("--moe-exchange", choices=["auto", "ragged", "dense"], default="auto",
-                    help="expert-parallel all-to-all (use_mesh's moe_all_to_all)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also trace the first prefill and 3 decode steps per batch size; report device 0's time per kernel",
+    )
+    ap.add_argument(
+        "--moe-exchange",
+        choices=["auto", "ragged", "dense"],
+        default="auto",
+        help="expert-parallel all-to-all (use_mesh's moe_all_to_all)",
+    )
     ap.add_argument("--json", default=None, help="also write the results here (rewritten after every measurement)")
     return ap.parse_args(argv)
 
@@ -72,7 +89,9 @@ def parse_args(argv=None):
 ARGS = parse_args()
 if ARGS.cpu_devices:
     os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={ARGS.cpu_devices}"
+    os.environ["XLA_FLAGS"] = (
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={ARGS.cpu_devices}"
+    )
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the weights take most of each card
 
 import jax  # noqa: E402
@@ -80,8 +99,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
-
 from scaling_plan import matrix_fan_ins  # noqa: E402  (scripts/: the Linears' fan-ins from their einsums)
+
 from vishwam_jax import models  # noqa: E402
 from vishwam_jax.presets import ConfigError, get_config  # noqa: E402
 from vishwam_jax.sharding import RULES, logical_axes, make_mesh, param_shardings, parse_mesh, use_mesh  # noqa: E402
@@ -142,8 +161,12 @@ def grok_config(weights: str):
     overrides = {"num_layers": layers} if layers is not None else {}
     if ARGS.tiny:  # the tiny preset has 4 query heads and 4 experts: make both divide 8 devices
         overrides.update(num_heads=8, num_experts=8)
-    return get_config(name, max_seq_len=max(base.max_seq_len, ARGS.cache_len + 64, max(ARGS.prefill)),
-                      **overrides, **_quantization(weights))
+    return get_config(
+        name,
+        max_seq_len=max(base.max_seq_len, ARGS.cache_len + 64, max(ARGS.prefill)),
+        **overrides,
+        **_quantization(weights),
+    )
 
 
 # -- directly-sharded random weights ---------------------------------------------------------------
@@ -155,7 +178,7 @@ def abstract_model(config) -> tuple[nnx.Module, nnx.GraphDef, nnx.State]:
     return module, graphdef, state
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _leaf_init(kind: str, shape: tuple, dtype, sharding, std: float):
     def init(key):
         if kind == "ones":
@@ -295,9 +318,16 @@ def collective_time(config, mesh, batch: int) -> tuple[str, float]:
 # -- one model ----------------------------------------------------------------------------------------
 def run_model(name: str, config, weights: str, mesh, rules) -> dict:
     module, graphdef, abstract = abstract_model(config)
-    res = {"model": name, "layers": config.num_layers, "weights": weights, "mesh": dict(mesh.shape), "rules": rules.name,
-           "moe_exchange": ARGS.moe_exchange,
-           "devices": mesh.devices.size, "device_kind": jax.devices()[0].device_kind}
+    res = {
+        "model": name,
+        "layers": config.num_layers,
+        "weights": weights,
+        "mesh": dict(mesh.shape),
+        "rules": rules.name,
+        "moe_exchange": ARGS.moe_exchange,
+        "devices": mesh.devices.size,
+        "device_kind": jax.devices()[0].device_kind,
+    }
     RESULTS["runs"].append(res)
     shardings = param_shardings(abstract, mesh, rules, config)
     t = time.perf_counter()
@@ -308,8 +338,10 @@ def run_model(name: str, config, weights: str, mesh, rules) -> dict:
     res["param_gb_total"] = total / 1e9
     res["param_gb_device0"] = shard_bytes(params) / 1e9
     res["memory_after_init_gb"] = device_memory()
-    log(f"[{name}] {config.num_layers} layers, {weights}, mesh {dict(mesh.shape)} rules {rules.name}: "
-        f"{total / 1e9:.4g} GB of weights, {res['param_gb_device0']:.4g} GB on device 0, init {res['init_s']:.1f} s")
+    log(
+        f"[{name}] {config.num_layers} layers, {weights}, mesh {dict(mesh.shape)} rules {rules.name}: "
+        f"{total / 1e9:.4g} GB of weights, {res['param_gb_device0']:.4g} GB on device 0, init {res['init_s']:.1f} s"
+    )
     save()
 
     vocab_hi = min(config.vocab_size, 30000)
@@ -335,16 +367,21 @@ def run_model(name: str, config, weights: str, mesh, rules) -> dict:
             prefill = None
             for i in range(3):  # first call compiles
                 cache, sh = make_cache(1, length)
-                prefill = prefill or jax.jit(prefill_body, donate_argnums=2, out_shardings=(NamedSharding(mesh, PartitionSpec()), sh))
+                prefill = prefill or jax.jit(
+                    prefill_body, donate_argnums=2, out_shardings=(NamedSharding(mesh, PartitionSpec()), sh)
+                )
                 jax.block_until_ready(cache)
                 t = time.perf_counter()
                 jax.block_until_ready(prefill(params, tokens, cache))
                 times.append(time.perf_counter() - t)
                 del cache
             s = float(np.median(times[1:]))
-            res["prefill"].append({"tokens": length, "seconds": s, "tok_s": length / s, "ttft_ms": s * 1e3, "compile_s": times[0] - s})
+            res["prefill"].append(
+                {"tokens": length, "seconds": s, "tok_s": length / s, "ttft_ms": s * 1e3, "compile_s": times[0] - s}
+            )
             log(f"[{name}] prefill {length:>5} tokens: {length / s:,.0f} tok/s, time to first token {s * 1e3:,.1f} ms")
             if ARGS.profile and length == ARGS.prefill[0]:
+
                 def one_prefill():
                     fresh, _ = make_cache(1, length)
                     return prefill(params, tokens, fresh)[0]
@@ -383,13 +420,26 @@ def run_model(name: str, config, weights: str, mesh, rules) -> dict:
                 times.append(time.perf_counter() - t)
             step = float(np.median(times))
             what, coll = collective_time(config, mesh, batch)
-            row = {"batch": batch, "cache_len": ARGS.cache_len, "step_ms": step * 1e3, "tok_s": batch / step,
-                   "tok_s_per_stream": 1 / step, "collectives": what, "collective_ms_alone": coll * 1e3,
-                   "collective_share": coll / step, "compile_s": compile_s, "memory_gb": device_memory(),
-                   "cache_gb_device0": shard_bytes(cache) / 1e9}
+            row = {
+                "batch": batch,
+                "cache_len": ARGS.cache_len,
+                "step_ms": step * 1e3,
+                "tok_s": batch / step,
+                "tok_s_per_stream": 1 / step,
+                "collectives": what,
+                "collective_ms_alone": coll * 1e3,
+                "collective_share": coll / step,
+                "compile_s": compile_s,
+                "memory_gb": device_memory(),
+                "cache_gb_device0": shard_bytes(cache) / 1e9,
+            }
             res["decode"].append(row)
-            log(f"[{name}] decode batch {batch:>3} @ {ARGS.cache_len} cache: step {step * 1e3:,.2f} ms, {batch / step:,.1f} tok/s "
-                f"({1 / step:,.1f} per stream); collectives alone {coll * 1e3:,.2f} ms = {coll / step:.0%} of the step [{what}]")
+            log(
+                f"[{name}] decode batch {batch:>3} @ {ARGS.cache_len} cache: step {step * 1e3:,.2f} ms, "
+                f"{batch / step:,.1f} tok/s "
+                f"({1 / step:,.1f} per stream); collectives alone {coll * 1e3:,.2f} ms = {coll / step:.0%} "
+                f"of the step [{what}]"
+            )
             if ARGS.profile:
                 state = {"token": token, "cache": cache}
 
@@ -415,10 +465,13 @@ def run_model(name: str, config, weights: str, mesh, rules) -> dict:
     res["roofline_step_ms_all_weights"] = res["param_gb_device0"] * 1e9 / bw * 1e3
     res["memory_final_gb"] = device_memory()
     res["seed"] = SEED[config.family]
-    log(f"[{name}] read bandwidth {bw / 1e9:,.0f} GB/s: reading device 0's weights takes {res['roofline_step_ms_all_weights']:,.2f} ms; "
-        f"memory {res['memory_final_gb'] or 'not reported by this backend'}; seed per-stream {SEED[config.family]}")
+    log(
+        f"[{name}] read bandwidth {bw / 1e9:,.0f} GB/s: reading device 0's weights takes "
+        f"{res['roofline_step_ms_all_weights']:,.2f} ms; "
+        f"memory {res['memory_final_gb'] or 'not reported by this backend'}; seed per-stream {SEED[config.family]}"
+    )
     save()
-    del params
+    params = None  # the next model needs the memory (closures above hold the name, so rebind rather than del)
     return res
 
 

@@ -133,7 +133,10 @@ def param_stats(config, layout: Layout) -> ParamStats:
     names = logical_axes(state)
     fan_ins = matrix_fan_ins(module)
     # Paths end at each nnx.Param (not at its `.value` inside): the module attribute paths.
-    flat = [(kp, v.get_value()) for kp, v in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]]
+    flat = [
+        (kp, v.get_value())
+        for kp, v in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    ]
     flat_specs = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     flat_names = jax.tree_util.tree_leaves(names, is_leaf=lambda x: isinstance(x, tuple))
     st = ParamStats()
@@ -196,7 +199,6 @@ def train_table(layout: Layout) -> str:
     st = param_stats(config, layout)
     n_dev, m = layout.devices, layout.mesh
     d, k = config.d_model, top_k(config)
-    fsdp_like = m.get("fsdp", 1) * m.get("expert", 1)
     ep, tp = m.get("expert", 1), m.get("tensor", 1)
     seqs_per_chip = layout.global_batch * tp / n_dev  # tensor shards see the same sequences
     accum = seqs_per_chip / layout.micro_batch
@@ -225,27 +227,51 @@ def train_table(layout: Layout) -> str:
     flash = config.family == "deepseek_v3"  # MLA prefill/training attention is the Pallas flash kernel
     attn = 0 if flash else 2 * layout.micro_batch * heads / tp * layout.seq_len**2 * 4
     total = master + adam + grads + gathered + saved + moe_buf + logits + attn
-    add("parameters (total / active per token)", f"{st.total / 1e9:,.1f} B / {active_params(config, st) / 1e9:,.1f} B", "models.abstract (nnx.eval_shape)")
+    add(
+        "parameters (total / active per token)",
+        f"{st.total / 1e9:,.1f} B / {active_params(config, st) / 1e9:,.1f} B",
+        "models.abstract (nnx.eval_shape)",
+    )
     add("parameters per chip", f"{st.per_device / 1e9:,.3f} B", f"param_specs(rules={layout.rules!r})")
     add("float32 master weights", fmt_gb(master), "4 B × params per chip")
     add("Adam moments (float32 m, v)", fmt_gb(adam), "8 B × params per chip")
     add("float32 gradients", fmt_gb(grads), "4 B × params per chip")
-    add("bf16 weights gathered for compute", fmt_gb(gathered), f"2 layers × {st.largest_layer_gathered / 1e9:.2f} B params × 2 B (largest layer after the FSDP all-gather)")
+    add(
+        "bf16 weights gathered for compute",
+        fmt_gb(gathered),
+        f"2 layers × {st.largest_layer_gathered / 1e9:.2f} B params × 2 B (largest layer after the FSDP all-gather)",
+    )
     add("saved activations (full remat)", fmt_gb(saved), f"{L} layers × {tokens_micro:,} tokens × d={d} × 2 B")
-    cap_name = f"capacity-free: c = ep·min(k, E/ep)/k = {c:g}" if layout.capacity_factor is None else f"capacity factor c = {c:g}"
-    add(f"MoE exchange buffers ({cap_name})", fmt_gb(moe_buf), f"c × {rows_routed:,} routed rows × (4·d + 3·f/tensor) × 2 B")
+    cap_name = (
+        f"capacity-free: c = ep·min(k, E/ep)/k = {c:g}"
+        if layout.capacity_factor is None
+        else f"capacity factor c = {c:g}"
+    )
+    add(
+        f"MoE exchange buffers ({cap_name})",
+        fmt_gb(moe_buf),
+        f"c × {rows_routed:,} routed rows × (4·d + 3·f/tensor) × 2 B",
+    )
     add("logits + their gradient", fmt_gb(logits), f"{tokens_micro:,} tokens × vocab/tensor={vocab:,.0f} × 4 B × 2")
     if attn:
-        add("attention scores (one layer)", fmt_gb(attn), f"2 × heads/tensor={heads // tp} × t²={layout.seq_len}² × 4 B")
+        add(
+            "attention scores (one layer)", fmt_gb(attn), f"2 × heads/tensor={heads // tp} × t²={layout.seq_len}² × 4 B"
+        )
     else:
         add("attention scores", "O(t·h·d) only", "flash kernel (pallas_kernels.mla_attention): no t×t matrix")
     add("**total per chip**", f"**{fmt_gb(total)}** of {fmt_gb(layout.chip.hbm)}", "")
     if layout.capacity_factor is not None:
-        add("(capacity-free exchange instead)", fmt_gb(buf(c_free)), f"c = ep·min(k, E/ep)/k = {c_free:g}: the reason this layout sets a capacity factor")
+        add(
+            "(capacity-free exchange instead)",
+            fmt_gb(buf(c_free)),
+            f"c = ep·min(k, E/ep)/k = {c_free:g}: the reason this layout sets a capacity factor",
+        )
 
     # Communication per optimizer step, bytes received per chip.
     micro = accum
-    ag = 2 * micro * 2 * (st.per_device_gathered - st.per_device)  # all-gather bf16 weights in forward and again in the remat'd backward
+    ag = (
+        2 * micro * 2 * (st.per_device_gathered - st.per_device)
+    )  # all-gather bf16 weights in forward and again in the remat'd backward
     rs = micro * 4 * (st.per_device_gathered - st.per_device)  # reduce-scatter float32 gradients
     a2a = 0.0
     if ep > 1:
@@ -260,18 +286,31 @@ def train_table(layout: Layout) -> str:
     dp_ar = 2 * (dp - 1) / dp * 4 * st.per_device if dp > 1 else 0.0
     flops = 6 * active_params(config, st) * layout.global_batch * layout.seq_len / n_dev
     t_compute = flops / layout.chip.flops
-    comm = [("FSDP all-gathers (bf16 weights, fwd + bwd)", ag), ("gradient reduce-scatter (f32)", rs), ("expert all-to-all (6 per MoE layer)", a2a),
-            ("tensor all-reduces", tp_ar), ("data all-reduce", dp_ar)]
+    comm = [
+        ("FSDP all-gathers (bf16 weights, fwd + bwd)", ag),
+        ("gradient reduce-scatter (f32)", rs),
+        ("expert all-to-all (6 per MoE layer)", a2a),
+        ("tensor all-reduces", tp_ar),
+        ("data all-reduce", dp_ar),
+    ]
     rows.append("| **communication per step (received per chip)** | | |")
     for what, b in comm:
         if b:
             add(what, fmt_gb(b), f"{fmt_s(b / layout.chip.link)} at {layout.chip.link / 1e9:.0f} GB/s")
-    add("compute per step per chip", f"{flops / 1e15:,.1f} PFLOP", f"6 × active params × tokens / chips: {fmt_s(t_compute)} at peak bf16")
+    add(
+        "compute per step per chip",
+        f"{flops / 1e15:,.1f} PFLOP",
+        f"6 × active params × tokens / chips: {fmt_s(t_compute)} at peak bf16",
+    )
 
-    head = (f"### {layout.title}\n\nMesh `make_mesh({', '.join(f'{a}={s}' for a, s in layout.mesh.items())})` "
-            f"({n_dev} chips), rules `RULES[{layout.rules!r}]`; global batch {layout.global_batch:,} × {layout.seq_len:,} tokens "
-            f"= {layout.global_batch * layout.seq_len / 1e6:,.1f} M tokens per step; {seqs_per_chip:g} sequences per chip in "
-            f"{accum:g} micro-batches of {layout.micro_batch}.\n")
+    head = (
+        f"### {layout.title}\n\nMesh `make_mesh({', '.join(f'{a}={s}' for a, s in layout.mesh.items())})` "
+        f"({n_dev} chips), rules `RULES[{layout.rules!r}]`; global batch {layout.global_batch:,} × "
+        f"{layout.seq_len:,} tokens "
+        f"= {layout.global_batch * layout.seq_len / 1e6:,.1f} M tokens per step; {seqs_per_chip:g} sequences "
+        "per chip in "
+        f"{accum:g} micro-batches of {layout.micro_batch}.\n"
+    )
     notes = "".join(f"\n{n}\n" for n in layout.notes)
     return head + "\n| quantity | per chip | how |\n|---|---|---|\n" + "\n".join(rows) + "\n" + notes
 
@@ -283,29 +322,58 @@ def serve_table(layout: Layout) -> str:
     n_dev, m = layout.devices, layout.mesh
     d, k = config.d_model, top_k(config)
     ep, tp = m.get("expert", 1), m.get("tensor", 1)
-    dp_attn = m.get("data", 1) * m.get("fsdp", 1) * ep  # the batch axes of the rules (attention is data-parallel over them)
+    dp_attn = (
+        m.get("data", 1) * m.get("fsdp", 1) * ep
+    )  # the batch axes of the rules (attention is data-parallel over them)
     kv_split = tp if config.family != "deepseek_v3" else 1  # MLA's latent cache has no head axis
     weights = layout.weight_bytes * st.per_device + (st.int8_scales if layout.weight_bytes == 1 else 0)
     per_tok = cache_bytes_per_token(config)
     rows = []
     add = lambda what, value, how: rows.append(f"| {what} | {value} | {how} |")
     fmt = "int8 (weight-only, f32 per-output-channel scales)" if layout.weight_bytes == 1 else "bf16"
-    add("parameters (total / active per token)", f"{st.total / 1e9:,.1f} B / {active_params(config, st) / 1e9:,.1f} B", "models.abstract (nnx.eval_shape)")
-    add(f"weights per GPU ({fmt})", fmt_gb(weights), f"{st.per_device / 1e9:,.2f} B params per GPU from param_specs(rules={layout.rules!r})")
+    add(
+        "parameters (total / active per token)",
+        f"{st.total / 1e9:,.1f} B / {active_params(config, st) / 1e9:,.1f} B",
+        "models.abstract (nnx.eval_shape)",
+    )
+    add(
+        f"weights per GPU ({fmt})",
+        fmt_gb(weights),
+        f"{st.per_device / 1e9:,.2f} B params per GPU from param_specs(rules={layout.rules!r})",
+    )
     add("KV cache per token (all layers)", f"{per_tok / 1e3:,.1f} KB", "eval_shape of init_cache, bf16")
     for b in layout.decode_batches:
         per_dev = per_tok * layout.cache_len * b / min(b, dp_attn) / kv_split if b >= 1 else 0
-        add(f"KV cache, batch {b} × {layout.cache_len} tokens", fmt_gb(per_dev),
-            f"batch over {min(b, dp_attn)} GPU(s)" + (f", kv heads over tensor={tp}" if kv_split > 1 else "") )
+        add(
+            f"KV cache, batch {b} × {layout.cache_len} tokens",
+            fmt_gb(per_dev),
+            f"batch over {min(b, dp_attn)} GPU(s)" + (f", kv heads over tensor={tp}" if kv_split > 1 else ""),
+        )
     prefill_act = layout.prefill_tokens * (config.vocab_size / tp * 4 + 8 * d * 2)
-    add(f"prefill working set ({layout.prefill_tokens:,} tokens)", fmt_gb(prefill_act), "f32 logits/tensor + ~8 residual-sized bf16 buffers (one layer at a time)")
-    biggest = weights + prefill_act + per_tok * layout.cache_len * max(layout.decode_batches) / min(max(layout.decode_batches), dp_attn) / kv_split
-    add("**peak per GPU (weights + batch-64 cache + prefill)**", f"**{fmt_gb(biggest)}** of {fmt_gb(layout.chip.hbm)}", "")
+    add(
+        f"prefill working set ({layout.prefill_tokens:,} tokens)",
+        fmt_gb(prefill_act),
+        "f32 logits/tensor + ~8 residual-sized bf16 buffers (one layer at a time)",
+    )
+    biggest = (
+        weights
+        + prefill_act
+        + per_tok * layout.cache_len * max(layout.decode_batches) / min(max(layout.decode_batches), dp_attn) / kv_split
+    )
+    add(
+        "**peak per GPU (weights + batch-64 cache + prefill)**",
+        f"**{fmt_gb(biggest)}** of {fmt_gb(layout.chip.hbm)}",
+        "",
+    )
 
     prefill_flops = 2 * active_params(config, st) * layout.prefill_tokens
     t_prefill = prefill_flops / (n_dev * layout.chip.flops)
-    add(f"prefill {layout.prefill_tokens:,} tokens: compute roofline", fmt_s(t_prefill),
-        f"2 × active params × tokens over {n_dev} GPUs at peak bf16: ≤ {layout.prefill_tokens / t_prefill:,.0f} tok/s (attention FLOPs excluded)")
+    add(
+        f"prefill {layout.prefill_tokens:,} tokens: compute roofline",
+        fmt_s(t_prefill),
+        f"2 × active params × tokens over {n_dev} GPUs at peak bf16: ≤ "
+        f"{layout.prefill_tokens / t_prefill:,.0f} tok/s (attention FLOPs excluded)",
+    )
     rows.append("| **per decode step** | | |")
     layers = config.num_layers
     for b in layout.decode_batches:
@@ -323,11 +391,20 @@ def serve_table(layout: Layout) -> str:
         else:
             comm = layers * 2 * 2 * (tp - 1) / tp * b * d * 2
             how = f"2 all-reduces × {layers} layers × {b} token(s) × d × 2 B × 2(tp-1)/tp"
-        add(f"batch {b}: weights read / roofline", f"{fmt_gb(read)} / {fmt_s(t_mem)}",
-            f"≤ {b / t_mem:,.0f} tok/s ({1 / t_mem:,.0f} per stream) at {layout.chip.hbm_bw / 1e12:.1f} TB/s")
-        add(f"batch {b}: communication", f"{comm / 1e6:,.2f} MB", f"{how}; {comm / layout.chip.link * 1e6:,.1f} µs of NVLink bandwidth (latency-bound in practice)")
-    head = (f"### {layout.title}\n\nMesh `make_mesh({', '.join(f'{a}={s}' for a, s in layout.mesh.items())})` "
-            f"({n_dev} GPUs), rules `RULES[{layout.rules!r}]`.\n")
+        add(
+            f"batch {b}: weights read / roofline",
+            f"{fmt_gb(read)} / {fmt_s(t_mem)}",
+            f"≤ {b / t_mem:,.0f} tok/s ({1 / t_mem:,.0f} per stream) at {layout.chip.hbm_bw / 1e12:.1f} TB/s",
+        )
+        add(
+            f"batch {b}: communication",
+            f"{comm / 1e6:,.2f} MB",
+            f"{how}; {comm / layout.chip.link * 1e6:,.1f} µs of NVLink bandwidth (latency-bound in practice)",
+        )
+    head = (
+        f"### {layout.title}\n\nMesh `make_mesh({', '.join(f'{a}={s}' for a, s in layout.mesh.items())})` "
+        f"({n_dev} GPUs), rules `RULES[{layout.rules!r}]`.\n"
+    )
     notes = "".join(f"\n{n}\n" for n in layout.notes)
     return head + "\n| quantity | per GPU | how |\n|---|---|---|\n" + "\n".join(rows) + "\n" + notes
 
@@ -335,25 +412,53 @@ def serve_table(layout: Layout) -> str:
 LAYOUTS = [
     Layout(
         "DeepSeek-V3 671B: training on TPU v5p-2048 (1,024 chips, 8×8×16 torus)",
-        "deepseek-v3-671b", V5P, {"fsdp": 16, "expert": 64}, "expert", "train",
-        global_batch=4096, seq_len=4096, micro_batch=1,
+        "deepseek-v3-671b",
+        V5P,
+        {"fsdp": 16, "expert": 64},
+        "expert",
+        "train",
+        global_batch=4096,
+        seq_len=4096,
+        micro_batch=1,
     ),
     Layout(
         "Grok-1 314B: training on TPU v5p-512 (256 chips, 4×8×8 torus)",
-        "grok-1", V5P, {"fsdp": 8, "tensor": 4, "expert": 8}, "expert", "train",
-        global_batch=512, seq_len=8192, micro_batch=1, capacity_factor=None,
+        "grok-1",
+        V5P,
+        {"fsdp": 8, "tensor": 4, "expert": 8},
+        "expert",
+        "train",
+        global_batch=512,
+        seq_len=8192,
+        micro_batch=1,
+        capacity_factor=None,
     ),
     Layout(
         "DeepSeek-V3 671B: serving on 8×H200 (expert-parallel MoE, data-parallel attention)",
-        "deepseek-v3-671b", H200, {"expert": 8}, "tensor", "serve", weight_bytes=1,
+        "deepseek-v3-671b",
+        H200,
+        {"expert": 8},
+        "tensor",
+        "serve",
+        weight_bytes=1,
     ),
     Layout(
         "Grok-1 314B: serving on 8×H200 (tensor-parallel, bf16)",
-        "grok-1", H200, {"tensor": 8}, "tensor", "serve", weight_bytes=2,
+        "grok-1",
+        H200,
+        {"tensor": 8},
+        "tensor",
+        "serve",
+        weight_bytes=2,
     ),
     Layout(
         "Grok-1 314B: serving on 8×H200 (tensor-parallel, int8 as released)",
-        "grok-1", H200, {"tensor": 8}, "tensor", "serve", weight_bytes=1,
+        "grok-1",
+        H200,
+        {"tensor": 8},
+        "tensor",
+        "serve",
+        weight_bytes=1,
     ),
 ]
 

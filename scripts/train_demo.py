@@ -38,9 +38,21 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     tc = TrainConfig(
-        model="gemma-shakespeare", data="shakespeare", heldout_fraction=HELDOUT_FRACTION, steps=args.steps,
-        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=200, seed=args.seed,
-        compute_dtype="bfloat16", workdir=args.workdir, save_every=1000, keep=2, export=args.out, export_dtype="bfloat16",
+        model="gemma-shakespeare",
+        data="shakespeare",
+        heldout_fraction=HELDOUT_FRACTION,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        warmup_steps=200,
+        seed=args.seed,
+        compute_dtype="bfloat16",
+        workdir=args.workdir,
+        save_every=1000,
+        keep=2,
+        export=args.out,
+        export_dtype="bfloat16",
     )
     start = time.perf_counter()
 

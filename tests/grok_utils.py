@@ -61,7 +61,10 @@ def random_params(config, seed: int = 0, q_gain: float = 1.0) -> dict:
             shape = layer_shape("attn", name, "kernel")
             attn[name] = normal(shape, shape[0] * shape[1] if name == "o" else shape[0])
         norms = {"attn_norm": normal((d,), d)}
-        experts = {name: normal(layer_shape("experts", name, "kernel"), layer_shape("experts", name, "kernel")[1]) for name in ("down", "gate", "up")}
+        experts = {
+            name: normal(layer_shape("experts", name, "kernel"), layer_shape("experts", name, "kernel")[1])
+            for name in ("down", "gate", "up")
+        }
         for name in ("moe_norm", "post_attn_norm", "post_moe_norm"):
             norms[name] = normal((d,), d)
         router = normal(layer_shape("router", "kernel"), d)

@@ -24,7 +24,7 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 
     ids = torch.tensor([prompt])
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def assert_logits_close(ours, theirs, rel: float = 1e-4) -> None:

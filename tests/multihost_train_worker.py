@@ -14,8 +14,16 @@ import sys
 
 # Shared with the test: the same run on one process of 8 devices must give the same losses.
 CONFIG = dict(
-    model="gemma-tiny", steps=4, batch_size=8, seq_len=16, lr=1e-2, warmup_steps=1, compute_dtype="float32", mesh={"fsdp": 8},
-    save_every=2, export_dtype="float32",
+    model="gemma-tiny",
+    steps=4,
+    batch_size=8,
+    seq_len=16,
+    lr=1e-2,
+    warmup_steps=1,
+    compute_dtype="float32",
+    mesh={"fsdp": 8},
+    save_every=2,
+    export_dtype="float32",
 )
 
 

@@ -10,8 +10,11 @@ from vishwam_jax.models.attention import attend_segments
 
 def _segments(key, b=2, t=13, s_cache=7, kh=2, d=8, dv=6):
     ks = jax.random.split(key, 6)
-    cache = (jax.random.normal(ks[0], (b, s_cache, kh, d)), jax.random.normal(ks[1], (b, s_cache, kh, dv)),
-             jax.random.bernoulli(ks[2], 0.7, (b, t, s_cache)))
+    cache = (
+        jax.random.normal(ks[0], (b, s_cache, kh, d)),
+        jax.random.normal(ks[1], (b, s_cache, kh, dv)),
+        jax.random.bernoulli(ks[2], 0.7, (b, t, s_cache)),
+    )
     causal = jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, 0)
     causal = causal.at[1, :, 9:].set(False)  # a row whose last keys are padding
     chunk = (jax.random.normal(ks[3], (b, t, kh, d)), jax.random.normal(ks[4], (b, t, kh, dv)), causal)
@@ -28,7 +31,9 @@ def test_query_blocks_equal_one_block_forward_and_gradient(query_block):
     kvs = [(k, v) for k, v, _ in segments]
 
     def loss(q, kvs, block):
-        out = attend_segments(q, [(k, v, m) for (k, v), m in zip(kvs, masks)], scale=0.3, softcap=2.0, query_block=block)
+        out = attend_segments(
+            q, [(k, v, m) for (k, v), m in zip(kvs, masks)], scale=0.3, softcap=2.0, query_block=block
+        )
         return jnp.sum(jnp.sin(out)), out
 
     grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
@@ -45,7 +50,9 @@ def test_long_prompts_never_hold_all_scores():
     k = jax.ShapeDtypeStruct((b, t, kh, d), jnp.float32)
     m = jax.ShapeDtypeStruct((b, t, t), jnp.bool_)
     fn = lambda q, k, m, block: attend_segments(q, [(k, k, m)], scale=1.0, query_block=block)
-    temp = lambda block: jax.jit(fn, static_argnums=3).lower(q, k, m, block).compile().memory_analysis().temp_size_in_bytes
+    temp = lambda block: (
+        jax.jit(fn, static_argnums=3).lower(q, k, m, block).compile().memory_analysis().temp_size_in_bytes
+    )
     all_scores = b * h * t * t * 4  # float32
     # One block at a time: scratch scales with the block (a few score-sized buffers of it), not with t.
     assert temp(t) > all_scores

@@ -21,18 +21,53 @@ def test_benchmark_kernels_gmm_smoke():
 
 
 def test_benchmark_deepseek_smoke(tmp_path):
-    out = run("scripts/benchmark_deepseek.py", "--preset", "deepseek-v3-tiny", "--layers", "2", "--dense-layers", "1",
-              "--batch", "2", "--prompt-len", "8", "--new-tokens", "2", "--impls", "auto", "--bandwidth-mib", "16",
-              "--json", str(tmp_path / "ds.json"))
+    out = run(
+        "scripts/benchmark_deepseek.py",
+        "--preset",
+        "deepseek-v3-tiny",
+        "--layers",
+        "2",
+        "--dense-layers",
+        "1",
+        "--batch",
+        "2",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "2",
+        "--impls",
+        "auto",
+        "--bandwidth-mib",
+        "16",
+        "--json",
+        str(tmp_path / "ds.json"),
+    )
     assert "[auto] batch 2: prefill" in out and "cache arrays measured" in out
 
 
 def test_benchmark_grok_smoke_per_layer(tmp_path):
     """The per-layer form is what the GPU rows of BENCHMARKS.md measure; its plumbing (unstacking after the
     read-bytes count, which needs the stacked tree) must run before a device call does."""
-    out = run("scripts/benchmark_grok.py", "--preset", "grok-1-tiny", "--layers", "2", "--batch", "1",
-              "--prompt-len", "8", "--new-tokens", "2", "--weights", "bf16", "int8", "--layers-form", "per-layer",
-              "--json", str(tmp_path / "grok.json"))
+    out = run(
+        "scripts/benchmark_grok.py",
+        "--preset",
+        "grok-1-tiny",
+        "--layers",
+        "2",
+        "--batch",
+        "1",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "2",
+        "--weights",
+        "bf16",
+        "int8",
+        "--layers-form",
+        "per-layer",
+        "--json",
+        str(tmp_path / "grok.json"),
+    )
     assert "layers: per-layer buffers" in out
     assert "bf16 batch 1: decode" in out and "int8 batch 1: decode" in out
     rows = json.loads((tmp_path / "grok.json").read_text())["rows"]
@@ -40,8 +75,22 @@ def test_benchmark_grok_smoke_per_layer(tmp_path):
 
 
 def test_benchmark_generate_peer_is_skipped_by_name_on_a_cpu(tmp_path):
-    out = run("scripts/benchmark_generate.py", "--model", "gemma-tiny", "--dtype", "float32", "--batch", "1",
-              "--prompt-len", "8", "--new-tokens", "4", "--peer", "--json", str(tmp_path / "g.json"))
+    out = run(
+        "scripts/benchmark_generate.py",
+        "--model",
+        "gemma-tiny",
+        "--dtype",
+        "float32",
+        "--batch",
+        "1",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "4",
+        "--peer",
+        "--json",
+        str(tmp_path / "g.json"),
+    )
     assert "transformers peer: no CUDA GPU on this machine, skipped" in out
     result = json.loads((tmp_path / "g.json").read_text())
     assert result["transformers"] == [] and result["read_bw"] > 0
@@ -49,7 +98,23 @@ def test_benchmark_generate_peer_is_skipped_by_name_on_a_cpu(tmp_path):
 
 
 def test_peer_transformers_runs_its_modes_on_cpu_when_asked(tmp_path):
-    run("scripts/peer_transformers.py", "--model", "gemma-tiny", "--batch", "1", "--prompt-len", "8",
-        "--new-tokens", "3", "--device", "cpu", "--modes", "eager", "static-nocompile", "--json", str(tmp_path / "p.json"))
+    run(
+        "scripts/peer_transformers.py",
+        "--model",
+        "gemma-tiny",
+        "--batch",
+        "1",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "3",
+        "--device",
+        "cpu",
+        "--modes",
+        "eager",
+        "static-nocompile",
+        "--json",
+        str(tmp_path / "p.json"),
+    )
     rows = json.loads((tmp_path / "p.json").read_text())["rows"]
     assert [r["mode"] for r in rows] == ["eager", "static-nocompile"] and all(r["decode_tok_s"] > 0 for r in rows)

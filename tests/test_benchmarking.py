@@ -33,8 +33,16 @@ def test_read_bandwidth_on_cpu_is_the_xla_reduction_and_has_no_spec():
     assert "read bandwidth" in bw.describe()
 
 
-@pytest.mark.parametrize(("kind", "spec"), [("NVIDIA H200", 4.8e12), ("NVIDIA H100 80GB HBM3", 3.35e12),
-                                            ("TPU v5p", 2.765e12), ("TPU v5 lite", 0.819e12), ("cpu", None)])
+@pytest.mark.parametrize(
+    ("kind", "spec"),
+    [
+        ("NVIDIA H200", 4.8e12),
+        ("NVIDIA H100 80GB HBM3", 3.35e12),
+        ("TPU v5p", 2.765e12),
+        ("TPU v5 lite", 0.819e12),
+        ("cpu", None),
+    ],
+)
 def test_spec_bandwidth_by_device_kind(kind, spec):
     assert benchmarking.spec_bandwidth(kind) == spec
 

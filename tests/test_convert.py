@@ -1,6 +1,7 @@
 """The converter: bounded memory, atomic output, clear errors for bad input."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,21 +20,38 @@ def write_hf_gemma(path, *, vocab=64, d=32, layers=2, heads=2, kv=1, head_dim=16
     """A HuggingFace-layout Gemma checkpoint written with numpy only (no torch)."""
     rng = np.random.default_rng(seed)
     path.mkdir(parents=True, exist_ok=True)
-    config = dict(model_type="gemma", vocab_size=vocab, hidden_size=d, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, intermediate_size=ffn,
-                  rms_norm_eps=1e-6, max_position_embeddings=128, hidden_act="gelu_pytorch_tanh",
-                  tie_word_embeddings=True)
+    config = dict(
+        model_type="gemma",
+        vocab_size=vocab,
+        hidden_size=d,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        intermediate_size=ffn,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=128,
+        hidden_act="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+    )
     (path / "config.json").write_text(json.dumps(config))
     r = lambda *s: rng.standard_normal(s, dtype=np.float32) * 0.1
     tensors = {"model.embed_tokens.weight": r(vocab, d), "model.norm.weight": r(d)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        tensors.update({
-            p + "input_layernorm.weight": r(d), p + "post_attention_layernorm.weight": r(d),
-            p + "self_attn.q_proj.weight": r(heads * head_dim, d), p + "self_attn.k_proj.weight": r(kv * head_dim, d),
-            p + "self_attn.v_proj.weight": r(kv * head_dim, d), p + "self_attn.o_proj.weight": r(d, heads * head_dim),
-            p + "mlp.gate_proj.weight": r(ffn, d), p + "mlp.up_proj.weight": r(ffn, d), p + "mlp.down_proj.weight": r(d, ffn),
-        })
+        tensors.update(
+            {
+                p + "input_layernorm.weight": r(d),
+                p + "post_attention_layernorm.weight": r(d),
+                p + "self_attn.q_proj.weight": r(heads * head_dim, d),
+                p + "self_attn.k_proj.weight": r(kv * head_dim, d),
+                p + "self_attn.v_proj.weight": r(kv * head_dim, d),
+                p + "self_attn.o_proj.weight": r(d, heads * head_dim),
+                p + "mlp.gate_proj.weight": r(ffn, d),
+                p + "mlp.up_proj.weight": r(ffn, d),
+                p + "mlp.down_proj.weight": r(d, ffn),
+            }
+        )
     names = sorted(tensors)
     for s in range(shards):
         part = {n: tensors[n] for n in names[s::shards]}
@@ -52,7 +70,9 @@ def test_sharded_checkpoint_converts_exactly(tmp_path):
     np.testing.assert_array_equal(layers["attn"]["q"]["kernel"][1], q.T.reshape(32, 2, 16))
     np.testing.assert_array_equal(layers["mlp"]["down"]["kernel"][0], tensors["model.layers.0.mlp.down_proj.weight"].T)
     # Gemma 1 names the pre-MLP norm "post_attention_layernorm".
-    np.testing.assert_array_equal(layers["mlp_norm"]["scale"][0], tensors["model.layers.0.post_attention_layernorm.weight"])
+    np.testing.assert_array_equal(
+        layers["mlp_norm"]["scale"][0], tensors["model.layers.0.post_attention_layernorm.weight"]
+    )
 
 
 def test_bfloat16_storage(tmp_path):
@@ -63,14 +83,18 @@ def test_bfloat16_storage(tmp_path):
 
 
 def _peak_rss_mb(code: str) -> float:
-    script = textwrap.dedent(code) + "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    script = (
+        textwrap.dedent(code) + "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def test_peak_memory_stays_near_one_tensor(tmp_path):
     # ~520 MB of weights in 25 tensors; the largest (each MLP matrix) is 32 MB.
-    tensors = write_hf_gemma(tmp_path / "hf", vocab=4096, d=1024, layers=5, heads=8, kv=8, head_dim=128, ffn=8192, shards=2)
+    tensors = write_hf_gemma(
+        tmp_path / "hf", vocab=4096, d=1024, layers=5, heads=8, kv=8, head_dim=128, ffn=8192, shards=2
+    )
     total_mb = sum(t.nbytes for t in tensors.values()) / 2**20
     largest_mb = max(t.nbytes for t in tensors.values()) / 2**20
     del tensors
@@ -105,13 +129,17 @@ def test_save_params_sharded_tree_and_interrupted_save(tmp_path, monkeypatch):
     overwrite replaces an existing directory."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("a", "b"))
     rng = np.random.default_rng(0)
     host = {
         "embed": rng.standard_normal((40, 6)).astype(np.float32),
-        "layers": [{"w": rng.standard_normal((8, 6)).astype(jnp.bfloat16)}, {"q": rng.integers(-127, 127, (4, 6)).astype(np.int8)}],
+        "layers": [
+            {"w": rng.standard_normal((8, 6)).astype(jnp.bfloat16)},
+            {"q": rng.integers(-127, 127, (4, 6)).astype(np.int8)},
+        ],
         "scale": np.float32(0.5),
     }
     specs = {"embed": P("a", "b"), "layers": [{"w": P(None, "b")}, {"q": P("a")}], "scale": P()}
@@ -216,7 +244,9 @@ def test_convert_stays_callable_after_the_cli_module_is_imported(tmp_path):
 
     tensors = write_hf_gemma(tmp_path / "hf")
     vj.convert(tmp_path / "hf", tmp_path / "out")
-    np.testing.assert_array_equal(orbax_io.restore_params(tmp_path / "out")["embed"]["embedding"], tensors["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(
+        orbax_io.restore_params(tmp_path / "out")["embed"]["embedding"], tensors["model.embed_tokens.weight"]
+    )
     assert cli.run([str(tmp_path / "hf"), str(tmp_path / "out")]) == 2  # exists, no --overwrite: one-line error
 
 
@@ -239,3 +269,68 @@ def test_paths_with_a_tilde_are_the_home_directory(tmp_path, monkeypatch):
     vj.convert("~/hf", "~/models/g")
     assert (tmp_path / "models" / "g" / orbax_io.COMPLETE_MARKER).exists() and not (tmp_path / "~").exists()
     assert vj.load("~/models/g").config.family == "gemma"
+
+
+def _damage(file, how: str) -> None:
+    data = file.read_bytes()
+    if how == "truncated":
+        file.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        file.write_bytes(b"")
+    else:  # overwritten with random bytes of the same length
+        file.write_bytes(np.random.default_rng(0).integers(0, 256, len(data), dtype=np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "random"])
+def test_damaged_weight_file_is_a_typed_error_naming_it(tmp_path, how):
+    from vishwam_jax.checkpoint.orbax_io import CorruptCheckpointError
+
+    write_hf_gemma(tmp_path / "hf")
+    vj.convert(tmp_path / "hf", tmp_path / "m")
+    chunk = next(f for f in (tmp_path / "m" / "params" / "embed.embedding").iterdir() if not f.name.startswith("."))
+    _damage(chunk, how)
+    with pytest.raises(CorruptCheckpointError) as info:
+        vj.load(tmp_path / "m")
+    message = str(info.value)
+    assert isinstance(info.value, CheckpointError) and info.value.path == str(chunk)
+    assert message.startswith(f"{chunk}: damaged weight file") and "\n" not in message and len(message) < 400, message
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "random"])
+def test_damaged_safetensors_file_is_named(tmp_path, how):
+    write_hf_gemma(tmp_path / "hf")
+    f = next((tmp_path / "hf").glob("*.safetensors"))
+    _damage(f, how)
+    with pytest.raises(CheckpointFormatError, match=re.escape(str(f))):
+        vj.convert(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"[1, 2]",
+        b'{"w": [1]}',
+        b'{"w": {"dtype": "F32", "shape": [2]}}',
+        b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}',
+    ],
+)
+def test_random_bytes_that_parse_as_a_header_are_refused(tmp_path, header):
+    # Damage can leave bytes that are valid JSON but not a safetensors header.
+    write_hf_gemma(tmp_path / "hf")
+    f = next((tmp_path / "hf").glob("*.safetensors"))
+    f.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 64)
+    with pytest.raises(CheckpointFormatError, match="corrupt safetensors header"):
+        vj.convert(tmp_path / "hf", tmp_path / "out")
+
+
+def test_convert_progress_counts_every_tensor(tmp_path, capsys):
+    tensors = write_hf_gemma(tmp_path / "hf")
+    vj.convert(tmp_path / "hf", tmp_path / "quiet", progress=False)
+    assert "converting" not in capsys.readouterr().err
+    vj.convert(tmp_path / "hf", tmp_path / "m", progress=True)
+    last = capsys.readouterr().err.split("\r")[-1]
+    # Gemma ties the output to the embedding: every source tensor is one written tensor.
+    total = sum(t.size for t in tensors.values())
+    assert "converting m: 100%" in last and f"{len(tensors)} tensors" in last, last
+    assert f"{total / 1000:.1f}k/{total / 1000:.1f}k" in last, last

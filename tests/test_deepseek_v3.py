@@ -36,17 +36,43 @@ from vishwam_jax.models.moe import grouped_sigmoid_router  # noqa: E402
 from vishwam_jax.presets import get_config, replace  # noqa: E402
 
 YARN = {
-    "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
-    "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10_000.0,
+    "rope_type": "yarn",
+    "factor": 8.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "rope_theta": 10_000.0,
 }
 # 16 experts in 4 groups of 4 (the top-2 sum inside a group matters), 2 groups and 3 experts per
 # token; one dense layer first; the rope part (16) long enough for YaRN to ramp across pairs.
 BASE = dict(
-    vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=16, num_experts_per_tok=3,
-    n_group=4, topk_group=2, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=16,
-    qk_nope_head_dim=8, v_head_dim=12, first_k_dense_replace=1, max_position_embeddings=512, rms_norm_eps=1e-6,
-    pad_token_id=0, eos_token_id=1, bos_token_id=2, rope_parameters=YARN,
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=16,
+    num_experts_per_tok=3,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=2.5,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=8,
+    v_head_dim=12,
+    first_k_dense_replace=1,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+    rope_parameters=YARN,
 )
 
 
@@ -162,7 +188,9 @@ def test_mtp_module_matches_transformers(case):
     g = case.graphdef
     ours_hidden = jax.jit(lambda p, t: apply(g, p, t).hidden)(case.params, jnp.asarray(tokens))
     np.testing.assert_allclose(ours_hidden, hidden.numpy(), atol=1e-5)
-    ours = jax.jit(lambda p, h, t: apply(g, p, h, t, method="mtp").logits)(case.params, ours_hidden[:, :-1], jnp.asarray(tokens[:, 1:]))
+    ours = jax.jit(lambda p, h, t: apply(g, p, h, t, method="mtp").logits)(
+        case.params, ours_hidden[:, :-1], jnp.asarray(tokens[:, 1:])
+    )
     assert_logits_close(ours, theirs)
     # The MTP loss: depth 1 predicts t_{i+2} from entry i.
     logp = theirs[:, :-1] - np.log(np.exp(theirs[:, :-1]).sum(-1, keepdims=True))
@@ -175,8 +203,13 @@ def test_rotate_half_layout_direct_queries_and_release_config(tmp_path_factory):
     """rope_interleave=false (rotate-half pairs), no query LoRA (DeepSeek-V2-Lite style), unequal
     YaRN mscales (a cos/sin factor != 1), two dense layers, config.json in the release's form, and
     a checkpoint without MTP tensors."""
-    kwargs = {**BASE, "rope_interleave": False, "q_lora_rank": None, "first_k_dense_replace": 2,
-              "rope_parameters": {**YARN, "mscale": 1.0, "mscale_all_dim": 0.707}}
+    kwargs = {
+        **BASE,
+        "rope_interleave": False,
+        "q_lora_rank": None,
+        "first_k_dense_replace": 2,
+        "rope_parameters": {**YARN, "mscale": 1.0, "mscale_all_dim": 0.707},
+    }
     c = _build(tmp_path_factory, "halves", kwargs, with_mtp=False, release_config=True)
     cfg = c.config
     assert not cfg.rope_interleaved and cfg.q_lora_rank == 0 and cfg.num_dense_layers == 2
@@ -243,7 +276,9 @@ def _numpy_route(logits, bias, k, groups, topk_groups, scale):
     experts, gates = [], []
     for row_s, row_b in zip(scores, biased):
         grouped = row_b.reshape(groups, e // groups)
-        group_score = np.array([np.float32(sorted(g, reverse=True)[0]) + np.float32(sorted(g, reverse=True)[1]) for g in grouped])
+        group_score = np.array(
+            [np.float32(sorted(g, reverse=True)[0]) + np.float32(sorted(g, reverse=True)[1]) for g in grouped]
+        )
         best_groups = np.argsort(-group_score, kind="stable")[:topk_groups]
         allowed = np.isin(np.arange(e) // (e // groups), best_groups)
         masked = np.where(allowed, row_b, -np.inf)
@@ -372,7 +407,12 @@ def test_fp8_release_conversion_within_fp8_error(case, tmp_path, monkeypatch):
                 out[name] = w.to(torch.bfloat16) if "norm" in name or "embed" in name or "head" in name else w
         save_file(out, src / f.name)
     hf = json.loads((case.src / "config.json").read_text())
-    hf["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [block, block]}
+    hf["quantization_config"] = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [block, block],
+    }
     (src / "config.json").write_text(json.dumps(hf))
     _rewrite_config_as_release(src)
     dst = tmp_path / "ours"
@@ -396,7 +436,9 @@ def test_fp8_release_conversion_within_fp8_error(case, tmp_path, monkeypatch):
         tol = 2.0**-4 * np.abs(orig) + 2.0**-8 * np.abs(orig).max()
         assert (np.abs(ours - orig) <= tol).all(), key
         if "wq_b" in key or ("experts" in key and "down" in key):
-            assert not np.array_equal(ours, np.asarray(orig, ml_dtypes.bfloat16).astype(np.float32)), key  # really quantized
+            assert not np.array_equal(ours, np.asarray(orig, ml_dtypes.bfloat16).astype(np.float32)), (
+                key
+            )  # really quantized
 
     jax.tree_util.tree_map_with_path(check, fp8, ref)
 
@@ -405,7 +447,9 @@ def test_dequantize_128_blocks_with_partial_edges():
     rng = np.random.default_rng(7)
     w = rng.normal(size=(300, 200)).astype(ml_dtypes.float8_e4m3fn)
     scale = rng.uniform(0.5, 2.0, size=(3, 2)).astype(np.float32)
-    expected = np.array([[float(w[i, j]) * scale[i // 128, j // 128] for j in range(200)] for i in range(300)], np.float32)
+    expected = np.array(
+        [[float(w[i, j]) * scale[i // 128, j // 128] for j in range(200)] for i in range(300)], np.float32
+    )
     np.testing.assert_array_equal(hf_deepseek.dequantize_fp8(w, scale, (128, 128)), expected)
     with pytest.raises(CheckpointFormatError, match="q_b_proj.*expected \\(3, 2\\)"):
         hf_deepseek.dequantize_fp8(w, scale[:2], (128, 128), "model.layers.0.self_attn.q_b_proj.weight")
@@ -444,7 +488,22 @@ def test_bad_checkpoints_are_named(case, tmp_path):
 def test_generate_cli_speculative(capsys):
     from vishwam_jax.generate import run
 
-    assert run(["--model", "deepseek-v3-tiny", "--prompt", "abc", "--max-new-tokens", "5", "--temperature", "0", "--speculative"]) == 0
+    assert (
+        run(
+            [
+                "--model",
+                "deepseek-v3-tiny",
+                "--prompt",
+                "abc",
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0",
+                "--speculative",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert out.startswith("=== 'abc'\nabc") and "MTP drafts accepted" in err
     assert run(["--model", "deepseek-v3-tiny", "--speculative"]) == 2  # sampling asked for: refused

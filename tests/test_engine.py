@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 import vishwam_jax as vj
-from vishwam_jax.inference.sampling import SamplingParams, sample
 from vishwam_jax.inference.engine import PromptTooLongError
+from vishwam_jax.inference.sampling import SamplingParams, sample
 
 
 def spread(params, norm_offset: float = 0.3):
@@ -36,7 +36,7 @@ def greedy_by_recompute(model, prompt, n):
     seq = list(prompt)
     for _ in range(n):
         seq.append(int(jnp.argmax(model.logits([seq])[0, -1])))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_greedy_cached_decode_equals_argmax_of_growing_sequence(model):

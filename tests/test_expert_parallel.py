@@ -18,7 +18,8 @@ E, D, F, K = 8, 16, 32, 2
 
 
 needs_8_devices = pytest.mark.skipif(
-    jax.device_count() < 8, reason="meshes of up to 8 devices (CPU: conftest simulates 8; run on accelerators with 8)")
+    jax.device_count() < 8, reason="meshes of up to 8 devices (CPU: conftest simulates 8; run on accelerators with 8)"
+)
 
 
 def _expert_params(seed: int = 0) -> dict:
@@ -84,7 +85,9 @@ def test_skewed_routing_equals_single_device(sizes, rules, spy):
 
 
 @needs_8_devices
-@pytest.mark.parametrize("sizes", [dict(fsdp=2, expert=4), dict(expert=8)], ids=["2-experts-per-device", "1-expert-per-device"])
+@pytest.mark.parametrize(
+    "sizes", [dict(fsdp=2, expert=4), dict(expert=8)], ids=["2-experts-per-device", "1-expert-per-device"]
+)
 def test_every_token_on_one_expert_drops_nothing(sizes, spy):
     """The worst case of a capacity-free exchange: every device sends all the rows it can to one
     device (with one expert per device, k=2 distinct experts put one row per token on each of two
@@ -183,7 +186,8 @@ def test_exchange_method_auto_is_dense_off_tpu():
 
 
 @pytest.mark.skipif(
-    jax.default_backend() == "cpu" or jax.device_count() < 2, reason="XLA:CPU has no ragged all-to-all; needs 2+ accelerators"
+    jax.default_backend() == "cpu" or jax.device_count() < 2,
+    reason="XLA:CPU has no ragged all-to-all; needs 2+ accelerators",
 )
 def test_ragged_exchange_equals_dense_exchange(spy):
     ep = 2 if jax.device_count() < 4 else 4
@@ -200,7 +204,9 @@ def test_ragged_exchange_equals_dense_exchange(spy):
 
 
 @needs_8_devices
-@pytest.mark.parametrize("sizes, n", [(dict(tensor=8), 1), (dict(data=2, tensor=4), 64)], ids=["decode-batch-1", "tokens-over-data"])
+@pytest.mark.parametrize(
+    "sizes, n", [(dict(tensor=8), 1), (dict(data=2, tensor=4), 64)], ids=["decode-batch-1", "tokens-over-data"]
+)
 @pytest.mark.parametrize("int8", [False, True])
 def test_tensor_parallel_experts_run_on_width_shards(sizes, n, int8, monkeypatch):
     """No expert axis, width split over tensor (Grok-1 served tensor-parallel): each device runs its
@@ -213,8 +219,13 @@ def test_tensor_parallel_experts_run_on_width_shards(sizes, n, int8, monkeypatch
     monkeypatch.setattr(expert_parallel, "dispatch_experts_width_parallel", lambda *a: calls.append(1) or real(*a))
     params = _expert_params(3)
     if int8:
-        params = {name: {"int8": jnp.clip(jnp.round(w * 60), -127, 127).astype(jnp.int8),
-                         "scale": jnp.full((E, 1, w.shape[2]), 1 / 60, jnp.float32)} for name, w in params.items()}
+        params = {
+            name: {
+                "int8": jnp.clip(jnp.round(w * 60), -127, 127).astype(jnp.int8),
+                "scale": jnp.full((E, 1, w.shape[2]), 1 / 60, jnp.float32),
+            }
+            for name, w in params.items()
+        }
     x, gates, experts = _skewed(n, seed=3)
     ref, ref_counts = _dispatch(x, gates, experts, params)
     # The weights as the Experts module's Params: placed by their own logical axes, which are the
@@ -222,8 +233,10 @@ def test_tensor_parallel_experts_run_on_width_shards(sizes, n, int8, monkeypatch
     graphdef, state = nnx.split(moe.Experts(E, D, F, "silu", rngs=nnx.Rngs(0), int8=int8), nnx.Param)
     for name, axes in nnx.to_pure_dict(logical_axes(state)).items():
         assert axes == {leaf: expert_parallel.WEIGHT_AXES[name] for leaf in axes}
-    nnx.replace_by_pure_dict(state, {name: {"kernel": w["int8"], "scale": w["scale"]} if int8 else {"kernel": w}
-                                     for name, w in params.items()})
+    nnx.replace_by_pure_dict(
+        state,
+        {name: {"kernel": w["int8"], "scale": w["scale"]} if int8 else {"kernel": w} for name, w in params.items()},
+    )
     mesh = make_mesh(**sizes)
     with use_mesh(mesh, "tensor"):
         placed = jax.device_put(state, param_shardings(state, mesh, "tensor"))

@@ -6,12 +6,21 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import vishwam_jax as vj  # noqa: E402
 from hf_utils import assert_logits_close, hf_greedy, randomize_all  # noqa: E402
 
+import vishwam_jax as vj  # noqa: E402
+
 COMMON = dict(
-    vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=4, head_dim=16,
-    max_position_embeddings=256, rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=4,
+    head_dim=16,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
 )
 
 CASES = {
@@ -20,12 +29,20 @@ CASES = {
     # GQA, attention and final soft-capping, sliding window (6) shorter than the sequences, a
     # query_pre_attn_scalar unlike head_dim.
     "gemma2": lambda: transformers.Gemma2Config(
-        **COMMON, num_attention_heads=4, num_key_value_heads=2, sliding_window=6, query_pre_attn_scalar=24,
-        attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+        **COMMON,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=6,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
     ),
     # QK-norm, 5:1 local/global pattern, separate local/global RoPE with linear scaling.
     "gemma3": lambda: transformers.Gemma3TextConfig(
-        **{**COMMON, "num_hidden_layers": 7}, num_attention_heads=4, num_key_value_heads=2, sliding_window=5,
+        **{**COMMON, "num_hidden_layers": 7},
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=5,
         query_pre_attn_scalar=20,
         rope_parameters={
             "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50_000.0},

@@ -282,7 +282,15 @@ def test_released_config():
 def test_small_presets_keep_the_structure(name):
     c, full = get_config(name), get_config("grok-1")
     assert c.family == "grok1" and c.num_experts_per_token == 2 and c.num_heads % c.num_kv_heads == 0
-    for field in ("output_multiplier_scale", "attn_logit_softcap", "norm_eps", "rope_theta", "activation", "pad_token_id", "eos_token_id"):
+    for field in (
+        "output_multiplier_scale",
+        "attn_logit_softcap",
+        "norm_eps",
+        "rope_theta",
+        "activation",
+        "pad_token_id",
+        "eos_token_id",
+    ):
         assert c[field] == full[field], field
     assert c.embedding_multiplier_scale == pytest.approx(math.sqrt(c.d_model))
     assert c.attn_output_multiplier == pytest.approx(1 / math.sqrt(c.head_dim))
@@ -302,7 +310,9 @@ def test_bfloat16_forward_tracks_float32():
 def model():
     c = tiny_config(num_layers=2)
     params = random_params(c, seed=4)
-    params["embed"]["embedding"] = params["embed"]["embedding"] * 3.0  # varied greedy paths rather than one repeated token
+    params["embed"]["embedding"] = (
+        params["embed"]["embedding"] * 3.0
+    )  # varied greedy paths rather than one repeated token
     return make_model(c, params)
 
 
@@ -358,7 +368,9 @@ def test_generate_cli_on_the_tiny_preset(capsys):
     """`python -m vishwam_jax.generate --model grok-1-tiny` runs end to end (random weights, bytes)."""
     from vishwam_jax import generate
 
-    assert generate.run(["--model", "grok-1-tiny", "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert (
+        generate.run(["--model", "grok-1-tiny", "--prompt", "Hi", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    )
     out = capsys.readouterr()
     assert out.out.startswith("Hi") and "tok/s" in out.err  # (fewer than 4 decoded if EOS comes first)
 
@@ -385,8 +397,15 @@ def test_module_declares_axes_and_capabilities():
     assert tuple(specs["layers"]["attn"]["q"]["kernel"]) == ("layers", "embed", "heads", "head_dim")
     assert tuple(specs["embed"]["embedding"]) == ("vocab", "embed")
     q = nnx.to_pure_dict(nnx.state(models.abstract(tiny_config(num_layers=3, quantization="int8")), nnx.Param))
-    assert q["layers"]["attn"]["o"]["kernel"].dtype == jnp.int8 and q["layers"]["attn"]["o"]["scale"].shape == (3, 1, 1, c.d_model)
-    assert q["layers"]["experts"]["down"]["kernel"].dtype == jnp.int8 and q["layers"]["experts"]["down"]["scale"].shape == (3, 4, 1, 32)
+    assert q["layers"]["attn"]["o"]["kernel"].dtype == jnp.int8 and q["layers"]["attn"]["o"]["scale"].shape == (
+        3,
+        1,
+        1,
+        c.d_model,
+    )
+    assert q["layers"]["experts"]["down"]["kernel"].dtype == jnp.int8 and q["layers"]["experts"]["down"][
+        "scale"
+    ].shape == (3, 4, 1, 32)
     assert q["layers"]["router"]["kernel"].dtype == jnp.float32 and set(q["layers"]["attn_norm"]) == {"scale"}
     assert set(q["embed"]) == {"embedding"}
 
@@ -406,7 +425,8 @@ def test_remat_and_unroll_keep_the_logits(overrides):
     chex.assert_trees_all_close(
         jit_forward(tiny_config(num_layers=3, **overrides))(params, jnp.asarray(TOKENS)),
         jit_forward(c)(params, jnp.asarray(TOKENS)),
-        rtol=1e-5, atol=1e-5,  # fusion across layer boundaries reorders float32 sums
+        rtol=1e-5,
+        atol=1e-5,  # fusion across layer boundaries reorders float32 sums
     )
 
 

@@ -105,7 +105,10 @@ def dequantized_params(tree: dict, c) -> dict:
             "v": dequantize(g("multi_head_attention/value")["w"], 0).reshape(d, kh, hd),
             "o": dequantize(g("multi_head_attention/linear")["w"], 0).reshape(h, hd, d),
         }
-        experts = {k: dequantize(g(m)["w"], 1) for k, m in (("gate", "moe/linear"), ("up", "moe/linear_v"), ("down", "moe/linear_1"))}
+        experts = {
+            k: dequantize(g(m)["w"], 1)
+            for k, m in (("gate", "moe/linear"), ("up", "moe/linear_v"), ("down", "moe/linear_1"))
+        }
         layers.append(
             {
                 **{ours: {"scale": g(theirs)["scale"]} for ours, theirs in RELEASE_NORMS.items()},
@@ -175,7 +178,10 @@ def test_dequantized_conversion_is_exact(release, forward, tmp_path):
     dst = tmp_path / "model"
     vj.convert(root, dst, config="grok-1-tiny", dtype=np.float32)  # auto-detected as the release
     model = vj.load(dst, dtype=np.float32)
-    assert _rel_err(forward(model.params, jnp.asarray(TOKENS)), forward(dequantized_params(tree, c), jnp.asarray(TOKENS))) < 1e-5
+    assert (
+        _rel_err(forward(model.params, jnp.asarray(TOKENS)), forward(dequantized_params(tree, c), jnp.asarray(TOKENS)))
+        < 1e-5
+    )
 
 
 def test_default_storage_is_bfloat16_for_dequantized_weights(release, tmp_path):
@@ -185,7 +191,9 @@ def test_default_storage_is_bfloat16_for_dequantized_weights(release, tmp_path):
     layers = shapes["layers"]  # every layer stacked on the leading axis
     assert layers["experts"]["down"]["kernel"].dtype == jnp.bfloat16  # dequantized int8
     chex.assert_shape(layers["attn"]["q"]["kernel"], (12, 32, 4, 8))
-    assert shapes["embed"]["embedding"].dtype == np.float32 and layers["router"]["kernel"].dtype == np.float32  # plain leaves as stored
+    assert (
+        shapes["embed"]["embedding"].dtype == np.float32 and layers["router"]["kernel"].dtype == np.float32
+    )  # plain leaves as stored
     config = orbax_io.read_config(tmp_path / "m")
     assert config.family == "grok1" and config.quantization == "none" and config.tokenizer == "sentencepiece"
 
@@ -193,7 +201,9 @@ def test_default_storage_is_bfloat16_for_dequantized_weights(release, tmp_path):
 def convert_cli(*args: str) -> subprocess.CompletedProcess:
     """`python -m vishwam_jax.convert ...` in a subprocess, as a user runs it (importing that module
     here would replace the package's `convert` function with the module of the same name)."""
-    return subprocess.run([sys.executable, "-m", "vishwam_jax.convert", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "vishwam_jax.convert", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def _dense(w) -> np.ndarray:
@@ -208,7 +218,9 @@ def test_keep_int8_runs_weight_only_int8(release, forward, tmp_path):
     layers = orbax_io.param_shapes(dst)["layers"]  # [12, ...]: every layer stacked
     assert layers["attn"]["q"]["kernel"].dtype == np.int8 and layers["attn"]["q"]["scale"].shape == (12, 1, 4, 8)
     assert layers["attn"]["o"]["scale"].shape == (12, 1, 1, 32)
-    assert layers["experts"]["down"]["kernel"].shape == (12, 4, 48, 32) and layers["experts"]["down"]["scale"].shape == (12, 4, 1, 32)
+    assert layers["experts"]["down"]["kernel"].shape == (12, 4, 48, 32) and layers["experts"]["down"][
+        "scale"
+    ].shape == (12, 4, 1, 32)
     model = vj.load(dst, dtype=np.float32)
     loaded = nnx.to_pure_dict(model.params)
     assert loaded["layers"]["experts"]["gate"]["kernel"].dtype == jnp.int8  # loaded as int8, not dequantized
@@ -220,7 +232,10 @@ def test_keep_int8_runs_weight_only_int8(release, forward, tmp_path):
         np.testing.assert_array_equal(np.asarray(got["attn"]["q"]["kernel"]).reshape(32, 32), release_q)
         np.testing.assert_allclose(_dense(got["experts"]["gate"]), want["experts"]["gate"]["kernel"], rtol=1e-6, atol=0)
         # Block scales along the input (o, down) are requantized per output channel: within half a step.
-        for w, dense in ((got["attn"]["o"], want["attn"]["o"]["kernel"]), (got["experts"]["down"], want["experts"]["down"]["kernel"])):
+        for w, dense in (
+            (got["attn"]["o"], want["attn"]["o"]["kernel"]),
+            (got["experts"]["down"], want["experts"]["down"]["kernel"]),
+        ):
             step = np.asarray(w["scale"], np.float32)
             assert np.all(np.abs(_dense(w) - dense) <= 0.5 * step * (1 + 1e-5))
     # The int8 matmuls compute what their dequantized weights compute (the float model's tree).
@@ -241,7 +256,15 @@ def test_int8_error_against_the_original_float_model(keep_int8, tmp_path):
     # Through the command line, as a user converts: config overrides in the release's field names.
     config = {"preset": "grok-1-tiny", "num_layers": 2}
     if keep_int8:  # through the command line, as a user converts: overrides in the release's field names
-        r = convert_cli(str(tmp_path / "src"), str(tmp_path / "m"), "--config", json.dumps(config), "--dtype", "float32", "--keep-int8")
+        r = convert_cli(
+            str(tmp_path / "src"),
+            str(tmp_path / "m"),
+            "--config",
+            json.dumps(config),
+            "--dtype",
+            "float32",
+            "--keep-int8",
+        )
         assert r.returncode == 0, r.stderr
     else:
         vj.convert(tmp_path / "src", tmp_path / "m", config=config, dtype=np.float32)
@@ -281,31 +304,52 @@ def test_weight_only_int8_keeps_no_dequantized_copy(monkeypatch):
 def test_convert_cli_help_warns_about_pickles():
     r = convert_cli("--help")
     help_text = " ".join(r.stdout.split())
-    assert r.returncode == 0 and "unpickling can run code: convert only checkpoints from a source you trust" in help_text
+    assert (
+        r.returncode == 0 and "unpickling can run code: convert only checkpoints from a source you trust" in help_text
+    )
     assert "--keep-int8" in help_text and "--config" in help_text
 
 
 def test_convert_cli_reports_bad_config_fields(release, tmp_path):
     r = convert_cli(str(release[3]), str(tmp_path / "m"), "--config", '{"hidden_size": 32}')
-    assert r.returncode == 2 and "unknown Grok-1 config field(s) hidden_size" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.returncode == 2 and "unknown Grok-1 config field(s) hidden_size" in r.stderr and "Traceback" not in r.stderr
+    )
 
 
 def test_leaf_order_is_lexicographic():
     plan = grok_release.leaf_plan(get_config("grok-1"))
     assert len(plan) == 770
     names = [leaf.name for leaf in plan]
-    assert names[:3] == ["language_model/in_out_embed/embeddings", "language_model/rms_norm/scale", "transformer/decoder_layer_0/moe/linear/w"]
+    assert names[:3] == [
+        "language_model/in_out_embed/embeddings",
+        "language_model/rms_norm/scale",
+        "transformer/decoder_layer_0/moe/linear/w",
+    ]
     assert names[2:14] == [
         f"transformer/decoder_layer_0/{m}"
         for m in (
-            "moe/linear/w", "moe/linear_1/w", "moe/linear_v/w",
-            "multi_head_attention/key/w", "multi_head_attention/linear/w", "multi_head_attention/query/w", "multi_head_attention/value/w",
-            "rms_norm/scale", "rms_norm_1/scale", "rms_norm_2/scale", "rms_norm_3/scale", "router/w",
+            "moe/linear/w",
+            "moe/linear_1/w",
+            "moe/linear_v/w",
+            "multi_head_attention/key/w",
+            "multi_head_attention/linear/w",
+            "multi_head_attention/query/w",
+            "multi_head_attention/value/w",
+            "rms_norm/scale",
+            "rms_norm_1/scale",
+            "rms_norm_2/scale",
+            "rms_norm_3/scale",
+            "router/w",
         )
     ]
     # decoder_layer_1, then 10..19, then 2: layer 10 starts at leaf 26, layer 2 at 146, layer 9 ends the file.
-    assert names[14].startswith("transformer/decoder_layer_1/") and names[26].startswith("transformer/decoder_layer_10/")
-    assert names[146].startswith("transformer/decoder_layer_2/") and names[769] == "transformer/decoder_layer_9/router/w"
+    assert names[14].startswith("transformer/decoder_layer_1/") and names[26].startswith(
+        "transformer/decoder_layer_10/"
+    )
+    assert (
+        names[146].startswith("transformer/decoder_layer_2/") and names[769] == "transformer/decoder_layer_9/router/w"
+    )
     assert (plan[26].dest, plan[26].layer) == (("layers", "experts", "gate", "kernel"), 10)
     assert (plan[3].dest, plan[3].layer) == (("layers", "experts", "down", "kernel"), 0)
     assert (plan[4].dest, plan[4].layer) == (("layers", "experts", "up", "kernel"), 0)
@@ -358,7 +402,12 @@ def test_generation_with_the_release_tokenizer(tmp_path, capsys):
     ids = tokenizer.encode("The answer to life the universe and everything is")
     assert ids[0] == c.bos_token_id and tokenizer.decode(ids[1:]) == "The answer to life the universe and everything is"
     prompt = "The answer to life"
-    assert generate_cli.run(["--model", str(tmp_path / "m"), "--prompt", prompt, "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert (
+        generate_cli.run(
+            ["--model", str(tmp_path / "m"), "--prompt", prompt, "--max-new-tokens", "5", "--temperature", "0"]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     assert out.out.startswith(prompt) and "tok/s" in out.err
 
@@ -399,10 +448,14 @@ def test_refuses_a_config_with_another_depth(release, tmp_path):
 
 def test_refuses_wrong_shapes_naming_the_leaf(release, tmp_path):
     config = {"preset": "grok-1-tiny", "emb_size": 48}
-    with pytest.raises(CheckpointFormatError, match=r"leaf 0 \(language_model/in_out_embed/embeddings.*\(512, 32\).*\(512, 48\)"):
+    with pytest.raises(
+        CheckpointFormatError, match=r"leaf 0 \(language_model/in_out_embed/embeddings.*\(512, 32\).*\(512, 48\)"
+    ):
         grok_release.convert(release[3], tmp_path / "m", config=config)
     config = {"preset": "grok-1-tiny", "widening_factor": 4}
-    with pytest.raises(CheckpointFormatError, match=r"leaf 2 \(transformer/decoder_layer_0/moe/linear/w\).*widening_factor"):
+    with pytest.raises(
+        CheckpointFormatError, match=r"leaf 2 \(transformer/decoder_layer_0/moe/linear/w\).*widening_factor"
+    ):
         grok_release.convert(release[3], tmp_path / "m", config=config)
 
 
@@ -417,7 +470,9 @@ def test_refuses_unknown_config_fields():
         grok_release.resolve_config({"num_kv_heads": 5})
     c = grok_release.resolve_config('{"num_layers": 2, "emb_size": 1024, "widening_factor": 4}')
     assert (c.num_layers, c.d_model, c.moe_ffn_dim, c.num_heads) == (2, 1024, 2736, 48)
-    c = grok_release.resolve_config({"preset": "grok-1-tiny", "num_q_heads": 8, "key_size": 4, "num_selected_experts": 3})
+    c = grok_release.resolve_config(
+        {"preset": "grok-1-tiny", "num_q_heads": 8, "key_size": 4, "num_selected_experts": 3}
+    )
     assert (c.num_heads, c.head_dim, c.num_experts_per_token) == (8, 4, 3)  # the release's names, mapped
     with pytest.raises(AttributeError):  # validated and frozen
         c.num_layers = 3
@@ -471,7 +526,9 @@ def test_detect_ignores_other_directories(tmp_path):
 
 
 # -- HF-format ports ------------------------------------------------------------------------------
-def write_hf_port(root: Path, params: dict, c, layout: str, lm_head: np.ndarray | None = None, fmt: str = "safetensors") -> None:
+def write_hf_port(
+    root: Path, params: dict, c, layout: str, lm_head: np.ndarray | None = None, fmt: str = "safetensors"
+) -> None:
     from safetensors.numpy import save_file
 
     names = hf_grok.LAYOUTS[layout]
@@ -501,18 +558,33 @@ def write_hf_port(root: Path, params: dict, c, layout: str, lm_head: np.ndarray 
         names = sorted(t)
         shards = {f"pytorch_model-0000{i + 1}-of-00002.bin": names[i::2] for i in range(2)}
         for file, keys in shards.items():
-            torch.save({k: torch.from_numpy(np.ascontiguousarray(t[k], np.float32)).to(torch.bfloat16) for k in keys}, root / file)
+            torch.save(
+                {k: torch.from_numpy(np.ascontiguousarray(t[k], np.float32)).to(torch.bfloat16) for k in keys},
+                root / file,
+            )
         index = {"metadata": {}, "weight_map": {k: file for file, keys in shards.items() for k in keys}}
         (root / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     hf = {
         "architectures": ["Grok1ModelForCausalLM" if layout == "hpcai" else "GrokForCausalLM"],
         "model_type": "grok-1" if layout == "hpcai" else "grok",
-        "vocab_size": c.vocab_size, "hidden_size": d, "intermediate_size": c.moe_ffn_dim,
-        "num_hidden_layers": c.num_layers, "num_attention_heads": h, "num_key_value_heads": kh, "head_dim": hd,
-        "num_experts": c.num_experts, "num_experts_per_tok": 2, "max_position_embeddings": c.max_seq_len,
-        "embedding_multiplier_scale": c.embedding_multiplier_scale, "output_multiplier_scale": c.output_multiplier_scale,
-        "attn_output_multiplier": c.attn_output_multiplier, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+        "vocab_size": c.vocab_size,
+        "hidden_size": d,
+        "intermediate_size": c.moe_ffn_dim,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": h,
+        "num_key_value_heads": kh,
+        "head_dim": hd,
+        "num_experts": c.num_experts,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": c.max_seq_len,
+        "embedding_multiplier_scale": c.embedding_multiplier_scale,
+        "output_multiplier_scale": c.output_multiplier_scale,
+        "attn_output_multiplier": c.attn_output_multiplier,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
     }
     (root / "config.json").write_text(json.dumps(hf))
 
@@ -521,11 +593,22 @@ def write_hf_port(root: Path, params: dict, c, layout: str, lm_head: np.ndarray 
 def test_hf_ports_convert_exactly(layout, tmp_path):
     c = tiny_config(num_layers=2)
     params = random_params(c, seed=9, q_gain=3.0)
-    write_hf_port(tmp_path / "hf", params, c, layout, lm_head=params["embed"]["embedding"] if layout == "hpcai" else None)
+    write_hf_port(
+        tmp_path / "hf", params, c, layout, lm_head=params["embed"]["embedding"] if layout == "hpcai" else None
+    )
     assert hf_grok.detect(tmp_path / "hf") and not grok_release.detect(tmp_path / "hf")
     vj.convert(tmp_path / "hf", tmp_path / "m")
     model = vj.load(tmp_path / "m")
-    for field in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "moe_ffn_dim", "num_experts", "attn_output_multiplier"):
+    for field in (
+        "d_model",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "moe_ffn_dim",
+        "num_experts",
+        "attn_output_multiplier",
+    ):
         assert model.config[field] == c[field], field
     forward = jit_forward(c)
     assert _rel_err(forward(model.params, jnp.asarray(TOKENS)), forward(params, jnp.asarray(TOKENS))) < 1e-6
@@ -551,7 +634,9 @@ def test_hf_port_bin_with_code_is_refused_without_running_it(tmp_path):
     c = tiny_config(num_layers=1)
     write_hf_port(tmp_path / "hf", random_params(c, seed=10), c, "keyfan", fmt="bin")
     marker = tmp_path / "pwned"
-    torch.save({"transformer.in_out_embed.weight": _Exploit(marker)}, tmp_path / "hf" / "pytorch_model-00001-of-00002.bin")
+    torch.save(
+        {"transformer.in_out_embed.weight": _Exploit(marker)}, tmp_path / "hf" / "pytorch_model-00001-of-00002.bin"
+    )
     with pytest.raises(CheckpointFormatError, match="pytorch_model-00001-of-00002.bin: not a PyTorch weights file"):
         vj.convert(tmp_path / "hf", tmp_path / "m")
     assert not marker.exists()

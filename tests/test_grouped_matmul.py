@@ -54,7 +54,7 @@ def numpy_gmm(lhs, rhs, sizes, transpose=False, scale=None):
     out = np.zeros((lhs.shape[0], rhs.shape[2]))
     start = 0
     for gi, size in enumerate(np.asarray(sizes)):
-        out[start:start + size] = lhs[start:start + size] @ rhs[gi]
+        out[start : start + size] = lhs[start : start + size] @ rhs[gi]
         start += size
     return out
 
@@ -125,7 +125,7 @@ def test_packed_int8_with_the_prefill_config(monkeypatch):
     lhs, rhs, gs, scale = make(m, k, n, sizes, jnp.float32, int8=True)
     out = _gmm_gpu.gmm(lhs, rhs, gs, rhs_scale=scale.reshape(len(sizes), n), interpret=True)
     assert rel_err(out, numpy_gmm(lhs, rhs, sizes, scale=scale)) < TOL[jnp.dtype(jnp.float32)]
-    np.testing.assert_array_equal(np.asarray(out[sum(sizes):]), 0.0)
+    np.testing.assert_array_equal(np.asarray(out[sum(sizes) :]), 0.0)
 
 
 @pytest.mark.parametrize(
@@ -216,10 +216,12 @@ def test_xla_path_matches_reference(transpose, int8):
         ref = grouped_matmul.gmm_reference(lhs, rhs, gs, transpose_rhs=transpose, rhs_scale=scale)
         assert rel_err(out, ref) < 1e-5, name
 
+
 def test_xla_path_gradients():
     lhs, rhs, gs, _ = make(*SHAPES["uneven_empty_first_last_short_sum"])
-    got = jax.grad(functools.partial(loss, functools.partial(grouped_matmul.gmm, implementation="xla")),
-                   argnums=(0, 1))(lhs, rhs, gs)
+    got = jax.grad(
+        functools.partial(loss, functools.partial(grouped_matmul.gmm, implementation="xla")), argnums=(0, 1)
+    )(lhs, rhs, gs)
     want = jax.grad(functools.partial(loss, grouped_matmul.gmm_reference), argnums=(0, 1))(lhs, rhs, gs)
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-5

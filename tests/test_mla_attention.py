@@ -9,11 +9,10 @@ Prefill: forward and dq / dk / dv against jax.grad of the reference, t not a mul
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from vishwam_jax.pallas_kernels import mla_attention
 
@@ -26,8 +25,9 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def _decode_inputs(rng, lengths, s_q, heads, *, dv=DV, dr=DR, paged=False, cache_len=None, page=64,
-                   stale_nan=False, dtype=jnp.float32):
+def _decode_inputs(
+    rng, lengths, s_q, heads, *, dv=DV, dr=DR, paged=False, cache_len=None, page=64, stale_nan=False, dtype=jnp.float32
+):
     batch = len(lengths)
     d = dv + dr
     cache_len = cache_len or max(max(lengths), 1)
@@ -49,12 +49,12 @@ def _decode_inputs(rng, lengths, s_q, heads, *, dv=DV, dr=DR, paged=False, cache
     return q, jnp.asarray(cache, dtype), jnp.asarray(lengths, jnp.int32), None
 
 
-def _check_decode(q, cache, lengths, table, *, dv=DV, causal=True, num_splits=None, impl="pallas_interpret",
-                  tol=1e-5):
+def _check_decode(q, cache, lengths, table, *, dv=DV, causal=True, num_splits=None, impl="pallas_interpret", tol=1e-5):
     kw = dict(softmax_scale=0.3, block_table=table, v_head_dim=dv, causal=causal)
     ref, ref_lse = mla_attention.mla_decode_reference(q, cache, lengths, return_lse=True, **kw)
-    out, lse = mla_attention.mla_decode(q, cache, lengths, num_splits=num_splits, implementation=impl,
-                                        return_lse=True, **kw)
+    out, lse = mla_attention.mla_decode(
+        q, cache, lengths, num_splits=num_splits, implementation=impl, return_lse=True, **kw
+    )
     assert out.shape == q.shape[:3] + (dv,) and out.dtype == q.dtype
     assert _rel(out, ref) < tol
     # a row with nothing visible: zeros and lse = -inf, in the kernel as in the reference
@@ -114,8 +114,9 @@ def test_decode_two_new_tokens_causal(num_splits):
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_paged_shuffled_blocks(num_splits):
     rng = np.random.default_rng(4)
-    q, cache, lengths, table = _decode_inputs(rng, [1, 130, 64, 0, 191], 1, 8, paged=True, cache_len=192,
-                                              stale_nan=True)
+    q, cache, lengths, table = _decode_inputs(
+        rng, [1, 130, 64, 0, 191], 1, 8, paged=True, cache_len=192, stale_nan=True
+    )
     _check_decode(q, cache, lengths, table, num_splits=num_splits)
 
 
@@ -135,8 +136,9 @@ def test_decode_576_128_heads():
 def test_decode_576_paged_bf16():
     """bf16 inputs (the production dtype): output stays bf16, error at bf16 level."""
     rng = np.random.default_rng(7)
-    q, cache, lengths, table = _decode_inputs(rng, [100, 7], 1, 16, dv=512, dr=64, paged=True, cache_len=128,
-                                              dtype=jnp.bfloat16)
+    q, cache, lengths, table = _decode_inputs(
+        rng, [100, 7], 1, 16, dv=512, dr=64, paged=True, cache_len=128, dtype=jnp.bfloat16
+    )
     _check_decode(q, cache, lengths, table, dv=512, num_splits=2, tol=2e-2)
 
 
@@ -147,8 +149,19 @@ def test_decode_kernel_variants():
     rng = np.random.default_rng(8)
     q, cache, lengths, _ = _decode_inputs(rng, [40, 65], 2, 16, dv=64, cache_len=65, stale_nan=True)
     ref = mla_attention.mla_decode_reference(q, cache, lengths, softmax_scale=0.3, v_head_dim=64)
-    out, _ = _mla_gpu.mla_decode_gpu(q, cache, lengths, softmax_scale=0.3, v_head_dim=64, num_splits=2,
-                                     block_h=16, block_k=32, v_splits=2, reload_q=True, interpret=True)
+    out, _ = _mla_gpu.mla_decode_gpu(
+        q,
+        cache,
+        lengths,
+        softmax_scale=0.3,
+        v_head_dim=64,
+        num_splits=2,
+        block_h=16,
+        block_k=32,
+        v_splits=2,
+        reload_q=True,
+        interpret=True,
+    )
     assert _rel(out, ref) < 1e-5
 
 
@@ -165,11 +178,11 @@ def test_decode_tpu_kernel_interpreted(paged):
     from vishwam_jax.pallas_kernels import _mla_tpu
 
     rng = np.random.default_rng(10)
-    q, cache, lengths, table = _decode_inputs(rng, [0, 64, 130], 2, 8, paged=paged, cache_len=130,
-                                              stale_nan=True)
+    q, cache, lengths, table = _decode_inputs(rng, [0, 64, 130], 2, 8, paged=paged, cache_len=130, stale_nan=True)
     ref = mla_attention.mla_decode_reference(q, cache, lengths, softmax_scale=0.3, block_table=table, v_head_dim=DV)
-    out, _ = _mla_tpu.mla_decode_tpu(q, cache, lengths, table, softmax_scale=0.3, v_head_dim=DV, num_splits=2,
-                                     block_k=64, interpret=True)
+    out, _ = _mla_tpu.mla_decode_tpu(
+        q, cache, lengths, table, softmax_scale=0.3, v_head_dim=DV, num_splits=2, block_k=64, interpret=True
+    )
     assert _rel(out, ref) < 1e-5
 
 
@@ -188,7 +201,11 @@ def test_auto_sends_small_contiguous_caches_to_xla_on_gpu(monkeypatch):
     monkeypatch.setattr(mla_attention, "_platform", lambda: "gpu")
     monkeypatch.delenv(mla_attention.ENV_VAR, raising=False)
     ran = []
-    monkeypatch.setattr(mla_attention._mla_gpu, "mla_decode_gpu", lambda *a, **k: ran.append("kernel") or (a[0][..., :512], a[0][..., 0]))
+    monkeypatch.setattr(
+        mla_attention._mla_gpu,
+        "mla_decode_gpu",
+        lambda *a, **k: ran.append("kernel") or (a[0][..., :512], a[0][..., 0]),
+    )
     monkeypatch.setattr(mla_attention, "mla_decode_xla", lambda *a, **k: ran.append("xla") or a[0][..., :512])
     q = jnp.zeros((1, 1, 16, 576), jnp.bfloat16)
     small = jnp.zeros((1, 4096, 576), jnp.bfloat16)  # 4.7 MB
@@ -215,13 +232,19 @@ def test_auto_sends_small_contiguous_caches_to_xla_on_gpu(monkeypatch):
     ],
 )
 def test_decode_bad_input_is_named(change, match):
-    args = dict(q=np.zeros((2, 1, 4, 49)), cache=np.zeros((2, 8, 49)), lengths=np.zeros((2,), np.int32),
-                block_table=None, v_head_dim=32)
+    args = dict(
+        q=np.zeros((2, 1, 4, 49)),
+        cache=np.zeros((2, 8, 49)),
+        lengths=np.zeros((2,), np.int32),
+        block_table=None,
+        v_head_dim=32,
+    )
     args.update(change)
     args = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
     with pytest.raises((ValueError, TypeError), match=match):
-        mla_attention.mla_decode(args.pop("q"), args.pop("cache"), args.pop("lengths"), softmax_scale=1.0,
-                                 implementation="xla", **args)
+        mla_attention.mla_decode(
+            args.pop("q"), args.pop("cache"), args.pop("lengths"), softmax_scale=1.0, implementation="xla", **args
+        )
 
 
 # -- prefill ------------------------------------------------------------------------------------
@@ -241,8 +264,9 @@ def test_prefill_forward_and_grads(causal):
 
     def loss(impl):
         def f(q, k, v):
-            o = mla_attention.mla_prefill(q, k, v, softmax_scale=0.2, causal=causal, implementation=impl,
-                                          config=PREFILL_CONFIG)
+            o = mla_attention.mla_prefill(
+                q, k, v, softmax_scale=0.2, causal=causal, implementation=impl, config=PREFILL_CONFIG
+            )
             return jnp.sum(o * do), o
 
         return jax.grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
@@ -259,8 +283,9 @@ def test_prefill_192_128_and_xla():
     rng = np.random.default_rng(12)
     q, k, v, _ = _prefill_inputs(rng, 1, 20, 1, 192, 128)
     ref = mla_attention.mla_prefill_reference(q, k, v, softmax_scale=0.1)
-    out = mla_attention.mla_prefill(q, k, v, softmax_scale=0.1, implementation="pallas_interpret",
-                                    config=((16, 16, 4, 1),) * 3)
+    out = mla_attention.mla_prefill(
+        q, k, v, softmax_scale=0.1, implementation="pallas_interpret", config=((16, 16, 4, 1),) * 3
+    )
     assert _rel(out, ref) < 1e-5
     assert _rel(mla_attention.mla_prefill(q, k, v, softmax_scale=0.1), ref) < 1e-5  # auto = xla on CPU
     with pytest.raises(ValueError, match="mla_prefill needs"):

@@ -5,19 +5,16 @@ generation of rows of very different lengths against contiguous generation (Deep
 from __future__ import annotations
 
 import chex
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
 from vishwam_jax.inference import paged_cache as pc
 from vishwam_jax.inference.engine import Generator
-from vishwam_jax.models import apply
+from vishwam_jax.models import apply, gemma, mla
 from vishwam_jax.models import deepseek_v3 as ds
-from vishwam_jax.models import gemma
-from vishwam_jax.models import mla
 from vishwam_jax.pallas_kernels import mla_attention
 from vishwam_jax.presets import get_config
 
@@ -111,13 +108,13 @@ def test_mla_decode_through_block_tables_equals_contiguous(impl):
     pool = pc.init_pool(cache.num_blocks, dv + dr, jnp.float32)
     positions = jnp.broadcast_to(jnp.arange(320), (len(lengths), 320))
     pool = pc.write_tokens(pool, table, jnp.asarray(contiguous), positions, jnp.asarray(lengths))
-    np.testing.assert_array_equal(
-        np.asarray(pc.gather_tokens(pool, table))[1, :300], contiguous[1, :300])
+    np.testing.assert_array_equal(np.asarray(pc.gather_tokens(pool, table))[1, :300], contiguous[1, :300])
     q = jnp.asarray(rng.standard_normal((len(lengths), s_q, heads, dv + dr)), jnp.float32)
     kw = dict(softmax_scale=0.2, v_head_dim=dv)
     want = mla_attention.mla_decode_reference(q, jnp.asarray(contiguous), jnp.asarray(lengths), **kw)
-    got = mla_attention.mla_decode(q, pool, jnp.asarray(lengths), block_table=table, implementation=impl,
-                                   num_splits=2, **kw)
+    got = mla_attention.mla_decode(
+        q, pool, jnp.asarray(lengths), block_table=table, implementation=impl, num_splits=2, **kw
+    )
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
 
 
@@ -147,8 +144,14 @@ def test_model_forward_on_a_paged_cache_equals_contiguous(tiny):
     table = cache.block_table(["short", "long"])
     paged = model.init_paged_cache(table, cache.num_blocks, jnp.float32)
     flat = model.init_cache(2, 72, jnp.float32)
-    step = jax.jit(lambda c, t, n: (lambda out: (out.logits, out.cache))(apply(graphdef, params, t, cache=c, lengths=n)))
-    for chunk, n in ((tokens, lengths), (tokens[:, :1], jnp.ones(2, jnp.int32)), (tokens[:, 1:2], jnp.ones(2, jnp.int32))):
+    step = jax.jit(
+        lambda c, t, n: (lambda out: (out.logits, out.cache))(apply(graphdef, params, t, cache=c, lengths=n))
+    )
+    for chunk, n in (
+        (tokens, lengths),
+        (tokens[:, :1], jnp.ones(2, jnp.int32)),
+        (tokens[:, 1:2], jnp.ones(2, jnp.int32)),
+    ):
         a, paged = step(paged, chunk, n)
         b, flat = step(flat, chunk, n)
         live = np.arange(chunk.shape[1])[None, :] < np.asarray(n)[:, None]
@@ -164,7 +167,9 @@ def test_model_forward_on_a_paged_cache_equals_contiguous(tiny):
         for layer in range(paged[stack]["kv"].shape[0]):
             gathered = np.asarray(pc.gather_tokens(paged[stack]["kv"][layer], jnp.asarray(table)))
             for row, n in enumerate((5 + 2, 70 + 2)):
-                np.testing.assert_allclose(gathered[row, :n], np.asarray(flat[stack]["kv"][layer, row, :n]), rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(
+                    gathered[row, :n], np.asarray(flat[stack]["kv"][layer, row, :n]), rtol=1e-5, atol=1e-5
+                )
 
 
 def test_paged_generation_equals_contiguous_in_fewer_pages(tiny):
@@ -217,7 +222,10 @@ def test_only_latent_caches_page(tiny):
     model = nnx.merge(graphdef, params)
     assert model.capabilities.paged_cache
     pools = jax.eval_shape(lambda: model.init_paged_cache(np.zeros((1, 1), np.int32), 4, jnp.float32))
-    chex.assert_shape(pools["moe_layers"]["kv"], (cfg.num_layers - cfg.num_dense_layers, 4, pc.PAGE, cfg.kv_lora_rank + cfg.qk_rope_head_dim))
+    chex.assert_shape(
+        pools["moe_layers"]["kv"],
+        (cfg.num_layers - cfg.num_dense_layers, 4, pc.PAGE, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+    )
     g = gemma.Gemma(get_config("gemma-tiny"), rngs=nnx.Rngs(0))
     assert not g.capabilities.paged_cache
 

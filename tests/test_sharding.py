@@ -24,18 +24,20 @@ from vishwam_jax.sharding import (
     ShardingError,
     constrain,
     expert_parallel,
+    initialize_distributed,
     leaf_name,
     logical_axes,
     make_mesh,
     param_shardings,
     param_specs,
-    initialize_distributed,
     parse_mesh,
     use_mesh,
     validate,
 )
 
-FAMILY_PRESETS = [p for p in ("gemma-tiny", "gemma2-tiny", "gemma3-tiny", "grok-1-tiny", "deepseek-v3-tiny") if p in vj.list_models()]
+FAMILY_PRESETS = [
+    p for p in ("gemma-tiny", "gemma2-tiny", "gemma3-tiny", "grok-1-tiny", "deepseek-v3-tiny") if p in vj.list_models()
+]
 MOE_PRESETS = [p for p in ("grok-1-tiny", "deepseek-v3-tiny") if p in vj.list_models()]
 FULL_PRESETS = [p for p in vj.list_models() if not p.endswith("-tiny")]  # the published (and demo) sizes
 # The byte-level demo model's 259-entry vocabulary splits over no even mesh axis: not a training layout.
@@ -110,8 +112,17 @@ def test_initialize_distributed_only_for_multi_host_jobs(monkeypatch):
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     if hasattr(jax.distributed, "is_initialized"):
         monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
-                "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    for var in (
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
+        "COORDINATOR_ADDRESS",
+        "TPU_WORKER_HOSTNAMES",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+        "SLURM_JOB_ID",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert initialize_distributed() == (0, 1) and calls == []
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-0")  # a single-host TPU VM sets it too
@@ -169,7 +180,9 @@ def test_every_parameter_of_a_built_model_names_each_dimension(name):
     assert len(flat) == len(flat_specs) > 0
     for (path, leaf), spec in zip(flat, flat_specs):
         assert len(spec) == leaf.ndim, f"{leaf_name(path)} {leaf.shape}: {spec}"
-    assert jax.tree_util.tree_leaves(logical_axes(state), is_leaf=lambda x: isinstance(x, tuple)) == [tuple(s) for s in flat_specs]
+    assert jax.tree_util.tree_leaves(logical_axes(state), is_leaf=lambda x: isinstance(x, tuple)) == [
+        tuple(s) for s in flat_specs
+    ]
 
 
 @pytest.mark.parametrize("name", FULL_PRESETS)
@@ -255,7 +268,9 @@ def test_int8_leaves_shard_like_their_weight_with_whole_scale_axes():
     """Grok-1 with its released int8 weights: each scale carries its kernel's names, and its size-1
     (contracted) axes stay whole while the others split with the kernel."""
     config = get_config("grok-1-tiny", quantization="int8")
-    specs = nnx.to_pure_dict(param_specs(abstract_state(config), make_mesh(fsdp=2, tensor=2, expert=2), "expert", config))
+    specs = nnx.to_pure_dict(
+        param_specs(abstract_state(config), make_mesh(fsdp=2, tensor=2, expert=2), "expert", config)
+    )
     down = at(specs, "layers.experts.down")  # [layers, experts, expert_mlp, embed], scale [.., .., 1, ..]
     assert down["kernel"] == P(None, "expert", "tensor", "fsdp")
     assert down["scale"] == P(None, "expert", None, "fsdp")
@@ -275,7 +290,9 @@ def test_presets_place_weights_as_documented():
     assert q("single") == P()
     assert at(specs(mesh, "fsdp"), "embed.embedding") == P("tensor", "fsdp")
     # expert preset: the expert axis is data-parallel outside MoE layers, so dense weights shard over it too.
-    assert at(specs(make_mesh(fsdp=2, expert=4), "expert"), "blocks.layers.0.attn.q.kernel") == P(None, ("fsdp", "expert"))
+    assert at(specs(make_mesh(fsdp=2, expert=4), "expert"), "blocks.layers.0.attn.q.kernel") == P(
+        None, ("fsdp", "expert")
+    )
     # MQA: one KV head is replicated over tensor rather than rejected.
     mqa = small_config("gemma-tiny")
     assert at(specs(mesh, "fsdp", mqa, abstract_state(mqa)), "blocks.layers.0.attn.k.kernel") == P(None, "fsdp")
@@ -315,7 +332,7 @@ def test_constraints_only_under_use_mesh():
 
 
 # -- sharded forwards ----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(name):
     """(model, tokens, single-device logits), shared by the cases of one preset."""
     model = vj.load(small_config(name), seed=1)  # one compiled init
@@ -351,7 +368,8 @@ def test_sharded_forward_equals_single_device(name, sizes, rules, monkeypatch):
 
 
 DECODE_CASES = [
-    c for c in (
+    c
+    for c in (
         ("deepseek-v3-tiny", dict(expert=8), 1),
         ("grok-1-tiny", dict(tensor=2, expert=4), 8),
         ("deepseek-v3-tiny", dict(data=2, tensor=4), 4),  # latent-cache decode kernel per (batch, heads) block
@@ -361,7 +379,9 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, sizes, batch", DECODE_CASES, ids=[f"{c[0]}-{'-'.join(map(str, c[1].items()))}" for c in DECODE_CASES])
+@pytest.mark.parametrize(
+    "name, sizes, batch", DECODE_CASES, ids=[f"{c[0]}-{'-'.join(map(str, c[1].items()))}" for c in DECODE_CASES]
+)
 def test_sharded_prefill_and_decode_with_cache_equal_single_device(name, sizes, batch, monkeypatch):
     """The serving layouts of docs/scaling.md on 8 devices: the cached prefill and a decode step
     (a batch of 1 that the 8 token shards must pad; a batch split over expert with the expert width
@@ -436,3 +456,25 @@ def test_documented_layouts_divide_the_published_shapes():
         assert stats.per_device * layout.devices >= stats.total  # every parameter is held somewhere
         table = plan.train_table(layout) if layout.phase == "train" else plan.serve_table(layout)
         assert f"RULES[{layout.rules!r}]" in table
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto", None])
+def test_load_onto_a_mesh_from_jax_make_mesh(axis_type, tmp_path):
+    """jax.make_mesh's default (Explicit axes in new jax) or Auto axes: the model is placed on the same
+    devices by the same rules and computes what one device computes, plain and under use_mesh."""
+    kwargs = {} if axis_type is None else {"axis_types": (getattr(jax.sharding.AxisType, axis_type),) * 3}
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), **kwargs)
+    tokens = jnp.array([[5, 9, 2, 7, 1, 3, 8, 4]] * 2, jnp.int32)
+    single = vj.load("gemma2-tiny")
+    sharded = vj.load("gemma2-tiny", mesh=mesh)
+    leaf = jax.tree_util.tree_leaves(sharded.params)[0]
+    placed = leaf.sharding.mesh
+    assert placed.devices.tolist() == mesh.devices.tolist() and placed.axis_names == mesh.axis_names
+    np.testing.assert_allclose(sharded.logits(tokens), single.logits(tokens), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(sharded.generate(tokens, 4), single.generate(tokens, 4))
+    with use_mesh(mesh, "fsdp"):
+        np.testing.assert_allclose(sharded.logits(tokens), single.logits(tokens), rtol=1e-5, atol=1e-5)
+    # A model directory restored onto the mesh: each device reads its shards.
+    orbax_io.save_params(tmp_path / "m", single.params, single.config)
+    restored = vj.load(tmp_path / "m", mesh=mesh)
+    np.testing.assert_allclose(restored.logits(tokens), single.logits(tokens), rtol=1e-5, atol=1e-5)

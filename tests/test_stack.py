@@ -18,8 +18,11 @@ PRESETS = ["gemma2-tiny", "deepseek-v3-tiny", "grok-1-tiny"]
 def test_per_layer_buffers_give_the_scanned_model(name):
     scanned = vj.load(name, unstack_layers=False, seed=1)
     per_layer = vj.load(name, unstack_layers=True, seed=1)
-    layers = [x for x in jax.tree_util.tree_leaves(per_layer.params, is_leaf=lambda x: isinstance(x, stack.Layers))
-              if isinstance(x, stack.Layers)]
+    layers = [
+        x
+        for x in jax.tree_util.tree_leaves(per_layer.params, is_leaf=lambda x: isinstance(x, stack.Layers))
+        if isinstance(x, stack.Layers)
+    ]
     assert layers, "no stacked parameter was split into per-layer buffers"
     tokens = np.random.default_rng(0).integers(3, scanned.config.vocab_size, size=(2, 13))
     ref = np.asarray(scanned.logits(tokens))
@@ -52,8 +55,10 @@ def test_per_layer_buffers_serve_the_paged_cache_and_speculative_decoding():
     np.testing.assert_array_equal(result.tokens, expected)
 
 
-@pytest.mark.parametrize("name,sizes,rules", [("grok-1-tiny", dict(tensor=2, expert=4), "expert"),
-                                               ("deepseek-v3-tiny", dict(fsdp=2, expert=4), "expert")])
+@pytest.mark.parametrize(
+    "name,sizes,rules",
+    [("grok-1-tiny", dict(tensor=2, expert=4), "expert"), ("deepseek-v3-tiny", dict(fsdp=2, expert=4), "expert")],
+)
 def test_per_layer_buffers_keep_their_shardings_and_serve_under_a_mesh(name, sizes, rules):
     from vishwam_jax.sharding import make_mesh, use_mesh
 
@@ -62,7 +67,9 @@ def test_per_layer_buffers_keep_their_shardings_and_serve_under_a_mesh(name, siz
     single = vj.load(name, unstack_layers=False, seed=4)
     mesh = make_mesh(**sizes)
     model = vj.load(name, mesh=mesh, rules=rules, unstack_layers=True, seed=4)
-    experts = model.params["layers" if name.startswith("grok") else "moe_layers"]["experts"]["gate"]["kernel"].get_value()
+    experts = model.params["layers" if name.startswith("grok") else "moe_layers"]["experts"]["gate"][
+        "kernel"
+    ].get_value()
     assert isinstance(experts, stack.Layers)
     assert experts.arrays[0].addressable_shards[0].data.shape[0] < experts.arrays[0].shape[0]  # experts split
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12]] * 8

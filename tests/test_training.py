@@ -85,7 +85,10 @@ def _state(params, opt):
 
 
 def _tree_equal(a, b) -> bool:
-    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    return all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+    )
 
 
 def _quiet(_line):
@@ -106,8 +109,17 @@ def compilation_cache(tmp_path_factory):
 
 # -- the trainer end to end ------------------------------------------------------------------------
 def test_loss_decreases_on_shakespeare():
-    tc = TrainConfig(model="gemma-tiny", steps=40, batch_size=8, seq_len=64, lr=1e-2, warmup_steps=5, heldout_fraction=0.02,
-                     eval_every=20, eval_batches=4)
+    tc = TrainConfig(
+        model="gemma-tiny",
+        steps=40,
+        batch_size=8,
+        seq_len=64,
+        lr=1e-2,
+        warmup_steps=5,
+        heldout_fraction=0.02,
+        eval_every=20,
+        eval_batches=4,
+    )
     logs = []
     history = train(tc, log=logs.append)
     losses = [h["loss"] for h in history]
@@ -124,7 +136,9 @@ def test_loss_decreases_on_shakespeare():
 
 
 def test_resume_is_exact_after_a_crash(tmp_path):
-    common = dict(model="gemma-tiny", steps=6, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, compute_dtype="bfloat16")
+    common = dict(
+        model="gemma-tiny", steps=6, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, compute_dtype="bfloat16"
+    )
     uninterrupted = [h["loss"] for h in train(TrainConfig(**common), log=_quiet)]
 
     class Crash(Exception):
@@ -175,9 +189,22 @@ def test_two_process_run_equals_one_process_and_resumes_on_another_topology(tmp_
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
     worker = str(ROOT / "tests" / "multihost_train_worker.py")
     procs = [
-        subprocess.Popen([sys.executable, worker, str(i), "2", port, str(workdir), str(tmp_path / f"losses_{i}.json"),
-                          str(tmp_path / "two_procs")],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                worker,
+                str(i),
+                "2",
+                port,
+                str(workdir),
+                str(tmp_path / f"losses_{i}.json"),
+                str(tmp_path / "two_procs"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
@@ -196,8 +223,12 @@ def test_two_process_run_equals_one_process_and_resumes_on_another_topology(tmp_
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     assert orbax_io.read_config(tmp_path / "two_procs").to_dict() == orbax_io.read_config(tmp_path / "one").to_dict()
     tokens = [[5, 6, 7, 8]]
-    np.testing.assert_allclose(np.asarray(vj.load(tmp_path / "two_procs").logits(tokens)),
-                               np.asarray(vj.load(tmp_path / "one").logits(tokens)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(vj.load(tmp_path / "two_procs").logits(tokens)),
+        np.asarray(vj.load(tmp_path / "one").logits(tokens)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
     # As if the two-process run had died before its final save: one process continues from step 2.
     final = workdir / "4"
     shutil.move(final, tmp_path / "final")
@@ -209,8 +240,10 @@ def test_two_process_run_equals_one_process_and_resumes_on_another_topology(tmp_
     shutil.rmtree(final)
     shutil.move(tmp_path / "final", final)
     assert train(TrainConfig(**CONFIG, workdir=str(workdir), export=str(tmp_path / "two")), log=_quiet) == []
-    for a, b in zip(jax.tree_util.tree_leaves(orbax_io.restore_params(tmp_path / "two")),
-                    jax.tree_util.tree_leaves(orbax_io.restore_params(tmp_path / "one"))):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(orbax_io.restore_params(tmp_path / "two")),
+        jax.tree_util.tree_leaves(orbax_io.restore_params(tmp_path / "one")),
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
@@ -222,21 +255,57 @@ def test_cli_trains_and_exports_a_loadable_model(tmp_path, capsys):
         sys.path.pop(0)
     out = tmp_path / "model"
     # Trained under a remat policy, which must not leak into the exported model's config.
-    first = train_cli.main(["--model", "gemma-tiny", "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2",
-                            "--warmup-steps", "2", "--remat", "full", "--export", str(out)])
+    first = train_cli.main(
+        [
+            "--model",
+            "gemma-tiny",
+            "--steps",
+            "6",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "32",
+            "--lr",
+            "1e-2",
+            "--warmup-steps",
+            "2",
+            "--remat",
+            "full",
+            "--export",
+            str(out),
+        ]
+    )
     lines = capsys.readouterr().out.splitlines()
     step_lines = [ln for ln in lines if ln.startswith("step")]
     assert len(step_lines) == 6
     # loss, throughput, MFU (model TFLOP/s per device where the peak is unknown, as on CPU), memory
-    assert re.search(r"loss \d+\.\d+ .*[\d,]+ tok/s .*(MFU [\d.]+%|[\d.]+ TFLOP/s/dev) .*(mem|RSS) [\d.]+", step_lines[1]), step_lines[1]
+    assert re.search(
+        r"loss \d+\.\d+ .*[\d,]+ tok/s .*(MFU [\d.]+%|[\d.]+ TFLOP/s/dev) .*(mem|RSS) [\d.]+", step_lines[1]
+    ), step_lines[1]
     model = vj.load(out)
     # The training settings are not part of the exported model (remat is inference's "none").
     assert model.config.name == "gemma-tiny" and model.config.remat_policy == "none"
     assert np.isfinite(np.asarray(model.logits([[5, 6, 7]]))).all()
     # Full fine-tuning from a model directory (float32 masters from the bf16 export): it starts
     # where the first run ended, not from scratch.
-    again = train_cli.main(["--model", str(out), "--steps", "6", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2",
-                            "--warmup-steps", "2", "--log-every", "100"])
+    again = train_cli.main(
+        [
+            "--model",
+            str(out),
+            "--steps",
+            "6",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "32",
+            "--lr",
+            "1e-2",
+            "--warmup-steps",
+            "2",
+            "--log-every",
+            "100",
+        ]
+    )
     assert again[0]["loss"] < first[0]["loss"] - 0.1, (again[0], first[0])
     np.testing.assert_allclose(again[0]["loss"], first[-1]["loss"], atol=0.3)
     # Bad settings end with a message naming the problem (exit 2), before any model is built.
@@ -262,8 +331,24 @@ def test_moe_capacity_factor_reaches_the_expert_exchange(capsys):
         import train as train_cli
     finally:
         sys.path.pop(0)
-    common = ["--model", "grok-1-tiny", "--steps", "1", "--batch-size", "8", "--seq-len", "16", "--warmup-steps", "1",
-              "--compute-dtype", "float32", "--mesh", "fsdp=2,expert=4", "--log-every", "100"]
+    common = [
+        "--model",
+        "grok-1-tiny",
+        "--steps",
+        "1",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "16",
+        "--warmup-steps",
+        "1",
+        "--compute-dtype",
+        "float32",
+        "--mesh",
+        "fsdp=2,expert=4",
+        "--log-every",
+        "100",
+    ]
     assert train_cli.parse_args(common)[1].moe_capacity_factor is None  # default: capacity-free
     free = [h["loss"] for h in train_cli.main(common)]
     tiny = [h["loss"] for h in train_cli.main(common + ["--moe-capacity-factor", "0.05"])]
@@ -316,7 +401,9 @@ def _remat_regions(fn, *args) -> tuple[int, int]:
     return found[True], found[False]
 
 
-@pytest.mark.parametrize("name,policies", [("gemma-tiny", remat.POLICY_NAMES), ("grok-1-tiny", ("none", "dots_with_no_batch_dims_saveable"))])
+@pytest.mark.parametrize(
+    "name,policies", [("gemma-tiny", remat.POLICY_NAMES), ("grok-1-tiny", ("none", "dots_with_no_batch_dims_saveable"))]
+)
 def test_remat_policies_give_the_same_loss_and_gradients(name, policies):
     results = {}
     for policy in policies:
@@ -334,7 +421,9 @@ def test_remat_policies_give_the_same_loss_and_gradients(name, policies):
         np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-6, err_msg=policy)
         for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads0)):
             # Recomputation may fuse (and so round) differently: equal up to float32 rounding.
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * np.abs(np.asarray(b)).max(), err_msg=policy)
+            np.testing.assert_allclose(
+                np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * np.abs(np.asarray(b)).max(), err_msg=policy
+            )
     with pytest.raises(ValueError, match="dots_saveable"):
         remat.check_policy("dots")
 
@@ -423,7 +512,9 @@ def test_lora_trains_only_the_adapters():
     with pytest.raises(ValueError, match="match no weight"):
         lora.target_names(base, lora.LoraConfig(targets=("wq_a",)))
     # A dotted path selects one stack of weights.
-    assert lora.target_names(base, lora.LoraConfig(targets=(r"blocks\.layers\.0\.mlp\.up",))) == ["blocks.layers.0.mlp.up.kernel"]
+    assert lora.target_names(base, lora.LoraConfig(targets=(r"blocks\.layers\.0\.mlp\.up",))) == [
+        "blocks.layers.0.mlp.up.kernel"
+    ]
 
 
 def test_lora_merged_export_equals_base_plus_scaled_ab(tmp_path):
@@ -432,7 +523,9 @@ def test_lora_merged_export_equals_base_plus_scaled_ab(tmp_path):
     cfg = lora.LoraConfig(rank=3, alpha=6.0, targets=("q", "o", "up"))
     adapters = lora.init_adapters(base, cfg, jax.random.key(1))
     rng = np.random.default_rng(0)
-    adapters = {n: {"a": a["a"], "b": jnp.asarray(rng.normal(size=a["b"].shape), jnp.float32)} for n, a in adapters.items()}
+    adapters = {
+        n: {"a": a["a"], "b": jnp.asarray(rng.normal(size=a["b"].shape), jnp.float32)} for n, a in adapters.items()
+    }
     lora.export_merged(tmp_path / "merged", base, adapters, cfg, config)
     merged = orbax_io.restore_params(tmp_path / "merged")["blocks"]["layers"][0]  # the plain model tree
     stack = "blocks.layers.0."
@@ -506,9 +599,14 @@ def _quantized_grok(num_layers: int = 2):
     for path, v in variables.items():
         if path[-1] == "kernel" and v.get_value().dtype == jnp.int8:
             w, scale_path = np.asarray(values[path]), path[:-1] + ("scale",)
-            contracted = tuple(i for i, n in enumerate(variables[scale_path].get_value().shape) if n == 1 and w.shape[i] != 1)
+            contracted = tuple(
+                i for i, n in enumerate(variables[scale_path].get_value().shape) if n == 1 and w.shape[i] != 1
+            )
             scale = np.abs(w).max(axis=contracted, keepdims=True) / 127.0
-            values[path], values[scale_path] = jnp.asarray(np.round(w / scale), jnp.int8), jnp.asarray(scale, jnp.float32)
+            values[path], values[scale_path] = (
+                jnp.asarray(np.round(w / scale), jnp.int8),
+                jnp.asarray(scale, jnp.float32),
+            )
     return module, nnx.from_flat_state([(path, v.replace(values[path])) for path, v in variables.items()])
 
 
@@ -529,15 +627,25 @@ def test_lora_on_int8_and_stacked_expert_weights():
         ag, bg = (np.asarray(adapters["layers.experts.gate.kernel"][k]) for k in "ab")
         want = np.asarray(_param(dense, "layers.experts.gate.kernel"), np.float32)
         if params is qparams:
-            kernel, scale = (np.asarray(_param(qparams, f"layers.experts.gate.{k}"), np.float32) for k in ("kernel", "scale"))
+            kernel, scale = (
+                np.asarray(_param(qparams, f"layers.experts.gate.{k}"), np.float32) for k in ("kernel", "scale")
+            )
             want = kernel * scale
             # Merged, the kernel is the dense weight: its scales become ones (the module is unchanged).
             np.testing.assert_array_equal(np.asarray(_param(merged, "layers.experts.gate.scale")), 1.0)
-            chex.assert_trees_all_equal(_param(merged, "layers.experts.up.kernel"), _param(qparams, "layers.experts.up.kernel"))
-        np.testing.assert_allclose(np.asarray(_param(merged, "layers.experts.gate.kernel")),
-                                   want + 2.0 * np.einsum("ledr,lerf->ledf", ag, bg), rtol=1e-5, atol=1e-5)
+            chex.assert_trees_all_equal(
+                _param(merged, "layers.experts.up.kernel"), _param(qparams, "layers.experts.up.kernel")
+            )
+        np.testing.assert_allclose(
+            np.asarray(_param(merged, "layers.experts.gate.kernel")),
+            want + 2.0 * np.einsum("ledr,lerf->ledf", ag, bg),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     # Gradients reach the adapters through the merged int8 weight; the int8 leaf has no gradient.
-    grads = jax.grad(lambda ad: jnp.sum(_param(lora.merge(qparams, ad, cfg), "layers.experts.down.kernel") ** 2))(adapters)
+    grads = jax.grad(lambda ad: jnp.sum(_param(lora.merge(qparams, ad, cfg), "layers.experts.down.kernel") ** 2))(
+        adapters
+    )
     assert np.abs(np.asarray(grads["layers.experts.down.kernel"]["b"])).max() > 0
 
 
@@ -546,8 +654,17 @@ def test_lora_fine_tunes_an_int8_checkpoint(tmp_path):
     orbax_io.save_params(tmp_path / "int8", base, module.config)
     with pytest.raises(ValueError, match="int8"):
         train(TrainConfig(model=str(tmp_path / "int8"), steps=1, batch_size=2, seq_len=16), log=_quiet)
-    tc = TrainConfig(model=str(tmp_path / "int8"), steps=3, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=0,
-                     lora_rank=2, lora_targets=("q", "down"), export=str(tmp_path / "ft"))
+    tc = TrainConfig(
+        model=str(tmp_path / "int8"),
+        steps=3,
+        batch_size=2,
+        seq_len=16,
+        lr=1e-2,
+        warmup_steps=0,
+        lora_rank=2,
+        lora_targets=("q", "down"),
+        export=str(tmp_path / "ft"),
+    )
     history = train(tc, log=_quiet)
     assert np.isfinite([h["loss"] for h in history]).all()
     exported = orbax_io.restore_params(tmp_path / "ft")["layers"]
@@ -585,7 +702,9 @@ def test_model_flops_count_only_the_routed_experts():
     sizes = {lora.leaf_name(path): float(np.prod(x.get_value().shape)) for path, x in nnx.to_flat_state(shapes)}
     experts = sum(size for name, size in sizes.items() if ".experts." in name)
     # Everything but the embedding lookup and the norm scales [layers, d] is a matmul weight.
-    everything = sum(size for name, size in sizes.items() if name != "embed.embedding" and not name.endswith("norm.scale"))
+    everything = sum(
+        size for name, size in sizes.items() if name != "embed.embedding" and not name.endswith("norm.scale")
+    )
     assert dense == pytest.approx(everything - experts * (1 - 2 / 4) + grok.vocab_size * grok.d_model)
     # Sliding layers see at most `window` keys: gemma2-tiny's alternate layers cost less attention.
     g2 = get_config("gemma2-tiny")
@@ -629,7 +748,8 @@ def test_deepseek_trains_with_mtp_and_router_bias_balancing():
     np.testing.assert_allclose(np.asarray(_param(state["params"], DS_ROUTER_BIAS)), want, atol=1e-7)
     mtp_counts = np.asarray(sums["mtp_expert_counts"], np.float32)
     np.testing.assert_allclose(
-        np.asarray(_param(state["params"], DS_MTP_ROUTER_BIAS)), gamma * np.sign(mtp_counts.mean(axis=-1, keepdims=True) - mtp_counts),
+        np.asarray(_param(state["params"], DS_MTP_ROUTER_BIAS)),
+        gamma * np.sign(mtp_counts.mean(axis=-1, keepdims=True) - mtp_counts),
         atol=1e-7,
     )
     losses = [float(m["loss"])]
@@ -694,9 +814,47 @@ def test_sharded_train_step_equals_unsharded(name, mesh_sizes, rules_name):
     path = _BIG_WEIGHT.get(name, DS_EXPERTS + ".up.kernel")
     weight = _param(got_state["params"], path)
     assert len(weight.addressable_shards) == 8 and weight.addressable_shards[0].data.size == weight.size // 8
-    moments = [x.mu for x in jax.tree_util.tree_leaves(got_state["opt_state"], is_leaf=lambda x: hasattr(x, "mu")) if hasattr(x, "mu")]
+    moments = [
+        x.mu
+        for x in jax.tree_util.tree_leaves(got_state["opt_state"], is_leaf=lambda x: hasattr(x, "mu"))
+        if hasattr(x, "mu")
+    ]
     assert moments and _param(moments[0], path).sharding == weight.sharding
     assert set(got) == set(want)
     for k in want:
         np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-5, err_msg=k)
     chex.assert_trees_all_close(got_state["params"], want_state["params"], rtol=1e-4, atol=1e-5)
+
+
+def test_unwritable_workdir_is_one_line_and_exit_2(tmp_path):
+    import os
+    import subprocess
+
+    (tmp_path / "a_file").write_text("")
+    workdirs = [tmp_path / "a_file" / "run"]  # unwritable for every user, root included
+    if os.geteuid() != 0:  # root writes into read-only directories
+        (tmp_path / "read_only").mkdir(mode=0o555)
+        workdirs.append(tmp_path / "read_only" / "run")
+    for workdir in workdirs:
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "train.py"),
+                "--model",
+                "gemma-tiny",
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "16",
+                "--workdir",
+                str(workdir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+        assert r.stderr.strip() == r.stderr.strip().splitlines()[0], r.stderr[-2000:]
+        assert f"workdir {workdir} is not writable" in r.stderr, r.stderr

@@ -23,14 +23,22 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def run(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vishwam_jax.convert", description=__doc__, formatter_class=_HelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m vishwam_jax.convert", description=__doc__, formatter_class=_HelpFormatter
+    )
     ap.add_argument("src", help="source checkpoint directory")
     ap.add_argument("dst", help="destination model directory (must not exist unless --overwrite)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="storage dtype of floating weights")
     ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--config", help="Grok-1 only (the release has no config file): a preset name and/or JSON "
-                    "overrides in the release's field names, e.g. 'grok-1' or '{\"num_layers\": 2}'")
-    ap.add_argument("--keep-int8", action="store_true", help="Grok-1 only: keep int8 weights + scales (weight-only int8)")
+    ap.add_argument(
+        "--config",
+        help="Grok-1 only (the release has no config file): a preset name and/or JSON "
+        "overrides in the release's field names, e.g. 'grok-1' or '{\"num_layers\": 2}'",
+    )
+    ap.add_argument(
+        "--keep-int8", action="store_true", help="Grok-1 only: keep int8 weights + scales (weight-only int8)"
+    )
+    ap.add_argument("--quiet", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)")
     args = ap.parse_args(argv)
 
     from vishwam_jax.checkpoint.orbax_io import CheckpointError
@@ -43,7 +51,14 @@ def run(argv=None) -> int:
     if args.keep_int8:
         options["keep_int8"] = True
     try:
-        convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, **options)
+        convert(
+            args.src,
+            args.dst,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            progress=False if args.quiet else None,
+            **options,
+        )
     except (CheckpointError, CheckpointFormatError, UnknownModelError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

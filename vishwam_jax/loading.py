@@ -19,6 +19,10 @@ from vishwam_jax.tokenizer import load_tokenizer
 
 # The embedded demo model: a small byte-level Gemma trained on Shakespeare by scripts/train_demo.py.
 DEFAULT_MODEL_DIR = Path(__file__).parent / "data" / "gemma-shakespeare"
+# Presets whose trained weights ship with the package: their name loads those weights, because a
+# random-weights model under the demo's own name only ever prints gibberish. The config alone
+# (`load(get_config(name))`, or training from scratch) still initialises randomly.
+EMBEDDED_MODELS = {"gemma-shakespeare": DEFAULT_MODEL_DIR}
 
 
 def _looks_like_path(name: str) -> bool:
@@ -33,22 +37,34 @@ def load(
     rules=None,
     seed: int = 0,
     unstack_layers: bool | None = None,
+    expert_placement=None,
 ) -> Model:
     """Return a `Model`.
 
     source: a preset name from `list_models()` or a config (`get_config(...)`): randomly initialised
-      weights from `seed`; or a model directory written by `convert`/training.
+      weights from `seed` (except the names in EMBEDDED_MODELS, which load their trained weights);
+      or a model directory written by `convert`/training.
     dtype: parameter dtype (default: float32 for random weights, the stored dtype for checkpoints).
     mesh, rules: place the parameters sharded on `mesh` by the logical-axis `rules`
       (see vishwam_jax.sharding); each host then reads only its own shards.
     unstack_layers: hold each stacked weight as one buffer per layer (models/stack.py), which XLA's
       GPU backend reads in place where it copies a scanned layer's slice out of the stack; the
       layers then run unrolled, so compiling takes longer with depth. None (default): on GPUs only.
+    expert_placement: an EPLB placement (JSON file from `python -m vishwam_jax.sharding.eplb`, or a
+      `sharding.eplb.Placement`) for MoE models: the expert weights are copied into its physical
+      slots (hot experts replicated) on `mesh`; logits are unchanged (sharding/placement.py).
     """
+    if expert_placement is not None:
+        from vishwam_jax.sharding.placement import apply_placement
+
+        base = load(source, dtype=dtype, mesh=mesh, rules=rules, seed=seed, unstack_layers=False)
+        return apply_placement(base, expert_placement, mesh=mesh, rules=rules, unstack_layers=unstack_layers)
     unstack = jax.default_backend() == "gpu" if unstack_layers is None else bool(unstack_layers)
     if isinstance(source, ml_collections.ConfigDict):
         return _random(replace(source), dtype or jnp.float32, mesh, rules, seed, unstack)
     name = str(source)
+    if not _looks_like_path(name) and name in EMBEDDED_MODELS:
+        name = str(EMBEDDED_MODELS[name])
     if not _looks_like_path(name) and name in list_models():
         return _random(get_config(name), dtype or jnp.float32, mesh, rules, seed, unstack)
     if not _looks_like_path(name):
@@ -93,8 +109,11 @@ def _check_layout(path: Path, abstract_state: nnx.State) -> None:
     expected = _flat(nnx.to_pure_dict(abstract_state))
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
-    wrong = [f"{k} {tuple(stored[k].shape)} (expected {tuple(expected[k].shape)})"
-             for k in sorted(set(stored) & set(expected)) if tuple(stored[k].shape) != tuple(expected[k].shape)]
+    wrong = [
+        f"{k} {tuple(stored[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in sorted(set(stored) & set(expected))
+        if tuple(stored[k].shape) != tuple(expected[k].shape)
+    ]
     if missing or unexpected or wrong:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,10 +71,12 @@ class Model:
         chunk: int | None = None,
         on_tokens: Callable[[np.ndarray], None] | None = None,
         paged_blocks: int | None = None,
+        on_compile: Callable[[str], None] | None = None,
     ) -> Int[Array, "b n"]:
         """Generate for a batch of prompts (lists of ids, possibly of different lengths, or [b, t]).
 
         chunk: decode this many tokens per compiled call, handing each block to `on_tokens`.
+        on_compile: called with "prefill" or "decode" before each compilation (seconds, once per shape).
         paged_blocks: keep the latent cache in a pool of this many 64-token pages
         (inference/paged_cache.py) instead of `batch x (longest prompt + max_new_tokens)` slots:
         each row takes only the pages its own prompt + max_new_tokens need, so a batch mixing short
@@ -87,7 +89,14 @@ class Model:
         generator = self._generator if paged_blocks is None else self._paged_generator(paged_blocks)
         self._last_generator = generator
         return generator.generate(
-            self.params, prompt_tokens, max_new_tokens, sampling, seed, chunk=chunk, on_tokens=on_tokens
+            self.params,
+            prompt_tokens,
+            max_new_tokens,
+            sampling,
+            seed,
+            chunk=chunk,
+            on_tokens=on_tokens,
+            on_compile=on_compile,
         )
 
     def _paged_generator(self, blocks) -> Generator:
@@ -103,6 +112,14 @@ class Model:
         if blocks not in self._paged_generators:
             self._paged_generators[blocks] = Generator(self.graphdef, self.config, paged_blocks=blocks)
         return self._paged_generators[blocks]
+
+    def set_expert_placement(self, placement) -> None:
+        """Serve a new EPLB placement (a `sharding.eplb.Placement` or its JSON file) from now on,
+        moving the expert weights between slots on device. The model must have been loaded with
+        `expert_placement=...` and the slot count must stay the same; nothing is recompiled."""
+        from vishwam_jax.sharding.placement import replace_placement
+
+        replace_placement(self, placement)
 
     @property
     def last_generation_stats(self):

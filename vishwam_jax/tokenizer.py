@@ -3,8 +3,9 @@ the embedded demo models."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 
 class Tokenizer(Protocol):
@@ -102,5 +103,7 @@ def tokenizer_from_file(path: str | Path, config) -> Tokenizer:
     else:
         tok = SentencePieceTokenizer(path, add_bos=bool(config.get("add_bos", True)))
     if tok.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocabulary has {config.vocab_size}")
+        raise ValueError(
+            f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocabulary has {config.vocab_size}"
+        )
     return tok

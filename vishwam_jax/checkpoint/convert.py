@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from vishwam_jax.checkpoint.orbax_io import CheckpointError
+from vishwam_jax.checkpoint.orbax_io import CheckpointError, writer_progress
 from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError
 
 # One module per source format, each with detect(src) -> bool and convert(src, dst, **options).
@@ -26,10 +26,13 @@ def _format_modules():
                 raise
 
 
-def convert(src: str | Path, dst: str | Path, *, dtype=None, overwrite: bool = False, **options) -> Path:
+def convert(
+    src: str | Path, dst: str | Path, *, dtype=None, overwrite: bool = False, progress: bool | None = None, **options
+) -> Path:
     """Convert the checkpoint at `src` (format auto-detected) into the model directory `dst`.
 
     dtype: storage dtype of floating weights (default: the source's, float8 sources -> bfloat16).
+    progress: a tqdm bar on stderr over the parameters written (None: only when stderr is a terminal).
     Other keyword options are passed to the format's converter (e.g. `config=` and `keep_int8=` for Grok-1).
     """
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
@@ -41,7 +44,8 @@ def convert(src: str | Path, dst: str | Path, *, dtype=None, overwrite: bool = F
         raise CheckpointError("source and destination are the same directory")
     for module in _format_modules():
         if module.detect(src):
-            module.convert(src, dst, dtype=dtype, overwrite=overwrite, **options)
+            with writer_progress(progress):
+                module.convert(src, dst, dtype=dtype, overwrite=overwrite, **options)
             return dst
     raise CheckpointFormatError(
         f"{src} is not a checkpoint format vishwam_jax can convert (expected a HuggingFace directory with "

@@ -25,7 +25,8 @@ at its index of the stacked `layers` leaves (presets.grok1.layer_slot), e.g.
 
 keep_int8=True keeps the int8 weights with per-output-channel scales (`kernel` int8 + `scale`
 float32), for the model's weight-only int8 matmuls (which scale the matmul's output); the config
-then says quantization="int8", so the model is built with those int8 weights. Scales that vary along a contracted (input) axis
+then says quantization="int8", so the model is built with those int8 weights. Scales that vary along a
+contracted (input) axis
 cannot be applied to the output, so those weights - in the release the attention output and the
 expert down projections - are requantized per output channel from their exact dense values: one
 more rounding, of at most half the new int8 step per weight.
@@ -38,8 +39,9 @@ import json
 import logging
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import ml_collections
 import ml_dtypes
@@ -138,7 +140,9 @@ def read_leaf(path: Path) -> np.ndarray | QuantizedWeight8bit:
         except CheckpointFormatError as err:
             raise CheckpointFormatError(f"{path}: {err}") from None
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
-            raise CheckpointFormatError(f"{path}: corrupt or not a Grok-1 release leaf ({type(err).__name__}: {err})") from None
+            raise CheckpointFormatError(
+                f"{path}: corrupt or not a Grok-1 release leaf ({type(err).__name__}: {err})"
+            ) from None
     if isinstance(obj, QuantizedWeight8bit):
         weight = _checked_array(getattr(obj, "weight", None), f"{path}: QuantizedWeight8bit.weight", floating=False)
         scales = _checked_array(getattr(obj, "scales", None), f"{path}: QuantizedWeight8bit.scales", floating=True)
@@ -184,10 +188,42 @@ def leaf_plan(config) -> list[Leaf]:
             p + "moe/linear": ("w", L + ("experts", "gate", "kernel"), i, (e, d, f), (e, d, f), (1,), (1,)),
             p + "moe/linear_1": ("w", L + ("experts", "down", "kernel"), i, (e, f, d), (e, f, d), (1,), (1,)),
             p + "moe/linear_v": ("w", L + ("experts", "up", "kernel"), i, (e, d, f), (e, d, f), (1,), (1,)),
-            p + "multi_head_attention/key": ("w", L + ("attn", "k", "kernel"), i, (d, kh * hd), (d, kh, hd), (0,), (0,)),
-            p + "multi_head_attention/linear": ("w", L + ("attn", "o", "kernel"), i, (h * hd, d), (h, hd, d), (0,), (0, 1)),
-            p + "multi_head_attention/query": ("w", L + ("attn", "q", "kernel"), i, (d, h * hd), (d, h, hd), (0,), (0,)),
-            p + "multi_head_attention/value": ("w", L + ("attn", "v", "kernel"), i, (d, kh * hd), (d, kh, hd), (0,), (0,)),
+            p + "multi_head_attention/key": (
+                "w",
+                L + ("attn", "k", "kernel"),
+                i,
+                (d, kh * hd),
+                (d, kh, hd),
+                (0,),
+                (0,),
+            ),
+            p + "multi_head_attention/linear": (
+                "w",
+                L + ("attn", "o", "kernel"),
+                i,
+                (h * hd, d),
+                (h, hd, d),
+                (0,),
+                (0, 1),
+            ),
+            p + "multi_head_attention/query": (
+                "w",
+                L + ("attn", "q", "kernel"),
+                i,
+                (d, h * hd),
+                (d, h, hd),
+                (0,),
+                (0,),
+            ),
+            p + "multi_head_attention/value": (
+                "w",
+                L + ("attn", "v", "kernel"),
+                i,
+                (d, kh * hd),
+                (d, kh, hd),
+                (0,),
+                (0,),
+            ),
             p + "rms_norm": ("scale", L + ("attn_norm", "scale"), i, (d,), (d,), (), ()),
             p + "rms_norm_1": ("scale", L + ("post_attn_norm", "scale"), i, (d,), (d,), (), ()),
             p + "rms_norm_2": ("scale", L + ("moe_norm", "scale"), i, (d,), (d,), (), ()),
@@ -196,7 +232,9 @@ def leaf_plan(config) -> list[Leaf]:
         }
     return [
         Leaf(i, f"{module}/{param}", dest, layer, shape, target, contracted, target_contracted)
-        for i, (module, (param, dest, layer, shape, target, contracted, target_contracted)) in enumerate(sorted(modules.items()))
+        for i, (module, (param, dest, layer, shape, target, contracted, target_contracted)) in enumerate(
+            sorted(modules.items())
+        )
     ]
 
 
@@ -224,7 +262,8 @@ def resolve_config(config: str | Mapping | ml_collections.ConfigDict = "grok-1")
     unknown = sorted(set(overrides) - set(RELEASE_FIELDS))
     if unknown:
         raise GrokConfigError(
-            f"unknown Grok-1 config field(s) {', '.join(unknown)}; the release's fields are: {', '.join(RELEASE_FIELDS)}"
+            f"unknown Grok-1 config field(s) {', '.join(unknown)}; the release's fields are: "
+            f"{', '.join(RELEASE_FIELDS)}"
         )
     base = get_config(base_name)
     _check_family(base)
@@ -232,15 +271,26 @@ def resolve_config(config: str | Mapping | ml_collections.ConfigDict = "grok-1")
     for key, value in overrides.items():
         field = RELEASE_FIELDS[key]
         kind = type(base[field])
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (kind is int and value != int(value)):
-            raise GrokConfigError(f"config field {key} must be a positive {'integer' if kind is int else 'number'}, not {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or value <= 0
+            or (kind is int and value != int(value))
+        ):
+            raise GrokConfigError(
+                f"config field {key} must be a positive {'integer' if kind is int else 'number'}, not {value!r}"
+            )
         fields[field] = kind(value)
     get = lambda field: fields.get(field, base[field])  # noqa: E731
     # Checked here to name the release's fields in the message.
     if get("num_heads") % get("num_kv_heads"):
-        raise GrokConfigError(f"num_q_heads ({get('num_heads')}) must be a multiple of num_kv_heads ({get('num_kv_heads')})")
+        raise GrokConfigError(
+            f"num_q_heads ({get('num_heads')}) must be a multiple of num_kv_heads ({get('num_kv_heads')})"
+        )
     if get("num_experts_per_token") > get("num_experts"):
-        raise GrokConfigError(f"num_selected_experts ({get('num_experts_per_token')}) exceeds num_experts ({get('num_experts')})")
+        raise GrokConfigError(
+            f"num_selected_experts ({get('num_experts_per_token')}) exceeds num_experts ({get('num_experts')})"
+        )
     # The release derives the expert width from emb_size and widening_factor.
     fields["moe_ffn_dim"] = ffn_size(get("d_model"), get("widening_factor"))
     if overrides:
@@ -289,7 +339,8 @@ def leaf_files(src: str | Path, expected: int) -> tuple[Path, list[Path]]:
             )
         if m.group(2) != "000":
             raise CheckpointFormatError(
-                f"{p}: shard {m.group(2)} - the release has one shard per leaf (_000); multi-shard layouts are not supported"
+                f"{p}: shard {m.group(2)} - the release has one shard per leaf (_000); multi-shard layouts "
+                "are not supported"
             )
         found[int(m.group(1))] = p
     missing = sorted(set(range(expected)) - set(found))
@@ -311,7 +362,12 @@ def _ranges(xs: list[int]) -> str:
 
 def _tokenizer_file(src: Path, ckpt: Path) -> Path | None:
     """The release ships tokenizer.model at its root, beside ckpt-0/."""
-    for candidate in (src / "tokenizer.model", ckpt / "tokenizer.model", ckpt.parent / "tokenizer.model", src.parent / "tokenizer.model"):
+    for candidate in (
+        src / "tokenizer.model",
+        ckpt / "tokenizer.model",
+        ckpt.parent / "tokenizer.model",
+        src.parent / "tokenizer.model",
+    ):
         if candidate.is_file():
             return candidate
     return None
@@ -323,12 +379,15 @@ def block_scales(leaf: Leaf, scales: np.ndarray) -> np.ndarray:
     it (one scale per block of consecutive indices); raises naming the leaf otherwise."""
     shape = leaf.shape
     if scales.ndim > len(shape):
-        raise CheckpointFormatError(f"leaf {leaf.index} ({leaf.name}): scales {scales.shape} have more axes than the weight {shape}")
+        raise CheckpointFormatError(
+            f"leaf {leaf.index} ({leaf.name}): scales {scales.shape} have more axes than the weight {shape}"
+        )
     scales = scales.reshape((1,) * (len(shape) - scales.ndim) + scales.shape)
     for s, w in zip(scales.shape, shape):
         if s == 0 or w % s:
             raise CheckpointFormatError(
-                f"leaf {leaf.index} ({leaf.name}): scales {scales.shape} neither broadcast against nor tile the weight {shape}"
+                f"leaf {leaf.index} ({leaf.name}): scales {scales.shape} neither broadcast against nor tile "
+                f"the weight {shape}"
             )
     return scales
 
@@ -384,7 +443,9 @@ def _write(writer: CheckpointWriter, config, leaf: Leaf, path: tuple, array: np.
     writer.write_layer(path, leaf.layer, config.num_layers, array)
 
 
-def _write_quantized(writer: CheckpointWriter, config, leaf: Leaf, q: QuantizedWeight8bit, keep_int8: bool, dtype) -> None:
+def _write_quantized(
+    writer: CheckpointWriter, config, leaf: Leaf, q: QuantizedWeight8bit, keep_int8: bool, dtype
+) -> None:
     if q.weight.shape != leaf.shape:
         raise CheckpointFormatError(
             f"leaf {leaf.index} ({leaf.name}): int8 weight shape {q.weight.shape} does not match the config "
@@ -405,7 +466,9 @@ def _write_quantized(writer: CheckpointWriter, config, leaf: Leaf, q: QuantizedW
         w, s = q.weight[sl], _scales_of_slice(scales, leaf, sl)
         if all(s.shape[a] == 1 for a in contracted):
             # Already one scale per output channel (or coarser): the int8 values stay exact.
-            return w, spread_scales(s.astype(np.float32), tuple(1 if a in contracted else n for a, n in enumerate(w.shape)))
+            return w, spread_scales(
+                s.astype(np.float32), tuple(1 if a in contracted else n for a, n in enumerate(w.shape))
+            )
         return requantize(dequantize_blocks(w, s), contracted)
 
     _write_int8(writer, config, leaf, per_output_channel)
@@ -432,7 +495,13 @@ def _write_float(writer: CheckpointWriter, config, leaf: Leaf, obj: np.ndarray, 
     if keep_int8 and leaf.is_matmul:
         _write_int8(writer, config, leaf, lambda sl, contracted: requantize(obj[sl].astype(np.float32), contracted))
         return
-    _write(writer, config, leaf, leaf.dest, obj.reshape(leaf.target).astype(np.dtype(dtype) if dtype is not None else obj.dtype, copy=False))
+    _write(
+        writer,
+        config,
+        leaf,
+        leaf.dest,
+        obj.reshape(leaf.target).astype(np.dtype(dtype) if dtype is not None else obj.dtype, copy=False),
+    )
 
 
 # -- conversion -----------------------------------------------------------------------------------

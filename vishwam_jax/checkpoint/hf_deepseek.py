@@ -119,7 +119,8 @@ def _config_fields(hf: dict, where: str):
     group = c.num_experts // c.num_expert_groups
     if c.num_experts_per_token > c.num_groups_per_token * group:
         raise CheckpointFormatError(
-            f"{where}: {c.num_experts_per_token} experts per token cannot come from {c.num_groups_per_token} groups of {group}"
+            f"{where}: {c.num_experts_per_token} experts per token cannot come from {c.num_groups_per_token} "
+            f"groups of {group}"
         )
 
     rope = rope_settings(hf)
@@ -164,7 +165,9 @@ def _block_size(hf: dict) -> tuple[int, int]:
 def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int], name: str = "tensor") -> np.ndarray:
     """float32 w[i, j] * scale_inv[i // b0, j // b1]; the last block of each axis may be partial."""
     if w.ndim != 2 or scale_inv.ndim != 2:
-        raise CheckpointFormatError(f"{name}: block-quantized weights must be 2-D (got {w.shape}, scales {scale_inv.shape})")
+        raise CheckpointFormatError(
+            f"{name}: block-quantized weights must be 2-D (got {w.shape}, scales {scale_inv.shape})"
+        )
     rows, cols = w.shape
     expected = (-(-rows // block[0]), -(-cols // block[1]))
     if tuple(scale_inv.shape) != expected:
@@ -210,7 +213,12 @@ def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> Non
     tensors = _Tensors(source, _block_size(hf), dtype)
     mtp_first = fields.num_layers
     if fields.num_mtp_layers and f"model.layers.{mtp_first}.eh_proj.weight" not in source:
-        log.info("%s: config has %d MTP layers but no model.layers.%d.* tensors; converting without MTP", src, fields.num_mtp_layers, mtp_first)
+        log.info(
+            "%s: config has %d MTP layers but no model.layers.%d.* tensors; converting without MTP",
+            src,
+            fields.num_mtp_layers,
+            mtp_first,
+        )
         fields.num_mtp_layers = 0
     config = _freeze(fields, where)
 
@@ -235,7 +243,9 @@ def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> Non
                     w, out_dtype = source.get(fused)[i], storage_dtype(source.get(fused), dtype)
                     w = {"gate_proj": w[:fe], "up_proj": w[fe:], "down_proj": w}[proj]
                     if tuple(w.shape) != shape:
-                        raise CheckpointFormatError(f"{fused}: expert shape {tuple(w.shape)} does not match the config ({shape})")
+                        raise CheckpointFormatError(
+                            f"{fused}: expert shape {tuple(w.shape)} does not match the config ({shape})"
+                        )
                 else:
                     w, out_dtype = tensors.get(f"{L}mlp.experts.{i}.{proj}.weight", shape)
                 out = np.ascontiguousarray(transform(w)).astype(out_dtype)
@@ -243,8 +253,11 @@ def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> Non
                     expert_stores[path] = (writer.create(path, (count, e) + out.shape, out.dtype), set())
                 store, written = expert_stores[path]
                 if tuple(store.shape[2:]) != out.shape:
-                    raise CheckpointFormatError(f"{L}mlp.experts.{i}.{proj}: shape {out.shape} does not fit {tuple(store.shape)}")
+                    raise CheckpointFormatError(
+                        f"{L}mlp.experts.{i}.{proj}: shape {out.shape} does not fit {tuple(store.shape)}"
+                    )
                 store[index, i].write(out.astype(store.dtype.numpy_dtype)).result()
+                writer.advance(out.size)
                 written.add((index, i))
 
         def put_layer(prefix: tuple, L: str, moe: bool, index: int, count: int):
@@ -257,9 +270,19 @@ def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> Non
                 q = config.q_lora_rank
                 p(a + ("wq_a", "kernel"), "self_attn.q_a_proj.weight", (q, d), lambda w: w.T)
                 p(a + ("q_norm", "scale"), "self_attn.q_a_layernorm.weight", (q,))
-                p(a + ("wq_b", "kernel"), "self_attn.q_b_proj.weight", (h * (nope + rope), q), lambda w: w.T.reshape(q, h, nope + rope))
+                p(
+                    a + ("wq_b", "kernel"),
+                    "self_attn.q_b_proj.weight",
+                    (h * (nope + rope), q),
+                    lambda w: w.T.reshape(q, h, nope + rope),
+                )
             else:
-                p(a + ("wq", "kernel"), "self_attn.q_proj.weight", (h * (nope + rope), d), lambda w: w.T.reshape(d, h, nope + rope))
+                p(
+                    a + ("wq", "kernel"),
+                    "self_attn.q_proj.weight",
+                    (h * (nope + rope), d),
+                    lambda w: w.T.reshape(d, h, nope + rope),
+                )
             p(a + ("wkv_a", "kernel"), "self_attn.kv_a_proj_with_mqa.weight", (r + rope, d), lambda w: w.T)
             p(a + ("kv_norm", "scale"), "self_attn.kv_a_layernorm.weight", (r,))
             # kv_b_proj rows are per head [k_nope (nope) ; v (v_head_dim)]; split for absorption.
@@ -277,7 +300,11 @@ def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> Non
             # Routing stays float32 whatever `dtype`: near-ties between experts decide the route.
             p(("router", "kernel"), "mlp.gate.weight", (e, d), lambda w: w.T, np.float32)
             p(("router", "bias"), "mlp.gate.e_score_correction_bias", (e,), force_dtype=np.float32)
-            for proj, name, shape in (("gate", "gate_proj", (fe, d)), ("up", "up_proj", (fe, d)), ("down", "down_proj", (d, fe))):
+            for proj, name, shape in (
+                ("gate", "gate_proj", (fe, d)),
+                ("up", "up_proj", (fe, d)),
+                ("down", "down_proj", (d, fe)),
+            ):
                 put_experts(prefix + ("experts", proj, "kernel"), L, name, shape, lambda w: w.T, index, count)
             fs = fe * config.num_shared_experts
             p(("shared", "gate", "kernel"), "mlp.shared_experts.gate_proj.weight", (fs, d), lambda w: w.T)
@@ -300,5 +327,8 @@ def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> Non
             put_layer(prefix + ("block",), L, True, at, count)
         for path, (store, written) in expert_stores.items():
             if len(written) != store.shape[0] * store.shape[1]:
-                raise CheckpointError(f"{'.'.join(path)}: {store.shape[0] * store.shape[1] - len(written)} expert slices were never written")
+                raise CheckpointError(
+                    f"{'.'.join(path)}: {store.shape[0] * store.shape[1] - len(written)} expert slices were "
+                    "never written"
+                )
         copy_tokenizer_files(src, writer)

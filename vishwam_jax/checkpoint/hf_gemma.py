@@ -143,7 +143,9 @@ def _pattern(hf: dict, generation: int, num_layers: int) -> int:
         if tuple(listed) != tuple(
             "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(len(listed))
         ):
-            raise CheckpointFormatError(f"config.json: layer_types {listed} do not repeat with a fixed period (not supported)")
+            raise CheckpointFormatError(
+                f"config.json: layer_types {listed} do not repeat with a fixed period (not supported)"
+            )
     return pattern
 
 
@@ -183,10 +185,18 @@ def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> Non
                 put(prefix + path, name, transform, shape, index=index, count=num_periods)
 
             put_layer(("attn_norm", "scale"), L + "input_layernorm.weight", shape=(d,))
-            put_layer(("attn", "q", "kernel"), L + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, hd), (h * hd, d))
-            put_layer(("attn", "k", "kernel"), L + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, kh, hd), (kh * hd, d))
-            put_layer(("attn", "v", "kernel"), L + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, kh, hd), (kh * hd, d))
-            put_layer(("attn", "o", "kernel"), L + "self_attn.o_proj.weight", lambda w: w.T.reshape(h, hd, d), (d, h * hd))
+            put_layer(
+                ("attn", "q", "kernel"), L + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, hd), (h * hd, d)
+            )
+            put_layer(
+                ("attn", "k", "kernel"), L + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, kh, hd), (kh * hd, d)
+            )
+            put_layer(
+                ("attn", "v", "kernel"), L + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, kh, hd), (kh * hd, d)
+            )
+            put_layer(
+                ("attn", "o", "kernel"), L + "self_attn.o_proj.weight", lambda w: w.T.reshape(h, hd, d), (d, h * hd)
+            )
             if config.use_qk_norm:
                 put_layer(("attn", "q_norm", "scale"), L + "self_attn.q_norm.weight", shape=(hd,))
                 put_layer(("attn", "k_norm", "scale"), L + "self_attn.k_norm.weight", shape=(hd,))

@@ -46,7 +46,13 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from vishwam_jax.checkpoint.hf_common import copy_tokenizer_files, first_id, has_safetensors, read_hf_config, storage_dtype
+from vishwam_jax.checkpoint.hf_common import (
+    copy_tokenizer_files,
+    first_id,
+    has_safetensors,
+    read_hf_config,
+    storage_dtype,
+)
 from vishwam_jax.checkpoint.orbax_io import CheckpointWriter
 from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError, SafetensorsIndex
 from vishwam_jax.presets import Config, ConfigError, from_dict
@@ -135,7 +141,9 @@ class TorchBinIndex:
             try:
                 self._shards[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as err:  # torch raises UnpicklingError, RuntimeError, ... for bad files
-                raise CheckpointFormatError(f"{file}: not a PyTorch weights file ({type(err).__name__}: {err})") from None
+                raise CheckpointFormatError(
+                    f"{file}: not a PyTorch weights file ({type(err).__name__}: {err})"
+                ) from None
             if not isinstance(self._shards[file], dict):
                 raise CheckpointFormatError(f"{file} holds a {type(self._shards[file]).__name__}, not a state dict")
         return self._shards[file]
@@ -209,7 +217,12 @@ def config_from_hf(hf: dict) -> Config:
     c.bos_token_id = first_id(hf.get("bos_token_id"), 1)
     for field, ours in (("rope_theta", c.rope_theta), ("rms_norm_eps", c.norm_eps)):
         if hf.get(field) is not None and float(hf[field]) != ours:
-            logger.warning("config.json says %s=%s; using the release's %s (the weights were trained with it)", field, hf[field], ours)
+            logger.warning(
+                "config.json says %s=%s; using the release's %s (the weights were trained with it)",
+                field,
+                hf[field],
+                ours,
+            )
     if hf.get("hidden_act") not in (None, "gelu", "gelu_new", "gelu_pytorch_tanh"):
         logger.warning("config.json says hidden_act=%s; using the release's tanh GELU", hf["hidden_act"])
     try:

@@ -23,13 +23,21 @@ Both roads give the same layout, so either loads with `restore_params` onto any 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import gc
+import inspect
 import json
 import logging
 import os
+import re
 import shutil
+import sys
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,10 +60,33 @@ class _QuietOcdbtMerge(logging.Filter):
 
 logging.getLogger("absl").addFilter(_QuietOcdbtMerge())
 _CHUNK_BYTES = 64 << 20  # zarr chunk target: bounded read-modify-write when streaming slices
+# Whether CheckpointWriters show a progress bar: True, False, or None (when stderr is a terminal).
+# A context rather than an argument, so `convert` turns it on for every format's converter at once.
+_PROGRESS: contextvars.ContextVar[bool | None] = contextvars.ContextVar("vishwam_writer_progress", default=False)
+
+
+@contextlib.contextmanager
+def writer_progress(enabled: bool | None) -> Iterator[None]:
+    """Within this block, a CheckpointWriter shows a tqdm bar on stderr over the parameters it writes
+    (enabled None: only when stderr is a terminal)."""
+    token = _PROGRESS.set(enabled)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
 
 
 class CheckpointError(ValueError):
     """A model directory is missing, incomplete or corrupt (the message says which and where)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A weight file inside a model directory is damaged (truncated, empty, overwritten or missing);
+    `path` is that file."""
+
+    def __init__(self, message: str, path: str):
+        super().__init__(message)
+        self.path = path
 
 
 def _leaf_name(path: tuple) -> str:
@@ -77,10 +108,10 @@ def _chunk_shape(shape: tuple[int, ...], itemsize: int) -> list[int]:
 class CheckpointWriter:
     """Write a model directory leaf by leaf; use as a context manager so failures clean up.
 
-        with CheckpointWriter(dst, config) as w:
-            w.write(("embed",), array)
-            arr = w.create(("layers", 3, "moe", "w_up"), shape, dtype); arr[e] = expert_e
-            w.copy_file(tokenizer_path)
+    with CheckpointWriter(dst, config) as w:
+        w.write(("embed",), array)
+        arr = w.create(("layers", 3, "moe", "w_up"), shape, dtype); arr[e] = expert_e
+        w.copy_file(tokenizer_path)
     """
 
     def __init__(self, dst: str | Path, config: ml_collections.ConfigDict, *, overwrite: bool = False):
@@ -92,17 +123,44 @@ class CheckpointWriter:
         self._leaves: dict[tuple, tuple[tuple[int, ...], np.dtype]] = {}
         self._stacks: dict[tuple, tuple[ts.TensorStore, set[int]]] = {}  # stacked leaves being filled
         self._overwrite = overwrite
+        self.tensors_written = 0  # every write, stacked layer and advance() call
+        self.params_written = 0
+        self._bar = None
 
-    def __enter__(self) -> "CheckpointWriter":
+    def __enter__(self) -> CheckpointWriter:
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         self._arrays.mkdir(parents=True)
+        enabled = _PROGRESS.get()
+        if enabled or (enabled is None and sys.stderr.isatty()):
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=_param_count(self.config),
+                desc=f"converting {self.dst.name}",
+                unit="param",
+                unit_scale=True,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.finalize()
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if exc_type is None:
+                self.finalize()
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+
+    def advance(self, params: int) -> None:
+        """Count one tensor of `params` values written (a converter writing a created store itself)."""
+        self.tensors_written += 1
+        self.params_written += int(params)
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"{self.tensors_written} tensors", refresh=False)
+            self._bar.update(int(params))
 
     def create(self, path: tuple, shape: tuple[int, ...], dtype) -> ts.TensorStore:
         """An empty on-disk leaf to be filled slice by slice (`arr[i] = ...` or `arr[i].write(x)`)."""
@@ -129,6 +187,7 @@ class CheckpointWriter:
         array = np.asarray(array)
         store = self.create(path, array.shape, array.dtype)
         store.write(array).result()
+        self.advance(array.size)
 
     def write_layer(self, path: tuple, index: int | None, count: int, array: np.ndarray) -> None:
         """Write one layer's `array` at `index` of the stacked leaf `path` ([count, *array.shape],
@@ -143,11 +202,14 @@ class CheckpointWriter:
             self._stacks[path] = (self.create(path, (count, *array.shape), array.dtype), set())
         store, done = self._stacks[path]
         if tuple(store.shape[1:]) != array.shape or not 0 <= index < count:
-            raise ValueError(f"layer {index} of {_leaf_name(path)}: shape {array.shape} does not fit {tuple(store.shape)}")
+            raise ValueError(
+                f"layer {index} of {_leaf_name(path)}: shape {array.shape} does not fit {tuple(store.shape)}"
+            )
         if index in done:
             raise ValueError(f"layer {index} of {_leaf_name(path)} written twice")
         store[index].write(array.astype(store.dtype.numpy_dtype)).result()
         done.add(index)
+        self.advance(array.size)
 
     def copy_file(self, src: str | Path, name: str | None = None) -> None:
         shutil.copyfile(src, self.tmp / (name or Path(src).name))
@@ -179,6 +241,18 @@ class CheckpointWriter:
         if self.dst.exists():
             shutil.rmtree(self.dst)
         os.replace(self.tmp, self.dst)
+
+
+def _param_count(config) -> int | None:
+    """Values the model of `config` holds: the bar's total (None, a bar without one, if the config
+    builds no model)."""
+    from vishwam_jax import models
+
+    try:
+        _, state = nnx.split(models.abstract(config), nnx.Param)
+    except Exception:  # the bar is a nicety: a config the writer cannot size still converts
+        return None
+    return sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree_util.tree_leaves(state))
 
 
 def check_replaceable(dst: Path, overwrite: bool) -> None:
@@ -248,7 +322,9 @@ def _tree_from_paths(leaves: dict[tuple, Any]) -> Any:
     return listify(root)
 
 
-def save_params(dst: str | Path, params: Any, config: ml_collections.ConfigDict, *, overwrite: bool = False, files: tuple = ()) -> None:
+def save_params(
+    dst: str | Path, params: Any, config: ml_collections.ConfigDict, *, overwrite: bool = False, files: tuple = ()
+) -> None:
     """Save an in-memory parameter tree (jax.Arrays, sharded or not, or host numpy arrays) as a model
     directory, e.g. after training.
 
@@ -402,5 +478,74 @@ def restore_params(path: str | Path, *, dtype=None, shardings: Any = None) -> An
         return ocp.PyTreeCheckpointer().restore(
             Path(path).absolute() / "params", args=ocp.args.PyTreeRestore(restore_args=restore_args)
         )
-    except (ValueError, OSError) as err:
-        raise CheckpointError(f"could not restore {path}: {err}") from None
+    except Exception as err:  # Orbax wraps tensorstore's read errors in a bare Exception
+        failure = _restore_failure(path, err)
+        if failure is None:
+            raise
+    # Raised outside the handler, so the failure does not keep Orbax's error (and its frames) alive.
+    _collect_abandoned_reads()
+    raise failure
+
+
+def _restore_failure(path, err: Exception) -> CheckpointError | None:
+    damaged = _damaged_file(err)
+    if damaged is not None:
+        file, problem = damaged
+        return CorruptCheckpointError(
+            f"{file}: damaged weight file ({problem}); convert or save the model directory again", file
+        )
+    if isinstance(err, (ValueError, OSError)):
+        return CheckpointError(f"could not restore {path}: {_first_line(err)}")
+    return None
+
+
+def _collect_abandoned_reads(timeout_s: float = 2.0) -> None:
+    """Orbax reads all arrays concurrently; when one read fails, the others' coroutines are dropped
+    mid-flight and, once collected, each prints "Exception ignored in <coroutine ...>" with a
+    tensorstore spec dump, whenever a later collection happens to find them. They are collected
+    here, quietly, as soon as their background reads let go of them (or `timeout_s` passes)."""
+    hook = sys.unraisablehook
+
+    def quiet(unraisable) -> None:
+        if not _is_orbax_coroutine(unraisable.object):
+            hook(unraisable)
+
+    sys.unraisablehook = quiet
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            gc.collect()
+            if time.monotonic() > deadline or not any(_is_orbax_coroutine(o) for o in gc.get_objects()):
+                break
+            time.sleep(0.01)
+    finally:
+        sys.unraisablehook = hook
+
+
+def _is_orbax_coroutine(obj) -> bool:
+    return inspect.iscoroutine(obj) and "orbax" in getattr(getattr(obj, "cr_code", None), "co_filename", "")
+
+
+# tensorstore names the file it could not read or decode in double quotes, e.g.
+#   FAILED_PRECONDITION: Error reading local file "/m/params/embed.embedding/0.0": Truncated Zstd-compressed stream
+#   NOT_FOUND: chunk {0, 0} stored at local file "/m/params/embed.embedding/0.0" is missing
+_TENSORSTORE_FILE = re.compile(r'file "(?P<file>[^"]+)"(?::\s*(?P<problem>.*))?')
+
+
+def _damaged_file(err: BaseException | None) -> tuple[str, str] | None:
+    """(file, problem) from the first error in `err`'s chain that names a file tensorstore failed on."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        line = _first_line(err)
+        m = _TENSORSTORE_FILE.search(line)
+        if m:
+            problem = m["problem"] or ("missing" if "missing" in line else re.sub(r"^[A-Z_]+: ", "", line))
+            return m["file"], problem.strip()[:200]
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

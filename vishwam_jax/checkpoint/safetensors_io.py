@@ -91,8 +91,26 @@ def _read_header(file: Path) -> tuple[int, dict]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointFormatError(f"{file}: corrupt safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{file}: corrupt safetensors header (not a JSON object)")
     size = file.stat().st_size
     for name, info in header.items():
-        if name != "__metadata__" and info["data_offsets"][1] + 8 + n > size:
+        if name == "__metadata__":
+            continue
+        if not _valid_entry(info):
+            raise CheckpointFormatError(f"{file}: corrupt safetensors header (bad entry for tensor {name!r})")
+        if info["data_offsets"][1] + 8 + n > size:
             raise CheckpointFormatError(f"{file}: truncated (tensor {name!r} runs past the end of the file)")
     return 8 + n, header
+
+
+def _valid_entry(info) -> bool:
+    # Random bytes can parse as a JSON header; the entries must still have the format's fields.
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        return False
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    return _naturals(shape) and _naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]
+
+
+def _naturals(xs) -> bool:
+    return isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,9 @@ class PromptTooLongError(ValueError):
     pass
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]] | np.ndarray, pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(
+    prompts: Sequence[Sequence[int]] | np.ndarray, pad_id: int, multiple: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad a batch of token lists to a common length (rounded up so that prompts of nearby
     lengths share one compiled prefill). Returns tokens [b, t] int32 and lengths [b] int32."""
     if isinstance(prompts, np.ndarray) or hasattr(prompts, "shape"):
@@ -51,9 +54,12 @@ class DecodeState:
     (sampled, not yet emitted), which rows have finished, and the sampling key."""
 
     cache: Any
-    token: Int[Array, "b"]
-    done: Bool[Array, "b"]
+    token: Int[Array, " b"]
+    done: Bool[Array, " b"]
     key: jax.Array
+    # Tokens routed to each expert of each MoE layer so far (None for dense models): summed on
+    # device in the loop, so collecting load statistics for EPLB costs one [L, E] add per step.
+    expert_load: Int[Array, "l e"] | None = None
 
 
 @dataclasses.dataclass
@@ -65,6 +71,9 @@ class GenerationStats:
     prefill_tokens: int = 0
     decode_s: float = 0.0
     decode_tokens: int = 0
+    # Tokens per MoE layer and expert over the call (prefill + decode; padding occupies experts
+    # too), for sharding.eplb.LoadWindow; None for dense models.
+    expert_counts: np.ndarray | None = None
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -97,10 +106,12 @@ class Generator:
         self._executables: dict = {}
         self.stats = GenerationStats()
 
-    def _compiled(self, fn, *args, **static):
+    def _compiled(self, fn, *args, on_compile: Callable[[str], None] | None = None, **static):
         """Ahead-of-time compile once per argument signature, so runs can be timed without compilation."""
         key = (fn, _signature(args), tuple(sorted(static.items())))
         if key not in self._executables:
+            if on_compile is not None:
+                on_compile("prefill" if fn is self._prefill_jit else "decode")
             start = time.perf_counter()
             self._executables[key] = fn.lower(*args, **static).compile()
             self.stats.compile_s += time.perf_counter() - start
@@ -120,7 +131,8 @@ class Generator:
         key, sub = jax.random.split(key)
         first = sample(out.logits[:, 0], sub, sampling)
         cache = out.cache
-        return DecodeState(cache=cache, token=first, done=jnp.zeros_like(first, bool), key=key)
+        done = jnp.zeros_like(first, bool)
+        return DecodeState(cache=cache, token=first, done=done, key=key, expert_load=out.expert_counts)
 
     def _decode_impl(self, params, state, stop_ids, *, steps: int, sampling: SamplingParams):
         """Emit `steps` tokens per row: the pending token first, then one forward per new token.
@@ -143,7 +155,8 @@ class Generator:
             step = model(token[:, None], cache=state.cache, lengths=live)
             key, sub = jax.random.split(state.key)
             nxt = sample(step.logits[:, -1], sub, sampling)
-            return i + 1, DecodeState(cache=step.cache, token=nxt, done=done, key=key), out
+            load = state.expert_load if step.expert_counts is None else state.expert_load + step.expert_counts
+            return i + 1, DecodeState(cache=step.cache, token=nxt, done=done, key=key, expert_load=load), out
 
         _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
         return out, state
@@ -159,11 +172,13 @@ class Generator:
         *,
         chunk: int | None = None,
         on_tokens: Callable[[np.ndarray], None] | None = None,
+        on_compile: Callable[[str], None] | None = None,
     ) -> Int[Array, "b n"]:
         """New tokens [b, max_new_tokens] (int32), padded with pad_token_id after each row's EOS.
 
         chunk: decode this many tokens per compiled call and hand each block to `on_tokens`
         (streaming); default: the whole generation in one call.
+        on_compile: called with "prefill" or "decode" before each compilation (which can take seconds).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -181,7 +196,7 @@ class Generator:
         self.stats = GenerationStats()
         args = (params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed))
         if self.paged is None:
-            return self._generate(args, lengths, max_new_tokens, chunk, max_len, sampling, on_tokens)
+            return self._generate(args, lengths, max_new_tokens, chunk, max_len, sampling, on_tokens, on_compile)
         # one request id per row; the pages go back to the pool however the call ends
         width = paged_cache.pages_for(max_len)
         rows = [object() for _ in range(len(lengths))]
@@ -189,21 +204,25 @@ class Generator:
             for row, n in zip(rows, lengths):
                 self.paged.reserve(row, min(int(n) + steps_total, width * paged_cache.PAGE))
             table = jnp.asarray(self.paged.block_table(rows, width))
-            return self._generate(args + (table,), lengths, max_new_tokens, chunk, max_len, sampling, on_tokens)
+            return self._generate(
+                args + (table,), lengths, max_new_tokens, chunk, max_len, sampling, on_tokens, on_compile
+            )
         finally:
             for row in rows:
                 if row in self.paged:
                     self.paged.release(row)
 
-    def _generate(self, args, lengths, max_new_tokens, chunk, max_len, sampling, on_tokens):
+    def _generate(self, args, lengths, max_new_tokens, chunk, max_len, sampling, on_tokens, on_compile=None):
         params = args[0]
-        prefill = self._compiled(self._prefill_jit, *args, max_len=max_len, sampling=sampling)
+        prefill = self._compiled(self._prefill_jit, *args, on_compile=on_compile, max_len=max_len, sampling=sampling)
         start = time.perf_counter()
         state = jax.block_until_ready(prefill(*args))
         self.stats.prefill_s = time.perf_counter() - start
         self.stats.prefill_tokens = int(lengths.sum())
         stop_ids = jnp.asarray(np.atleast_1d(np.array(self.config.eos_token_id, np.int32)))
-        decode = self._compiled(self._decode_jit, params, state, stop_ids, steps=chunk, sampling=sampling)
+        decode = self._compiled(
+            self._decode_jit, params, state, stop_ids, on_compile=on_compile, steps=chunk, sampling=sampling
+        )
         blocks = []
         produced = 0
         start = time.perf_counter()
@@ -217,6 +236,8 @@ class Generator:
             if bool(np.asarray(state.done).all()):
                 break
         self.stats.decode_s = time.perf_counter() - start
+        if state.expert_load is not None:
+            self.stats.expert_counts = np.asarray(state.expert_load)
         out = np.concatenate(blocks, axis=1)
         # Tokens actually decoded: every emitted token of a row up to and including its EOS.
         self.stats.decode_tokens = int(np.sum(out != self.config.pad_token_id))

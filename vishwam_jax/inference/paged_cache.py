@@ -23,7 +23,7 @@ a row's length.
 
 from __future__ import annotations
 
-from typing import Hashable, Iterable
+from collections.abc import Hashable, Iterable
 
 import jax.numpy as jnp
 import numpy as np
@@ -138,7 +138,7 @@ def write_tokens(
     block_table: Int[Array, "b mb"],
     values: Float[Array, "b t c"],
     positions: Int[Array, "b t"],
-    lengths: Int[Array, "b"],
+    lengths: Int[Array, " b"],
 ) -> Float[Array, "nb page c"]:
     """Store row b's first lengths[b] chunk tokens at their positions' pages; padding tokens, and
     positions past the row's table, are dropped."""

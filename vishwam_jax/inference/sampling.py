@@ -30,7 +30,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def sample(logits: Float[Array, "b v"], key: jax.Array, params: SamplingParams) -> Int[Array, "b"]:
+def sample(logits: Float[Array, "b v"], key: jax.Array, params: SamplingParams) -> Int[Array, " b"]:
     if params.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / params.temperature

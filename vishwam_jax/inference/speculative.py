@@ -48,7 +48,9 @@ def _prefill(graphdef, params, tokens, lengths, *, max_len: int):
     dtype = model.embed.embedding.dtype  # the compute dtype (the routers stay float32 whatever it is)
     batch = tokens.shape[0]
     rows = jnp.arange(batch)
-    out = model(tokens, cache=model.init_cache(batch, max_len, dtype), lengths=lengths, logit_positions=(lengths - 1)[:, None])
+    out = model(
+        tokens, cache=model.init_cache(batch, max_len, dtype), lengths=lengths, logit_positions=(lengths - 1)[:, None]
+    )
     first = jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
     following = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1).at[rows, lengths - 1].set(first)
     drafted = model.mtp(
@@ -95,7 +97,11 @@ def _decode(graphdef, config, params, state, stop_ids, *, max_new_tokens: int):
         # The verify forward advanced live rows by 2; keep only the confirmed tokens (rewind).
         cache = {**verify.cache, "pos": c["cache"]["pos"] + advance}
         drafted = model.mtp(
-            verify.hidden, greedy, cache=c["mtp_cache"], lengths=advance, logit_positions=accepted.astype(jnp.int32)[:, None]
+            verify.hidden,
+            greedy,
+            cache=c["mtp_cache"],
+            lengths=advance,
+            logit_positions=accepted.astype(jnp.int32)[:, None],
         )
         new_draft = jnp.argmax(drafted.logits[:, 0], axis=-1).astype(jnp.int32)
         keep = lambda new, old: jnp.where(live, new, old)  # noqa: E731
@@ -126,7 +132,9 @@ class SpeculativeGenerator:
         # The capabilities of the module `graphdef` describes (a property of the config for
         # DeepSeek-V3), read from its abstract twin: no parameters are needed.
         if not models.abstract(config).capabilities.mtp:
-            raise ValueError(f"{config.get('name') or config.family}: speculative decoding needs a model with an MTP module")
+            raise ValueError(
+                f"{config.get('name') or config.family}: speculative decoding needs a model with an MTP module"
+            )
         self.graphdef = graphdef
         self.config = config
         self._prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=("max_len",))

@@ -1,8 +1,8 @@
 """Model families as Flax NNX modules (models/interface.py says what each provides).
 
-    module = build(config, rngs=nnx.Rngs(0))              # the family's nnx.Module
-    graphdef, params = nnx.split(module, nnx.Param)        # once; params is an ordinary pytree
-    out = apply(graphdef, params, tokens, cache=cache)     # inside jit: merge, call, nothing mutated
+module = build(config, rngs=nnx.Rngs(0))              # the family's nnx.Module
+graphdef, params = nnx.split(module, nnx.Param)        # once; params is an ordinary pytree
+out = apply(graphdef, params, tokens, cache=cache)     # inside jit: merge, call, nothing mutated
 """
 
 from __future__ import annotations

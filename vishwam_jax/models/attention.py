@@ -23,7 +23,9 @@ from vishwam_jax.sharding.context import constrain
 MASK_VALUE = -1e30
 
 
-def init_kv_cache_layer(batch: int, slots: int, kv_heads: int, head_dim: int, dtype, v_head_dim: int | None = None) -> dict:
+def init_kv_cache_layer(
+    batch: int, slots: int, kv_heads: int, head_dim: int, dtype, v_head_dim: int | None = None
+) -> dict:
     v_head_dim = v_head_dim or head_dim
     return {
         "k": jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
@@ -42,7 +44,14 @@ def visible(q_pos: Int[Array, "b t"], k_pos: Int[Array, "b s"], window: int) -> 
     return ok
 
 
-def write_kv(cache: dict, k: Array, v: Array, positions: Int[Array, "b t"], lengths: Int[Array, "b"], key_valid: Bool[Array, "b t"]) -> dict:
+def write_kv(
+    cache: dict,
+    k: Array,
+    v: Array,
+    positions: Int[Array, "b t"],
+    lengths: Int[Array, " b"],
+    key_valid: Bool[Array, "b t"],
+) -> dict:
     """Store the chunk's keys/values at their positions' slots; tokens past `lengths` are not stored."""
     batch, slots = cache["slot_pos"].shape
     t = k.shape[1]
@@ -120,7 +129,11 @@ def _attend_block(q: Float[Array, "b t h d"], segments: list, scale: float, soft
     kh = segments[0][0].shape[2]
     qg = q.reshape(b, t, kh, h // kh, d)
     scores = jnp.concatenate(
-        [jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) for k, _, _ in segments], axis=-1
+        [
+            jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+            for k, _, _ in segments
+        ],
+        axis=-1,
     )
     mask = jnp.concatenate([m for _, _, m in segments], axis=-1)
     scores = soft_cap(scores * scale, softcap)
@@ -139,7 +152,7 @@ def cached_attention(
     k: Float[Array, "b t kh d"],
     v: Float[Array, "b t kh dv"],
     positions: Int[Array, "b t"],
-    lengths: Int[Array, "b"],
+    lengths: Int[Array, " b"],
     key_valid: Bool[Array, "b t"],
     cache: dict | None,
     *,
@@ -188,14 +201,42 @@ class Attention(nnx.Module):
     ):
         h, kh, hd = num_heads, num_kv_heads, head_dim
         q_shape, kv_shape, o_shape = (d, h, hd), (d, kh, hd), (h, hd, d)
-        self.q = Linear(q_shape, ("embed", "heads", "head_dim"), "btd,dhk->bthk", rngs=rngs, fan_in=d, dtype=dtype,
-                        int8_scale_shape=int8_scale_shape(q_shape, (0,), int8))
-        self.k = Linear(kv_shape, ("embed", "kv_heads", "head_dim"), "btd,dhk->bthk", rngs=rngs, fan_in=d, dtype=dtype,
-                        int8_scale_shape=int8_scale_shape(kv_shape, (0,), int8))
-        self.v = Linear(kv_shape, ("embed", "kv_heads", "head_dim"), "btd,dhk->bthk", rngs=rngs, fan_in=d, dtype=dtype,
-                        int8_scale_shape=int8_scale_shape(kv_shape, (0,), int8))
-        self.o = Linear(o_shape, ("heads", "head_dim", "embed"), "bthk,hkd->btd", rngs=rngs, fan_in=h * hd, dtype=dtype,
-                        int8_scale_shape=int8_scale_shape(o_shape, (0, 1), int8))
+        self.q = Linear(
+            q_shape,
+            ("embed", "heads", "head_dim"),
+            "btd,dhk->bthk",
+            rngs=rngs,
+            fan_in=d,
+            dtype=dtype,
+            int8_scale_shape=int8_scale_shape(q_shape, (0,), int8),
+        )
+        self.k = Linear(
+            kv_shape,
+            ("embed", "kv_heads", "head_dim"),
+            "btd,dhk->bthk",
+            rngs=rngs,
+            fan_in=d,
+            dtype=dtype,
+            int8_scale_shape=int8_scale_shape(kv_shape, (0,), int8),
+        )
+        self.v = Linear(
+            kv_shape,
+            ("embed", "kv_heads", "head_dim"),
+            "btd,dhk->bthk",
+            rngs=rngs,
+            fan_in=d,
+            dtype=dtype,
+            int8_scale_shape=int8_scale_shape(kv_shape, (0,), int8),
+        )
+        self.o = Linear(
+            o_shape,
+            ("heads", "head_dim", "embed"),
+            "bthk,hkd->btd",
+            rngs=rngs,
+            fan_in=h * hd,
+            dtype=dtype,
+            int8_scale_shape=int8_scale_shape(o_shape, (0, 1), int8),
+        )
         if qk_norm_eps is not None:
             self.q_norm = RMSNorm(hd, eps=qk_norm_eps, plus_one=qk_norm_plus_one, dtype=dtype)
             self.k_norm = RMSNorm(hd, eps=qk_norm_eps, plus_one=qk_norm_plus_one, dtype=dtype)
@@ -208,7 +249,7 @@ class Attention(nnx.Module):
         self,
         x: Float[Array, "b t d"],
         positions: Int[Array, "b t"],
-        lengths: Int[Array, "b"],
+        lengths: Int[Array, " b"],
         key_valid: Bool[Array, "b t"],
         cache: dict | None,
     ) -> tuple[Float[Array, "b t d"], dict | None]:

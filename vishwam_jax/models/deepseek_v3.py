@@ -56,7 +56,7 @@ class DecoderLayer(nnx.Module):
     """Pre-norm residual block: MLA (naive form without a cache, absorbed over the latent cache
     with one), then the dense SwiGLU (`mlp`) or DeepSeekMoE (`router`, `experts`, `shared`)."""
 
-    def __init__(self, config, *, moe: bool, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, config, *, moe: bool, rngs: nnx.Rngs, dtype=jnp.float32, slots: int = 0):
         d, eps, act = config.d_model, config.norm_eps, config.activation
         self.attn_norm = RMSNorm(d, eps=eps, dtype=dtype)
         self.attn = MLA(config, rngs=rngs, dtype=dtype)
@@ -72,10 +72,10 @@ class DecoderLayer(nnx.Module):
             num_groups=config.num_expert_groups, topk_groups=config.num_groups_per_token,
             routed_scaling_factor=config.routed_scaling_factor, renormalize=config.norm_topk_prob, rngs=rngs,
         )  # fmt: skip
-        self.experts = Experts(config.num_experts, d, config.moe_ffn_dim, act, rngs=rngs, dtype=dtype)
+        self.experts = Experts(config.num_experts, d, config.moe_ffn_dim, act, rngs=rngs, dtype=dtype, num_slots=slots)
         self.shared = GatedMLP(d, config.moe_ffn_dim * config.num_shared_experts, act, rngs=rngs, dtype=dtype)
 
-    def moe(self, x: Float[Array, "b t d"]) -> tuple[Float[Array, "b t d"], Int[Array, "e"]]:
+    def moe(self, x: Float[Array, "b t d"]) -> tuple[Float[Array, "b t d"], Int[Array, " e"]]:
         """DeepSeekMoE: group-limited sigmoid routing (bias for selection only) through the shared
         sorted dispatch, plus the always-on shared expert. Also the tokens routed to each expert."""
         b, t, d = x.shape
@@ -85,8 +85,8 @@ class DecoderLayer(nnx.Module):
         return (routed + self.shared(flat)).reshape(b, t, d), counts
 
     def __call__(
-        self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], lengths: Int[Array, "b"], cache: dict | None
-    ) -> tuple[Float[Array, "b t d"], dict | None, Int[Array, "e"] | None]:
+        self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], lengths: Int[Array, " b"], cache: dict | None
+    ) -> tuple[Float[Array, "b t d"], dict | None, Int[Array, " e"] | None]:
         """(x, cache, expert counts or None for a dense layer)."""
         a, cache = self.attn(self.attn_norm(x), positions, lengths, cache)
         x = x + a
@@ -117,10 +117,16 @@ class DeepSeekV3(nnx.Module):
         num_dense, num_moe = config.num_dense_layers, config.num_layers - config.num_dense_layers
         self.embed = Embed(v, d, rngs=rngs, dtype=dtype, init_std_fan_in=1)  # unit entries: not scaled
         self.dense_layers = (
-            stack.stacked(num_dense, lambda r: DecoderLayer(config, moe=False, rngs=r, dtype=dtype), rngs) if num_dense else None
+            stack.stacked(num_dense, lambda r: DecoderLayer(config, moe=False, rngs=r, dtype=dtype), rngs)
+            if num_dense
+            else None
         )
+        slots = config.num_expert_slots
         self.moe_layers = (
-            stack.stacked(num_moe, lambda r: DecoderLayer(config, moe=True, rngs=r, dtype=dtype), rngs) if num_moe else None
+            # Only the main MoE layers take an expert placement (the MTP block keeps one slot per expert).
+            stack.stacked(num_moe, lambda r: DecoderLayer(config, moe=True, rngs=r, dtype=dtype, slots=slots), rngs)
+            if num_moe
+            else None
         )
         self.final_norm = RMSNorm(d, eps=config.norm_eps, dtype=dtype)
         self.lm_head = Linear((d, v), ("embed", "vocab"), "btd,dv->btv", rngs=rngs, fan_in=d, dtype=dtype)
@@ -182,7 +188,10 @@ class DeepSeekV3(nnx.Module):
         def body(layer: DecoderLayer, carry, layer_cache):
             x, i, pool = carry
             if pool is not None:
-                layer_cache = {"kv": pool, "block_table": jnp.where(table < num_blocks, table + i * num_blocks, depth * num_blocks)}
+                layer_cache = {
+                    "kv": pool,
+                    "block_table": jnp.where(table < num_blocks, table + i * num_blocks, depth * num_blocks),
+                }
             x, layer_cache, counts = layer(x, positions, lengths, layer_cache)
             if pool is not None:
                 pool, layer_cache = layer_cache["kv"], None
@@ -190,7 +199,12 @@ class DeepSeekV3(nnx.Module):
 
         caches = None if cache is None or paged else cache[name]
         (x, _, pool), new_caches, counts = stack.scan(
-            layers, (x, jnp.int32(0), pool), caches, body, remat_policy=policy_of(self.config), unroll=self.config.scan_unroll
+            layers,
+            (x, jnp.int32(0), pool),
+            caches,
+            body,
+            remat_policy=policy_of(self.config),
+            unroll=self.config.scan_unroll,
         )
         if paged:
             new_caches = {"kv": pool.reshape(stacked_pool.shape)}
@@ -206,7 +220,7 @@ class DeepSeekV3(nnx.Module):
         tokens: Int[Array, "b t"],
         *,
         cache: Cache | None = None,
-        lengths: Int[Array, "b"] | None = None,
+        lengths: Int[Array, " b"] | None = None,
         logit_positions: Int[Array, "b k"] | None = None,
     ) -> ForwardOutput:
         """Logits (float32) for a chunk of tokens that continues each row's cache.
@@ -227,9 +241,13 @@ class DeepSeekV3(nnx.Module):
         new_cache: Cache = {}
         counts = jnp.zeros((0, self.config.num_experts), jnp.int32)
         if self.dense_layers is not None:
-            x, new_cache["dense_layers"], _ = self._run_stack(self.dense_layers, "dense_layers", x, positions, lengths, cache)
+            x, new_cache["dense_layers"], _ = self._run_stack(
+                self.dense_layers, "dense_layers", x, positions, lengths, cache
+            )
         if self.moe_layers is not None:
-            x, new_cache["moe_layers"], counts = self._run_stack(self.moe_layers, "moe_layers", x, positions, lengths, cache)
+            x, new_cache["moe_layers"], counts = self._run_stack(
+                self.moe_layers, "moe_layers", x, positions, lengths, cache
+            )
         h = self.final_norm(x)
         logits = self._logits(h, logit_positions)
         if cache is None:
@@ -247,7 +265,7 @@ class DeepSeekV3(nnx.Module):
         *,
         depth: int = 0,
         cache: Cache | None = None,
-        lengths: Int[Array, "b"] | None = None,
+        lengths: Int[Array, " b"] | None = None,
         logit_positions: Int[Array, "b k"] | None = None,
     ) -> ForwardOutput:
         """MTP module `depth` (0-based) over entries i: hidden[i] = h^{depth}_i and next_tokens[i] =
@@ -269,14 +287,20 @@ class DeepSeekV3(nnx.Module):
         def body(block: DecoderLayer, x, block_cache):
             return block(x, positions, lengths, block_cache)
 
-        x, block_cache, counts = stack.run(m.block, x, None if cache is None else cache["block"], body, remat_policy=policy_of(self.config))
+        x, block_cache, counts = stack.run(
+            m.block, x, None if cache is None else cache["block"], body, remat_policy=policy_of(self.config)
+        )
         h = m.norm(x)
         logits = self._logits(h, logit_positions)
         new_cache = None if cache is None else {"pos": cache["pos"] + lengths, "block": block_cache}
         return ForwardOutput(logits=logits, cache=new_cache, hidden=h, expert_counts=counts[None])
 
     def mtp_loss(
-        self, tokens: Int[Array, "b t"], *, hidden: Float[Array, "b t d"] | None = None, loss_mask: Float[Array, "b t"] | None = None
+        self,
+        tokens: Int[Array, "b t"],
+        *,
+        hidden: Float[Array, "b t d"] | None = None,
+        loss_mask: Float[Array, "b t"] | None = None,
     ) -> Float[Array, ""]:
         """(1/D) sum_k L_MTP^k (§2.2): the mean cross-entropy of each depth k predicting t_{i+k+1};
         the caller weights it by λ. hidden: the main model's output hidden on `tokens` (recomputed
@@ -292,7 +316,9 @@ class DeepSeekV3(nnx.Module):
         for k in range(1, depths + 1):
             n = t - k  # entries i = 0 .. t-k-1 (the last has no target and only feeds deeper depths)
             out = self.mtp(hidden[:, :n], tokens[:, k:], depth=k - 1)
-            ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1].astype(jnp.float32), tokens[:, k + 1 :])
+            ce = optax.softmax_cross_entropy_with_integer_labels(
+                out.logits[:, :-1].astype(jnp.float32), tokens[:, k + 1 :]
+            )
             w = mask[:, k + 1 :]
             losses.append(jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0))
             hidden = out.hidden[:, : n - 1]
@@ -313,7 +339,10 @@ _MTP_BIAS = ("mtp_layers", "block", "router", "bias")
 
 
 def update_router_biases(
-    params: nnx.State, expert_counts: Int[Array, "l e"], gamma: float, mtp_expert_counts: Int[Array, "k e"] | None = None
+    params: nnx.State,
+    expert_counts: Int[Array, "l e"],
+    gamma: float,
+    mtp_expert_counts: Int[Array, "k e"] | None = None,
 ) -> nnx.State:
     """`update_router_bias` for the stacked MoE layers of the main model (moe_layers.router.bias
     [L, E], or its per-layer buffers), from a forward's expert_counts (summed over the batches of a

@@ -37,7 +37,9 @@ class DecoderLayer(nnx.Module):
         if sliding:
             rope = RotaryEmbedding(config.head_dim, config.rope_local_theta)
         else:
-            rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling_type, config.rope_scaling_factor)
+            rope = RotaryEmbedding(
+                config.head_dim, config.rope_theta, config.rope_scaling_type, config.rope_scaling_factor
+            )
         self.attn_norm = norm()
         self.attn = Attention(
             d, config.num_heads, config.num_kv_heads, config.head_dim,
@@ -89,7 +91,9 @@ class Gemma(nnx.Module):
         # Scaled so that embed * sqrt(d) has unit-variance entries.
         self.embed = Embed(config.vocab_size, config.d_model, rngs=rngs, dtype=dtype)
         self.blocks = (
-            stack.stacked(num_periods, lambda r: Period(config, kinds[:period], rngs=r, dtype=dtype), rngs) if num_periods else None
+            stack.stacked(num_periods, lambda r: Period(config, kinds[:period], rngs=r, dtype=dtype), rngs)
+            if num_periods
+            else None
         )
         self.tail = Period(config, kinds[num_periods * period :], rngs=rngs, dtype=dtype) if remainder else None
         self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, plus_one=True, dtype=dtype)
@@ -118,7 +122,7 @@ class Gemma(nnx.Module):
         tokens: Int[Array, "b t"],
         *,
         cache: Cache | None = None,
-        lengths: Int[Array, "b"] | None = None,
+        lengths: Int[Array, " b"] | None = None,
         logit_positions: Int[Array, "b k"] | None = None,
     ) -> ForwardOutput:
         batch, t = tokens.shape
@@ -135,9 +139,13 @@ class Gemma(nnx.Module):
         new_cache: Cache = {}
         if self.blocks is not None:
             caches = None if cache is None else cache["blocks"]
-            x, new_cache["blocks"], _ = stack.scan(self.blocks, x, caches, body, remat_policy=policy, unroll=self.config.scan_unroll)
+            x, new_cache["blocks"], _ = stack.scan(
+                self.blocks, x, caches, body, remat_policy=policy, unroll=self.config.scan_unroll
+            )
         if self.tail is not None:
-            x, new_cache["tail"], _ = stack.run(self.tail, x, None if cache is None else cache["tail"], body, remat_policy=policy)
+            x, new_cache["tail"], _ = stack.run(
+                self.tail, x, None if cache is None else cache["tail"], body, remat_policy=policy
+            )
 
         x = self.final_norm(x)
         if logit_positions is not None:

@@ -58,10 +58,19 @@ class DecoderLayer(nnx.Module):
         self.moe_norm = norm()
         # Softmax over every expert, top-k gates used as they are (not renormalized to sum to 1).
         self.router = SoftmaxRouter(d, config.num_experts, config.num_experts_per_token, renormalize=False, rngs=rngs)
-        self.experts = Experts(config.num_experts, d, config.moe_ffn_dim, config.activation, rngs=rngs, dtype=dtype, int8=int8)
+        self.experts = Experts(
+            config.num_experts,
+            d,
+            config.moe_ffn_dim,
+            config.activation,
+            rngs=rngs,
+            dtype=dtype,
+            int8=int8,
+            num_slots=config.num_expert_slots,
+        )
         self.post_moe_norm = norm()
 
-    def moe(self, x: Float[Array, "b t d"]) -> tuple[Float[Array, "b t d"], Int[Array, "e"]]:
+    def moe(self, x: Float[Array, "b t d"]) -> tuple[Float[Array, "b t d"], Int[Array, " e"]]:
         """The MoE block on already-normed input: routed in float32, gated-GELU experts through the
         shared sorted dispatch; also the tokens routed to each expert."""
         b, t, d = x.shape
@@ -74,10 +83,10 @@ class DecoderLayer(nnx.Module):
         self,
         h: Float[Array, "b t d"],
         positions: Int[Array, "b t"],
-        lengths: Int[Array, "b"],
+        lengths: Int[Array, " b"],
         key_valid: Bool[Array, "b t"],
         cache: dict | None,
-    ) -> tuple[Float[Array, "b t d"], dict | None, Int[Array, "e"]]:
+    ) -> tuple[Float[Array, "b t d"], dict | None, Int[Array, " e"]]:
         a, cache = self.attn(self.attn_norm(h), positions, lengths, key_valid, cache)
         h = h + self.post_attn_norm(a)
         m, counts = self.moe(self.moe_norm(h))
@@ -108,7 +117,7 @@ class Grok1(nnx.Module):
         tokens: Int[Array, "b t"],
         *,
         cache: Cache | None = None,
-        lengths: Int[Array, "b"] | None = None,
+        lengths: Int[Array, " b"] | None = None,
         logit_positions: Int[Array, "b k"] | None = None,
     ) -> ForwardOutput:
         """Logits (float32) for a chunk of tokens that continues each row's cache; computation runs

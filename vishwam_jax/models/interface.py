@@ -55,7 +55,7 @@ class CausalLM(Protocol):
         tokens: Int[Array, "b t"],
         *,
         cache: Cache | None = None,
-        lengths: Int[Array, "b"] | None = None,
+        lengths: Int[Array, " b"] | None = None,
         logit_positions: Int[Array, "b k"] | None = None,
     ) -> ForwardOutput:
         """Logits for a chunk that continues each row's cache (starting at cache["pos"]).
@@ -76,7 +76,7 @@ class MultiTokenPredictor(CausalLM, Protocol):
         *,
         depth: int = 0,
         cache: Cache | None = None,
-        lengths: Int[Array, "b"] | None = None,
+        lengths: Int[Array, " b"] | None = None,
         logit_positions: Int[Array, "b k"] | None = None,
     ) -> ForwardOutput: ...
 
@@ -93,5 +93,5 @@ def chunk_positions(cache: Cache | None, batch: int, length: int) -> Int[Array, 
     return start[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
 
 
-def chunk_lengths(lengths: Int[Array, "b"] | None, batch: int, length: int) -> Int[Array, "b"]:
+def chunk_lengths(lengths: Int[Array, " b"] | None, batch: int, length: int) -> Int[Array, " b"]:
     return jnp.full((batch,), length, jnp.int32) if lengths is None else lengths.astype(jnp.int32)

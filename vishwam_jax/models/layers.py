@@ -10,7 +10,8 @@ dimension: sharding/ maps those names to mesh axes and never guesses from names 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,9 @@ def param(value: Array, axes: Sequence[str | None]) -> nnx.Param:
     restore), so the parameter is created unsharded (`eager_sharding=False`).
     """
     if axes is None or isinstance(axes, str) or len(tuple(axes)) != jnp.ndim(value):
-        raise MissingAxesError(f"a parameter of shape {tuple(jnp.shape(value))} needs one logical axis per dimension; got {axes!r}")
+        raise MissingAxesError(
+            f"a parameter of shape {tuple(jnp.shape(value))} needs one logical axis per dimension; got {axes!r}"
+        )
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
@@ -69,7 +72,9 @@ def check_axes(module: nnx.Module) -> None:
 
 
 # -- functional cores ------------------------------------------------------------------------------
-def rms_norm(x: Float[Array, "... d"], weight: Float[Array, "d"], eps: float, *, plus_one: bool = False) -> Float[Array, "... d"]:
+def rms_norm(
+    x: Float[Array, "... d"], weight: Float[Array, " d"], eps: float, *, plus_one: bool = False
+) -> Float[Array, "... d"]:
     """RMSNorm in float32. Gemma stores its scale as an offset from 1 (`1 + w`); Llama-style
     models (DeepSeek-V3, Grok-1) multiply by `w` itself."""
     x32 = x.astype(jnp.float32)
@@ -148,7 +153,9 @@ class Embed(nnx.Module):
     """Token embedding table [vocab, d]; also the tied output projection of Gemma and Grok-1."""
 
     def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32, init_std_fan_in: int | None = None):
-        self.embedding = param(truncated_normal(rngs.params(), (vocab, dim), init_std_fan_in or dim, dtype), ("vocab", "embed"))
+        self.embedding = param(
+            truncated_normal(rngs.params(), (vocab, dim), init_std_fan_in or dim, dtype), ("vocab", "embed")
+        )
 
     def __call__(self, tokens: Int[Array, "b t"], scale: float | None = None) -> Float[Array, "b t d"]:
         table = self.embedding[...]
@@ -214,12 +221,33 @@ class GatedMLP(nnx.Module):
 
     def __init__(self, d: int, f: int, activation: str, *, rngs: nnx.Rngs, dtype=jnp.float32, int8: bool = False):
         self.activation = activation
-        self.gate = Linear((d, f), ("embed", "mlp"), "...d,df->...f", rngs=rngs, fan_in=d, dtype=dtype,
-                           int8_scale_shape=int8_scale_shape((d, f), (0,), int8))
-        self.up = Linear((d, f), ("embed", "mlp"), "...d,df->...f", rngs=rngs, fan_in=d, dtype=dtype,
-                         int8_scale_shape=int8_scale_shape((d, f), (0,), int8))
-        self.down = Linear((f, d), ("mlp", "embed"), "...f,fd->...d", rngs=rngs, fan_in=f, dtype=dtype,
-                           int8_scale_shape=int8_scale_shape((f, d), (0,), int8))
+        self.gate = Linear(
+            (d, f),
+            ("embed", "mlp"),
+            "...d,df->...f",
+            rngs=rngs,
+            fan_in=d,
+            dtype=dtype,
+            int8_scale_shape=int8_scale_shape((d, f), (0,), int8),
+        )
+        self.up = Linear(
+            (d, f),
+            ("embed", "mlp"),
+            "...d,df->...f",
+            rngs=rngs,
+            fan_in=d,
+            dtype=dtype,
+            int8_scale_shape=int8_scale_shape((d, f), (0,), int8),
+        )
+        self.down = Linear(
+            (f, d),
+            ("mlp", "embed"),
+            "...f,fd->...d",
+            rngs=rngs,
+            fan_in=f,
+            dtype=dtype,
+            int8_scale_shape=int8_scale_shape((f, d), (0,), int8),
+        )
 
     def weights(self) -> dict:
         return {"gate": self.gate.weight, "up": self.up.weight, "down": self.down.weight}

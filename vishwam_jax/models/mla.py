@@ -95,7 +95,7 @@ def init_cache_layer(config, batch: int, max_len: int, dtype) -> dict:
 
 # -- cache writes ----------------------------------------------------------------------------------
 def write_latents(
-    cache: dict, kv: Float[Array, "b t c"], positions: Int[Array, "b t"], lengths: Int[Array, "b"]
+    cache: dict, kv: Float[Array, "b t c"], positions: Int[Array, "b t"], lengths: Int[Array, " b"]
 ) -> dict:
     """Store each row's first lengths[b] chunk tokens at their positions' slots; the padding after
     them is sent out of range and dropped (it must not land on a live slot)."""
@@ -130,17 +130,27 @@ class MLA(nnx.Module):
             q = config.q_lora_rank
             self.wq_a = Linear((d, q), ("embed", "q_lora"), "btd,dq->btq", rngs=rngs, fan_in=d, dtype=dtype)
             self.q_norm = RMSNorm(q, eps=eps, dtype=dtype)
-            self.wq_b = Linear((q, h, nope + rope), ("q_lora", "heads", "head_dim"), "btq,qhk->bthk", rngs=rngs, fan_in=q, dtype=dtype)
+            self.wq_b = Linear(
+                (q, h, nope + rope), ("q_lora", "heads", "head_dim"), "btq,qhk->bthk", rngs=rngs, fan_in=q, dtype=dtype
+            )
             self.wq = None
         else:
             self.wq_a = self.q_norm = self.wq_b = None
-            self.wq = Linear((d, h, nope + rope), ("embed", "heads", "head_dim"), "btd,dhk->bthk", rngs=rngs, fan_in=d, dtype=dtype)
+            self.wq = Linear(
+                (d, h, nope + rope), ("embed", "heads", "head_dim"), "btd,dhk->bthk", rngs=rngs, fan_in=d, dtype=dtype
+            )
         self.wkv_a = Linear((d, r + rope), ("embed", "kv_lora"), "btd,dc->btc", rngs=rngs, fan_in=d, dtype=dtype)
         self.kv_norm = RMSNorm(r, eps=eps, dtype=dtype)
         # Per head from the latent (naive form); the absorbed form applies W_k_b to the query instead.
-        self.wk_b = Linear((r, h, nope), ("kv_lora", "heads", "head_dim"), "bsc,chn->bshn", rngs=rngs, fan_in=r, dtype=dtype)
-        self.wv_b = Linear((r, h, v), ("kv_lora", "heads", "head_dim"), "bsc,chv->bshv", rngs=rngs, fan_in=r, dtype=dtype)
-        self.wo = Linear((h, v, d), ("heads", "head_dim", "embed"), "bthv,hvd->btd", rngs=rngs, fan_in=h * v, dtype=dtype)
+        self.wk_b = Linear(
+            (r, h, nope), ("kv_lora", "heads", "head_dim"), "bsc,chn->bshn", rngs=rngs, fan_in=r, dtype=dtype
+        )
+        self.wv_b = Linear(
+            (r, h, v), ("kv_lora", "heads", "head_dim"), "bsc,chv->bshv", rngs=rngs, fan_in=r, dtype=dtype
+        )
+        self.wo = Linear(
+            (h, v, d), ("heads", "head_dim", "embed"), "bthv,hvd->btd", rngs=rngs, fan_in=h * v, dtype=dtype
+        )
         self.rope = rotary_embedding(config)
 
     # -- projections shared by both forms ----------------------------------------------------------
@@ -184,7 +194,7 @@ class MLA(nnx.Module):
 
     # -- the absorbed form over the latent cache ---------------------------------------------------
     def absorbed(
-        self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], lengths: Int[Array, "b"], cache: dict
+        self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], lengths: Int[Array, " b"], cache: dict
     ) -> tuple[Float[Array, "b t d"], dict]:
         """Write the chunk's latents, then attend from W_k_b-absorbed queries over the whole latent
         cache and map the latent output through W_v_b and W_o.
@@ -205,16 +215,19 @@ class MLA(nnx.Module):
         names = ("batch", "length", "heads", None)
         decode = functools.partial(mla_decode, softmax_scale=self.softmax_scale, v_head_dim=self.kv_lora_rank)
         if "block_table" in cache:
-            o_latent = per_device(lambda q_, kv, n, table: decode(q_, kv, n, block_table=table),
-                                  (q, cache["kv"], total, cache["block_table"]),
-                                  (names, None, ("batch",), ("batch", None)), names)
+            o_latent = per_device(
+                lambda q_, kv, n, table: decode(q_, kv, n, block_table=table),
+                (q, cache["kv"], total, cache["block_table"]),
+                (names, None, ("batch",), ("batch", None)),
+                names,
+            )
         else:
             o_latent = per_device(decode, (q, cache["kv"], total), (names, ("batch", None, None), ("batch",)), names)
         out = self.wv_b(o_latent.astype(x.dtype), "bthc,chv->bthv")
         return self.wo(out), cache
 
     def cached(
-        self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], lengths: Int[Array, "b"], cache: dict
+        self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], lengths: Int[Array, " b"], cache: dict
     ) -> tuple[Float[Array, "b t d"], dict]:
         """Attention of a chunk that continues each row's cache; the cache with the chunk's latents."""
         if x.shape[1] < NAIVE_PREFILL_MIN_TOKENS:
@@ -230,7 +243,7 @@ class MLA(nnx.Module):
         return jax.lax.cond(jnp.all(positions[:, 0] == 0), naive, absorbed, cache)
 
     def __call__(
-        self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], lengths: Int[Array, "b"], cache: dict | None
+        self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], lengths: Int[Array, " b"], cache: dict | None
     ) -> tuple[Float[Array, "b t d"], dict | None]:
         """The naive form without a cache; through the latent cache with one."""
         if cache is None:

@@ -34,7 +34,7 @@ def softmax_topk_router(
 def grouped_sigmoid_router(
     x: Float[Array, "n d"],
     router_w: Float[Array, "d e"],
-    bias: Float[Array, "e"],
+    bias: Float[Array, " e"],
     k: int,
     *,
     num_groups: int,
@@ -61,7 +61,7 @@ def grouped_sigmoid_router(
     return gates * routed_scaling_factor, experts
 
 
-def grouped_linear(x: Float[Array, "m a"], w: Any, group_sizes: Int[Array, "g"]) -> Float[Array, "m b"]:
+def grouped_linear(x: Float[Array, "m a"], w: Any, group_sizes: Int[Array, " g"]) -> Float[Array, "m b"]:
     """Rows of `x` sorted by group times each group's matrix `w[g]` ([g, a, b], possibly int8)."""
     from vishwam_jax.pallas_kernels import grouped_matmul  # local: kernels import nothing from models
 
@@ -70,11 +70,28 @@ def grouped_linear(x: Float[Array, "m a"], w: Any, group_sizes: Int[Array, "g"])
     return grouped_matmul.gmm(x, w.astype(x.dtype), group_sizes, preferred_element_type=x.dtype)
 
 
-def expert_mlp(rows: Float[Array, "m d"], expert_params: dict, group_sizes: Int[Array, "g"], activation: str) -> Float[Array, "m d"]:
+def expert_mlp(
+    rows: Float[Array, "m d"], expert_params: dict, group_sizes: Int[Array, " g"], activation: str
+) -> Float[Array, "m d"]:
     """The gated MLP of each group's expert over rows sorted by group: act(x W_gate) * (x W_up) W_down."""
     act = ACTIVATIONS[activation]
-    h = act(grouped_linear(rows, expert_params["gate"], group_sizes)) * grouped_linear(rows, expert_params["up"], group_sizes)
+    h = act(grouped_linear(rows, expert_params["gate"], group_sizes)) * grouped_linear(
+        rows, expert_params["up"], group_sizes
+    )
     return grouped_linear(h, expert_params["down"], group_sizes)
+
+
+def to_slots(experts: Int[Array, "n k"], log2phy: Int[Array, "e c"], logcnt: Int[Array, " e"]) -> Int[Array, "n k"]:
+    """The physical slot serving each (token, logical expert) pair under a placement with replicas.
+
+    Token i goes to replica i mod (replicas of its expert): consecutive tokens, which are also the
+    ones one device holds, alternate over the replicas, so a hot expert's tokens split evenly over
+    its slots. Deterministic, so that a prefill and its replay pick the same slots. Distinct experts
+    have disjoint slots, so a token's k slots stay distinct (the expert-parallel buffers rely on it).
+    """
+    token = jnp.arange(experts.shape[0], dtype=jnp.int32)[:, None]
+    replica = token % jnp.maximum(logcnt[experts], 1)
+    return jnp.take_along_axis(log2phy[experts], replica[..., None], axis=-1)[..., 0].astype(experts.dtype)
 
 
 def dispatch_experts(
@@ -84,8 +101,13 @@ def dispatch_experts(
     expert_params: dict,
     activation: str,
     num_experts: int,
-) -> tuple[Float[Array, "n d"], Int[Array, "e"]]:
+    placement: tuple[Int[Array, "e c"], Int[Array, " e"]] | None = None,
+) -> tuple[Float[Array, "n d"], Int[Array, " e"]]:
     """Sum over each token's selected experts of gate * mlp_e(x); also the tokens per expert.
+
+    placement: (log2phy, logcnt) when the weights hold physical slots (an EPLB placement with
+    redundant replicas, sharding/placement.py): `expert_params` then stack one matrix per slot, each
+    pair is sent to one replica of its expert (`to_slots`), and the counts stay per logical expert.
 
     expert_params: gate/up [e, d, f], down [e, f, d] (gated MLP per expert; may be int8).
     Under `vishwam_jax.sharding.use_mesh` with an expert axis > 1 the experts run expert-parallel
@@ -94,10 +116,18 @@ def dispatch_experts(
     With no expert axis but the expert width sharded (rule `expert_mlp`), each device runs its width
     shard and the outputs are summed, so the grouped-matmul kernel never sees a sharded operand.
     """
+    if placement is not None:
+        log2phy, logcnt = placement
+        counts = jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.int32)
+        num_slots = num_slots_of(expert_params)
+        y, _ = dispatch_experts(x, gates, to_slots(experts, log2phy, logcnt), expert_params, activation, num_slots)
+        return y, counts
     active = context.current()
     if active is not None and not context.inside_manual_region():
         if active.expert_size > 1:
-            return expert_parallel.dispatch_experts_parallel(x, gates, experts, expert_params, activation, num_experts, active)
+            return expert_parallel.dispatch_experts_parallel(
+                x, gates, experts, expert_params, activation, num_experts, active
+            )
         if expert_parallel.width_axes(active, expert_params):  # tensor-parallel experts (no expert axis)
             counts = jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.int32)
             local = lambda *a: _dispatch_local(*a, activation=activation, num_experts=num_experts)[0]  # noqa: E731
@@ -107,10 +137,21 @@ def dispatch_experts(
     return y.astype(x.dtype), counts
 
 
+def num_slots_of(expert_params: dict) -> int:
+    """How many expert matrices (slots) the stacked weights hold."""
+    down = expert_params["down"]
+    return (down["int8"] if isinstance(down, dict) else down).shape[0]
+
+
 def _dispatch_local(
-    x: Float[Array, "n d"], gates: Float[Array, "n k"], experts: Int[Array, "n k"], expert_params: dict, *,
-    activation: str, num_experts: int,
-) -> tuple[Float[Array, "n d"], Int[Array, "e"]]:
+    x: Float[Array, "n d"],
+    gates: Float[Array, "n k"],
+    experts: Int[Array, "n k"],
+    expert_params: dict,
+    *,
+    activation: str,
+    num_experts: int,
+) -> tuple[Float[Array, "n d"], Int[Array, " e"]]:
     """The sorted dispatch on one device: float32 output (summed as is over width shards) and counts."""
     n, k = experts.shape
     flat = experts.reshape(-1)
@@ -130,7 +171,9 @@ class SoftmaxRouter(nnx.Module):
 
     def __init__(self, d: int, num_experts: int, k: int, *, renormalize: bool = False, rngs: nnx.Rngs):
         self.k, self.renormalize = k, renormalize
-        self.kernel = param(truncated_normal(rngs.params(), (d, num_experts), d, jnp.float32), ("embed", "router_experts"))
+        self.kernel = param(
+            truncated_normal(rngs.params(), (d, num_experts), d, jnp.float32), ("embed", "router_experts")
+        )
 
     def __call__(self, x: Float[Array, "n d"]) -> tuple[Float[Array, "n k"], Int[Array, "n k"]]:
         return softmax_topk_router(x, self.kernel[...], self.k, renormalize=self.renormalize)
@@ -146,7 +189,9 @@ class GroupedSigmoidRouter(nnx.Module):
     ):  # fmt: skip
         self.k, self.num_groups, self.topk_groups = k, num_groups, topk_groups
         self.routed_scaling_factor, self.renormalize = float(routed_scaling_factor), renormalize
-        self.kernel = param(truncated_normal(rngs.params(), (d, num_experts), d, jnp.float32), ("embed", "router_experts"))
+        self.kernel = param(
+            truncated_normal(rngs.params(), (d, num_experts), d, jnp.float32), ("embed", "router_experts")
+        )
         self.bias = param(jnp.zeros((num_experts,), jnp.float32), ("router_experts",))
 
     def __call__(self, x: Float[Array, "n d"]) -> tuple[Float[Array, "n k"], Int[Array, "n k"]]:
@@ -157,25 +202,82 @@ class GroupedSigmoidRouter(nnx.Module):
         )  # fmt: skip
 
 
+class SlotTable(nnx.Param):
+    """An integer table of an expert placement (never trained: the train step and optimizer must
+    not see it; a placement is a serving layout, sharding/placement.py)."""
+
+
 class Experts(nnx.Module):
     """`num_experts` gated MLPs stacked: gate/up [e, d, f], down [e, f, d] (optionally weight-only
-    int8 with per-output-channel scales), run by the sorted dispatch over the grouped matmul."""
+    int8 with per-output-channel scales), run by the sorted dispatch over the grouped matmul.
 
-    def __init__(self, num_experts: int, d: int, f: int, activation: str, *, rngs: nnx.Rngs, dtype=jnp.float32, int8: bool = False):
+    num_slots (>= num_experts; 0: none): the stack holds that many physical slots (an EPLB placement with
+    redundant replicas of the hot experts), with `log2phy` [e, copies] (the slots of each expert,
+    padded with its first) and `logcnt` [e] (replicas per expert) saying which slot serves whom.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d: int,
+        f: int,
+        activation: str,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        int8: bool = False,
+        num_slots: int = 0,
+    ):
         self.activation, self.num_experts = activation, num_experts
-        up_shape, down_shape = (num_experts, d, f), (num_experts, f, d)
+        slots = num_slots or num_experts
+        up_shape, down_shape = (slots, d, f), (slots, f, d)
         up_axes, down_axes = ("experts", "embed", "expert_mlp"), ("experts", "expert_mlp", "embed")
-        self.gate = Linear(up_shape, up_axes, "", rngs=rngs, fan_in=d, dtype=dtype, int8_scale_shape=int8_scale_shape(up_shape, (1,), int8))
-        self.up = Linear(up_shape, up_axes, "", rngs=rngs, fan_in=d, dtype=dtype, int8_scale_shape=int8_scale_shape(up_shape, (1,), int8))
-        self.down = Linear(down_shape, down_axes, "", rngs=rngs, fan_in=f, dtype=dtype,
-                           int8_scale_shape=int8_scale_shape(down_shape, (1,), int8))
+        self.gate = Linear(
+            up_shape,
+            up_axes,
+            "",
+            rngs=rngs,
+            fan_in=d,
+            dtype=dtype,
+            int8_scale_shape=int8_scale_shape(up_shape, (1,), int8),
+        )
+        self.up = Linear(
+            up_shape,
+            up_axes,
+            "",
+            rngs=rngs,
+            fan_in=d,
+            dtype=dtype,
+            int8_scale_shape=int8_scale_shape(up_shape, (1,), int8),
+        )
+        self.down = Linear(
+            down_shape,
+            down_axes,
+            "",
+            rngs=rngs,
+            fan_in=f,
+            dtype=dtype,
+            int8_scale_shape=int8_scale_shape(down_shape, (1,), int8),
+        )
+        if num_slots:
+            # Identity-like until a placement is applied: expert e in slot e (and its copies' slots
+            # padded with it), so a freshly built module is already a valid placement.
+            copies = slots - num_experts + 1
+            table = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32)[:, None], (num_experts, copies))
+            self.log2phy = SlotTable(table, out_sharding=(None, None), eager_sharding=False)
+            self.logcnt = SlotTable(jnp.ones((num_experts,), jnp.int32), out_sharding=(None,), eager_sharding=False)
+        else:
+            self.log2phy = self.logcnt = None
 
     def weights(self) -> dict:
         """{"gate", "up", "down"}: arrays or {"int8", "scale"}, as the dispatch takes them."""
         return {"gate": self.gate.weight, "up": self.up.weight, "down": self.down.weight}
 
+    def placement(self) -> tuple[Int[Array, "e c"], Int[Array, " e"]] | None:
+        return None if self.log2phy is None else (self.log2phy[...], self.logcnt[...])
+
     def __call__(
         self, x: Float[Array, "n d"], gates: Float[Array, "n k"], experts: Int[Array, "n k"]
-    ) -> tuple[Float[Array, "n d"], Int[Array, "e"]]:
+    ) -> tuple[Float[Array, "n d"], Int[Array, " e"]]:
         """sum_k gates[:, k] * mlp_{experts[:, k]}(x), and the tokens routed to each expert."""
-        return dispatch_experts(x, gates, experts, self.weights(), self.activation, self.num_experts)
+        return dispatch_experts(x, gates, experts, self.weights(), self.activation, self.num_experts, self.placement())

@@ -12,7 +12,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def inverse_frequencies(
     rotary_dim: int,
     theta: float,
@@ -31,7 +31,9 @@ def inverse_frequencies(
     elif scaling_type == "linear":
         inv_freq = inv_freq / scaling_factor
     elif scaling_type == "yarn":
-        inv_freq = _yarn_inverse_frequencies(inv_freq, rotary_dim, theta, scaling_factor, original_max_len, beta_fast, beta_slow)
+        inv_freq = _yarn_inverse_frequencies(
+            inv_freq, rotary_dim, theta, scaling_factor, original_max_len, beta_fast, beta_slow
+        )
     else:
         raise ValueError(f"unknown rope scaling type {scaling_type!r}")
     inv_freq = inv_freq.astype(np.float32)
@@ -109,7 +111,11 @@ class RotaryEmbedding(nnx.Module):
         self.dim, self.theta = int(dim), float(theta)
         self.scaling_type, self.scaling_factor = scaling_type, float(scaling_factor)
         self.interleaved, self.attention_factor = interleaved, float(attention_factor)
-        self.original_max_len, self.beta_fast, self.beta_slow = int(original_max_len), float(beta_fast), float(beta_slow)
+        self.original_max_len, self.beta_fast, self.beta_slow = (
+            int(original_max_len),
+            float(beta_fast),
+            float(beta_slow),
+        )
         inverse_frequencies(*self._key())  # fail at construction on an unknown scaling type
 
     def _key(self) -> tuple:
@@ -122,4 +128,6 @@ class RotaryEmbedding(nnx.Module):
         )
 
     def __call__(self, x: Float[Array, "b t h d"], positions: Int[Array, "b t"]) -> Float[Array, "b t h d"]:
-        return apply_rope(x, positions, self.inv_freq, interleaved=self.interleaved, attention_factor=self.attention_factor)
+        return apply_rope(
+            x, positions, self.inv_freq, interleaved=self.interleaved, attention_factor=self.attention_factor
+        )

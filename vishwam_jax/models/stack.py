@@ -17,7 +17,8 @@ goes back (training and saving use the stacked form).
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -93,8 +94,10 @@ def unstack_layers(params: nnx.State, *, delete_stacked: bool = False) -> nnx.St
         if isinstance(getattr(array, "sharding", None), jax.sharding.NamedSharding):
             spec = tuple(array.sharding.spec) + (None,) * (array.ndim - len(array.sharding.spec))
             out_shardings = jax.sharding.NamedSharding(array.sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
-        slices = jax.jit(lambda a: tuple(a[i] for i in range(a.shape[0])),
-                         out_shardings=None if out_shardings is None else (out_shardings,) * array.shape[0])(array)
+        slices = jax.jit(
+            lambda a: tuple(a[i] for i in range(a.shape[0])),
+            out_shardings=None if out_shardings is None else (out_shardings,) * array.shape[0],
+        )(array)
         if delete_stacked:
             jax.block_until_ready(slices)
             array.delete()
@@ -149,7 +152,9 @@ def scan(
     return carry, caches, outs
 
 
-def _unrolled(graphdef, state, depth: int, carry: Any, caches: Any, body: LayerBody, remat_policy: str, per_layer: bool):
+def _unrolled(
+    graphdef, state, depth: int, carry: Any, caches: Any, body: LayerBody, remat_policy: str, per_layer: bool
+):
     """Straight-line layers (no loop at all, so XLA fuses across layer boundaries as in a Python loop).
 
     per_layer (the weights are `Layers`): the new caches come back as `Layers` too, so that a decode
@@ -166,7 +171,9 @@ def _unrolled(graphdef, state, depth: int, carry: Any, caches: Any, body: LayerB
     return carry, jax.tree_util.tree_map(join, *new_caches), jax.tree_util.tree_map(stack_all, *outs)
 
 
-def run(module: nnx.Module, carry: Any, cache: Any, body: LayerBody, *, remat_policy: str = "none") -> tuple[Any, Any, Any]:
+def run(
+    module: nnx.Module, carry: Any, cache: Any, body: LayerBody, *, remat_policy: str = "none"
+) -> tuple[Any, Any, Any]:
     """`body` on one unstacked block, under the same remat policy as a scanned one."""
     graphdef, state = nnx.split(module)
     block = remat(lambda state, carry, cache: body(nnx.merge(graphdef, state), carry, cache), remat_policy)

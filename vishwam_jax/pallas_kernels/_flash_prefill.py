@@ -100,8 +100,26 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, t, bq, bk, da, db, dvv, 
     plgpu.store(lse_ref.at[b, h, pl.ds(q0, bq)], m + jnp.log2(l_safe), mask=rows < t)
 
 
-def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, t, bq, bk, da, db, dvv,
-                    scale_log2, scale, causal):
+def _bwd_dkv_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    t,
+    bq,
+    bk,
+    da,
+    db,
+    dvv,
+    scale_log2,
+    scale,
+    causal,
+):
     kj, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     k0 = kj * bk
     cols = k0 + jnp.arange(bk, dtype=jnp.int32)
@@ -149,8 +167,9 @@ def _bwd_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_
     plgpu.store(dv_ref.at[b, pl.ds(k0, bk), h, :], dv.astype(dv_ref.dtype), mask=col_ok)
 
 
-def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, t, bq, bk, da, db, dvv, scale_log2,
-                   scale, causal):
+def _bwd_dq_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, t, bq, bk, da, db, dvv, scale_log2, scale, causal
+):
     qi = pl.num_programs(0) - 1 - pl.program_id(0)
     h, b = pl.program_id(1), pl.program_id(2)
     q0 = qi * bq
@@ -190,8 +209,9 @@ def _bwd_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, t
     dqa, dqb = jax.lax.fori_loop(n_full, pl.cdiv(hi, bk), functools.partial(step, masked=True), carry)
     plgpu.store(dq_ref.at[b, pl.ds(q0, bq), h, pl.ds(0, da)], (dqa * scale).astype(dq_ref.dtype), mask=row_ok[:, None])
     if db:
-        plgpu.store(dq_ref.at[b, pl.ds(q0, bq), h, pl.ds(da, db)], (dqb * scale).astype(dq_ref.dtype),
-                    mask=row_ok[:, None])
+        plgpu.store(
+            dq_ref.at[b, pl.ds(q0, bq), h, pl.ds(da, db)], (dqb * scale).astype(dq_ref.dtype), mask=row_ok[:, None]
+        )
 
 
 # (fwd: block_q, block_k, warps, stages), (dkv: block_q, block_k, warps, stages), (dq: ...): H100-tuned
@@ -203,13 +223,16 @@ def _fwd(q, k, v, scale, causal, interpret, config):
     dvv = v.shape[-1]
     da, db = split_head_dim(d)
     bq, bk, warps, stages = config[0]
-    kernel = functools.partial(_fwd_kernel, t=t, bq=bq, bk=bk, da=da, db=db, dvv=dvv,
-                               scale_log2=scale * LOG2E, causal=causal)
+    kernel = functools.partial(
+        _fwd_kernel, t=t, bq=bq, bk=bk, da=da, db=db, dvv=dvv, scale_log2=scale * LOG2E, causal=causal
+    )
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(t, bq), n_heads, batch),
-        out_shape=(jax.ShapeDtypeStruct((batch, t, n_heads, dvv), q.dtype),
-                   jax.ShapeDtypeStruct((batch, n_heads, t), jnp.float32)),
+        out_shape=(
+            jax.ShapeDtypeStruct((batch, t, n_heads, dvv), q.dtype),
+            jax.ShapeDtypeStruct((batch, n_heads, t), jnp.float32),
+        ),
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret,
         name="mla_prefill_fwd",

@@ -56,6 +56,7 @@ SMEM_BUDGET = 200 * 1024  # H100/H200 allow 227 KiB per block; keep headroom for
 def _fit_smem(cfg: BlockConfig, lhs_itemsize: int, rhs_itemsize: int) -> BlockConfig:
     """Fewer pipeline stages, then a shorter K block, until the staged tiles fit in shared memory
     (float32 operands need twice the bf16 footprint)."""
+
     def smem(c):
         return c.num_stages * c.bk * (c.bm * lhs_itemsize + c.bn * rhs_itemsize)
 
@@ -91,8 +92,9 @@ REGIME_CONFIGS = {
 }
 
 
-def gmm_config(m: int, k: int, n: int, g: int, lhs_itemsize: int = 2, rhs_itemsize: int = 2,
-               group_aligned: bool | None = None) -> BlockConfig:
+def gmm_config(
+    m: int, k: int, n: int, g: int, lhs_itemsize: int = 2, rhs_itemsize: int = 2, group_aligned: bool | None = None
+) -> BlockConfig:
     """The block config for a problem: by rows per group (if every group were equal), then fitted
     to the dimensions and to shared memory. `group_aligned` (default `DECODE_GROUP_ALIGNED`) picks
     the tiling of the streaming regime."""
@@ -129,7 +131,7 @@ def max_work_items(m: int, g: int, bm: int, group_aligned: bool = False) -> int:
     return pl.cdiv(m, bm) + max(0, min(g + 1, m) - 1)
 
 
-def group_bounds(group_sizes: Int[Array, "g"], m: int) -> tuple[Int[Array, "g+1"], Int[Array, "g+1"]]:
+def group_bounds(group_sizes: Int[Array, " g"], m: int) -> tuple[Int[Array, " g+1"], Int[Array, " g+1"]]:
     """[start, end) rows of every group plus the padding group (rows past the last group).
 
     Ends are clipped to m so an oversubscribed group_sizes can never index past the arrays.
@@ -140,7 +142,7 @@ def group_bounds(group_sizes: Int[Array, "g"], m: int) -> tuple[Int[Array, "g+1"
     return starts, ends
 
 
-def _count_at_most(sorted_ends: Int[Array, "g"], values: Int[Array, "w"]) -> Int[Array, "w"]:
+def _count_at_most(sorted_ends: Int[Array, " g"], values: Int[Array, " w"]) -> Int[Array, " w"]:
     """searchsorted(sorted_ends, values, side="right") as one fused compare-and-count. The default
     binary search is a while loop, which on GPU costs a launch and a host round trip per step:
     ~45 µs per call, more than the one-token kernel it feeds (profiled on an H200)."""
@@ -148,8 +150,8 @@ def _count_at_most(sorted_ends: Int[Array, "g"], values: Int[Array, "w"]) -> Int
 
 
 def make_work_items(
-    group_sizes: Int[Array, "g"], m: int, bm: int
-) -> tuple[Int[Array, "w"], Int[Array, "w"], Int[Array, "g+1"], Int[Array, "g+1"], Int[Array, "1"]]:
+    group_sizes: Int[Array, " g"], m: int, bm: int
+) -> tuple[Int[Array, " w"], Int[Array, " w"], Int[Array, " g+1"], Int[Array, " g+1"], Int[Array, "1"]]:
     """(group id, row tile id) per work item, sorted by row tile; and the live item count.
 
     Items past the count are padding of the static grid; the kernel skips them.
@@ -168,8 +170,8 @@ def make_work_items(
 
 
 def make_group_aligned_work_items(
-    group_sizes: Int[Array, "g"], m: int, bm: int
-) -> tuple[Int[Array, "w"], Int[Array, "w"], Int[Array, "g+1"], Int[Array, "g+1"], Int[Array, "1"]]:
+    group_sizes: Int[Array, " g"], m: int, bm: int
+) -> tuple[Int[Array, " w"], Int[Array, " w"], Int[Array, " g+1"], Int[Array, " g+1"], Int[Array, "1"]]:
     """(group id, first row) per work item, each group's tiles starting at its own first row; and
     the live item count. Items past the count are padding of the static grid; the kernel skips them."""
     g = group_sizes.shape[0]
@@ -183,7 +185,7 @@ def make_group_aligned_work_items(
     return group_ids, row_starts.astype(jnp.int32), starts, ends, item_end[-1:].astype(jnp.int32)
 
 
-def work_item_rows(group_sizes: Int[Array, "g"], m: int, cfg: BlockConfig):
+def work_item_rows(group_sizes: Int[Array, " g"], m: int, cfg: BlockConfig):
     """(group id, first row, starts, ends, live count) of the work items of `cfg`'s tiling."""
     if cfg.group_aligned:
         return make_group_aligned_work_items(group_sizes, m, cfg.bm)
@@ -230,7 +232,7 @@ def _gmm_kernel(
         scale_ref, out_ref = rest
     else:
         (out_ref,) = rest
-    bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
+    bm, bn = cfg.bm, cfg.bn
     n_blocks = pl.cdiv(n, bn)
     item, n_block, band_live = _banded_program_ids(num_items_ref[0], n_blocks, cfg.band)
     live = band_live & (item < num_items_ref[0]) & (n_block < n_blocks)
@@ -250,8 +252,21 @@ def _gmm_kernel(
     @pl.when(live & (group < num_groups))
     def _compute():
         loop = _gmm_k_loop_packed if packed else _gmm_k_loop
-        acc = loop(lhs_ref, rhs_ref, group, row0, col0, rows, cols, m=m, k=k, n=n, cfg=cfg,
-                   transpose_rhs=transpose_rhs, compute_dtype=compute_dtype)
+        acc = loop(
+            lhs_ref,
+            rhs_ref,
+            group,
+            row0,
+            col0,
+            rows,
+            cols,
+            m=m,
+            k=k,
+            n=n,
+            cfg=cfg,
+            transpose_rhs=transpose_rhs,
+            compute_dtype=compute_dtype,
+        )
         if has_scale:
             scale_cols = col0 + lax.broadcasted_iota(jnp.int32, (bn,), 0)
             scale = plgpu.load(scale_ref.at[group, pl.ds(col0, bn)], mask=scale_cols < n, other=0.0)
@@ -287,8 +302,7 @@ def _gmm_k_loop(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k, n, cfg
     return lax.fori_loop(0, pl.cdiv(k, bk), body, jnp.zeros((bm, bn), jnp.float32))
 
 
-def _gmm_k_loop_packed(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k, n, cfg, transpose_rhs,
-                       compute_dtype):
+def _gmm_k_loop_packed(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k, n, cfg, transpose_rhs, compute_dtype):
     """int8 weights read as int16 pairs of adjacent output columns (see `int8_offsets_overflow`).
 
     Each int16 holds column 2j in its low byte and 2j+1 in its high byte (little-endian bitcast);
@@ -327,8 +341,9 @@ def _gmm_k_loop_packed(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k,
     to_odd = (col == 2 * pair + 1).astype(jnp.float32)
     exact = lax.Precision.HIGHEST  # IEEE float32: a 0/1 matrix moves values without rounding
     dims = (((1,), (0,)), ((), ()))
-    return (lax.dot_general(acc_even, to_even, dims, precision=exact, preferred_element_type=jnp.float32)
-            + lax.dot_general(acc_odd, to_odd, dims, precision=exact, preferred_element_type=jnp.float32))
+    return lax.dot_general(
+        acc_even, to_even, dims, precision=exact, preferred_element_type=jnp.float32
+    ) + lax.dot_general(acc_odd, to_odd, dims, precision=exact, preferred_element_type=jnp.float32)
 
 
 # Pallas' Triton lowering computes element offsets in int32 unless an operand exceeds 2**32 bytes, so
@@ -357,7 +372,7 @@ def _compiler_params(cfg: BlockConfig):
 def gmm(
     lhs: Float[Array, "m k"],
     rhs: Array,  # [g, k, n], or [g, n, k] when transpose_rhs; float or int8
-    group_sizes: Int[Array, "g"],
+    group_sizes: Int[Array, " g"],
     *,
     transpose_rhs: bool = False,
     rhs_scale: Float[Array, "g n"] | None = None,
@@ -379,16 +394,26 @@ def gmm(
         if transpose_rhs or n % 2:
             raise NotImplementedError(
                 f"int8 rhs of shape {rhs.shape} (2**31..2**32 elements) with transpose_rhs={transpose_rhs}: Pallas' "
-                "Triton lowering would overflow its 32-bit offsets; pass the weights as [g, k, n] with n even, or shard "
-                "the experts so that one device holds fewer than 2**31 weights")
+                "Triton lowering would overflow its 32-bit offsets; pass the weights as [g, k, n] with n "
+                "even, or shard "
+                "the experts so that one device holds fewer than 2**31 weights"
+            )
         rhs = lax.bitcast_convert_type(rhs.reshape(g, k, n // 2, 2), jnp.int16)
     meta = work_item_rows(group_sizes, m, cfg)
     n_items = max_work_items(m, g, cfg.bm, cfg.group_aligned)
     n_blocks = pl.cdiv(n, cfg.bn)
     grid = (pl.cdiv(n_items, cfg.band) * cfg.band * n_blocks,)
     kernel = functools.partial(
-        _gmm_kernel, m=m, k=k, n=n, num_groups=g, cfg=cfg, transpose_rhs=transpose_rhs,
-        has_scale=rhs_scale is not None, compute_dtype=compute_dtype, packed=packed,
+        _gmm_kernel,
+        m=m,
+        k=k,
+        n=n,
+        num_groups=g,
+        cfg=cfg,
+        transpose_rhs=transpose_rhs,
+        has_scale=rhs_scale is not None,
+        compute_dtype=compute_dtype,
+        packed=packed,
     )
     operands = (*meta, lhs, rhs) + (() if rhs_scale is None else (rhs_scale.astype(jnp.float32),))
     return pl.pallas_call(
@@ -419,8 +444,9 @@ def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref, *, k: int, n:
         a = plgpu.load(lhs_ref.at[pl.ds(start + i * bm, bm), pl.ds(k0, bk)], mask=row_ok & (kk < k), other=0)
         b = plgpu.load(grad_ref.at[pl.ds(start + i * bm, bm), pl.ds(col0, bn)], mask=row_ok & (cols < n), other=0)
         dtype = jnp.promote_types(a.dtype, b.dtype)
-        return acc + lax.dot_general(a.astype(dtype), b.astype(dtype), (((0,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
+        return acc + lax.dot_general(
+            a.astype(dtype), b.astype(dtype), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
 
     acc = lax.fori_loop(0, pl.cdiv(end - start, bm), body, jnp.zeros((bk, bn), jnp.float32))
     out_mask = (k0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0) < k) & (cols < n)
@@ -430,7 +456,7 @@ def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, grad_ref, out_ref, *, k: int, n:
 def tgmm(
     lhs: Float[Array, "m k"],
     grad: Float[Array, "m n"],
-    group_sizes: Int[Array, "g"],
+    group_sizes: Int[Array, " g"],
     *,
     out_dtype=None,
     config: BlockConfig | None = None,

@@ -32,9 +32,20 @@ def _pick_tile(dim: int, preferred: tuple[int, ...]) -> int:
 
 
 def _gmm_kernel(
-    group_ids_ref, tile_ids_ref, starts_ref, ends_ref, num_items_ref,  # scalar prefetch (SMEM)
-    lhs_ref, rhs_ref, *rest,
-    num_groups: int, tm: int, tn: int, transpose_rhs: bool, has_scale: bool, compute_dtype,
+    group_ids_ref,
+    tile_ids_ref,
+    starts_ref,
+    ends_ref,
+    num_items_ref,  # scalar prefetch (SMEM)
+    lhs_ref,
+    rhs_ref,
+    *rest,
+    num_groups: int,
+    tm: int,
+    tn: int,
+    transpose_rhs: bool,
+    has_scale: bool,
+    compute_dtype,
 ):
     if has_scale:
         scale_ref, out_ref, acc_ref = rest
@@ -52,7 +63,9 @@ def _gmm_kernel(
     def _accumulate():
         dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
         acc_ref[...] += lax.dot_general(
-            lhs_ref[...].astype(compute_dtype), rhs_ref[...].astype(compute_dtype), dims,
+            lhs_ref[...].astype(compute_dtype),
+            rhs_ref[...].astype(compute_dtype),
+            dims,
             preferred_element_type=jnp.float32,
         )
 
@@ -70,7 +83,7 @@ def _gmm_kernel(
 def gmm(
     lhs: Float[Array, "m k"],
     rhs: Array,  # [g, k, n] or [g, n, k]; float or int8
-    group_sizes: Int[Array, "g"],
+    group_sizes: Int[Array, " g"],
     *,
     transpose_rhs: bool = False,
     rhs_scale: Float[Array, "g n"] | None = None,
@@ -109,8 +122,13 @@ def gmm(
         in_specs.append(pl.BlockSpec((None, 1, tn), scale_map))
         operands.append(rhs_scale.astype(jnp.float32).reshape(g, 1, n))
     kernel = functools.partial(
-        _gmm_kernel, num_groups=g, tm=tm, tn=tn, transpose_rhs=transpose_rhs,
-        has_scale=rhs_scale is not None, compute_dtype=compute_dtype,
+        _gmm_kernel,
+        num_groups=g,
+        tm=tm,
+        tn=tn,
+        transpose_rhs=transpose_rhs,
+        has_scale=rhs_scale is not None,
+        compute_dtype=compute_dtype,
     )
     out = pl.pallas_call(
         kernel,
@@ -132,7 +150,7 @@ def gmm(
 def tgmm(
     lhs: Float[Array, "m k"],
     grad: Float[Array, "m n"],
-    group_sizes: Int[Array, "g"],
+    group_sizes: Int[Array, " g"],
     *,
     out_dtype=None,
     interpret: bool = False,

@@ -48,8 +48,9 @@ def _nn_dot(a, b):
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _decode_kernel(*refs, s_q, n_heads, n_rows, dv, dr, bh, bk, page, n_splits, scale_log2, causal, paged, n_vs,
-                   reload_q):
+def _decode_kernel(
+    *refs, s_q, n_heads, n_rows, dv, dr, bh, bk, page, n_splits, scale_log2, causal, paged, n_vs, reload_q
+):
     if paged:
         len_ref, bt_ref, q_ref, c_ref, o_ref, lse_ref = refs
     else:
@@ -183,14 +184,25 @@ def default_config(n_rows: int, batch: int, max_len: int, paged: bool) -> dict:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "softmax_scale", "v_head_dim", "causal", "num_splits", "block_h", "block_k", "num_warps",
-        "num_stages", "interpret", "out_dtype", "v_splits", "reload_q", "partial_dtype",
+        "softmax_scale",
+        "v_head_dim",
+        "causal",
+        "num_splits",
+        "block_h",
+        "block_k",
+        "num_warps",
+        "num_stages",
+        "interpret",
+        "out_dtype",
+        "v_splits",
+        "reload_q",
+        "partial_dtype",
     ),
 )
 def mla_decode_gpu(
     q: Float[Array, "b s_q h d"],
     cache: Float[Array, "b L d"] | Float[Array, "nb page d"],
-    lengths: Int[Array, "b"],
+    lengths: Int[Array, " b"],
     block_table: Int[Array, "b mb"] | None = None,
     *,
     softmax_scale: float,
@@ -227,9 +239,21 @@ def mla_decode_gpu(
     # batches is a large share of the run time, at the cost of one extra bf16 rounding.
     partial_dtype = (out_dtype or q.dtype) if num_splits == 1 else (partial_dtype or q.dtype)
     kernel = functools.partial(
-        _decode_kernel, s_q=s_q, n_heads=n_heads, n_rows=n_rows, dv=dv, dr=dr, bh=block_h, bk=block_k,
-        page=page, n_splits=num_splits, scale_log2=float(softmax_scale) * LOG2E, causal=causal, paged=paged,
-        n_vs=v_splits, reload_q=reload_q,
+        _decode_kernel,
+        s_q=s_q,
+        n_heads=n_heads,
+        n_rows=n_rows,
+        dv=dv,
+        dr=dr,
+        bh=block_h,
+        bk=block_k,
+        page=page,
+        n_splits=num_splits,
+        scale_log2=float(softmax_scale) * LOG2E,
+        causal=causal,
+        paged=paged,
+        n_vs=v_splits,
+        reload_q=reload_q,
     )
     args = (lengths.astype(jnp.int32),) + ((block_table.astype(jnp.int32),) if paged else ()) + (q2, cache)
     o, lse = pl.pallas_call(

@@ -69,8 +69,9 @@ def _tpu_kernel(len_ref, *refs, s_q, n_heads, dv, bk, per_split, scale, causal, 
         alpha = jnp.exp(m_prev - m_use)
         p = jnp.exp(s - m_use)
         l_sc[...] = l_sc[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-        pv = jax.lax.dot_general(p.astype(kv.dtype), kv[:, :dv], (((1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
+        pv = jax.lax.dot_general(
+            p.astype(kv.dtype), kv[:, :dv], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
         acc_sc[...] = acc_sc[...] * alpha + pv
         m_sc[...] = m_new
 
@@ -89,7 +90,7 @@ def _tpu_kernel(len_ref, *refs, s_q, n_heads, dv, bk, per_split, scale, causal, 
 def mla_decode_tpu(
     q: Float[Array, "b s_q h d"],
     cache: Float[Array, "b L d"] | Float[Array, "nb page d"],
-    lengths: Int[Array, "b"],
+    lengths: Int[Array, " b"],
     block_table: Int[Array, "b mb"] | None = None,
     *,
     softmax_scale: float,
@@ -137,8 +138,17 @@ def mla_decode_tpu(
             pltpu.VMEM((n_rows, dv), jnp.float32),
         ],
     )
-    kernel = functools.partial(_tpu_kernel, s_q=s_q, n_heads=n_heads, dv=dv, bk=bk, per_split=per_split,
-                               scale=float(softmax_scale), causal=causal, paged=paged)
+    kernel = functools.partial(
+        _tpu_kernel,
+        s_q=s_q,
+        n_heads=n_heads,
+        dv=dv,
+        bk=bk,
+        per_split=per_split,
+        scale=float(softmax_scale),
+        causal=causal,
+        paged=paged,
+    )
     prefetch = (lengths, block_table.astype(jnp.int32)) if paged else (lengths,)
     o, lse = pl.pallas_call(
         kernel,

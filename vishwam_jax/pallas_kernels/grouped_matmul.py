@@ -66,23 +66,26 @@ def _scale_2d(rhs_scale: Array | None, rhs: Array, transpose_rhs: bool) -> Float
 
 def _check(lhs: Array, rhs: Array, group_sizes: Array, transpose_rhs: bool, rhs_scale: Array | None) -> None:
     if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1:
-        raise ValueError(f"expected lhs [m, k], rhs [g, k, n], group_sizes [g]; got {lhs.shape}, {rhs.shape}, "
-                         f"{group_sizes.shape}")
+        raise ValueError(
+            f"expected lhs [m, k], rhs [g, k, n], group_sizes [g]; got {lhs.shape}, {rhs.shape}, {group_sizes.shape}"
+        )
     k_rhs = rhs.shape[2] if transpose_rhs else rhs.shape[1]
     if lhs.shape[1] != k_rhs or group_sizes.shape[0] != rhs.shape[0]:
-        raise ValueError(f"shape mismatch: lhs {lhs.shape}, rhs {rhs.shape} (transpose_rhs={transpose_rhs}), "
-                         f"group_sizes {group_sizes.shape}")
+        raise ValueError(
+            f"shape mismatch: lhs {lhs.shape}, rhs {rhs.shape} (transpose_rhs={transpose_rhs}), "
+            f"group_sizes {group_sizes.shape}"
+        )
     if jnp.issubdtype(rhs.dtype, jnp.integer) and rhs_scale is None:
         raise ValueError("integer rhs needs rhs_scale")
 
 
-def row_groups(group_sizes: Int[Array, "g"], m: int) -> Int[Array, "m"]:
+def row_groups(group_sizes: Int[Array, " g"], m: int) -> Int[Array, " m"]:
     """Group of every row; rows past sum(group_sizes) get g (one past the last group)."""
     ends = jnp.cumsum(group_sizes.astype(jnp.int32))
     return jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right", method="compare_all").astype(jnp.int32)
 
 
-def _row_scales(scale: Float[Array, "g n"], group_sizes: Int[Array, "g"], m: int) -> Float[Array, "m n"]:
+def _row_scales(scale: Float[Array, "g n"], group_sizes: Int[Array, " g"], m: int) -> Float[Array, "m n"]:
     """Each row's group scale (zeros past sum(group_sizes))."""
     padded = jnp.concatenate([scale, jnp.zeros((1, scale.shape[1]), scale.dtype)])
     return padded[row_groups(group_sizes, m)]
@@ -96,7 +99,7 @@ def _row_scales(scale: Float[Array, "g n"], group_sizes: Int[Array, "g"], m: int
 def gmm_reference(
     lhs: Float[Array, "m k"],
     rhs: Array,
-    group_sizes: Int[Array, "g"],
+    group_sizes: Int[Array, " g"],
     *,
     transpose_rhs: bool = False,
     rhs_scale: Array | None = None,
@@ -123,7 +126,11 @@ def gmm_reference(
 
 
 def tgmm_reference(
-    lhs: Float[Array, "m k"], grad: Float[Array, "m n"], group_sizes: Int[Array, "g"], *, num_groups: int,
+    lhs: Float[Array, "m k"],
+    grad: Float[Array, "m n"],
+    group_sizes: Int[Array, " g"],
+    *,
+    num_groups: int,
     preferred_element_type=None,
 ) -> Float[Array, "g k n"]:
     m = lhs.shape[0]
@@ -145,16 +152,24 @@ def tgmm_reference(
 
 def _gmm_forward(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl):
     if impl == "reference":
-        return gmm_reference(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, rhs_scale=scale,
-                             preferred_element_type=out_dtype)
+        return gmm_reference(
+            lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, rhs_scale=scale, preferred_element_type=out_dtype
+        )
     if impl == "xla":
         return _gmm_xla(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype)
     if impl == "pallas_tpu":
         from vishwam_jax.pallas_kernels import _gmm_tpu
 
         return _gmm_tpu.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, rhs_scale=scale, out_dtype=out_dtype)
-    return _gmm_gpu.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, rhs_scale=scale, out_dtype=out_dtype,
-                        interpret=impl == "pallas_interpret")
+    return _gmm_gpu.gmm(
+        lhs,
+        rhs,
+        group_sizes,
+        transpose_rhs=transpose_rhs,
+        rhs_scale=scale,
+        out_dtype=out_dtype,
+        interpret=impl == "pallas_interpret",
+    )
 
 
 def _gmm_xla(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype):
@@ -219,7 +234,7 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 def gmm(
     lhs: Float[Array, "m k"],
     rhs: Float[Array, "g k n"] | Array,
-    group_sizes: Int[Array, "g"],
+    group_sizes: Int[Array, " g"],
     *,
     transpose_rhs: bool = False,
     rhs_scale: Float[Array, "g 1 n"] | None = None,
@@ -243,7 +258,7 @@ def gmm(
 def tgmm(
     lhs: Float[Array, "m k"],
     grad: Float[Array, "m n"],
-    group_sizes: Int[Array, "g"],
+    group_sizes: Int[Array, " g"],
     *,
     num_groups: int | None = None,
     preferred_element_type=None,

@@ -67,7 +67,7 @@ def _gather_pages(cache: Float[Array, "nb page d"], block_table: Int[Array, "b m
     return cache[jnp.clip(block_table, 0, nb - 1)].reshape(batch, mb * page, d)
 
 
-def _visible(lengths: Int[Array, "b"], s_q: int, n_keys: int, causal: bool) -> Array:
+def _visible(lengths: Int[Array, " b"], s_q: int, n_keys: int, causal: bool) -> Array:
     """[b, s_q, L] mask of the cache positions each new query sees."""
     if causal:
         limit = lengths[:, None] - s_q + jnp.arange(s_q)[None, :] + 1
@@ -79,7 +79,7 @@ def _visible(lengths: Int[Array, "b"], s_q: int, n_keys: int, causal: bool) -> A
 def mla_decode_reference(
     q: Float[Array, "b s_q h d"],
     cache: Float[Array, "b L d"] | Float[Array, "nb page d"],
-    lengths: Int[Array, "b"],
+    lengths: Int[Array, " b"],
     *,
     softmax_scale: float,
     block_table: Int[Array, "b mb"] | None = None,
@@ -113,7 +113,7 @@ def mla_decode_reference(
 def mla_decode_xla(
     q: Float[Array, "b s_q h d"],
     cache: Float[Array, "b L d"] | Float[Array, "nb page d"],
-    lengths: Int[Array, "b"],
+    lengths: Int[Array, " b"],
     *,
     softmax_scale: float,
     block_table: Int[Array, "b mb"] | None = None,
@@ -153,12 +153,16 @@ def _check_decode_args(q, cache, lengths, block_table, v_head_dim: int) -> None:
     if cache.shape[-1] != d:
         raise ValueError(f"q has {d} channels per head but the cache {cache.shape[-1]}")
     if not 0 < v_head_dim <= d:
-        raise ValueError(f"v_head_dim={v_head_dim} must be in 1..{d} (the value is the cache's first v_head_dim channels)")
+        raise ValueError(
+            f"v_head_dim={v_head_dim} must be in 1..{d} (the value is the cache's first v_head_dim channels)"
+        )
     if lengths.shape != (batch,):
         raise ValueError(f"lengths must be [batch={batch}], got shape {lengths.shape}")
     if block_table is None:
         if cache.shape[0] != batch:
-            raise ValueError(f"contiguous cache has {cache.shape[0]} rows for a batch of {batch} (paged? pass block_table)")
+            raise ValueError(
+                f"contiguous cache has {cache.shape[0]} rows for a batch of {batch} (paged? pass block_table)"
+            )
     elif block_table.ndim != 2 or block_table.shape[0] != batch:
         raise ValueError(f"block_table must be [batch={batch}, max_blocks], got shape {block_table.shape}")
     for name, x in (("lengths", lengths), ("block_table", block_table)):
@@ -190,7 +194,7 @@ def _triton_shapes_ok(d: int, v_head_dim: int) -> bool:
 def mla_decode(
     q: Float[Array, "b s_q h 576"],
     cache: Float[Array, "b L 576"] | Float[Array, "num_blocks 64 576"],
-    lengths: Int[Array, "b"],
+    lengths: Int[Array, " b"],
     *,
     softmax_scale: float,
     block_table: Int[Array, "b max_blocks"] | None = None,
@@ -210,7 +214,11 @@ def mla_decode(
     if impl == "cudnn":
         raise ValueError("the cuDNN implementation is for mla_prefill only")
     _check_decode_args(q, cache, lengths, block_table, v_head_dim)
-    if auto and impl == "pallas_gpu" and (not _triton_shapes_ok(q.shape[-1], v_head_dim) or _xla_faster(cache, block_table, q.shape[1])):
+    if (
+        auto
+        and impl == "pallas_gpu"
+        and (not _triton_shapes_ok(q.shape[-1], v_head_dim) or _xla_faster(cache, block_table, q.shape[1]))
+    ):
         impl = "xla"
     kwargs = dict(softmax_scale=softmax_scale, block_table=block_table, v_head_dim=v_head_dim, causal=causal)
     if impl == "reference":
@@ -226,8 +234,16 @@ def mla_decode(
     if impl == "pallas_tpu":
         from vishwam_jax.pallas_kernels import _mla_tpu  # Mosaic imports only where used
 
-        o, lse = _mla_tpu.mla_decode_tpu(q, cache, lengths, block_table, softmax_scale=float(softmax_scale),
-                                          v_head_dim=v_head_dim, causal=causal, num_splits=num_splits or 1)
+        o, lse = _mla_tpu.mla_decode_tpu(
+            q,
+            cache,
+            lengths,
+            block_table,
+            softmax_scale=float(softmax_scale),
+            v_head_dim=v_head_dim,
+            causal=causal,
+            num_splits=num_splits or 1,
+        )
     else:
         n_rows = q.shape[1] * q.shape[2]
         max_len = block_table.shape[1] * cache.shape[1] if block_table is not None else cache.shape[1]
@@ -236,9 +252,17 @@ def mla_decode(
             cfg["num_splits"] = int(num_splits)
         if block_table is not None:
             cfg["block_k"] = min(cfg["block_k"], cache.shape[1])
-        o, lse = _mla_gpu.mla_decode_gpu(q, cache, lengths, block_table, softmax_scale=float(softmax_scale),
-                                         v_head_dim=v_head_dim, causal=causal,
-                                         interpret=impl == "pallas_interpret", **cfg)
+        o, lse = _mla_gpu.mla_decode_gpu(
+            q,
+            cache,
+            lengths,
+            block_table,
+            softmax_scale=float(softmax_scale),
+            v_head_dim=v_head_dim,
+            causal=causal,
+            interpret=impl == "pallas_interpret",
+            **cfg,
+        )
     return (o, lse) if return_lse else o
 
 
@@ -255,8 +279,10 @@ def mla_prefill_reference(
 ) -> Float[Array, "b t h dv"]:
     """Float32, materialised [b, h, t, t] scores."""
     t = q.shape[1]
-    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST) * softmax_scale
+    s = (
+        jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        * softmax_scale
+    )
     if causal:
         s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
@@ -315,8 +341,9 @@ def mla_prefill(
     Differentiable on every implementation; `config` overrides the Pallas block shapes."""
     impl, auto = _resolve(implementation)
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"mla_prefill needs q, k [b, t, h, d] of one shape and v [b, t, h, dv], got "
-                         f"{q.shape}, {k.shape}, {v.shape}")
+        raise ValueError(
+            f"mla_prefill needs q, k [b, t, h, d] of one shape and v [b, t, h, dv], got {q.shape}, {k.shape}, {v.shape}"
+        )
     kwargs = dict(softmax_scale=softmax_scale, causal=causal)
     if impl == "reference":
         return mla_prefill_reference(q, k, v, **kwargs)
@@ -336,10 +363,12 @@ def mla_prefill(
             try:
                 return _cudnn_prefill(q, k, v, **kwargs)
             except Exception:  # noqa: BLE001 - cuDNN rejects some shapes/dtypes (f32, odd head dims)
-                return _flash_prefill.flash_prefill(q, k, v, float(softmax_scale), causal, False,
-                                                    config or _flash_prefill.DEFAULT_CONFIG)
+                return _flash_prefill.flash_prefill(
+                    q, k, v, float(softmax_scale), causal, False, config or _flash_prefill.DEFAULT_CONFIG
+                )
         return _cudnn_prefill(q, k, v, **kwargs)
     if impl == "xla":
         return _prefill_xla(q, k, v, **kwargs)
-    return _flash_prefill.flash_prefill(q, k, v, float(softmax_scale), causal, impl == "pallas_interpret",
-                                        config or _flash_prefill.DEFAULT_CONFIG)
+    return _flash_prefill.flash_prefill(
+        q, k, v, float(softmax_scale), causal, impl == "pallas_interpret", config or _flash_prefill.DEFAULT_CONFIG
+    )

@@ -34,6 +34,9 @@ def deepseek_v3_base() -> ml_collections.ConfigDict:
     c.num_shared_experts = 1  # n_shared_experts: one always-on expert of width moe_ffn_dim * this
     c.moe_ffn_dim = 2048  # moe_inter_dim / moe_intermediate_size
     c.num_experts_per_token = 8  # n_activated_experts / num_experts_per_tok
+    # Physical expert slots of the MoE layers (0: one per expert). More than num_experts holds an
+    # EPLB placement's redundant replicas (sharding/placement.py); set by load(expert_placement=...).
+    c.num_expert_slots = 0
     c.num_expert_groups = 8  # n_expert_groups / n_group
     c.num_groups_per_token = 4  # n_limited_groups / topk_group
     c.routed_scaling_factor = 2.5  # route_scale
@@ -76,8 +79,13 @@ def _finalize(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"num_dense_layers={c.num_dense_layers} must be between 0 and num_layers={c.num_layers}")
     if c.num_experts % c.num_expert_groups:
         raise ConfigError(f"num_expert_groups={c.num_expert_groups} does not divide num_experts={c.num_experts}")
+    if c.num_expert_slots and c.num_expert_slots < c.num_experts:
+        raise ConfigError(f"num_expert_slots={c.num_expert_slots} must be 0 or at least num_experts={c.num_experts}")
     if not 1 <= c.num_groups_per_token <= c.num_expert_groups:
-        raise ConfigError(f"num_groups_per_token={c.num_groups_per_token} must be between 1 and num_expert_groups={c.num_expert_groups}")
+        raise ConfigError(
+            f"num_groups_per_token={c.num_groups_per_token} must be between 1 and "
+            f"num_expert_groups={c.num_expert_groups}"
+        )
     per_group = c.num_experts // c.num_expert_groups
     if c.num_experts_per_token > c.num_groups_per_token * per_group:
         raise ConfigError(

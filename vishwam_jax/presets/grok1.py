@@ -35,6 +35,7 @@ def grok1_base() -> ml_collections.ConfigDict:
     c.moe_ffn_dim = ffn_size(c.d_model, c.widening_factor)  # ... and the width it gives (32768): what the model reads
     c.num_experts = 8
     c.num_experts_per_token = 2  # num_selected_experts
+    c.num_expert_slots = 0  # physical expert slots (0: one per expert; more: an EPLB placement's replicas)
     c.embedding_multiplier_scale = 78.38367176906169  # sqrt(6144)
     c.output_multiplier_scale = 0.5773502691896257  # 1/sqrt(3)
     c.attn_output_multiplier = 0.08838834764831845  # 1/sqrt(128): the only scaling of q.k
@@ -55,7 +56,11 @@ def grok1_base() -> ml_collections.ConfigDict:
 
 def _finalize(c: ml_collections.ConfigDict) -> None:
     if not 1 <= c.num_experts_per_token <= c.num_experts:
-        raise ConfigError(f"num_experts_per_token={c.num_experts_per_token} must be between 1 and num_experts={c.num_experts}")
+        raise ConfigError(
+            f"num_experts_per_token={c.num_experts_per_token} must be between 1 and num_experts={c.num_experts}"
+        )
+    if c.num_expert_slots and c.num_expert_slots < c.num_experts:
+        raise ConfigError(f"num_expert_slots={c.num_expert_slots} must be 0 or at least num_experts={c.num_experts}")
     if c.moe_ffn_dim < 1:
         raise ConfigError(f"moe_ffn_dim must be positive, got {c.moe_ffn_dim}")
 

@@ -13,7 +13,16 @@ Every nnx.Param names the logical axis of each of its dimensions where the model
 """
 
 from vishwam_jax.sharding.context import ActiveMesh, constrain, current, use_mesh
-from vishwam_jax.sharding.mesh import AXES, MeshError, initialize_distributed, make_mesh, mesh_from_config, mesh_sizes, parse_mesh
+from vishwam_jax.sharding.mesh import (
+    AXES,
+    MeshError,
+    auto_axes,
+    initialize_distributed,
+    make_mesh,
+    mesh_from_config,
+    mesh_sizes,
+    parse_mesh,
+)
 from vishwam_jax.sharding.rules import (
     RULES,
     Rules,
@@ -34,6 +43,7 @@ __all__ = [
     "MeshError",
     "Rules",
     "ShardingError",
+    "auto_axes",
     "constrain",
     "current",
     "default_rules",

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array
 
+from vishwam_jax.sharding.mesh import auto_axes
 from vishwam_jax.sharding.rules import LogicalAxes, Rules, resolve_rules, spec_for
 
 MOE_ALL_TO_ALL = ("auto", "ragged", "dense")
@@ -54,7 +55,11 @@ def _jax_mesh_context(mesh: Mesh):
 
 @contextlib.contextmanager
 def use_mesh(
-    mesh: Mesh, rules: Rules | str | None = None, *, moe_all_to_all: str = "auto", moe_capacity_factor: float | None = None
+    mesh: Mesh,
+    rules: Rules | str | None = None,
+    *,
+    moe_all_to_all: str = "auto",
+    moe_capacity_factor: float | None = None,
 ) -> Iterator[ActiveMesh]:
     """Within this block, traced model code shards its activations by `rules` on `mesh` and MoE
     layers run expert-parallel when the mesh's expert axis is larger than 1.
@@ -66,6 +71,7 @@ def use_mesh(
         raise ValueError(f"moe_all_to_all must be one of {MOE_ALL_TO_ALL}; got {moe_all_to_all!r}")
     if moe_capacity_factor is not None and moe_capacity_factor <= 0:
         raise ValueError(f"moe_capacity_factor must be positive (or None for capacity-free); got {moe_capacity_factor}")
+    mesh = auto_axes(mesh)  # the mesh param_shardings placed the parameters on, for any mesh jax.make_mesh gives
     active = ActiveMesh(mesh, resolve_rules(rules, mesh), moe_all_to_all, moe_capacity_factor)
     token = _ACTIVE.set(active)
     try:
@@ -113,7 +119,9 @@ def shard_map(f: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
     return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
-def per_device(fn: Callable, args: Sequence[Array], names: Sequence[LogicalAxes | None], out_names: LogicalAxes) -> Array:
+def per_device(
+    fn: Callable, args: Sequence[Array], names: Sequence[LogicalAxes | None], out_names: LogicalAxes
+) -> Array:
     """`fn(*args)` run on each device's block of its arguments, laid out as `constrain` lays out
     `names` (None: replicated), its output assembled by `out_names`. For kernels XLA cannot
     partition (a Pallas call): left to GSPMD, their sharded operands would be gathered onto every

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +49,8 @@ from vishwam_jax.sharding.rules import ShardingError
 
 
 def _exchange_method(active: ActiveMesh) -> str:
-    """The exchange of `moe_all_to_all`; "auto" is ragged on TPU only. XLA:CPU has no ragged all-to-all, and on GPUs (2 x H200, jax
-    0.11.2, DeepSeek-V3 8 layers, docs/bench_big_models.md) the dense exchange over NCCL ran the
+    """The exchange of `moe_all_to_all`; "auto" is ragged on TPU only. XLA:CPU has no ragged all-to-all, and on
+    GPUs (2 x H200, jax 0.11.2, DeepSeek-V3 8 layers, docs/bench_big_models.md) the dense exchange over NCCL ran the
     step 4-5x faster in prefill (20,743 against 5,113 tok/s at 1K tokens) and 19% faster in decode
     at batch 64, despite moving the padding: XLA's ragged kernel took ~0.4 ms for 7 MB."""
     if active.moe_all_to_all != "auto":
@@ -86,8 +87,9 @@ WEIGHT_AXES = {
 }
 
 
-def _weight_spec(leaf_shape: tuple[int, ...], axes: tuple[str, ...], width_axes: tuple[str, ...],
-                 expert_axis: str | None = "expert") -> PartitionSpec:
+def _weight_spec(
+    leaf_shape: tuple[int, ...], axes: tuple[str, ...], width_axes: tuple[str, ...], expert_axis: str | None = "expert"
+) -> PartitionSpec:
     spec: list[Any] = [None] * len(leaf_shape)
     spec[axes.index("experts")] = expert_axis
     f_dim = axes.index("expert_mlp")
@@ -99,7 +101,9 @@ def _weight_spec(leaf_shape: tuple[int, ...], axes: tuple[str, ...], width_axes:
 def _weight_specs(expert_params: dict, width_axes: tuple[str, ...], expert_axis: str | None) -> dict:
     """PartitionSpecs of the gate/up ([e, d, f]) and down ([e, f, d]) leaves, int8 dicts included."""
     return {
-        name: jax.tree_util.tree_map(lambda w, axes=axes: _weight_spec(w.shape, axes, width_axes, expert_axis), expert_params[name])
+        name: jax.tree_util.tree_map(
+            lambda w, axes=axes: _weight_spec(w.shape, axes, width_axes, expert_axis), expert_params[name]
+        )
         for name, axes in WEIGHT_AXES.items()
     }
 
@@ -153,13 +157,15 @@ def dispatch_experts_parallel(
     activation: str,
     num_experts: int,
     active: ActiveMesh,
-) -> tuple[Float[Array, "n d"], Int[Array, "e"]]:
+) -> tuple[Float[Array, "n d"], Int[Array, " e"]]:
     """`dispatch_experts` with the experts split over the active mesh's expert axis (same result)."""
     mesh = active.mesh
     sizes = mesh_sizes(mesh)
     ep = sizes["expert"]
     if num_experts % ep:
-        raise ShardingError(f"expert={ep} does not divide num_experts={num_experts} (expert parallelism splits the experts evenly)")
+        raise ShardingError(
+            f"expert={ep} does not divide num_experts={num_experts} (expert parallelism splits the experts evenly)"
+        )
     n, d = x.shape
     k = experts.shape[1]
     axes = width_axes(active, expert_params)
@@ -180,7 +186,11 @@ def dispatch_experts_parallel(
     # The most rows one source can route to one device: each of its tokens reaches at most
     # min(k, experts per device) of that device's experts, the k choices being distinct.
     most = n_local * min(k, num_experts // ep)
-    cap = most if active.moe_capacity_factor is None else max(1, min(most, math.ceil(active.moe_capacity_factor * rows / ep)))
+    cap = (
+        most
+        if active.moe_capacity_factor is None
+        else max(1, min(most, math.ceil(active.moe_capacity_factor * rows / ep)))
+    )
 
     weight_specs = _weight_specs(expert_params, axes, expert_axis="expert")
     tok = PartitionSpec(token_axes if len(token_axes) > 1 else token_axes[0])
@@ -256,7 +266,9 @@ def _local_dispatch(
     ends = jnp.cumsum(recv_counts, axis=-1)
     # compare_all: one fused kernel; the default binary search is a while loop (a launch per step on GPU)
     local_expert = jax.vmap(lambda e: jnp.searchsorted(e, pos, side="right", method="compare_all"))(ends)
-    local_expert = jnp.where(pos[None, :] < recv_sizes[:, None], local_expert, e_local).reshape(-1)  # e_local: empty slot
+    local_expert = jnp.where(pos[None, :] < recv_sizes[:, None], local_expert, e_local).reshape(
+        -1
+    )  # e_local: empty slot
     regroup = jnp.argsort(local_expert, stable=True)
     group_sizes = jnp.bincount(local_expert, length=e_local + 1)[:e_local].astype(jnp.int32)
     h_in = received.reshape(ep * cap, d)[regroup]

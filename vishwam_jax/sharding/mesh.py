@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 from jax.sharding import Mesh
@@ -34,6 +34,26 @@ def _auto_axis_types(n: int):
     # `jax.make_mesh` to Explicit axes (sharding in types), which the models are not written for.
     axis_type = getattr(jax.sharding, "AxisType", None)
     return None if axis_type is None else (axis_type.Auto,) * n
+
+
+def auto_axes(mesh: Mesh) -> Mesh:
+    """`mesh` with Auto axis types: the same devices in the same places under the same names.
+
+    `jax.make_mesh` (and `Mesh(..., axis_types=Explicit)`) gives Explicit axes, whose shardings
+    become part of every array's type; the models place parameters by rules and leave the rest to
+    XLA's propagation, which Explicit axes refuse (ShardingTypeError on the first gather), so every
+    mesh the library is handed is used through its Auto twin.
+    """
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    types = getattr(mesh, "axis_types", None)
+    if axis_type is None or types is None or all(t == axis_type.Auto for t in types):
+        return mesh
+    if not isinstance(mesh, Mesh):
+        raise MeshError(
+            f"a {type(mesh).__name__} with {', '.join(str(t) for t in types)} axes cannot place parameters; pass a "
+            "concrete jax.sharding.Mesh (e.g. vishwam_jax.sharding.make_mesh(...))"
+        )
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(axis_type.Auto,) * len(mesh.axis_names))
 
 
 def make_mesh(
@@ -95,8 +115,10 @@ def _resolve_sizes(sizes: dict[str, int], n_devices: int) -> dict[str, int]:
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if free:
         if n_devices % fixed:
-            raise MeshError(f"cannot fill {free[0]}=-1: the other axes ({described}) use {fixed} devices, "
-                            f"which does not divide the {n_devices} available")
+            raise MeshError(
+                f"cannot fill {free[0]}=-1: the other axes ({described}) use {fixed} devices, "
+                f"which does not divide the {n_devices} available"
+            )
         sizes = {**sizes, free[0]: n_devices // fixed}
     elif fixed != n_devices:
         hint = f" (pass devices=jax.devices()[:{fixed}] to use a subset)" if fixed < n_devices else ""
@@ -110,7 +132,9 @@ def parse_mesh(spec: str) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in spec.split(","))):
         m = re.fullmatch(r"(\w+)\s*[=:]\s*(-?\d+)", part)
         if not m or m.group(1) not in AXES:
-            raise MeshError(f"bad mesh entry {part!r} in {spec!r}: expected AXIS=SIZE with AXIS one of {', '.join(AXES)}")
+            raise MeshError(
+                f"bad mesh entry {part!r} in {spec!r}: expected AXIS=SIZE with AXIS one of {', '.join(AXES)}"
+            )
         if m.group(1) in sizes:
             raise MeshError(f"mesh axis {m.group(1)} given twice in {spec!r}")
         sizes[m.group(1)] = int(m.group(2))
@@ -153,7 +177,11 @@ def _env_says_multi_host() -> bool:
 
 
 def initialize_distributed(
-    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None, *, force: bool = False
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    force: bool = False,
 ) -> tuple[int, int]:
     """Start jax's multi-host runtime when this is a multi-host job; return (process_index, process_count).
 
@@ -171,5 +199,7 @@ def initialize_distributed(
     if process_id is None and os.environ.get("JAX_PROCESS_ID"):
         process_id = int(os.environ["JAX_PROCESS_ID"])
     if force or coordinator_address is not None or _env_says_multi_host():
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+        )
     return jax.process_index(), jax.process_count()

@@ -27,14 +27,15 @@ on the contracted axes, the weight's names otherwise) is split exactly like its 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vishwam_jax.sharding.mesh import mesh_sizes
+from vishwam_jax.sharding.mesh import auto_axes, mesh_sizes
 
 LogicalAxes = tuple[str | None, ...]
 
@@ -55,7 +56,9 @@ class Rules:
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
         object.__setattr__(self, "activations", MappingProxyType(dict(self.activations)))
 
-    def replace(self, *, name: str | None = None, params: Mapping | None = None, activations: Mapping | None = None) -> "Rules":
+    def replace(
+        self, *, name: str | None = None, params: Mapping | None = None, activations: Mapping | None = None
+    ) -> Rules:
         """A copy with some names remapped, e.g. RULES["fsdp"].replace(params={"vocab": ()})."""
         return Rules(name or self.name, {**self.params, **(params or {})}, {**self.activations, **(activations or {})})
 
@@ -118,7 +121,9 @@ def resolve_rules(rules: Rules | str | None, mesh: Mesh) -> Rules:
             raise ShardingError(f"unknown rule preset {rules!r}; known: {', '.join(RULES)}")
         return RULES[rules]
     if not isinstance(rules, Rules):
-        raise ShardingError(f"rules must be a Rules, a preset name ({', '.join(RULES)}) or None; got {type(rules).__name__}")
+        raise ShardingError(
+            f"rules must be a Rules, a preset name ({', '.join(RULES)}) or None; got {type(rules).__name__}"
+        )
     return rules
 
 
@@ -192,7 +197,7 @@ _CONFIG_FIELDS = {
 
 
 def describe_dim(config, logical: str | None, size: int) -> str:
-    """"num_kv_heads=8" when a config field explains the size, else "kv_lora=576"."""
+    """ "num_kv_heads=8" when a config field explains the size, else "kv_lora=576"."""
     for f in _CONFIG_FIELDS.get(logical or "", ()):
         if config is not None and config.get(f) == size:
             return f"{f}={size}"
@@ -310,5 +315,8 @@ def param_shardings(state: Any, mesh: Mesh, rules: Rules | str | None = None, co
 
     rules: a Rules, a preset name from RULES, or None for default_rules(mesh).
     """
+    mesh = auto_axes(mesh)
     specs = param_specs(state, mesh, rules, config)
-    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree_util.tree_map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )

@@ -10,6 +10,8 @@ Checkpoint `n` is the state after `n` completed steps, i.e. the next step to run
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,10 @@ DATA_KEYS = ("data", "seed", "batch_size", "seq_len")
 
 class ResumeMismatchError(ValueError):
     pass
+
+
+class WorkdirError(ValueError):
+    """The checkpoint directory cannot be created or written (the message names it and why)."""
 
 
 def checkpoint_dir(directory: str | Path) -> epath.Path:
@@ -44,6 +50,7 @@ class TrainCheckpoints:
 
     def __init__(self, directory: str | Path, *, save_every: int, keep: int = 3, async_save: bool = True):
         self.directory = checkpoint_dir(directory)
+        _check_writable(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=max(save_every, 1), enable_async_checkpointing=async_save
         )
@@ -73,13 +80,32 @@ class TrainCheckpoints:
         self.manager.close()
 
 
+def _check_writable(directory: epath.Path) -> None:
+    """Fail before training, not at the first (asynchronous) save: a local directory must be creatable
+    and writable. Cloud URLs are left to Orbax (permissions there are the bucket's)."""
+    if "://" in str(directory):
+        return
+    local = Path(str(directory))
+    probe = local / f".vishwam_write_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        local.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise WorkdirError(f"workdir {local} is not writable ({err.strerror or err})") from None
+
+
 def check_resumable(saved: dict, current: dict) -> None:
     """Raise naming every data setting that differs between the checkpoint and this run."""
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in DATA_KEYS if saved.get(k) != current.get(k)]
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in DATA_KEYS if saved.get(k) != current.get(k)
+    ]
     for k in ("model", "init_from", "lora"):
         if saved.get(k) != current.get(k):
             diffs.append(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}")
     if diffs:
         raise ResumeMismatchError(
-            "cannot resume: this run differs from the checkpoint in " + "; ".join(diffs) + " (use a new --workdir to start over)"
+            "cannot resume: this run differs from the checkpoint in "
+            + "; ".join(diffs)
+            + " (use a new --workdir to start over)"
         )

@@ -42,11 +42,15 @@ def load_tokens(source: str | Path, dtype: str = "uint16") -> np.ndarray:
     if path.suffix == ".npy":
         tokens = np.load(path, mmap_mode="r")
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"{path}: expected a 1-D array of integer token ids, got {tokens.dtype}{list(tokens.shape)}")
+            raise ValueError(
+                f"{path}: expected a 1-D array of integer token ids, got {tokens.dtype}{list(tokens.shape)}"
+            )
         return tokens
     itemsize = np.dtype(dtype).itemsize
     if path.stat().st_size % itemsize:
-        raise ValueError(f"{path}: size {path.stat().st_size} is not a multiple of {dtype} ({itemsize} bytes); wrong --data-dtype?")
+        raise ValueError(
+            f"{path}: size {path.stat().st_size} is not a multiple of {dtype} ({itemsize} bytes); wrong --data-dtype?"
+        )
     return token_file(path, dtype)
 
 

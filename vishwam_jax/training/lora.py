@@ -72,7 +72,9 @@ def leaf_name(path: tuple) -> str:
 def _variables(params: nnx.State) -> dict[str, nnx.Variable]:
     """Every parameter of the state by dotted name (concrete or abstract values)."""
     if not isinstance(params, nnx.State):
-        raise TypeError(f"LoRA works on the model's parameter state (nnx.State from nnx.split); got {type(params).__name__}")
+        raise TypeError(
+            f"LoRA works on the model's parameter state (nnx.State from nnx.split); got {type(params).__name__}"
+        )
     return {leaf_name(path): v for path, v in nnx.to_flat_state(params)}
 
 
@@ -87,7 +89,9 @@ def layout(name: str, axes: tuple, shape: tuple[int, ...]) -> tuple[int, int]:
         batch += 1
     rest = len(shape) - batch
     if rest < 2:
-        raise ValueError(f"LoRA target {name} has shape {shape} (axes {axes}): only matrices (2-D or more) can be adapted")
+        raise ValueError(
+            f"LoRA target {name} has shape {shape} (axes {axes}): only matrices (2-D or more) can be adapted"
+        )
     module = name.rsplit(".", 2)[-2] if name.endswith("." + _KERNEL) else name.rsplit(".", 1)[-1]
     return batch, (rest - 1 if module in _OUTPUT_PROJECTIONS else 1)
 
@@ -116,7 +120,9 @@ def target_names(params: nnx.State, cfg: LoraConfig) -> list[str]:
         if any(p.fullmatch(c) for p in patterns for c in candidates):
             chosen.append(name)
     if not chosen:
-        modules = sorted({n.rsplit(".", 2)[-2] for n, v in variables.items() if n.endswith("." + _KERNEL) and _is_matrix(v)})
+        modules = sorted(
+            {n.rsplit(".", 2)[-2] for n, v in variables.items() if n.endswith("." + _KERNEL) and _is_matrix(v)}
+        )
         raise ValueError(f"LoRA targets {list(cfg.targets)} match no weight; this model's matrices are named {modules}")
     return chosen
 
@@ -171,8 +177,15 @@ def merge(params: nnx.State, adapters: dict, cfg: LoraConfig, dtype=None) -> nnx
 
 
 def export_merged(
-    dst: str | Path, params: nnx.State, adapters: dict, cfg: LoraConfig, config, *, int8_dtype=jnp.bfloat16,
-    overwrite: bool = False, files: tuple = (),
+    dst: str | Path,
+    params: nnx.State,
+    adapters: dict,
+    cfg: LoraConfig,
+    config,
+    *,
+    int8_dtype=jnp.bfloat16,
+    overwrite: bool = False,
+    files: tuple = (),
 ) -> None:
     """Write base + adapters as a normal model directory (loads with `vishwam_jax.load`, no LoRA
     code needed). Adapted weights keep their dtype; adapted int8 kernels become `int8_dtype` with

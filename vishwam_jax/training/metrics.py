@@ -87,7 +87,9 @@ def attention_flops_per_token(config, seq_len: int, mtp_depths: int = 0) -> floa
 
 
 def train_flops_per_token(params: nnx.State, config, seq_len: int, mtp_depths: int = 0) -> float:
-    return 6.0 * active_matmul_params(params, config, mtp_depths) + 3.0 * attention_flops_per_token(config, seq_len, mtp_depths)
+    return 6.0 * active_matmul_params(params, config, mtp_depths) + 3.0 * attention_flops_per_token(
+        config, seq_len, mtp_depths
+    )
 
 
 def memory_gib(device: jax.Device | None = None) -> tuple[float, float, float] | None:
@@ -109,7 +111,13 @@ def host_peak_rss_gib() -> float:
 
 
 def format_step(
-    step: int, metrics: dict, seconds: float, tokens: float, flops_per_token: float, num_devices: int, peak: float | None,
+    step: int,
+    metrics: dict,
+    seconds: float,
+    tokens: float,
+    flops_per_token: float,
+    num_devices: int,
+    peak: float | None,
     note: str = "",
 ) -> str:
     """One log line: step, losses, gradient norm, lr, tokens/s, MFU, memory (and a note)."""

@@ -108,7 +108,9 @@ def objective(sums: dict, counts: dict, mtp_weight: float) -> Float[Array, ""]:
     return loss
 
 
-def next_token_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: Int[Array, "b t1"], compute_dtype=None) -> Float[Array, ""]:
+def next_token_loss(
+    graphdef: nnx.GraphDef, params: nnx.State, batch: Int[Array, "b t1"], compute_dtype=None
+) -> Float[Array, ""]:
     """Mean cross-entropy of predicting batch[:, 1:] from batch[:, :-1], ignoring pad targets, of the
     model `graphdef` + `params` (evaluation; training adds MTP through `loss_sums`/`objective`)."""
     model = nnx.merge(graphdef, cast_floating(params, compute_dtype))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
@@ -54,8 +55,10 @@ def make_optimizer(
     bias, which its own balancing rule updates): they get a zero update and no optimizer state.
     Clipping sees only the trainable leaves' gradients.
     """
-    schedule = learning_rate if callable(learning_rate) else make_schedule(
-        learning_rate, total_steps, warmup_steps=warmup_steps, end_ratio=end_ratio
+    schedule = (
+        learning_rate
+        if callable(learning_rate)
+        else make_schedule(learning_rate, total_steps, warmup_steps=warmup_steps, end_ratio=end_ratio)
     )
     tx = optax.chain(
         optax.clip_by_global_norm(clip_norm),

@@ -58,7 +58,8 @@ def batch_sharding(mesh: Mesh, rules, micro_batch: int) -> NamedSharding:
     if micro_batch % n:
         raise ValueError(
             f"the micro-batch of {micro_batch} rows does not divide over the mesh's batch axes "
-            f"{' × '.join(f'{a}={sizes[a]}' for a in axes)} = {n}; use a batch size (/ grad accumulation) that is a multiple of {n}"
+            f"{' × '.join(f'{a}={sizes[a]}' for a in axes)} = {n}; use a batch size (/ grad accumulation) "
+            f"that is a multiple of {n}"
         )
     return NamedSharding(mesh, PartitionSpec(None, axes if axes else None))
 
@@ -75,7 +76,9 @@ def local_rows(sharding: NamedSharding, global_shape: tuple[int, int, int]) -> n
     return np.asarray(sorted(rows))
 
 
-def device_batch(host_rows: np.ndarray, sharding: NamedSharding | None, global_shape: tuple[int, int, int]) -> jax.Array:
+def device_batch(
+    host_rows: np.ndarray, sharding: NamedSharding | None, global_shape: tuple[int, int, int]
+) -> jax.Array:
     """This process's rows [k, local b, t + 1] as one global array (or, without a mesh, the batch)."""
     if sharding is None:
         return jax.device_put(host_rows.reshape(global_shape))

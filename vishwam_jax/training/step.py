@@ -21,7 +21,8 @@ and the checkpoint writer take, so no conversion is needed anywhere.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,9 @@ class StepConfig:
     mtp_weight: float = 0.0  # DeepSeek-V3's λ (0.3 early in its pre-training, then 0.1)
     router_bias_rate: float = 0.0  # DeepSeek-V3's γ (0.001); 0 freezes the balancing biases
     lora: lora_lib.LoraConfig | None = None
+    # Also return the step's tokens per MoE layer and expert as metrics["expert_counts"] [L, E] (an
+    # array, not a scalar): what an EPLB load window (sharding/eplb.py LoadWindow) records.
+    expert_counts: bool = False
 
 
 def is_balancing_bias(name: str) -> bool:
@@ -168,6 +172,8 @@ def make_train_step(
             metrics["mtp"] = jnp.mean(sums["mtp"] / jnp.maximum(counts["mtp"], 1.0))
         if "expert_counts" in sums and sums["expert_counts"].shape[0]:
             metrics["load_imbalance"] = _load_imbalance(sums["expert_counts"])
+            if cfg.expert_counts:
+                metrics["expert_counts"] = sums["expert_counts"].astype(jnp.int32)
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics

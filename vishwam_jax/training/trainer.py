@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from vishwam_jax.checkpoint import orbax_io
 from vishwam_jax.models.interface import CausalLM
 from vishwam_jax.models.remat import check_policy
 from vishwam_jax.presets import UnknownModelError, get_config, list_models, replace
+from vishwam_jax.sharding import eplb
 from vishwam_jax.training import data as data_lib
 from vishwam_jax.training import lora as lora_lib
 from vishwam_jax.training import metrics as metrics_lib
@@ -88,10 +90,19 @@ class TrainConfig:
     # overflow (docs/scaling.md: c = 2 for DeepSeek-V3 on a pod).
     moe_capacity_factor: float | None = None
     peak_tflops: float | None = None  # per device, for MFU where the device is not in metrics.PEAK_FLOPS
+    # EPLB load statistics (MoE): keep the last this-many steps' tokens per layer and expert on
+    # device and write their sum to expert_load_out (.npz) at the end, for `python -m
+    # vishwam_jax.sharding.eplb` to turn into a placement. 0: not collected.
+    expert_load_window: int = 0
+    expert_load_out: str | None = None
 
     def run_meta(self) -> dict:
         """What a checkpoint records to refuse resuming a different run (checkpointing.check_resumable)."""
-        lora = None if not self.lora_rank else {"rank": self.lora_rank, "alpha": self.lora_alpha, "targets": list(self.lora_targets)}
+        lora = (
+            None
+            if not self.lora_rank
+            else {"rank": self.lora_rank, "alpha": self.lora_alpha, "targets": list(self.lora_targets)}
+        )
         return {
             "model": self.model if self.model in list_models() else "",
             "init_from": "" if self.model in list_models() else str(Path(self.model).expanduser().absolute()),
@@ -171,13 +182,17 @@ class _StepLog:
             note = "(includes compilation)" if self.first else ""
             if "eval_loss" in host:
                 note = f"held-out loss {host['eval_loss']:.4f} (time includes it) {note}".strip()
-            self.log(metrics_lib.format_step(step, host, seconds, tokens, self.flops, jax.device_count(), self.peak, note))
+            self.log(
+                metrics_lib.format_step(step, host, seconds, tokens, self.flops, jax.device_count(), self.peak, note)
+            )
         self.first = False
         if self.on_step is not None:
             self.on_step(step, host)
 
 
-def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None, log: Callable[[str], None] = print) -> list[dict]:
+def train(
+    tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None, log: Callable[[str], None] = print
+) -> list[dict]:
     """Run (or resume) training to `tc.steps`; returns the metrics of the steps run in this call.
 
     on_step(step, metrics) is called after each step in order (metrics as floats); an exception it
@@ -204,10 +219,13 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
         rules = resolve_rules(tc.rules, mesh)
     if tc.moe_capacity_factor is not None:
         if not tc.moe_capacity_factor > 0:
-            raise ValueError(f"moe_capacity_factor must be positive (or None: capacity-free); got {tc.moe_capacity_factor}")
+            raise ValueError(
+                f"moe_capacity_factor must be positive (or None: capacity-free); got {tc.moe_capacity_factor}"
+            )
         if mesh is None or mesh.shape.get("expert", 1) == 1:
             raise ValueError(
-                f"moe_capacity_factor bounds the expert-parallel token exchange, but the mesh {tc.mesh or 'none'} has no "
+                "moe_capacity_factor bounds the expert-parallel token exchange, but the mesh "
+                f"{tc.mesh or 'none'} has no "
                 "expert axis larger than 1 (e.g. mesh fsdp=2,expert=4)"
             )
     # Checked before the (possibly huge) model is loaded: the batch must split over the mesh.
@@ -219,14 +237,20 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
     eval_host = _eval_batches(tc, heldout, micro)
     lora_cfg = lora_lib.LoraConfig(tc.lora_rank, tc.lora_alpha, tuple(tc.lora_targets)) if tc.lora_rank else None
     meta = tc.run_meta()
-    ckpt = TrainCheckpoints(tc.workdir, save_every=tc.save_every, keep=tc.keep, async_save=tc.async_save) if tc.workdir else None
+    ckpt = (
+        TrainCheckpoints(tc.workdir, save_every=tc.save_every, keep=tc.keep, async_save=tc.async_save)
+        if tc.workdir
+        else None
+    )
     latest = None if ckpt is None else ckpt.latest_step()
     if latest is None and tc.resume == "required":
         ckpt.close()
         raise FileNotFoundError(f"nothing to resume: no checkpoint in {ckpt.directory}")
     if latest is not None and tc.resume == "never":
         ckpt.close()
-        raise FileExistsError(f"{ckpt.directory} already holds checkpoints (latest: step {latest}); use another workdir or resume")
+        raise FileExistsError(
+            f"{ckpt.directory} already holds checkpoints (latest: step {latest}); use another workdir or resume"
+        )
     config, module, params, tokenizer_files = load_model(tc, mesh, rules)
 
     if lora_cfg is None:
@@ -250,11 +274,19 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
     bias_rate = tc.router_bias_rate if balancing else 0.0
     schedule = make_schedule(tc.lr, tc.steps, warmup_steps=tc.warmup_steps, end_ratio=tc.end_lr_ratio)
     optimizer = make_optimizer(
-        schedule, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm, b1=tc.b1, b2=tc.b2,
+        schedule,
+        weight_decay=tc.weight_decay,
+        clip_norm=tc.clip_norm,
+        b1=tc.b1,
+        b2=tc.b2,
         frozen=frozen_from_gradients if lora_cfg is None else None,
     )
     step_cfg = StepConfig(
-        compute_dtype=compute_dtype, mtp_weight=tc.mtp_weight if depths else 0.0, router_bias_rate=bias_rate, lora=lora_cfg
+        compute_dtype=compute_dtype,
+        mtp_weight=tc.mtp_weight if depths else 0.0,
+        router_bias_rate=bias_rate,
+        lora=lora_cfg,
+        expert_counts=bool(tc.expert_load_window),
     )
 
     state_sh = None
@@ -271,7 +303,11 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
     global_shape = (tc.grad_accum, micro, tc.seq_len + 1)
     rows = None if batch_sh is None or jax.process_count() == 1 else placement.local_rows(batch_sh, global_shape)
     train_step = make_train_step(
-        module, optimizer, step_cfg, schedule=schedule, state_shardings=state_sh,
+        module,
+        optimizer,
+        step_cfg,
+        schedule=schedule,
+        state_shardings=state_sh,
         metrics_sharding=None if mesh is None else placement.replicated(mesh),
     )
     if eval_host:
@@ -301,29 +337,50 @@ def train(tc: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     flops = metrics_lib.train_flops_per_token(params, config, tc.seq_len, depths)
     if lora_cfg is not None:
-        log(f"LoRA rank {lora_cfg.rank} alpha {lora_cfg.alpha}: {len(trainable)} adapted weights, "
-            f"{lora_lib.count(trainable):,} trainable of {n_params:,} parameters")
-    log(f"{config.get('name') or config.family}: {n_params / 1e6:.1f}M parameters, {flops / 1e9:.3f} GFLOP/token, "
+        log(
+            f"LoRA rank {lora_cfg.rank} alpha {lora_cfg.alpha}: {len(trainable)} adapted weights, "
+            f"{lora_lib.count(trainable):,} trainable of {n_params:,} parameters"
+        )
+    log(
+        f"{config.get('name') or config.family}: {n_params / 1e6:.1f}M parameters, {flops / 1e9:.3f} GFLOP/token, "
         f"batch {tc.batch_size}x{tc.seq_len} ({tc.grad_accum} micro-batches), remat {tc.remat}, "
-        f"compute {tc.compute_dtype}, mesh {tc.mesh or 'none'}")
+        f"compute {tc.compute_dtype}, mesh {tc.mesh or 'none'}"
+    )
 
     steplog = _StepLog(tc, flops, on_step, log)
     context = _mesh_context(mesh, rules, tc.moe_capacity_factor)
+    load_window = None
     try:
         with context:
             for step in range(start, tc.steps):
                 host = data_lib.batch_at(tokens, step, tc.batch_size, tc.seq_len, tc.seed, rows=rows)
                 if host.max(initial=0) >= config.vocab_size:
-                    raise ValueError(f"token id {host.max()} at step {step} is outside the vocabulary of {config.vocab_size}")
+                    raise ValueError(
+                        f"token id {host.max()} at step {step} is outside the vocabulary of {config.vocab_size}"
+                    )
                 batch = placement.device_batch(host, batch_sh, global_shape)
                 steplog.flush()  # the previous step, which ran while this batch was prepared
                 state, metrics = train_step(state, frozen, batch)
+                if "expert_counts" in metrics:
+                    metrics = dict(metrics)
+                    counts = metrics.pop("expert_counts")
+                    if load_window is None:
+                        # On the counts' devices (replicated over a mesh), so recording never moves them.
+                        fresh = eplb.LoadWindow.zeros(tc.expert_load_window, *counts.shape)
+                        load_window = jax.device_put(fresh, counts.sharding)
+                    load_window = eplb.record_load(load_window, counts)  # on device: no sync per step
                 if eval_host and ((step + 1) % tc.eval_every == 0 or step + 1 == tc.steps):
                     metrics = {**metrics, "eval_loss": held_out_loss(state["params"])}
                 steplog.push(step, metrics)
                 if ckpt is not None:
                     ckpt.save(step + 1, state, meta, force=step + 1 == tc.steps)
             steplog.flush()
+        if load_window is not None and tc.expert_load_out:
+            load_window.save(tc.expert_load_out)
+            log(
+                f"wrote the expert loads of the last {min(int(load_window.filled), tc.expert_load_window)} steps "
+                f"to {tc.expert_load_out}"
+            )
     finally:
         if ckpt is not None:
             ckpt.wait()
@@ -347,7 +404,9 @@ def _eval_batches(tc: TrainConfig, heldout: np.ndarray | None, micro: int) -> li
         if len(batches) == tc.eval_batches:
             break
     if not batches:
-        raise ValueError(f"the held-out split ({len(heldout)} tokens) is too small for one batch of {micro} x {tc.seq_len + 1}")
+        raise ValueError(
+            f"the held-out split ({len(heldout)} tokens) is too small for one batch of {micro} x {tc.seq_len + 1}"
+        )
     return batches
 
 
@@ -372,7 +431,9 @@ def _write_export(tc: TrainConfig, config, trainable: Any, frozen: Any, lora_cfg
     config = replace(config, remat_policy="none")  # a training setting, not part of the model
     dtype = DTYPES[tc.export_dtype]
     if lora_cfg is not None:
-        lora_lib.export_merged(tc.export, frozen, trainable, lora_cfg, config, int8_dtype=dtype, overwrite=True, files=tuple(files))
+        lora_lib.export_merged(
+            tc.export, frozen, trainable, lora_cfg, config, int8_dtype=dtype, overwrite=True, files=tuple(files)
+        )
         return
     # The parameter state as vishwam_jax.load expects it (routers stay float32, int8 stays int8).
     orbax_io.save_params(tc.export, cast_floating(trainable, dtype), config, overwrite=True, files=tuple(files))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -162,8 +162,15 @@ def read_bandwidth(num_bytes: int | None = None) -> ReadBandwidth:
     if jax.default_backend() in ("gpu", "tpu"):
         rates = []
         for rows_per_program, rows_per_step, warps, stages in _STREAM_CANDIDATES:
-            fn = jax.jit(functools.partial(stream_read, rows_per_program=rows_per_program, rows_per_step=rows_per_step,
-                                           num_warps=warps, num_stages=stages))
+            fn = jax.jit(
+                functools.partial(
+                    stream_read,
+                    rows_per_program=rows_per_program,
+                    rows_per_step=rows_per_step,
+                    num_warps=warps,
+                    num_stages=stages,
+                )
+            )
             try:
                 rates.append(read / queued_seconds(fn, x))
             except Exception as e:  # a block size this chip cannot lower is one fewer candidate, not a failure

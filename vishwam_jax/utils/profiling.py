@@ -21,7 +21,7 @@ import json
 import os
 import re
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 
@@ -47,6 +47,7 @@ def summarize_trace(path: str, calls: int = 1, device: int = 0) -> dict:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     processes = _names(events, "process_name")
     threads = _names(events, "thread_name")
+
     # Natural order, so "/device:GPU:10" comes after "/device:GPU:2".
     def natural(pid):
         return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", processes[pid])]
@@ -67,13 +68,21 @@ def summarize_trace(path: str, calls: int = 1, device: int = 0) -> dict:
             total[e["name"]] += float(e.get("dur", 0.0))
             count[e["name"]] += 1
     busy = sum(total.values())
-    ops = [{"name": name, "us_per_call": us / calls, "count_per_call": count[name] / calls,
-            "share": us / busy if busy else 0.0} for name, us in total.most_common()]
+    ops = [
+        {
+            "name": name,
+            "us_per_call": us / calls,
+            "count_per_call": count[name] / calls,
+            "share": us / busy if busy else 0.0,
+        }
+        for name, us in total.most_common()
+    ]
     return {"device": processes[pid], "busy_us_per_call": busy / calls, "ops": ops, "lines": lines}
 
 
-def profile_device_ops(run_once: Callable[[], object], calls: int = 3, log_dir: str | None = None,
-                       device: int = 0) -> dict:
+def profile_device_ops(
+    run_once: Callable[[], object], calls: int = 3, log_dir: str | None = None, device: int = 0
+) -> dict:
     """Call `run_once()` (one step; a closure may carry state such as a donated cache from call to
     call) once to compile, then `calls` times under the profiler, waiting for each result; the
     `summarize_trace` of that trace, plus its path."""
@@ -82,7 +91,9 @@ def profile_device_ops(run_once: Callable[[], object], calls: int = 3, log_dir: 
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         for _ in range(calls):
             jax.block_until_ready(run_once())
-    traces = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True), key=os.path.getmtime)
+    traces = sorted(
+        glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True), key=os.path.getmtime
+    )
     if not traces:
         raise RuntimeError(f"the profiler wrote no perfetto_trace.json.gz under {log_dir}")
     summary = summarize_trace(traces[-1], calls=calls, device=device)
@@ -95,5 +106,7 @@ def format_summary(summary: dict, top: int = 15) -> str:
         return f"no device kernels in the trace (device processes: {summary['device']}; lines {summary['lines']})"
     rows = [f"{summary['device']}: {summary['busy_us_per_call']:,.1f} us of kernels per call"]
     for op in summary["ops"][:top]:
-        rows.append(f"  {op['us_per_call']:>10,.1f} us {op['share']:>6.1%}  x{op['count_per_call']:<5g} {op['name'][:110]}")
+        rows.append(
+            f"  {op['us_per_call']:>10,.1f} us {op['share']:>6.1%}  x{op['count_per_call']:<5g} {op['name'][:110]}"
+        )
     return "\n".join(rows)

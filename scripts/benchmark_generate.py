@@ -24,6 +24,7 @@ import numpy as np
 
 import vishwam_jax as vj
 from vishwam_jax.utils.benchmarking import read_bandwidth, tree_bytes
+from vishwam_jax.utils.profiling import format_summary, profile_device_ops
 
 
 def main(argv=None) -> None:
@@ -47,6 +48,11 @@ def main(argv=None) -> None:
         help="stacked weights scanned, or held as per-layer buffers (auto: per-layer on GPUs)",
     )
     ap.add_argument("--peer", action="store_true", help="also run transformers on the same shapes (GPU only)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one generate call per batch: device time and kernel launches per decode step",
+    )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -93,6 +99,8 @@ def main(argv=None) -> None:
         for p in peer:
             if p["batch"] == batch:
                 row[f"vs_transformers_{p['mode']}"] = row["decode_tok_s"] / p["decode_tok_s"]
+        if args.profile:
+            row["profile"] = profile_steps(lambda: model.generate(prompts, args.new_tokens), args.new_tokens, step_s)
         rows.append(row)
         spec = f", {100 * row['fraction_of_spec']:.0f}% of spec" if row["fraction_of_spec"] else ""
         versus = "".join(
@@ -122,6 +130,26 @@ def main(argv=None) -> None:
                 f,
                 indent=2,
             )
+
+
+def profile_steps(generate_once, steps: int, step_s: float) -> dict:
+    """Kernel time and launches per decode step of one generate call (its prefill is included and
+    spread over the steps, a few percent at 256 steps). Device time well below the step time means
+    the GPU waits between kernels: launch-bound, or a host round trip per step."""
+    summary = profile_device_ops(generate_once, calls=1)
+    busy_us = summary["busy_us_per_call"] / steps
+    launches = sum(op["count_per_call"] for op in summary["ops"]) / steps
+    print(
+        f"  profile: {busy_us:,.1f} us of kernels and {launches:,.1f} launches per step "
+        f"in a {step_s * 1e6:,.1f} us step ({100 * busy_us / (step_s * 1e6):.0f}% busy)"
+    )
+    print(format_summary(summary, top=20))
+    return {
+        "busy_us_per_step": busy_us,
+        "launches_per_step": launches,
+        "busy_fraction": busy_us / (step_s * 1e6),
+        "top_ops": summary["ops"][:20],
+    }
 
 
 def run_peer(args) -> dict:

@@ -60,7 +60,7 @@ def _fan_in(path: tuple, kernel_shape: tuple[int, ...]) -> int:
 def random_model(config, seed: int = 0) -> nnx.Module:
     """The Grok-1 module with random bf16 weights generated on the device leaf by leaf (no host copy
     of ~20 GB). With config.quantization == "int8" every attention and expert matrix is int8 with
-    per-output-channel scales, as `convert(keep_int8=True)` writes them; embedding, norms and router
+    per-output-channel scales, as `convert(quantize="int8")` writes them; embedding, norms and router
     stay floating (as in the release)."""
     graphdef, state = nnx.split(models.abstract(config, jnp.bfloat16), nnx.Param)
     shapes = nnx.to_pure_dict(state)

@@ -42,12 +42,23 @@ def compile_s(name: str, layers: int, overrides: dict) -> float:
     return time.perf_counter() - start
 
 
+@pytest.fixture
+def no_compilation_cache():
+    """Compile times are the subject here: a cache hit (conftest's run-wide cache) would hide them."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", enabled)
+
+
+@pytest.mark.usefixtures("no_compilation_cache")
 @pytest.mark.parametrize("name,shallow,deep,overrides", CASES, ids=[c[0] for c in CASES])
 def test_decode_step_program_and_compile_time_do_not_grow_with_depth(name, shallow, deep, overrides):
     small, large = lowered_decode_step(name, shallow, overrides), lowered_decode_step(name, deep, overrides)
     # The deep model's program is the shallow one's with longer loops (and at most an unrolled tail).
     assert hlo_ops(large) <= 1.5 * hlo_ops(small), (hlo_ops(small), hlo_ops(large))
-    # Best of two compiles each, so a busy machine does not decide the ratio.
+    # Best of two compiles each, so a busy machine does not decide the ratio. Unrolled layers made the
+    # deep step 10x slower to compile; 2x leaves room for a loaded CI machine's noise (1.66x seen).
     small_s = min(compile_s(name, shallow, overrides) for _ in range(2))
     large_s = min(compile_s(name, deep, overrides) for _ in range(2))
-    assert large_s <= 1.5 * small_s + 0.05, (small_s, large_s)
+    assert large_s <= 2.0 * small_s + 0.05, (small_s, large_s)

@@ -190,13 +190,19 @@ def test_placed_model_logits_equal_and_placement_changes_without_recompiling(nam
     assert placed.config.num_expert_slots == slots
     down = placed.params["moe_layers" if layers == 1 else "layers"]["experts"]["down"]["kernel"].get_value()
     assert down.shape[1] == slots and down.sharding.spec[1] == "expert"  # slots split over the devices
+
+    # Equal to float32 rounding, not bit for bit: a placement regroups each expert's rows in the
+    # grouped matmul, and this machine's XLA:CPU was seen to round such blocks 1 ulp apart.
+    def assert_same(logits, ref):
+        np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+
     with use_mesh(mesh, "expert"):
-        ref = base.logits(tokens)
-        np.testing.assert_array_equal(placed.logits(tokens), ref)
+        ref = np.asarray(base.logits(tokens))
+        assert_same(placed.logits(tokens), ref)
         other = eplb.placement_from_loads(weight[:, ::-1].copy(), slots, 8)
         assert not np.array_equal(other.phy2log, Placement.load(path).phy2log)
         placed.set_expert_placement(other)
-        np.testing.assert_array_equal(placed.logits(tokens), ref)
+        assert_same(placed.logits(tokens), ref)
         assert placed._logits._cache_size() == 1
     np.testing.assert_array_equal(current_placement(placed).phy2log, other.phy2log)
     with pytest.raises(PlacementError, match="slots"):

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from vishwam_jax.models import moe
+from vishwam_jax.quantization import Quantization, QuantizedWeight
 from vishwam_jax.sharding import ShardingError, expert_parallel, make_mesh, use_mesh
 
 E, D, F, K = 8, 16, 32, 2
@@ -110,7 +111,7 @@ def test_int8_experts_and_token_count_not_divisible(spy):
     quantized = {}
     for name, w in params.items():
         scale = jnp.max(jnp.abs(w), axis=1, keepdims=True) / 127.0
-        quantized[name] = {"int8": jnp.round(w / scale).astype(jnp.int8), "scale": scale}
+        quantized[name] = QuantizedWeight(jnp.round(w / scale).astype(jnp.int8), scale, "int8", (1, 1))
     x, gates, experts = _skewed(61, seed=2)
     ref, _ = _dispatch(x, gates, experts, quantized)
     with use_mesh(make_mesh(data=2, tensor=2, expert=2)):
@@ -220,22 +221,25 @@ def test_tensor_parallel_experts_run_on_width_shards(sizes, n, int8, monkeypatch
     params = _expert_params(3)
     if int8:
         params = {
-            name: {
-                "int8": jnp.clip(jnp.round(w * 60), -127, 127).astype(jnp.int8),
-                "scale": jnp.full((E, 1, w.shape[2]), 1 / 60, jnp.float32),
-            }
+            name: QuantizedWeight(
+                jnp.clip(jnp.round(w * 60), -127, 127).astype(jnp.int8),
+                jnp.full((E, 1, w.shape[2]), 1 / 60, jnp.float32),
+                "int8",
+                (1, 1),
+            )
             for name, w in params.items()
         }
     x, gates, experts = _skewed(n, seed=3)
     ref, ref_counts = _dispatch(x, gates, experts, params)
     # The weights as the Experts module's Params: placed by their own logical axes, which are the
     # layout the shard_map blocks of the dispatch assume.
-    graphdef, state = nnx.split(moe.Experts(E, D, F, "silu", rngs=nnx.Rngs(0), int8=int8), nnx.Param)
+    quantization = Quantization("int8") if int8 else None
+    graphdef, state = nnx.split(moe.Experts(E, D, F, "silu", rngs=nnx.Rngs(0), quantization=quantization), nnx.Param)
     for name, axes in nnx.to_pure_dict(logical_axes(state)).items():
         assert axes == {leaf: expert_parallel.WEIGHT_AXES[name] for leaf in axes}
     nnx.replace_by_pure_dict(
         state,
-        {name: {"kernel": w["int8"], "scale": w["scale"]} if int8 else {"kernel": w} for name, w in params.items()},
+        {name: {"kernel": w.values, "kernel_scale": w.scale} if int8 else {"kernel": w} for name, w in params.items()},
     )
     mesh = make_mesh(**sizes)
     with use_mesh(mesh, "tensor"):

@@ -390,21 +390,22 @@ def test_module_declares_axes_and_capabilities():
     "layers" axis; norms, router and embedding stay float under weight-only int8."""
     c = tiny_config(num_layers=3)
     m = models.build(c)
-    assert isinstance(m, Grok1) and isinstance(m, nnx.Module) and m.capabilities == Capabilities(moe=True)
+    assert isinstance(m, Grok1) and isinstance(m, nnx.Module)
+    assert m.capabilities == Capabilities(paged_cache=True, moe=True)
     check_axes(m)
     specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(m, nnx.Param)))
     assert tuple(specs["layers"]["experts"]["gate"]["kernel"]) == ("layers", "experts", "embed", "expert_mlp")
     assert tuple(specs["layers"]["attn"]["q"]["kernel"]) == ("layers", "embed", "heads", "head_dim")
     assert tuple(specs["embed"]["embedding"]) == ("vocab", "embed")
     q = nnx.to_pure_dict(nnx.state(models.abstract(tiny_config(num_layers=3, quantization="int8")), nnx.Param))
-    assert q["layers"]["attn"]["o"]["kernel"].dtype == jnp.int8 and q["layers"]["attn"]["o"]["scale"].shape == (
+    assert q["layers"]["attn"]["o"]["kernel"].dtype == jnp.int8 and q["layers"]["attn"]["o"]["kernel_scale"].shape == (
         3,
         1,
         1,
         c.d_model,
     )
     assert q["layers"]["experts"]["down"]["kernel"].dtype == jnp.int8 and q["layers"]["experts"]["down"][
-        "scale"
+        "kernel_scale"
     ].shape == (3, 4, 1, 32)
     assert q["layers"]["router"]["kernel"].dtype == jnp.float32 and set(q["layers"]["attn_norm"]) == {"scale"}
     assert set(q["embed"]) == {"embedding"}

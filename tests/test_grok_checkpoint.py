@@ -26,7 +26,7 @@ from flax import nnx
 from grok_utils import NORMS, jit_forward, layer, module, random_params, tiny_config
 
 import vishwam_jax as vj
-from vishwam_jax import models
+from vishwam_jax import models, quantization
 from vishwam_jax.checkpoint import grok_release, hf_grok, orbax_io
 from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError
 from vishwam_jax.presets import get_config
@@ -207,20 +207,20 @@ def convert_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def _dense(w) -> np.ndarray:
-    return np.asarray(w["kernel"], np.float32) * np.asarray(w["scale"], np.float32)
+    return np.asarray(w["kernel"], np.float32) * np.asarray(w["kernel_scale"], np.float32)
 
 
-def test_keep_int8_runs_weight_only_int8(release, forward, tmp_path):
+def test_quantize_int8_runs_weight_only_int8(release, forward, tmp_path):
     c, params, tree, root = release
     dst = tmp_path / "int8"
-    vj.convert(root, dst, config={"preset": "grok-1-tiny"}, keep_int8=True)
+    vj.convert(root, dst, config={"preset": "grok-1-tiny"}, quantize="int8")
     assert orbax_io.read_config(dst).quantization == "int8"  # the model is built with int8 weights
     layers = orbax_io.param_shapes(dst)["layers"]  # [12, ...]: every layer stacked
-    assert layers["attn"]["q"]["kernel"].dtype == np.int8 and layers["attn"]["q"]["scale"].shape == (12, 1, 4, 8)
-    assert layers["attn"]["o"]["scale"].shape == (12, 1, 1, 32)
-    assert layers["experts"]["down"]["kernel"].shape == (12, 4, 48, 32) and layers["experts"]["down"][
-        "scale"
-    ].shape == (12, 4, 1, 32)
+    assert layers["attn"]["q"]["kernel"].dtype == np.int8
+    assert layers["attn"]["q"]["kernel_scale"].shape == (12, 1, 4, 8)
+    assert layers["attn"]["o"]["kernel_scale"].shape == (12, 1, 1, 32)
+    assert layers["experts"]["down"]["kernel"].shape == (12, 4, 48, 32)
+    assert layers["experts"]["down"]["kernel_scale"].shape == (12, 4, 1, 32)
     model = vj.load(dst, dtype=np.float32)
     loaded = nnx.to_pure_dict(model.params)
     assert loaded["layers"]["experts"]["gate"]["kernel"].dtype == jnp.int8  # loaded as int8, not dequantized
@@ -236,7 +236,7 @@ def test_keep_int8_runs_weight_only_int8(release, forward, tmp_path):
             (got["attn"]["o"], want["attn"]["o"]["kernel"]),
             (got["experts"]["down"], want["experts"]["down"]["kernel"]),
         ):
-            step = np.asarray(w["scale"], np.float32)
+            step = np.asarray(w["kernel_scale"], np.float32)
             assert np.all(np.abs(_dense(w) - dense) <= 0.5 * step * (1 + 1e-5))
     # The int8 matmuls compute what their dequantized weights compute (the float model's tree).
     as_float = jax.tree_util.tree_map(lambda x: x, loaded)
@@ -245,8 +245,8 @@ def test_keep_int8_runs_weight_only_int8(release, forward, tmp_path):
     assert _rel_err(model.logits(TOKENS), forward(as_float, jnp.asarray(TOKENS))) < 1e-4
 
 
-@pytest.mark.parametrize("keep_int8", [False, True])
-def test_int8_error_against_the_original_float_model(keep_int8, tmp_path):
+@pytest.mark.parametrize("int8", [False, True])
+def test_int8_error_against_the_original_float_model(int8, tmp_path):
     """Quantization error of a shallow model stays bounded in both modes. (Deeper random MoE models
     amplify any perturbation, a routing flip being discontinuous, so the bound is taken at 2 layers;
     the 12-layer fixture above checks exactness instead.)"""
@@ -255,7 +255,7 @@ def test_int8_error_against_the_original_float_model(keep_int8, tmp_path):
     write_release(tmp_path / "src", release_tree(params, c))
     # Through the command line, as a user converts: config overrides in the release's field names.
     config = {"preset": "grok-1-tiny", "num_layers": 2}
-    if keep_int8:  # through the command line, as a user converts: overrides in the release's field names
+    if int8:  # through the command line, as a user converts: overrides in the release's field names
         r = convert_cli(
             str(tmp_path / "src"),
             str(tmp_path / "m"),
@@ -263,13 +263,14 @@ def test_int8_error_against_the_original_float_model(keep_int8, tmp_path):
             json.dumps(config),
             "--dtype",
             "float32",
-            "--keep-int8",
+            "--quantize",
+            "int8",
         )
         assert r.returncode == 0, r.stderr
     else:
         vj.convert(tmp_path / "src", tmp_path / "m", config=config, dtype=np.float32)
     model = vj.load(tmp_path / "m")
-    assert model.params["layers"]["experts"]["gate"]["kernel"][...].dtype == (jnp.int8 if keep_int8 else jnp.float32)
+    assert model.params["layers"]["experts"]["gate"]["kernel"][...].dtype == (jnp.int8 if int8 else jnp.float32)
     assert _rel_err(model.logits(TOKENS), jit_forward(c)(params, jnp.asarray(TOKENS))) < 0.06
     # Cached generation runs on the int8 weights too.
     prompt = [5, 6, 7, 8]
@@ -288,12 +289,12 @@ def test_weight_only_int8_keeps_no_dequantized_copy(monkeypatch):
     monkeypatch.setenv("VISHWAM_GMM_IMPL", "reference")
     overrides = dict(num_layers=4, d_model=256, moe_ffn_dim=512, num_heads=8, num_kv_heads=2, head_dim=32)
     params = random_params(tiny_config(**overrides), seed=13)
-    # Requantized per output channel along the stacked axis too (the layer axis is never contracted).
-    contracted = {"o": (1, 2), "gate": (2,), "up": (2,), "down": (2,)}
+    # Quantized per output channel, the stacked layer (and expert) axes a batch.
+    dims = {"o": (2, 1), "gate": (1, 1), "up": (1, 1), "down": (1, 1)}
     for group in ("attn", "experts"):
         for k, w in params["layers"][group].items():
-            q, s = grok_release.requantize(w["kernel"], contracted.get(k, (1,)))
-            params["layers"][group][k] = {"kernel": q, "scale": s}
+            q, s = quantization.quantize(np.asarray(w["kernel"]), "int8", dims.get(k, (1, 2)), xp=np)
+            params["layers"][group][k] = {"kernel": q, "kernel_scale": s}
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.int8 if a.dtype == np.int8 else jnp.bfloat16), params)
     int8_bytes = sum(a.size for a in jax.tree_util.tree_leaves(params) if a.dtype == jnp.int8)
     graphdef, state = nnx.split(module(tiny_config(quantization="int8", **overrides), params), nnx.Param)
@@ -307,7 +308,7 @@ def test_convert_cli_help_warns_about_pickles():
     assert (
         r.returncode == 0 and "unpickling can run code: convert only checkpoints from a source you trust" in help_text
     )
-    assert "--keep-int8" in help_text and "--config" in help_text
+    assert "--quantize" in help_text and "--config" in help_text
 
 
 def test_convert_cli_reports_bad_config_fields(release, tmp_path):

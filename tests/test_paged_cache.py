@@ -1,6 +1,8 @@
-"""The paged latent cache: page allocation and freeing, block tables, page writes, attention through
-block tables (Pallas kernel interpreted, XLA, reference) against the contiguous cache, and paged
-generation of rows of very different lengths against contiguous generation (DeepSeek-V3 tiny)."""
+"""The paged caches: page allocation and freeing, block tables, page writes, attention through block
+tables (Pallas kernel interpreted, XLA, reference) against the contiguous cache, paged generation of
+rows of very different lengths against contiguous generation (DeepSeek-V3 tiny), and the GQA
+families' paged K/V (Gemma 2 with global and sliding layers, Grok-1): forward and generate equal the
+contiguous cache on shuffled pages that a previous owner left full of stale keys."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from flax import nnx
 
 from vishwam_jax.inference import paged_cache as pc
 from vishwam_jax.inference.engine import Generator
-from vishwam_jax.models import apply, gemma, mla
+from vishwam_jax.models import apply, gemma, grok1, mla
 from vishwam_jax.models import deepseek_v3 as ds
+from vishwam_jax.models.interface import Capabilities
 from vishwam_jax.pallas_kernels import mla_attention
 from vishwam_jax.presets import get_config
 
@@ -210,24 +213,40 @@ def test_model_generate_with_paged_blocks_equals_contiguous(tiny):
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="paged_blocks must be a positive number"):
             model.generate(prompts, 7, paged_blocks=bad)
-    g = vj.Model(gemma.Gemma(get_config("gemma-tiny"), rngs=nnx.Rngs(0)))
+
+    class Unpaged(gemma.Gemma):  # a family that does not declare the capability
+        capabilities = Capabilities()
+
+    g = vj.Model(Unpaged(get_config("gemma-tiny"), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="gemma-tiny has no paged cache"):
         g.generate([[5, 6, 7]], 2, paged_blocks=4)
 
 
-def test_only_latent_caches_page(tiny):
-    """The paged cache is a declared capability: DeepSeek-V3's MLA latent cache pages (and its
-    module builds the pools), Gemma's per-head K/V cache does not."""
+def test_every_family_declares_and_builds_its_paged_cache(tiny):
+    """The paged cache is a declared capability of every family, each building its own pools:
+    DeepSeek-V3 its MLA latents, Grok-1 every layer's K/V, Gemma its global layers' K/V (its
+    sliding-window layers keep per-row rings of the window)."""
     cfg, graphdef, params = tiny
+    table = np.zeros((3, 2), np.int32)
     model = nnx.merge(graphdef, params)
     assert model.capabilities.paged_cache
-    pools = jax.eval_shape(lambda: model.init_paged_cache(np.zeros((1, 1), np.int32), 4, jnp.float32))
+    pools = jax.eval_shape(lambda: model.init_paged_cache(table, 4, jnp.float32))
     chex.assert_shape(
         pools["moe_layers"]["kv"],
         (cfg.num_layers - cfg.num_dense_layers, 4, pc.PAGE, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
     )
-    g = gemma.Gemma(get_config("gemma-tiny"), rngs=nnx.Rngs(0))
-    assert not g.capabilities.paged_cache
+    g_cfg = get_config("grok-1-tiny", num_layers=2)
+    grok = nnx.eval_shape(lambda: grok1.Grok1(g_cfg, rngs=nnx.Rngs(0)))
+    assert grok.capabilities.paged_cache
+    layers = jax.eval_shape(lambda: grok.init_paged_cache(table, 4, jnp.float32))["layers"]
+    kv = (2, 4, pc.PAGE, g_cfg.num_kv_heads, g_cfg.head_dim)
+    chex.assert_shape((layers["k"], layers["v"], layers["slot_pos"]), [kv, kv, kv[:3]])
+    g_cfg = get_config("gemma2-tiny")  # 4 layers: 2 periods of (sliding, global)
+    gem = nnx.eval_shape(lambda: gemma.Gemma(g_cfg, rngs=nnx.Rngs(0)))
+    assert gem.capabilities.paged_cache
+    sliding, full = jax.eval_shape(lambda: gem.init_paged_cache(table, 4, jnp.float32))["blocks"]
+    chex.assert_shape(full["k"], (2, 4, pc.PAGE, g_cfg.num_kv_heads, g_cfg.head_dim))
+    chex.assert_shape(sliding["k"], (2, 3, g_cfg.sliding_window, g_cfg.num_kv_heads, g_cfg.head_dim))
 
 
 def test_mla_write_latents_dispatches_on_the_block_table():
@@ -239,3 +258,96 @@ def test_mla_write_latents_dispatches_on_the_block_table():
     assert out["block_table"] is layer["block_table"]
     np.testing.assert_array_equal(np.asarray(out["kv"])[2, 1], kv[0, 0])
     np.testing.assert_array_equal(np.asarray(out["kv"])[0], kv[0, 1:])
+
+
+# -- paged K/V of the GQA families -------------------------------------------------------------------
+GQA = ["gemma2-tiny", "grok-1-tiny"]  # gemma2-tiny at 2 layers: one sliding-window and one global layer
+
+
+@pytest.fixture(scope="module")
+def gqa_models():
+    """name -> a `vj.Model` of the 2-layer preset (random weights, each loaded once per module)."""
+    import vishwam_jax as vj
+
+    loaded = {}
+
+    def get(name: str):
+        if name not in loaded:
+            loaded[name] = vj.load(get_config(name, num_layers=2), seed=1)
+        return loaded[name]
+
+    return get
+
+
+def stale_pools(cache: dict, num_blocks: int) -> dict:
+    """The paged cache as a failed previous owner would leave its pages: NaN keys and values, and
+    every page recording positions 0..63 (so its slots claim early, visible positions for any row
+    that holds it as a later page). Per-row leaves (rings, positions, the table) stay as they are."""
+
+    def junk(x):
+        if x.ndim < 3 or x.shape[1:3] != (num_blocks, pc.PAGE):
+            return x
+        if x.dtype == jnp.int32:
+            return jnp.broadcast_to(jnp.arange(pc.PAGE, dtype=jnp.int32), x.shape)
+        return jnp.full(x.shape, jnp.nan, x.dtype)
+
+    return jax.tree_util.tree_map(junk, cache)
+
+
+@pytest.mark.parametrize("name", GQA)
+def test_gqa_forward_on_a_paged_cache_equals_contiguous(gqa_models, name):
+    """Right-padded prefill chunks of uneven lengths (one row crossing a page boundary mid-chunk, a
+    pad token inside a prompt: a masked key for Grok-1), then decode steps with an idle row: the
+    logits of every live token equal the contiguous cache's. The rows' pages are shuffled in the
+    pool and full of a previous owner's keys."""
+    gqa = gqa_models(name)
+    model = gqa.module
+    vocab = gqa.config.vocab_size
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(3, vocab, size=(2, 96)).astype(np.int32)
+    tokens[1, 9] = gqa.config.pad_token_id
+    num_blocks = 7
+    table = np.array([[5, 1, 3], [0, 6, num_blocks]], np.int32)  # out of order; row 1 owns 2 pages
+    paged = stale_pools(model.init_paged_cache(table, num_blocks, jnp.float32), num_blocks)
+    flat = model.init_cache(2, 3 * pc.PAGE, jnp.float32)
+
+    @jax.jit  # both caches in one program: one compilation per chunk width
+    def step(paged, flat, chunk, n):
+        forward = lambda cache: apply(gqa.graphdef, gqa.params, chunk, cache=cache, lengths=n)  # noqa: E731
+        a, b = forward(paged), forward(flat)
+        return a.logits, b.logits, a.cache, b.cache
+
+    chunks = [  # (tokens, lengths): row 0 reaches 24, 56, 88 (crossing page 0 -> 1 mid-chunk), then
+        # decodes one token and idles; row 1 reaches 20, 52, then decodes three tokens
+        (np.stack([tokens[0, :32], tokens[1, :32]]), [24, 20]),
+        (np.stack([tokens[0, 24:56], tokens[1, 20:52]]), [32, 32]),
+        (np.stack([tokens[0, 56:88], tokens[1, 52:84]]), [32, 1]),
+        (tokens[:, 90:91], [1, 1]),
+        (tokens[:, 91:92], [0, 1]),
+    ]
+    for chunk, n in chunks:
+        n = jnp.asarray(n, jnp.int32)
+        a, b, paged, flat = step(paged, flat, jnp.asarray(chunk), n)
+        live = np.arange(chunk.shape[1])[None, :] < np.asarray(n)[:, None]
+        np.testing.assert_allclose(np.asarray(a)[live], np.asarray(b)[live], rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(paged["pos"], [89, 55])
+    np.testing.assert_array_equal(paged["block_table"], table)
+
+
+def test_gqa_generate_with_paged_blocks_equals_contiguous(gqa_models):
+    """Model.generate(..., paged_blocks=N) gives the contiguous cache's greedy tokens for a short and
+    a long prompt in 1 + 2 pages (contiguous: 2 rows x 2 pages' worth) and gives every page back;
+    Gemma 2 (pools and rings in one period) with the stacked weights held as per-layer buffers (the
+    GPU serving layout, models/stack.py), so the pools are carried through unrolled layers too (the
+    forward test runs the scan; tests/test_serving.py serves Grok-1 paged against contiguous generate)."""
+    import vishwam_jax as vj
+    from vishwam_jax.models import stack
+
+    gqa = gqa_models("gemma2-tiny")
+    model = vj.Model(nnx.merge(gqa.graphdef, stack.unstack_layers(gqa.params)))
+    rng = np.random.default_rng(6)
+    prompts = [list(rng.integers(3, 250, 3)), list(rng.integers(3, 250, 70))]
+    want = np.asarray(model.generate(prompts, 8))
+    got = np.asarray(model.generate(prompts, 8, paged_blocks=3))
+    np.testing.assert_array_equal(got, want)
+    assert model._paged_generators[3].paged.allocator.num_free == 3

@@ -273,10 +273,10 @@ def test_int8_leaves_shard_like_their_weight_with_whole_scale_axes():
     )
     down = at(specs, "layers.experts.down")  # [layers, experts, expert_mlp, embed], scale [.., .., 1, ..]
     assert down["kernel"] == P(None, "expert", "tensor", "fsdp")
-    assert down["scale"] == P(None, "expert", None, "fsdp")
+    assert down["kernel_scale"] == P(None, "expert", None, "fsdp")
     q = at(specs, "layers.attn.q")  # [layers, embed, heads, head_dim], scale [.., 1, .., ..]
     assert q["kernel"] == P(None, ("fsdp", "expert"), "tensor")
-    assert q["scale"] == P(None, None, "tensor")
+    assert q["kernel_scale"] == P(None, None, "tensor")
 
 
 def test_presets_place_weights_as_documented():

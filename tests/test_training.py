@@ -22,6 +22,8 @@ from vishwam_jax import models
 from vishwam_jax.checkpoint import orbax_io
 from vishwam_jax.models import remat
 from vishwam_jax.presets import get_config
+from vishwam_jax.quantization import Quantization
+from vishwam_jax.quantization.params import quantize_params
 from vishwam_jax.training import data, lora, metrics
 from vishwam_jax.training.checkpointing import ResumeMismatchError
 from vishwam_jax.training.objective import loss_sums, next_token_loss
@@ -594,20 +596,7 @@ def _quantized_grok(num_layers: int = 2):
     channel), quantized from the random float model of `_tiny` (an int8 build has zero kernels)."""
     _, dense = _tiny("grok-1-tiny", num_layers=num_layers)
     module = models.build(get_config("grok-1-tiny", num_layers=num_layers, quantization="int8"), rngs=nnx.Rngs(0))
-    variables = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
-    values = {path: v.get_value() for path, v in nnx.to_flat_state(dense)}
-    for path, v in variables.items():
-        if path[-1] == "kernel" and v.get_value().dtype == jnp.int8:
-            w, scale_path = np.asarray(values[path]), path[:-1] + ("scale",)
-            contracted = tuple(
-                i for i, n in enumerate(variables[scale_path].get_value().shape) if n == 1 and w.shape[i] != 1
-            )
-            scale = np.abs(w).max(axis=contracted, keepdims=True) / 127.0
-            values[path], values[scale_path] = (
-                jnp.asarray(np.round(w / scale), jnp.int8),
-                jnp.asarray(scale, jnp.float32),
-            )
-    return module, nnx.from_flat_state([(path, v.replace(values[path])) for path, v in variables.items()])
+    return module, quantize_params(dense, nnx.state(module, nnx.Param), Quantization("int8"))
 
 
 def test_lora_on_int8_and_stacked_expert_weights():
@@ -628,11 +617,11 @@ def test_lora_on_int8_and_stacked_expert_weights():
         want = np.asarray(_param(dense, "layers.experts.gate.kernel"), np.float32)
         if params is qparams:
             kernel, scale = (
-                np.asarray(_param(qparams, f"layers.experts.gate.{k}"), np.float32) for k in ("kernel", "scale")
+                np.asarray(_param(qparams, f"layers.experts.gate.{k}"), np.float32) for k in ("kernel", "kernel_scale")
             )
             want = kernel * scale
             # Merged, the kernel is the dense weight: its scales become ones (the module is unchanged).
-            np.testing.assert_array_equal(np.asarray(_param(merged, "layers.experts.gate.scale")), 1.0)
+            np.testing.assert_array_equal(np.asarray(_param(merged, "layers.experts.gate.kernel_scale")), 1.0)
             chex.assert_trees_all_equal(
                 _param(merged, "layers.experts.up.kernel"), _param(qparams, "layers.experts.up.kernel")
             )
@@ -652,7 +641,7 @@ def test_lora_on_int8_and_stacked_expert_weights():
 def test_lora_fine_tunes_an_int8_checkpoint(tmp_path):
     module, base = _quantized_grok(2)
     orbax_io.save_params(tmp_path / "int8", base, module.config)
-    with pytest.raises(ValueError, match="int8"):
+    with pytest.raises(ValueError, match="quantized"):
         train(TrainConfig(model=str(tmp_path / "int8"), steps=1, batch_size=2, seq_len=16), log=_quiet)
     tc = TrainConfig(
         model=str(tmp_path / "int8"),
@@ -669,7 +658,7 @@ def test_lora_fine_tunes_an_int8_checkpoint(tmp_path):
     assert np.isfinite([h["loss"] for h in history]).all()
     exported = orbax_io.restore_params(tmp_path / "ft")["layers"]
     assert exported["experts"]["down"]["kernel"].dtype == jnp.bfloat16  # merged, so dense (unit scales)
-    np.testing.assert_array_equal(np.asarray(exported["experts"]["down"]["scale"]), 1.0)
+    np.testing.assert_array_equal(np.asarray(exported["experts"]["down"]["kernel_scale"]), 1.0)
     assert exported["experts"]["up"]["kernel"].dtype == jnp.int8  # not adapted: still int8
     assert np.isfinite(np.asarray(vj.load(tmp_path / "ft").logits([[5, 6, 7]]))).all()
 

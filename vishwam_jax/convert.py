@@ -1,9 +1,11 @@
 """Convert an official checkpoint into a vishwam_jax model directory (Orbax).
 
-    python -m vishwam_jax.convert SRC DST [--dtype bfloat16] [--config grok-1] [--keep-int8]
+    python -m vishwam_jax.convert SRC DST [--dtype bfloat16] [--config grok-1] [--quantize int8|fp8]
 
 Formats (auto-detected): HuggingFace Gemma / Gemma 2 / Gemma 3 and DeepSeek-V3 (config.json +
 *.safetensors, including DeepSeek's FP8 block-scaled release), and the Grok-1 release (ckpt-0/).
+--quantize stores the matmul weights int8 (per output channel) or fp8 (e4m3, 128x128 blocks): DeepSeek's
+FP8 release keeps its own float8 weights and scales, Grok-1's release its int8 values where it can.
 WARNING: the Grok-1 release is a set of Python pickles, and unpickling can run code: convert only
 checkpoints from a source you trust (the converter refuses files outside the release's layout).
 """
@@ -36,7 +38,9 @@ def run(argv=None) -> int:
         "overrides in the release's field names, e.g. 'grok-1' or '{\"num_layers\": 2}'",
     )
     ap.add_argument(
-        "--keep-int8", action="store_true", help="Grok-1 only: keep int8 weights + scales (weight-only int8)"
+        "--quantize",
+        help="store the matmul weights quantized: int8 (per output channel) or fp8 (e4m3 blocks); "
+        "norms, routers and embeddings stay float",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)")
     args = ap.parse_args(argv)
@@ -44,12 +48,14 @@ def run(argv=None) -> int:
     from vishwam_jax.checkpoint.orbax_io import CheckpointError
     from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError
     from vishwam_jax.presets import UnknownModelError
+    from vishwam_jax.quantization import FORMATS, QuantizationError
 
+    if args.quantize is not None and args.quantize not in FORMATS:
+        print(f"error: --quantize must be one of {', '.join(FORMATS)} (got {args.quantize!r})", file=sys.stderr)
+        return 2
     options = {}
     if args.config is not None:
         options["config"] = json.loads(args.config) if args.config.lstrip().startswith("{") else args.config
-    if args.keep_int8:
-        options["keep_int8"] = True
     try:
         convert(
             args.src,
@@ -57,9 +63,12 @@ def run(argv=None) -> int:
             dtype=args.dtype,
             overwrite=args.overwrite,
             progress=False if args.quiet else None,
+            quantize=args.quantize,
             **options,
         )
-    except (CheckpointError, CheckpointFormatError, UnknownModelError, json.JSONDecodeError) as err:
+    except (
+        CheckpointError, CheckpointFormatError, UnknownModelError, QuantizationError, json.JSONDecodeError
+    ) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as err:  # bad shapes/values in the source, unreadable files

@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="parameter dtype")
     ap.add_argument(
+        "--quantize",
+        help="quantize a float model's matmul weights as it loads: int8 (per output channel) or fp8 "
+        "(e4m3 blocks); a directory converted quantized runs as stored",
+    )
+    ap.add_argument(
         "--speculative",
         action="store_true",
         help="greedy self-speculative decoding with the model's "
@@ -75,6 +80,10 @@ def _validate(args) -> None:
         raise UsageError(f"--top-k must be >= 1 (got {args.top_k})")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1] (got {args.top_p})")
+    from vishwam_jax.quantization import FORMATS
+
+    if args.quantize is not None and args.quantize not in FORMATS:
+        raise UsageError(f"--quantize must be one of {', '.join(FORMATS)} (got {args.quantize!r})")
     if args.speculative and (args.temperature != 0 or args.top_k is not None or args.top_p is not None):
         raise UsageError("--speculative decodes greedily: pass --temperature 0 and no --top-k/--top-p")
 
@@ -111,7 +120,7 @@ def run(argv=None) -> int:
                 f"{args.model} is a preset with random weights and no tokenizer files to encode text "
                 "prompts; pass one with --tokenizer"
             )
-        model = vj.load(args.model or vj.DEFAULT_MODEL_DIR, dtype=dtype)
+        model = vj.load(args.model or vj.DEFAULT_MODEL_DIR, dtype=dtype, quantize=args.quantize)
         if args.tokenizer:
             from vishwam_jax.tokenizer import tokenizer_from_file
 

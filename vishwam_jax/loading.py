@@ -15,6 +15,8 @@ from vishwam_jax.checkpoint import orbax_io
 from vishwam_jax.model import Model
 from vishwam_jax.models import stack
 from vishwam_jax.presets import UnknownModelError, get_config, list_models, replace
+from vishwam_jax.quantization import Quantization, QuantizationError, check_format
+from vishwam_jax.quantization.params import quantize_params
 from vishwam_jax.tokenizer import load_tokenizer
 
 # The embedded demo model: a small byte-level Gemma trained on Shakespeare by scripts/train_demo.py.
@@ -38,6 +40,7 @@ def load(
     seed: int = 0,
     unstack_layers: bool | None = None,
     expert_placement=None,
+    quantize: str | None = None,
 ) -> Model:
     """Return a `Model`.
 
@@ -53,51 +56,95 @@ def load(
     expert_placement: an EPLB placement (JSON file from `python -m vishwam_jax.sharding.eplb`, or a
       `sharding.eplb.Placement`) for MoE models: the expert weights are copied into its physical
       slots (hot experts replicated) on `mesh`; logits are unchanged (sharding/placement.py).
+    quantize: "int8" or "fp8" (vishwam_jax/quantization): the matmul weights of a float model are
+      quantized as it loads (norms, routers, embeddings stay float). A directory converted quantized
+      loads as stored; asking it for another format is a QuantizationError.
     """
+    if quantize is not None:
+        check_format(quantize)
     if expert_placement is not None:
         from vishwam_jax.sharding.placement import apply_placement
 
-        base = load(source, dtype=dtype, mesh=mesh, rules=rules, seed=seed, unstack_layers=False)
+        base = load(source, dtype=dtype, mesh=mesh, rules=rules, seed=seed, unstack_layers=False, quantize=quantize)
         return apply_placement(base, expert_placement, mesh=mesh, rules=rules, unstack_layers=unstack_layers)
     unstack = jax.default_backend() == "gpu" if unstack_layers is None else bool(unstack_layers)
     if isinstance(source, ml_collections.ConfigDict):
-        return _random(replace(source), dtype or jnp.float32, mesh, rules, seed, unstack)
+        config = _quantized(replace(source), quantize, "the config")
+        return _random(config, dtype or jnp.float32, mesh, rules, seed, unstack)
     name = str(source)
     if not _looks_like_path(name) and name in EMBEDDED_MODELS:
         name = str(EMBEDDED_MODELS[name])
     if not _looks_like_path(name) and name in list_models():
-        return _random(get_config(name), dtype or jnp.float32, mesh, rules, seed, unstack)
+        config = _quantized(get_config(name), quantize, name)
+        return _random(config, dtype or jnp.float32, mesh, rules, seed, unstack)
     if not _looks_like_path(name):
         try:
             get_config(name)  # raises with close matches
         except UnknownModelError as err:
             raise UnknownModelError(f"{err} (and no directory named {name!r} exists)") from None
     path = Path(name).expanduser()
-    config = orbax_io.read_config(path)
-    graphdef, abstract_state = nnx.split(models.abstract(config), nnx.Param)
+    stored_config = orbax_io.read_config(path)
+    config = _quantized(stored_config, quantize, str(path))
+    graphdef, abstract_state = nnx.split(models.abstract(stored_config), nnx.Param)
     _check_layout(path, abstract_state)
     shardings = None
     if mesh is not None:
         from vishwam_jax.sharding import param_shardings
 
-        shardings = orbax_io.to_disk_tree(nnx.to_pure_dict(param_shardings(abstract_state, mesh, rules, config)))
+        shardings = param_shardings(abstract_state, mesh, rules, stored_config)
+        shardings = orbax_io.to_disk_tree(nnx.to_pure_dict(shardings))
     stored = orbax_io.restore_params(path, dtype=dtype, shardings=shardings)
     nnx.replace_by_pure_dict(abstract_state, orbax_io.from_disk_tree(stored))
-    params = stack.unstack_layers(abstract_state, delete_stacked=True) if unstack else abstract_state
+    graphdef, params = _quantize_if_asked(abstract_state, graphdef, stored_config, config, mesh, rules)
+    params = stack.unstack_layers(params, delete_stacked=True) if unstack else params
     return Model(nnx.merge(graphdef, params), load_tokenizer(config, path))
 
 
-def _random(config, dtype, mesh, rules, seed: int, unstack: bool) -> Model:
-    def init() -> nnx.State:
-        return nnx.state(models.build(config, rngs=nnx.Rngs(seed), dtype=dtype), nnx.Param)
+def _quantized(config, quantize: str | None, where: str):
+    """The config of the model to return: `config` with `quantize` applied to a float model; a model
+    already stored quantized keeps its format and cannot become another."""
+    if quantize is None or config.quantization == quantize:
+        return config
+    if config.quantization != "none":
+        raise QuantizationError(
+            f"{where} is stored quantized as {config.quantization} (config.json); it cannot be loaded as "
+            f"{quantize}: convert the float checkpoint with quantize={quantize!r}, or load it without quantize"
+        )
+    return replace(config, quantization=quantize)
 
-    graphdef, abstract_state = nnx.split(models.abstract(config, dtype), nnx.Param)
+
+def _quantize_if_asked(
+    params: nnx.State, graphdef: nnx.GraphDef, float_config, config, mesh, rules
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params) of `config`'s model: float `params` quantized when `config` says so and
+    `float_config` does not; otherwise as they are."""
+    if config.quantization == float_config.quantization:
+        return graphdef, params
+    graphdef, target = nnx.split(models.abstract(config), nnx.Param)
+    quantization = Quantization.of(config)
+    quantize = lambda p: quantize_params(p, target, quantization)  # noqa: E731
     if mesh is not None:
         from vishwam_jax.sharding import param_shardings
 
-        params = jax.jit(init, out_shardings=param_shardings(abstract_state, mesh, rules, config))()
+        return graphdef, jax.jit(quantize, out_shardings=param_shardings(target, mesh, rules, config))(params)
+    return graphdef, jax.jit(quantize)(params)
+
+
+def _random(config, dtype, mesh, rules, seed: int, unstack: bool) -> Model:
+    """Seeded random weights; a quantized config gets its float model's weights, quantized."""
+    float_config = replace(config, quantization="none")
+
+    def init() -> nnx.State:
+        return nnx.state(models.build(float_config, rngs=nnx.Rngs(seed), dtype=dtype), nnx.Param)
+
+    graphdef, abstract_state = nnx.split(models.abstract(float_config, dtype), nnx.Param)
+    if mesh is not None:
+        from vishwam_jax.sharding import param_shardings
+
+        params = jax.jit(init, out_shardings=param_shardings(abstract_state, mesh, rules, float_config))()
     else:
         params = jax.jit(init)()
+    graphdef, params = _quantize_if_asked(params, graphdef, float_config, config, mesh, rules)
     if unstack:
         params = stack.unstack_layers(params, delete_stacked=True)
     return Model(nnx.merge(graphdef, params), load_tokenizer(config))

@@ -77,13 +77,14 @@ class Model:
 
         chunk: decode this many tokens per compiled call, handing each block to `on_tokens`.
         on_compile: called with "prefill" or "decode" before each compilation (seconds, once per shape).
-        paged_blocks: keep the latent cache in a pool of this many 64-token pages
-        (inference/paged_cache.py) instead of `batch x (longest prompt + max_new_tokens)` slots:
-        each row takes only the pages its own prompt + max_new_tokens need, so a batch mixing short
-        and long prompts needs far less cache memory. The tokens are the same as without it. Families
-        with a paged cache only (DeepSeek-V3; others raise ValueError); a pool too small for the batch
-        raises paged_cache.CacheFullError before anything runs. The pages go back to the pool when
-        the call returns.
+        paged_blocks: keep the cache in a pool of this many 64-token pages (inference/paged_cache.py)
+        instead of `batch x (longest prompt + max_new_tokens)` slots: each row takes only the pages
+        its own prompt + max_new_tokens need, so a batch mixing short and long prompts needs far less
+        cache memory. The tokens are the same as without it. Every built-in family pages (DeepSeek-V3
+        its MLA latents, Gemma its global layers' K/V, Grok-1 every layer's K/V); a family without
+        `capabilities.paged_cache` raises ValueError. A pool too small for the batch raises
+        paged_cache.CacheFullError before anything runs. The pages go back to the pool when the
+        call returns.
         """
         sampling = SamplingParams(float(temperature), top_k, top_p)
         generator = self._generator if paged_blocks is None else self._paged_generator(paged_blocks)
@@ -106,7 +107,7 @@ class Model:
         if not self.capabilities.paged_cache:
             name = self.config.get("name") or self.config.family
             raise ValueError(
-                f"paged_blocks: {name} has no paged cache (only MLA latent caches page, i.e. DeepSeek-V3); "
+                f"paged_blocks: {name} has no paged cache (capabilities.paged_cache is off); "
                 "generate without paged_blocks"
             )
         if blocks not in self._paged_generators:

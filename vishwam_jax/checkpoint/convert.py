@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vishwam_jax.checkpoint.orbax_io import CheckpointError, writer_progress
 from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError
+from vishwam_jax.quantization import check_format
 
 # One module per source format, each with detect(src) -> bool and convert(src, dst, **options).
 _FORMATS = (
@@ -27,14 +28,27 @@ def _format_modules():
 
 
 def convert(
-    src: str | Path, dst: str | Path, *, dtype=None, overwrite: bool = False, progress: bool | None = None, **options
+    src: str | Path,
+    dst: str | Path,
+    *,
+    dtype=None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    quantize: str | None = None,
+    **options,
 ) -> Path:
     """Convert the checkpoint at `src` (format auto-detected) into the model directory `dst`.
 
     dtype: storage dtype of floating weights (default: the source's, float8 sources -> bfloat16).
     progress: a tqdm bar on stderr over the parameters written (None: only when stderr is a terminal).
-    Other keyword options are passed to the format's converter (e.g. `config=` and `keep_int8=` for Grok-1).
+    quantize: "int8" or "fp8" to store the matmul weights quantized (vishwam_jax/quantization; the
+      directory's config.json records it). DeepSeek-V3's FP8 release with "fp8" keeps its float8
+      weights and block scales as they are; Grok-1's release with "int8" keeps its int8 values where
+      their scales are per output channel. Norms, routers, embeddings stay float.
+    Other keyword options are passed to the format's converter (e.g. `config=` for the Grok-1 release).
     """
+    if quantize is not None:
+        check_format(quantize)
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if not src.exists():
         raise CheckpointError(f"source checkpoint {src} does not exist")
@@ -45,7 +59,7 @@ def convert(
     for module in _format_modules():
         if module.detect(src):
             with writer_progress(progress):
-                module.convert(src, dst, dtype=dtype, overwrite=overwrite, **options)
+                module.convert(src, dst, dtype=dtype, overwrite=overwrite, quantize=quantize, **options)
             return dst
     raise CheckpointFormatError(
         f"{src} is not a checkpoint format vishwam_jax can convert (expected a HuggingFace directory with "

@@ -23,13 +23,13 @@ at its index of the stacked `layers` leaves (presets.grok1.layer_slot), e.g.
     transformer/decoder_layer_10/moe/linear/w   ->  layers.experts.gate.kernel[10]     [L, e, d, f]
     transformer/decoder_layer_3/rms_norm/scale  ->  layers.attn_norm.scale[3]          [L, d]
 
-keep_int8=True keeps the int8 weights with per-output-channel scales (`kernel` int8 + `scale`
-float32), for the model's weight-only int8 matmuls (which scale the matmul's output); the config
-then says quantization="int8", so the model is built with those int8 weights. Scales that vary along a
-contracted (input) axis
-cannot be applied to the output, so those weights - in the release the attention output and the
-expert down projections - are requantized per output channel from their exact dense values: one
-more rounding, of at most half the new int8 step per weight.
+quantize="int8" keeps the int8 weights in our int8 format (`kernel` int8 + `kernel_scale` float32 per
+output channel, vishwam_jax/quantization), for the model's weight-only int8 matmuls (which scale the
+matmul's output); the config then says quantization="int8". Scales that vary along a contracted
+(input) axis cannot be applied to the output, so those weights - in the release the attention output
+and the expert down projections - are requantized per output channel from their exact dense values:
+one more rounding, of at most half the new int8 step per weight. quantize="fp8" quantizes the exact
+dense values in fp8 blocks. Either way one expert is processed at a time.
 """
 
 from __future__ import annotations
@@ -47,10 +47,11 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from vishwam_jax.checkpoint.orbax_io import CheckpointWriter
+from vishwam_jax.checkpoint.orbax_io import CheckpointWriter, Quantized
 from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError
 from vishwam_jax.presets import Config, ConfigError, get_config, replace
 from vishwam_jax.presets.grok1 import ffn_size, layer_slot
+from vishwam_jax.quantization import check_format
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def read_leaf(path: Path) -> np.ndarray | QuantizedWeight8bit:
 class Leaf:
     index: int  # the file tensor{index:05d}_000
     name: str  # module path / parameter name, as in the release
-    dest: tuple  # our parameter path (int8: the `kernel`, with `scale` beside it)
+    dest: tuple  # our parameter path (quantized: the `kernel`, with `kernel_scale` beside it)
     layer: int | None  # index on the stacked axis of `dest` (None: an unstacked leaf)
     shape: tuple[int, ...]  # as stored in the release
     target: tuple[int, ...]  # one layer as stored by us (heads split out)
@@ -165,10 +166,6 @@ class Leaf:
     @property
     def is_matmul(self) -> bool:
         return bool(self.contracted)
-
-    @property
-    def scale_dest(self) -> tuple:
-        return self.dest[:-1] + ("scale",)
 
 
 def leaf_plan(config) -> list[Leaf]:
@@ -399,14 +396,6 @@ def dequantize_blocks(weight: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return (weight.reshape(split).astype(np.float32) * scales.astype(np.float32).reshape(spread)).reshape(weight.shape)
 
 
-def requantize(dense: np.ndarray, contracted: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 with one scale per output channel (max |w| over the contracted axes / 127)."""
-    amax = np.max(np.abs(dense), axis=contracted, keepdims=True)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(dense / scale), -127, 127).astype(np.int8)
-    return q, scale
-
-
 def spread_scales(scales: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Repeat each block's scale over its block, giving scales of `shape` (same rank)."""
     for axis, n in enumerate(shape):
@@ -438,70 +427,48 @@ def _fields_of(leaf: Leaf) -> str:
     return "emb_size"
 
 
-def _write(writer: CheckpointWriter, config, leaf: Leaf, path: tuple, array: np.ndarray) -> None:
-    """One layer's array at its index of the stacked leaf `path` (or the unstacked leaf)."""
-    writer.write_layer(path, leaf.layer, config.num_layers, array)
+def _write(writer: CheckpointWriter, config, leaf: Leaf, sl: tuple[int, ...], array: np.ndarray | Quantized) -> None:
+    """Slice `sl` of a leaf (one expert, or () for all of it) at its layer's index of the stacked leaf
+    (or the unstacked leaf); the writer quantizes the kernels the config stores quantized."""
+    if leaf.layer is None:
+        writer.write(leaf.dest, array)
+    else:
+        lead = (config.num_layers, *leaf.target[: len(sl)])
+        writer.write_slice(leaf.dest, lead, (leaf.layer, *sl), array)
 
 
-def _write_quantized(
-    writer: CheckpointWriter, config, leaf: Leaf, q: QuantizedWeight8bit, keep_int8: bool, dtype
-) -> None:
+def _write_quantized(writer: CheckpointWriter, config, leaf: Leaf, q: QuantizedWeight8bit, dtype) -> None:
     if q.weight.shape != leaf.shape:
         raise CheckpointFormatError(
             f"leaf {leaf.index} ({leaf.name}): int8 weight shape {q.weight.shape} does not match the config "
             f"({leaf.shape}); check the config's {_fields_of(leaf)}"
         )
     scales = block_scales(leaf, q.scales)
-
-    if not (keep_int8 and leaf.is_matmul):
-        # Filled one expert at a time: no float32 copy of the whole stack.
-        out = np.empty(leaf.target, dtype)
-        for sl in _slices(leaf):
-            dense = dequantize_blocks(q.weight[sl], _scales_of_slice(scales, leaf, sl))
-            out[sl] = dense.reshape(leaf.target[len(sl) :]).astype(dtype)
-        _write(writer, config, leaf, leaf.dest, out)
-        return
-
-    def per_output_channel(sl, contracted):
+    quantized = writer.stores_quantized(leaf.dest)
+    contracted = tuple(a - len(_slices(leaf)[0]) for a in leaf.contracted)  # axes within one slice
+    for sl in _slices(leaf):  # one expert at a time: no float32 copy of a whole stack
         w, s = q.weight[sl], _scales_of_slice(scales, leaf, sl)
-        if all(s.shape[a] == 1 for a in contracted):
+        target = leaf.target[len(sl) :]
+        if quantized and config.quantization == "int8" and all(s.shape[a] == 1 for a in contracted):
             # Already one scale per output channel (or coarser): the int8 values stay exact.
-            return w, spread_scales(
+            per_channel = spread_scales(
                 s.astype(np.float32), tuple(1 if a in contracted else n for a, n in enumerate(w.shape))
             )
-        return requantize(dequantize_blocks(w, s), contracted)
-
-    _write_int8(writer, config, leaf, per_output_channel)
-
-
-def _write_int8(writer: CheckpointWriter, config, leaf: Leaf, quantize_slice) -> None:
-    """Our int8 layout: `kernel` int8 in our shape, `scale` float32 of our shape with the contracted
-    axes of size 1. quantize_slice(slice, contracted axes within it) -> (int8, scales) of one slice."""
-    slices = _slices(leaf)
-    contracted = tuple(a - len(slices[0]) for a in leaf.contracted)  # axes within one slice
-    scale_shape = tuple(1 if a in leaf.target_contracted else n for a, n in enumerate(leaf.target))
-    out_q, out_s = np.empty(leaf.target, np.int8), np.empty(scale_shape, np.float32)
-    for sl in slices:
-        w, s = quantize_slice(sl, contracted)
-        out_q[sl] = w.reshape(leaf.target[len(sl) :])
-        out_s[sl] = s.reshape(scale_shape[len(sl) :])
-    _write(writer, config, leaf, leaf.dest, out_q)
-    _write(writer, config, leaf, leaf.scale_dest, out_s)
+            scale_shape = tuple(1 if a in leaf.target_contracted else n for a, n in enumerate(leaf.target))
+            _write(writer, config, leaf, sl, Quantized(w.reshape(target), per_channel.reshape(scale_shape[len(sl) :])))
+            continue
+        dense = dequantize_blocks(w, s).reshape(target)
+        _write(writer, config, leaf, sl, dense if quantized else dense.astype(dtype))
 
 
-def _write_float(writer: CheckpointWriter, config, leaf: Leaf, obj: np.ndarray, keep_int8: bool, dtype) -> None:
-    """A plain float leaf; under keep_int8 a matmul weight stored dense is quantized per output
-    channel, since the int8 model has int8 weights in every matmul."""
-    if keep_int8 and leaf.is_matmul:
-        _write_int8(writer, config, leaf, lambda sl, contracted: requantize(obj[sl].astype(np.float32), contracted))
+def _write_float(writer: CheckpointWriter, config, leaf: Leaf, obj: np.ndarray, dtype) -> None:
+    """A plain float leaf; a matmul weight the config stores quantized is quantized by the writer."""
+    if writer.stores_quantized(leaf.dest):
+        for sl in _slices(leaf):
+            _write(writer, config, leaf, sl, obj[sl].astype(np.float32).reshape(leaf.target[len(sl) :]))
         return
-    _write(
-        writer,
-        config,
-        leaf,
-        leaf.dest,
-        obj.reshape(leaf.target).astype(np.dtype(dtype) if dtype is not None else obj.dtype, copy=False),
-    )
+    out = obj.reshape(leaf.target).astype(np.dtype(dtype) if dtype is not None else obj.dtype, copy=False)
+    _write(writer, config, leaf, (), out)
 
 
 # -- conversion -----------------------------------------------------------------------------------
@@ -512,7 +479,7 @@ def convert(
     dtype=None,
     overwrite: bool = False,
     config: str | Mapping | ml_collections.ConfigDict = "grok-1",
-    keep_int8: bool = False,
+    quantize: str | None = None,
 ) -> None:
     """Convert the Grok-1 release at `src` (the directory holding ckpt-0/, or ckpt-0 itself).
 
@@ -523,14 +490,15 @@ def convert(
       the release's compute dtype), plain float leaves keep their own dtype unless it is given.
     config: a preset name (default "grok-1"), a config, or a dict of overrides in the release's
       field names (see RELEASE_FIELDS), optionally with "preset" naming the base.
-    keep_int8: keep QuantizedWeight8bit matmul weights as int8 + per-output-channel scales (the
-      config says quantization="int8": the model runs weight-only int8); embeddings, norms and the
-      router are always float.
+    quantize: "int8" keeps QuantizedWeight8bit matmul weights as int8 + per-output-channel scales,
+      "fp8" quantizes them in fp8 blocks (the config says which: the model runs weight-only
+      quantized matmuls); embeddings, norms and the router are always float.
     """
     src, dst = Path(src), Path(dst)
     c = resolve_config(config)
-    # The release's tokenizer.model, whatever a small preset used; the model built with int8 weights or not.
-    c = _validated(lambda: replace(c, tokenizer="sentencepiece", quantization="int8" if keep_int8 else "none"))
+    # The release's tokenizer.model, whatever a small preset used; the model built quantized or not.
+    fmt = "none" if quantize is None else check_format(quantize)
+    c = _validated(lambda: replace(c, tokenizer="sentencepiece", quantization=fmt))
     plan = leaf_plan(c)
     ckpt, files = leaf_files(src, len(plan))
     dequant_dtype = np.dtype(dtype) if dtype is not None else np.dtype(ml_dtypes.bfloat16)
@@ -539,14 +507,14 @@ def convert(
         for leaf, path in zip(plan, files):
             obj = read_leaf(path)
             if isinstance(obj, QuantizedWeight8bit):
-                _write_quantized(writer, c, leaf, obj, keep_int8, dequant_dtype)
+                _write_quantized(writer, c, leaf, obj, dequant_dtype)
             else:
                 if obj.shape != leaf.shape:
                     raise CheckpointFormatError(
                         f"leaf {leaf.index} ({leaf.name}, {path.name}): shape {obj.shape} does not match the config "
                         f"({leaf.shape}); check the config's {_fields_of(leaf)}"
                     )
-                _write_float(writer, c, leaf, obj, keep_int8, dtype)
+                _write_float(writer, c, leaf, obj, dtype)
             logger.info("converted leaf %d/%d %s", leaf.index + 1, len(plan), leaf.name)
             del obj
         tokenizer = _tokenizer_file(src, ckpt)

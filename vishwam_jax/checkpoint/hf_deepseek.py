@@ -16,6 +16,14 @@ MTP depths each form a stack whose leaves have the layer on a leading axis (pres
 one (layer, expert) slice at a time, so peak memory is about one expert (plus one zarr chunk), never
 one layer. PyTorch weights are [out, in]; ours [in, out] with heads as their own axis (models/mla.py
 lists the layout).
+
+quantize="fp8" on the release keeps its float8 values and block scales bit for bit: our kernels are
+the release's matrices transposed, with the heads' dimensions split out of the flattened rows or
+columns, so each kernel's matrix view (vishwam_jax/quantization) is the release's matrix transposed
+and its block grid is `weight_scale_inv` transposed. The one exception is kv_b_proj, which we split
+into W_k_b and W_v_b per head: its blocks split with it when qk_nope_head_dim and v_head_dim are
+multiples of the block's columns (the release: 128, 128, 128), and otherwise those two are
+requantized from their exact dequantized values (logged). Any other quantize dequantizes first.
 """
 
 from __future__ import annotations
@@ -34,10 +42,11 @@ from vishwam_jax.checkpoint.hf_common import (
     rope_settings,
     storage_dtype,
 )
-from vishwam_jax.checkpoint.orbax_io import CheckpointError, CheckpointWriter
+from vishwam_jax.checkpoint.orbax_io import CheckpointWriter, Quantized
 from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError, SafetensorsIndex
 from vishwam_jax.presets import ConfigError, from_dict
 from vishwam_jax.presets.deepseek_v3 import deepseek_v3_base, layer_slot, mtp_slot
+from vishwam_jax.quantization import check_format
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +162,10 @@ def _config_fields(hf: dict, where: str):
     return c
 
 
+def _is_fp8(source: SafetensorsIndex) -> bool:
+    return any(name.endswith("weight_scale_inv") for name in source.names())
+
+
 def _block_size(hf: dict) -> tuple[int, int]:
     q = hf.get("quantization_config") or {}
     if q and q.get("quant_method") not in (None, "fp8"):
@@ -162,8 +175,7 @@ def _block_size(hf: dict) -> tuple[int, int]:
 
 
 # -- tensors ---------------------------------------------------------------------------------------
-def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int], name: str = "tensor") -> np.ndarray:
-    """float32 w[i, j] * scale_inv[i // b0, j // b1]; the last block of each axis may be partial."""
+def _check_grid(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int], name: str) -> None:
     if w.ndim != 2 or scale_inv.ndim != 2:
         raise CheckpointFormatError(
             f"{name}: block-quantized weights must be 2-D (got {w.shape}, scales {scale_inv.shape})"
@@ -175,12 +187,18 @@ def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int],
             f"{name}: weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} for a {w.shape} weight "
             f"in {block[0]}x{block[1]} blocks"
         )
+
+
+def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int], name: str = "tensor") -> np.ndarray:
+    """float32 w[i, j] * scale_inv[i // b0, j // b1]; the last block of each axis may be partial."""
+    _check_grid(w, scale_inv, block, name)
+    rows, cols = w.shape
     scales = np.repeat(np.repeat(np.asarray(scale_inv, np.float32), block[0], axis=0), block[1], axis=1)
     return np.asarray(w, np.float32) * scales[:rows, :cols]
 
 
 class _Tensors:
-    """Tensors by name, float8 ones dequantized; `dtype` of each is the one it is stored in."""
+    """Tensors by name, float8 ones dequantized (or kept); `dtype` of each is the one it is stored in."""
 
     def __init__(self, index: SafetensorsIndex, block: tuple[int, int], dtype):
         self.index, self.block, self.dtype = index, block, dtype
@@ -188,8 +206,12 @@ class _Tensors:
     def __contains__(self, name: str) -> bool:
         return name in self.index
 
-    def get(self, name: str, shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.dtype]:
-        """(array, storage dtype); `shape` is checked against the source tensor (PyTorch layout)."""
+    def get(
+        self, name: str, shape: tuple[int, ...] | None = None, *, keep_fp8: bool = False
+    ) -> tuple[np.ndarray | Quantized, np.dtype]:
+        """(array, storage dtype); `shape` is checked against the source tensor (PyTorch layout).
+        keep_fp8: a block-quantized tensor comes back as it is stored, Quantized(float8 [out, in],
+        scale_inv [out blocks, in blocks])."""
         if name not in self.index:
             raise CheckpointFormatError(f"{self.index.directory}: tensor {name!r} is missing")
         w = self.index.get(name)
@@ -198,19 +220,46 @@ class _Tensors:
         out_dtype = storage_dtype(w, self.dtype)
         scale_name = name.removesuffix("weight") + "weight_scale_inv"
         if scale_name in self.index:
-            return dequantize_fp8(w, self.index.get(scale_name), self.block, name), out_dtype
+            scale_inv = self.index.get(scale_name)
+            if keep_fp8 and w.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+                _check_grid(w, scale_inv, self.block, name)
+                return Quantized(np.asarray(w), np.asarray(scale_inv, np.float32)), out_dtype
+            return dequantize_fp8(w, scale_inv, self.block, name), out_dtype
         if w.dtype in _FP8:
             raise CheckpointFormatError(f"{name} is float8 but {scale_name} is missing")
         return w, out_dtype
 
 
-def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> None:
+def _transposed(q: Quantized, transform) -> Quantized:
+    """A kept FP8 [out, in] tensor in our layout: the values transformed as a float weight would be
+    (transposed, heads split out of a flattened side), the block grid transposed."""
+    return Quantized(transform(q.values), np.ascontiguousarray(q.scale.T))
+
+
+def _split_kv_b(q: Quantized, transform, h: int, nope: int, vd: int, block_cols: int, part: str) -> Quantized | None:
+    """W_k_b (part "k") or W_v_b ("v") of a kept FP8 kv_b_proj, whose rows are per head [nope ; v]:
+    the block grid split the same way, or None when a block straddles the split."""
+    if nope % block_cols or vd % block_cols:
+        return None
+    scale = q.scale.T.reshape(q.scale.shape[1], h, (nope + vd) // block_cols)
+    cut = nope // block_cols
+    scale = scale[..., :cut] if part == "k" else scale[..., cut:]
+    return Quantized(transform(q.values), np.ascontiguousarray(scale.reshape(scale.shape[0], -1)))
+
+
+def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False, quantize: str | None = None) -> None:
     src = Path(src)
     hf = read_hf_config(src)
     where = str(src / "config.json")
     fields = _config_fields(hf, where)
     source = SafetensorsIndex(src)
-    tensors = _Tensors(source, _block_size(hf), dtype)
+    block = _block_size(hf)
+    tensors = _Tensors(source, block, dtype)
+    if quantize is not None:
+        fields.quantization = check_format(quantize)
+        # The release's [out, in] blocks are [in, out] blocks of our kernels' matrices.
+        fields.quantization_block = (block[1], block[0]) if quantize == "fp8" and _is_fp8(source) else (128, 128)
+    keep_fp8 = quantize == "fp8"
     mtp_first = fields.num_layers
     if fields.num_mtp_layers and f"model.layers.{mtp_first}.eh_proj.weight" not in source:
         log.info(
@@ -227,12 +276,23 @@ def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> Non
     e, fe = config.num_experts, config.moe_ffn_dim
 
     with CheckpointWriter(dst, config, overwrite=overwrite) as writer:
-        expert_stores: dict[tuple, tuple] = {}  # [L, E, ...] leaves being filled: (store, written (layer, expert))
 
-        def put(path, name, shape, transform=lambda w: w, force_dtype=None, *, index=None, count=0):
+        def our_layout(path, name, shape, transform, force_dtype=None, kept=_transposed):
+            """A tensor in our layout: a float array, or Quantized as the release stores it when
+            `path` is a kernel we keep in FP8 (`kept` maps its grid; None from it: dequantize instead)."""
+            keep = keep_fp8 and writer.stores_quantized(path)
+            w, out_dtype = tensors.get(name, shape, keep_fp8=keep)
+            if isinstance(w, Quantized):
+                q = kept(w, lambda a: np.ascontiguousarray(transform(a)))
+                if q is not None:
+                    return q
+                log.info("%s: fp8 blocks straddle the per-head split; requantizing it from its exact values", name)
+                w, out_dtype = tensors.get(name, shape)
+            return np.ascontiguousarray(transform(w)).astype(force_dtype or out_dtype)
+
+        def put(path, name, shape, transform=lambda w: w, force_dtype=None, *, index=None, count=0, kept=_transposed):
             """One tensor, transformed to our layout, at `index` of the stacked leaf `path` (or unstacked)."""
-            w, out_dtype = tensors.get(name, shape)
-            writer.write_layer(path, index, count, np.ascontiguousarray(transform(w)).astype(force_dtype or out_dtype))
+            writer.write_layer(path, index, count, our_layout(path, name, shape, transform, force_dtype, kept))
 
         def put_experts(path, L, proj, shape, transform, index, count):
             """model.layers.N.mlp.experts.{0..E-1}.<proj>.weight into slices [index, 0..E-1] of the
@@ -246,19 +306,10 @@ def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> Non
                         raise CheckpointFormatError(
                             f"{fused}: expert shape {tuple(w.shape)} does not match the config ({shape})"
                         )
+                    out = np.ascontiguousarray(transform(w)).astype(out_dtype)
                 else:
-                    w, out_dtype = tensors.get(f"{L}mlp.experts.{i}.{proj}.weight", shape)
-                out = np.ascontiguousarray(transform(w)).astype(out_dtype)
-                if path not in expert_stores:
-                    expert_stores[path] = (writer.create(path, (count, e) + out.shape, out.dtype), set())
-                store, written = expert_stores[path]
-                if tuple(store.shape[2:]) != out.shape:
-                    raise CheckpointFormatError(
-                        f"{L}mlp.experts.{i}.{proj}: shape {out.shape} does not fit {tuple(store.shape)}"
-                    )
-                store[index, i].write(out.astype(store.dtype.numpy_dtype)).result()
-                writer.advance(out.size)
-                written.add((index, i))
+                    out = our_layout(path, f"{L}mlp.experts.{i}.{proj}.weight", shape, transform)
+                writer.write_slice(path, (count, e), (index, i), out)
 
         def put_layer(prefix: tuple, L: str, moe: bool, index: int, count: int):
             def p(path, name, shape, transform=lambda w: w, force_dtype=None):
@@ -287,8 +338,17 @@ def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> Non
             p(a + ("kv_norm", "scale"), "self_attn.kv_a_layernorm.weight", (r,))
             # kv_b_proj rows are per head [k_nope (nope) ; v (v_head_dim)]; split for absorption.
             kv_b = lambda w: w.T.reshape(r, h, nope + vd)  # noqa: E731
-            p(a + ("wk_b", "kernel"), "self_attn.kv_b_proj.weight", (h * (nope + vd), r), lambda w: kv_b(w)[..., :nope])
-            p(a + ("wv_b", "kernel"), "self_attn.kv_b_proj.weight", (h * (nope + vd), r), lambda w: kv_b(w)[..., nope:])
+            cols = config.quantization_block[1]
+            for part, sl in (("k", np.s_[..., :nope]), ("v", np.s_[..., nope:])):
+                put(
+                    prefix + a + (f"w{part}_b", "kernel"),
+                    L + "self_attn.kv_b_proj.weight",
+                    (h * (nope + vd), r),
+                    lambda w, sl=sl: kv_b(w)[sl],
+                    index=index,
+                    count=count,
+                    kept=lambda q, t, part=part: _split_kv_b(q, t, h, nope, vd, cols, part),
+                )
             p(a + ("wo", "kernel"), "self_attn.o_proj.weight", (d, h * vd), lambda w: w.T.reshape(h, vd, d))
             p(("mlp_norm", "scale"), "post_attention_layernorm.weight", (d,))
             if not moe:
@@ -325,10 +385,4 @@ def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> Non
             put(prefix + ("eh_proj", "kernel"), L + "eh_proj.weight", (d, 2 * d), lambda w: w.T, index=at, count=count)
             put(prefix + ("norm", "scale"), L + "shared_head.norm.weight", (d,), index=at, count=count)
             put_layer(prefix + ("block",), L, True, at, count)
-        for path, (store, written) in expert_stores.items():
-            if len(written) != store.shape[0] * store.shape[1]:
-                raise CheckpointError(
-                    f"{'.'.join(path)}: {store.shape[0] * store.shape[1] - len(written)} expert slices were "
-                    "never written"
-                )
         copy_tokenizer_files(src, writer)

@@ -20,8 +20,9 @@ from vishwam_jax.checkpoint.hf_common import (
 )
 from vishwam_jax.checkpoint.orbax_io import CheckpointWriter
 from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError, SafetensorsIndex
-from vishwam_jax.presets import ConfigError, from_dict
+from vishwam_jax.presets import ConfigError, from_dict, replace
 from vishwam_jax.presets.gemma import attention_period, gemma_base, layer_slot
+from vishwam_jax.quantization import check_format
 
 _MODEL_TYPES = {"gemma": 1, "gemma2": 2, "gemma3_text": 3, "gemma3": 3}
 # Where the decoder's tensors live, by architecture: text-only or inside a multimodal checkpoint.
@@ -156,9 +157,11 @@ def _prefix(index: SafetensorsIndex) -> str:
     raise CheckpointFormatError(f"{index.directory}: no embed_tokens.weight under any of {_PREFIXES}")
 
 
-def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False) -> None:
+def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False, quantize: str | None = None) -> None:
     hf = read_hf_config(src)
     config = config_from_hf(hf)
+    if quantize is not None:  # the writer quantizes every kernel the model stores quantized
+        config = replace(config, quantization=check_format(quantize))
     if hf.get("tie_word_embeddings") is False:
         raise CheckpointFormatError(f"{src}: untied output embeddings are not a Gemma checkpoint")
     tensors = SafetensorsIndex(src)

@@ -55,8 +55,9 @@ from vishwam_jax.checkpoint.hf_common import (
 )
 from vishwam_jax.checkpoint.orbax_io import CheckpointWriter
 from vishwam_jax.checkpoint.safetensors_io import CheckpointFormatError, SafetensorsIndex
-from vishwam_jax.presets import Config, ConfigError, from_dict
+from vishwam_jax.presets import Config, ConfigError, from_dict, replace
 from vishwam_jax.presets.grok1 import grok1_base, layer_slot
+from vishwam_jax.quantization import check_format
 
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -245,12 +246,16 @@ def _check_tied(index: SafetensorsIndex | TorchBinIndex, embed_name: str, rows: 
             )
 
 
-def convert(src: Path, dst: Path, *, dtype=None, overwrite: bool = False, **options) -> None:
+def convert(
+    src: Path, dst: Path, *, dtype=None, overwrite: bool = False, quantize: str | None = None, **options
+) -> None:
     if options:
-        # config=/keep_int8= belong to the release's format: these ports ship config.json and dense weights.
+        # config= belongs to the release's format: these ports ship config.json and dense weights.
         raise CheckpointFormatError(f"option(s) {', '.join(sorted(options))} do not apply to HF-format Grok-1 ports")
     src, dst = Path(src), Path(dst)
     config = config_from_hf(read_hf_config(src))
+    if quantize is not None:  # the writer quantizes every kernel the model stores quantized
+        config = replace(config, quantization=check_format(quantize))
     index = SafetensorsIndex(src) if has_safetensors(src) else TorchBinIndex(src)
     names = LAYOUTS[_layout(index)]
     d, h, kh, hd = config.d_model, config.num_heads, config.num_kv_heads, config.head_dim

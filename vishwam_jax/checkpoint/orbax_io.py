@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import nnx
+
+from vishwam_jax.quantization import SCALE_NAME, MatrixDims, Quantization, keeps_stored_dtype, quantize, scale_shape
 
 COMPLETE_MARKER = "VISHWAM_COMPLETE"
 
@@ -105,13 +107,26 @@ def _chunk_shape(shape: tuple[int, ...], itemsize: int) -> list[int]:
     return [max(c, 1) for c in chunk] or [1]
 
 
+class Quantized(NamedTuple):
+    """A kernel already quantized in the config's format (e.g. the FP8 release's own values and
+    block scales), written as it is: `values` in the kernel's layout, `scale` as the format lays it out."""
+
+    values: np.ndarray
+    scale: np.ndarray
+
+
 class CheckpointWriter:
     """Write a model directory leaf by leaf; use as a context manager so failures clean up.
 
     with CheckpointWriter(dst, config) as w:
         w.write(("embed",), array)
-        arr = w.create(("layers", 3, "moe", "w_up"), shape, dtype); arr[e] = expert_e
+        w.write_layer(("layers", "attn", "q", "kernel"), 3, num_layers, array)   # layer 3 of a stack
+        w.write_slice(("moe_layers", "experts", "up", "kernel"), (layers, experts), (3, e), expert_e)
         w.copy_file(tokenizer_path)
+
+    With a quantized config (config.quantization), every kernel the model stores quantized is
+    quantized as it is written (float arrays in, values + `kernel_scale` out, slice by slice), or
+    taken as it is when handed over `Quantized`; converters need to know nothing more.
     """
 
     def __init__(self, dst: str | Path, config: ml_collections.ConfigDict, *, overwrite: bool = False):
@@ -121,7 +136,9 @@ class CheckpointWriter:
         self.tmp = self.dst.parent / f".{self.dst.name}.partial-{uuid.uuid4().hex[:8]}"
         self._arrays = self.tmp / "arrays"
         self._leaves: dict[tuple, tuple[tuple[int, ...], np.dtype]] = {}
-        self._stacks: dict[tuple, tuple[ts.TensorStore, set[int]]] = {}  # stacked leaves being filled
+        self._stacks: dict[tuple, tuple[ts.TensorStore, set[tuple[int, ...]]]] = {}  # leaves filled by slices
+        self.quantization = Quantization.of(config)
+        self._quantized = _quantized_kernels(config) if self.quantization is not None else {}
         self._overwrite = overwrite
         self.tensors_written = 0  # every write, stacked layer and advance() call
         self.params_written = 0
@@ -183,30 +200,63 @@ class CheckpointWriter:
             create=True,
         ).result()
 
-    def write(self, path: tuple, array: np.ndarray) -> None:
-        array = np.asarray(array)
-        store = self.create(path, array.shape, array.dtype)
-        store.write(array).result()
-        self.advance(array.size)
+    def write(self, path: tuple, array: np.ndarray | Quantized) -> None:
+        self.write_slice(path, (), (), array)
 
-    def write_layer(self, path: tuple, index: int | None, count: int, array: np.ndarray) -> None:
+    def write_layer(self, path: tuple, index: int | None, count: int, array: np.ndarray | Quantized) -> None:
         """Write one layer's `array` at `index` of the stacked leaf `path` ([count, *array.shape],
-        created on first use); index None writes an unstacked leaf. Finalizing checks that every
-        index of every stacked leaf was written."""
+        created on first use); index None writes an unstacked leaf."""
         if index is None:
             self.write(path, array)
-            return
-        array = np.asarray(array)
+        else:
+            self.write_slice(path, (count,), (index,), array)
+
+    def stores_quantized(self, path: tuple) -> bool:
+        """Whether the leaf `path` is a kernel the config stores quantized."""
+        return tuple(path) in self._quantized
+
+    def write_slice(
+        self, path: tuple, lead: tuple[int, ...], index: tuple[int, ...], array: np.ndarray | Quantized
+    ) -> None:
+        """Write `array` at `index` of the leaf `path` of shape [*lead, *array.shape] (created on first
+        use; lead () writes the whole leaf). Finalizing checks that every index was written. A kernel
+        the config stores quantized is quantized here, slice by slice: its leading dimensions (layers,
+        experts) are a batch for every format, so slices quantize as the whole would."""
         path = tuple(path)
+        dims = self._quantized.get(path)
+        if dims is None:
+            if isinstance(array, Quantized):
+                raise CheckpointError(f"{_leaf_name(path)} is not a kernel this config stores quantized")
+            self._write_part(path, lead, index, np.asarray(array))
+            return
+        q = self.quantization
+        if isinstance(array, Quantized):
+            values, scale = np.asarray(array.values), np.asarray(array.scale, np.float32)
+            expected = scale_shape(q.format, values.shape, dims, q.block)
+            if values.dtype != q.storage_dtype or scale.shape != expected:
+                raise CheckpointError(
+                    f"{_leaf_name(path)}: {values.dtype} values with scales {scale.shape} are not {q.format} "
+                    f"(expected {q.storage_dtype} and scales {expected})"
+                )
+        else:
+            values, scale = quantize(np.asarray(array), q.format, dims, q.block, xp=np)
+        self._write_part(path, lead, index, values)
+        self._write_part(path[:-1] + (SCALE_NAME,), lead, index, scale)
+
+    def _write_part(self, path: tuple, lead: tuple[int, ...], index: tuple[int, ...], array: np.ndarray) -> None:
+        if not lead:
+            store = self.create(path, array.shape, array.dtype)
+            store.write(array).result()
+            self.advance(array.size)
+            return
         if path not in self._stacks:
-            self._stacks[path] = (self.create(path, (count, *array.shape), array.dtype), set())
+            self._stacks[path] = (self.create(path, (*lead, *array.shape), array.dtype), set())
         store, done = self._stacks[path]
-        if tuple(store.shape[1:]) != array.shape or not 0 <= index < count:
-            raise ValueError(
-                f"layer {index} of {_leaf_name(path)}: shape {array.shape} does not fit {tuple(store.shape)}"
-            )
+        fits = tuple(store.shape) == (*lead, *array.shape) and len(index) == len(lead)
+        if not fits or not all(0 <= i < n for i, n in zip(index, lead)):
+            raise ValueError(f"{index} of {_leaf_name(path)}: shape {array.shape} does not fit {tuple(store.shape)}")
         if index in done:
-            raise ValueError(f"layer {index} of {_leaf_name(path)} written twice")
+            raise ValueError(f"{index} of {_leaf_name(path)} written twice")
         store[index].write(array.astype(store.dtype.numpy_dtype)).result()
         done.add(index)
         self.advance(array.size)
@@ -218,9 +268,11 @@ class CheckpointWriter:
         if not self._leaves:
             raise CheckpointError("no parameters were written")
         for path, (store, done) in self._stacks.items():
-            if len(done) != store.shape[0]:
-                absent = sorted(set(range(store.shape[0])) - done)
-                raise CheckpointError(f"{_leaf_name(path)}: layers {absent[:8]} were never written")
+            lead = len(next(iter(done)))
+            expected = set(np.ndindex(*store.shape[:lead]))
+            if done != expected:
+                absent = sorted(expected - done)
+                raise CheckpointError(f"{_leaf_name(path)}: slices {absent[:8]} were never written")
         if jax.process_count() > 1:
             # Orbax's save below is collective: a writer run by one process of a multi-process job
             # would wait forever for the others.
@@ -241,6 +293,20 @@ class CheckpointWriter:
         if self.dst.exists():
             shutil.rmtree(self.dst)
         os.replace(self.tmp, self.dst)
+
+
+def _quantized_kernels(config) -> dict[tuple, MatrixDims]:
+    """The path and matrix dims of every kernel the model of `config` stores quantized (built
+    abstractly: the model says which weights it quantizes, not the converter)."""
+    from vishwam_jax import models
+    from vishwam_jax.quantization import is_storage_dtype
+
+    _, state = nnx.split(models.abstract(config), nnx.Param)
+    return {
+        tuple(path): tuple(v.get_metadata()["matrix_dims"])
+        for path, v in nnx.to_flat_state(state)
+        if is_storage_dtype(v.get_value().dtype)
+    }
 
 
 def _param_count(config) -> int | None:
@@ -296,8 +362,10 @@ def from_disk_tree(tree: Any) -> Any:
 
 
 def _zarr_dtype(dtype: np.dtype) -> str:
-    if dtype == jnp.bfloat16:
-        return "bfloat16"
+    # ml_dtypes' types have no numpy type string (theirs reads as raw bytes, "|V1"); tensorstore's
+    # zarr driver, and so Orbax, name them.
+    if dtype in (np.dtype(jnp.bfloat16), np.dtype(jnp.float8_e4m3fn)):
+        return dtype.name
     return dtype.str
 
 
@@ -459,7 +527,8 @@ def param_shapes(path: str | Path) -> Any:
 
 
 def restore_params(path: str | Path, *, dtype=None, shardings: Any = None) -> Any:
-    """Restore parameters, casting floating leaves to `dtype` (int8 weights stay int8).
+    """Restore parameters, casting floating leaves to `dtype` (quantized values and their float32
+    scales stay as stored: vishwam_jax/quantization).
 
     `shardings`: a tree of jax.sharding.Sharding matching the parameters (or None for one device);
     Orbax then reads on each host only the slices of its own devices.
@@ -469,11 +538,12 @@ def restore_params(path: str | Path, *, dtype=None, shardings: Any = None) -> An
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: device, shapes)
 
-    def target(s, sharding):
-        cast = dtype is not None and jnp.issubdtype(s.dtype, jnp.floating)
+    def target(key, s, sharding):
+        name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key)
+        cast = dtype is not None and jnp.issubdtype(s.dtype, jnp.floating) and not keeps_stored_dtype(name, s.dtype)
         return ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype if cast else s.dtype, global_shape=s.shape)
 
-    restore_args = jax.tree_util.tree_map(target, shapes, shardings)
+    restore_args = jax.tree_util.tree_map_with_path(target, shapes, shardings)
     try:
         return ocp.PyTreeCheckpointer().restore(
             Path(path).absolute() / "params", args=ocp.args.PyTreeRestore(restore_args=restore_args)

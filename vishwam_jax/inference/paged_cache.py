@@ -1,20 +1,26 @@
-"""A paged latent cache: fixed-size pages (64 tokens, FlashMLA's page) in one pool per layer, a
-host-side allocator, and one block table per sequence.
+"""A paged cache: fixed-size pages (64 tokens, FlashMLA's page) in one pool per layer, a host-side
+allocator, and one block table per sequence.
 
 A contiguous cache gives every row of a batch `max_len` slots, so a batch mixing a 50-token and a
 30K-token request pays 30K slots for both. Here a sequence owns only the pages its tokens need:
 
-    pool (per layer)   [num_blocks, page, 576]        shared by every sequence
+    pool (per layer)   [num_blocks, page, ...]        shared by every sequence: MLA's latents
+                                                      [.., 576], GQA's keys and values
+                                                      [.., kv_heads, head_dim]
     block table        [batch, max_blocks] int32      row b's token t lives at
                                                       pool[table[b, t // page], t % page]
 
 `BlockAllocator` hands out page ids from a free list (host side: allocation happens between
 compiled calls, e.g. reserving prompt + max_new_tokens pages per request before a generate call,
 and freeing them when the request ends). `PagedCache` tracks which pages each sequence owns and
-builds the block-table array fed to the model; `mla_attention.mla_decode(..., block_table=)` reads
-the pool through it, and `write_tokens` (jit-able) scatters new latents into their pages. A family
-with a paged cache (`capabilities.paged_cache`) builds its stacked pools in `init_paged_cache`
-(DeepSeek-V3: [layers, num_blocks, page, 576] per stack, one block table for every layer).
+builds the block-table array fed to the model; `write_tokens` (jit-able) scatters new tokens into
+their pages and `gather_tokens` reads a row's pages back as one contiguous view
+(`mla_attention.mla_decode(..., block_table=)` reads the latent pool through the table directly).
+A family with a paged cache (`capabilities.paged_cache`) builds its stacked pools in
+`init_paged_cache`, one block table for every layer (DeepSeek-V3: [layers, num_blocks, page, 576]
+per stack; Gemma's global layers and Grok-1: K and V [layers, num_blocks, page, kv_heads, head_dim]);
+a scanned stack reads and writes them as one pool of layers x num_blocks pages (`merge_layer_pools`,
+`layer_block_table`; models/stack.py `scan_paged`).
 
 Unused table entries hold `num_blocks`, an out-of-range id: a write aimed there is dropped by the
 scatter (it can never land in another sequence's page) and the attention never reads entries past
@@ -24,10 +30,12 @@ a row's length.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Int, Shaped
 
 PAGE = 64  # tokens per page: FlashMLA's block size, and a multiple of the Pallas kernels' tiles
 
@@ -128,21 +136,30 @@ class PagedCache:
         return table
 
 
-def init_pool(num_blocks: int, width: int, dtype=jnp.bfloat16, page: int = PAGE) -> Float[Array, "nb page c"]:
-    """One layer's page pool, zero-filled (finite, so any implementation may read unused slots)."""
-    return jnp.zeros((num_blocks, page, width), dtype)
+# A pytree of one layer's pools (MLA: {"kv"}; GQA: {"k", "v", "slot_pos"}), or a list of such dicts
+# and None (a Gemma period, whose sliding-window layers keep rings instead).
+Pools = Any
+
+
+def init_pool(
+    num_blocks: int, width: int | tuple[int, ...], dtype=jnp.bfloat16, page: int = PAGE, fill: float = 0
+) -> Shaped[Array, "nb page *c"]:
+    """One layer's page pool [num_blocks, page, *width], filled with `fill` (finite, so any
+    implementation may read unused slots)."""
+    width = (width,) if isinstance(width, int) else tuple(width)
+    return jnp.full((num_blocks, page, *width), fill, dtype)
 
 
 def write_tokens(
-    pool: Float[Array, "nb page c"],
+    pool: Shaped[Array, "nb page *c"],
     block_table: Int[Array, "b mb"],
-    values: Float[Array, "b t c"],
+    values: Shaped[Array, "b t *c"],
     positions: Int[Array, "b t"],
     lengths: Int[Array, " b"],
-) -> Float[Array, "nb page c"]:
+) -> Shaped[Array, "nb page *c"]:
     """Store row b's first lengths[b] chunk tokens at their positions' pages; padding tokens, and
     positions past the row's table, are dropped."""
-    nb, page, _ = pool.shape
+    nb, page = pool.shape[:2]
     mb = block_table.shape[1]
     live = jnp.arange(values.shape[1])[None, :] < lengths[:, None]
     slot = jnp.clip(positions // page, 0, mb - 1)
@@ -151,9 +168,47 @@ def write_tokens(
     return pool.at[blk, positions % page].set(values.astype(pool.dtype), mode="drop")
 
 
-def gather_tokens(pool: Float[Array, "nb page c"], block_table: Int[Array, "b mb"]) -> Float[Array, "b L c"]:
-    """The contiguous view [b, max_blocks * page, c] of each row's pages (unused entries read page
-    num_blocks - 1: garbage that callers mask by length)."""
-    nb, page, c = pool.shape
+def gather_tokens(pool: Shaped[Array, "nb page *c"], block_table: Int[Array, "b mb"]) -> Shaped[Array, "b L *c"]:
+    """The contiguous view [b, max_blocks * page, *c] of each row's pages: slot s holds position s
+    (unused entries read page num_blocks - 1: garbage that callers mask by length)."""
+    nb, page = pool.shape[:2]
     b, mb = block_table.shape
-    return pool[jnp.clip(block_table, 0, nb - 1)].reshape(b, mb * page, c)
+    return pool[jnp.clip(block_table, 0, nb - 1)].reshape(b, mb * page, *pool.shape[2:])
+
+
+# -- the pools of a scanned stack ---------------------------------------------------------------------
+# A stack keeps one pool per layer, stacked [layers, num_blocks, ...]. Sliced out per layer as scan
+# inputs and stacked back as outputs, every layer's whole pool would be copied at every step; merged
+# into one pool of layers x num_blocks pages instead, it is carried through the loop and written in
+# place, layer i addressing its own pages through the block table offset by i x num_blocks.
+def merge_layer_pools(pools: Pools) -> Pools:
+    """[layers, num_blocks, page, ...] -> [layers * num_blocks, page, ...], every pool of the tree."""
+    return jax.tree_util.tree_map(lambda p: p.reshape((-1, *p.shape[2:])), pools)
+
+
+def split_layer_pools(pools: Pools, depth: int) -> Pools:
+    """The inverse of `merge_layer_pools`."""
+    return jax.tree_util.tree_map(lambda p: p.reshape((depth, -1, *p.shape[1:])), pools)
+
+
+def layer_block_table(
+    block_table: Int[Array, "b mb"], layer: Int[Array, ""], num_blocks: int, depth: int
+) -> Int[Array, "b mb"]:
+    """Layer `layer`'s view of the block table into the merged pool; unused entries (ids >=
+    num_blocks) go to depth * num_blocks, still out of range, so their writes are still dropped."""
+    return jnp.where(block_table < num_blocks, block_table + layer * num_blocks, depth * num_blocks)
+
+
+def _is_layer_pools(x) -> bool:
+    return isinstance(x, dict)
+
+
+def with_block_table(pools: Pools, block_table: Int[Array, "b mb"]) -> Pools:
+    """Each layer's pools with the block table beside them: the layer cache the attention reads."""
+    return jax.tree_util.tree_map(lambda p: {**p, "block_table": block_table}, pools, is_leaf=_is_layer_pools)
+
+
+def without_block_table(layer_caches: Pools) -> Pools:
+    """The pools alone again (the inverse of `with_block_table`)."""
+    strip = lambda c: {k: v for k, v in c.items() if k != "block_table"}  # noqa: E731
+    return jax.tree_util.tree_map(strip, layer_caches, is_leaf=_is_layer_pools)

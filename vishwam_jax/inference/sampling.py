@@ -30,19 +30,53 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def truncate(scaled: Float[Array, "b v"], top_k: Int[Array, " b"], top_p: Float[Array, " b"]) -> Float[Array, "b v"]:
+    """Temperature-scaled logits with everything outside each row's top-k (0: off) and then outside
+    the smallest prefix whose mass reaches its top_p (1: off; the first token is always kept) set to
+    -inf."""
+    vocab = scaled.shape[-1]
+    ranked = jnp.sort(scaled, axis=-1)[:, ::-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)
+    ranked = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff_index = jnp.sum(mass_before < top_p[:, None], axis=-1, keepdims=True) - 1
+    cutoff = jnp.maximum(jnp.take_along_axis(ranked, cutoff_index, axis=-1), kth)
+    return jnp.where(scaled < cutoff, -jnp.inf, scaled)
+
+
 def sample(logits: Float[Array, "b v"], key: jax.Array, params: SamplingParams) -> Int[Array, " b"]:
     if params.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / params.temperature
-    if params.top_k is not None and params.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, params.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if params.top_p is not None and params.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff_index = jnp.sum(mass_before < params.top_p, axis=-1, keepdims=True) - 1
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    if params.top_k is not None or params.top_p is not None:
+        b = logits.shape[0]
+        logits = truncate(
+            logits, jnp.full((b,), params.top_k or 0, jnp.int32), jnp.full((b,), params.top_p or 1.0, jnp.float32)
+        )
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def sample_rows(
+    logits: Float[Array, "b v"],
+    seeds: Int[Array, " b"],
+    counters: Int[Array, " b"],
+    temperature: Float[Array, " b"],
+    top_k: Int[Array, " b"],
+    top_p: Float[Array, " b"],
+) -> Int[Array, " b"]:
+    """`sample` with settings per row (a serving batch mixes requests): temperature 0 is greedy,
+    top_k 0 and top_p 1 are off. Row b draws from key(seeds[b]) folded with counters[b] (its token
+    index), so a request's samples do not depend on which other requests share the batch."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def stochastic() -> Int[Array, " b"]:
+        scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        masked = truncate(scaled, top_k, top_p)
+        keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, counters)
+        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, masked).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    # An all-greedy batch (the common serving case) skips the vocabulary sort.
+    return jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)

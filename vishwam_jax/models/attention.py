@@ -6,6 +6,11 @@ The cache of one layer is a dict of arrays (stacked with a leading layer axis ac
 Full-attention layers have one slot per position (slots = max length); sliding-window layers keep a
 ring buffer of `window` slots (position p lives in slot p % window). Recording the position of every
 slot makes one mask rule serve both, as well as per-row prompt lengths and masked (pad) keys.
+
+Paged (inference/paged_cache.py; full-attention layers): the same three arrays as page pools
+    k, v [num_blocks, page, kv_heads, head_dim], slot_pos [num_blocks, page], block_table [b, max_blocks];
+token p of row b lives at k[block_table[b, p // page], p % page]. As in MLA's paged form the chunk is
+written first and the row's pages are then read back as one contiguous view (slot s = position s).
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from vishwam_jax.models.layers import Linear, RMSNorm, int8_scale_shape, soft_cap
+from vishwam_jax.inference import paged_cache
+from vishwam_jax.models.layers import Linear, RMSNorm, soft_cap
 from vishwam_jax.models.rope import RotaryEmbedding
+from vishwam_jax.quantization import Quantization
 from vishwam_jax.sharding.context import constrain
 
 # Finite so that a query with no visible key (a padding row) gives uniform weights, not NaN.
@@ -31,6 +38,15 @@ def init_kv_cache_layer(
         "k": jnp.zeros((batch, slots, kv_heads, head_dim), dtype),
         "v": jnp.zeros((batch, slots, kv_heads, v_head_dim), dtype),
         "slot_pos": jnp.full((batch, slots), -1, jnp.int32),
+    }
+
+
+def init_paged_kv_layer(num_blocks: int, kv_heads: int, head_dim: int, dtype, v_head_dim: int | None = None) -> dict:
+    """One full-attention layer's K/V in page pools (a slot's position -1: empty)."""
+    return {
+        "k": paged_cache.init_pool(num_blocks, (kv_heads, head_dim), dtype),
+        "v": paged_cache.init_pool(num_blocks, (kv_heads, v_head_dim or head_dim), dtype),
+        "slot_pos": paged_cache.init_pool(num_blocks, (), jnp.int32, fill=-1),
     }
 
 
@@ -147,6 +163,73 @@ def _attend_block(q: Float[Array, "b t h d"], segments: list, scale: float, soft
     return out.reshape(b, t, h, -1)
 
 
+def write_kv_pages(
+    cache: dict,
+    k: Float[Array, "b t kh d"],
+    v: Float[Array, "b t kh dv"],
+    positions: Int[Array, "b t"],
+    lengths: Int[Array, " b"],
+    key_valid: Bool[Array, "b t"],
+) -> dict:
+    """Store the chunk's keys/values and positions in the row's pages (tokens past `lengths` are
+    dropped by the page write; masked keys are recorded at position -1)."""
+    table = cache["block_table"]
+    write = lambda pool, values: paged_cache.write_tokens(pool, table, values, positions, lengths)  # noqa: E731
+    key_pos = jnp.where(key_valid, positions, -1)
+    return {
+        **cache,
+        "k": write(cache["k"], k),
+        "v": write(cache["v"], v),
+        "slot_pos": write(cache["slot_pos"], key_pos),
+    }
+
+
+def read_kv_pages(
+    cache: dict, end: Int[Array, " b"]
+) -> tuple[Float[Array, "b s kh d"], Float[Array, "b s kh dv"], Int[Array, "b s"]]:
+    """Each row's pages as contiguous keys, values and key positions (slot s holds position s), of
+    which only the slots below `end` (the row's length once its chunk is written) that hold their
+    own position's key count; the others read as position -1 and zero values.
+
+    A page keeps whatever its previous owner wrote until the new owner overwrites it: the slots
+    below a row's length were all written by the row itself, those above may hold anything. Their
+    values are zeroed as well as masked, since a stale NaN would otherwise reach the output through
+    its zero attention weight (0 x NaN): one request's failure corrupting the next owner of its pages.
+    """
+    table = cache["block_table"]
+    slot_pos = paged_cache.gather_tokens(cache["slot_pos"], table)
+    slots = jnp.arange(slot_pos.shape[1], dtype=slot_pos.dtype)[None, :]
+    counts = (slot_pos == slots) & (slots < end[:, None])
+    values = paged_cache.gather_tokens(cache["v"], table)
+    values = jnp.where(counts[:, :, None, None], values, jnp.zeros((), values.dtype))
+    return paged_cache.gather_tokens(cache["k"], table), values, jnp.where(counts, slot_pos, -1)
+
+
+def paged_attention(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b t kh d"],
+    v: Float[Array, "b t kh dv"],
+    positions: Int[Array, "b t"],
+    lengths: Int[Array, " b"],
+    key_valid: Bool[Array, "b t"],
+    cache: dict,
+    *,
+    scale: float,
+    softcap: float = 0.0,
+    window: int = 0,
+) -> tuple[Float[Array, "b t h dv"], dict]:
+    """Write the chunk into the row's pages, then attend over the pages (as MLA's paged form does).
+
+    Writing before attending makes rewinding free: a chunk starting at position p overwrites the
+    slots from p on before any query reads them, so slots left by rejected speculative tokens are
+    never seen. Only full-attention layers page (a window is still honoured by the mask).
+    """
+    cache = write_kv_pages(cache, k, v, positions, lengths, key_valid)
+    keys, values, key_pos = read_kv_pages(cache, positions[:, 0] + lengths)
+    out = attend_segments(q, [(keys, values, visible(positions, key_pos, window))], scale=scale, softcap=softcap)
+    return out, cache
+
+
 def cached_attention(
     q: Float[Array, "b t h d"],
     k: Float[Array, "b t kh d"],
@@ -161,8 +244,20 @@ def cached_attention(
     window: int = 0,
 ) -> tuple[Float[Array, "b t h dv"], dict | None]:
     """Attend from the chunk's queries to the cached keys and the chunk's own keys, then store the
-    chunk in the cache (attending before writing keeps a ring buffer right for multi-token chunks)."""
+    chunk in the cache (attending before writing keeps a ring buffer right for multi-token chunks).
+    A paged cache (one with a block table) goes through `paged_attention`."""
+    if cache is not None and "block_table" in cache:
+        return paged_attention(
+            q, k, v, positions, lengths, key_valid, cache, scale=scale, softcap=softcap, window=window
+        )
     t = q.shape[1]
+    if cache is not None and t == 1:
+        # One decoded token: store it, then attend over the cache alone. One score segment keeps
+        # XLA:GPU from building the new key's score in a separate slow fusion (a tenth of the
+        # per-layer time at batch 1); the slot it takes in a ring held a key outside the window.
+        cache = write_kv(cache, k, v, positions, lengths, key_valid)
+        segments = [(cache["k"], cache["v"], visible(positions, cache["slot_pos"], window))]
+        return attend_segments(q, segments, scale=scale, softcap=softcap), cache
     in_row = jnp.arange(t)[None, :] < lengths[:, None]
     new_pos = jnp.where(in_row & key_valid, positions, -1)
     segments = [(k, v, visible(positions, new_pos, window))]
@@ -197,45 +292,19 @@ class Attention(nnx.Module):
         qk_norm_plus_one: bool = True,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
-        int8: bool = False,
+        quantization: Quantization | None = None,
     ):
         h, kh, hd = num_heads, num_kv_heads, head_dim
-        q_shape, kv_shape, o_shape = (d, h, hd), (d, kh, hd), (h, hd, d)
-        self.q = Linear(
-            q_shape,
-            ("embed", "heads", "head_dim"),
-            "btd,dhk->bthk",
-            rngs=rngs,
-            fan_in=d,
-            dtype=dtype,
-            int8_scale_shape=int8_scale_shape(q_shape, (0,), int8),
-        )
+        common = dict(rngs=rngs, dtype=dtype, quantization=quantization)
+        self.q = Linear((d, h, hd), ("embed", "heads", "head_dim"), "btd,dhk->bthk", fan_in=d, dims=(1, 2), **common)
         self.k = Linear(
-            kv_shape,
-            ("embed", "kv_heads", "head_dim"),
-            "btd,dhk->bthk",
-            rngs=rngs,
-            fan_in=d,
-            dtype=dtype,
-            int8_scale_shape=int8_scale_shape(kv_shape, (0,), int8),
+            (d, kh, hd), ("embed", "kv_heads", "head_dim"), "btd,dhk->bthk", fan_in=d, dims=(1, 2), **common
         )
         self.v = Linear(
-            kv_shape,
-            ("embed", "kv_heads", "head_dim"),
-            "btd,dhk->bthk",
-            rngs=rngs,
-            fan_in=d,
-            dtype=dtype,
-            int8_scale_shape=int8_scale_shape(kv_shape, (0,), int8),
+            (d, kh, hd), ("embed", "kv_heads", "head_dim"), "btd,dhk->bthk", fan_in=d, dims=(1, 2), **common
         )
         self.o = Linear(
-            o_shape,
-            ("heads", "head_dim", "embed"),
-            "bthk,hkd->btd",
-            rngs=rngs,
-            fan_in=h * hd,
-            dtype=dtype,
-            int8_scale_shape=int8_scale_shape(o_shape, (0, 1), int8),
+            (h, hd, d), ("heads", "head_dim", "embed"), "bthk,hkd->btd", fan_in=h * hd, dims=(2, 1), **common
         )
         if qk_norm_eps is not None:
             self.q_norm = RMSNorm(hd, eps=qk_norm_eps, plus_one=qk_norm_plus_one, dtype=dtype)

@@ -49,6 +49,7 @@ from vishwam_jax.models.layers import Embed, GatedMLP, Linear, RMSNorm
 from vishwam_jax.models.mla import MLA, init_cache_layer, latent_width
 from vishwam_jax.models.moe import Experts, GroupedSigmoidRouter
 from vishwam_jax.models.remat import policy_of
+from vishwam_jax.quantization import Quantization
 
 
 # -- blocks ----------------------------------------------------------------------------------------
@@ -58,11 +59,12 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, config, *, moe: bool, rngs: nnx.Rngs, dtype=jnp.float32, slots: int = 0):
         d, eps, act = config.d_model, config.norm_eps, config.activation
+        quantization = Quantization.of(config)
         self.attn_norm = RMSNorm(d, eps=eps, dtype=dtype)
         self.attn = MLA(config, rngs=rngs, dtype=dtype)
         self.mlp_norm = RMSNorm(d, eps=eps, dtype=dtype)
         if not moe:
-            self.mlp = GatedMLP(d, config.ffn_dim, act, rngs=rngs, dtype=dtype)
+            self.mlp = GatedMLP(d, config.ffn_dim, act, rngs=rngs, dtype=dtype, quantization=quantization)
             self.router = self.experts = self.shared = None
             return
         self.mlp = None
@@ -72,8 +74,12 @@ class DecoderLayer(nnx.Module):
             num_groups=config.num_expert_groups, topk_groups=config.num_groups_per_token,
             routed_scaling_factor=config.routed_scaling_factor, renormalize=config.norm_topk_prob, rngs=rngs,
         )  # fmt: skip
-        self.experts = Experts(config.num_experts, d, config.moe_ffn_dim, act, rngs=rngs, dtype=dtype, num_slots=slots)
-        self.shared = GatedMLP(d, config.moe_ffn_dim * config.num_shared_experts, act, rngs=rngs, dtype=dtype)
+        self.experts = Experts(
+            config.num_experts, d, config.moe_ffn_dim, act,
+            rngs=rngs, dtype=dtype, quantization=quantization, num_slots=slots,
+        )  # fmt: skip
+        fs = config.moe_ffn_dim * config.num_shared_experts
+        self.shared = GatedMLP(d, fs, act, rngs=rngs, dtype=dtype, quantization=quantization)
 
     def moe(self, x: Float[Array, "b t d"]) -> tuple[Float[Array, "b t d"], Int[Array, " e"]]:
         """DeepSeekMoE: group-limited sigmoid routing (bias for selection only) through the shared
@@ -104,7 +110,10 @@ class MTP(nnx.Module):
         d, eps = config.d_model, config.norm_eps
         self.enorm = RMSNorm(d, eps=eps, dtype=dtype)
         self.hnorm = RMSNorm(d, eps=eps, dtype=dtype)
-        self.eh_proj = Linear((2 * d, d), (None, "embed"), "btc,cd->btd", rngs=rngs, fan_in=2 * d, dtype=dtype)
+        self.eh_proj = Linear(
+            (2 * d, d), (None, "embed"), "btc,cd->btd",
+            rngs=rngs, fan_in=2 * d, dtype=dtype, quantization=Quantization.of(config),
+        )  # fmt: skip
         self.block = DecoderLayer(config, moe=True, rngs=rngs, dtype=dtype)
         self.norm = RMSNorm(d, eps=eps, dtype=dtype)
 
@@ -129,6 +138,7 @@ class DeepSeekV3(nnx.Module):
             else None
         )
         self.final_norm = RMSNorm(d, eps=config.norm_eps, dtype=dtype)
+        # The output embedding stays float, as the release keeps it (bf16), like the input embedding.
         self.lm_head = Linear((d, v), ("embed", "vocab"), "btd,dv->btv", rngs=rngs, fan_in=d, dtype=dtype)
         depths = config.num_mtp_layers
         self.mtp_layers = stack.stacked(depths, lambda r: MTP(config, rngs=r, dtype=dtype), rngs) if depths else None
@@ -172,43 +182,22 @@ class DeepSeekV3(nnx.Module):
         self, layers: DecoderLayer, name: str, x: Float[Array, "b t d"], positions, lengths, cache: Cache | None
     ) -> tuple[Float[Array, "b t d"], dict | None, Int[Array, "l e"] | None]:
         """One stack under lax.scan (or unrolled over per-layer buffers, models/stack.py): (x, its new
-        cache, per-layer expert counts or None)."""
-        paged = cache is not None and "block_table" in cache
-        pool = None
-        if paged:
-            # The stack's pools as one pool of L * num_blocks pages, carried through the scan and read
-            # and written in place by layer i through the table offset by i * num_blocks (sliced out
-            # and stacked back, the whole pool would be copied at every step). Unused entries (ids
-            # >= num_blocks) stay out of range, so their writes are still dropped.
-            stacked_pool = cache[name]["kv"]
-            depth, num_blocks = stacked_pool.shape[:2]
-            pool = stacked_pool.reshape((depth * num_blocks,) + stacked_pool.shape[2:])
-            table = cache["block_table"]
+        cache, per-layer expert counts or None). A paged stack's pools are carried through the loop
+        and written in place (stack.scan_paged)."""
 
-        def body(layer: DecoderLayer, carry, layer_cache):
-            x, i, pool = carry
-            if pool is not None:
-                layer_cache = {
-                    "kv": pool,
-                    "block_table": jnp.where(table < num_blocks, table + i * num_blocks, depth * num_blocks),
-                }
-            x, layer_cache, counts = layer(x, positions, lengths, layer_cache)
-            if pool is not None:
-                pool, layer_cache = layer_cache["kv"], None
-            return (x, i + 1, pool), layer_cache, counts
+        def body(layer: DecoderLayer, x, layer_cache):
+            return layer(x, positions, lengths, layer_cache)
 
-        caches = None if cache is None or paged else cache[name]
-        (x, _, pool), new_caches, counts = stack.scan(
+        return stack.scan_paged(
             layers,
-            (x, jnp.int32(0), pool),
-            caches,
+            x,
+            None if cache is None else cache[name],
             body,
+            block_table=None if cache is None else cache.get("block_table"),
+            paged=True,
             remat_policy=policy_of(self.config),
             unroll=self.config.scan_unroll,
         )
-        if paged:
-            new_caches = {"kv": pool.reshape(stacked_pool.shape)}
-        return x, new_caches, counts
 
     def _logits(self, h: Float[Array, "b t d"], logit_positions: Int[Array, "b k"] | None) -> Float[Array, "b k v"]:
         if logit_positions is not None:

@@ -15,9 +15,12 @@ Parameters (module attribute paths; weights [in, out]; `layers` stacks every lay
     layers.attn.{q [L, d, h, hd], k/v [L, d, kh, hd], o [L, h, hd, d]}.kernel
     layers.router.kernel [L, d, experts]       (float32 whatever the model dtype, as the release routes)
     layers.experts.{gate [L, e, d, f] (W, inside gelu), up [L, e, d, f] (V), down [L, e, f, d] (U)}.kernel
-With config.quantization == "int8" (the release's int8 weights kept) every attention and expert
-kernel is int8 with a float32 `scale` beside it (per output channel); norms, router and embedding
-stay floating.
+With config.quantization "int8" or "fp8" every attention and expert kernel holds quantized values
+with a float32 `kernel_scale` beside it (vishwam_jax/quantization; the release's int8 weights keep
+their values where their scales are per output channel); norms, router and embedding stay floating.
+Cache: {"pos": [b], "layers": {k, v [L, b, max_len, kh, hd], slot_pos [L, b, max_len]}} (models/attention.py);
+paged (`init_paged_cache`): k, v [L, num_blocks, page, kh, hd] and slot_pos [L, num_blocks, page]
+page pools, and one "block_table" [b, max_blocks] for every layer.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from vishwam_jax.models import stack
-from vishwam_jax.models.attention import Attention, init_kv_cache_layer
+from vishwam_jax.models.attention import Attention, init_kv_cache_layer, init_paged_kv_layer
 from vishwam_jax.models.interface import Cache, Capabilities, ForwardOutput, chunk_lengths, chunk_positions
 from vishwam_jax.models.layers import Embed, RMSNorm
 from vishwam_jax.models.moe import Experts, SoftmaxRouter
 from vishwam_jax.models.remat import policy_of
 from vishwam_jax.models.rope import RotaryEmbedding
+from vishwam_jax.quantization import Quantization
 
 
 class DecoderLayer(nnx.Module):
@@ -40,7 +44,7 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32):
         d, eps = config.d_model, config.norm_eps
-        int8 = config.quantization == "int8"
+        quantization = Quantization.of(config)
         # The release multiplies by `w` itself (initialised at 1, the identity), never `1 + w`.
         norm = lambda: RMSNorm(d, eps=eps, plus_one=False, dtype=dtype)  # noqa: E731
         self.attn_norm = norm()
@@ -52,7 +56,7 @@ class DecoderLayer(nnx.Module):
             # then caps: 30 * tanh(scores / 30); the shared attention applies them in that order.
             scale=config.attn_output_multiplier,
             softcap=config.attn_logit_softcap,
-            rngs=rngs, dtype=dtype, int8=int8,
+            rngs=rngs, dtype=dtype, quantization=quantization,
         )  # fmt: skip
         self.post_attn_norm = norm()
         self.moe_norm = norm()
@@ -65,7 +69,7 @@ class DecoderLayer(nnx.Module):
             config.activation,
             rngs=rngs,
             dtype=dtype,
-            int8=int8,
+            quantization=quantization,
             num_slots=config.num_expert_slots,
         )
         self.post_moe_norm = norm()
@@ -94,7 +98,7 @@ class DecoderLayer(nnx.Module):
 
 
 class Grok1(nnx.Module):
-    capabilities = Capabilities(moe=True)
+    capabilities = Capabilities(paged_cache=True, moe=True)
 
     def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.config = config
@@ -111,6 +115,15 @@ class Grok1(nnx.Module):
         one = init_kv_cache_layer(batch, max_len, c.num_kv_heads, c.head_dim, dtype)
         layers = {k: jnp.broadcast_to(v, (c.num_layers, *v.shape)) for k, v in one.items()}
         return {"pos": jnp.zeros((batch,), jnp.int32), "layers": layers}
+
+    def init_paged_cache(self, block_table: Int[Array, "b mb"], num_blocks: int, dtype=jnp.bfloat16) -> Cache:
+        """K/V in page pools (inference/paged_cache.py): [num_layers, num_blocks, page, kv_heads,
+        head_dim], read through one block table for every layer."""
+        c = self.config
+        table = jnp.asarray(block_table, jnp.int32)
+        one = init_paged_kv_layer(num_blocks, c.num_kv_heads, c.head_dim, dtype)
+        layers = {k: jnp.broadcast_to(v, (c.num_layers, *v.shape)) for k, v in one.items()}
+        return {"pos": jnp.zeros((table.shape[0],), jnp.int32), "block_table": table, "layers": layers}
 
     def __call__(
         self,
@@ -135,8 +148,9 @@ class Grok1(nnx.Module):
             return layer(h, positions, lengths, key_valid, layer_cache)
 
         h = self.embed(tokens, self.config.embedding_multiplier_scale)
-        h, layer_caches, counts = stack.scan(
+        h, layer_caches, counts = stack.scan_paged(
             self.layers, h, None if cache is None else cache["layers"], body,
+            block_table=None if cache is None else cache.get("block_table"), paged=True,
             remat_policy=policy_of(self.config), unroll=self.config.scan_unroll,
         )  # fmt: skip
         h = self.final_norm(h)
@@ -144,5 +158,6 @@ class Grok1(nnx.Module):
             h = jnp.take_along_axis(h, logit_positions[:, :, None], axis=1)
         # Tied output: the input embedding table, transposed, then the output multiplier.
         logits = self.embed.attend(h) * self.config.output_multiplier_scale
-        new_cache = None if cache is None else {"pos": cache["pos"] + lengths, "layers": layer_caches}
+        # {**cache, ...}: a paged cache keeps its block table
+        new_cache = None if cache is None else {**cache, "pos": cache["pos"] + lengths, "layers": layer_caches}
         return ForwardOutput(logits=logits, cache=new_cache, expert_counts=counts)

@@ -3,7 +3,7 @@
 A family is an `nnx.Module` class implementing `CausalLM`. Optional abilities are declared by its
 `capabilities` (a class attribute, or a property where the config decides, e.g. a DeepSeek-V3
 without MTP layers) and come with a second protocol (`MultiTokenPredictor` for DeepSeek's
-MTP module, `PagedLatentCache` for caches that live in a page pool), so callers ask
+MTP module, `PagedCacheLM` for caches that live in a page pool), so callers ask
 `model.capabilities.mtp`, never `hasattr`.
 """
 
@@ -40,7 +40,7 @@ class ForwardOutput:
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
     mtp: bool = False  # `MultiTokenPredictor`: DeepSeek-V3's multi-token-prediction module
-    paged_cache: bool = False  # `PagedLatentCache`: the cache can live in a pool of 64-token pages
+    paged_cache: bool = False  # `PagedCacheLM`: the cache can live in a pool of 64-token pages
     moe: bool = False  # reports expert_counts (and has routers with balancing biases)
 
 
@@ -83,8 +83,12 @@ class MultiTokenPredictor(CausalLM, Protocol):
     def init_mtp_cache(self, batch: int, max_len: int, dtype=jnp.bfloat16) -> Cache: ...
 
 
-class PagedLatentCache(CausalLM, Protocol):
-    def init_paged_cache(self, block_table: Int[Array, "b mb"], num_blocks: int, dtype=jnp.bfloat16) -> Cache: ...
+class PagedCacheLM(CausalLM, Protocol):
+    def init_paged_cache(self, block_table: Int[Array, "b mb"], num_blocks: int, dtype=jnp.bfloat16) -> Cache:
+        """An empty cache whose per-token state lives in pools of `num_blocks` 64-token pages
+        (inference/paged_cache.py), read through `block_table` (one row per sequence); state that
+        does not grow with the sequence (e.g. sliding-window rings) may stay per row."""
+        ...
 
 
 def chunk_positions(cache: Cache | None, batch: int, length: int) -> Int[Array, "b t"]:

@@ -1,5 +1,5 @@
 """Building blocks shared by every family: parameters with logical axes, RMSNorm, embeddings,
-linear maps (optionally weight-only int8), the gated MLP, soft-capping.
+linear maps (optionally with quantized weights, vishwam_jax/quantization), the gated MLP, soft-capping.
 
 Each idea has one functional core (`rms_norm`, `linear`, `gated_mlp`, ...) that the modules call, so
 a kernel-level caller (the expert dispatch, MLA's absorbed form) and a module compute the same thing.
@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from vishwam_jax.quantization import MatrixDims, Quantization, QuantizedWeight, scale_axes, scale_shape
+from vishwam_jax.quantization.formats import as_weight
 from vishwam_jax.sharding.context import constrain
 
 ACTIVATIONS = {
@@ -34,17 +36,18 @@ class MissingAxesError(ValueError):
     """A parameter was created without one logical axis name per dimension."""
 
 
-def param(value: Array, axes: Sequence[str | None]) -> nnx.Param:
+def param(value: Array, axes: Sequence[str | None], **metadata: Any) -> nnx.Param:
     """An `nnx.Param` whose every dimension names its logical axis (None: never sharded).
 
     Placement happens later, by the rules of sharding/ (at `jit(..., out_shardings=...)` or at
-    restore), so the parameter is created unsharded (`eager_sharding=False`).
+    restore), so the parameter is created unsharded (`eager_sharding=False`). `metadata` rides along
+    on the Variable (a kernel's `matrix_dims`, which quantizing it at load needs).
     """
     if axes is None or isinstance(axes, str) or len(tuple(axes)) != jnp.ndim(value):
         raise MissingAxesError(
             f"a parameter of shape {tuple(jnp.shape(value))} needs one logical axis per dimension; got {axes!r}"
         )
-    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False, **metadata)
 
 
 def truncated_normal(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype) -> Array:
@@ -92,34 +95,59 @@ def soft_cap(x: Array, cap: float) -> Array:
     return cap * jnp.tanh(x / cap)
 
 
-def is_quantized(w: Any) -> bool:
-    return isinstance(w, dict) and "int8" in w
+def _contract(spec: str, x: Array, w: Array, preferred_element_type=None) -> Array:
+    """`einsum(spec, x, w)`, as one 2-D matmul where the spec allows: x's trailing axes contracted
+    with w's leading ones, and the output x's other axes then w's others ("btd,dhk->bthk",
+    "bthk,hkd->btd"). XLA:GPU strength-reduces a one-token einsum against a 3-D weight into a
+    multiply that writes a weight-sized temporary and a reduce over it (3x the weight's bytes; a
+    fifth of gemma-2b's batch-1 decode step on an H100); a 2-D dot stays a GEMM that reads the weight
+    once."""
+    inputs, out = spec.split("->")
+    lhs, rhs = inputs.split(",")
+    contracted = "".join(a for a in rhs if a not in out)
+    n_c, prefix = len(contracted), lhs[: len(lhs) - len(contracted)]
+    if (
+        "." in spec
+        or not contracted
+        or not rhs.startswith(contracted)
+        or not lhs.endswith(contracted)
+        or out != prefix + rhs[n_c:]
+        or set(prefix) & set(rhs)
+    ):
+        return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+    k = math.prod(w.shape[:n_c])
+    rows = x.reshape(-1, k)
+    if rows.shape[0] == 1:
+        # A one-row product against a small weight (attention's projections) is still strength-reduced
+        # as a vector; a second (zero) row keeps it a GEMM at no cost to a read-bound step.
+        y = jnp.dot(jnp.pad(rows, ((0, 1), (0, 0))), w.reshape(k, -1), preferred_element_type=preferred_element_type)[
+            :1
+        ]
+    else:
+        y = jnp.dot(rows, w.reshape(k, -1), preferred_element_type=preferred_element_type)
+    return y.reshape(x.shape[: len(prefix)] + w.shape[n_c:])
 
 
-def dequantize(w: Any, dtype) -> Array:
-    """A weight that may be stored int8 with broadcastable scales, as the dense `dtype` array."""
-    if is_quantized(w):
-        return (w["int8"].astype(jnp.float32) * w["scale"].astype(jnp.float32)).astype(dtype)
-    return w.astype(dtype)
+def linear(x: Array, w: Array | QuantizedWeight, spec: str) -> Array:
+    """`einsum(spec, x, w)`; a quantized `w` computes exactly what its dequantized weight would.
 
-
-def linear(x: Array, w: Any, spec: str) -> Array:
-    """`einsum(spec, x, w)` where `w` may be weight-only int8 ({"int8", "scale"}).
-
-    int8 weights are converted to the activation dtype inside the einsum's fusion and the scale is
-    applied to the (much smaller) output, so no dequantized copy of the weight is kept around.
+    Weight-only: the weight is dequantized into the einsum's operand, which XLA fuses into the
+    matmul (no dequantized copy is kept). A per-output-channel int8 scale that is constant along the
+    contracted axes instead scales the (much smaller) float32 output.
     """
-    if is_quantized(w):
-        out = jnp.einsum(spec, x, w["int8"].astype(x.dtype), preferred_element_type=jnp.float32)
-        scale = w["scale"].astype(jnp.float32)
-        # Scales are stored broadcastable against the weight with the contracted axes of size 1;
-        # drop those axes so they broadcast against the output's trailing axes.
-        out_axes = spec.split("->")[1]
-        w_axes = spec.split("->")[0].split(",")[1]
-        keep = [i for i, a in enumerate(w_axes) if a in out_axes]
-        scale = scale.reshape([scale.shape[i] for i in keep])
-        return (out * scale).astype(x.dtype)
-    return jnp.einsum(spec, x, w.astype(x.dtype) if w.dtype != x.dtype else w)
+    if not isinstance(w, QuantizedWeight):
+        return _contract(spec, x, w.astype(x.dtype) if w.dtype != x.dtype else w)
+    inputs, out_axes = spec.split("->")
+    w_axes = inputs.split(",")[1]
+    contracted = tuple(i for i, a in enumerate(w_axes) if a not in out_axes)
+    if not w.scales_outputs_only(contracted):
+        return linear(x, w.dequantize(x.dtype), spec)
+    out = _contract(spec, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
+    # The scale is broadcastable against the weight with the contracted axes of size 1; drop those
+    # axes so that it broadcasts against the output's trailing axes.
+    scale = jax.lax.stop_gradient(w.scale).astype(jnp.float32)
+    scale = scale.reshape([scale.shape[i] for i, a in enumerate(w_axes) if a in out_axes])
+    return (out * scale).astype(x.dtype)
 
 
 def gated_mlp(x: Float[Array, "... d"], weights: dict, activation: str) -> Float[Array, "... d"]:
@@ -175,8 +203,10 @@ class Linear(nnx.Module):
     """A weight of any rank applied by an einsum (heads keep their own axis: q is [d, h, hd]).
 
     `spec` is the default einsum from input to output; a caller may pass another (MLA applies W_k_b
-    both per head and absorbed). `int8_scale_shape` stores the weight as weight-only int8 with float32
-    scales of that (broadcastable) shape, as converted checkpoints keep them.
+    both per head and absorbed). The kernel is laid out [*batch, *contracted, *outputs]; `dims` =
+    (contracted, outputs) counts the trailing dimensions that form its matrix, which is what a
+    quantization's scales are defined over. With `quantization` the kernel holds the quantized
+    values and `kernel_scale` their float32 scales (vishwam_jax/quantization).
     """
 
     def __init__(
@@ -188,65 +218,52 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs,
         fan_in: int,
         dtype=jnp.float32,
-        int8_scale_shape: tuple[int, ...] | None = None,
+        dims: MatrixDims = (1, 1),
+        quantization: Quantization | None = None,
     ):
-        self.spec = spec
-        self.quantized = int8_scale_shape is not None
-        if self.quantized:
-            self.kernel = param(jnp.zeros(shape, jnp.int8), axes)
-            self.scale = param(jnp.ones(int8_scale_shape, jnp.float32), axes)
+        self.spec, self.dims, self.quantization = spec, tuple(dims), quantization
+        if quantization is None:
+            self.kernel = param(truncated_normal(rngs.params(), shape, fan_in, dtype), axes, matrix_dims=self.dims)
+            self.kernel_scale = None
         else:
-            self.kernel = param(truncated_normal(rngs.params(), shape, fan_in, dtype), axes)
+            fmt = quantization.format
+            self.kernel = param(
+                jnp.zeros(shape, quantization.storage_dtype), axes, matrix_dims=self.dims, quantization=quantization
+            )
+            self.kernel_scale = param(
+                jnp.ones(scale_shape(fmt, shape, self.dims, quantization.block), jnp.float32),
+                scale_axes(fmt, tuple(axes), self.dims),
+            )
 
     @property
-    def weight(self) -> Any:
-        """The weight as the functional cores take it: an array, or {"int8", "scale"}."""
-        if self.quantized:
-            return {"int8": self.kernel[...], "scale": self.scale[...]}
-        return self.kernel[...]
+    def weight(self) -> Array | QuantizedWeight:
+        """The weight as the functional cores take it: an array, or a QuantizedWeight."""
+        scale = None if self.kernel_scale is None else self.kernel_scale[...]
+        return as_weight(self.kernel[...], scale, self.quantization, self.dims)
 
     def __call__(self, x: Array, spec: str | None = None) -> Array:
         return linear(x, self.weight, spec or self.spec)
 
 
-def int8_scale_shape(shape: tuple[int, ...], contracted: Sequence[int], enabled: bool) -> tuple[int, ...] | None:
-    """Per-output-channel scales: size 1 on the contracted dimensions (None when not quantized)."""
-    if not enabled:
-        return None
-    return tuple(1 if i in contracted else n for i, n in enumerate(shape))
-
-
 class GatedMLP(nnx.Module):
     """`down(act(x W_gate) * (x W_up))` with weights [d, f] / [f, d]."""
 
-    def __init__(self, d: int, f: int, activation: str, *, rngs: nnx.Rngs, dtype=jnp.float32, int8: bool = False):
+    def __init__(
+        self,
+        d: int,
+        f: int,
+        activation: str,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        quantization: Quantization | None = None,
+    ):
         self.activation = activation
-        self.gate = Linear(
-            (d, f),
-            ("embed", "mlp"),
-            "...d,df->...f",
-            rngs=rngs,
-            fan_in=d,
-            dtype=dtype,
-            int8_scale_shape=int8_scale_shape((d, f), (0,), int8),
-        )
-        self.up = Linear(
-            (d, f),
-            ("embed", "mlp"),
-            "...d,df->...f",
-            rngs=rngs,
-            fan_in=d,
-            dtype=dtype,
-            int8_scale_shape=int8_scale_shape((d, f), (0,), int8),
-        )
+        up = dict(rngs=rngs, fan_in=d, dtype=dtype, quantization=quantization)
+        self.gate = Linear((d, f), ("embed", "mlp"), "...d,df->...f", **up)
+        self.up = Linear((d, f), ("embed", "mlp"), "...d,df->...f", **up)
         self.down = Linear(
-            (f, d),
-            ("mlp", "embed"),
-            "...f,fd->...d",
-            rngs=rngs,
-            fan_in=f,
-            dtype=dtype,
-            int8_scale_shape=int8_scale_shape((f, d), (0,), int8),
+            (f, d), ("mlp", "embed"), "...f,fd->...d", rngs=rngs, fan_in=f, dtype=dtype, quantization=quantization
         )
 
     def weights(self) -> dict:

@@ -43,6 +43,7 @@ from vishwam_jax.inference import paged_cache
 from vishwam_jax.models.layers import Linear, RMSNorm
 from vishwam_jax.models.rope import RotaryEmbedding, yarn_mscale
 from vishwam_jax.pallas_kernels.mla_attention import mla_decode, mla_prefill
+from vishwam_jax.quantization import Quantization
 from vishwam_jax.sharding.context import per_device
 
 
@@ -126,30 +127,30 @@ class MLA(nnx.Module):
         eps = config.norm_eps
         self.num_heads, self.kv_lora_rank, self.nope_head_dim = h, r, nope
         self.softmax_scale = float(softmax_scale(config))
+        # Every projection may be quantized; W_k_b's scales are laid out for the naive form (contracting
+        # the latent), and the absorbed form, which contracts its head_dim, dequantizes it instead.
+        common = dict(rngs=rngs, dtype=dtype, quantization=Quantization.of(config))
         if config.q_lora_rank:
             q = config.q_lora_rank
-            self.wq_a = Linear((d, q), ("embed", "q_lora"), "btd,dq->btq", rngs=rngs, fan_in=d, dtype=dtype)
+            self.wq_a = Linear((d, q), ("embed", "q_lora"), "btd,dq->btq", fan_in=d, **common)
             self.q_norm = RMSNorm(q, eps=eps, dtype=dtype)
             self.wq_b = Linear(
-                (q, h, nope + rope), ("q_lora", "heads", "head_dim"), "btq,qhk->bthk", rngs=rngs, fan_in=q, dtype=dtype
+                (q, h, nope + rope), ("q_lora", "heads", "head_dim"), "btq,qhk->bthk", fan_in=q, dims=(1, 2), **common
             )
             self.wq = None
         else:
             self.wq_a = self.q_norm = self.wq_b = None
             self.wq = Linear(
-                (d, h, nope + rope), ("embed", "heads", "head_dim"), "btd,dhk->bthk", rngs=rngs, fan_in=d, dtype=dtype
+                (d, h, nope + rope), ("embed", "heads", "head_dim"), "btd,dhk->bthk", fan_in=d, dims=(1, 2), **common
             )
-        self.wkv_a = Linear((d, r + rope), ("embed", "kv_lora"), "btd,dc->btc", rngs=rngs, fan_in=d, dtype=dtype)
+        self.wkv_a = Linear((d, r + rope), ("embed", "kv_lora"), "btd,dc->btc", fan_in=d, **common)
         self.kv_norm = RMSNorm(r, eps=eps, dtype=dtype)
         # Per head from the latent (naive form); the absorbed form applies W_k_b to the query instead.
-        self.wk_b = Linear(
-            (r, h, nope), ("kv_lora", "heads", "head_dim"), "bsc,chn->bshn", rngs=rngs, fan_in=r, dtype=dtype
-        )
-        self.wv_b = Linear(
-            (r, h, v), ("kv_lora", "heads", "head_dim"), "bsc,chv->bshv", rngs=rngs, fan_in=r, dtype=dtype
-        )
+        per_head = ("kv_lora", "heads", "head_dim")
+        self.wk_b = Linear((r, h, nope), per_head, "bsc,chn->bshn", fan_in=r, dims=(1, 2), **common)
+        self.wv_b = Linear((r, h, v), per_head, "bsc,chv->bshv", fan_in=r, dims=(1, 2), **common)
         self.wo = Linear(
-            (h, v, d), ("heads", "head_dim", "embed"), "bthv,hvd->btd", rngs=rngs, fan_in=h * v, dtype=dtype
+            (h, v, d), ("heads", "head_dim", "embed"), "bthv,hvd->btd", fan_in=h * v, dims=(2, 1), **common
         )
         self.rope = rotary_embedding(config)
 

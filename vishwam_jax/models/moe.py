@@ -8,14 +8,13 @@ all-experts product or a one-hot over experts × tokens (which does not fit at 2
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from vishwam_jax.models.layers import ACTIVATIONS, Linear, int8_scale_shape, is_quantized, param, truncated_normal
+from vishwam_jax.models.layers import ACTIVATIONS, Linear, param, truncated_normal
+from vishwam_jax.quantization import Quantization, QuantizedWeight
 from vishwam_jax.sharding import context, expert_parallel
 
 
@@ -61,12 +60,18 @@ def grouped_sigmoid_router(
     return gates * routed_scaling_factor, experts
 
 
-def grouped_linear(x: Float[Array, "m a"], w: Any, group_sizes: Int[Array, " g"]) -> Float[Array, "m b"]:
-    """Rows of `x` sorted by group times each group's matrix `w[g]` ([g, a, b], possibly int8)."""
+def grouped_linear(
+    x: Float[Array, "m a"], w: Float[Array, "g a b"] | QuantizedWeight, group_sizes: Int[Array, " g"]
+) -> Float[Array, "m b"]:
+    """Rows of `x` sorted by group times each group's matrix `w[g]` ([g, a, b], possibly quantized:
+    int8 scaled per output channel, fp8 in blocks over each matrix, both taken by the kernel as stored)."""
     from vishwam_jax.pallas_kernels import grouped_matmul  # local: kernels import nothing from models
 
-    if is_quantized(w):
-        return grouped_matmul.gmm(x, w["int8"], group_sizes, rhs_scale=w["scale"], preferred_element_type=x.dtype)
+    if isinstance(w, QuantizedWeight):
+        block = w.block if w.format == "fp8" else None
+        return grouped_matmul.gmm(
+            x, w.values, group_sizes, rhs_scale=w.scale, rhs_scale_block=block, preferred_element_type=x.dtype
+        )
     return grouped_matmul.gmm(x, w.astype(x.dtype), group_sizes, preferred_element_type=x.dtype)
 
 
@@ -109,7 +114,7 @@ def dispatch_experts(
     redundant replicas, sharding/placement.py): `expert_params` then stack one matrix per slot, each
     pair is sent to one replica of its expert (`to_slots`), and the counts stay per logical expert.
 
-    expert_params: gate/up [e, d, f], down [e, f, d] (gated MLP per expert; may be int8).
+    expert_params: gate/up [e, d, f], down [e, f, d] (gated MLP per expert; may be quantized).
     Under `vishwam_jax.sharding.use_mesh` with an expert axis > 1 the experts run expert-parallel
     (tokens exchanged by all-to-all, sharding/expert_parallel.py); the result is the same provided
     each token's k experts are distinct, as every top-k router gives (its buffers rely on it).
@@ -139,8 +144,7 @@ def dispatch_experts(
 
 def num_slots_of(expert_params: dict) -> int:
     """How many expert matrices (slots) the stacked weights hold."""
-    down = expert_params["down"]
-    return (down["int8"] if isinstance(down, dict) else down).shape[0]
+    return expert_params["down"].shape[0]
 
 
 def _dispatch_local(
@@ -208,8 +212,9 @@ class SlotTable(nnx.Param):
 
 
 class Experts(nnx.Module):
-    """`num_experts` gated MLPs stacked: gate/up [e, d, f], down [e, f, d] (optionally weight-only
-    int8 with per-output-channel scales), run by the sorted dispatch over the grouped matmul.
+    """`num_experts` gated MLPs stacked: gate/up [e, d, f], down [e, f, d] (optionally quantized,
+    each expert's matrix on its own: vishwam_jax/quantization), run by the sorted dispatch over the
+    grouped matmul.
 
     num_slots (>= num_experts; 0: none): the stack holds that many physical slots (an EPLB placement with
     redundant replicas of the hot experts), with `log2phy` [e, copies] (the slots of each expert,
@@ -225,40 +230,17 @@ class Experts(nnx.Module):
         *,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
-        int8: bool = False,
+        quantization: Quantization | None = None,
         num_slots: int = 0,
     ):
         self.activation, self.num_experts = activation, num_experts
         slots = num_slots or num_experts
         up_shape, down_shape = (slots, d, f), (slots, f, d)
         up_axes, down_axes = ("experts", "embed", "expert_mlp"), ("experts", "expert_mlp", "embed")
-        self.gate = Linear(
-            up_shape,
-            up_axes,
-            "",
-            rngs=rngs,
-            fan_in=d,
-            dtype=dtype,
-            int8_scale_shape=int8_scale_shape(up_shape, (1,), int8),
-        )
-        self.up = Linear(
-            up_shape,
-            up_axes,
-            "",
-            rngs=rngs,
-            fan_in=d,
-            dtype=dtype,
-            int8_scale_shape=int8_scale_shape(up_shape, (1,), int8),
-        )
-        self.down = Linear(
-            down_shape,
-            down_axes,
-            "",
-            rngs=rngs,
-            fan_in=f,
-            dtype=dtype,
-            int8_scale_shape=int8_scale_shape(down_shape, (1,), int8),
-        )
+        common = dict(rngs=rngs, dtype=dtype, quantization=quantization)  # each [e, in, out]: experts are a batch
+        self.gate = Linear(up_shape, up_axes, "", fan_in=d, **common)
+        self.up = Linear(up_shape, up_axes, "", fan_in=d, **common)
+        self.down = Linear(down_shape, down_axes, "", fan_in=f, **common)
         if num_slots:
             # Identity-like until a placement is applied: expert e in slot e (and its copies' slots
             # padded with it), so a freshly built module is already a valid placement.
@@ -270,7 +252,7 @@ class Experts(nnx.Module):
             self.log2phy = self.logcnt = None
 
     def weights(self) -> dict:
-        """{"gate", "up", "down"}: arrays or {"int8", "scale"}, as the dispatch takes them."""
+        """{"gate", "up", "down"}: arrays or QuantizedWeights, as the dispatch takes them."""
         return {"gate": self.gate.weight, "up": self.up.weight, "down": self.down.weight}
 
     def placement(self) -> tuple[Int[Array, "e c"], Int[Array, " e"]] | None:

@@ -13,6 +13,9 @@ H200). `unstack_layers` therefore turns each stacked weight into `Layers`, one b
 `scan` runs such a stack as straight-line code over those buffers, as a per-layer model would. The
 parameter tree, its logical axes and the checkpoint layout are the same either way; `restack_layers`
 goes back (training and saving use the stacked form).
+
+Caches held in page pools (inference/paged_cache.py) are not scan inputs: `scan_paged` carries a
+stack's pools through the loop as one merged pool, written in place (see `merge_layer_pools`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vishwam_jax.inference import paged_cache
 from vishwam_jax.models.remat import remat
 
 M = TypeVar("M", bound=nnx.Module)
@@ -150,6 +154,62 @@ def scan(
     step = remat(step, remat_policy, prevent_cse=False)
     carry, (caches, outs) = jax.lax.scan(step, carry, (state, caches), unroll=unroll)
     return carry, caches, outs
+
+
+# Which parts of a stack's cache are page pools: True / False for the whole cache, or a list that
+# matches a list of per-layer caches (a Gemma period: its global layers page, its sliding ones keep rings).
+PagedMask = bool | list
+
+
+def _partition(caches: Any, paged: PagedMask) -> tuple[Any, Any]:
+    """(the scanned caches, the pools), each with None where the other part is."""
+    if isinstance(paged, bool):
+        return (None, caches) if paged else (caches, None)
+    parts = [_partition(c, p) for c, p in zip(caches, paged, strict=True)]
+    return [c for c, _ in parts], [p for _, p in parts]
+
+
+def _combine(caches: Any, pools: Any, paged: PagedMask) -> Any:
+    """The inverse of `_partition`."""
+    if isinstance(paged, bool):
+        return pools if paged else caches
+    return [_combine(c, p, m) for c, p, m in zip(caches, pools, paged, strict=True)]
+
+
+def scan_paged(
+    stack: nnx.Module,
+    carry: Any,
+    caches: Any,
+    body: LayerBody,
+    *,
+    block_table: jax.Array | None,
+    paged: PagedMask,
+    remat_policy: str = "none",
+    unroll: int = 1,
+) -> tuple[Any, Any, Any]:
+    """`scan` over a stack whose caches are (partly) page pools: the parts marked by `paged` hold
+    pools [layers, num_blocks, page, ...] read through `block_table` (one for every layer). They are
+    carried through the loop merged into one pool (paged_cache.merge_layer_pools), and `body` sees
+    each layer's pools with its offset table beside them, so the layers' code reads one layer cache
+    whatever its layout. Without a block table (a contiguous cache, or none): `scan` itself."""
+    if block_table is None:
+        return scan(stack, carry, caches, body, remat_policy=remat_policy, unroll=unroll)
+    scanned, pools = _partition(caches, paged)
+    depth, num_blocks = jax.tree_util.tree_leaves(pools)[0].shape[:2]
+
+    def step(layer, carry, layer_caches):
+        carry, i, merged = carry
+        table = paged_cache.layer_block_table(block_table, i, num_blocks, depth)
+        pages = paged_cache.with_block_table(merged, table)
+        carry, layer_caches, out = body(layer, carry, _combine(layer_caches, pages, paged))
+        layer_caches, pages = _partition(layer_caches, paged)
+        return (carry, i + 1, paged_cache.without_block_table(pages)), layer_caches, out
+
+    merged = paged_cache.merge_layer_pools(pools)
+    (carry, _, merged), scanned, outs = scan(
+        stack, (carry, jnp.int32(0), merged), scanned, step, remat_policy=remat_policy, unroll=unroll
+    )
+    return carry, _combine(scanned, paged_cache.split_layer_pools(merged, depth), paged), outs
 
 
 def _unrolled(

@@ -5,6 +5,7 @@ Rows of `lhs` are sorted by group; group g (group_sizes[g] rows, possibly zero) 
 
     out = gmm(lhs, rhs, group_sizes)                          # [m, k] x [g, k, n] -> [m, n]
     out = gmm(lhs, w_int8, group_sizes, rhs_scale=scale)      # weight-only int8, scale [g, 1, n]
+    out = gmm(lhs, w_fp8, group_sizes, rhs_scale=blocks, rhs_scale_block=(128, 128))  # fp8, [g, k/128, n/128]
     dw = tgmm(lhs, grad, group_sizes, num_groups=g)           # [g, k, n]: lhs_g^T @ grad_g
 
 Backends (`implementation=`): "pallas_gpu" (Triton lowering), "pallas_tpu" (Mosaic, megablox-style),
@@ -15,8 +16,14 @@ model tests). The environment variable VISHWAM_GMM_IMPL (e.g. `reference`) repla
 everywhere, so a whole model can be switched to another backend without touching its code; an
 explicit `implementation=` argument still wins.
 
-int8 weights: the per-output-channel scale multiplies the float32 accumulator of each output tile,
-which is exactly `lhs @ (rhs * scale)` without ever writing a dequantised copy of the weights.
+Quantized weights (vishwam_jax/quantization) compute exactly `lhs @ dequantized(rhs)`:
+- int8 per output channel: the scale multiplies the float32 accumulator of each output tile,
+  without ever writing a dequantised copy of the weights (every backend).
+- fp8 (float8 e4m3) with float32 block scales `rhs_scale` [g, ceil(r/b0), ceil(c/b1)] over the
+  last two dimensions of rhs *as stored* ([k, n], or [n, k] with transpose_rhs), DeepSeek-V3's
+  layout: the reference dequantizes each group's matrix in float32; the other backends take the
+  weights dequantized to the activation dtype by XLA (one fused pass) until an FP8 tensor-core
+  kernel takes (rhs, rhs_scale, block) as they are, in `_gmm_forward`'s block-scaled branch.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from vishwam_jax.pallas_kernels import _gmm_gpu
+from vishwam_jax.quantization import is_storage_dtype
+from vishwam_jax.quantization.formats import dequantize
 
 IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "pallas_interpret", "xla", "reference")
 ENV_VAR = "VISHWAM_GMM_IMPL"
@@ -64,6 +73,19 @@ def _scale_2d(rhs_scale: Array | None, rhs: Array, transpose_rhs: bool) -> Float
     return rhs_scale.reshape(g, n).astype(jnp.float32)
 
 
+def _block_scales(rhs_scale: Array, rhs: Array, block: tuple[int, int]) -> Float[Array, "g rb cb"]:
+    """Block scales of rhs's last two dimensions as stored: [g, ceil(rows/b0), ceil(cols/b1)], float32."""
+    expected = (rhs.shape[0], -(-rhs.shape[1] // block[0]), -(-rhs.shape[2] // block[1]))
+    if tuple(rhs_scale.shape) != expected:
+        raise ValueError(f"rhs_scale of shape {rhs_scale.shape} is not {block} blocks of rhs {rhs.shape} ({expected})")
+    return rhs_scale.astype(jnp.float32)
+
+
+def _dequantized(rhs: Array, scale: Array, block: tuple[int, int], dtype) -> Array:
+    """rhs * its block scales in float32, then `dtype` (blocks over each group's stored matrix)."""
+    return dequantize(rhs, scale, "fp8", (1, 1), block, dtype)
+
+
 def _check(lhs: Array, rhs: Array, group_sizes: Array, transpose_rhs: bool, rhs_scale: Array | None) -> None:
     if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1:
         raise ValueError(
@@ -75,8 +97,8 @@ def _check(lhs: Array, rhs: Array, group_sizes: Array, transpose_rhs: bool, rhs_
             f"shape mismatch: lhs {lhs.shape}, rhs {rhs.shape} (transpose_rhs={transpose_rhs}), "
             f"group_sizes {group_sizes.shape}"
         )
-    if jnp.issubdtype(rhs.dtype, jnp.integer) and rhs_scale is None:
-        raise ValueError("integer rhs needs rhs_scale")
+    if is_storage_dtype(rhs.dtype) and rhs_scale is None:
+        raise ValueError(f"quantized ({rhs.dtype}) rhs needs rhs_scale")
 
 
 def row_groups(group_sizes: Int[Array, " g"], m: int) -> Int[Array, " m"]:
@@ -103,17 +125,22 @@ def gmm_reference(
     *,
     transpose_rhs: bool = False,
     rhs_scale: Array | None = None,
+    rhs_scale_block: tuple[int, int] | None = None,
     preferred_element_type=None,
 ) -> Float[Array, "m n"]:
     _check(lhs, rhs, group_sizes, transpose_rhs, rhs_scale)
     m, g, n = lhs.shape[0], rhs.shape[0], _out_features(rhs, transpose_rhs)
-    scale = _scale_2d(rhs_scale, rhs, transpose_rhs)
+    blocks = None if rhs_scale_block is None else _block_scales(rhs_scale, rhs, rhs_scale_block)
+    scale = None if blocks is not None else _scale_2d(rhs_scale, rhs, transpose_rhs)
     starts, ends = _gmm_gpu.group_bounds(group_sizes, m)
     rows = jnp.arange(m)
     x = lhs.astype(jnp.float32)
 
     def one_group(i, acc):
-        w = rhs[i].astype(jnp.float32)
+        if blocks is not None:
+            w = _dequantized(rhs[i], blocks[i], rhs_scale_block, jnp.float32)
+        else:
+            w = rhs[i].astype(jnp.float32)
         w = w.T if transpose_rhs else w
         if scale is not None:
             w = w * scale[i][None, :]
@@ -150,11 +177,18 @@ def tgmm_reference(
 # Backend dispatch (no autodiff here; see the custom_vjp below)
 
 
-def _gmm_forward(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl):
+def _gmm_forward(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl, block=None):
+    """scale: None, per output channel [g, n], or (with `block`) block scales over rhs as stored."""
     if impl == "reference":
         return gmm_reference(
-            lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, rhs_scale=scale, preferred_element_type=out_dtype
-        )
+            lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, rhs_scale=scale, rhs_scale_block=block,
+            preferred_element_type=out_dtype,
+        )  # fmt: skip
+    if block is not None:
+        # Where an FP8 tensor-core kernel goes: it takes (rhs, scale, block) as they are. Until then the
+        # weights are dequantized to the activation dtype (XLA: one fused elementwise pass) for the
+        # float kernels below.
+        rhs, scale = _dequantized(rhs, scale, block, lhs.dtype), None
     if impl == "xla":
         return _gmm_xla(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype)
     if impl == "pallas_tpu":
@@ -201,24 +235,28 @@ def _tgmm_forward(lhs, grad, group_sizes, num_groups, out_dtype, impl):
 # Differentiable entry points
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _gmm(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl):
-    return _gmm_forward(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _gmm(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl, block):
+    return _gmm_forward(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl, block)
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl):
-    out = _gmm_forward(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl)
+def _gmm_fwd(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl, block):
+    out = _gmm_forward(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl, block)
     return out, (lhs, rhs, group_sizes, scale)
 
 
-def _gmm_bwd(transpose_rhs, out_dtype, impl, residuals, grad):
+def _gmm_bwd(transpose_rhs, out_dtype, impl, block, residuals, grad):
     lhs, rhs, group_sizes, scale = residuals
+    if block is not None:
+        # Block scales are defined on rhs as stored, so the transposed product takes them unchanged.
+        grad_lhs = _gmm_forward(grad, rhs, group_sizes, scale, not transpose_rhs, lhs.dtype, impl, block)
+        return grad_lhs, None, None, jnp.zeros_like(scale)
     if scale is not None:
         # d lhs = grad @ (rhs * scale)^T = (grad * scale[group of row]) @ rhs^T: the scale moves onto
         # the contracted axis, so apply it to the (small) gradient rows instead of the weights.
         grad = (grad.astype(jnp.float32) * _row_scales(scale, group_sizes, lhs.shape[0])).astype(lhs.dtype)
     grad_lhs = _gmm_forward(grad, rhs, group_sizes, None, not transpose_rhs, lhs.dtype, impl)
-    if jnp.issubdtype(rhs.dtype, jnp.integer):
+    if is_storage_dtype(rhs.dtype):
         grad_rhs = None  # frozen quantised weights
     elif transpose_rhs:  # rhs is [g, n, k]: grad_g^T @ lhs_g directly, no transpose pass over the weights
         grad_rhs = _tgmm_forward(grad, lhs, group_sizes, rhs.shape[0], rhs.dtype, impl)
@@ -237,22 +275,29 @@ def gmm(
     group_sizes: Int[Array, " g"],
     *,
     transpose_rhs: bool = False,
-    rhs_scale: Float[Array, "g 1 n"] | None = None,
+    rhs_scale: Float[Array, "g 1 n"] | Float[Array, "g rb cb"] | None = None,
+    rhs_scale_block: tuple[int, int] | None = None,
     preferred_element_type=None,
     implementation: str | None = None,
 ) -> Float[Array, "m n"]:
     """Grouped matmul: rows [start_g, end_g) of `lhs` times rhs[g]; rows past sum(group_sizes) are zero.
 
-    rhs: [g, k, n], or [g, n, k] with transpose_rhs. An integer (int8) rhs needs `rhs_scale`
-    (per output channel: [g, 1, n], [g, n, 1] or [g, n]); it is then treated as frozen (no gradient).
+    rhs: [g, k, n], or [g, n, k] with transpose_rhs. A quantized (int8 or float8) rhs needs `rhs_scale`:
+    per output channel ([g, 1, n], [g, n, 1] or [g, n]), or with `rhs_scale_block` = (b0, b1) one scale
+    per b0 x b1 block of each group's matrix as stored ([g, ceil(rows/b0), ceil(cols/b1)], partial edge
+    blocks). Quantized weights are frozen (no gradient).
     Accumulation is float32; the output dtype is `preferred_element_type` (default lhs.dtype).
     Differentiable in lhs and (float) rhs: the gradients are a gmm and a tgmm on the same backend.
     """
     _check(lhs, rhs, group_sizes, transpose_rhs, rhs_scale)
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-    scale = _scale_2d(rhs_scale, rhs, transpose_rhs)
+    if rhs_scale_block is None:
+        scale, block = _scale_2d(rhs_scale, rhs, transpose_rhs), None
+    else:
+        block = (int(rhs_scale_block[0]), int(rhs_scale_block[1]))
+        scale = _block_scales(rhs_scale, rhs, block)
     impl = resolve_implementation(implementation)
-    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), scale, transpose_rhs, out_dtype, impl)
+    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), scale, transpose_rhs, out_dtype, impl, block)
 
 
 def tgmm(

@@ -44,7 +44,7 @@ _FAMILIES: dict[str, Family] = {}
 COMMON_FIELDS = (
     "name", "family", "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
     "activation", "norm_eps", "rope_theta", "max_seq_len", "pad_token_id", "eos_token_id", "bos_token_id",
-    "tokenizer", "remat_policy", "scan_unroll", "quantization",
+    "tokenizer", "remat_policy", "scan_unroll", "quantization", "quantization_block",
 )  # fmt: skip
 
 
@@ -111,8 +111,13 @@ def _check_common(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"remat_policy {c.remat_policy!r} is not one of {', '.join(POLICY_NAMES)}")
     if not isinstance(c.scan_unroll, int) or c.scan_unroll < 1:
         raise ConfigError(f"scan_unroll must be a positive integer (layers per scan iteration), got {c.scan_unroll!r}")
-    if c.quantization not in ("none", "int8"):
-        raise ConfigError(f"quantization {c.quantization!r} is not one of none, int8")
+    from vishwam_jax.quantization import FORMATS
+
+    if c.quantization not in ("none", *FORMATS):
+        raise ConfigError(f"quantization {c.quantization!r} is not one of none, {', '.join(FORMATS)}")
+    block = c.quantization_block
+    if not (isinstance(block, tuple) and len(block) == 2 and all(isinstance(b, int) and b >= 1 for b in block)):
+        raise ConfigError(f"quantization_block must be two positive integers [rows, columns], got {block!r}")
 
 
 def get_config(name: str, **overrides: Any) -> Config:

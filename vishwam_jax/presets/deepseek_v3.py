@@ -64,7 +64,8 @@ def deepseek_v3_base() -> ml_collections.ConfigDict:
     c.tokenizer = "hf"
     c.remat_policy = "none"
     c.scan_unroll = 1  # layers per scan iteration (at least the depth: straight-line code)
-    c.quantization = "none"
+    c.quantization = "none"  # matmul weights: "none" (float) | "int8" (per channel) | "fp8" (e4m3 blocks)
+    c.quantization_block = (128, 128)  # fp8 block [rows, columns] of each matrix (DeepSeek's weight_block_size)
     # Derived (the shared vocabulary's view of MLA): every head has its own keys after decompression,
     # and a query-key dot product spans the nope and rope parts.
     c.num_kv_heads = c.num_heads
@@ -94,10 +95,6 @@ def _finalize(c: ml_collections.ConfigDict) -> None:
         )
     if c.num_mtp_layers < 0:
         raise ConfigError(f"num_mtp_layers must be >= 0, got {c.num_mtp_layers}")
-    if c.quantization != "none":
-        # MLA applies W_k_b both per head and absorbed (contracting different axes), which
-        # per-output-channel int8 scales cannot serve; the release's FP8 is dequantized on conversion.
-        raise ConfigError(f"quantization {c.quantization!r} is not supported for DeepSeek-V3 (only 'none')")
 
 
 register_family("deepseek_v3", Family(deepseek_v3_base, _finalize, derived=("num_kv_heads", "head_dim")))

@@ -50,7 +50,8 @@ def grok1_base() -> ml_collections.ConfigDict:
     c.tokenizer = "sentencepiece"  # the release's tokenizer.model (131072 pieces)
     c.remat_policy = "none"
     c.scan_unroll = 1  # layers per scan iteration (at least the depth: straight-line code)
-    c.quantization = "none"  # "int8": the release's int8 weights kept (weight-only int8 matmuls)
+    c.quantization = "none"  # matmul weights: "none" (float) | "int8" (per channel) | "fp8" (e4m3 blocks)
+    c.quantization_block = (128, 128)  # fp8 block [rows, columns] of each matrix (DeepSeek's weight_block_size)
     return c
 
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float, Int
 
+from vishwam_jax.quantization import QuantizedWeight
 from vishwam_jax.sharding.context import ActiveMesh, shard_map
 from vishwam_jax.sharding.mesh import AXES, mesh_sizes
 from vishwam_jax.sharding.rules import ShardingError
@@ -76,8 +77,10 @@ def _width_axes(active: ActiveMesh, f: int) -> tuple[str, ...]:
     return axes if axes and f % math.prod(sizes[a] for a in axes) == 0 else ()
 
 
-# The layout of the expert weights the dispatch takes ({"gate", "up", "down"}, each an array or an
-# int8 {"int8", "scale"} pair): the logical names models/moe.py's Experts gives its Params. The
+# The layout of the expert weights the dispatch takes ({"gate", "up", "down"}, each an array or a
+# QuantizedWeight, whose scale has the same leading dimensions: an int8 scale the weight's, with size 1
+# on `embed` resp. `expert_mlp` contracted; an fp8 scale [e, row blocks, column blocks]): the logical
+# names models/moe.py's Experts gives its Params. The
 # shard_map blocks below split the `experts` dimension over `expert` and `expert_mlp` over the width
 # axes; `embed` stays whole inside (an fsdp-sharded embed is gathered on the way in, as FSDP does).
 WEIGHT_AXES = {
@@ -93,13 +96,13 @@ def _weight_spec(
     spec: list[Any] = [None] * len(leaf_shape)
     spec[axes.index("experts")] = expert_axis
     f_dim = axes.index("expert_mlp")
-    if width_axes and leaf_shape[f_dim] > 1:  # an int8 scale has size 1 on contracted axes
+    if width_axes and leaf_shape[f_dim] > 1:  # an int8 scale has size 1 on contracted axes (kept whole)
         spec[f_dim] = width_axes[0] if len(width_axes) == 1 else width_axes
     return PartitionSpec(*spec)
 
 
 def _weight_specs(expert_params: dict, width_axes: tuple[str, ...], expert_axis: str | None) -> dict:
-    """PartitionSpecs of the gate/up ([e, d, f]) and down ([e, f, d]) leaves, int8 dicts included."""
+    """PartitionSpecs of the gate/up ([e, d, f]) and down ([e, f, d]) leaves, quantized ones' scales included."""
     return {
         name: jax.tree_util.tree_map(
             lambda w, axes=axes: _weight_spec(w.shape, axes, width_axes, expert_axis), expert_params[name]
@@ -109,13 +112,22 @@ def _weight_specs(expert_params: dict, width_axes: tuple[str, ...], expert_axis:
 
 
 def expert_width(expert_params: dict) -> int:
-    """The hidden width f of every expert (read off the down projection, possibly int8)."""
-    down = expert_params["down"]
-    return (down["int8"] if isinstance(down, dict) else down).shape[WEIGHT_AXES["down"].index("expert_mlp")]
+    """The hidden width f of every expert (read off the down projection, possibly quantized)."""
+    return expert_params["down"].shape[WEIGHT_AXES["down"].index("expert_mlp")]
 
 
 def width_axes(active: ActiveMesh, expert_params: dict) -> tuple[str, ...]:
-    return _width_axes(active, expert_width(expert_params))
+    axes = _width_axes(active, expert_width(expert_params))
+    down = expert_params["down"]
+    if axes and isinstance(down, QuantizedWeight) and down.format == "fp8":
+        # Each width shard dequantizes its own columns with its own blocks: a shard must hold whole blocks.
+        shard = expert_width(expert_params) // math.prod(mesh_sizes(active.mesh)[a] for a in axes)
+        if shard % down.block[0] or shard % down.block[1]:
+            raise ValueError(
+                f"expert width shards of {shard} columns ({'x'.join(axes)}) split fp8 blocks of {down.block}; "
+                "use a mesh whose width split keeps whole blocks"
+            )
+    return axes
 
 
 def dispatch_experts_width_parallel(

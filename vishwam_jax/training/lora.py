@@ -10,9 +10,9 @@ A is [*batch, prod(in), r] (random), B is [*batch, r, prod(out)] (zeros), so tra
 
 Adapters are a flat dict {"blocks.layers.0.attn.q.kernel": {"a": ..., "b": ...}} keyed by the
 kernel's dotted path in the parameter state; the model sees the merged state, computed inside the
-jitted step in the compute dtype. A weight-only int8 kernel (Linear with `scale`) stays int8 and
-frozen; merged, it holds the dense W' with unit scales, so the module (and a merged export's layout,
-which `vishwam_jax.load` checks against the config) is unchanged.
+jitted step in the compute dtype. A quantized kernel (Linear with `kernel_scale`, int8 or fp8) stays
+quantized and frozen; merged, it holds the dense W' with unit scales, so the module (and a merged
+export's layout, which `vishwam_jax.load` checks against the config) is unchanged.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from vishwam_jax.checkpoint.orbax_io import save_params
+from vishwam_jax.quantization import SCALE_NAME, is_storage_dtype
+from vishwam_jax.quantization.formats import weight_of
 
 # Matrices of every family that LoRA commonly adapts: attention (Gemma/Grok q k v o; DeepSeek MLA
 # wq/wq_a/wq_b/wkv_a/wk_b/wv_b/wo) and MLPs/experts (gate up down).
@@ -145,17 +147,17 @@ def delta(shape: tuple[int, ...], adapter: dict, scale: float) -> Float[Array, "
 
 
 def _scale_of(kernel_name: str) -> str:
-    return kernel_name[: -len(_KERNEL)] + "scale"
+    return kernel_name[: -len(_KERNEL)] + SCALE_NAME
 
 
 def merge(params: nnx.State, adapters: dict, cfg: LoraConfig, dtype=None) -> nnx.State:
     """The state with W + scale * A @ B on every adapted kernel, in `dtype` (default: the kernel's
-    own float dtype; float32 for int8 kernels, whose scales become ones). Other leaves unchanged."""
+    own float dtype; float32 for quantized kernels, whose scales become ones). Other leaves unchanged."""
     variables = _variables(params)
     missing = set(adapters) - set(variables)
     if missing:
         raise ValueError(f"adapters for weights the model does not have: {sorted(missing)}")
-    quantized = {n for n in adapters if jnp.issubdtype(variables[n].get_value().dtype, jnp.integer)}
+    quantized = {n for n in adapters if is_storage_dtype(variables[n].get_value().dtype)}
     unit_scales = {_scale_of(n) for n in quantized}
 
     def merge_one(name: str, v: nnx.Variable) -> nnx.Variable:
@@ -166,7 +168,7 @@ def merge(params: nnx.State, adapters: dict, cfg: LoraConfig, dtype=None) -> nnx
             return v
         if name in quantized:
             out = jnp.dtype(dtype or jnp.float32)
-            base = w.astype(jnp.float32) * variables[_scale_of(name)].get_value().astype(jnp.float32)
+            base = weight_of(v, variables[_scale_of(name)]).dequantize(jnp.float32)
         else:
             out = jnp.dtype(dtype or w.dtype)
             base = w
@@ -188,8 +190,8 @@ def export_merged(
     files: tuple = (),
 ) -> None:
     """Write base + adapters as a normal model directory (loads with `vishwam_jax.load`, no LoRA
-    code needed). Adapted weights keep their dtype; adapted int8 kernels become `int8_dtype` with
-    unit scales (a low-rank update does not survive re-quantization to the base's per-channel scales)."""
+    code needed). Adapted weights keep their dtype; adapted quantized kernels become `int8_dtype` with
+    unit scales (a low-rank update does not survive re-quantization to the base's scales)."""
     variables = _variables(params)
     merged = merge(params, adapters, cfg, dtype=jnp.float32)
 
@@ -198,7 +200,7 @@ def export_merged(
         if name not in adapters:
             return v
         original = variables[name].get_value().dtype
-        return v.replace(v.get_value().astype(int8_dtype if jnp.issubdtype(original, jnp.integer) else original))
+        return v.replace(v.get_value().astype(int8_dtype if is_storage_dtype(original) else original))
 
     out = nnx.from_flat_state([(path, cast(path, v)) for path, v in nnx.to_flat_state(merged)])
     save_params(dst, out, config, overwrite=overwrite, files=files)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from vishwam_jax.quantization import SCALE_NAME
 from vishwam_jax.training.lora import leaf_name
 
 # Dense bf16 peak per chip (datasheets), matched against jax's device_kind, most specific first.
@@ -51,7 +52,7 @@ def active_matmul_params(params: nnx.State, config, mtp_depths: int = 0) -> floa
         shape = tuple(v.get_value().shape)
         axes = tuple(v.get_metadata().get("out_sharding") or ())
         last = name.rsplit(".", 1)[-1]
-        if last in ("embedding", "scale") or len([a for a in axes if a != "layers"]) < 2:
+        if last in ("embedding", "scale", SCALE_NAME) or len([a for a in axes if a != "layers"]) < 2:
             continue
         n = float(np.prod(shape))
         if "experts" in axes and experts:

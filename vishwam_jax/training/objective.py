@@ -18,6 +18,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from vishwam_jax.models.interface import CausalLM
+from vishwam_jax.quantization import keeps_stored_dtype
 from vishwam_jax.training.lora import leaf_name
 
 # Routing stays float32 in every family (the releases keep router and bias in float32): a bf16 bias
@@ -31,13 +32,14 @@ def keeps_float32(name: str) -> bool:
 
 
 def cast_floating(params: Any, dtype) -> Any:
-    """Floating leaves to `dtype` (e.g. bf16 compute from float32 master weights); int8 stays int8
-    and routers stay float32."""
+    """Floating leaves to `dtype` (e.g. bf16 compute from float32 master weights); quantized weights
+    and their scales stay as stored and routers stay float32."""
     if dtype is None:
         return params
 
     def cast(path, p):
-        if keeps_float32(leaf_name(path)) or not jnp.issubdtype(p.dtype, jnp.floating):
+        name = leaf_name(path)
+        if keeps_float32(name) or keeps_stored_dtype(name, p.dtype) or not jnp.issubdtype(p.dtype, jnp.floating):
             return p
         return p.astype(dtype)
 

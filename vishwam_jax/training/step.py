@@ -31,6 +31,7 @@ from flax import nnx
 from jaxtyping import Array, Int
 
 from vishwam_jax.models.interface import CausalLM
+from vishwam_jax.quantization import keeps_stored_dtype
 from vishwam_jax.training import lora as lora_lib
 from vishwam_jax.training.objective import (
     cast_floating,
@@ -68,8 +69,12 @@ def is_balancing_bias(name: str) -> bool:
 
 def frozen_from_gradients(path: tuple, leaf: Any) -> bool:
     """Leaves the optimizer must leave alone: DeepSeek-V3's router biases (updated by load) and
-    weight-only int8 kernels (no gradient exists for integers)."""
-    return is_balancing_bias(lora_lib.leaf_name(path)) or not jnp.issubdtype(leaf.dtype, jnp.inexact)
+    quantized weights with their scales (weight-only: no gradient rule exists for them; float8 is
+    inexact, so the dtype alone does not say it)."""
+    name = lora_lib.leaf_name(path)
+    if is_balancing_bias(name) or keeps_stored_dtype(name, leaf.dtype):
+        return True
+    return not jnp.issubdtype(leaf.dtype, jnp.inexact)
 
 
 def balancing_biases(params: nnx.State) -> list[str]:

@@ -26,6 +26,7 @@ from vishwam_jax.checkpoint import orbax_io
 from vishwam_jax.models.interface import CausalLM
 from vishwam_jax.models.remat import check_policy
 from vishwam_jax.presets import UnknownModelError, get_config, list_models, replace
+from vishwam_jax.quantization import is_storage_dtype
 from vishwam_jax.sharding import eplb
 from vishwam_jax.training import data as data_lib
 from vishwam_jax.training import lora as lora_lib
@@ -255,11 +256,11 @@ def train(
 
     if lora_cfg is None:
         flat = jax.tree_util.tree_flatten_with_path(params)[0]
-        quantized = [lora_lib.leaf_name(p) for p, x in flat if jnp.issubdtype(x.dtype, jnp.integer)]
+        quantized = [lora_lib.leaf_name(p) for p, x in flat if is_storage_dtype(x.dtype)]
         if quantized:
             raise ValueError(
-                f"{len(quantized)} weights are int8 (e.g. {quantized[0]}): they cannot take gradient steps; "
-                "fine-tune with LoRA (--lora-rank) or convert without --keep-int8"
+                f"{len(quantized)} weights are quantized (e.g. {quantized[0]}): "
+                "they cannot take gradient steps; fine-tune with LoRA (--lora-rank) or convert without --quantize"
             )
         trainable, frozen = params, None
     else:
@@ -435,7 +436,7 @@ def _write_export(tc: TrainConfig, config, trainable: Any, frozen: Any, lora_cfg
             tc.export, frozen, trainable, lora_cfg, config, int8_dtype=dtype, overwrite=True, files=tuple(files)
         )
         return
-    # The parameter state as vishwam_jax.load expects it (routers stay float32, int8 stays int8).
+    # The parameter state as vishwam_jax.load expects it (routers stay float32, quantized weights as they are).
     orbax_io.save_params(tc.export, cast_floating(trainable, dtype), config, overwrite=True, files=tuple(files))
 
 

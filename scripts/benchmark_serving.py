@@ -1,0 +1,316 @@
+"""Serving throughput and latency under N concurrent streaming clients, against the fixed-batch
+`Model.generate` at batch N on the same prompt and output lengths, in one process (issue 18's GPU rows).
+
+    python scripts/benchmark_serving.py --model gemma-2b --clients 64 --prompt-len 512 --output-len 256
+    python scripts/benchmark_serving.py --model deepseek-v3-671b --set num_layers=4 num_dense_layers=1 \
+        --clients 64 --prompt-len 512 --output-len 256
+
+The model is loaded once (random weights of a preset, or a converted directory). The real server
+(`openai_server.create_app` under uvicorn, on an ephemeral localhost port in a thread of this process)
+runs an engine with one slot per client and pages for prompt + output. Clients are
+`scripts/loadgen.py` processes (separate processes so that their parsing never competes with the
+server for this one's interpreter lock): every request is a prompt of `--prompt-len` random token ids
+and generates exactly `--output-len` tokens (`ignore_eos`), streamed. Every compiled shape is built and
+the HTTP path is exercised before the timed run; a compilation during it is reported.
+
+Printed and written (--json): output tok/s, TTFT and inter-token latency p50/p90/p99 (seen by the
+clients, and at the engine thread), the fixed-batch decode tok/s and step time, and issue 18's ratios:
+serving output tok/s / fixed-batch decode tok/s (target >= 0.8) and p99 inter-token latency / fixed-batch
+step time (target <= 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # loadgen, beside this file
+
+import jax
+import jax.numpy as jnp
+import loadgen
+import numpy as np
+import uvicorn
+
+import vishwam_jax as vj
+from vishwam_jax.inference.engine_thread import EngineThread
+from vishwam_jax.inference.openai_server import create_app
+from vishwam_jax.inference.serving import Engine, EngineConfig
+from vishwam_jax.inference.serving_metrics import ServingMetrics
+
+LOADGEN = Path(__file__).resolve().with_name("loadgen.py")
+TARGET_THROUGHPUT_RATIO = 0.8  # serving output tok/s over fixed-batch decode tok/s, at least
+TARGET_ITL_RATIO = 2.0  # p99 inter-token latency over the fixed-batch step time, at most
+
+
+class _Recorded:
+    """A Prometheus histogram that also keeps every observation (exact percentiles)."""
+
+    def __init__(self, histogram, samples: list[float]):
+        self._histogram, self._samples = histogram, samples
+
+    def observe(self, value: float) -> None:
+        self._samples.append(value)
+        self._histogram.observe(value)
+
+
+class RecordingMetrics(ServingMetrics):
+    """The server's metrics, keeping the engine thread's inter-token gaps and TTFTs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inter_token_s: list[float] = []
+        self.ttft_s: list[float] = []
+        self.inter_token = _Recorded(self.inter_token, self.inter_token_s)
+        self.ttft = _Recorded(self.ttft, self.ttft_s)
+
+    def clear(self) -> None:
+        self.inter_token_s.clear()
+        self.ttft_s.clear()
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(n)))
+
+
+def load_model(args) -> vj.Model:
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    source = vj.get_config(args.model, **overrides) if overrides else args.model
+    unstack = {"auto": None, "scanned": False, "per-layer": True}[args.layers]
+    return vj.load(source, dtype=jnp.dtype(args.dtype), unstack_layers=unstack)
+
+
+def engine_config(args) -> EngineConfig:
+    """One slot per client, and a prompt piece that takes a whole prompt in one chunk."""
+    slots = next_power_of_two(args.clients)
+    chunk = args.chunk or -(-args.prompt_len // 16) * 16
+    return EngineConfig(
+        num_slots=slots,
+        max_len=args.prompt_len + args.output_len,
+        prefill_rows=min(slots, args.prefill_rows or max(1, args.clients // 4)),
+        chunk_buckets=(chunk,),
+        max_queue=max(1024, args.clients),
+    )
+
+
+@contextlib.contextmanager
+def running_server(app) -> Iterator[str]:
+    """uvicorn on an ephemeral localhost port, in a thread; yields the base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def client_commands(args, url: str, vocab_size: int, out_dir: Path, output_len: int) -> list[list[str]]:
+    """One loadgen command per client process, the clients split evenly between them."""
+    procs = min(args.client_procs or max(1, -(-args.clients // 16)), args.clients)
+    counts = [args.clients // procs + (i < args.clients % procs) for i in range(procs)]
+    commands = []
+    for i, n in enumerate(counts):
+        commands.append(
+            [
+                sys.executable,
+                str(LOADGEN),
+                "--url", url,
+                "--clients", str(n),
+                "--requests", str(n),
+                "--prompt-tokens", f"{args.prompt_len}:{args.prompt_len}",
+                "--vocab-size", str(vocab_size),
+                "--max-tokens", f"{output_len}:{output_len}",
+                "--ignore-eos",
+                "--temperature", "0",
+                "--seed", str(args.seed + 1000 * i),
+                "--json", str(out_dir / f"clients{i}.json"),
+                "--wait-for-go",
+            ]
+        )  # fmt: skip
+    return commands
+
+
+def run_clients(commands: list[list[str]], out_dir: Path, timeout_s: float) -> list[dict]:
+    """Start every client process, release them together once all are ready, and gather their results."""
+    procs = [subprocess.Popen(c, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for c in commands]
+    try:
+        for p in procs:
+            line = p.stdout.readline().strip()
+            if line != "ready":
+                raise RuntimeError(f"a client process did not start (said {line!r})")
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        for p in procs:
+            p.communicate(timeout=timeout_s)
+            if p.returncode != 0:
+                raise RuntimeError(f"a client process failed (exit {p.returncode})")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = []
+    for i in range(len(commands)):
+        results += json.loads((out_dir / f"clients{i}.json").read_text())["results"]
+    return results
+
+
+def measure_serving(model: vj.Model, args) -> dict:
+    """Warm the engine and the HTTP path, then time one round of N concurrent clients."""
+    config = engine_config(args)
+    engine = Engine(model, config, tokenizer=None)
+    start = time.perf_counter()
+    engine.warmup()
+    print(f"engine: {config}; compiled {engine.compiles} in {time.perf_counter() - start:.1f} s", flush=True)
+    metrics = RecordingMetrics()
+    app = create_app(EngineThread(engine, metrics), tokenizer=None, model_name=args.model, drain_timeout_s=5.0)
+    vocab = int(model.config.vocab_size)
+    with running_server(app) as url, tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        # A short untimed round through every layer of the stack (HTTP, client processes, engine).
+        run_clients(client_commands(args, url, vocab, out, output_len=2), out, args.timeout)
+        compiled = list(engine.compiles)
+        metrics.clear()
+        results = run_clients(client_commands(args, url, vocab, out, args.output_len), out, args.timeout)
+    summary = loadgen.summarize(results)
+    expected = args.clients * args.output_len
+    if summary["output_tokens"] != expected:
+        raise RuntimeError(f"the clients received {summary['output_tokens']} tokens, expected {expected}")
+    return {
+        **summary,
+        "server_itl_ms": loadgen.percentiles_ms(metrics.inter_token_s),
+        "server_ttft_ms": loadgen.percentiles_ms(metrics.ttft_s),
+        "engine": {
+            "num_slots": config.num_slots,
+            "max_len": config.max_len,
+            "prefill_rows": config.prefill_rows,
+            "chunk_buckets": list(config.chunk_buckets),
+            "num_pages": engine.pages.num_blocks,
+            "compile_s": engine.compile_s,
+        },
+        "compiled_during_run": [list(c) for c in engine.compiles[len(compiled) :]],
+    }
+
+
+def measure_fixed_batch(model: vj.Model, args) -> dict:
+    """`Model.generate` at batch = clients on the same lengths (as scripts/benchmark_generate.py)."""
+    rng = np.random.default_rng(args.seed)
+    prompts = rng.integers(loadgen.FIRST_ORDINARY_ID, model.config.vocab_size, size=(args.clients, args.prompt_len))
+    model.generate(prompts, args.output_len)  # compile + warm
+    model.generate(prompts, args.output_len)
+    s = model.last_generation_stats
+    steps = s.decode_tokens / args.clients
+    return {
+        "batch": args.clients,
+        "decode_tokens": s.decode_tokens,
+        "decode_tok_s": s.decode_tokens_per_s,
+        "step_ms": 1e3 * s.decode_s / steps,
+        "prefill_tok_s": s.prefill_tokens_per_s,
+        # prefill + decode of the whole batch: what a client of a fixed batch waits for
+        "end_to_end_output_tok_s": s.decode_tokens / (s.prefill_s + s.decode_s),
+    }
+
+
+def ratios(serving: dict, fixed: dict) -> dict:
+    return {
+        "throughput": serving["output_tok_s"] / fixed["decode_tok_s"],
+        "throughput_vs_end_to_end": serving["output_tok_s"] / fixed["end_to_end_output_tok_s"],
+        "p99_itl_over_step": serving["itl_ms"]["p99"] / fixed["step_ms"],
+        "server_p99_itl_over_step": serving["server_itl_ms"]["p99"] / fixed["step_ms"],
+    }
+
+
+def print_results(serving: dict, fixed: dict, r: dict) -> None:
+    loadgen.report(f"serving ({serving['requests']} streaming clients)", serving)
+    print(f"  inter-token at the engine thread   {loadgen.format_percentiles(serving['server_itl_ms'])}")
+    if serving["compiled_during_run"]:
+        print(f"  WARNING: compiled during the timed run: {serving['compiled_during_run']}")
+    print(
+        f"fixed-batch generate, batch {fixed['batch']}: decode {fixed['decode_tok_s']:,.1f} tok/s, "
+        f"step {fixed['step_ms']:.2f} ms, prefill {fixed['prefill_tok_s']:,.0f} tok/s, "
+        f"prefill + decode {fixed['end_to_end_output_tok_s']:,.1f} output tok/s"
+    )
+    ok = "meets" if r["throughput"] >= TARGET_THROUGHPUT_RATIO else "misses"
+    print(
+        f"serving / fixed-batch decode tok/s = {r['throughput']:.3f} ({ok} >= {TARGET_THROUGHPUT_RATIO}); "
+        f"over fixed-batch prefill + decode = {r['throughput_vs_end_to_end']:.3f}"
+    )
+    ok = "meets" if r["p99_itl_over_step"] <= TARGET_ITL_RATIO else "misses"
+    print(
+        f"p99 inter-token latency / fixed-batch step = {r['p99_itl_over_step']:.2f} ({ok} <= {TARGET_ITL_RATIO}); "
+        f"at the engine thread {r['server_p99_itl_over_step']:.2f}"
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gemma-2b", help="preset name or converted model directory")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument(
+        "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="config overrides of the preset (JSON values)"
+    )
+    ap.add_argument(
+        "--layers",
+        choices=["auto", "scanned", "per-layer"],
+        default="auto",
+        help="stacked weights scanned, or held as per-layer buffers (auto: per-layer on GPUs)",
+    )
+    ap.add_argument("--clients", type=int, default=64, help="concurrent streaming clients (= the fixed batch)")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--prefill-rows", type=int, default=None, help="requests prefilled per step (default: clients/4)")
+    ap.add_argument("--chunk", type=int, default=None, help="prefill chunk length (default: the prompt, rounded to 16)")
+    ap.add_argument("--client-procs", type=int, default=None, help="client processes (default: one per 16 clients)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds a round of clients may take")
+    ap.add_argument("--json", help="also write the results here")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    model = load_model(args)
+    print(f"{model}, {args.dtype}; {args.clients} clients, prompt {args.prompt_len}, output {args.output_len}")
+    serving = measure_serving(model, args)
+    fixed = measure_fixed_batch(model, args)
+    r = ratios(serving, fixed)
+    print_results(serving, fixed, r)
+    if args.json:
+        result = {
+            "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__,
+            "model": args.model,
+            "overrides": args.set,
+            "dtype": args.dtype,
+            "clients": args.clients,
+            "prompt_len": args.prompt_len,
+            "output_len": args.output_len,
+            "serving": serving,
+            "fixed_batch": fixed,
+            "ratios": r,
+            "targets": {"throughput": TARGET_THROUGHPUT_RATIO, "p99_itl_over_step": TARGET_ITL_RATIO},
+        }
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,540 @@
+"""Continuous batching: requests join and leave a fixed set of cache slots at every step.
+
+The engine owns one cache of `num_slots` rows (each row one request, with its own position: the
+caches already keep per-row positions) for its whole life. Every `step()`:
+
+  1. admits waiting requests, oldest first, into free slots, reserving the cache pages that the
+     prompt + max_tokens need (all up front: a running request can never run out of cache, so
+     none is ever preempted, and a full cache only makes new requests wait);
+  2. runs one prefill chunk: up to `prefill_rows` requests that still have prompt left each
+     feed their next piece of at most max(chunk_buckets) tokens, and a request whose prompt is now
+     all in the cache samples its first token (a long prompt takes several steps and never stalls
+     the running streams for more than one chunk);
+  3. runs one decode step: every running request feeds its last token and samples the next;
+     requests that hit a stop token, a stop string or max_tokens leave, and their slot and pages
+     are free for the next step.
+
+Compiled shapes are bounded: prefill is [prefill_rows, c] for c in chunk_buckets, and decode runs on
+the first b slots for b in decode_buckets (slots are handed out lowest first), so nothing compiles
+in steady state (`compiles` counts them; `warmup()` compiles them all ahead).
+
+Identical greedy output, alone or among others: a request's numerics must not depend on its
+neighbours. Each prompt is cut at the same positions whatever else runs (pieces of
+max(chunk_buckets) tokens from position 0) and padded to the bucket of its own piece length; the
+prefill row count is fixed; sampling draws from each request's own seed. XLA's matmuls round
+differently for different batch sizes (measured on CPU: batches of 1-8 rows and 16+ rows differ in
+the last bits), so by default decode runs on all slots (decode_buckets = (num_slots,)); smaller
+decode buckets are faster at low load but their tokens may differ from a lone run's after a
+near-tie.
+
+Caches: every family pages (`capabilities.paged_cache`): DeepSeek-V3's MLA latents, Grok-1's K/V
+and Gemma's global layers' K/V live in pools of `num_pages` 64-token pages addressed through a block
+table (one row per slot), so a short request takes few pages and `num_pages` can be far below
+num_slots x max_len: the page count is the cache's real memory. Gemma's sliding-window layers keep a
+ring of `sliding_window` slots per slot row (bounded by the window, so paging them would save nothing).
+A family without the capability would keep one contiguous row of max_len slots per slot, its pages
+then only an accounting of the tokens reserved.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import time
+from collections.abc import Callable, Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from vishwam_jax.inference import cache_rows, paged_cache
+from vishwam_jax.inference.sampling import SamplingParams, sample_rows
+from vishwam_jax.inference.stop_text import StopText
+
+
+class RequestRejected(ValueError):
+    """The request can never run (too long for the context or the cache, malformed)."""
+
+
+class QueueFull(RuntimeError):
+    """Too many requests are already waiting."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    id: Hashable
+    prompt: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the model's EOS
+    stop: tuple[str, ...] = ()  # stop strings (need the engine's tokenizer)
+    ignore_eos: bool = False  # the model's EOS does not end the request (benchmarks: exact lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What one step produced for one request.
+
+    token          the generated token id (None when the request ends without one: cancelled, error)
+    index          the token's index in the request's output (0: the first token)
+    text           text released by this token ("" without a tokenizer; held back near stop strings)
+    finish_reason  None while running; "stop" (stop token or string), "length" (max_tokens),
+                   "cancelled" or "error" on the request's last event
+    """
+
+    request_id: Hashable
+    token: int | None
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    num_slots: int = 8  # requests decoded together (a power of two)
+    max_len: int | None = None  # tokens per request, prompt + output (default: the model's context)
+    prefill_rows: int = 4  # requests prefilled per step
+    chunk_buckets: tuple[int, ...] = (16, 64)  # prefill chunk lengths; the largest is the piece size
+    decode_buckets: tuple[int, ...] | None = None  # decode batch sizes (default: num_slots only)
+    num_pages: int | None = None  # 64-token cache pages (default: every slot full)
+    max_queue: int = 1024  # waiting requests before submit raises QueueFull
+
+    def __post_init__(self):
+        def power_of_two(n) -> bool:
+            return isinstance(n, int) and n >= 1 and n & (n - 1) == 0
+
+        if not power_of_two(self.num_slots):
+            raise ValueError(f"num_slots must be a power of two, got {self.num_slots}")
+        if not (isinstance(self.prefill_rows, int) and 1 <= self.prefill_rows <= self.num_slots):
+            raise ValueError(f"prefill_rows must be in [1, num_slots], got {self.prefill_rows}")
+        if not self.chunk_buckets or any(not isinstance(c, int) or c < 1 for c in self.chunk_buckets):
+            raise ValueError(f"chunk_buckets must be positive lengths, got {self.chunk_buckets}")
+        buckets = self.decode_buckets or (self.num_slots,)
+        if any(not power_of_two(b) or b > self.num_slots for b in buckets) or self.num_slots not in buckets:
+            raise ValueError(f"decode_buckets must be powers of two up to and including num_slots, got {buckets}")
+
+
+@dataclasses.dataclass
+class _Running:
+    """A request's host-side state while it holds a slot."""
+
+    request: Request
+    slot: int
+    text: StopText | None
+    cursor: int = 0  # prompt tokens already in the cache
+    generated: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cursor < len(self.request.prompt)
+
+
+class _SlotArrays:
+    """Per-slot inputs of the compiled steps, kept current as requests are admitted, emit tokens and
+    leave, so that a step slices arrays instead of rebuilding them from every running request.
+    Index num_slots is a padding row (a prefill row without a request): greedy, never decoding."""
+
+    def __init__(self, num_slots: int, pad_id: int):
+        n = num_slots + 1
+        self.seeds = np.zeros(n, np.uint32)
+        self.counters = np.zeros(n, np.int32)  # tokens generated so far: the sampling key's counter
+        self.temperature = np.zeros(n, np.float32)
+        self.top_k = np.zeros(n, np.int32)
+        self.top_p = np.ones(n, np.float32)
+        self.last_token = np.full(n, pad_id, np.int32)
+        self.decoding = np.zeros(n, bool)  # has generated a token: fed back by the next decode step
+        self._pad_id = pad_id
+
+    def admit(self, slot: int, request: Request) -> None:
+        p = request.sampling
+        self.seeds[slot] = request.seed % 2**32
+        self.temperature[slot] = p.temperature
+        self.top_k[slot] = p.top_k or 0
+        self.top_p[slot] = 1.0 if p.top_p is None else p.top_p
+
+    def emitted(self, slot: int, token: int, count: int) -> None:
+        self.last_token[slot], self.counters[slot], self.decoding[slot] = token, count, True
+
+    def release(self, slot: int) -> None:
+        # Back to greedy: an all-greedy batch skips the sampling sort.
+        self.seeds[slot] = self.counters[slot] = self.temperature[slot] = self.top_k[slot] = 0
+        self.top_p[slot] = 1.0
+        self.last_token[slot], self.decoding[slot] = self._pad_id, False
+
+    def sampling(self, index) -> tuple[np.ndarray, ...]:
+        """Seeds, counters, temperature, top_k, top_p of rows `index` (slot ids or a slice); copies,
+        since the host keeps changing these arrays while a step may still read its inputs."""
+        return tuple(a[index].copy() for a in (self.seeds, self.counters, self.temperature, self.top_k, self.top_p))
+
+    def decode_inputs(self, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.last_token[:bucket].copy(), self.decoding[:bucket].copy()
+
+
+class Engine:
+    """Continuous batching over one model (see the module docstring). Not thread-safe: one thread
+    owns it (inference/engine_thread.py runs it behind a server)."""
+
+    def __init__(self, model, config: EngineConfig = EngineConfig(), *, tokenizer=None, cache_dtype=None):
+        """model: a `vishwam_jax.Model`. tokenizer: decodes output text and enables stop strings."""
+        self.config = config
+        self.model_config = model.config
+        self.graphdef, self.params = model.graphdef, model.params
+        self.tokenizer = tokenizer
+        self.max_len = int(config.max_len or model.config.max_seq_len)
+        if not 1 <= self.max_len <= model.config.max_seq_len:
+            raise ValueError(f"max_len must be in [1, {model.config.max_seq_len}], got {self.max_len}")
+        self.num_slots = config.num_slots
+        self.decode_buckets = tuple(sorted(config.decode_buckets or (config.num_slots,)))
+        self.chunk_buckets = tuple(sorted(config.chunk_buckets))
+        self.piece = self.chunk_buckets[-1]
+        self.eos_ids = tuple(int(i) for i in np.atleast_1d(np.array(model.config.eos_token_id)))
+        self.pad_id = int(model.config.pad_token_id)
+        dtype = cache_dtype or jax.tree_util.tree_leaves(self.params)[0].dtype
+        self.cache_dtype = dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.bfloat16
+        self.paged = bool(model.capabilities.paged_cache)
+        self.table_width = paged_cache.pages_for(self.max_len)
+        num_pages = config.num_pages or self.num_slots * self.table_width
+        self.pages = paged_cache.PagedCache(num_pages)
+        # Each slot's row of the block table; unused entries hold num_pages (writes there are dropped).
+        self._table = np.full((self.num_slots, self.table_width), num_pages, np.int32) if self.paged else None
+        self._table_on_device = None  # the table as last sent; None after a change (admit, release)
+        self._slots = _SlotArrays(self.num_slots, self.pad_id)
+
+        self.axes = cache_rows.batch_axes(lambda batch: self._fresh_cache_fn(batch, self.params))
+        self._fresh_cache = jax.jit(self._fresh_cache_fn, static_argnums=0)
+        self.cache = self._fresh_cache(self.num_slots, self.params)
+        # A reset row for requests that start a slot: every batched leaf as an empty cache has it.
+        fresh = self._fresh_cache(config.prefill_rows, self.params)
+        self._empty_rows = jax.tree_util.tree_map(
+            lambda x, a: jnp.zeros((), x.dtype) if a == cache_rows.SHARED else x, fresh, self.axes
+        )
+        self._prefill_jit = jax.jit(self._prefill_impl, donate_argnums=(1,))
+        self._decode_jit = jax.jit(self._decode_impl, donate_argnums=(1,))
+        self._executables: dict = {}
+        self.compiles: list[tuple[str, int]] = []  # ("prefill", chunk) / ("decode", batch), in order
+        self.compile_s = 0.0
+
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: dict[Hashable, _Running] = {}
+        self._free_slots = list(range(self.num_slots))  # a heap: lowest slot first keeps decode buckets small
+        self.tokens_generated = 0
+        self.prompt_tokens = 0
+        self.steps = 0
+
+    # -- the cache ---------------------------------------------------------------------------------
+    def _module(self, params):
+        return nnx.merge(self.graphdef, params)
+
+    def _fresh_cache_fn(self, batch: int, params):
+        """An empty cache for `batch` rows in the layout the model returns it (a forward that writes
+        nothing: some layouts, e.g. per-layer buffers on GPU, differ between init and output)."""
+        model = self._module(params)
+        if self.paged:
+            table = jnp.full((batch, self.table_width), self.pages.num_blocks, jnp.int32)
+            cache = model.init_paged_cache(table, self.pages.num_blocks, self.cache_dtype)
+        else:
+            cache = model.init_cache(batch, self.max_len, self.cache_dtype)
+        tokens = jnp.full((batch, 1), self.pad_id, jnp.int32)
+        return model(tokens, cache=cache, lengths=jnp.zeros((batch,), jnp.int32)).cache
+
+    # -- compiled steps ----------------------------------------------------------------------------
+    def _prefill_impl(
+        self,
+        params,
+        cache,
+        empty_rows,
+        slots: Int[Array, " p"],
+        tokens: Int[Array, "p c"],
+        lengths: Int[Array, " p"],
+        first: Bool[Array, " p"],
+        table: Int[Array, "s mb"] | None,
+        seeds: Int[Array, " p"],
+        counters: Int[Array, " p"],
+        temperature: Float[Array, " p"],
+        top_k: Int[Array, " p"],
+        top_p: Float[Array, " p"],
+    ):
+        """One chunk for rows `slots` (padding rows: slot num_slots, length 0); a row whose chunk
+        starts its prompt (`first`) starts from an empty cache row."""
+        model = self._module(params)
+        rows = cache_rows.take_rows(cache, self.axes, slots)
+        rows = cache_rows.select_rows(first, empty_rows, rows, self.axes)
+        if table is not None:
+            rows = {**rows, "block_table": jnp.take(table, slots, axis=0, mode="clip")}
+        last = jnp.maximum(lengths - 1, 0)[:, None]
+        out = model(tokens, cache=rows, lengths=lengths, logit_positions=last)
+        token = sample_rows(out.logits[:, 0], seeds, counters, temperature, top_k, top_p)
+        return cache_rows.put_rows(cache, self.axes, slots, out.cache), token
+
+    def _decode_impl(
+        self,
+        params,
+        cache,
+        tokens: Int[Array, " b"],
+        live: Bool[Array, " b"],
+        table: Int[Array, "s mb"] | None,
+        seeds: Int[Array, " b"],
+        counters: Int[Array, " b"],
+        temperature: Float[Array, " b"],
+        top_k: Int[Array, " b"],
+        top_p: Float[Array, " b"],
+    ):
+        """One token for each of the first b slots (b = the bucket); idle slots write nothing."""
+        model = self._module(params)
+        bucket = tokens.shape[0]
+        rows = cache_rows.prefix_rows(cache, self.axes, bucket)
+        if table is not None:
+            rows = {**rows, "block_table": table[:bucket]}
+        out = model(tokens[:, None], cache=rows, lengths=live.astype(jnp.int32))
+        token = sample_rows(out.logits[:, -1], seeds, counters, temperature, top_k, top_p)
+        return cache_rows.put_prefix_rows(cache, self.axes, out.cache), token
+
+    def _run(self, kind: str, size: int, fn, *args):
+        # (kind, size) fixes every argument's shape (the slot count, prefill rows and cache layout
+        # never change), so the key skips flattening the cache tree on every step; the compiled
+        # call still rejects a mismatched argument.
+        key = (kind, size)
+        if key not in self._executables:
+            start = time.perf_counter()
+            self._executables[key] = fn.lower(*args).compile()
+            self.compile_s += time.perf_counter() - start
+            self.compiles.append((kind, size))
+        return self._executables[key](*args)
+
+    def _device_table(self):
+        """The block table, sent to the device again only after it changed."""
+        if self._table is not None and self._table_on_device is None:
+            # a copy: on CPU a device array may alias the numpy memory, which admit/release rewrite
+            self._table_on_device = jnp.array(self._table, copy=True)
+        return self._table_on_device
+
+    def warmup(self) -> None:
+        """Compile every prefill chunk and decode batch bucket now (requests then never wait on XLA)."""
+        p = self.config.prefill_rows
+        for c in self.chunk_buckets:
+            tokens = np.full((p, c), self.pad_id, np.int32)
+            self.cache, _ = self._prefill(
+                np.full(p, self.num_slots, np.int32), tokens, np.zeros(p, np.int32), np.ones(p, bool)
+            )
+        for b in self.decode_buckets:
+            self.cache, _ = self._decode(b)
+
+    def _prefill(self, slots, tokens, lengths, first):
+        return self._run(
+            "prefill",
+            tokens.shape[1],
+            self._prefill_jit,
+            self.params,
+            self.cache,
+            self._empty_rows,
+            slots,
+            tokens,
+            lengths,
+            first,
+            self._device_table(),
+            *self._slots.sampling(slots),
+        )
+
+    def _decode(self, bucket: int):
+        """One decode step on the first `bucket` slots, from each slot's last token."""
+        tokens, live = self._slots.decode_inputs(bucket)
+        return self._run(
+            "decode", bucket, self._decode_jit, self.params, self.cache, tokens, live, self._device_table(),
+            *self._slots.sampling(slice(0, bucket)),
+        )  # fmt: skip
+
+    # -- requests ----------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def pages_used(self) -> int:
+        return self.pages.num_blocks - self.pages.allocator.num_free
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def check(self, request: Request) -> None:
+        """Raise RequestRejected if `request` can never run here (safe to call from any thread)."""
+        prompt, n = request.prompt, request.max_tokens
+        if not prompt:
+            raise RequestRejected("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise RequestRejected(f"prompt token ids must be in [0, {vocab})")
+        if not isinstance(n, int) or n < 1:
+            raise RequestRejected(f"max_tokens must be a positive integer, got {n!r}")
+        if len(prompt) + n > self.max_len:
+            raise RequestRejected(
+                f"the prompt of {len(prompt)} tokens + max_tokens {n} exceeds the context of {self.max_len} tokens"
+            )
+        if paged_cache.pages_for(len(prompt) + n) > self.pages.num_blocks:
+            raise RequestRejected(f"the request needs more than the cache's {self.pages.num_blocks} pages")
+        if request.stop and self.tokenizer is None:
+            raise RequestRejected("stop strings need a tokenizer")
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; raises RequestRejected (never runnable) or QueueFull."""
+        self.check(request)
+        if request.id in self._running or any(r.id == request.id for r in self._waiting):
+            raise RequestRejected(f"request id {request.id!r} is already in use")
+        if len(self._waiting) >= self.config.max_queue:
+            raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+        self._waiting.append(request)
+
+    def cancel(self, request_id: Hashable) -> Event | None:
+        """Stop a request (waiting or running) and free its slot and pages; None if it is unknown
+        (e.g. already finished)."""
+        for r in self._waiting:
+            if r.id == request_id:
+                self._waiting.remove(r)
+                return Event(request_id, None, 0, "", "cancelled")
+        state = self._running.get(request_id)
+        if state is None:
+            return None
+        self._release(state)
+        return Event(request_id, None, len(state.generated), "", "cancelled")
+
+    def cancel_all(self, reason: str = "cancelled") -> list[Event]:
+        events = [Event(r.id, None, 0, "", reason) for r in self._waiting]
+        self._waiting.clear()
+        for state in list(self._running.values()):
+            self._release(state)
+            events.append(Event(state.request.id, None, len(state.generated), "", reason))
+        return events
+
+    def reset(self) -> list[Event]:
+        """End every request ("error") and start again from an empty cache (after a failed step:
+        the cache it was given is donated, so it may be gone)."""
+        events = self.cancel_all("error")
+        self.cache = self._fresh_cache(self.num_slots, self.params)
+        return events
+
+    def _admit(self) -> None:
+        while self._waiting and self._free_slots:
+            request = self._waiting[0]
+            try:
+                pages = self.pages.reserve(request.id, len(request.prompt) + request.max_tokens)
+            except paged_cache.CacheFullError:
+                return  # oldest first: later requests wait behind it rather than starve it
+            self._waiting.popleft()
+            slot = heapq.heappop(self._free_slots)
+            if self._table is not None:
+                self._table[slot] = self.pages.num_blocks
+                self._table[slot, : len(pages)] = pages
+                self._table_on_device = None
+            self._slots.admit(slot, request)
+            text = None if self.tokenizer is None else StopText(self.tokenizer.decode, request.stop)
+            self._running[request.id] = _Running(request, slot, text)
+
+    def _release(self, state: _Running) -> None:
+        del self._running[state.request.id]
+        self.pages.release(state.request.id)
+        if self._table is not None:
+            self._table[state.slot] = self.pages.num_blocks
+            self._table_on_device = None
+        self._slots.release(state.slot)
+        heapq.heappush(self._free_slots, state.slot)
+
+    def _emit(self, state: _Running, token: int) -> Event:
+        """Record a generated token and end the request if it meets a stop condition."""
+        request = state.request
+        index = len(state.generated)
+        state.generated.append(token)
+        self._slots.emitted(state.slot, token, len(state.generated))
+        self.tokens_generated += 1
+        reason = None
+        if (token in self.eos_ids and not request.ignore_eos) or token in request.stop_token_ids:
+            reason = "stop"
+        text = ""
+        if state.text is not None:
+            if reason is None:
+                text = state.text.add(token)
+                if state.text.stopped:
+                    reason = "stop"
+        if reason is None and len(state.generated) >= request.max_tokens:
+            reason = "length"
+        if reason is not None:
+            if state.text is not None:
+                text += state.text.finish()
+            self._release(state)
+        return Event(request.id, token, index, text, reason)
+
+    # -- one step ----------------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        """Admit, one prefill chunk, one decode step; the events of the tokens generated."""
+        self._admit()
+        events = self._prefill_step()
+        events += self._decode_step()
+        self.steps += 1
+        return events
+
+    def _bucket(self, n: int) -> int:
+        return next(c for c in self.chunk_buckets if c >= n)
+
+    def _prefill_step(self) -> list[Event]:
+        pending = [s for s in self._running.values() if s.prefilling]
+        if not pending:
+            return []
+
+        def key(s: _Running) -> tuple[int, bool]:
+            # Rows of one chunk share its padded length (that of each request's own piece, so that
+            # its numerics never depend on the others) and whether they start their prompt (MLA
+            # chooses its form for the whole chunk by that).
+            n = min(self.piece, len(s.request.prompt) - s.cursor)
+            return self._bucket(n), s.cursor == 0
+
+        group = [s for s in pending if key(s) == key(pending[0])][: self.config.prefill_rows]
+        rows = self.config.prefill_rows
+        width = key(pending[0])[0]
+        slots = np.full(rows, self.num_slots, np.int32)
+        tokens = np.full((rows, width), self.pad_id, np.int32)
+        lengths = np.zeros(rows, np.int32)
+        first = np.ones(rows, bool)
+        for i, s in enumerate(group):
+            piece = s.request.prompt[s.cursor : s.cursor + self.piece]
+            slots[i], lengths[i], first[i] = s.slot, len(piece), s.cursor == 0
+            tokens[i, : len(piece)] = piece
+        self.cache, next_tokens = self._prefill(slots, tokens, lengths, first)
+        next_tokens = np.asarray(next_tokens)
+        events = []
+        for i, s in enumerate(group):
+            s.cursor += int(lengths[i])
+            self.prompt_tokens += int(lengths[i])
+            if not s.prefilling:
+                events.append(self._emit(s, int(next_tokens[i])))
+        return events
+
+    def _decode_step(self) -> list[Event]:
+        decoding = [s for s in self._running.values() if not s.prefilling]
+        if not decoding:
+            return []
+        top = max(s.slot for s in decoding)
+        bucket = next(b for b in self.decode_buckets if b > top)
+        self.cache, next_tokens = self._decode(bucket)
+        next_tokens = np.asarray(next_tokens)
+        return [self._emit(s, int(next_tokens[s.slot])) for s in decoding]
+
+    def run(self, requests: Sequence[Request], on_event: Callable[[Event], None] | None = None) -> dict:
+        """Serve `requests` to the end (all submitted now); returns {id: generated token ids}."""
+        out: dict[Hashable, list[int]] = {}
+        for r in requests:
+            self.submit(r)
+            out[r.id] = []
+        while self.has_work:
+            for e in self.step():
+                if e.token is not None:
+                    out[e.request_id].append(e.token)
+                if on_event is not None:
+                    on_event(e)
+        return out

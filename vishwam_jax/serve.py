@@ -1,0 +1,111 @@
+"""Serve a model over an OpenAI-compatible HTTP API:
+`python -m vishwam_jax.serve [--model PRESET|DIR] [--port 8000]`.
+
+With no --model, serves the small Shakespeare model embedded in the package. Endpoints:
+POST /v1/completions and /v1/chat/completions (streaming with "stream": true), GET /health,
+GET /metrics (Prometheus). Ctrl-C stops accepting requests, lets running ones finish (up to
+--drain-timeout seconds), then exits. docs/serving.md has the details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m vishwam_jax.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model", help="preset name or converted model directory (default: the embedded Shakespeare model)"
+    )
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    ap.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="parameter dtype")
+    ap.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json to use instead of the model's own")
+    ap.add_argument("--slots", type=int, default=32, help="requests decoded together, a power of two (default: 32)")
+    ap.add_argument("--max-len", type=int, default=None, help="tokens per request, prompt + output (default: context)")
+    ap.add_argument("--prefill-rows", type=int, default=4, help="requests prefilled per step (default: 4)")
+    ap.add_argument(
+        "--chunks", default="16,64", help="prefill chunk lengths; the largest is the prompt piece (default: 16,64)"
+    )
+    ap.add_argument(
+        "--decode-buckets",
+        default=None,
+        help="decode batch sizes, e.g. 1,2,4,8,16,32: faster at low load, but tokens may then differ "
+        "from a lone run's after near-ties (default: --slots only, batch-invariant)",
+    )
+    ap.add_argument("--pages", type=int, default=None, help="64-token cache pages (default: every slot full)")
+    ap.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429 (default: 1024)")
+    ap.add_argument("--max-tokens", type=int, default=256, help="output tokens when a request names none")
+    ap.add_argument("--drain-timeout", type=float, default=10.0, help="seconds running requests get at shutdown")
+    ap.add_argument("--no-warmup", action="store_true", help="compile on the first requests instead of at start")
+    return ap
+
+
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def run(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    import numpy as np
+    import uvicorn
+
+    import vishwam_jax as vj
+    from vishwam_jax.inference.chat_template import ChatTemplate
+    from vishwam_jax.inference.engine_thread import EngineThread
+    from vishwam_jax.inference.openai_server import create_app
+    from vishwam_jax.inference.serving import Engine, EngineConfig
+    from vishwam_jax.loading import EMBEDDED_MODELS
+
+    try:
+        config = EngineConfig(
+            num_slots=args.slots,
+            max_len=args.max_len,
+            prefill_rows=args.prefill_rows,
+            chunk_buckets=_ints(args.chunks),
+            decode_buckets=_ints(args.decode_buckets),
+            num_pages=args.pages,
+            max_queue=args.max_queue,
+        )
+        source = args.model or str(vj.DEFAULT_MODEL_DIR)
+        dtype = {"float32": np.float32, "bfloat16": "bfloat16", None: None}[args.dtype]
+        model = vj.load(source, dtype=dtype)
+        if args.tokenizer:
+            from vishwam_jax.tokenizer import tokenizer_from_file
+
+            model.tokenizer = tokenizer_from_file(args.tokenizer, model.config)
+        engine = Engine(model, config, tokenizer=model.tokenizer)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not args.no_warmup:
+        print(f"[compiling {len(config.chunk_buckets)} prefill and decode shapes...]", file=sys.stderr)
+        engine.warmup()
+    directory = EMBEDDED_MODELS.get(source, source)
+    app = create_app(
+        EngineThread(engine),
+        tokenizer=model.tokenizer,
+        model_name=model.config.get("name") or args.model or "gemma-shakespeare",
+        chat_template=ChatTemplate.from_directory(directory if _is_directory(directory) else None),
+        default_max_tokens=args.max_tokens,
+        drain_timeout_s=args.drain_timeout,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=int(args.drain_timeout) + 1)
+    return 0
+
+
+def _is_directory(path) -> bool:
+    from pathlib import Path
+
+    return Path(path).expanduser().is_dir()
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -82,6 +82,12 @@ def parse_args(argv=None):
         default="auto",
         help="expert-parallel all-to-all (use_mesh's moe_all_to_all)",
     )
+    ap.add_argument(
+        "--moe-micro-batches",
+        type=int,
+        default=1,
+        help="dispatch each device's tokens in this many micro-batches, so an exchange can overlap expert compute",
+    )
     ap.add_argument("--json", default=None, help="also write the results here (rewritten after every measurement)")
     return ap.parse_args(argv)
 
@@ -353,7 +359,7 @@ def run_model(name: str, config, weights: str, mesh, rules) -> dict:
         sh = cache_shardings(abstract_cache, mesh, rules)
         return jax.jit(lambda: module.init_cache(batch, slots, cache_dtype), out_shardings=sh)(), sh
 
-    with use_mesh(mesh, rules, moe_all_to_all=ARGS.moe_exchange):
+    with use_mesh(mesh, rules, moe_all_to_all=ARGS.moe_exchange, moe_micro_batches=ARGS.moe_micro_batches):
         # Prefill: one prompt into a fresh cache, logits of its last position (the engine's prefill).
         def prefill_body(p, tokens, cache):
             last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32)

@@ -86,6 +86,27 @@ def test_skewed_routing_equals_single_device(sizes, rules, spy):
 
 
 @needs_8_devices
+@pytest.mark.parametrize("micro, tokens, exchanges", [(2, 64, 4), (3, 48, 6), (3, 64, 2)])
+def test_micro_batches_split_the_exchange_and_keep_the_result(micro, tokens, exchanges, spy):
+    """Each device's tokens in `micro` independent dispatches (issue 17's overlap: on GPUs one
+    micro-batch's all-to-all can run beside another's experts): the single-device result, with
+    `micro` times the forward and reverse exchanges in the program; 64 tokens on 8 devices do not
+    split in 3, so that case runs whole."""
+    params = _expert_params()
+    x, gates, experts = _skewed(tokens)
+    ref, _ = _dispatch(x, gates, experts, params)
+    with use_mesh(make_mesh(expert=8), "tensor", moe_micro_batches=micro):
+        fn = jax.jit(lambda *a: moe.dispatch_experts(*a, "silu", E))
+        out, _ = fn(x, gates, experts, params)
+        hlo = fn.lower(x, gates, experts, params).as_text()
+    assert spy
+    assert hlo.count("all_to_all") == exchanges, hlo.count("all_to_all")
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="moe_micro_batches"), use_mesh(make_mesh(expert=8), moe_micro_batches=0):
+        pass
+
+
+@needs_8_devices
 @pytest.mark.parametrize(
     "sizes", [dict(fsdp=2, expert=4), dict(expert=8)], ids=["2-experts-per-device", "1-expert-per-device"]
 )

@@ -34,6 +34,9 @@ class ActiveMesh:
     # None: capacity-free (no token is ever dropped; buffers sized for the worst case). A factor c
     # bounds each device pair's buffer to ceil(c * rows / expert) and drops the overflow.
     moe_capacity_factor: float | None = None
+    # Each device's tokens are dispatched in this many independent micro-batches, so that on GPUs
+    # XLA's scheduler can run one micro-batch's all-to-all while another's experts compute.
+    moe_micro_batches: int = 1
 
     @property
     def expert_size(self) -> int:
@@ -60,6 +63,7 @@ def use_mesh(
     *,
     moe_all_to_all: str = "auto",
     moe_capacity_factor: float | None = None,
+    moe_micro_batches: int = 1,
 ) -> Iterator[ActiveMesh]:
     """Within this block, traced model code shards its activations by `rules` on `mesh` and MoE
     layers run expert-parallel when the mesh's expert axis is larger than 1.
@@ -71,8 +75,10 @@ def use_mesh(
         raise ValueError(f"moe_all_to_all must be one of {MOE_ALL_TO_ALL}; got {moe_all_to_all!r}")
     if moe_capacity_factor is not None and moe_capacity_factor <= 0:
         raise ValueError(f"moe_capacity_factor must be positive (or None for capacity-free); got {moe_capacity_factor}")
+    if not (isinstance(moe_micro_batches, int) and moe_micro_batches >= 1):
+        raise ValueError(f"moe_micro_batches must be a positive integer; got {moe_micro_batches!r}")
     mesh = auto_axes(mesh)  # the mesh param_shardings placed the parameters on, for any mesh jax.make_mesh gives
-    active = ActiveMesh(mesh, resolve_rules(rules, mesh), moe_all_to_all, moe_capacity_factor)
+    active = ActiveMesh(mesh, resolve_rules(rules, mesh), moe_all_to_all, moe_capacity_factor, moe_micro_batches)
     token = _ACTIVE.set(active)
     try:
         with _jax_mesh_context(mesh):

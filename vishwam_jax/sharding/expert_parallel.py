@@ -194,10 +194,13 @@ def dispatch_experts_parallel(
         filler = (jnp.arange(pad * k, dtype=experts.dtype) % num_experts).reshape(pad, k)
         experts = jnp.concatenate([experts, filler])
     n_local = (n + pad) // shards
-    rows = n_local * k
+    # Micro-batches split each device's tokens (a decode batch too small to split runs whole).
+    micro = active.moe_micro_batches if n_local % active.moe_micro_batches == 0 else 1
+    n_micro = n_local // micro
+    rows = n_micro * k
     # The most rows one source can route to one device: each of its tokens reaches at most
     # min(k, experts per device) of that device's experts, the k choices being distinct.
-    most = n_local * min(k, num_experts // ep)
+    most = n_micro * min(k, num_experts // ep)
     cap = (
         most
         if active.moe_capacity_factor is None
@@ -215,9 +218,29 @@ def dispatch_experts_parallel(
         method=_exchange_method(active),
         width_axes=axes,
     )
+    if micro > 1:
+        body = functools.partial(_in_micro_batches, body, micro)
     params = {name: expert_params[name] for name in weight_specs}
     y = shard_map(body, mesh, in_specs=(tok, tok, tok, weight_specs), out_specs=tok)(x, gates, experts, params)
     return y[:n], counts
+
+
+def _in_micro_batches(
+    dispatch: Callable,
+    micro: int,
+    x: Float[Array, "n d"],
+    gates: Float[Array, "n k"],
+    experts: Int[Array, "n k"],
+    params: dict,
+) -> Float[Array, "n d"]:
+    """`dispatch` on `micro` equal slices of one device's tokens, concatenated. The slices share no
+    data, so each is its own chain of exchange -> experts -> exchange in the program: on GPUs XLA's
+    latency-hiding scheduler may overlap one slice's all-to-all with another's grouped matmuls (and
+    the shared expert, computed outside). Tokens do not interact in the dispatch, so the result is
+    the unsplit one."""
+    split = lambda a: a.reshape(micro, -1, *a.shape[1:])  # noqa: E731
+    xs, gs, es = split(x), split(gates), split(experts)
+    return jnp.concatenate([dispatch(xs[i], gs[i], es[i], params) for i in range(micro)])
 
 
 def _local_dispatch(

@@ -22,15 +22,12 @@ step time (target <= 2).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # loadgen, beside this file
@@ -39,11 +36,10 @@ import jax
 import jax.numpy as jnp
 import loadgen
 import numpy as np
-import uvicorn
 
 import vishwam_jax as vj
 from vishwam_jax.inference.engine_thread import EngineThread
-from vishwam_jax.inference.openai_server import create_app
+from vishwam_jax.inference.openai_server import create_app, serve_in_thread
 from vishwam_jax.inference.serving import Engine, EngineConfig
 from vishwam_jax.inference.serving_metrics import ServingMetrics
 
@@ -100,25 +96,6 @@ def engine_config(args) -> EngineConfig:
         chunk_buckets=(chunk,),
         max_queue=max(1024, args.clients),
     )
-
-
-@contextlib.contextmanager
-def running_server(app) -> Iterator[str]:
-    """uvicorn on an ephemeral localhost port, in a thread; yields the base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
 
 
 def client_commands(args, url: str, vocab_size: int, out_dir: Path, output_len: int) -> list[list[str]]:
@@ -182,7 +159,7 @@ def measure_serving(model: vj.Model, args) -> dict:
     metrics = RecordingMetrics()
     app = create_app(EngineThread(engine, metrics), tokenizer=None, model_name=args.model, drain_timeout_s=5.0)
     vocab = int(model.config.vocab_size)
-    with running_server(app) as url, tempfile.TemporaryDirectory() as tmp:
+    with serve_in_thread(app) as (url, _), tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         # A short untimed round through every layer of the stack (HTTP, client processes, engine).
         run_clients(client_commands(args, url, vocab, out, output_len=2), out, args.timeout)

@@ -7,7 +7,6 @@ every wait bounded."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import threading
 import time
@@ -15,12 +14,11 @@ import time
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 import vishwam_jax as vj
 from vishwam_jax.inference.engine_thread import EngineThread
-from vishwam_jax.inference.openai_server import create_app
+from vishwam_jax.inference.openai_server import create_app, serve_in_thread
 from vishwam_jax.inference.serving import Engine, EngineConfig, Request
 
 PROMPT = "ROMEO.\nBut soft, what light"
@@ -135,24 +133,6 @@ def test_chat_without_messages_is_a_400(client):
 
 
 # -- a real server on an ephemeral port ----------------------------------------------------------------
-@contextlib.contextmanager
-def running_server(app):
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive()
-
-
 def wait_until(condition, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -164,7 +144,7 @@ def test_disconnect_frees_pages_and_a_full_queue_gets_429_without_corrupting_str
     expected = greedy_text(engine, PROMPT, 40)
     app = make_app(engine)
     body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "stream": True}
-    with running_server(app) as (url, _):
+    with serve_in_thread(app) as (url, _):
         # A client reads two events of a stream and goes away: its request ends, its pages come back.
         with httpx.Client(base_url=url, timeout=30) as http:
             with http.stream("POST", "/v1/completions", json={**body, "max_tokens": 90}) as r:
@@ -204,7 +184,7 @@ def test_shutdown_finishes_in_flight_requests_and_stops_the_engine_thread(engine
     app = create_app(engine_thread, tokenizer=engine.tokenizer, model_name="s", drain_timeout_s=10.0)
     expected = greedy_text(engine, PROMPT, 30)
     result = {}
-    with running_server(app) as (url, server):
+    with serve_in_thread(app) as (url, server):
 
         def request():
             body = {"prompt": PROMPT, "max_tokens": 30, "temperature": 0}

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
-import uvicorn
 
 import vishwam_jax as vj
 from vishwam_jax.inference.engine_thread import EngineThread
-from vishwam_jax.inference.openai_server import create_app
+from vishwam_jax.inference.openai_server import create_app, serve_in_thread
 from vishwam_jax.inference.serving import Engine, EngineConfig
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "soak_serving.py"
@@ -37,15 +34,7 @@ def test_a_short_soak_leaks_no_pages_and_a_leak_fails_it():
     engine = Engine(model, config, tokenizer=model.tokenizer)
     engine.warmup()
     app = create_app(EngineThread(engine), tokenizer=model.tokenizer, model_name="s", drain_timeout_s=2.0)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    try:
+    with serve_in_thread(app) as (url, _):
         args = soak.parser().parse_args(
             ["--url", url, "--minutes", "0.08", "--clients", "12", "--max-prompt-chars", "100"]
             + ["--max-output", "40", "--disconnect-share", "0.3", "--health-interval", "0.5", "--idle-timeout", "30"]
@@ -61,6 +50,3 @@ def test_a_short_soak_leaks_no_pages_and_a_leak_fails_it():
         args.minutes, args.idle_timeout = 0.01, 1.0
         leaked = soak.run_soak(url, args)
         assert any("cache pages still in use" in f for f in leaked["failures"]), leaked
-    finally:
-        server.should_exit = True
-        thread.join(30)

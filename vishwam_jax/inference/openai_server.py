@@ -18,10 +18,12 @@ import asyncio
 import contextlib
 import json
 import secrets
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -275,3 +277,25 @@ async def _waiting_events(events: asyncio.Queue) -> list[Event]:
 
 def _is_text(prompt) -> bool:
     return isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], str))
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, startup_s: float = 60.0) -> Iterator[tuple[str, uvicorn.Server]]:
+    """Serve `app` with uvicorn on an ephemeral localhost port in a background thread (benchmarks and
+    tests); yields the base URL and the server, and stops it (as Ctrl-C would) on exit."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(startup_s)
+        if thread.is_alive():
+            raise RuntimeError("the server did not stop")

@@ -570,26 +570,46 @@ def _restore_failure(path, err: Exception) -> CheckpointError | None:
 
 
 def _collect_abandoned_reads(timeout_s: float = 2.0) -> None:
-    """Orbax reads all arrays concurrently; when one read fails, the others' coroutines are dropped
-    mid-flight and, once collected, each prints "Exception ignored in <coroutine ...>" with a
-    tensorstore spec dump, whenever a later collection happens to find them. They are collected
-    here, quietly, as soon as their background reads let go of them (or `timeout_s` passes)."""
-    hook = sys.unraisablehook
+    """Orbax reads all arrays concurrently; when one read fails, the others are dropped mid-flight.
+    Two kinds of noise follow, at whatever moment the garbage collector or a background read gets
+    to them: each dropped coroutine prints "Exception ignored in <coroutine ...>" with a tensorstore
+    spec dump, and each read that completes after Orbax closed its event loop prints "Exception
+    ignored in: None ... Event loop is closed" from its done-callback. Both are silenced for the rest
+    of the process (the error being raised is the one that matters), and the coroutines are collected
+    here as soon as their reads let go of them (or `timeout_s` passes)."""
+    _silence_abandoned_reads()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        gc.collect()
+        if time.monotonic() > deadline or not any(_is_orbax_coroutine(o) for o in gc.get_objects()):
+            break
+        time.sleep(0.01)
 
-    def quiet(unraisable) -> None:
-        if not _is_orbax_coroutine(unraisable.object):
-            hook(unraisable)
 
-    sys.unraisablehook = quiet
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            gc.collect()
-            if time.monotonic() > deadline or not any(_is_orbax_coroutine(o) for o in gc.get_objects()):
-                break
-            time.sleep(0.01)
-    finally:
-        sys.unraisablehook = hook
+_hook_before_silencing = sys.unraisablehook
+
+
+def _silence_abandoned_reads() -> None:
+    global _hook_before_silencing
+    if sys.unraisablehook is not _unraisable_hook_without_abandoned_reads:
+        _hook_before_silencing = sys.unraisablehook
+        sys.unraisablehook = _unraisable_hook_without_abandoned_reads
+
+
+def _unraisable_hook_without_abandoned_reads(unraisable) -> None:
+    if not _is_abandoned_read_noise(unraisable):
+        _hook_before_silencing(unraisable)
+
+
+def _is_abandoned_read_noise(unraisable) -> bool:
+    if _is_orbax_coroutine(unraisable.object):
+        return True
+    late_callback = (
+        unraisable.object is None
+        and isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"
+    )
+    return late_callback
 
 
 def _is_orbax_coroutine(obj) -> bool:

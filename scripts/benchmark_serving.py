@@ -95,6 +95,7 @@ def engine_config(args) -> EngineConfig:
         prefill_rows=min(slots, args.prefill_rows or max(1, args.clients // 4)),
         chunk_buckets=(chunk,),
         max_queue=max(1024, args.clients),
+        lookahead=args.lookahead,
     )
 
 
@@ -254,6 +255,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--prefill-rows", type=int, default=None, help="requests prefilled per step (default: clients/4)")
     ap.add_argument("--chunk", type=int, default=None, help="prefill chunk length (default: the prompt, rounded to 16)")
+    ap.add_argument(
+        "--lookahead", type=int, default=EngineConfig.lookahead, help="steps dispatched before one is read (0: none)"
+    )
     ap.add_argument("--client-procs", type=int, default=None, help="client processes (default: one per 16 clients)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds a round of clients may take")

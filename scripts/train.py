@@ -68,6 +68,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
         default=d.remat,
         help="activation checkpointing policy, applied per scanned block of layers",
     )
+    o.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=d.loss_chunk,
+        help="positions whose float32 logits the loss computes at a time (0: the whole sequence)",
+    )
     o.add_argument("--mtp-weight", type=float, default=d.mtp_weight, help="DeepSeek-V3: λ on the MTP loss (0 disables)")
     o.add_argument(
         "--router-bias-rate", type=float, default=d.router_bias_rate, help="DeepSeek-V3: γ of aux-loss-free balancing"
@@ -150,6 +156,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
         param_dtype=a.param_dtype,
         compute_dtype=a.compute_dtype,
         remat=a.remat,
+        loss_chunk=a.loss_chunk,
         seed=a.seed,
         mtp_weight=a.mtp_weight,
         router_bias_rate=a.router_bias_rate,

@@ -109,6 +109,21 @@ def test_generate_bad_input_is_one_line_and_exit_2(args, message):
     assert "x" * 100 not in r.stdout  # a prompt too long for the context is not echoed first
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mesh", "bogus=2"], "bad mesh entry"),
+        (["--mesh", "tensor=3"], "needs 3 devices"),
+        (["--lookahead", "-1"], "lookahead"),
+        (["--slots", "3"], "num_slots"),
+    ],
+)
+def test_serve_bad_options_are_one_line_and_exit_2(args, message):
+    r = run("vishwam_jax.serve", *args, "--port", "0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
 def test_help_shows_defaults():
     assert "(default: 200)" in run("vishwam_jax.generate", "--help").stdout
 

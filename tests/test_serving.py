@@ -5,6 +5,7 @@ on finish and cancel, and a full cache that queues."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 
 import numpy as np
@@ -157,3 +158,68 @@ def test_every_family_serves_the_same_tokens_alone_and_together(name):
         reference = np.asarray(model.generate([list(r.prompt)], r.max_tokens))[0]
         assert together[r.id] == [int(t) for t in reference[: len(together[r.id])]]
     assert engine.pages_used == 0
+
+
+@pytest.mark.parametrize("lookahead", [0, 3])
+def test_reading_tokens_steps_later_changes_no_output(shakespeare, lookahead):
+    """The engine reads a step's tokens `lookahead` steps after dispatching it: requests that stop
+    early get extra tokens computed and dropped, and nothing else may change."""
+    model, engine = shakespeare
+    prompts = [tuple(model.tokenizer.encode(t)) for t in ("KING HENRY.\nWhat", "O Romeo", "Enter the Ghost")]
+    free = engine.run([Request("free", prompts[0], 20)])["free"]
+
+    def requests():
+        return [
+            Request("stop", prompts[0], 20, stop_token_ids=(free[3],)),
+            Request("len", prompts[1], 7),
+            Request("hot", prompts[2], 12, SamplingParams(temperature=0.9, top_k=40), seed=3),
+            Request("cancelled", prompts[1], 20),
+        ]
+
+    def serve() -> tuple[dict, int]:
+        out = {r.id: [] for r in requests()}
+        for r in requests():
+            engine.submit(r)
+        events = engine.step()
+        first_step_events = len(events)
+        engine.cancel("cancelled")
+        while events or engine.has_work:
+            for e in events:
+                out[e.request_id].append(e.token)
+            events = engine.step() if engine.has_work else []
+        return out, first_step_events
+
+    reference, read_at_once = serve()  # the default: one step of lookahead
+    default = engine.config
+    engine.config = dataclasses.replace(default, lookahead=lookahead)
+    try:
+        out, first_step_events = serve()
+    finally:
+        engine.config = default
+    # Cancelled after the first step: it has the tokens read by then (none when reading later).
+    cancelled = out.pop("cancelled")
+    assert reference.pop("cancelled") == [] and cancelled == out["len"][: len(cancelled)]
+    assert out == reference and reference["stop"] == free[: free.index(free[3]) + 1]
+    # read at once: each request's first token (prefill) and second (the decode step beside it)
+    assert (read_at_once, first_step_events) == (0, 8 if lookahead == 0 else 0)
+    assert engine.pages_used == 0 and engine.num_running == 0
+
+
+@pytest.mark.parametrize(
+    "name, axes",
+    [("gemma-shakespeare", {"data": 2, "fsdp": 4}), ("deepseek-v3-tiny", {"data": 2, "expert": 4})],
+)
+def test_serving_on_a_mesh_gives_the_single_device_tokens(name, axes):
+    """Sharded parameters, steps traced under the mesh (DeepSeek's MoE expert-parallel), the cache
+    kept in one layout across steps: the same greedy tokens as one device."""
+    from vishwam_jax.sharding import make_mesh
+
+    rng = np.random.default_rng(0)
+    requests = [Request(i, tuple(int(t) for t in rng.integers(3, 250, n)), 6) for i, n in enumerate([3, 40, 9])]
+    config = EngineConfig(num_slots=4, max_len=64, prefill_rows=2, chunk_buckets=(32,))
+    alone = Engine(vj.load(name, dtype=np.float32, seed=1), config).run(requests)
+    mesh = make_mesh(**axes)
+    engine = Engine(vj.load(name, dtype=np.float32, seed=1, mesh=mesh), config, mesh=mesh)
+    assert engine.run(requests) == alone
+    assert engine.run(requests[:1]) == {0: alone[0]}  # a second round reuses the compiled steps
+    assert len(engine.compiles) == 2

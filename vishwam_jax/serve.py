@@ -38,6 +38,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--pages", type=int, default=None, help="64-token cache pages (default: every slot full)")
     ap.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429 (default: 1024)")
+    ap.add_argument(
+        "--lookahead",
+        type=int,
+        default=1,
+        help="decode steps dispatched before the host reads one's tokens (0: read each at once; default: 1)",
+    )
+    ap.add_argument(
+        "--mesh", default=None, help="serve sharded on a mesh of these axis sizes, e.g. tensor=8 or data=2,expert=4"
+    )
+    ap.add_argument("--rules", default=None, help="sharding rule preset for --mesh (default: from the mesh)")
     ap.add_argument("--max-tokens", type=int, default=256, help="output tokens when a request names none")
     ap.add_argument("--drain-timeout", type=float, default=10.0, help="seconds running requests get at shutdown")
     ap.add_argument("--no-warmup", action="store_true", help="compile on the first requests instead of at start")
@@ -59,6 +69,7 @@ def run(argv=None) -> int:
     from vishwam_jax.inference.openai_server import create_app
     from vishwam_jax.inference.serving import Engine, EngineConfig
     from vishwam_jax.loading import EMBEDDED_MODELS
+    from vishwam_jax.sharding import make_mesh, parse_mesh
 
     try:
         config = EngineConfig(
@@ -69,16 +80,18 @@ def run(argv=None) -> int:
             decode_buckets=_ints(args.decode_buckets),
             num_pages=args.pages,
             max_queue=args.max_queue,
+            lookahead=args.lookahead,
         )
         source = args.model or str(vj.DEFAULT_MODEL_DIR)
         dtype = {"float32": np.float32, "bfloat16": "bfloat16", None: None}[args.dtype]
-        model = vj.load(source, dtype=dtype)
+        mesh = None if args.mesh is None else make_mesh(**parse_mesh(args.mesh))
+        model = vj.load(source, dtype=dtype, mesh=mesh, rules=args.rules if mesh is not None else None)
         if args.tokenizer:
             from vishwam_jax.tokenizer import tokenizer_from_file
 
             model.tokenizer = tokenizer_from_file(args.tokenizer, model.config)
-        engine = Engine(model, config, tokenizer=model.tokenizer)
-    except (ValueError, OSError) as err:
+        engine = Engine(model, config, tokenizer=model.tokenizer, mesh=mesh, rules=args.rules)
+    except (ValueError, OSError) as err:  # MeshError and ShardingError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not args.no_warmup:

@@ -202,7 +202,12 @@ class DeepSeekV3(nnx.Module):
     def _logits(self, h: Float[Array, "b t d"], logit_positions: Int[Array, "b k"] | None) -> Float[Array, "b k v"]:
         if logit_positions is not None:
             h = jnp.take_along_axis(h, logit_positions[:, :, None], axis=1)
-        return jnp.einsum("btd,dv->btv", h, self.lm_head.weight.astype(h.dtype), preferred_element_type=jnp.float32)
+        return self.unembed(h)
+
+    def unembed(self, hidden: Float[Array, "b k d"]) -> Float[Array, "b k v"]:
+        """The untied output head."""
+        weight = self.lm_head.weight.astype(hidden.dtype)
+        return jnp.einsum("btd,dv->btv", hidden, weight, preferred_element_type=jnp.float32)
 
     def __call__(
         self,

@@ -200,11 +200,14 @@ class Gemma(nnx.Module):
                 self.tail, x, None if cache is None else cache["tail"], body, remat_policy=policy
             )
 
-        x = self.final_norm(x)
-        if logit_positions is not None:
-            x = jnp.take_along_axis(x, logit_positions[:, :, None], axis=1)
-        logits = soft_cap(self.embed.attend(x), self.config.final_logit_softcap)
+        h = self.final_norm(x)
+        at = h if logit_positions is None else jnp.take_along_axis(h, logit_positions[:, :, None], axis=1)
+        logits = self.unembed(at)
         if cache is None:
-            return ForwardOutput(logits=logits)
+            return ForwardOutput(logits=logits, hidden=h)
         # {**cache, ...}: a paged cache keeps its block table
-        return ForwardOutput(logits=logits, cache={**cache, "pos": cache["pos"] + lengths, **new_cache})
+        return ForwardOutput(logits=logits, cache={**cache, "pos": cache["pos"] + lengths, **new_cache}, hidden=h)
+
+    def unembed(self, hidden: Float[Array, "b k d"]) -> Float[Array, "b k v"]:
+        """Tied output: the input embedding table, transposed, then Gemma 2/3's final soft cap."""
+        return soft_cap(self.embed.attend(hidden), self.config.final_logit_softcap)

@@ -154,10 +154,12 @@ class Grok1(nnx.Module):
             remat_policy=policy_of(self.config), unroll=self.config.scan_unroll,
         )  # fmt: skip
         h = self.final_norm(h)
-        if logit_positions is not None:
-            h = jnp.take_along_axis(h, logit_positions[:, :, None], axis=1)
-        # Tied output: the input embedding table, transposed, then the output multiplier.
-        logits = self.embed.attend(h) * self.config.output_multiplier_scale
+        at = h if logit_positions is None else jnp.take_along_axis(h, logit_positions[:, :, None], axis=1)
+        logits = self.unembed(at)
         # {**cache, ...}: a paged cache keeps its block table
         new_cache = None if cache is None else {**cache, "pos": cache["pos"] + lengths, "layers": layer_caches}
-        return ForwardOutput(logits=logits, cache=new_cache, expert_counts=counts)
+        return ForwardOutput(logits=logits, cache=new_cache, hidden=h, expert_counts=counts)
+
+    def unembed(self, hidden: Float[Array, "b k d"]) -> Float[Array, "b k v"]:
+        """Tied output: the input embedding table, transposed, then the output multiplier."""
+        return self.embed.attend(hidden) * self.config.output_multiplier_scale

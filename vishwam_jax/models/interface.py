@@ -27,7 +27,8 @@ class ForwardOutput:
 
     logits         float32 [b, k, vocab] at the requested positions
     cache          the cache advanced by the chunk (None for a cache-less forward)
-    hidden         the final normed hidden state [b, t, d] (DeepSeek's MTP input), where provided
+    hidden         the final normed hidden state [b, t, d] at every position (the input of `unembed`;
+                   DeepSeek's MTP input)
     expert_counts  tokens routed to each expert [num_moe_layers, num_experts] (MoE families)
     """
 
@@ -61,8 +62,13 @@ class CausalLM(Protocol):
         """Logits for a chunk that continues each row's cache (starting at cache["pos"]).
 
         lengths: how many of the chunk's tokens belong to each row (the rest is right padding,
-          neither attended to nor cached); logit_positions: chunk indices at which to compute logits.
+          neither attended to nor cached); logit_positions: chunk indices at which to compute logits
+          (zero of them: none, e.g. a loss that unembeds `hidden` a piece at a time).
         """
+        ...
+
+    def unembed(self, hidden: Float[Array, "b k d"]) -> Float[Array, "b k v"]:
+        """The output head: float32 logits of final normed hidden states."""
         ...
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.bfloat16) -> Cache: ...

@@ -68,11 +68,41 @@ def _ce_sum(logits: Float[Array, "b t v"], targets: Int[Array, "b t"], pad_id: i
     return jnp.sum(jnp.where(targets != pad_id, losses, 0.0))
 
 
-def loss_sums(model: CausalLM, batch: Int[Array, "b t1"], depths: int = 0) -> dict:
+def unembedded_ce_sum(
+    model: CausalLM, hidden: Float[Array, "b t d"], targets: Int[Array, "b t"], pad_id: int, chunk: int | None
+) -> Float[Array, ""]:
+    """Cross-entropy sum of `model.unembed(hidden)` against `targets`, `chunk` positions at a time.
+
+    The float32 logits of a whole batch are [tokens, vocab]: 4.3 GB for gemma-2b's 256k vocabulary at
+    4 x 1024 tokens, and as much again for their gradient. Chunked, each piece's logits live only
+    inside its step of a scan, and the backward pass recomputes them (jax.checkpoint) instead of
+    keeping them: b x chunk x vocab float32 at a time. chunk=None: the whole sequence at once.
+    """
+    t = hidden.shape[1]
+    if chunk is None or chunk >= t:
+        return _ce_sum(model.unembed(hidden), targets, pad_id)
+    pieces = -(-t // chunk)
+    pad = pieces * chunk - t
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=pad_id)  # padding targets count nothing
+
+    def by_piece(x: Array) -> Array:  # [b, pieces * chunk, ...] -> [pieces, b, chunk, ...]
+        return jnp.swapaxes(x.reshape(x.shape[0], pieces, chunk, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def piece_sum(piece: tuple[Float[Array, "b c d"], Int[Array, "b c"]]) -> Float[Array, ""]:
+        h, y = piece
+        return _ce_sum(model.unembed(h), y, pad_id)
+
+    return jnp.sum(jax.lax.map(piece_sum, (by_piece(hidden), by_piece(targets))))
+
+
+def loss_sums(model: CausalLM, batch: Int[Array, "b t1"], depths: int = 0, loss_chunk: int | None = None) -> dict:
     """Forward on batch[:, :-1]; cross-entropy sums against the shifted targets.
 
     Returns {"nll": sum over main targets} and, for families that report them (MoE), "expert_counts"
     [moe layers, E], plus with depths > 0 "mtp" [depths] sums and "mtp_expert_counts" [depths, E].
+    loss_chunk: positions unembedded at a time (`unembedded_ce_sum`); None: all at once.
 
     MTP depth k (1-based) combines h^{k-1}_i with the embedding of t_{i+k} and predicts t_{i+k+1}
     for i = 0 .. T-k-1 (T = batch length - 1): every target the batch holds is used, which is
@@ -80,8 +110,9 @@ def loss_sums(model: CausalLM, batch: Int[Array, "b t1"], depths: int = 0) -> di
     """
     inputs, targets = batch[:, :-1], batch[:, 1:]
     pad = model.config.pad_token_id
-    out = model(inputs)
-    sums: dict = {"nll": _ce_sum(out.logits, targets, pad)}
+    no_logits = jnp.zeros((inputs.shape[0], 0), jnp.int32)  # the loss unembeds `hidden` itself
+    out = model(inputs, logit_positions=no_logits)
+    sums: dict = {"nll": unembedded_ce_sum(model, out.hidden, targets, pad, loss_chunk)}
     if out.expert_counts is not None:
         sums["expert_counts"] = out.expert_counts
     if depths:
@@ -93,8 +124,8 @@ def loss_sums(model: CausalLM, batch: Int[Array, "b t1"], depths: int = 0) -> di
         hidden, mtp_sums, counts = out.hidden, [], []
         for k in range(1, depths + 1):
             n = t - k
-            out_k = model.mtp(hidden[:, :n], batch[:, k : k + n], depth=k - 1)
-            mtp_sums.append(_ce_sum(out_k.logits, batch[:, k + 1 :], pad))
+            out_k = model.mtp(hidden[:, :n], batch[:, k : k + n], depth=k - 1, logit_positions=no_logits)
+            mtp_sums.append(unembedded_ce_sum(model, out_k.hidden, batch[:, k + 1 :], pad, loss_chunk))
             counts.append(out_k.expert_counts.reshape(-1, out_k.expert_counts.shape[-1]).sum(axis=0))
             hidden = out_k.hidden
         sums["mtp"] = jnp.stack(mtp_sums)

@@ -61,6 +61,9 @@ class StepConfig:
     # Also return the step's tokens per MoE layer and expert as metrics["expert_counts"] [L, E] (an
     # array, not a scalar): what an EPLB load window (sharding/eplb.py LoadWindow) records.
     expert_counts: bool = False
+    # Positions whose logits are computed at a time in the loss (objective.unembedded_ce_sum): the
+    # float32 [tokens, vocab] logits of a whole batch are never materialized. None: all at once.
+    loss_chunk: int | None = 256
 
 
 def is_balancing_bias(name: str) -> bool:
@@ -139,7 +142,7 @@ def make_train_step(
         raise ValueError(f"router_bias_rate is set but the {config.family} model has no aux-loss-free balancing biases")
 
     def micro_objective(trainable, frozen, micro, counts):
-        sums = loss_sums(_compute_model(graphdef, trainable, frozen, cfg), micro, depths)
+        sums = loss_sums(_compute_model(graphdef, trainable, frozen, cfg), micro, depths, cfg.loss_chunk)
         return objective(sums, counts, cfg.mtp_weight), sums
 
     grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
@@ -196,7 +199,7 @@ def make_eval_step(module: CausalLM, cfg: StepConfig = StepConfig(), *, out_shar
 
     def evaluate(trainable: Any, frozen: Any, batch: Int[Array, "1 b t1"]):
         micro = batch[0]
-        sums = loss_sums(_compute_model(graphdef, trainable, frozen, cfg), micro)
+        sums = loss_sums(_compute_model(graphdef, trainable, frozen, cfg), micro, loss_chunk=cfg.loss_chunk)
         return sums["nll"], token_counts(micro, pad, 0)["main"]
 
     if out_sharding is None:

@@ -70,6 +70,7 @@ class TrainConfig:
     param_dtype: str = "float32"  # master weights and optimizer state
     compute_dtype: str = "bfloat16"  # forward/backward
     remat: str = "none"  # activation checkpointing policy (models/remat.py)
+    loss_chunk: int = 256  # positions unembedded at a time by the loss; 0: the whole sequence at once
     seed: int = 0  # initialization and data order
     mtp_weight: float = 0.3  # DeepSeek-V3's λ on the MTP loss (ignored by families without MTP)
     router_bias_rate: float = 0.001  # DeepSeek-V3's γ (ignored by families without it; off with LoRA)
@@ -200,6 +201,8 @@ def train(
     raises stops training like a crash would, after in-flight checkpoint writes have finished.
     """
     check_policy(tc.remat)
+    if tc.loss_chunk < 0:
+        raise ValueError(f"loss_chunk must be >= 0 (0: the whole sequence), got {tc.loss_chunk}")
     _check_model(tc.model)
     if jax.process_index() != 0:  # one host reports (on_step still runs everywhere)
         log = lambda line: None
@@ -288,6 +291,7 @@ def train(
         router_bias_rate=bias_rate,
         lora=lora_cfg,
         expert_counts=bool(tc.expert_load_window),
+        loss_chunk=tc.loss_chunk or None,
     )
 
     state_sh = None

@@ -37,10 +37,14 @@ def step_memory(args, loss_chunk: int) -> dict:
     memory = step.lower(state, None, batch).compile().memory_analysis()
     return {
         "loss_chunk": loss_chunk,
-        "arguments_gb": memory.argument_size_in_bytes / 1e9,
-        "temporaries_gb": memory.temp_size_in_bytes / 1e9,
+        "arguments_bytes": memory.argument_size_in_bytes,
+        "temporaries_bytes": memory.temp_size_in_bytes,
         "compile_s": time.perf_counter() - start,
     }
+
+
+def gigabytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e9:.6f} GB"
 
 
 def main() -> None:
@@ -52,17 +56,17 @@ def main() -> None:
     ap.add_argument("--loss-chunk", type=int, nargs="+", default=[0, 256])
     args = ap.parse_args()
     config = get_config(args.model)
-    logits_gb = args.batch_size * args.seq_len * config.vocab_size * 4 / 1e9
+    logits_bytes = args.batch_size * args.seq_len * config.vocab_size * 4
     print(
         f"{jax.devices()[0].device_kind}, jax {jax.__version__}; {args.model}, batch {args.batch_size} x "
         f"{args.seq_len}, remat {args.remat}, bf16 compute, float32 weights and AdamW state"
     )
-    print(f"float32 logits of the batch: {logits_gb:.2f} GB")
+    print(f"float32 logits of the batch: {gigabytes(logits_bytes)}")
     for chunk in args.loss_chunk:
         r = step_memory(args, chunk)
         print(
-            f"loss chunk {chunk or 'whole':>6}: arguments {r['arguments_gb']:.2f} GB, "
-            f"temporaries {r['temporaries_gb']:.2f} GB (compiled in {r['compile_s']:.0f} s)"
+            f"loss chunk {chunk or 'whole':>6}: arguments {gigabytes(r['arguments_bytes'])}, "
+            f"temporaries {gigabytes(r['temporaries_bytes'])} (compiled in {r['compile_s']:.0f} s)"
         )
 
 

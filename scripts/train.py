@@ -74,6 +74,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
         default=d.loss_chunk,
         help="positions whose float32 logits the loss computes at a time (0: the whole sequence)",
     )
+    o.add_argument(
+        "--fp8",
+        action="store_true",
+        help="FP8 GEMMs for linear layers and experts, forward and backward (DeepSeek-V3's tile-wise recipe; "
+        "its numerics: not faster than bf16 yet)",
+    )
     o.add_argument("--mtp-weight", type=float, default=d.mtp_weight, help="DeepSeek-V3: λ on the MTP loss (0 disables)")
     o.add_argument(
         "--router-bias-rate", type=float, default=d.router_bias_rate, help="DeepSeek-V3: γ of aux-loss-free balancing"
@@ -157,6 +163,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
         compute_dtype=a.compute_dtype,
         remat=a.remat,
         loss_chunk=a.loss_chunk,
+        fp8=a.fp8,
         seed=a.seed,
         mtp_weight=a.mtp_weight,
         router_bias_rate=a.router_bias_rate,

@@ -154,3 +154,21 @@ def test_benchmark_serving_smoke(tmp_path):
     assert fixed["batch"] == 4 and fixed["decode_tok_s"] > 0 and fixed["step_ms"] > 0
     for name in ("throughput", "throughput_vs_end_to_end", "p99_itl_over_step", "server_p99_itl_over_step"):
         assert 0 < result["ratios"][name] < float("inf"), name
+
+
+def test_benchmark_training_memory_smoke():
+    out = run(
+        "scripts/benchmark_training_memory.py", "--model", "gemma-tiny", "--batch-size", "2", "--seq-len", "64",
+        "--remat", "none", "--loss-chunk", "0", "16",
+    )  # fmt: skip
+    rows = [line for line in out.splitlines() if "temporaries" in line]
+    temporaries = [float(line.split("temporaries ")[1].split(" GB")[0]) for line in rows]
+    assert len(temporaries) == 2 and temporaries[1] < temporaries[0], out
+
+
+def test_benchmark_fp8_training_smoke():
+    out = run(
+        "scripts/benchmark_fp8_training.py", "--models", "gemma-tiny", "--steps", "3", "--every", "1",
+        "--batch-size", "2", "--seq-len", "16",
+    )  # fmt: skip
+    assert "final loss fp8 / bf16" in out and out.count("\nbf16 ") == 1 and out.count("\nfp8 ") == 1

@@ -20,6 +20,7 @@ from jaxtyping import Array, Float, Int
 
 from vishwam_jax.quantization import MatrixDims, Quantization, QuantizedWeight, scale_axes, scale_shape
 from vishwam_jax.quantization.formats import as_weight
+from vishwam_jax.quantization.fp8_training import fp8_active, fp8_matmul
 from vishwam_jax.sharding.context import constrain
 
 ACTIVATIONS = {
@@ -95,13 +96,13 @@ def soft_cap(x: Array, cap: float) -> Array:
     return cap * jnp.tanh(x / cap)
 
 
-def _contract(spec: str, x: Array, w: Array, preferred_element_type=None) -> Array:
+def _contract(spec: str, x: Array, w: Array, preferred_element_type=None, matmul=None) -> Array:
     """`einsum(spec, x, w)`, as one 2-D matmul where the spec allows: x's trailing axes contracted
     with w's leading ones, and the output x's other axes then w's others ("btd,dhk->bthk",
     "bthk,hkd->btd"). XLA:GPU strength-reduces a one-token einsum against a 3-D weight into a
     multiply that writes a weight-sized temporary and a reduce over it (3x the weight's bytes; a
     fifth of gemma-2b's batch-1 decode step on an H100); a 2-D dot stays a GEMM that reads the weight
-    once."""
+    once. `matmul(rows, w2d)`: what computes the 2-D product instead of jnp.dot (FP8 training)."""
     inputs, out = spec.split("->")
     lhs, rhs = inputs.split(",")
     contracted = "".join(a for a in rhs if a not in out)
@@ -117,6 +118,8 @@ def _contract(spec: str, x: Array, w: Array, preferred_element_type=None) -> Arr
         return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
     k = math.prod(w.shape[:n_c])
     rows = x.reshape(-1, k)
+    if matmul is not None:
+        return matmul(rows, w.reshape(k, -1)).reshape(x.shape[: len(prefix)] + w.shape[n_c:])
     if rows.shape[0] == 1:
         # A one-row product against a small weight (attention's projections) is still strength-reduced
         # as a vector; a second (zero) row keeps it a GEMM at no cost to a read-bound step.
@@ -128,6 +131,15 @@ def _contract(spec: str, x: Array, w: Array, preferred_element_type=None) -> Arr
     return y.reshape(x.shape[: len(prefix)] + w.shape[n_c:])
 
 
+def _without_ellipsis(spec: str, ndim: int) -> str:
+    """`spec` with "..." spelled out as letters for x's leading axes ("...d,df->...f" -> "Ad,df->Af")."""
+    if "..." not in spec:
+        return spec
+    lhs = spec.split(",")[0]
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in spec]
+    return spec.replace("...", "".join(free[: ndim - (len(lhs) - 3)]))
+
+
 def linear(x: Array, w: Array | QuantizedWeight, spec: str) -> Array:
     """`einsum(spec, x, w)`; a quantized `w` computes exactly what its dequantized weight would.
 
@@ -136,7 +148,10 @@ def linear(x: Array, w: Array | QuantizedWeight, spec: str) -> Array:
     contracted axes instead scales the (much smaller) float32 output.
     """
     if not isinstance(w, QuantizedWeight):
-        return _contract(spec, x, w.astype(x.dtype) if w.dtype != x.dtype else w)
+        w = w.astype(x.dtype) if w.dtype != x.dtype else w
+        if fp8_active():  # FP8 training GEMMs, where the einsum is one matmul (the projections)
+            return _contract(_without_ellipsis(spec, x.ndim), x, w, matmul=fp8_matmul)
+        return _contract(spec, x, w)
     inputs, out_axes = spec.split("->")
     w_axes = inputs.split(",")[1]
     contracted = tuple(i for i, a in enumerate(w_axes) if a not in out_axes)

@@ -15,6 +15,7 @@ from jaxtyping import Array, Float, Int
 
 from vishwam_jax.models.layers import ACTIVATIONS, Linear, param, truncated_normal
 from vishwam_jax.quantization import Quantization, QuantizedWeight
+from vishwam_jax.quantization.fp8_training import fp8_active, fp8_grouped_matmul
 from vishwam_jax.sharding import context, expert_parallel
 
 
@@ -72,6 +73,8 @@ def grouped_linear(
         return grouped_matmul.gmm(
             x, w.values, group_sizes, rhs_scale=w.scale, rhs_scale_block=block, preferred_element_type=x.dtype
         )
+    if fp8_active():
+        return fp8_grouped_matmul(x, w.astype(x.dtype), group_sizes)
     return grouped_matmul.gmm(x, w.astype(x.dtype), group_sizes, preferred_element_type=x.dtype)
 
 

@@ -20,6 +20,7 @@ and the checkpoint writer take, so no conversion is needed anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ from jaxtyping import Array, Int
 
 from vishwam_jax.models.interface import CausalLM
 from vishwam_jax.quantization import keeps_stored_dtype
+from vishwam_jax.quantization.fp8_training import fp8_matmuls
 from vishwam_jax.training import lora as lora_lib
 from vishwam_jax.training.objective import (
     cast_floating,
@@ -64,6 +66,9 @@ class StepConfig:
     # Positions whose logits are computed at a time in the loss (objective.unembedded_ce_sum): the
     # float32 [tokens, vocab] logits of a whole batch are never materialized. None: all at once.
     loss_chunk: int | None = 256
+    # DeepSeek-V3's FP8 GEMMs for the linear layers and experts, forward and backward, with tile-wise
+    # scales (quantization/fp8_training.py: the recipe's numerics, not yet its speed).
+    fp8: bool = False
 
 
 def is_balancing_bias(name: str) -> bool:
@@ -142,7 +147,8 @@ def make_train_step(
         raise ValueError(f"router_bias_rate is set but the {config.family} model has no aux-loss-free balancing biases")
 
     def micro_objective(trainable, frozen, micro, counts):
-        sums = loss_sums(_compute_model(graphdef, trainable, frozen, cfg), micro, depths, cfg.loss_chunk)
+        with fp8_matmuls() if cfg.fp8 else contextlib.nullcontext():
+            sums = loss_sums(_compute_model(graphdef, trainable, frozen, cfg), micro, depths, cfg.loss_chunk)
         return objective(sums, counts, cfg.mtp_weight), sums
 
     grad_fn = jax.value_and_grad(micro_objective, has_aux=True)

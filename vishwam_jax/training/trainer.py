@@ -71,6 +71,7 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"  # forward/backward
     remat: str = "none"  # activation checkpointing policy (models/remat.py)
     loss_chunk: int = 256  # positions unembedded at a time by the loss; 0: the whole sequence at once
+    fp8: bool = False  # DeepSeek-V3's FP8 GEMMs (numerics) for linear layers and experts
     seed: int = 0  # initialization and data order
     mtp_weight: float = 0.3  # DeepSeek-V3's λ on the MTP loss (ignored by families without MTP)
     router_bias_rate: float = 0.001  # DeepSeek-V3's γ (ignored by families without it; off with LoRA)
@@ -292,6 +293,7 @@ def train(
         lora=lora_cfg,
         expert_counts=bool(tc.expert_load_window),
         loss_chunk=tc.loss_chunk or None,
+        fp8=tc.fp8,
     )
 
     state_sh = None
@@ -349,7 +351,7 @@ def train(
     log(
         f"{config.get('name') or config.family}: {n_params / 1e6:.1f}M parameters, {flops / 1e9:.3f} GFLOP/token, "
         f"batch {tc.batch_size}x{tc.seq_len} ({tc.grad_accum} micro-batches), remat {tc.remat}, "
-        f"compute {tc.compute_dtype}, mesh {tc.mesh or 'none'}"
+        f"compute {tc.compute_dtype}{' with FP8 GEMMs' if tc.fp8 else ''}, mesh {tc.mesh or 'none'}"
     )
 
     steplog = _StepLog(tc, flops, on_step, log)

@@ -1,0 +1,124 @@
+"""FP8 training matmuls: DeepSeek-V3's fine-grained recipe (DeepSeek-V3 report, §3.3).
+
+Every GEMM of a linear layer and of the experts takes float8 e4m3 operands with float32 scales over
+small tiles, accumulates in float32, and keeps its output in the compute dtype:
+
+    forward   y  = x @ w      x in 1 x 128 tiles (per token, along the contracted features),
+                              w in 128 x 128 blocks
+    dgrad     dx = dy @ w^T   dy in 1 x 128 tiles along its features, w in the same blocks
+    wgrad     dw = x^T @ dy   x and dy in 128 x 1 tiles (along the tokens, now contracted)
+
+A tile's scale is its amax / 448 (e4m3's largest finite value), so one outlier costs precision only
+within its own 128 values; master weights, optimizer state, norms, attention scores, the router and
+the output head stay in float32 / the compute dtype.
+
+The operands here are quantized to e4m3 and dequantized again (the values an FP8 GEMM multiplies),
+and the product runs in float32: the numerics of the recipe on any backend, for convergence studies
+and tests. It is not faster than bf16; that takes a kernel feeding the tiles to Hopper's FP8 tensor
+cores, which this module's functions are the reference for.
+
+`fp8_matmuls()` turns it on while a model is traced (`StepConfig.fp8`, `scripts/train.py --fp8`);
+`layers.linear` and `moe.grouped_linear` consult `fp8_active()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from vishwam_jax.quantization.formats import dequantize, quantize
+
+TILE = 128
+ACTIVATION_TILE = (1, TILE)  # per row, along the contracted features
+WEIGHT_BLOCK = (TILE, TILE)
+TOKEN_TILE = (TILE, 1)  # along the rows: the contracted axis of a weight gradient
+
+_ACTIVE = contextvars.ContextVar("vishwam_fp8_matmuls", default=False)
+
+
+@contextlib.contextmanager
+def fp8_matmuls() -> Iterator[None]:
+    """Linear layers and experts traced inside this block compute their GEMMs in FP8 (this module)."""
+    token = _ACTIVE.set(True)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def fp8_active() -> bool:
+    return _ACTIVE.get()
+
+
+def as_fp8(x: Float[Array, "*batch m n"], tile: tuple[int, int]) -> Float[Array, "*batch m n"]:
+    """The float32 values of `x` after e4m3 quantization with one scale per `tile` of its last two
+    axes (partial edge tiles have their own scale); leading axes are a batch (experts)."""
+    values, scale = quantize(x, "fp8", (1, 1), tile)
+    return dequantize(values, scale, "fp8", (1, 1), tile, jnp.float32)
+
+
+def _dot(a: Array, b: Array) -> Float[Array, "m n"]:
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def fp8_matmul(x: Float[Array, "m k"], w: Float[Array, "k n"]) -> Float[Array, "m n"]:
+    """x @ w with FP8 operands (the recipe above), in x's dtype; gradients by the same recipe."""
+    return _dot(as_fp8(x, ACTIVATION_TILE), as_fp8(w, WEIGHT_BLOCK)).astype(x.dtype)
+
+
+def _fp8_matmul_fwd(x, w):
+    return fp8_matmul(x, w), (x, w)
+
+
+def _fp8_matmul_bwd(residuals, dy):
+    x, w = residuals
+    dx = _dot(as_fp8(dy, ACTIVATION_TILE), as_fp8(w, WEIGHT_BLOCK).T)
+    dw = _dot(as_fp8(x, TOKEN_TILE).T, as_fp8(dy, TOKEN_TILE))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
+
+
+@jax.custom_vjp
+def fp8_grouped_matmul(
+    x: Float[Array, "m a"], w: Float[Array, "g a b"], group_sizes: Int[Array, " g"]
+) -> Float[Array, "m b"]:
+    """Rows of `x` sorted by group times each group's `w[g]`, FP8 as `fp8_matmul` (each expert's
+    matrix in its own 128 x 128 blocks)."""
+    from vishwam_jax.pallas_kernels import grouped_matmul  # local: kernels import nothing from here
+
+    x8, w8 = as_fp8(x, ACTIVATION_TILE), as_fp8(w, WEIGHT_BLOCK)
+    return grouped_matmul.gmm(x8, w8, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _fp8_grouped_fwd(x, w, group_sizes):
+    return fp8_grouped_matmul(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _fp8_grouped_bwd(residuals, dy):
+    from vishwam_jax.pallas_kernels import grouped_matmul
+
+    x, w, group_sizes = residuals
+    dx = grouped_matmul.gmm(
+        as_fp8(dy, ACTIVATION_TILE),
+        as_fp8(w, WEIGHT_BLOCK),
+        group_sizes,
+        transpose_rhs=True,
+        preferred_element_type=jnp.float32,
+    )
+    # The token tiles run over the sorted rows, so a tile may span two experts' rows (a kernel would
+    # start a tile at each group boundary); its scale is then shared by the two.
+    dw = grouped_matmul.tgmm(
+        as_fp8(x, TOKEN_TILE), as_fp8(dy, TOKEN_TILE), group_sizes, preferred_element_type=jnp.float32
+    )
+    return dx.astype(x.dtype), dw.astype(w.dtype), None
+
+
+fp8_grouped_matmul.defvjp(_fp8_grouped_fwd, _fp8_grouped_bwd)

@@ -99,8 +99,11 @@ def engine_config(args) -> EngineConfig:
     )
 
 
-def client_commands(args, url: str, vocab_size: int, out_dir: Path, output_len: int) -> list[list[str]]:
-    """One loadgen command per client process, the clients split evenly between them."""
+def client_commands(
+    args, url: str, vocab_size: int, out_dir: Path, output_len: int, rounds: int = 1
+) -> list[list[str]]:
+    """One loadgen command per client process, the clients split evenly between them; each client
+    sends `rounds` requests, one after the other."""
     procs = min(args.client_procs or max(1, -(-args.clients // 16)), args.clients)
     counts = [args.clients // procs + (i < args.clients % procs) for i in range(procs)]
     commands = []
@@ -111,7 +114,7 @@ def client_commands(args, url: str, vocab_size: int, out_dir: Path, output_len: 
                 str(LOADGEN),
                 "--url", url,
                 "--clients", str(n),
-                "--requests", str(n),
+                "--requests", str(n * rounds),
                 "--prompt-tokens", f"{args.prompt_len}:{args.prompt_len}",
                 "--vocab-size", str(vocab_size),
                 "--max-tokens", f"{output_len}:{output_len}",
@@ -151,7 +154,9 @@ def run_clients(commands: list[list[str]], out_dir: Path, timeout_s: float) -> l
 
 
 def measure_serving(model: vj.Model, args) -> dict:
-    """Warm the engine and the HTTP path, then time one round of N concurrent clients."""
+    """Warm the engine and the HTTP path, then time N concurrent clients, each sending --rounds
+    requests in turn (with more than one, new prompts are prefilled beside running streams: the
+    steady state of continuous batching)."""
     config = engine_config(args)
     engine = Engine(model, config, tokenizer=None)
     start = time.perf_counter()
@@ -166,9 +171,10 @@ def measure_serving(model: vj.Model, args) -> dict:
         run_clients(client_commands(args, url, vocab, out, output_len=2), out, args.timeout)
         compiled = list(engine.compiles)
         metrics.clear()
-        results = run_clients(client_commands(args, url, vocab, out, args.output_len), out, args.timeout)
+        commands = client_commands(args, url, vocab, out, args.output_len, args.rounds)
+        results = run_clients(commands, out, args.timeout)
     summary = loadgen.summarize(results)
-    expected = args.clients * args.output_len
+    expected = args.clients * args.rounds * args.output_len
     if summary["output_tokens"] != expected:
         raise RuntimeError(f"the clients received {summary['output_tokens']} tokens, expected {expected}")
     return {
@@ -215,8 +221,8 @@ def ratios(serving: dict, fixed: dict) -> dict:
     }
 
 
-def print_results(serving: dict, fixed: dict, r: dict) -> None:
-    loadgen.report(f"serving ({serving['requests']} streaming clients)", serving)
+def print_results(serving: dict, fixed: dict, r: dict, clients: int) -> None:
+    loadgen.report(f"serving ({clients} streaming clients, {serving['requests']} requests)", serving)
     print(f"  inter-token at the engine thread   {loadgen.format_percentiles(serving['server_itl_ms'])}")
     if serving["compiled_during_run"]:
         print(f"  WARNING: compiled during the timed run: {serving['compiled_during_run']}")
@@ -256,6 +262,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefill-rows", type=int, default=None, help="requests prefilled per step (default: clients/4)")
     ap.add_argument("--chunk", type=int, default=None, help="prefill chunk length (default: the prompt, rounded to 16)")
     ap.add_argument(
+        "--rounds", type=int, default=1, help="requests each client sends, one after the other (default: 1)"
+    )
+    ap.add_argument(
         "--lookahead", type=int, default=EngineConfig.lookahead, help="steps dispatched before one is read (0: none)"
     )
     ap.add_argument("--client-procs", type=int, default=None, help="client processes (default: one per 16 clients)")
@@ -273,7 +282,7 @@ def main(argv=None) -> int:
     serving = measure_serving(model, args)
     fixed = measure_fixed_batch(model, args)
     r = ratios(serving, fixed)
-    print_results(serving, fixed, r)
+    print_results(serving, fixed, r, args.clients)
     if args.json:
         result = {
             "device": jax.devices()[0].device_kind,
@@ -282,6 +291,7 @@ def main(argv=None) -> int:
             "overrides": args.set,
             "dtype": args.dtype,
             "clients": args.clients,
+            "rounds": args.rounds,
             "prompt_len": args.prompt_len,
             "output_len": args.output_len,
             "serving": serving,

@@ -126,7 +126,8 @@ def test_peer_transformers_runs_its_modes_on_cpu_when_asked(tmp_path):
 
 def test_benchmark_serving_smoke(tmp_path):
     """The serving rows' plumbing: a real server, client processes with token-id prompts and exactly
-    output-len tokens each, then the fixed batch in the same process, and the two ratios."""
+    output-len tokens each (two requests per client, one after the other), then the fixed batch in
+    the same process, and the two ratios."""
     out = run(
         "scripts/benchmark_serving.py",
         "--model",
@@ -141,13 +142,15 @@ def test_benchmark_serving_smoke(tmp_path):
         "6",
         "--client-procs",
         "2",
+        "--rounds",
+        "2",
         "--json",
         str(tmp_path / "s.json"),
     )
     assert "serving / fixed-batch decode tok/s" in out
     result = json.loads((tmp_path / "s.json").read_text())
     serving, fixed = result["serving"], result["fixed_batch"]
-    assert serving["requests"] == 4 and serving["output_tokens"] == 4 * 6
+    assert serving["requests"] == 4 * 2 and serving["output_tokens"] == 4 * 2 * 6  # 2 rounds of 4 clients
     assert serving["compiled_during_run"] == [] and serving["engine"]["num_slots"] == 4
     for latency in (serving["ttft_ms"], serving["itl_ms"], serving["server_itl_ms"]):
         assert 0 <= latency["p50"] <= latency["p90"] <= latency["p99"]

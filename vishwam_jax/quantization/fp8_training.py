@@ -43,7 +43,11 @@ _ACTIVE = contextvars.ContextVar("vishwam_fp8_matmuls", default=False)
 
 @contextlib.contextmanager
 def fp8_matmuls() -> Iterator[None]:
-    """Linear layers and experts traced inside this block compute their GEMMs in FP8 (this module)."""
+    """Linear layers and experts traced inside this block compute their GEMMs in FP8 (this module).
+
+    A trace-time switch: jit's cache does not see it, so a jitted function traced once outside the
+    block is not retraced inside it. Build the jitted function for one setting (the train step
+    does: `StepConfig.fp8` is fixed when `make_train_step` builds it)."""
     token = _ACTIVE.set(True)
     try:
         yield

@@ -77,6 +77,9 @@ def unembedded_ce_sum(
     4 x 1024 tokens, and as much again for their gradient. Chunked, each piece's logits live only
     inside its step of a scan, and the backward pass recomputes them (jax.checkpoint) instead of
     keeping them: b x chunk x vocab float32 at a time. chunk=None: the whole sequence at once.
+    One difference in rounding: the output weights' gradient is summed over the pieces in the
+    compute dtype (a closed-over weight's cotangent has its dtype), where one whole-sequence matmul
+    rounds once; equal in float32 (tested), a few bf16 roundings apart under bf16 compute.
     """
     t = hidden.shape[1]
     if chunk is None or chunk >= t:

@@ -37,6 +37,8 @@ from vishwam_jax.pallas_kernels import grouped_matmul, mla_attention  # noqa: E4
 from vishwam_jax.presets import get_config, replace  # noqa: E402
 from vishwam_jax.utils.benchmarking import read_bandwidth, tree_bytes  # noqa: E402
 
+QUANTIZED_SCALE = 5e-4
+
 
 def random_params(config, dtype, seed: int = 0, *, per_layer: bool = False) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graphdef and random parameters, built leaf by leaf and, for large leaves, slab by
@@ -49,7 +51,11 @@ def random_params(config, dtype, seed: int = 0, *, per_layer: bool = False) -> t
     def fill(buf, key, start, rows):
         # Slabs of rows of the leaf seen as [-1, last dim]: a reshape of the donated buffer, no copy.
         flat = buf.reshape(-1, buf.shape[-1])
-        slab = (jax.random.normal(key, (rows, flat.shape[1]), jnp.float32) * 0.02).astype(buf.dtype)
+        # Quantized values (int8, float8) times QUANTIZED_SCALE: the same 0.02 spread as the float weights.
+        spread = 0.02 / QUANTIZED_SCALE if buf.dtype.itemsize == 1 else 0.02
+        slab = jnp.clip(jax.random.normal(key, (rows, flat.shape[1]), jnp.float32) * spread, -127, 127).astype(
+            buf.dtype
+        )
         return jax.lax.dynamic_update_slice_in_dim(flat, slab, start, 0).reshape(buf.shape)
 
     key = jax.random.key(seed)
@@ -58,6 +64,8 @@ def random_params(config, dtype, seed: int = 0, *, per_layer: bool = False) -> t
         nonlocal key
         if name == "scale":  # norm scales: the identity
             return jnp.ones(shape, dtype)
+        if name == "kernel_scale":  # quantized weights: one scale for every channel / block
+            return jnp.full(shape, QUANTIZED_SCALE, dtype)
         if name == "bias":  # the router's balancing bias
             return jnp.zeros(shape, dtype)
         buf = jnp.zeros(shape, dtype)
@@ -154,6 +162,14 @@ def main(argv=None) -> None:
         default="auto",
         help="stacked weights scanned, or held as per-layer buffers (auto: per-layer on GPUs, as vj.load)",
     )
+    ap.add_argument(
+        "--quantize",
+        nargs="+",
+        choices=["none", "fp8", "int8"],
+        default=["none"],
+        help="weight formats to time in turn: none (bf16), fp8 (e4m3 in 128 x 128 blocks, DeepSeek's release "
+        "format, read by the block-scaled kernel), int8 (per output channel); random values either way",
+    )
     ap.add_argument("--json", help="also write the results here (rewritten after every row)")
     args = ap.parse_args(argv)
     if args.layers < 1 or not 0 <= args.dense_layers <= args.layers:
@@ -175,129 +191,140 @@ def main(argv=None) -> None:
     )
     config = fit_to_memory(config, dev, args.headroom_gib * 2**30)
     moe_layers = config.num_layers - config.num_dense_layers
-    start = time.perf_counter()
-    # Per-layer buffers: what vj.load serves with on GPUs (models/stack.py: XLA copies a scanned layer's slices).
-    per_layer = jax.default_backend() == "gpu" if args.layers_form == "auto" else args.layers_form == "per-layer"
-    graphdef, params = random_params(config, jnp.bfloat16, per_layer=per_layer)
-    params = jax.block_until_ready(params)
-    param_bytes = tree_bytes(params)
-    print(
-        f"{config.num_layers} layers ({config.num_dense_layers} dense, {moe_layers} MoE with "
-        f"{config.num_experts} experts): "
-        f"{param_bytes / 1e9:.1f} GB of parameters ({'per-layer buffers' if per_layer else 'stacked, scanned'}), "
-        f"built on the device in {time.perf_counter() - start:.0f} s",
-        flush=True,
-    )
+    result = None
+    for quant in args.quantize:
+        params = None  # the previous format's buffers go before the next are built
+        start = time.perf_counter()
+        # Per-layer buffers: what vj.load serves with on GPUs (models/stack.py: XLA copies a scanned layer's slices).
+        per_layer = jax.default_backend() == "gpu" if args.layers_form == "auto" else args.layers_form == "per-layer"
+        float_config = config
+        config = float_config if quant == "none" else replace(float_config, quantization=quant)
+        graphdef, params = random_params(config, jnp.bfloat16, per_layer=per_layer)
+        params = jax.block_until_ready(params)
+        param_bytes = tree_bytes(params)
+        print(
+            f"{config.num_layers} layers ({config.num_dense_layers} dense, {moe_layers} MoE with "
+            f"{config.num_experts} experts): "
+            f"{param_bytes / 1e9:.1f} GB of parameters ({'per-layer buffers' if per_layer else 'stacked, scanned'}), "
+            f"built on the device in {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
 
-    full = get_config(args.preset)
-    ours_kv, mha_kv = kv_bytes_per_token(full)
-    bench_kv, bench_mha = kv_bytes_per_token(config)
-    print(
-        f"KV cache per token (bf16), full {full.num_layers}-layer model: latent {ours_kv:,} B vs naive MHA "
-        f"{mha_kv:,} B "
-        f"({mha_kv / ours_kv:.1f}x); this {config.num_layers}-layer model: {bench_kv:,} B vs {bench_mha:,} B",
-        flush=True,
-    )
+        full = get_config(args.preset)
+        ours_kv, mha_kv = kv_bytes_per_token(full)
+        bench_kv, bench_mha = kv_bytes_per_token(config)
+        print(
+            f"KV cache per token (bf16), full {full.num_layers}-layer model: latent {ours_kv:,} B vs naive MHA "
+            f"{mha_kv:,} B "
+            f"({mha_kv / ours_kv:.1f}x); this {config.num_layers}-layer model: {bench_kv:,} B vs {bench_mha:,} B",
+            flush=True,
+        )
 
-    stored = nnx.to_pure_dict(params)
-    expert_bytes = tree_bytes(stored["moe_layers"]["experts"]) if moe_layers else 0  # every MoE layer's
-    per_expert = expert_bytes / max(1, config.num_experts * moe_layers)
-    embed_bytes = tree_bytes(stored["embed"])
-    result = {
-        "device": dev.device_kind,
-        "jax": jax.__version__,
-        "read_bw": bw.bytes_per_s,
-        "read_bw_xla": bw.xla_reduction,
-        "read_bw_pallas": bw.pallas_stream,
-        "spec_bw": bw.spec,
-        "param_bytes": param_bytes,
-        "layers": config.num_layers,
-        "dense_layers": config.num_dense_layers,
-        "layers_form": "per-layer" if per_layer else "scanned",
-        "kv_bytes_per_token": {
-            "latent_full": ours_kv,
-            "naive_mha_full": mha_kv,
-            "latent_bench": bench_kv,
-            "naive_mha_bench": bench_mha,
-        },
-        "rows": [],
-    }
-    probes = {}
-    for impl in args.impls:
-        for batch in args.batch:
-            if impl != args.impls[0] and time.perf_counter() - t0 > args.time_budget:
-                print(f"[{impl}] batch {batch}: skipped (time budget of {args.time_budget:.0f} s spent)", flush=True)
-                continue
-            for var in (mla_attention.ENV_VAR, grouped_matmul.ENV_VAR):  # read when a forward is traced
-                os.environ.pop(var, None) if impl == "auto" else os.environ.__setitem__(var, impl)
-            rng = np.random.default_rng(batch)
-            prompts = rng.integers(3, config.vocab_size, size=(batch, args.prompt_len))
-            gen = Generator(graphdef, config)  # a fresh one: compiled under this kernel setting
-            try:
-                gen.generate(params, prompts, args.new_tokens)  # compile + warm up
-                compile_s = gen.stats.compile_s
-                gen.generate(params, prompts, args.new_tokens)
-            except Exception as err:  # report what ran; one device run must not be lost to one shape
-                print(f"[{impl}] batch {batch}: FAILED {type(err).__name__}: {str(err)[:2000]}", flush=True)
-                continue
-            s = gen.stats
-            step_s = s.decode_s / args.new_tokens
-            print(
-                f"[{impl}] batch {batch}: decode {batch * args.new_tokens / s.decode_s:,.1f} tok/s "
-                f"({step_s * 1e3:.2f} ms/step), prefill {s.prefill_tokens_per_s:,.0f} tok/s, compile {compile_s:.0f} s",
-                flush=True,
-            )
-            if batch not in probes and time.perf_counter() - t0 < args.time_budget:
-                probes[batch] = decode_step_probe(graphdef, params, prompts, config.max_seq_len)
-            if batch in probes:
-                touched_per_layer, measured_kv = probes[batch]
-                routing = "measured"
-            else:  # no time left to compile the probe: the expectation under uniform routing, said so
-                e, k = config.num_experts, config.num_experts_per_token
-                touched_per_layer = np.full(moe_layers, e * (1 - (1 - k / e) ** batch))
-                measured_kv, routing = float("nan"), "expected under uniform routing (probe skipped)"
-            touched = float(touched_per_layer.sum())
-            context = args.prompt_len + args.new_tokens / 2  # mean cache length over the decode
-            cache_read = batch * context * bench_kv
-            # Weights a step must read: all but the routed experts and the embedding table, plus
-            # the gathered embedding rows, the routed experts its tokens select, and the cache.
-            weights = param_bytes - expert_bytes - embed_bytes + batch * config.d_model * 2 + touched * per_expert
-            read = weights + cache_read
-            floor_s = read / bw.bytes_per_s
-            row = {
-                "kernels": impl,
-                "batch": batch,
-                "prompt_len": args.prompt_len,
-                "new_tokens": args.new_tokens,
-                "prefill_tok_s": s.prefill_tokens_per_s,
-                "decode_tok_s": batch * args.new_tokens / s.decode_s,
-                "step_ms": step_s * 1e3,
-                "roofline_step_ms": floor_s * 1e3,
-                "fraction_of_roofline": floor_s / step_s,
-                "fraction_of_spec": read / bw.spec / step_s if bw.spec else None,
-                "experts_touched_per_step_per_moe_layer": touched_per_layer.tolist(),
-                "routing": routing,
-                "weight_bytes_per_step_gb": weights / 1e9,
-                "cache_bytes_per_step_gb": cache_read / 1e9,
-                "measured_cache_bytes_per_token": measured_kv,
-                "compile_s": compile_s,
-            }
-            result["rows"].append(row)
-            print(
-                f"[{impl}] batch {batch}: prefill {row['prefill_tok_s']:,.0f} tok/s, decode "
-                f"{row['decode_tok_s']:,.1f} tok/s, "
-                f"step {row['step_ms']:.2f} ms vs floor {row['roofline_step_ms']:.2f} ms at read bandwidth "
-                f"({100 * row['fraction_of_roofline']:.0f}%"
-                + (f", {100 * row['fraction_of_spec']:.0f}% of spec" if row["fraction_of_spec"] else "")
-                + f"); routed experts per MoE layer {touched_per_layer.tolist()} ({routing}), "
-                f"{weights / 1e9:.2f} GB weights + {cache_read / 1e6:.1f} MB cache read/step; "
-                f"cache arrays measured {measured_kv:,.0f} B/token (arithmetic {bench_kv:,} B); compile "
-                f"{compile_s:.0f} s",
-                flush=True,
-            )
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(result, f, indent=2)
+        stored = nnx.to_pure_dict(params)
+        expert_bytes = tree_bytes(stored["moe_layers"]["experts"]) if moe_layers else 0  # every MoE layer's
+        per_expert = expert_bytes / max(1, config.num_experts * moe_layers)
+        embed_bytes = tree_bytes(stored["embed"])
+        result = result or {
+            "device": dev.device_kind,
+            "jax": jax.__version__,
+            "read_bw": bw.bytes_per_s,
+            "read_bw_xla": bw.xla_reduction,
+            "read_bw_pallas": bw.pallas_stream,
+            "spec_bw": bw.spec,
+            "param_bytes": {},
+            "layers": config.num_layers,
+            "dense_layers": config.num_dense_layers,
+            "layers_form": "per-layer" if per_layer else "scanned",
+            "kv_bytes_per_token": {
+                "latent_full": ours_kv,
+                "naive_mha_full": mha_kv,
+                "latent_bench": bench_kv,
+                "naive_mha_bench": bench_mha,
+            },
+            "rows": [],
+        }
+        result["param_bytes"][quant] = param_bytes
+        probes = {}
+        for impl in args.impls:
+            for batch in args.batch:
+                if impl != args.impls[0] and time.perf_counter() - t0 > args.time_budget:
+                    print(
+                        f"[{impl}] batch {batch}: skipped (time budget of {args.time_budget:.0f} s spent)", flush=True
+                    )
+                    continue
+                for var in (mla_attention.ENV_VAR, grouped_matmul.ENV_VAR):  # read when a forward is traced
+                    os.environ.pop(var, None) if impl == "auto" else os.environ.__setitem__(var, impl)
+                rng = np.random.default_rng(batch)
+                prompts = rng.integers(3, config.vocab_size, size=(batch, args.prompt_len))
+                gen = Generator(graphdef, config)  # a fresh one: compiled under this kernel setting
+                try:
+                    gen.generate(params, prompts, args.new_tokens)  # compile + warm up
+                    compile_s = gen.stats.compile_s
+                    gen.generate(params, prompts, args.new_tokens)
+                except Exception as err:  # report what ran; one device run must not be lost to one shape
+                    print(f"[{impl}] batch {batch}: FAILED {type(err).__name__}: {str(err)[:2000]}", flush=True)
+                    continue
+                s = gen.stats
+                step_s = s.decode_s / args.new_tokens
+                print(
+                    f"[{quant} {impl}] batch {batch}: decode {batch * args.new_tokens / s.decode_s:,.1f} tok/s "
+                    f"({step_s * 1e3:.2f} ms/step), prefill {s.prefill_tokens_per_s:,.0f} tok/s, "
+                    f"compile {compile_s:.0f} s",
+                    flush=True,
+                )
+                if batch not in probes and time.perf_counter() - t0 < args.time_budget:
+                    probes[batch] = decode_step_probe(graphdef, params, prompts, config.max_seq_len)
+                if batch in probes:
+                    touched_per_layer, measured_kv = probes[batch]
+                    routing = "measured"
+                else:  # no time left to compile the probe: the expectation under uniform routing, said so
+                    e, k = config.num_experts, config.num_experts_per_token
+                    touched_per_layer = np.full(moe_layers, e * (1 - (1 - k / e) ** batch))
+                    measured_kv, routing = float("nan"), "expected under uniform routing (probe skipped)"
+                touched = float(touched_per_layer.sum())
+                context = args.prompt_len + args.new_tokens / 2  # mean cache length over the decode
+                cache_read = batch * context * bench_kv
+                # Weights a step must read: all but the routed experts and the embedding table, plus
+                # the gathered embedding rows, the routed experts its tokens select, and the cache.
+                weights = param_bytes - expert_bytes - embed_bytes + batch * config.d_model * 2 + touched * per_expert
+                read = weights + cache_read
+                floor_s = read / bw.bytes_per_s
+                row = {
+                    "quantization": quant,
+                    "kernels": impl,
+                    "batch": batch,
+                    "prompt_len": args.prompt_len,
+                    "new_tokens": args.new_tokens,
+                    "prefill_tok_s": s.prefill_tokens_per_s,
+                    "decode_tok_s": batch * args.new_tokens / s.decode_s,
+                    "step_ms": step_s * 1e3,
+                    "roofline_step_ms": floor_s * 1e3,
+                    "fraction_of_roofline": floor_s / step_s,
+                    "fraction_of_spec": read / bw.spec / step_s if bw.spec else None,
+                    "experts_touched_per_step_per_moe_layer": touched_per_layer.tolist(),
+                    "routing": routing,
+                    "weight_bytes_per_step_gb": weights / 1e9,
+                    "cache_bytes_per_step_gb": cache_read / 1e9,
+                    "measured_cache_bytes_per_token": measured_kv,
+                    "compile_s": compile_s,
+                }
+                result["rows"].append(row)
+                print(
+                    f"[{quant} {impl}] batch {batch}: prefill {row['prefill_tok_s']:,.0f} tok/s, decode "
+                    f"{row['decode_tok_s']:,.1f} tok/s, "
+                    f"step {row['step_ms']:.2f} ms vs floor {row['roofline_step_ms']:.2f} ms at read bandwidth "
+                    f"({100 * row['fraction_of_roofline']:.0f}%"
+                    + (f", {100 * row['fraction_of_spec']:.0f}% of spec" if row["fraction_of_spec"] else "")
+                    + f"); routed experts per MoE layer {touched_per_layer.tolist()} ({routing}), "
+                    f"{weights / 1e9:.2f} GB weights + {cache_read / 1e6:.1f} MB cache read/step; "
+                    f"cache arrays measured {measured_kv:,.0f} B/token (arithmetic {bench_kv:,} B); compile "
+                    f"{compile_s:.0f} s",
+                    flush=True,
+                )
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump(result, f, indent=2)
+        config = float_config
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
 
 

@@ -134,6 +134,37 @@ def random_weights(g: int, k: int, n: int, key: int = 5, dtype=jnp.bfloat16):
     return jax.jit(lambda ks: jax.lax.map(make, ks))(keys)
 
 
+FP8_BLOCK = (128, 128)  # DeepSeek-V3's weight_scale_inv blocks
+
+
+def fp8_weights(rhs):
+    """(float8 e4m3 values, float32 [g, k/128, n/128] block scales) of rhs, one expert at a time."""
+    from vishwam_jax.quantization import quantize
+
+    return jax.jit(lambda w: jax.lax.map(lambda wi: quantize(wi, "fp8", (1, 1), FP8_BLOCK), w))(rhs)
+
+
+def ours_fp8_weights(lhs, values, gs, blocks):
+    """Weight-only fp8 (decode): bf16 activations, float8 weights read as stored."""
+    return grouped_matmul.gmm(lhs, values, gs, rhs_scale=blocks, rhs_scale_block=FP8_BLOCK, implementation=IMPL)
+
+
+def ours_fp8(lhs, values, gs, blocks):
+    """FP8 tensor cores (prefill, training): the activations quantized in 1 x 128 tiles (timed too),
+    both operands float8."""
+    from vishwam_jax.quantization import quantize
+
+    x8, x_scale = quantize(lhs, "fp8", (1, 1), (1, FP8_BLOCK[0]))
+    return grouped_matmul.gmm_fp8(
+        x8, x_scale, values, blocks, gs, rhs_scale_block=FP8_BLOCK, preferred_element_type=lhs.dtype,
+        implementation=IMPL,
+    )  # fmt: skip
+
+
+OURS_FP8_WEIGHTS_JIT = jax.jit(lambda *a: ours_fp8_weights(*a))
+OURS_FP8_JIT = jax.jit(lambda *a: ours_fp8(*a))
+
+
 # ---------------------------------------------------------------------------------------------
 # Problems
 
@@ -234,7 +265,9 @@ def _group_rows_product(lhs, rhs, scale, starts, gids, rows: int):
     def one(start, gi):
         x = jax.lax.dynamic_slice_in_dim(lhs, start, rows).astype(jnp.float32)
         w = rhs[gi].astype(jnp.float32)
-        if scale is not None:
+        if scale is not None and scale.ndim == 3:  # fp8: [g, k / 128, n / 128] block scales
+            w = w * jnp.repeat(jnp.repeat(scale[gi], FP8_BLOCK[0], 0), FP8_BLOCK[1], 1)[: w.shape[0], : w.shape[1]]
+        elif scale is not None:
             w = w * scale[gi].reshape(1, -1)
         return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)
 
@@ -290,6 +323,27 @@ def _full_checks(smoke: bool) -> list[str]:
         log(f"  check {name}: rel err {err:.2e}")
         if not err < tol:
             failures.append(f"{name}: rel err {err:.3g} > {tol}")
+
+    # fp8 weights in 128 x 128 blocks (partial edge blocks: K, N are not multiples of 128), weight-only
+    # and with float8 activations, both layouts, against the reference on the same float8 values.
+    from vishwam_jax.quantization import quantize
+
+    x = jax.random.normal(next(key), (m, k), jnp.bfloat16)
+    for transpose in (False, True):
+        w = jax.random.normal(next(key), (g, n, k) if transpose else (g, k, n), jnp.float32)
+        values, blocks = jax.jit(lambda w: quantize(w, "fp8", (1, 1), FP8_BLOCK))(w)
+        opts = dict(transpose_rhs=transpose, rhs_scale_block=FP8_BLOCK)
+        got = jax.jit(functools.partial(grouped_matmul.gmm, implementation=IMPL, **opts))(
+            x, values, gs, rhs_scale=blocks
+        )
+        ref = grouped_matmul.gmm_reference(x, values, gs, rhs_scale=blocks, **opts)
+        check(f"gmm fp8 weights transpose_rhs={transpose}", got, ref, TOL[jnp.dtype(jnp.bfloat16)])
+        x8, x_scale = quantize(x, "fp8", (1, 1), (1, FP8_BLOCK[0]))
+        got = jax.jit(functools.partial(grouped_matmul.gmm_fp8, implementation=IMPL, **opts))(
+            x8, x_scale, values, blocks, gs
+        )
+        ref = grouped_matmul.gmm_fp8(x8, x_scale, values, blocks, gs, implementation="reference", **opts)
+        check(f"gmm_fp8 (float8 activations) transpose_rhs={transpose}", got, ref, 1e-4)
 
     # bf16 here; the float32 gradient checks below run the float32 forward, transposed and tgmm kernels.
     lhs = jax.random.normal(next(key), (m, k), jnp.bfloat16)
@@ -399,7 +453,7 @@ def mgpu_config(p: Problem, fn) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_problem(p: Problem, rhs, rhs_int8, scale, args) -> dict:
+def run_problem(p: Problem, rhs, rhs_int8, scale, args, rhs_fp8=None) -> dict:
     sizes = group_sizes_for(p, seed=p.m + p.g)
     gs = jnp.asarray(sizes)
     total = int(sizes.sum())
@@ -449,6 +503,26 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args) -> dict:
         row.update(int8_ms=t8 * 1e3, int8_weight_GBps=weight_bytes / 2 / t8 / 1e9)
         if device_us:
             row["int8_dev_us"] = device_us(f_ours, lhs, rhs_int8, gs, scale)
+
+    if rhs_fp8 is not None:
+        values, blocks = rhs_fp8
+        if p.decode:  # weight-only: the float8 bytes streamed, widened in registers
+            out_f = OURS_FP8_WEIGHTS_JIT(lhs, values, gs, blocks)
+            err_f = spot_check(out_f, lhs, values, sizes, blocks)
+            if not err_f < TOL[jnp.dtype(jnp.bfloat16)]:
+                row["FAIL"] = f"fp8 weight-only mismatch: rel err {err_f:.3g}"
+            tf = time_fn(OURS_FP8_WEIGHTS_JIT, lhs, values, gs, blocks, budget_s=budget)
+            row.update(fp8_ms=tf * 1e3, fp8_weight_GBps=weight_bytes / 2 / tf / 1e9)
+            if device_us:
+                row["fp8_dev_us"] = device_us(OURS_FP8_WEIGHTS_JIT, lhs, values, gs, blocks)
+        else:  # both operands float8 (activation quantization included in the time)
+            out_f = OURS_FP8_JIT(lhs, values, gs, blocks)
+            err_f = spot_check(out_f, lhs, values, sizes, blocks)
+            row["fp8_err"] = err_f
+            if not err_f < 0.1:  # e4m3 activations: a few % of the product
+                row["FAIL"] = f"fp8 mismatch: rel err {err_f:.3g}"
+            tf = time_fn(OURS_FP8_JIT, lhs, values, gs, blocks, budget_s=budget)
+            row.update(fp8_ms=tf * 1e3, fp8_tflops=flops / tf / 1e12)
 
     if ragged_dot_bytes(p) > RAGGED_DOT_MAX_BYTES:
         row["ragged_dot"] = f"skipped (XLA would allocate {ragged_dot_bytes(p) / 2**30:.0f} GiB)"
@@ -642,9 +716,9 @@ def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
     )
     log(
         "| shape | M | loads | active | ours ms | ours TFLOP/s | dense TFLOP/s | ours/dense | ragged_dot TFLOP/s "
-        "| mgpu example TFLOP/s | floor ms | floor/ours |"
+        "| mgpu example TFLOP/s | floor ms | floor/ours | fp8 TFLOP/s | fp8/ours |"
     )
-    log("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (not r["shape"].startswith("DSv3"), r["shape"], r["m"], r["dist"])):
         if r.get("dist") in (None, "decode") or "ours_ms" not in r:
             continue
@@ -654,7 +728,8 @@ def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
         ratio = fmt(r["ours_tflops"] / dense, ".2f") if dense else "-"
         log(
             f"| {r['shape']} | {r['m']} | {r['dist']} | {r['active']} | {r['ours_ms']:.3f} | {r['ours_tflops']:.0f} | "
-            f"{fmt(dense)} | {ratio} | {rd} | {mg} | {r['floor_ms']:.3f} | {r['floor_ms'] / r['ours_ms']:.2f} |"
+            f"{fmt(dense)} | {ratio} | {rd} | {mg} | {r['floor_ms']:.3f} | {r['floor_ms'] / r['ours_ms']:.2f} | "
+            f"{fmt(r.get('fp8_tflops'))} | {fmt(r.get('fp8_tflops') and r['fp8_tflops'] / r['ours_tflops'], '.2f')} |"
         )
     log(
         f"\nDecode sizes (weights read per call; read bandwidth measured in this run: {read_bw / 1e9:.0f} GB/s, "
@@ -690,20 +765,24 @@ def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
         )
         log(
             "| shape | M | active experts | ours µs | weight GB/s | / read BW | int8 µs | int8 weight GB/s "
-            "| int8 / read BW "
+            "| int8 / read BW | fp8 µs | fp8 weight GB/s | fp8 / read BW | bf16 µs / fp8 µs "
             "| ragged_dot µs | mgpu example µs |"
         )
-        log("|---|---|---|---|---|---|---|---|---|---|---|")
+        log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sorted(dev, key=lambda r: (r["shape"], r["m"])):
             wbytes = r["weight_bytes"]
             # A trace without device lines (CPU) gives 0 µs: no rate then.
             gbps = wbytes / r["ours_dev_us"] / 1e3 if r["ours_dev_us"] else None
             i8 = r.get("int8_dev_us")
             i8_gbps = wbytes / 2 / i8 / 1e3 if i8 else None
+            f8 = r.get("fp8_dev_us")
+            f8_gbps = wbytes / 2 / f8 / 1e3 if f8 else None
             log(
                 f"| {r['shape']} | {r['m']} | {r['active']} | {r['ours_dev_us']:.1f} | {fmt(gbps)} | "
                 f"{fmt(gbps and gbps * 1e9 / read_bw, '.2f')} | "
                 f"{fmt(i8, '.1f')} | {fmt(i8_gbps)} | {fmt(i8_gbps and i8_gbps * 1e9 / read_bw, '.2f')} | "
+                f"{fmt(f8, '.1f')} | {fmt(f8_gbps)} | {fmt(f8_gbps and f8_gbps * 1e9 / read_bw, '.2f')} | "
+                f"{fmt(f8 and r['ours_dev_us'] / f8, '.2f')} | "
                 f"{fmt(r.get('ragged_dot_dev_us'), '.1f')} | {fmt(r.get('mgpu_dev_us'), '.1f')} |"
             )
     failed = [r for r in rows if "ours_ms" not in r]
@@ -726,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (runs on CPU)")
     ap.add_argument("--only", default="", help="substring filter on shape names")
     ap.add_argument("--json", default="", help="also write every row here")
+    ap.add_argument("--no-fp8", action="store_true", help="skip the float8 rows")
     ap.add_argument(
         "--budget", type=float, default=240.0, help="seconds: start no new shape after this (the tables print what ran)"
     )
@@ -755,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
         tune_small()
         log(f"[{time.perf_counter() - t_start:.0f} s] tune-small done")
     rows: list[dict] = []
-    rhs = rhs_int8 = scale = None
+    rhs = rhs_int8 = scale = rhs_fp8 = None
     shape = None
     for p in problems(args.quick, args.smoke, args.full):
         if args.only and args.only not in p.name:
@@ -765,13 +845,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             if shape != (p.g, p.k, p.n):
-                rhs = rhs_int8 = scale = None
+                rhs = rhs_int8 = scale = rhs_fp8 = None
                 shape = (p.g, p.k, p.n)
                 rhs = random_weights(*shape)
+                rhs_fp8 = fp8_weights(rhs) if not args.no_fp8 else None
             if p.decode and rhs_int8 is None:
                 rhs_int8 = random_weights(*shape, key=7, dtype=jnp.int8)
                 scale = jax.random.uniform(jax.random.key(8), (p.g, 1, p.n), jnp.float32, 0.005, 0.02)
-            row = run_problem(p, rhs, rhs_int8, scale, args)
+            row = run_problem(p, rhs, rhs_int8, scale, args, rhs_fp8)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             row = dict(shape=p.name, m=p.m, dist=p.dist, FAIL=short(e))
@@ -784,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(
                 json.dumps(dict(read_bw=args.read_bw, peak=args.peak_flops, rows=rows), indent=1)
             )
-    rhs = rhs_int8 = None
+    rhs = rhs_int8 = rhs_fp8 = None
     print_tables(rows, args.read_bw, args.peak_flops)
     if args.tune:
         sweep(args, time.perf_counter() + args.tune_budget)

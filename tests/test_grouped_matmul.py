@@ -106,6 +106,81 @@ def test_pallas_interpret_matches_reference(name, order, monkeypatch):
     np.testing.assert_array_equal(np.asarray(out[past:]), 0.0)  # rows past the groups are exactly zero
 
 
+def _fp8_weights(g, k, n, block, transpose, seed):
+    from vishwam_jax.quantization import quantize
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((g, n, k) if transpose else (g, k, n)).astype(np.float32)
+    values, scale = quantize(w, "fp8", (1, 1), block, xp=np)
+    return jnp.asarray(values), jnp.asarray(scale)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("config", [TINY, TINY_ALIGNED, None], ids=["tiny", "tiny_aligned", "default"])
+def test_block_scaled_fp8_kernel_interpret(transpose, config):
+    """The fp8 kernel (interpret mode) on awkward shapes: partial edge blocks on both sides, uneven and
+    empty groups, rows past the groups; weight-only against the reference on the same float8 weights,
+    and float8 activations (1 x b_k tiles) against the dequantized product."""
+    from vishwam_jax.quantization import quantize
+
+    for (m, k, n, sizes), block in (
+        (SHAPES["uneven_empty_first_last_short_sum"], (32, 16)),
+        ((45, 70, 33, [9, 1, 16, 2, 17]), (16, 32)),
+    ):
+        values, scale = _fp8_weights(len(sizes), k, n, block, transpose, seed=m)
+        lhs = jnp.asarray(np.random.default_rng(k).standard_normal((m, k)), jnp.float32)
+        gs = jnp.asarray(sizes, jnp.int32)
+        want = grouped_matmul.gmm_reference(
+            lhs, values, gs, transpose_rhs=transpose, rhs_scale=scale, rhs_scale_block=block
+        )
+        got = _gmm_gpu.gmm_block_scaled(
+            lhs, values, gs, scale, block=block, transpose_rhs=transpose, config=config, interpret=True
+        )
+        assert rel_err(got, want) < 1e-5
+        np.testing.assert_array_equal(np.asarray(got[sum(sizes) :]), 0.0)
+        block_k = block[1] if transpose else block[0]
+        lhs8, lhs_scale = quantize(lhs, "fp8", (1, 1), (1, block_k))
+        want8 = grouped_matmul.gmm_fp8(
+            lhs8, lhs_scale, values, scale, gs, rhs_scale_block=block, transpose_rhs=transpose,
+            implementation="reference",
+        )  # fmt: skip
+        got8 = _gmm_gpu.gmm_block_scaled(
+            lhs8, values, gs, scale, block=block, lhs_scale=lhs_scale, transpose_rhs=transpose, config=config,
+            out_dtype=jnp.float32, interpret=True,
+        )  # fmt: skip
+        assert rel_err(got8, want8) < 1e-5
+        assert rel_err(want8, want) < 0.1  # float8 activations: near the weight-only product
+        for impl in ("xla", "pallas_interpret"):  # the public entry point on the other backends
+            alt = grouped_matmul.gmm_fp8(
+                lhs8, lhs_scale, values, scale, gs, rhs_scale_block=block, transpose_rhs=transpose,
+                implementation=impl,
+            )  # fmt: skip
+            assert rel_err(alt, want8) < 1e-5, impl
+
+
+def test_block_scaled_gradient_and_config():
+    """The lhs gradient of fp8 weights runs the transposed block-scaled kernel; tiles never straddle
+    a scale block, whatever the regime's config."""
+    values, scale = _fp8_weights(3, 40, 24, (16, 16), False, seed=3)
+    lhs = jnp.asarray(np.random.default_rng(0).standard_normal((20, 40)), jnp.float32)
+    gs = jnp.asarray([7, 0, 11], jnp.int32)
+
+    def loss(impl):
+        return jax.grad(
+            lambda a: jnp.sum(
+                grouped_matmul.gmm(a, values, gs, rhs_scale=scale, rhs_scale_block=(16, 16), implementation=impl) ** 2
+            )
+        )(lhs)
+
+    assert rel_err(loss("pallas_interpret"), loss("reference")) < 1e-5
+    for m, g in ((1, 8), (64, 8), (8192, 8)):
+        cfg = _gmm_gpu.fit_block_scaled(_gmm_gpu.gmm_config(m, 7168, 2048, g, 2, 1), 128, 128)
+        assert 128 % cfg.bk == 0 and 128 % cfg.bn == 0
+    assert not _gmm_gpu.supports_block((100, 128)) and _gmm_gpu.supports_block((128, 128))
+    with pytest.raises(ValueError, match="power-of-two blocks"):
+        _gmm_gpu.gmm_block_scaled(lhs, values, gs, scale, block=(12, 16), interpret=True)
+
+
 def test_packed_epilogue_fits_shared_memory():
     """The int16-pair epilogue's two exact products hold 4·bn·(bm + bn) bytes of shared memory:
     bm=128, bn=256 asked for 384 KiB on an H200 (launch failure); bn is narrowed to fit."""

@@ -77,10 +77,13 @@ def test_formats_error_bounds_and_partial_blocks():
         quantize(w, "int4", (1, 1))
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_linear_is_the_float_linear_on_the_dequantized_weight(fmt):
+@pytest.mark.parametrize("fmt, impl", [("int8", "xla"), ("fp8", "xla"), ("fp8", "pallas_interpret")])
+def test_linear_is_the_float_linear_on_the_dequantized_weight(fmt, impl, monkeypatch):
     """Every way a Linear is contracted, including MLA's absorbed W_k_b (contracting the axis its
-    int8 scale varies along, so the weight is dequantized rather than the output scaled)."""
+    int8 scale varies along, so the weight is dequantized rather than the output scaled). With the
+    GPU kernel's backend (interpret mode), fp8 products that are one matmul over the weight's
+    contracted dimensions read the float8 weight through the block-scaled kernel."""
+    monkeypatch.setenv("VISHWAM_GMM_IMPL", impl)
     rng = np.random.default_rng(1)
     w = rng.standard_normal((24, 4, 40)).astype(np.float32)  # [r, h, nope] as wk_b
     values, scale = quantize(w, fmt, (1, 2), (16, 16), xp=np)

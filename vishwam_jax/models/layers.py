@@ -103,19 +103,10 @@ def _contract(spec: str, x: Array, w: Array, preferred_element_type=None, matmul
     multiply that writes a weight-sized temporary and a reduce over it (3x the weight's bytes; a
     fifth of gemma-2b's batch-1 decode step on an H100); a 2-D dot stays a GEMM that reads the weight
     once. `matmul(rows, w2d)`: what computes the 2-D product instead of jnp.dot (FP8 training)."""
-    inputs, out = spec.split("->")
-    lhs, rhs = inputs.split(",")
-    contracted = "".join(a for a in rhs if a not in out)
-    n_c, prefix = len(contracted), lhs[: len(lhs) - len(contracted)]
-    if (
-        "." in spec
-        or not contracted
-        or not rhs.startswith(contracted)
-        or not lhs.endswith(contracted)
-        or out != prefix + rhs[n_c:]
-        or set(prefix) & set(rhs)
-    ):
+    n_c = _matrix_contraction(spec)
+    if n_c is None:
         return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+    prefix = spec.split(",")[0][: x.ndim - n_c]
     k = math.prod(w.shape[:n_c])
     rows = x.reshape(-1, k)
     if matmul is not None:
@@ -131,6 +122,40 @@ def _contract(spec: str, x: Array, w: Array, preferred_element_type=None, matmul
     return y.reshape(x.shape[: len(prefix)] + w.shape[n_c:])
 
 
+def _matrix_contraction(spec: str) -> int | None:
+    """How many of w's leading axes the einsum contracts, if it is one 2-D matmul (see `_contract`)."""
+    inputs, out = spec.split("->")
+    lhs, rhs = inputs.split(",")
+    contracted = "".join(a for a in rhs if a not in out)
+    n_c, prefix = len(contracted), lhs[: len(lhs) - len(contracted)]
+    if (
+        "." in spec
+        or not contracted
+        or not rhs.startswith(contracted)
+        or not lhs.endswith(contracted)
+        or out != prefix + rhs[n_c:]
+        or set(prefix) & set(rhs)
+    ):
+        return None
+    return n_c
+
+
+def _block_scaled_matmul(w: QuantizedWeight):
+    """The 2-D product of rows and the fp8 block-scaled `w`, by the grouped-matmul kernel with one
+    group: it reads the float8 bytes as they are. `_contract` hands it `w.values` as the [K, N]
+    matrix that the blocks are laid over."""
+    from vishwam_jax.pallas_kernels import grouped_matmul  # local: kernels import nothing from models
+
+    def matmul(rows: Array, values: Array) -> Array:
+        one_group = jnp.full((1,), rows.shape[0], jnp.int32)
+        return grouped_matmul.gmm(
+            rows, jax.lax.stop_gradient(values)[None], one_group,
+            rhs_scale=jax.lax.stop_gradient(w.scale)[None], rhs_scale_block=w.block,
+        )  # fmt: skip
+
+    return matmul
+
+
 def _without_ellipsis(spec: str, ndim: int) -> str:
     """`spec` with "..." spelled out as letters for x's leading axes ("...d,df->...f" -> "Ad,df->Af")."""
     if "..." not in spec:
@@ -138,6 +163,18 @@ def _without_ellipsis(spec: str, ndim: int) -> str:
     lhs = spec.split(",")[0]
     free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in spec]
     return spec.replace("...", "".join(free[: ndim - (len(lhs) - 3)]))
+
+
+def _fp8_kernel_contracts(spec: str, ndim: int, w: QuantizedWeight) -> bool:
+    """Whether the grouped-matmul kernel takes this fp8 product as it is stored: on a backend with a
+    block-scaled kernel, an einsum that is one 2-D matmul over exactly the weight's contracted
+    dimensions (its blocks are laid over that [K, N] matrix)."""
+    from vishwam_jax.pallas_kernels import grouped_matmul
+
+    return (
+        grouped_matmul.has_block_scaled_kernel(w.block)
+        and _matrix_contraction(_without_ellipsis(spec, ndim)) == w.dims[0]
+    )
 
 
 def linear(x: Array, w: Array | QuantizedWeight, spec: str) -> Array:
@@ -155,6 +192,8 @@ def linear(x: Array, w: Array | QuantizedWeight, spec: str) -> Array:
     inputs, out_axes = spec.split("->")
     w_axes = inputs.split(",")[1]
     contracted = tuple(i for i, a in enumerate(w_axes) if a not in out_axes)
+    if w.format == "fp8" and len(w.shape) == sum(w.dims) and _fp8_kernel_contracts(spec, x.ndim, w):
+        return _contract(_without_ellipsis(spec, x.ndim), x, w.values, matmul=_block_scaled_matmul(w))
     if not w.scales_outputs_only(contracted):
         return linear(x, w.dequantize(x.dtype), spec)
     out = _contract(spec, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)

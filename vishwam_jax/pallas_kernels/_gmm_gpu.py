@@ -227,8 +227,13 @@ def _gmm_kernel(
     has_scale: bool,
     compute_dtype,
     packed: bool = False,
+    block: tuple[int, int] | None = None,
+    has_lhs_scale: bool = False,
 ):
-    if has_scale:
+    scale_ref = lhs_scale_ref = None
+    if has_scale and has_lhs_scale:
+        scale_ref, lhs_scale_ref, out_ref = rest
+    elif has_scale:
         scale_ref, out_ref = rest
     else:
         (out_ref,) = rest
@@ -251,6 +256,13 @@ def _gmm_kernel(
 
     @pl.when(live & (group < num_groups))
     def _compute():
+        if block is not None:
+            acc = _gmm_k_loop_block_scaled(
+                lhs_ref, rhs_ref, scale_ref, lhs_scale_ref, group, row0, col0, rows,
+                m=m, k=k, n=n, cfg=cfg, transpose_rhs=transpose_rhs, block=block, compute_dtype=compute_dtype,
+            )  # fmt: skip
+            plgpu.store(out_block, acc.astype(out_ref.dtype), mask=store_mask)
+            return
         loop = _gmm_k_loop_packed if packed else _gmm_k_loop
         acc = loop(
             lhs_ref,
@@ -298,6 +310,53 @@ def _gmm_k_loop(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k, n, cfg
         return acc + lax.dot_general(
             a.astype(compute_dtype), b.astype(compute_dtype), dims, preferred_element_type=jnp.float32
         )
+
+    return lax.fori_loop(0, pl.cdiv(k, bk), body, jnp.zeros((bm, bn), jnp.float32))
+
+
+def _gmm_k_loop_block_scaled(
+    lhs_ref, rhs_ref, scale_ref, lhs_scale_ref, group, row0, col0, rows, *, m, k, n, cfg, transpose_rhs, block,
+    compute_dtype,
+):  # fmt: skip
+    """Float8 weights in b0 x b1 blocks (DeepSeek-V3's `weight_scale_inv`, over rhs as stored).
+
+    The block config divides the blocks (`fit_block_scaled`), so every [bk, bn] weight tile lies in one
+    block and its scale is one number: each K step's float32 partial product is scaled once and
+    accumulated, the "promotion" of DeepSeek's FP8 GEMMs. Weight-only (`lhs_scale_ref` None): the
+    tile is widened to the activation dtype in registers, so the weights cross HBM at one byte each.
+    With `lhs_scale_ref` ([ceil(k/b_k), m]: lhs in 1 x b_k tiles along K) both operands stay float8
+    and the product runs on the FP8 tensor cores.
+    """
+    bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
+    block_k, block_n = (block[1], block[0]) if transpose_rhs else block
+    n_blk = col0 // block_n
+    row_ok = rows < m  # [bm, 1]
+    row_ok_1d = row0 + lax.broadcasted_iota(jnp.int32, (bm,), 0) < m
+    n_ok_row = col0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1) < n
+
+    def body(i, acc):
+        k0 = i * bk
+        k_blk = k0 // block_k
+        kk_row = k0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        a = plgpu.load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=row_ok & (kk_row < k), other=0)
+        if transpose_rhs:  # rhs block [bn, bk]; blocks [n / b0, k / b1]
+            n_ok = col0 + lax.broadcasted_iota(jnp.int32, (bn, 1), 0) < n
+            b = plgpu.load(rhs_ref.at[group, pl.ds(col0, bn), pl.ds(k0, bk)], mask=n_ok & (kk_row < k), other=0)
+            w_scale = scale_ref[group, n_blk, k_blk]
+            dims = (((1,), (1,)), ((), ()))
+        else:  # rhs block [bk, bn]; blocks [k / b0, n / b1]
+            kk_col = k0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+            b = plgpu.load(rhs_ref.at[group, pl.ds(k0, bk), pl.ds(col0, bn)], mask=(kk_col < k) & n_ok_row, other=0)
+            w_scale = scale_ref[group, k_blk, n_blk]
+            dims = (((1,), (0,)), ((), ()))
+        if lhs_scale_ref is None:
+            partial = lax.dot_general(
+                a.astype(compute_dtype), b.astype(compute_dtype), dims, preferred_element_type=jnp.float32
+            )
+            return acc + partial * w_scale
+        partial = lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+        a_scale = plgpu.load(lhs_scale_ref.at[k_blk, pl.ds(row0, bm)], mask=row_ok_1d, other=0.0)
+        return acc + partial * (a_scale[:, None] * w_scale)
 
     return lax.fori_loop(0, pl.cdiv(k, bk), body, jnp.zeros((bm, bn), jnp.float32))
 
@@ -423,6 +482,78 @@ def gmm(
         compiler_params=_compiler_params(cfg),
         interpret=interpret,
         name="vishwam_gmm",
+    )(*operands)
+
+
+def supports_block(block: tuple[int, int]) -> bool:
+    """Blocks the block-scaled kernel takes: powers of two of at least 16 (DeepSeek's 128 x 128)."""
+    return all(b >= 16 and b & (b - 1) == 0 for b in block)
+
+
+def fit_block_scaled(cfg: BlockConfig, block_k: int, block_n: int) -> BlockConfig:
+    """Tiles that divide the scale blocks (K steps of at most b_k, N blocks of at most b_n; both powers
+    of two), so that every weight tile has one scale."""
+    return dataclasses.replace(cfg, bk=min(cfg.bk, block_k), bn=min(cfg.bn, block_n))
+
+
+def gmm_block_scaled(
+    lhs: Array,  # [m, k]: float (weight-only), or float8 e4m3 with lhs_scale
+    rhs: Array,  # [g, k, n], or [g, n, k] when transpose_rhs; float8 e4m3
+    group_sizes: Int[Array, " g"],
+    rhs_scale: Float[Array, "g rb cb"],
+    *,
+    block: tuple[int, int],
+    lhs_scale: Float[Array, "m kb"] | None = None,
+    transpose_rhs: bool = False,
+    out_dtype=None,
+    config: BlockConfig | None = None,
+    interpret: bool = False,
+) -> Float[Array, "m n"]:
+    """`gmm` with float8 weights and one float32 scale per `block` of each group's matrix as stored.
+
+    lhs_scale: float32 [m, ceil(k / b_k)], lhs being float8 in 1 x b_k tiles along K (b_k: the block's
+    K side); then both operands meet on the FP8 tensor cores. Without it lhs is bf16/float32 and only
+    the weights are float8 (decode). Accumulation is float32, one scale product per K block."""
+    m, k = lhs.shape
+    g = rhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    out_dtype = jnp.dtype(out_dtype or (jnp.bfloat16 if lhs_scale is not None else lhs.dtype))
+    if not supports_block(block):
+        raise ValueError(f"block-scaled gmm takes power-of-two blocks of at least 16, not {block}")
+    if m == 0 or n == 0:
+        return jnp.zeros((m, n), out_dtype)
+    block_k, block_n = (block[1], block[0]) if transpose_rhs else block
+    lhs_itemsize = jnp.dtype(lhs.dtype).itemsize
+    cfg = fit_block_scaled(config or gmm_config(m, k, n, g, lhs_itemsize, 1), block_k, block_n)
+    cfg = _fit_smem(cfg, lhs_itemsize, 1)
+    compute_dtype = lhs.dtype if lhs_scale is None else None
+    meta = work_item_rows(group_sizes, m, cfg)
+    n_items = max_work_items(m, g, cfg.bm, cfg.group_aligned)
+    grid = (pl.cdiv(n_items, cfg.band) * cfg.band * pl.cdiv(n, cfg.bn),)
+    kernel = functools.partial(
+        _gmm_kernel,
+        m=m,
+        k=k,
+        n=n,
+        num_groups=g,
+        cfg=cfg,
+        transpose_rhs=transpose_rhs,
+        has_scale=True,
+        compute_dtype=compute_dtype,
+        block=block,
+        has_lhs_scale=lhs_scale is not None,
+    )
+    operands = (*meta, lhs, rhs, rhs_scale.astype(jnp.float32))
+    if lhs_scale is not None:
+        # Transposed so that a K step reads its row tile's scales contiguously.
+        operands += (lhs_scale.astype(jnp.float32).T,)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=grid,
+        compiler_params=_compiler_params(cfg),
+        interpret=interpret,
+        name="vishwam_gmm_fp8" if lhs_scale is not None else "vishwam_gmm_fp8_weights",
     )(*operands)
 
 

@@ -6,6 +6,7 @@ Rows of `lhs` are sorted by group; group g (group_sizes[g] rows, possibly zero) 
     out = gmm(lhs, rhs, group_sizes)                          # [m, k] x [g, k, n] -> [m, n]
     out = gmm(lhs, w_int8, group_sizes, rhs_scale=scale)      # weight-only int8, scale [g, 1, n]
     out = gmm(lhs, w_fp8, group_sizes, rhs_scale=blocks, rhs_scale_block=(128, 128))  # fp8, [g, k/128, n/128]
+    out = gmm_fp8(x8, x_scale, w_fp8, blocks, group_sizes)    # float8 x in 1 x 128 tiles, float32 out
     dw = tgmm(lhs, grad, group_sizes, num_groups=g)           # [g, k, n]: lhs_g^T @ grad_g
 
 Backends (`implementation=`): "pallas_gpu" (Triton lowering), "pallas_tpu" (Mosaic, megablox-style),
@@ -21,9 +22,12 @@ Quantized weights (vishwam_jax/quantization) compute exactly `lhs @ dequantized(
   without ever writing a dequantised copy of the weights (every backend).
 - fp8 (float8 e4m3) with float32 block scales `rhs_scale` [g, ceil(r/b0), ceil(c/b1)] over the
   last two dimensions of rhs *as stored* ([k, n], or [n, k] with transpose_rhs), DeepSeek-V3's
-  layout: the reference dequantizes each group's matrix in float32; the other backends take the
-  weights dequantized to the activation dtype by XLA (one fused pass) until an FP8 tensor-core
-  kernel takes (rhs, rhs_scale, block) as they are, in `_gmm_forward`'s block-scaled branch.
+  layout: the reference dequantizes each group's matrix in float32; the GPU kernel
+  (`_gmm_gpu.gmm_block_scaled`) reads the float8 bytes and scales each K block's float32 partial
+  product; XLA and the TPU kernel take the weights dequantized to the activation dtype (one fused
+  pass).
+- `gmm_fp8`: both operands float8 (lhs in 1 x 128 tiles along K), for FP8 training and prefill:
+  Hopper's FP8 tensor cores in the GPU kernel, dequantized float32 products elsewhere.
 """
 
 from __future__ import annotations
@@ -53,6 +57,12 @@ def resolve_implementation(implementation: str | None = None) -> str:
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown grouped-matmul implementation {impl!r}; expected one of {IMPLEMENTATIONS}")
     return impl
+
+
+def has_block_scaled_kernel(block: tuple[int, int]) -> bool:
+    """Whether the backend in use multiplies float8 weights in `block`s as stored (the GPU kernel,
+    also in interpret mode), rather than dequantizing them first."""
+    return resolve_implementation() in ("pallas_gpu", "pallas_interpret") and _gmm_gpu.supports_block(block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,9 +195,12 @@ def _gmm_forward(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl, b
             preferred_element_type=out_dtype,
         )  # fmt: skip
     if block is not None:
-        # Where an FP8 tensor-core kernel goes: it takes (rhs, scale, block) as they are. Until then the
-        # weights are dequantized to the activation dtype (XLA: one fused elementwise pass) for the
-        # float kernels below.
+        if impl in ("pallas_gpu", "pallas_interpret") and _gmm_gpu.supports_block(block):
+            return _gmm_gpu.gmm_block_scaled(
+                lhs, rhs, group_sizes, scale, block=block, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
+                interpret=impl == "pallas_interpret",
+            )  # fmt: skip
+        # XLA and the TPU kernel take the weights dequantized to the activation dtype (one fused pass).
         rhs, scale = _dequantized(rhs, scale, block, lhs.dtype), None
     if impl == "xla":
         return _gmm_xla(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype)
@@ -319,3 +332,46 @@ def tgmm(
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     impl = resolve_implementation(implementation)
     return _tgmm_forward(lhs, grad, group_sizes.astype(jnp.int32), g, out_dtype, impl)
+
+
+def gmm_fp8(
+    lhs: Array,
+    lhs_scale: Float[Array, "m kb"],
+    rhs: Array,
+    rhs_scale: Float[Array, "g rb cb"],
+    group_sizes: Int[Array, " g"],
+    *,
+    rhs_scale_block: tuple[int, int] = (128, 128),
+    transpose_rhs: bool = False,
+    preferred_element_type=jnp.float32,
+    implementation: str | None = None,
+) -> Float[Array, "m n"]:
+    """`gmm` of two float8 operands (no autodiff: FP8 training's custom rules call it).
+
+    lhs [m, k] float8 with lhs_scale [m, ceil(k / b_k)]: one scale per row and b_k columns, b_k being
+    the weight block's K side; rhs and rhs_scale as `gmm`'s block-scaled weights. The GPU kernel
+    multiplies the float8 tiles on the tensor cores and scales each K block's float32 partial sum by
+    both scales; the other backends dequantize both operands to float32 and multiply those (the same
+    products, the reference)."""
+    _check(lhs, rhs, group_sizes, transpose_rhs, rhs_scale)
+    block = (int(rhs_scale_block[0]), int(rhs_scale_block[1]))
+    scale = _block_scales(rhs_scale, rhs, block)
+    block_k = block[1] if transpose_rhs else block[0]
+    m, k = lhs.shape
+    if tuple(lhs_scale.shape) != (m, -(-k // block_k)):
+        raise ValueError(f"lhs_scale of shape {lhs_scale.shape} is not 1 x {block_k} tiles of lhs {lhs.shape}")
+    out_dtype = jnp.dtype(preferred_element_type)
+    impl = resolve_implementation(implementation)
+    group_sizes = group_sizes.astype(jnp.int32)
+    if impl in ("pallas_gpu", "pallas_interpret") and _gmm_gpu.supports_block(block):
+        return _gmm_gpu.gmm_block_scaled(
+            lhs, rhs, group_sizes, scale, block=block, lhs_scale=lhs_scale, transpose_rhs=transpose_rhs,
+            out_dtype=out_dtype, interpret=impl == "pallas_interpret",
+        )  # fmt: skip
+    x = dequantize(lhs, lhs_scale, "fp8", (1, 1), (1, block_k), jnp.float32)
+    w = _dequantized(rhs, scale, block, jnp.float32)
+    if rhs.shape[0] == 1 and impl != "reference":  # one group (a dense layer): a plain matmul
+        w = w[0].T if transpose_rhs else w[0]
+        rows = jnp.arange(m) < group_sizes[0]
+        return jnp.where(rows[:, None], jnp.dot(x, w, preferred_element_type=jnp.float32), 0).astype(out_dtype)
+    return _gmm_forward(x, w, group_sizes, None, transpose_rhs, out_dtype, impl)

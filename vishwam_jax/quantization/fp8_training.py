@@ -12,10 +12,13 @@ A tile's scale is its amax / 448 (e4m3's largest finite value), so one outlier c
 within its own 128 values; master weights, optimizer state, norms, attention scores, the router and
 the output head stay in float32 / the compute dtype.
 
-The operands here are quantized to e4m3 and dequantized again (the values an FP8 GEMM multiplies),
-and the product runs in float32: the numerics of the recipe on any backend, for convergence studies
-and tests. It is not faster than bf16; that takes a kernel feeding the tiles to Hopper's FP8 tensor
-cores, which this module's functions are the reference for.
+The forward and dgrad GEMMs are `grouped_matmul.gmm_fp8` (one group for a dense layer): on a GPU the
+Pallas kernel feeds the float8 tiles to Hopper's FP8 tensor cores and scales each 128-wide K block's
+float32 partial sum; elsewhere both operands are dequantized and multiplied in float32 (the same
+products). The wgrad multiplies the token-tiled values after dequantizing them to the compute
+dtype: an e4m3 value times its float32 scale loses at most 2^-9 of itself in bf16, far below the
+e4m3 rounding (2^-4), and the product then runs on the bf16 tensor cores (a float8 wgrad needs a
+kernel whose scales run along the contracted axis; not written yet).
 
 `fp8_matmuls()` turns it on while a model is traced (`StepConfig.fp8`, `scripts/train.py --fp8`);
 `layers.linear` and `moe.grouped_linear` consult `fp8_active()`.
@@ -70,10 +73,31 @@ def _dot(a: Array, b: Array) -> Float[Array, "m n"]:
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
+def _gmm_fp8(x, w, group_sizes, transpose_w: bool = False) -> Float[Array, "m n"]:
+    """x (1 x 128 tiles along its last axis) times w [g, a, b] (128 x 128 blocks of each matrix as
+    stored; transpose_w: times w[g]^T), both float8, float32 out."""
+    from vishwam_jax.pallas_kernels import grouped_matmul  # local: kernels import nothing from here
+
+    x8, x_scale = quantize(x, "fp8", (1, 1), ACTIVATION_TILE)
+    w8, w_scale = quantize(w, "fp8", (1, 1), WEIGHT_BLOCK)
+    return grouped_matmul.gmm_fp8(
+        x8, x_scale, w8, w_scale, group_sizes, rhs_scale_block=WEIGHT_BLOCK, transpose_rhs=transpose_w
+    )
+
+
+def _token_tiled(a: Array) -> Array:
+    """`a` in 128 x 1 tiles (along the rows, the wgrad's contracted axis), in the compute dtype."""
+    return as_fp8(a, TOKEN_TILE).astype(a.dtype)
+
+
+def _one_group(x: Array) -> Int[Array, "1"]:
+    return jnp.full((1,), x.shape[0], jnp.int32)
+
+
 @jax.custom_vjp
 def fp8_matmul(x: Float[Array, "m k"], w: Float[Array, "k n"]) -> Float[Array, "m n"]:
     """x @ w with FP8 operands (the recipe above), in x's dtype; gradients by the same recipe."""
-    return _dot(as_fp8(x, ACTIVATION_TILE), as_fp8(w, WEIGHT_BLOCK)).astype(x.dtype)
+    return _gmm_fp8(x, w[None], _one_group(x)).astype(x.dtype)
 
 
 def _fp8_matmul_fwd(x, w):
@@ -82,8 +106,8 @@ def _fp8_matmul_fwd(x, w):
 
 def _fp8_matmul_bwd(residuals, dy):
     x, w = residuals
-    dx = _dot(as_fp8(dy, ACTIVATION_TILE), as_fp8(w, WEIGHT_BLOCK).T)
-    dw = _dot(as_fp8(x, TOKEN_TILE).T, as_fp8(dy, TOKEN_TILE))
+    dx = _gmm_fp8(dy, w[None], _one_group(x), transpose_w=True)
+    dw = _dot(_token_tiled(x).T, _token_tiled(dy))
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -96,10 +120,7 @@ def fp8_grouped_matmul(
 ) -> Float[Array, "m b"]:
     """Rows of `x` sorted by group times each group's `w[g]`, FP8 as `fp8_matmul` (each expert's
     matrix in its own 128 x 128 blocks)."""
-    from vishwam_jax.pallas_kernels import grouped_matmul  # local: kernels import nothing from here
-
-    x8, w8 = as_fp8(x, ACTIVATION_TILE), as_fp8(w, WEIGHT_BLOCK)
-    return grouped_matmul.gmm(x8, w8, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+    return _gmm_fp8(x, w, group_sizes).astype(x.dtype)
 
 
 def _fp8_grouped_fwd(x, w, group_sizes):
@@ -110,18 +131,10 @@ def _fp8_grouped_bwd(residuals, dy):
     from vishwam_jax.pallas_kernels import grouped_matmul
 
     x, w, group_sizes = residuals
-    dx = grouped_matmul.gmm(
-        as_fp8(dy, ACTIVATION_TILE),
-        as_fp8(w, WEIGHT_BLOCK),
-        group_sizes,
-        transpose_rhs=True,
-        preferred_element_type=jnp.float32,
-    )
+    dx = _gmm_fp8(dy, w, group_sizes, transpose_w=True)
     # The token tiles run over the sorted rows, so a tile may span two experts' rows (a kernel would
     # start a tile at each group boundary); its scale is then shared by the two.
-    dw = grouped_matmul.tgmm(
-        as_fp8(x, TOKEN_TILE), as_fp8(dy, TOKEN_TILE), group_sizes, preferred_element_type=jnp.float32
-    )
+    dw = grouped_matmul.tgmm(_token_tiled(x), _token_tiled(dy), group_sizes, preferred_element_type=jnp.float32)
     return dx.astype(x.dtype), dw.astype(w.dtype), None
 
 

@@ -24,7 +24,8 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from vishwam_jax import models
 from vishwam_jax.models.layers import Linear
-from vishwam_jax.presets import get_config
+from vishwam_jax.presets import get_config, replace
+from vishwam_jax.quantization import SCALE_NAME
 from vishwam_jax.sharding import AXES, logical_axes, param_specs
 
 GB = 1e9
@@ -61,6 +62,9 @@ class Layout:
     capacity_factor: float | None = 2.0  # MoE exchange buffers: c × routed rows; None: capacity-free (c = ep)
     # serving
     weight_bytes: int = 2  # 1: weight-only int8 (per-output-channel f32 scales), 2: bf16
+    # "fp8": the model's own quantized parameter state (float8 e4m3 matrices with float32 128 x 128
+    # block scales; embeddings, norms, routers and DeepSeek's lm_head stay bf16), bytes leaf by leaf.
+    quantization: str = "none"
     decode_batches: tuple = (1, 8, 64)
     cache_len: int = 4096
     prefill_tokens: int = 8192
@@ -123,6 +127,8 @@ class ParamStats:
     per_device_gathered: float = 0  # parameters one device sees after the FSDP all-gathers
     largest_layer_gathered: float = 0  # the same, for the largest single layer (the all-gather working set)
     int8_scales: float = 0  # f32 scales per device if matrices are int8
+    bytes_per_device: float = 0  # bytes one device holds, each leaf in its own dtype (quantized layouts)
+    expert_bytes: float = 0  # bytes of all routed experts (values and scales), unsharded
 
 
 def param_stats(config, layout: Layout) -> ParamStats:
@@ -145,6 +151,12 @@ def param_stats(config, layout: Layout) -> ParamStats:
     for (keypath, leaf), spec, leaf_names in zip(flat, flat_specs, flat_names):
         path = _path(keypath)
         n = leaf.size
+        nbytes = n * leaf.dtype.itemsize
+        if "experts" in leaf_names:
+            st.expert_bytes += nbytes
+        if path[-1] == SCALE_NAME:  # a quantized kernel's scales: bytes, not parameters
+            st.bytes_per_device += nbytes / _split(spec, leaf.ndim, sizes)
+            continue
         st.total += n
         if "experts" in leaf_names:
             st.expert += n
@@ -156,6 +168,7 @@ def param_stats(config, layout: Layout) -> ParamStats:
             if logical not in fsdp_dims:
                 gathered_split *= s
         st.per_device += n / split
+        st.bytes_per_device += nbytes / split
         st.per_device_gathered += n / gathered_split
         if leaf_names[:1] == ("layers",):  # one slice of a scanned stack is one layer (or one MTP depth)
             per_layer[path[0]] = per_layer.get(path[0], 0) + n / gathered_split / leaf.shape[0]
@@ -163,6 +176,15 @@ def param_stats(config, layout: Layout) -> ParamStats:
             st.int8_scales += 4 * n / fan_ins[path] / split
     st.largest_layer_gathered = max(per_layer.values())
     return st
+
+
+def _split(spec: PartitionSpec, ndim: int, sizes: dict) -> int:
+    """How many ways a leaf with this spec is split over the mesh."""
+    split = 1
+    for dim_axes in tuple(spec) + (None,) * (ndim - len(spec)):
+        axes = () if dim_axes is None else (dim_axes,) if isinstance(dim_axes, str) else tuple(dim_axes)
+        split *= math.prod(sizes[a] for a in axes)
+    return split
 
 
 def active_params(config, st: ParamStats) -> float:
@@ -318,6 +340,8 @@ def train_table(layout: Layout) -> str:
 # -- serving -----------------------------------------------------------------------------------------
 def serve_table(layout: Layout) -> str:
     config = get_config(layout.preset)
+    if layout.quantization != "none":
+        config = replace(config, quantization=layout.quantization)
     st = param_stats(config, layout)
     n_dev, m = layout.devices, layout.mesh
     d, k = config.d_model, top_k(config)
@@ -326,11 +350,17 @@ def serve_table(layout: Layout) -> str:
         m.get("data", 1) * m.get("fsdp", 1) * ep
     )  # the batch axes of the rules (attention is data-parallel over them)
     kv_split = tp if config.family != "deepseek_v3" else 1  # MLA's latent cache has no head axis
-    weights = layout.weight_bytes * st.per_device + (st.int8_scales if layout.weight_bytes == 1 else 0)
+    quantized = layout.quantization != "none"
+    if quantized:  # every leaf in its stored dtype
+        weights = st.bytes_per_device
+    else:
+        weights = layout.weight_bytes * st.per_device + (st.int8_scales if layout.weight_bytes == 1 else 0)
     per_tok = cache_bytes_per_token(config)
     rows = []
     add = lambda what, value, how: rows.append(f"| {what} | {value} | {how} |")
     fmt = "int8 (weight-only, f32 per-output-channel scales)" if layout.weight_bytes == 1 else "bf16"
+    if layout.quantization == "fp8":
+        fmt = "fp8 e4m3, f32 128×128 block scales; embeddings, norms, router, lm_head bf16"
     add(
         "parameters (total / active per token)",
         f"{st.total / 1e9:,.1f} B / {active_params(config, st) / 1e9:,.1f} B",
@@ -339,7 +369,8 @@ def serve_table(layout: Layout) -> str:
     add(
         f"weights per GPU ({fmt})",
         fmt_gb(weights),
-        f"{st.per_device / 1e9:,.2f} B params per GPU from param_specs(rules={layout.rules!r})",
+        f"{st.per_device / 1e9:,.2f} B params per GPU from param_specs(rules={layout.rules!r})"
+        + (", bytes leaf by leaf in their stored dtypes" if quantized else ""),
     )
     add("KV cache per token (all layers)", f"{per_tok / 1e3:,.1f} KB", "eval_shape of init_cache, bf16")
     for b in layout.decode_batches:
@@ -378,11 +409,15 @@ def serve_table(layout: Layout) -> str:
     layers = config.num_layers
     for b in layout.decode_batches:
         # Weight bytes read per step on the busiest GPU (the roofline of a memory-bound decode step).
-        dense_w = layout.weight_bytes * (st.per_device - st.expert / max(ep, 1) / (tp if tp > 1 else 1))
         experts_local = config.num_experts / ep
         touched = experts_local * (1 - (1 - k / config.num_experts) ** b)  # expected distinct local experts hit
-        per_expert = st.expert / config.num_experts / (tp if tp > 1 else 1)
-        read = dense_w + layout.weight_bytes * per_expert * touched
+        if quantized:
+            expert_local_bytes = st.expert_bytes / max(ep, 1) / (tp if tp > 1 else 1)
+            read = weights - expert_local_bytes + st.expert_bytes / config.num_experts / max(tp, 1) * touched
+        else:
+            dense_w = layout.weight_bytes * (st.per_device - st.expert / max(ep, 1) / (tp if tp > 1 else 1))
+            per_expert = st.expert / config.num_experts / (tp if tp > 1 else 1)
+            read = dense_w + layout.weight_bytes * per_expert * touched
         t_mem = read / layout.chip.hbm_bw
         if ep > 1:
             local_b = math.ceil(b / min(b, dp_attn))
@@ -441,6 +476,24 @@ LAYOUTS = [
         "tensor",
         "serve",
         weight_bytes=1,
+    ),
+    Layout(
+        "DeepSeek-V3 671B: serving on 8×H200 in FP8 as released (expert-parallel MoE, data-parallel attention)",
+        "deepseek-v3-671b",
+        H200,
+        {"expert": 8},
+        "tensor",
+        "serve",
+        quantization="fp8",
+        notes=(
+            "Why FP8: it is the release's own format (`convert(..., quantize=\"fp8\")` keeps its bytes and "
+            "block scales), as small as the int8 layout above, with no requantization error on top of "
+            "DeepSeek's. The block-scaled grouped-matmul kernel reads the float8 experts and dense "
+            "projections as stored, so decode reads one byte per weight; the bf16 embedding, lm_head and "
+            "norms are the difference from the int8 row's bytes. Prefill runs the same weights "
+            "weight-only (bf16 products; `gmm_fp8` puts both operands on the FP8 tensor cores at twice "
+            "the bf16 peak where activation quantization is acceptable).",
+        ),
     ),
     Layout(
         "Grok-1 314B: serving on 8×H200 (tensor-parallel, bf16)",

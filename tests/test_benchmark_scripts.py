@@ -41,10 +41,16 @@ def test_benchmark_deepseek_smoke(tmp_path):
         "auto",
         "--bandwidth-mib",
         "16",
+        "--quantize",
+        "none",
+        "fp8",
         "--json",
         str(tmp_path / "ds.json"),
     )
-    assert "[auto] batch 2: prefill" in out and "cache arrays measured" in out
+    assert "[none auto] batch 2: prefill" in out and "cache arrays measured" in out
+    assert "[fp8 auto] batch 2: prefill" in out  # the release's weight format, read by the block-scaled kernel
+    rows = json.loads((tmp_path / "ds.json").read_text())["rows"]
+    assert [r["quantization"] for r in rows] == ["none", "fp8"]
 
 
 def test_benchmark_grok_smoke_per_layer(tmp_path):
@@ -175,3 +181,11 @@ def test_benchmark_fp8_training_smoke():
         "--batch-size", "2", "--seq-len", "16",
     )  # fmt: skip
     assert "final loss fp8 / bf16" in out and out.count("\nbf16 ") == 1 and out.count("\nfp8 ") == 1
+
+
+def test_benchmark_fp8_training_time_smoke():
+    out = run(
+        "scripts/benchmark_fp8_training.py", "--time", "deepseek-v3-tiny", "--set", "num_layers=2",
+        "num_dense_layers=1", "--batch-size", "2", "--seq-len", "32", "--time-steps", "1", "--remat", "none",
+    )  # fmt: skip
+    assert "bf16: " in out and "fp8: " in out and "fp8 step speedup over bf16" in out

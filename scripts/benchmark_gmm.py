@@ -344,6 +344,12 @@ def _full_checks(smoke: bool) -> list[str]:
         )
         ref = grouped_matmul.gmm_fp8(x8, x_scale, values, blocks, gs, implementation="reference", **opts)
         check(f"gmm_fp8 (float8 activations) transpose_rhs={transpose}", got, ref, 1e-4)
+    # FP8 training's weight gradient: both operands float8 in 128 x 1 token tiles.
+    dy = jax.random.normal(next(key), (m, n), jnp.bfloat16)
+    (x8, xs), (dy8, dys) = (quantize(a, "fp8", (1, 1), (128, 1)) for a in (x, dy))
+    got = jax.jit(functools.partial(grouped_matmul.tgmm_fp8, implementation=IMPL))(x8, xs, dy8, dys, gs)
+    ref = grouped_matmul.tgmm_fp8(x8, xs, dy8, dys, gs, implementation="reference")
+    check("tgmm_fp8 (token tiles)", got, ref, 1e-4)
 
     # bf16 here; the float32 gradient checks below run the float32 forward, transposed and tgmm kernels.
     lhs = jax.random.normal(next(key), (m, k), jnp.bfloat16)

@@ -486,7 +486,7 @@ LAYOUTS = [
         "serve",
         quantization="fp8",
         notes=(
-            "Why FP8: it is the release's own format (`convert(..., quantize=\"fp8\")` keeps its bytes and "
+            'Why FP8: it is the release\'s own format (`convert(..., quantize="fp8")` keeps its bytes and '
             "block scales), as small as the int8 layout above, with no requantization error on top of "
             "DeepSeek's. The block-scaled grouped-matmul kernel reads the float8 experts and dense "
             "projections as stored, so decode reads one byte per weight; the bf16 embedding, lm_head and "

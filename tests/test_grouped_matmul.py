@@ -158,6 +158,30 @@ def test_block_scaled_fp8_kernel_interpret(transpose, config):
             assert rel_err(alt, want8) < 1e-5, impl
 
 
+@pytest.mark.parametrize("sizes", [(50, 0, 70, 30, 11), (0, 161, 0, 0, 0)])
+def test_tgmm_fp8_kernel_interpret(sizes):
+    """The float8 weight-gradient kernel (interpret mode) on 32-row token tiles that straddle group
+    boundaries, empty groups, rows past the groups, K and N not multiples of the blocks: equal to the
+    float32 product of the dequantized tiles, per group."""
+    from vishwam_jax.quantization import dequantize, quantize
+
+    m, k, n, tile = 170, 40, 24, 32
+    rng = np.random.default_rng(sum(sizes))
+    x, dy = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((m, k), (m, n)))
+    (x8, xs), (dy8, dys) = quantize(x, "fp8", (1, 1), (tile, 1)), quantize(dy, "fp8", (1, 1), (tile, 1))
+    gs = jnp.asarray(sizes, jnp.int32)
+    cfg = _gmm_gpu.BlockConfig(bm=tile, bn=16, bk=16)
+    got = _gmm_gpu.tgmm_fp8(x8, xs, dy8, dys, gs, tile=tile, config=cfg, interpret=True)
+    xd, dyd = (np.asarray(dequantize(v, sc, "fp8", (1, 1), (tile, 1), jnp.float32)) for v, sc in ((x8, xs), (dy8, dys)))
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    for gi in range(len(sizes)):
+        rows = slice(bounds[gi], bounds[gi + 1])
+        np.testing.assert_allclose(got[gi], xd[rows].T @ dyd[rows], rtol=1e-5, atol=1e-4)
+    for impl in ("xla", "reference"):
+        alt = grouped_matmul.tgmm_fp8(x8, xs, dy8, dys, gs, tile=tile, implementation=impl)
+        np.testing.assert_allclose(alt, got, rtol=1e-5, atol=1e-4)
+
+
 def test_block_scaled_gradient_and_config():
     """The lhs gradient of fp8 weights runs the transposed block-scaled kernel; tiles never straddle
     a scale block, whatever the regime's config."""

@@ -610,3 +610,76 @@ def tgmm(
         interpret=interpret,
         name="vishwam_tgmm",
     )(starts, ends, lhs, grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# tgmm of float8 operands in token tiles (FP8 training's weight gradient)
+
+
+def _tgmm_fp8_kernel(
+    starts_ref, ends_ref, lhs_ref, grad_ref, lhs_scale_ref, grad_scale_ref, out_ref, *, k, n, cfg, tile
+):  # fmt: skip
+    """One program per (group, K block, N block): the group's rows a token tile at a time. Tiles are
+    the global `tile`-row tiles the scales were computed over (a tile may straddle two groups; each
+    group masks the other's rows), so within a tile every column of lhs and of grad has one scale
+    and the tile's float32 partial product takes their outer product."""
+    bk, bn = cfg.bk, cfg.bn
+    group, k_block, n_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start, end = starts_ref[group], ends_ref[group]
+    k0, col0 = k_block * bk, n_block * bn
+    kk = k0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    cols = col0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
+    kk_1d = k0 + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+    cols_1d = col0 + lax.broadcasted_iota(jnp.int32, (bn,), 0)
+    first = start // tile
+    n_tiles = jnp.where(end > start, (end - 1) // tile - first + 1, 0)
+
+    def body(i, acc):
+        t = first + i
+        rows = t * tile + lax.broadcasted_iota(jnp.int32, (tile, 1), 0)
+        row_ok = (rows >= start) & (rows < end)
+        a = plgpu.load(lhs_ref.at[pl.ds(t * tile, tile), pl.ds(k0, bk)], mask=row_ok & (kk < k), other=0)
+        b = plgpu.load(grad_ref.at[pl.ds(t * tile, tile), pl.ds(col0, bn)], mask=row_ok & (cols < n), other=0)
+        sa = plgpu.load(lhs_scale_ref.at[t, pl.ds(k0, bk)], mask=kk_1d < k, other=0.0)
+        sb = plgpu.load(grad_scale_ref.at[t, pl.ds(col0, bn)], mask=cols_1d < n, other=0.0)
+        partial = lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return acc + partial * (sa[:, None] * sb[None, :])
+
+    acc = lax.fori_loop(0, n_tiles, body, jnp.zeros((bk, bn), jnp.float32))
+    out_mask = (k0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0) < k) & (cols < n)
+    plgpu.store(out_ref.at[group, pl.ds(k0, bk), pl.ds(col0, bn)], acc.astype(out_ref.dtype), mask=out_mask)
+
+
+def tgmm_fp8(
+    lhs: Array,  # [m, k] float8 e4m3
+    lhs_scale: Float[Array, "mt k"],  # [ceil(m / tile), k]: one scale per `tile` rows of each column
+    grad: Array,  # [m, n] float8 e4m3
+    grad_scale: Float[Array, "mt n"],
+    group_sizes: Int[Array, " g"],
+    *,
+    tile: int = 128,
+    out_dtype=jnp.float32,
+    config: BlockConfig | None = None,
+    interpret: bool = False,
+) -> Float[Array, "g k n"]:
+    """Per group lhs_g^T @ grad_g of two float8 operands quantized in `tile` x 1 token tiles (global
+    row tiles), on the FP8 tensor cores; float32 accumulation, one scale product per tile."""
+    m, k = lhs.shape
+    n = grad.shape[1]
+    g = group_sizes.shape[0]
+    if tile < 16 or tile & (tile - 1):
+        raise ValueError(f"tgmm_fp8 takes a power-of-two token tile of at least 16, not {tile}")
+    if m == 0 or k == 0 or n == 0:
+        return jnp.zeros((g, k, n), out_dtype)
+    cfg = config or BlockConfig(bm=tile, bn=128, bk=128, num_warps=8, num_stages=3)
+    cfg = dataclasses.replace(_fit(cfg, m, k, n), bm=tile)
+    starts, ends = group_bounds(group_sizes, m)
+    kernel = functools.partial(_tgmm_fp8_kernel, k=k, n=n, cfg=cfg, tile=tile)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
+        grid=(g, pl.cdiv(k, cfg.bk), pl.cdiv(n, cfg.bn)),
+        compiler_params=_compiler_params(cfg),
+        interpret=interpret,
+        name="vishwam_tgmm_fp8",
+    )(starts, ends, lhs, grad, lhs_scale.astype(jnp.float32), grad_scale.astype(jnp.float32))

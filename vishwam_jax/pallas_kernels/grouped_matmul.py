@@ -375,3 +375,39 @@ def gmm_fp8(
         rows = jnp.arange(m) < group_sizes[0]
         return jnp.where(rows[:, None], jnp.dot(x, w, preferred_element_type=jnp.float32), 0).astype(out_dtype)
     return _gmm_forward(x, w, group_sizes, None, transpose_rhs, out_dtype, impl)
+
+
+def tgmm_fp8(
+    lhs: Array,
+    lhs_scale: Float[Array, "mt k"],
+    grad: Array,
+    grad_scale: Float[Array, "mt n"],
+    group_sizes: Int[Array, " g"],
+    *,
+    tile: int = 128,
+    preferred_element_type=jnp.float32,
+    implementation: str | None = None,
+) -> Float[Array, "g k n"]:
+    """`tgmm` of two float8 operands in `tile` x 1 token tiles (scales [ceil(m / tile), columns] over
+    global row tiles): FP8 training's weight gradient. The GPU kernel runs the tiles on the FP8
+    tensor cores; the other backends dequantize both to float32 (the same products)."""
+    m = lhs.shape[0]
+    tiles = -(-m // tile)
+    if tuple(lhs_scale.shape) != (tiles, lhs.shape[1]) or tuple(grad_scale.shape) != (tiles, grad.shape[1]):
+        raise ValueError(
+            f"scales {lhs_scale.shape}, {grad_scale.shape} are not {tile} x 1 tiles of {lhs.shape}, {grad.shape}"
+        )
+    impl = resolve_implementation(implementation)
+    group_sizes = group_sizes.astype(jnp.int32)
+    out_dtype = jnp.dtype(preferred_element_type)
+    if impl in ("pallas_gpu", "pallas_interpret") and _gmm_gpu.supports_block((tile, tile)):
+        return _gmm_gpu.tgmm_fp8(
+            lhs, lhs_scale, grad, grad_scale, group_sizes, tile=tile, out_dtype=out_dtype,
+            interpret=impl == "pallas_interpret",
+        )  # fmt: skip
+    x = dequantize(lhs, lhs_scale, "fp8", (1, 1), (tile, 1), jnp.float32)
+    dy = dequantize(grad, grad_scale, "fp8", (1, 1), (tile, 1), jnp.float32)
+    if group_sizes.shape[0] == 1 and impl != "reference":  # one group (a dense layer): a plain matmul
+        rows = jnp.arange(m) < group_sizes[0]
+        return jnp.dot(jnp.where(rows[:, None], x, 0).T, dy, preferred_element_type=jnp.float32)[None].astype(out_dtype)
+    return _tgmm_forward(x, dy, group_sizes, group_sizes.shape[0], out_dtype, impl)

@@ -12,13 +12,10 @@ A tile's scale is its amax / 448 (e4m3's largest finite value), so one outlier c
 within its own 128 values; master weights, optimizer state, norms, attention scores, the router and
 the output head stay in float32 / the compute dtype.
 
-The forward and dgrad GEMMs are `grouped_matmul.gmm_fp8` (one group for a dense layer): on a GPU the
-Pallas kernel feeds the float8 tiles to Hopper's FP8 tensor cores and scales each 128-wide K block's
-float32 partial sum; elsewhere both operands are dequantized and multiplied in float32 (the same
-products). The wgrad multiplies the token-tiled values after dequantizing them to the compute
-dtype: an e4m3 value times its float32 scale loses at most 2^-9 of itself in bf16, far below the
-e4m3 rounding (2^-4), and the product then runs on the bf16 tensor cores (a float8 wgrad needs a
-kernel whose scales run along the contracted axis; not written yet).
+The GEMMs are `grouped_matmul.gmm_fp8` (forward, dgrad) and `grouped_matmul.tgmm_fp8` (wgrad), one
+group for a dense layer: on a GPU the Pallas kernels feed the float8 tiles to Hopper's FP8 tensor
+cores and scale each 128-wide block of the contracted axis's float32 partial sum; elsewhere both
+operands are dequantized and multiplied in float32 (the same products).
 
 `fp8_matmuls()` turns it on while a model is traced (`StepConfig.fp8`, `scripts/train.py --fp8`);
 `layers.linear` and `moe.grouped_linear` consult `fp8_active()`.
@@ -85,9 +82,13 @@ def _gmm_fp8(x, w, group_sizes, transpose_w: bool = False) -> Float[Array, "m n"
     )
 
 
-def _token_tiled(a: Array) -> Array:
-    """`a` in 128 x 1 tiles (along the rows, the wgrad's contracted axis), in the compute dtype."""
-    return as_fp8(a, TOKEN_TILE).astype(a.dtype)
+def _wgrad_fp8(x, dy, group_sizes) -> Float[Array, "g a b"]:
+    """Per group x_g^T @ dy_g, both float8 in 128 x 1 tiles along the rows (the contracted axis)."""
+    from vishwam_jax.pallas_kernels import grouped_matmul
+
+    x8, x_scale = quantize(x, "fp8", (1, 1), TOKEN_TILE)
+    dy8, dy_scale = quantize(dy, "fp8", (1, 1), TOKEN_TILE)
+    return grouped_matmul.tgmm_fp8(x8, x_scale, dy8, dy_scale, group_sizes, tile=TOKEN_TILE[0])
 
 
 def _one_group(x: Array) -> Int[Array, "1"]:
@@ -107,7 +108,7 @@ def _fp8_matmul_fwd(x, w):
 def _fp8_matmul_bwd(residuals, dy):
     x, w = residuals
     dx = _gmm_fp8(dy, w[None], _one_group(x), transpose_w=True)
-    dw = _dot(_token_tiled(x).T, _token_tiled(dy))
+    dw = _wgrad_fp8(x, dy, _one_group(x))[0]
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -128,13 +129,12 @@ def _fp8_grouped_fwd(x, w, group_sizes):
 
 
 def _fp8_grouped_bwd(residuals, dy):
-    from vishwam_jax.pallas_kernels import grouped_matmul
 
     x, w, group_sizes = residuals
     dx = _gmm_fp8(dy, w, group_sizes, transpose_w=True)
-    # The token tiles run over the sorted rows, so a tile may span two experts' rows (a kernel would
-    # start a tile at each group boundary); its scale is then shared by the two.
-    dw = grouped_matmul.tgmm(_token_tiled(x), _token_tiled(dy), group_sizes, preferred_element_type=jnp.float32)
+    # The token tiles run over the sorted rows, so a tile may span two experts' rows; its scale is
+    # then shared by the two (DeepSeek's kernels would start a tile at each group boundary).
+    dw = _wgrad_fp8(x, dy, group_sizes)
     return dx.astype(x.dtype), dw.astype(w.dtype), None
 
 

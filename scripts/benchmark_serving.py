@@ -96,6 +96,7 @@ def engine_config(args) -> EngineConfig:
         chunk_buckets=(chunk,),
         max_queue=max(1024, args.clients),
         lookahead=args.lookahead,
+        speculative=args.speculative,
     )
 
 
@@ -188,6 +189,9 @@ def measure_serving(model: vj.Model, args) -> dict:
             "chunk_buckets": list(config.chunk_buckets),
             "num_pages": engine.pages.num_blocks,
             "compile_s": engine.compile_s,
+            "speculative": config.speculative,
+            "accepted_draft_tokens": engine.drafts_accepted,
+            "steps": engine.steps,
         },
         "compiled_during_run": [list(c) for c in engine.compiles[len(compiled) :]],
     }
@@ -266,6 +270,9 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--lookahead", type=int, default=EngineConfig.lookahead, help="steps dispatched before one is read (0: none)"
+    )
+    ap.add_argument(
+        "--speculative", action="store_true", help="DeepSeek-V3: MTP drafts verified in each decode step (greedy)"
     )
     ap.add_argument("--client-procs", type=int, default=None, help="client processes (default: one per 16 clients)")
     ap.add_argument("--seed", type=int, default=0)

@@ -165,6 +165,18 @@ def test_benchmark_serving_smoke(tmp_path):
         assert 0 < result["ratios"][name] < float("inf"), name
 
 
+def test_benchmark_serving_speculative_smoke(tmp_path):
+    """DeepSeek-V3 behind the server with MTP drafts verified in the engine: every client gets exactly
+    its output-len tokens (the device's own count stops a row at max_tokens)."""
+    run(
+        "scripts/benchmark_serving.py", "--model", "deepseek-v3-tiny", "--dtype", "float32", "--clients", "2",
+        "--prompt-len", "12", "--output-len", "6", "--client-procs", "1", "--speculative", "--json",
+        str(tmp_path / "s.json"),
+    )  # fmt: skip
+    engine = json.loads((tmp_path / "s.json").read_text())["serving"]["engine"]
+    assert engine["speculative"] and engine["accepted_draft_tokens"] >= 0 and engine["steps"] > 0
+
+
 def test_benchmark_training_memory_smoke():
     out = run(
         "scripts/benchmark_training_memory.py", "--model", "gemma-tiny", "--batch-size", "2", "--seq-len", "64",

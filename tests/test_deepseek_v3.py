@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 import chex  # noqa: E402
 from flax import nnx  # noqa: E402
 from hf_utils import assert_logits_close, hf_greedy, randomize_all  # noqa: E402
+from mtp_utils import good_drafter  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from vishwam_jax import models  # noqa: E402
@@ -324,32 +325,12 @@ def test_update_router_bias():
 
 
 # -- MTP speculative decoding ----------------------------------------------------------------------
-def _good_drafter(params, eps):
-    """Shrink every block's output by `eps` so the main model is nearly a bigram table
-    norm(embed(t)) @ head, and make the MTP module exactly that table applied to its token: its
-    drafts are then often, but not always, right — both verification paths run."""
-    p = nnx.to_pure_dict(params)  # nested dicts of arrays (stacks: every layer at once)
-    m = p["mtp_layers"]
-    for layer, scale in ((p["dense_layers"], eps), (p["moe_layers"], eps), (m["block"], 0.0)):
-        layer["attn"]["wo"]["kernel"] = layer["attn"]["wo"]["kernel"] * scale
-        for name in ("mlp", "experts", "shared"):
-            if name in layer:
-                layer[name]["down"]["kernel"] = layer[name]["down"]["kernel"] * scale
-    d = m["enorm"]["scale"].shape[-1]
-    m["eh_proj"]["kernel"] = jnp.concatenate([jnp.eye(d), jnp.zeros((d, d))])[None].astype(m["eh_proj"]["kernel"].dtype)
-    m["enorm"]["scale"] = jnp.ones_like(m["enorm"]["scale"])
-    m["norm"]["scale"] = p["final_norm"]["scale"][None]
-    new = jax.tree_util.tree_map(lambda x: x, params)
-    nnx.replace_by_pure_dict(new, p)
-    return new
-
-
 def test_mtp_speculative_decoding_equals_greedy(case):
     cfg, g = case.config, case.graphdef
     rng = np.random.default_rng(6)
     prompts = [list(rng.integers(3, 97, size=n)) for n in (7, 3, 12)]
     spec, greedy = SpeculativeGenerator(g, cfg), Generator(g, cfg)
-    for params in (case.params, _good_drafter(case.params, 0.3)):
+    for params in (case.params, good_drafter(case.params, 0.3)):
         plain = np.asarray(greedy.generate(params, prompts, 12))
         result = spec.generate(params, prompts, 12)
         np.testing.assert_array_equal(result.tokens, plain)

@@ -160,6 +160,39 @@ def test_every_family_serves_the_same_tokens_alone_and_together(name):
     assert engine.pages_used == 0
 
 
+def test_mtp_speculative_serving_gives_the_plain_engines_tokens():
+    """DeepSeek-V3's MTP drafts verified inside the engine (a model whose drafts are often right):
+    every request gets the plain engine's tokens, alone or together and with the tokens read at once
+    or two steps later; accepted drafts make fewer steps than tokens; a stop token that is the first
+    of a step's two tokens ends the request there; max_tokens is exact; no page leaks; nothing
+    recompiles."""
+    from mtp_utils import good_drafter
+
+    model = vj.load("deepseek-v3-tiny", seed=1)
+    model.params = good_drafter(model.params, 0.3)
+    config = EngineConfig(num_slots=4, max_len=96, prefill_rows=2, chunk_buckets=(32,))
+    rng = np.random.default_rng(0)
+    prompts = [tuple(int(t) for t in rng.integers(3, 250, n)) for n in (3, 70, 9, 40, 33, 5)]
+    requests = [Request(i, p, int(rng.integers(3, 16))) for i, p in enumerate(prompts)]
+    requests.append(Request("hot", prompts[2], 10, SamplingParams(temperature=0.8, top_k=20), seed=5))
+    plain_engine = Engine(model, config)
+    plain = plain_engine.run(requests)
+    stop_at = plain[1][4]
+    requests.append(Request("stop", prompts[1], 12, stop_token_ids=(stop_at,)))
+    plain["stop"] = plain[1][: plain[1].index(stop_at) + 1]
+    for lookahead in (0, 2):
+        engine = Engine(model, dataclasses.replace(config, speculative=True, lookahead=lookahead))
+        together = engine.run(requests)
+        assert together == plain, lookahead
+        assert all(len(together[r.id]) <= r.max_tokens for r in requests)
+        assert 0 < engine.drafts_accepted and engine.steps < plain_engine.steps
+        assert engine.compiles == [("prefill", 32), ("decode", 4)] and engine.pages_used == 0
+    for r in requests[1:3]:
+        assert engine.run([r])[r.id] == plain[r.id]
+    with pytest.raises(ValueError, match="needs a model with an MTP module"):
+        Engine(vj.load(vj.get_config("grok-1-tiny", num_layers=1)), EngineConfig(num_slots=4, speculative=True))
+
+
 @pytest.mark.parametrize("lookahead", [0, 3])
 def test_reading_tokens_steps_later_changes_no_output(shakespeare, lookahead):
     """The engine reads a step's tokens `lookahead` steps after dispatching it: requests that stop
@@ -223,3 +256,8 @@ def test_serving_on_a_mesh_gives_the_single_device_tokens(name, axes):
     assert engine.run(requests) == alone
     assert engine.run(requests[:1]) == {0: alone[0]}  # a second round reuses the compiled steps
     assert len(engine.compiles) == 2
+    if name == "deepseek-v3-tiny":  # MTP speculative decoding under the mesh: its state keeps its layout too
+        model = vj.load(name, dtype=np.float32, seed=1, mesh=mesh)
+        speculative = Engine(model, dataclasses.replace(config, speculative=True), mesh=mesh)
+        assert speculative.run(requests) == alone and speculative.run(requests[:1]) == {0: alone[0]}
+        assert len(speculative.compiles) == 2

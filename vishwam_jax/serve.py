@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
         help="decode steps dispatched before the host reads one's tokens (0: read each at once; default: 1)",
     )
     ap.add_argument(
+        "--speculative",
+        action="store_true",
+        help="DeepSeek-V3: verify the MTP module's draft in every decode step (greedy requests: up to 2 tokens a step)",
+    )
+    ap.add_argument(
         "--mesh", default=None, help="serve sharded on a mesh of these axis sizes, e.g. tensor=8 or data=2,expert=4"
     )
     ap.add_argument("--rules", default=None, help="sharding rule preset for --mesh (default: from the mesh)")
@@ -81,6 +86,7 @@ def run(argv=None) -> int:
             num_pages=args.pages,
             max_queue=args.max_queue,
             lookahead=args.lookahead,
+            speculative=args.speculative,
         )
         source = args.model or str(vj.DEFAULT_MODEL_DIR)
         dtype = {"float32": np.float32, "bfloat16": "bfloat16", None: None}[args.dtype]

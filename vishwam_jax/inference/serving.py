@@ -25,6 +25,17 @@ token or string is known to have stopped only `lookahead` steps later, so up to 
 tokens are computed for it and dropped (max_tokens is known ahead and costs nothing), and each
 token's event comes `lookahead` steps after it is sampled.
 
+MTP speculative decoding (`EngineConfig.speculative`, DeepSeek-V3): each slot also keeps, on the
+device, a draft of the token after its last one (the MTP module's guess) and the count of tokens
+left to max_tokens. A decode step feeds [last, draft] to the model; the first position gives the
+row's next token g1 (sampled with its own parameters), and a greedy row whose draft equals g1 also
+takes the second position's token g2, so it emits 2 tokens in one forward instead of 1. The MTP
+module then runs over the confirmed entries to draft the next token; a rejected draft's cache slot
+is simply overwritten by the next step. The host learns how many tokens a step emitted only when
+it reads the step (`lookahead` steps later), so the device counts down each row's budget and stops
+it at max_tokens itself. Every emitted token is the main model's own choice given the tokens
+before it, so greedy rows produce what plain greedy decoding produces.
+
 Compiled shapes are bounded: prefill is [prefill_rows, c] for c in chunk_buckets, and decode runs on
 the first b slots for b in decode_buckets (slots are handed out lowest first), so nothing compiles
 in steady state (`compiles` counts them; `warmup()` compiles them all ahead).
@@ -118,6 +129,7 @@ class EngineConfig:
     num_pages: int | None = None  # 64-token cache pages (default: every slot full)
     max_queue: int = 1024  # waiting requests before submit raises QueueFull
     lookahead: int = 1  # steps dispatched before the host reads a step's tokens (0: read each at once)
+    speculative: bool = False  # MTP drafts verified in each decode step (models with an MTP module)
 
     def __post_init__(self):
         def power_of_two(n) -> bool:
@@ -160,10 +172,24 @@ class _Running:
 @dataclasses.dataclass(frozen=True)
 class _Dispatched:
     """One compiled step's sampled tokens (still on the device) and whose they are: row i of
-    `tokens` belongs to `owners[i]`, or to nobody (padding, an unfinished prompt chunk)."""
+    `tokens` belongs to `owners[i]`, or to nobody (padding, an unfinished prompt chunk). A
+    speculative decode step emits `counts[i]` (0 to 2) tokens of row i of `tokens` [rows, 2]."""
 
-    tokens: Int[Array, " rows"]
+    tokens: Int[Array, " rows"] | Int[Array, "rows 2"]
     owners: tuple[_Running | None, ...]
+    counts: Int[Array, " rows"] | None = None
+
+    def copy_to_host_async(self) -> None:
+        for a in (self.tokens, self.counts):
+            if a is not None:
+                a.copy_to_host_async()
+
+    def emitted(self) -> list[list[int]]:
+        """Each row's emitted tokens."""
+        tokens = np.asarray(self.tokens)
+        if self.counts is None:
+            return [[int(t)] for t in tokens]
+        return [[int(t) for t in row[:n]] for row, n in zip(tokens, np.asarray(self.counts))]
 
 
 class _SlotArrays:
@@ -232,6 +258,12 @@ class Engine:
         dtype = cache_dtype or jax.tree_util.tree_leaves(self.params)[0].dtype
         self.cache_dtype = dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.bfloat16
         self.paged = bool(model.capabilities.paged_cache)
+        self.speculative = bool(config.speculative)
+        if self.speculative and not model.capabilities.mtp:
+            raise ValueError(
+                f"{model.config.get('name') or model.config.family}: speculative decoding needs a model with an "
+                "MTP module"
+            )
         self.table_width = paged_cache.pages_for(self.max_len)
         num_pages = config.num_pages or self.num_slots * self.table_width
         self.pages = paged_cache.PagedCache(num_pages)
@@ -259,6 +291,23 @@ class Engine:
         self._prefill_jit = jax.jit(self._prefill_impl, donate_argnums=(1, 2), out_shardings=outputs)
         self._decode_jit = jax.jit(self._decode_impl, donate_argnums=(1, 2), out_shardings=outputs)
         self._last_tokens = self._fresh_last_tokens()
+        self._spec = None  # speculative: {"mtp": MTP cache, "draft": [slots + 1], "budget": [slots + 1]}
+        if self.speculative:
+            with self._traced_under():
+                self.mtp_axes = cache_rows.batch_axes(lambda batch: self._fresh_mtp_cache_fn(batch, self.params))
+                self._fresh_mtp_cache = jax.jit(self._fresh_mtp_cache_fn, static_argnums=0)
+                self._spec = self._fresh_spec()
+                self._mtp_empty_rows = self._fresh_mtp_cache(config.prefill_rows, self.params)
+            outputs = None
+            if mesh is not None:
+                spec_shardings = jax.tree_util.tree_map(lambda x: x.sharding, self._spec)
+                outputs = (
+                    jax.tree_util.tree_map(lambda x: x.sharding, self.cache), self._replicated, spec_shardings,
+                    self._replicated, self._replicated,
+                )  # fmt: skip
+            self._prefill_jit = jax.jit(self._spec_prefill_impl, donate_argnums=(1, 2, 3), out_shardings=outputs)
+            self._decode_jit = jax.jit(self._spec_decode_impl, donate_argnums=(1, 2, 3), out_shardings=outputs)
+        self.drafts_accepted = 0  # speculative: tokens that came from an accepted draft
         self._in_flight: collections.deque[list[_Dispatched]] = collections.deque()  # oldest step first
         self._executables: dict = {}
         self.compiles: list[tuple[str, int]] = []  # ("prefill", chunk) / ("decode", batch), in order
@@ -290,6 +339,23 @@ class Engine:
     def _fresh_last_tokens(self) -> Int[Array, " slots_and_pad"]:
         """Each slot's last sampled token, on the device (and the padding row's)."""
         return jax.device_put(np.full((self.num_slots + 1,), self.pad_id, np.int32), self._replicated)
+
+    def _fresh_mtp_cache_fn(self, batch: int, params):
+        """An empty MTP cache for `batch` rows, in the layout the MTP module returns it."""
+        model = self._module(params)
+        cache = model.init_mtp_cache(batch, self.max_len, self.cache_dtype)
+        hidden = jnp.zeros((batch, 1, self.model_config.d_model), self.cache_dtype)
+        tokens = jnp.full((batch, 1), self.pad_id, jnp.int32)
+        return model.mtp(hidden, tokens, cache=cache, lengths=jnp.zeros((batch,), jnp.int32)).cache
+
+    def _fresh_spec(self) -> dict:
+        """Speculative state: the MTP cache, each slot's draft and its tokens left to max_tokens."""
+        per_slot = lambda fill: jax.device_put(np.full((self.num_slots + 1,), fill, np.int32), self._replicated)  # noqa: E731
+        return {
+            "mtp": self._fresh_mtp_cache(self.num_slots, self.params),
+            "draft": per_slot(self.pad_id),
+            "budget": per_slot(0),
+        }
 
     # -- compiled steps ----------------------------------------------------------------------------
     def _prefill_impl(
@@ -348,6 +414,97 @@ class Engine:
         last_tokens = last_tokens.at[:bucket].set(jnp.where(live, token, tokens))
         return cache_rows.put_prefix_rows(cache, self.axes, out.cache), last_tokens, token
 
+    def _spec_prefill_impl(
+        self,
+        params,
+        cache,
+        last_tokens: Int[Array, " slots_and_pad"],
+        spec: dict,
+        empty_rows,
+        mtp_empty_rows,
+        slots: Int[Array, " p"],
+        tokens: Int[Array, "p c"],
+        lengths: Int[Array, " p"],
+        first: Bool[Array, " p"],
+        final: Bool[Array, " p"],
+        next_first: Int[Array, " p"],
+        budgets: Int[Array, " p"],
+        table: Int[Array, "s mb"] | None,
+        *sampling,
+    ):
+        """`_prefill_impl`, then the MTP module over the chunk's entries (h_i, x_{i+1}): the last
+        entry pairs with the next piece's first token (`next_first`), or, when the prompt ends in this
+        chunk (`final`), with the token just sampled, whose MTP logits give the first draft. A final
+        row's budget becomes `budgets` (max_tokens - 1: the first token is out)."""
+        model = self._module(params)
+        rows = cache_rows.select_rows(first, empty_rows, cache_rows.take_rows(cache, self.axes, slots), self.axes)
+        if table is not None:
+            rows = {**rows, "block_table": jnp.take(table, slots, axis=0, mode="clip")}
+        last = jnp.maximum(lengths - 1, 0)
+        out = model(tokens, cache=rows, lengths=lengths, logit_positions=last[:, None])
+        token = sample_rows(out.logits[:, 0], *sampling)
+        following = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+        following = following.at[jnp.arange(tokens.shape[0]), last].set(jnp.where(final, token, next_first))
+        mtp_rows = cache_rows.take_rows(spec["mtp"], self.mtp_axes, slots)
+        mtp_rows = cache_rows.select_rows(first, mtp_empty_rows, mtp_rows, self.mtp_axes)
+        drafted = model.mtp(out.hidden, following, cache=mtp_rows, lengths=lengths, logit_positions=last[:, None])
+        draft = jnp.argmax(drafted.logits[:, 0], axis=-1).astype(jnp.int32)
+        spec = {
+            "mtp": cache_rows.put_rows(spec["mtp"], self.mtp_axes, slots, drafted.cache),
+            "draft": spec["draft"].at[slots].set(draft),
+            "budget": spec["budget"].at[slots].set(jnp.where(final, budgets, spec["budget"][slots])),
+        }
+        cache = cache_rows.put_rows(cache, self.axes, slots, out.cache)
+        return cache, last_tokens.at[slots].set(token), spec, token, None
+
+    def _spec_decode_impl(
+        self,
+        params,
+        cache,
+        last_tokens: Int[Array, " slots_and_pad"],
+        spec: dict,
+        live: Bool[Array, " b"],
+        table: Int[Array, "s mb"] | None,
+        seeds: Int[Array, " b"],
+        counters: Int[Array, " b"],
+        temperature: Float[Array, " b"],
+        top_k: Int[Array, " b"],
+        top_p: Float[Array, " b"],
+    ):
+        """One verify step for the first b slots: [last, draft] through the model, g1 sampled from
+        the first position (the row's own parameters), g2 the second position's argmax, kept when the
+        row is greedy and its draft was g1; then the MTP module over the confirmed entries drafts the
+        next token. Rows with no budget left emit nothing. Returns tokens [b, 2] and counts [b]."""
+        model = self._module(params)
+        bucket = live.shape[0]
+        pending, draft, budget = last_tokens[:bucket], spec["draft"][:bucket], spec["budget"][:bucket]
+        live = live & (budget > 0)
+        rows = cache_rows.prefix_rows(cache, self.axes, bucket)
+        if table is not None:
+            rows = {**rows, "block_table": table[:bucket]}
+        verify = model(jnp.stack([pending, draft], axis=1), cache=rows, lengths=jnp.where(live, 2, 0))
+        g1 = sample_rows(verify.logits[:, 0], seeds, counters, temperature, top_k, top_p)
+        g2 = jnp.argmax(verify.logits[:, 1], axis=-1).astype(jnp.int32)
+        accepted = live & (temperature == 0) & (draft == g1) & (budget >= 2)
+        counts = jnp.where(live, 1 + accepted.astype(jnp.int32), 0)
+        # The verify forward advanced live rows by 2; keep only the confirmed tokens (a rejected
+        # draft's slot is overwritten by the next step before anything reads it).
+        new_cache = {**verify.cache, "pos": rows["pos"] + counts}
+        emitted = jnp.stack([g1, g2], axis=1)
+        mtp_rows = cache_rows.prefix_rows(spec["mtp"], self.mtp_axes, bucket)
+        drafted = model.mtp(
+            verify.hidden, emitted, cache=mtp_rows, lengths=counts, logit_positions=accepted.astype(jnp.int32)[:, None]
+        )
+        new_draft = jnp.argmax(drafted.logits[:, 0], axis=-1).astype(jnp.int32)
+        newest = jnp.where(accepted, g2, g1)
+        spec = {
+            "mtp": cache_rows.put_prefix_rows(spec["mtp"], self.mtp_axes, drafted.cache),
+            "draft": spec["draft"].at[:bucket].set(jnp.where(live, new_draft, draft)),
+            "budget": spec["budget"].at[:bucket].set(budget - counts),
+        }
+        last_tokens = last_tokens.at[:bucket].set(jnp.where(live, newest, pending))
+        return cache_rows.put_prefix_rows(cache, self.axes, new_cache), last_tokens, spec, emitted, counts
+
     def _run(self, kind: str, size: int, fn, *args):
         # (kind, size) fixes every argument's shape (the slot count, prefill rows and cache layout
         # never change), so the key skips flattening the cache tree on every step; the compiled
@@ -373,35 +530,42 @@ class Engine:
         p = self.config.prefill_rows
         for c in self.chunk_buckets:
             tokens = np.full((p, c), self.pad_id, np.int32)
-            self._prefill(np.full(p, self.num_slots, np.int32), tokens, np.zeros(p, np.int32), np.ones(p, bool))
+            nothing = np.zeros(p, np.int32)
+            self._prefill(np.full(p, self.num_slots, np.int32), tokens, nothing, np.ones(p, bool), nothing, nothing)
         for b in self.decode_buckets:
             self._decode(b)  # no slot is live: writes nothing
 
-    def _prefill(self, slots, tokens, lengths, first) -> Int[Array, " p"]:
+    def _prefill(self, slots, tokens, lengths, first, next_first, budgets) -> Int[Array, " p"]:
+        """One prefill chunk. next_first: the token after each row's piece, or pad where the prompt
+        ends with it; budgets: max_tokens - 1 where it ends, -1 elsewhere (speculative only)."""
+        table, sampling = self._device_table(), self._slots.sampling(slots)
+        if self.speculative:
+            final = budgets >= 0
+            self.cache, self._last_tokens, self._spec, sampled, _ = self._run(
+                "prefill", tokens.shape[1], self._prefill_jit, self.params, self.cache, self._last_tokens,
+                self._spec, self._empty_rows, self._mtp_empty_rows, slots, tokens, lengths, first, final,
+                next_first, budgets, table, *sampling,
+            )  # fmt: skip
+            return sampled
         self.cache, self._last_tokens, sampled = self._run(
-            "prefill",
-            tokens.shape[1],
-            self._prefill_jit,
-            self.params,
-            self.cache,
-            self._last_tokens,
-            self._empty_rows,
-            slots,
-            tokens,
-            lengths,
-            first,
-            self._device_table(),
-            *self._slots.sampling(slots),
-        )
-        return sampled
-
-    def _decode(self, bucket: int) -> Int[Array, " b"]:
-        """One decode step on the first `bucket` slots, from each slot's last token."""
-        self.cache, self._last_tokens, sampled = self._run(
-            "decode", bucket, self._decode_jit, self.params, self.cache, self._last_tokens,
-            self._slots.live(bucket), self._device_table(), *self._slots.sampling(slice(0, bucket)),
+            "prefill", tokens.shape[1], self._prefill_jit, self.params, self.cache, self._last_tokens,
+            self._empty_rows, slots, tokens, lengths, first, table, *sampling,
         )  # fmt: skip
         return sampled
+
+    def _decode(self, bucket: int) -> tuple[Array, Array | None]:
+        """One decode step on the first `bucket` slots, from each slot's last token: (tokens, None),
+        or speculative (tokens [b, 2], counts [b])."""
+        args = (self._slots.live(bucket), self._device_table(), *self._slots.sampling(slice(0, bucket)))
+        if self.speculative:
+            self.cache, self._last_tokens, self._spec, sampled, counts = self._run(
+                "decode", bucket, self._decode_jit, self.params, self.cache, self._last_tokens, self._spec, *args
+            )
+            return sampled, counts
+        self.cache, self._last_tokens, sampled = self._run(
+            "decode", bucket, self._decode_jit, self.params, self.cache, self._last_tokens, *args
+        )
+        return sampled, None
 
     # -- requests ----------------------------------------------------------------------------------
     @property
@@ -476,6 +640,8 @@ class Engine:
         self._in_flight.clear()
         with self._traced_under():
             self.cache = self._fresh_cache(self.num_slots, self.params)
+            if self.speculative:
+                self._spec = self._fresh_spec()
         self._last_tokens = self._fresh_last_tokens()
         return events
 
@@ -536,7 +702,7 @@ class Engine:
         self._admit()
         dispatched = [d for d in (self._dispatch_prefill(), self._dispatch_decode()) if d is not None]
         for d in dispatched:
-            d.tokens.copy_to_host_async()  # the copy starts as soon as the step ends
+            d.copy_to_host_async()  # the copy starts as soon as the step ends
         if dispatched:
             self._in_flight.append(dispatched)
             self.steps += 1
@@ -549,11 +715,13 @@ class Engine:
     def _read(self, step: list[_Dispatched]) -> list[Event]:
         events = []
         for d in step:
-            tokens = np.asarray(d.tokens)
-            for state, token in zip(d.owners, tokens):
-                # A request that stopped, or was cancelled, after this step was dispatched is gone.
-                if state is not None and self._running.get(state.request.id) is state:
-                    events.append(self._emit(state, int(token)))
+            for state, tokens in zip(d.owners, d.emitted()):
+                for i, token in enumerate(tokens):
+                    # A request that stopped, or was cancelled, after this step was dispatched is gone.
+                    if state is None or self._running.get(state.request.id) is not state:
+                        break
+                    events.append(self._emit(state, token))
+                    self.drafts_accepted += i  # a speculative step's second token was its draft
         return events
 
     def _bucket(self, n: int) -> int:
@@ -578,11 +746,19 @@ class Engine:
         tokens = np.full((rows, width), self.pad_id, np.int32)
         lengths = np.zeros(rows, np.int32)
         first = np.ones(rows, bool)
+        next_first = np.full(rows, self.pad_id, np.int32)
+        budgets = np.full(rows, -1, np.int32)  # -1: the prompt goes on after this chunk
         for i, s in enumerate(group):
-            piece = s.request.prompt[s.cursor : s.cursor + self.piece]
+            prompt = s.request.prompt
+            piece = prompt[s.cursor : s.cursor + self.piece]
             slots[i], lengths[i], first[i] = s.slot, len(piece), s.cursor == 0
             tokens[i, : len(piece)] = piece
-        sampled = self._prefill(slots, tokens, lengths, first)
+            end = s.cursor + len(piece)
+            if end < len(prompt):
+                next_first[i] = prompt[end]
+            else:  # the prompt ends here: this chunk samples the first token
+                budgets[i] = s.request.max_tokens - 1
+        sampled = self._prefill(slots, tokens, lengths, first, next_first, budgets)
         owners: list[_Running | None] = [None] * rows
         for i, s in enumerate(group):
             s.cursor += int(lengths[i])
@@ -599,13 +775,14 @@ class Engine:
             return None
         top = max(s.slot for s in decoding)
         bucket = next(b for b in self.decode_buckets if b > top)
-        sampled = self._decode(bucket)
+        sampled, counts = self._decode(bucket)
         owners: list[_Running | None] = [None] * bucket
         for s in decoding:
             owners[s.slot] = s
+            # At least one token per step (speculative: up to two; the device stops at max_tokens).
             s.dispatched += 1
             self._slots.dispatched(s)
-        return _Dispatched(sampled, tuple(owners))
+        return _Dispatched(sampled, tuple(owners), counts)
 
     def run(self, requests: Sequence[Request], on_event: Callable[[Event], None] | None = None) -> dict:
         """Serve `requests` to the end (all submitted now); returns {id: generated token ids}."""

@@ -26,6 +26,9 @@ class ServingMetrics:
             registry=r,
         )  # fmt: skip
         self.generation_tokens = Counter("vishwam_generation_tokens", "Generated tokens", registry=r)
+        self.draft_tokens = Gauge(
+            "vishwam_accepted_draft_tokens", "Generated tokens that were accepted MTP drafts (speculative)", registry=r
+        )
         self.prompt_tokens = Counter("vishwam_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.ttft = Histogram(
             "vishwam_time_to_first_token_seconds", "From submission to the first generated token",
@@ -46,6 +49,7 @@ class ServingMetrics:
         self.running.set(engine.num_running)
         self.pages_used.set(engine.pages_used)
         self.pages_total.set(engine.pages.num_blocks)
+        self.draft_tokens.set(engine.drafts_accepted)
         self._recent.append((now, engine.tokens_generated))
         while len(self._recent) > 1 and self._recent[0][0] < now - self._window_s:
             self._recent.popleft()

@@ -70,3 +70,42 @@ def test_models_give_the_same_logits_with_small_query_blocks(preset, monkeypatch
     monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
     model = vj.load(preset, dtype="float32")  # a fresh model: nothing compiled with the old block
     np.testing.assert_allclose(model.logits(tokens), ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
+@pytest.mark.parametrize("preset", ["gemma3-tiny", "gemma2-tiny"])
+def test_the_fused_prefill_branch_equals_the_xla_path(preset, monkeypatch):
+    """The branch that gives cuDNN's fused kernel the chunks that start their rows (GPU only), run on
+    a CPU with jax's XLA implementation of the same call: the same logits without a cache (training),
+    and the same tokens from a prompt prefilled into a contiguous or ring cache, a paged cache, and
+    in two chunks (the second takes the cond's general branch). Gemma 2's soft-capped layers keep
+    the XLA path."""
+    import vishwam_jax as vj
+    from vishwam_jax.models import attention
+
+    config = vj.get_config(preset, max_seq_len=256)
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 90), 3, config.vocab_size)
+    prompts = [list(np.asarray(tokens[0, :90])), list(np.asarray(tokens[1, :70]))]
+
+    long_prompt = tuple(int(t) for t in jax.random.randint(jax.random.PRNGKey(4), (150,), 3, config.vocab_size))
+
+    def run():
+        from vishwam_jax.inference.serving import Engine, EngineConfig, Request
+
+        model = vj.load(config, dtype="float32", seed=2)  # a fresh model: nothing compiled before the patch
+        # The engine prefills 150 tokens in chunks of 64 at positions 0, 64, 128 (the second: the general branch).
+        engine = Engine(model, EngineConfig(num_slots=2, max_len=200, prefill_rows=1, chunk_buckets=(64,)))
+        served = engine.run([Request(0, long_prompt, 4)])[0]
+        return model.logits(tokens), model.generate(prompts, 6), model.generate(prompts, 6, paged_blocks=16), served
+
+    want = run()
+    calls = []
+    monkeypatch.setattr(attention, "FUSED_IMPLEMENTATION", "xla")
+    monkeypatch.setattr(attention, "fused_attention_applies", lambda q, softcap: softcap == 0.0)
+    real = attention.fused_causal_attention
+    monkeypatch.setattr(attention, "fused_causal_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = run()
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want[0]))))
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+    assert got[3] == want[3]
+    assert bool(calls) == (config.attn_logit_softcap == 0.0)

@@ -230,6 +230,45 @@ def paged_attention(
     return out, cache
 
 
+# Chunks at least this long that start their rows (every prompt's first chunk, training) go through
+# cuDNN's fused flash attention where it applies; shorter ones are not worth the branch.
+FUSED_MIN_TOKENS = 64
+# `jax.nn.dot_product_attention`'s implementation for that path; tests run the same call with "xla"
+# on a CPU in place of cuDNN.
+FUSED_IMPLEMENTATION = "cudnn"
+
+
+def fused_attention_applies(q: Array, softcap: float) -> bool:
+    """Whether cuDNN's fused attention (through `jax.nn.dot_product_attention`) can compute this
+    attention: on a GPU, half-precision queries, a head dim that is a multiple of 8 up to 256, and
+    no soft-capping (Gemma 2's logit cap is not among its options: those layers keep the XLA path)."""
+    return (
+        softcap == 0.0
+        and jax.default_backend() == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 256
+    )
+
+
+def fused_causal_attention(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b t kh d"],
+    v: Float[Array, "b t kh d"],
+    lengths: Int[Array, " b"],
+    *,
+    scale: float,
+    window: int = 0,
+) -> Float[Array, "b t h d"]:
+    """Causal self-attention of a chunk that starts each row at position 0, whose keys are valid below
+    each row's length, by cuDNN's flash kernel (no [t, t] scores in memory); a sliding window keeps
+    the `window` latest positions. Queries past a row's length come out zero."""
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+        local_window_size=(window - 1, 0) if window else None, implementation=FUSED_IMPLEMENTATION,
+    )  # fmt: skip
+
+
 def cached_attention(
     q: Float[Array, "b t h d"],
     k: Float[Array, "b t kh d"],
@@ -242,10 +281,51 @@ def cached_attention(
     scale: float,
     softcap: float = 0.0,
     window: int = 0,
+    prefix_keys: bool = False,
 ) -> tuple[Float[Array, "b t h dv"], dict | None]:
     """Attend from the chunk's queries to the cached keys and the chunk's own keys, then store the
     chunk in the cache (attending before writing keeps a ring buffer right for multi-token chunks).
-    A paged cache (one with a block table) goes through `paged_attention`."""
+    A paged cache (one with a block table) goes through `paged_attention`.
+
+    prefix_keys: the caller masks no key inside a row (every key below a row's length is valid), so
+    a long chunk that starts its rows can run cuDNN's fused kernel (`fused_causal_attention`) where it
+    applies: always without a cache, and with one when every row of the chunk starts at position 0
+    (decided on the device: the cache then holds nothing the chunk could see).
+    """
+    t = q.shape[1]
+    if prefix_keys and t >= FUSED_MIN_TOKENS and fused_attention_applies(q, softcap):
+        fused = lambda: fused_causal_attention(q, k, v, lengths, scale=scale, window=window)  # noqa: E731
+        if cache is None:
+            return fused(), None
+        write = write_kv_pages if "block_table" in cache else write_kv
+
+        def fresh(cache):
+            return fused().astype(q.dtype), write(cache, k, v, positions, lengths, key_valid)
+
+        def general(cache):
+            out, cache = _chunk_attention(
+                q, k, v, positions, lengths, key_valid, cache, scale=scale, softcap=softcap, window=window
+            )
+            return out.astype(q.dtype), cache
+
+        return jax.lax.cond(jnp.all(positions[:, 0] == 0), fresh, general, cache)
+    return _chunk_attention(q, k, v, positions, lengths, key_valid, cache, scale=scale, softcap=softcap, window=window)
+
+
+def _chunk_attention(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b t kh d"],
+    v: Float[Array, "b t kh dv"],
+    positions: Int[Array, "b t"],
+    lengths: Int[Array, " b"],
+    key_valid: Bool[Array, "b t"],
+    cache: dict | None,
+    *,
+    scale: float,
+    softcap: float = 0.0,
+    window: int = 0,
+) -> tuple[Float[Array, "b t h dv"], dict | None]:
+    """`cached_attention` by XLA: scores over the cache and the chunk (or the row's pages)."""
     if cache is not None and "block_table" in cache:
         return paged_attention(
             q, k, v, positions, lengths, key_valid, cache, scale=scale, softcap=softcap, window=window
@@ -290,6 +370,7 @@ class Attention(nnx.Module):
         window: int = 0,
         qk_norm_eps: float | None = None,
         qk_norm_plus_one: bool = True,
+        prefix_keys: bool = False,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         quantization: Quantization | None = None,
@@ -313,6 +394,8 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.rope = rope
         self.scale, self.softcap, self.window = float(scale), float(softcap), int(window)
+        # The family masks no key inside a row (see cached_attention): long chunks may use cuDNN's kernel.
+        self.prefix_keys = bool(prefix_keys)
 
     def __call__(
         self,
@@ -330,7 +413,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, positions), self.rope(k, positions)
         out, cache = cached_attention(
-            q, k, v, positions, lengths, key_valid, cache, scale=self.scale, softcap=self.softcap, window=self.window
-        )
+            q, k, v, positions, lengths, key_valid, cache, scale=self.scale, softcap=self.softcap, window=self.window,
+            prefix_keys=self.prefix_keys,
+        )  # fmt: skip
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         return constrain(self.o(out), ("batch", "length", "embed")), cache

@@ -65,6 +65,7 @@ class DecoderLayer(nnx.Module):
             softcap=config.attn_logit_softcap,
             window=config.sliding_window if sliding else 0,
             qk_norm_eps=eps if config.use_qk_norm else None,
+            prefix_keys=True,  # Gemma masks no key inside a row (key_valid is all ones)
             rngs=rngs, dtype=dtype, quantization=quantization,
         )  # fmt: skip
         self.post_attn_norm = norm() if config.use_post_attn_norm else None

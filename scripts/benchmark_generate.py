@@ -49,6 +49,13 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--peer", action="store_true", help="also run transformers on the same shapes (GPU only)")
     ap.add_argument(
+        "--peer-modes",
+        nargs="+",
+        default=["static", "eager"],
+        choices=["static", "static-nocompile", "eager"],
+        help="transformers rows (static: static cache + compile; eager: dynamic cache, its default attention, SDPA)",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="also profile one generate call per batch: device time and kernel launches per decode step",
@@ -99,12 +106,14 @@ def main(argv=None) -> None:
         for p in peer:
             if p["batch"] == batch:
                 row[f"vs_transformers_{p['mode']}"] = row["decode_tok_s"] / p["decode_tok_s"]
+                row[f"prefill_vs_transformers_{p['mode']}"] = row["prefill_tok_s"] / p["prefill_tok_s"]
         if args.profile:
             row["profile"] = profile_steps(lambda: model.generate(prompts, args.new_tokens), args.new_tokens, step_s)
         rows.append(row)
         spec = f", {100 * row['fraction_of_spec']:.0f}% of spec" if row["fraction_of_spec"] else ""
         versus = "".join(
-            f", {row['decode_tok_s'] / p['decode_tok_s']:.2f}x transformers {p['mode']}"
+            f", {row['decode_tok_s'] / p['decode_tok_s']:.2f}x transformers {p['mode']} "
+            f"(prefill {row['prefill_tok_s'] / p['prefill_tok_s']:.2f}x)"
             for p in peer
             if p["batch"] == batch
         )
@@ -167,6 +176,8 @@ def run_peer(args) -> dict:
             str(args.prompt_len),
             "--new-tokens",
             str(args.new_tokens),
+            "--modes",
+            *args.peer_modes,
             "--json",
             str(out),
         ]

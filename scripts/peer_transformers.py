@@ -127,7 +127,8 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(
         f"transformers {transformers.__version__}, torch {torch.__version__}, {device}: {args.model} "
-        f"({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, bf16)",
+        f"({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, bf16, attention "
+        f"{model.config._attn_implementation})",
         flush=True,
     )
     read_bw = torch_read_bandwidth() if args.device == "cuda" else None

@@ -201,3 +201,8 @@ def test_benchmark_fp8_training_time_smoke():
         "num_dense_layers=1", "--batch-size", "2", "--seq-len", "32", "--time-steps", "1", "--remat", "none",
     )  # fmt: skip
     assert "bf16: " in out and "fp8: " in out and "fp8 step speedup over bf16" in out
+
+
+def test_benchmark_sampling_smoke():
+    out = run("scripts/benchmark_sampling.py", "--batch", "3", "--vocab", "300", "--calls", "1")
+    assert out.count(" ms per call") == 4

@@ -95,6 +95,27 @@ def test_top_p_keeps_smallest_prefix_reaching_mass():
     assert set(s.tolist()) == {0}
 
 
+def test_per_row_sampling_truncates_as_the_sorting_reference():
+    """sample_rows' shortcuts (temperature alone: no truncation; top-k alone up to TOP_K_SELECT_MAX:
+    a selection, not a sort) keep exactly the tokens the sort-based `truncate` keeps, ties included,
+    in a batch mixing greedy, temperature-only, top-k and (forcing the sort) top-p rows."""
+    from vishwam_jax.inference import sampling
+
+    logits = jnp.round(jax.random.normal(jax.random.key(0), (6, 1000)) * 4) / 4  # many exact ties
+    top_k = jnp.array([0, 0, 5, 40, 1, 256], jnp.int32)
+    no_p = jnp.ones((6,), jnp.float32)
+    fast = sampling.truncate_top_k(logits, top_k, sampling.TOP_K_SELECT_MAX)
+    np.testing.assert_array_equal(fast, sampling.truncate(logits, top_k, no_p))
+    seeds, counters = jnp.arange(6, dtype=jnp.uint32), jnp.zeros((6,), jnp.int32)
+    temperature = jnp.array([0.0, 0.7, 1.0, 1.3, 0.9, 1.0])
+    for p in (no_p, no_p.at[3].set(0.9)):  # the second batch takes the sorting path
+        drawn = np.asarray(sampling.sample_rows(logits, seeds, counters, temperature, top_k, p))
+        assert drawn[0] == int(jnp.argmax(logits[0]))
+        kept = np.asarray(sampling.truncate(logits / temperature.at[0].set(1.0)[:, None], top_k, p)) > -np.inf
+        assert all(kept[i, drawn[i]] for i in range(6))
+        assert drawn[4] == int(jnp.argmax(logits[4]))  # top_k 1
+
+
 def test_greedy_sampling_is_argmax():
     logits = jax.random.normal(jax.random.key(0), (4, 50))
     np.testing.assert_array_equal(sample(logits, jax.random.key(0), SamplingParams()), jnp.argmax(logits, -1))

@@ -109,3 +109,27 @@ def test_the_fused_prefill_branch_equals_the_xla_path(preset, monkeypatch):
     np.testing.assert_array_equal(got[2], want[2])
     assert got[3] == want[3]
     assert bool(calls) == (config.attn_logit_softcap == 0.0)
+
+
+def test_a_refused_fused_kernel_falls_back_to_the_xla_path(monkeypatch, caplog):
+    """If cuDNN's checks refuse a layer at trace time, the layer runs on the XLA path and says so;
+    VISHWAM_ATTENTION_IMPL=xla turns the fused path off."""
+    import vishwam_jax as vj
+    from vishwam_jax.models import attention
+
+    config = vj.get_config("gemma3-tiny", max_seq_len=128)
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (1, 70), 3, config.vocab_size)
+    want = vj.load(config, dtype="float32", seed=2).logits(tokens)
+    monkeypatch.setattr(attention, "fused_attention_applies", lambda q, softcap: True)
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("head dim not supported")
+
+    monkeypatch.setattr(attention, "fused_causal_attention", refuse)
+    with caplog.at_level("WARNING"):
+        got = vj.load(config, dtype="float32", seed=2).logits(tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert "runs on the XLA path" in caplog.text
+    monkeypatch.undo()
+    monkeypatch.setenv(attention.ENV_VAR, "xla")
+    assert not attention.fused_attention_applies(jnp.zeros((1, 64, 2, 16), jnp.bfloat16), 0.0)

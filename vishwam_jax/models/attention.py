@@ -15,6 +15,9 @@ written first and the row's pages are then read back as one contiguous view (slo
 
 from __future__ import annotations
 
+import logging
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,6 +28,8 @@ from vishwam_jax.models.layers import Linear, RMSNorm, soft_cap
 from vishwam_jax.models.rope import RotaryEmbedding
 from vishwam_jax.quantization import Quantization
 from vishwam_jax.sharding.context import constrain
+
+_log = logging.getLogger(__name__)
 
 # Finite so that a query with no visible key (a padding row) gives uniform weights, not NaN.
 MASK_VALUE = -1e30
@@ -238,12 +243,17 @@ FUSED_MIN_TOKENS = 64
 FUSED_IMPLEMENTATION = "cudnn"
 
 
+# "xla" keeps every attention on the XLA path (the escape hatch if cuDNN misbehaves on some setup).
+ENV_VAR = "VISHWAM_ATTENTION_IMPL"
+
+
 def fused_attention_applies(q: Array, softcap: float) -> bool:
     """Whether cuDNN's fused attention (through `jax.nn.dot_product_attention`) can compute this
     attention: on a GPU, half-precision queries, a head dim that is a multiple of 8 up to 256, and
     no soft-capping (Gemma 2's logit cap is not among its options: those layers keep the XLA path)."""
     return (
-        softcap == 0.0
+        os.environ.get(ENV_VAR, "auto") != "xla"
+        and softcap == 0.0
         and jax.default_backend() == "gpu"
         and q.dtype in (jnp.bfloat16, jnp.float16)
         and q.shape[-1] % 8 == 0
@@ -294,22 +304,29 @@ def cached_attention(
     """
     t = q.shape[1]
     if prefix_keys and t >= FUSED_MIN_TOKENS and fused_attention_applies(q, softcap):
-        fused = lambda: fused_causal_attention(q, k, v, lengths, scale=scale, window=window)  # noqa: E731
-        if cache is None:
-            return fused(), None
-        write = write_kv_pages if "block_table" in cache else write_kv
-
-        def fresh(cache):
-            return fused().astype(q.dtype), write(cache, k, v, positions, lengths, key_valid)
-
-        def general(cache):
-            out, cache = _chunk_attention(
-                q, k, v, positions, lengths, key_valid, cache, scale=scale, softcap=softcap, window=window
-            )
-            return out.astype(q.dtype), cache
-
-        return jax.lax.cond(jnp.all(positions[:, 0] == 0), fresh, general, cache)
+        try:
+            return _fused_where_fresh(q, k, v, positions, lengths, key_valid, cache, scale=scale, window=window)
+        except (NotImplementedError, ValueError, RuntimeError) as err:  # cuDNN's own checks, at trace time
+            _log.warning("cuDNN fused attention refused this layer (%s); it runs on the XLA path", err)
     return _chunk_attention(q, k, v, positions, lengths, key_valid, cache, scale=scale, softcap=softcap, window=window)
+
+
+def _fused_where_fresh(q, k, v, positions, lengths, key_valid, cache, *, scale, window):
+    """The fused kernel without a cache; with one, a cond between it (every row starts at 0) and the
+    XLA path."""
+    fused = lambda: fused_causal_attention(q, k, v, lengths, scale=scale, window=window)  # noqa: E731
+    if cache is None:
+        return fused(), None
+    write = write_kv_pages if "block_table" in cache else write_kv
+
+    def fresh(cache):
+        return fused().astype(q.dtype), write(cache, k, v, positions, lengths, key_valid)
+
+    def general(cache):
+        out, cache = _chunk_attention(q, k, v, positions, lengths, key_valid, cache, scale=scale, window=window)
+        return out.astype(q.dtype), cache
+
+    return jax.lax.cond(jnp.all(positions[:, 0] == 0), fresh, general, cache)
 
 
 def _chunk_attention(

@@ -379,14 +379,20 @@ class Engine:
         starts its prompt (`first`) starts from an empty cache row. Every row's sampled token becomes
         its slot's last token: only a prompt's final chunk's is ever decoded from."""
         model = self._module(params)
-        rows = cache_rows.take_rows(cache, self.axes, slots)
-        rows = cache_rows.select_rows(first, empty_rows, rows, self.axes)
+        out, token = self._chunk_forward(
+            model, cache, empty_rows, slots, tokens, lengths, first, table, (seeds, counters, temperature, top_k, top_p)
+        )
+        return cache_rows.put_rows(cache, self.axes, slots, out.cache), last_tokens.at[slots].set(token), token
+
+    def _chunk_forward(self, model, cache, empty_rows, slots, tokens, lengths, first, table, sampling):
+        """The model over one prefill chunk of rows `slots` (fresh rows where `first`), and the token
+        each row samples after its last position: (output, tokens)."""
+        rows = cache_rows.select_rows(first, empty_rows, cache_rows.take_rows(cache, self.axes, slots), self.axes)
         if table is not None:
             rows = {**rows, "block_table": jnp.take(table, slots, axis=0, mode="clip")}
         last = jnp.maximum(lengths - 1, 0)[:, None]
         out = model(tokens, cache=rows, lengths=lengths, logit_positions=last)
-        token = sample_rows(out.logits[:, 0], seeds, counters, temperature, top_k, top_p)
-        return cache_rows.put_rows(cache, self.axes, slots, out.cache), last_tokens.at[slots].set(token), token
+        return out, sample_rows(out.logits[:, 0], *sampling)
 
     def _decode_impl(
         self,
@@ -437,12 +443,8 @@ class Engine:
         chunk (`final`), with the token just sampled, whose MTP logits give the first draft. A final
         row's budget becomes `budgets` (max_tokens - 1: the first token is out)."""
         model = self._module(params)
-        rows = cache_rows.select_rows(first, empty_rows, cache_rows.take_rows(cache, self.axes, slots), self.axes)
-        if table is not None:
-            rows = {**rows, "block_table": jnp.take(table, slots, axis=0, mode="clip")}
+        out, token = self._chunk_forward(model, cache, empty_rows, slots, tokens, lengths, first, table, sampling)
         last = jnp.maximum(lengths - 1, 0)
-        out = model(tokens, cache=rows, lengths=lengths, logit_positions=last[:, None])
-        token = sample_rows(out.logits[:, 0], *sampling)
         following = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
         following = following.at[jnp.arange(tokens.shape[0]), last].set(jnp.where(final, token, next_first))
         mtp_rows = cache_rows.take_rows(spec["mtp"], self.mtp_axes, slots)

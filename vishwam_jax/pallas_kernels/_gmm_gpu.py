@@ -458,31 +458,29 @@ def gmm(
                 "the experts so that one device holds fewer than 2**31 weights"
             )
         rhs = lax.bitcast_convert_type(rhs.reshape(g, k, n // 2, 2), jnp.int16)
+    operands = (lhs, rhs) + (() if rhs_scale is None else (rhs_scale.astype(jnp.float32),))
+    return _launch(
+        operands, group_sizes, (m, k, n, g), cfg, out_dtype, interpret, "vishwam_gmm",
+        transpose_rhs=transpose_rhs, has_scale=rhs_scale is not None, compute_dtype=compute_dtype, packed=packed,
+    )  # fmt: skip
+
+
+def _launch(operands, group_sizes, dims, cfg: BlockConfig, out_dtype, interpret: bool, name: str, **options):
+    """`_gmm_kernel` over `cfg`'s work items, one program per (work item, N block); `operands` are
+    (lhs, rhs, scales...) and `options` the kernel's keyword options."""
+    m, k, n, g = dims
     meta = work_item_rows(group_sizes, m, cfg)
     n_items = max_work_items(m, g, cfg.bm, cfg.group_aligned)
-    n_blocks = pl.cdiv(n, cfg.bn)
-    grid = (pl.cdiv(n_items, cfg.band) * cfg.band * n_blocks,)
-    kernel = functools.partial(
-        _gmm_kernel,
-        m=m,
-        k=k,
-        n=n,
-        num_groups=g,
-        cfg=cfg,
-        transpose_rhs=transpose_rhs,
-        has_scale=rhs_scale is not None,
-        compute_dtype=compute_dtype,
-        packed=packed,
-    )
-    operands = (*meta, lhs, rhs) + (() if rhs_scale is None else (rhs_scale.astype(jnp.float32),))
+    grid = (pl.cdiv(n_items, cfg.band) * cfg.band * pl.cdiv(n, cfg.bn),)
+    kernel = functools.partial(_gmm_kernel, m=m, k=k, n=n, num_groups=g, cfg=cfg, **options)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=grid,
         compiler_params=_compiler_params(cfg),
         interpret=interpret,
-        name="vishwam_gmm",
-    )(*operands)
+        name=name,
+    )(*meta, *operands)
 
 
 def supports_block(block: tuple[int, int]) -> bool:
@@ -526,35 +524,16 @@ def gmm_block_scaled(
     lhs_itemsize = jnp.dtype(lhs.dtype).itemsize
     cfg = fit_block_scaled(config or gmm_config(m, k, n, g, lhs_itemsize, 1), block_k, block_n)
     cfg = _fit_smem(cfg, lhs_itemsize, 1)
-    compute_dtype = lhs.dtype if lhs_scale is None else None
-    meta = work_item_rows(group_sizes, m, cfg)
-    n_items = max_work_items(m, g, cfg.bm, cfg.group_aligned)
-    grid = (pl.cdiv(n_items, cfg.band) * cfg.band * pl.cdiv(n, cfg.bn),)
-    kernel = functools.partial(
-        _gmm_kernel,
-        m=m,
-        k=k,
-        n=n,
-        num_groups=g,
-        cfg=cfg,
-        transpose_rhs=transpose_rhs,
-        has_scale=True,
-        compute_dtype=compute_dtype,
-        block=block,
-        has_lhs_scale=lhs_scale is not None,
-    )
-    operands = (*meta, lhs, rhs, rhs_scale.astype(jnp.float32))
+    operands = (lhs, rhs, rhs_scale.astype(jnp.float32))
     if lhs_scale is not None:
         # Transposed so that a K step reads its row tile's scales contiguously.
         operands += (lhs_scale.astype(jnp.float32).T,)
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=grid,
-        compiler_params=_compiler_params(cfg),
-        interpret=interpret,
-        name="vishwam_gmm_fp8" if lhs_scale is not None else "vishwam_gmm_fp8_weights",
-    )(*operands)
+    return _launch(
+        operands, group_sizes, (m, k, n, g), cfg, out_dtype, interpret,
+        "vishwam_gmm_fp8" if lhs_scale is not None else "vishwam_gmm_fp8_weights",
+        transpose_rhs=transpose_rhs, has_scale=True, compute_dtype=lhs.dtype if lhs_scale is None else None,
+        block=block, has_lhs_scale=lhs_scale is not None,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,10 +66,6 @@ def as_fp8(x: Float[Array, "*batch m n"], tile: tuple[int, int]) -> Float[Array,
     return dequantize(values, scale, "fp8", (1, 1), tile, jnp.float32)
 
 
-def _dot(a: Array, b: Array) -> Float[Array, "m n"]:
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
 def _gmm_fp8(x, w, group_sizes, transpose_w: bool = False) -> Float[Array, "m n"]:
     """x (1 x 128 tiles along its last axis) times w [g, a, b] (128 x 128 blocks of each matrix as
     stored; transpose_w: times w[g]^T), both float8, float32 out."""

@@ -160,7 +160,7 @@ def test_every_family_serves_the_same_tokens_alone_and_together(name):
     assert engine.pages_used == 0
 
 
-def test_mtp_speculative_serving_gives_the_plain_engines_tokens():
+def test_mtp_speculative_serving_gives_the_plain_engines_tokens(monkeypatch):
     """DeepSeek-V3's MTP drafts verified inside the engine (a model whose drafts are often right):
     every request gets the plain engine's tokens, alone or together and with the tokens read at once
     or two steps later; accepted drafts make fewer steps than tokens; a stop token that is the first
@@ -177,9 +177,29 @@ def test_mtp_speculative_serving_gives_the_plain_engines_tokens():
     requests.append(Request("hot", prompts[2], 10, SamplingParams(temperature=0.8, top_k=20), seed=5))
     plain_engine = Engine(model, config)
     plain = plain_engine.run(requests)
-    stop_at = plain[1][4]
-    requests.append(Request("stop", prompts[1], 12, stop_token_ids=(stop_at,)))
-    plain["stop"] = plain[1][: plain[1].index(stop_at) + 1]
+    # The steps of request 1 alone, speculative: stop it at the first token of a step that emitted two.
+    from vishwam_jax.inference import serving
+
+    steps, emitted = [], serving._Dispatched.emitted
+
+    def recording(d):  # each step's tokens of the request (rows with an owner)
+        rows = emitted(d)
+        steps.extend(r for r, owner in zip(rows, d.owners) if owner is not None and r)
+        return rows
+
+    monkeypatch.setattr(serving._Dispatched, "emitted", recording)
+    alone = Engine(model, dataclasses.replace(config, speculative=True, lookahead=0)).run(requests[1:2])[1]
+    monkeypatch.undo()
+    assert alone == plain[1]
+    position = 0
+    for step in steps:
+        if len(step) == 2 and plain[1].index(step[0]) == position:
+            break
+        position += len(step)
+    else:
+        raise AssertionError(f"no two-token step with a first-seen first token in {steps}")
+    requests.append(Request("stop", prompts[1], len(plain[1]), stop_token_ids=(plain[1][position],)))
+    plain["stop"] = plain[1][: position + 1]  # its draft, the step's second token, is dropped
     for lookahead in (0, 2):
         engine = Engine(model, dataclasses.replace(config, speculative=True, lookahead=lookahead))
         together = engine.run(requests)

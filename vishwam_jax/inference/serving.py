@@ -532,8 +532,8 @@ class Engine:
         p = self.config.prefill_rows
         for c in self.chunk_buckets:
             tokens = np.full((p, c), self.pad_id, np.int32)
-            nothing = np.zeros(p, np.int32)
-            self._prefill(np.full(p, self.num_slots, np.int32), tokens, nothing, np.ones(p, bool), nothing, nothing)
+            padding, nothing = np.full(p, self.num_slots, np.int32), np.zeros(p, np.int32)
+            self._prefill(padding, tokens, nothing, np.ones(p, bool), nothing, np.full(p, -1, np.int32))
         for b in self.decode_buckets:
             self._decode(b)  # no slot is live: writes nothing
 

@@ -303,12 +303,25 @@ def cached_attention(
     (decided on the device: the cache then holds nothing the chunk could see).
     """
     t = q.shape[1]
-    if prefix_keys and t >= FUSED_MIN_TOKENS and fused_attention_applies(q, softcap):
-        try:
-            return _fused_where_fresh(q, k, v, positions, lengths, key_valid, cache, scale=scale, window=window)
-        except (NotImplementedError, ValueError, RuntimeError) as err:  # cuDNN's own checks, at trace time
-            _log.warning("cuDNN fused attention refused this layer (%s); it runs on the XLA path", err)
+    if (
+        prefix_keys
+        and t >= FUSED_MIN_TOKENS
+        and fused_attention_applies(q, softcap)
+        and _cudnn_accepts(q, k, v, lengths)
+    ):
+        return _fused_where_fresh(q, k, v, positions, lengths, key_valid, cache, scale=scale, window=window)
     return _chunk_attention(q, k, v, positions, lengths, key_valid, cache, scale=scale, softcap=softcap, window=window)
+
+
+def _cudnn_accepts(q, k, v, lengths) -> bool:
+    """Whether cuDNN's own checks (run when the call is traced: version, head dim, layout) accept
+    these shapes; a layer they refuse runs on the XLA path, and says so."""
+    try:
+        jax.eval_shape(lambda *a: fused_causal_attention(*a, scale=1.0), q, k, v, lengths)
+    except (NotImplementedError, ValueError, RuntimeError) as err:
+        _log.warning("cuDNN fused attention refused this layer (%s); it runs on the XLA path", err)
+        return False
+    return True
 
 
 def _fused_where_fresh(q, k, v, positions, lengths, key_valid, cache, *, scale, window):

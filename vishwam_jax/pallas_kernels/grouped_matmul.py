@@ -59,10 +59,11 @@ def resolve_implementation(implementation: str | None = None) -> str:
     return impl
 
 
-def has_block_scaled_kernel(block: tuple[int, int]) -> bool:
-    """Whether the backend in use multiplies float8 weights in `block`s as stored (the GPU kernel,
-    also in interpret mode), rather than dequantizing them first."""
-    return resolve_implementation() in ("pallas_gpu", "pallas_interpret") and _gmm_gpu.supports_block(block)
+def has_block_scaled_kernel(block: tuple[int, int], implementation: str | None = None) -> bool:
+    """Whether the backend multiplies float8 operands in `block`s as stored (the GPU kernels, also in
+    interpret mode), rather than dequantizing them first."""
+    impl = resolve_implementation(implementation)
+    return impl in ("pallas_gpu", "pallas_interpret") and _gmm_gpu.supports_block(block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def _gmm_forward(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl, b
             preferred_element_type=out_dtype,
         )  # fmt: skip
     if block is not None:
-        if impl in ("pallas_gpu", "pallas_interpret") and _gmm_gpu.supports_block(block):
+        if has_block_scaled_kernel(block, impl):
             return _gmm_gpu.gmm_block_scaled(
                 lhs, rhs, group_sizes, scale, block=block, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
                 interpret=impl == "pallas_interpret",
@@ -363,7 +364,7 @@ def gmm_fp8(
     out_dtype = jnp.dtype(preferred_element_type)
     impl = resolve_implementation(implementation)
     group_sizes = group_sizes.astype(jnp.int32)
-    if impl in ("pallas_gpu", "pallas_interpret") and _gmm_gpu.supports_block(block):
+    if has_block_scaled_kernel(block, impl):
         return _gmm_gpu.gmm_block_scaled(
             lhs, rhs, group_sizes, scale, block=block, lhs_scale=lhs_scale, transpose_rhs=transpose_rhs,
             out_dtype=out_dtype, interpret=impl == "pallas_interpret",
@@ -400,7 +401,7 @@ def tgmm_fp8(
     impl = resolve_implementation(implementation)
     group_sizes = group_sizes.astype(jnp.int32)
     out_dtype = jnp.dtype(preferred_element_type)
-    if impl in ("pallas_gpu", "pallas_interpret") and _gmm_gpu.supports_block((tile, tile)):
+    if has_block_scaled_kernel((tile, tile), impl):
         return _gmm_gpu.tgmm_fp8(
             lhs, lhs_scale, grad, grad_scale, group_sizes, tile=tile, out_dtype=out_dtype,
             interpret=impl == "pallas_interpret",

@@ -352,7 +352,8 @@ def _gmm_k_loop_block_scaled(
     accumulated, the "promotion" of DeepSeek's FP8 GEMMs. Weight-only (`lhs_scale_ref` None): the
     tile is widened to the activation dtype in registers, so the weights cross HBM at one byte each.
     With `lhs_scale_ref` ([ceil(k/b_k), m]: lhs in 1 x b_k tiles along K) both operands stay float8
-    and the product runs on the FP8 tensor cores.
+    and the product runs on the FP8 tensor cores. Masked lanes load a float 0.0: Pallas' Triton
+    lowering has no integer-to-float8 cast (tests/test_gpu_lowering.py).
     """
     bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
     block_k, block_n = (block[1], block[0]) if transpose_rhs else block
@@ -365,15 +366,15 @@ def _gmm_k_loop_block_scaled(
         k0 = i * bk
         k_blk = k0 // block_k
         kk_row = k0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        a = plgpu.load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=row_ok & (kk_row < k), other=0)
+        a = plgpu.load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=row_ok & (kk_row < k), other=0.0)
         if transpose_rhs:  # rhs block [bn, bk]; blocks [n / b0, k / b1]
             n_ok = col0 + lax.broadcasted_iota(jnp.int32, (bn, 1), 0) < n
-            b = plgpu.load(rhs_ref.at[group, pl.ds(col0, bn), pl.ds(k0, bk)], mask=n_ok & (kk_row < k), other=0)
+            b = plgpu.load(rhs_ref.at[group, pl.ds(col0, bn), pl.ds(k0, bk)], mask=n_ok & (kk_row < k), other=0.0)
             w_scale = scale_ref[group, n_blk, k_blk]
             dims = (((1,), (1,)), ((), ()))
         else:  # rhs block [bk, bn]; blocks [k / b0, n / b1]
             kk_col = k0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
-            b = plgpu.load(rhs_ref.at[group, pl.ds(k0, bk), pl.ds(col0, bn)], mask=(kk_col < k) & n_ok_row, other=0)
+            b = plgpu.load(rhs_ref.at[group, pl.ds(k0, bk), pl.ds(col0, bn)], mask=(kk_col < k) & n_ok_row, other=0.0)
             w_scale = scale_ref[group, k_blk, n_blk]
             dims = (((1,), (0,)), ((), ()))
         if lhs_scale_ref is None:
@@ -645,8 +646,8 @@ def _tgmm_fp8_kernel(
         t = first + i
         rows = t * tile + lax.broadcasted_iota(jnp.int32, (tile, 1), 0)
         row_ok = (rows >= start) & (rows < end)
-        a = plgpu.load(lhs_ref.at[pl.ds(t * tile, tile), pl.ds(k0, bk)], mask=row_ok & (kk < k), other=0)
-        b = plgpu.load(grad_ref.at[pl.ds(t * tile, tile), pl.ds(col0, bn)], mask=row_ok & (cols < n), other=0)
+        a = plgpu.load(lhs_ref.at[pl.ds(t * tile, tile), pl.ds(k0, bk)], mask=row_ok & (kk < k), other=0.0)
+        b = plgpu.load(grad_ref.at[pl.ds(t * tile, tile), pl.ds(col0, bn)], mask=row_ok & (cols < n), other=0.0)
         sa = plgpu.load(lhs_scale_ref.at[t, pl.ds(k0, bk)], mask=kk_1d < k, other=0.0)
         sb = plgpu.load(grad_scale_ref.at[t, pl.ds(col0, bn)], mask=cols_1d < n, other=0.0)
         partial = lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)

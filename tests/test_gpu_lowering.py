@@ -1,0 +1,125 @@
+"""Every Pallas GPU kernel lowers through Pallas' Triton rules on this CPU, for a CUDA target.
+
+Interpret mode runs a kernel's semantics but never its Triton lowering, and an op that the lowering
+lacks (a float8 load whose masked lanes take an integer 0, for one) only fails on a GPU. Lowering
+needs no GPU; compiling the Triton module does, so that part stays with the GPU benchmarks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from vishwam_jax.pallas_kernels import grouped_matmul, mla_attention
+
+G, K, N = 4, 512, 1024
+E4M3 = jnp.float8_e4m3fn
+
+
+def triton_calls(fn, *args) -> int:
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return text.count("xla.gpu.triton")
+
+
+def zeros(*shape, dtype=jnp.bfloat16):
+    return jnp.zeros(shape, dtype)
+
+
+def rows(m: int):
+    return jnp.full((G,), m // G, jnp.int32)
+
+
+def _summed(fn):
+    return lambda *a: fn(*a).astype(jnp.float32).sum()  # value_and_grad of it keeps the forward kernels too
+
+
+GMM = dict(implementation="pallas_gpu")
+CASES = {
+    # name: (function, arguments, Triton calls at least)
+    "gmm bf16, decode": (
+        lambda x, w, gs: grouped_matmul.gmm(x, w, gs, **GMM),
+        (zeros(8, K), zeros(G, K, N), rows(8)),
+        1,
+    ),
+    "gmm bf16, forward and both gradients": (
+        jax.value_and_grad(_summed(lambda x, w, gs: grouped_matmul.gmm(x, w, gs, **GMM)), argnums=(0, 1)),
+        (zeros(512, K), zeros(G, K, N), rows(512)),
+        3,
+    ),
+    "gmm int8 weights": (
+        lambda x, w, s, gs: grouped_matmul.gmm(x, w, gs, rhs_scale=s, **GMM),
+        (zeros(8, K), zeros(G, K, N, dtype=jnp.int8), zeros(G, 1, N, dtype=jnp.float32), rows(8)),
+        1,
+    ),
+    "gmm fp8 weights [k, n], forward and lhs gradient": (
+        jax.value_and_grad(
+            _summed(lambda x, w, s, gs: grouped_matmul.gmm(x, w, gs, rhs_scale=s, rhs_scale_block=(128, 128), **GMM))
+        ),
+        (zeros(8, K), zeros(G, K, N, dtype=E4M3), zeros(G, K // 128, N // 128, dtype=jnp.float32), rows(8)),
+        2,
+    ),
+    "gmm fp8 weights [n, k]": (
+        lambda x, w, s, gs: grouped_matmul.gmm(
+            x, w, gs, rhs_scale=s, rhs_scale_block=(128, 128), transpose_rhs=True, **GMM
+        ),
+        (zeros(8, K), zeros(G, N, K, dtype=E4M3), zeros(G, N // 128, K // 128, dtype=jnp.float32), rows(8)),
+        1,
+    ),
+    "gmm_fp8 (both operands float8)": (
+        lambda x, xs, w, s, gs: grouped_matmul.gmm_fp8(x, xs, w, s, gs, **GMM),
+        (
+            zeros(512, K, dtype=E4M3),
+            zeros(512, K // 128, dtype=jnp.float32),
+            zeros(G, K, N, dtype=E4M3),
+            zeros(G, K // 128, N // 128, dtype=jnp.float32),
+            rows(512),
+        ),
+        1,
+    ),
+    "tgmm_fp8": (
+        lambda x, xs, dy, dys, gs: grouped_matmul.tgmm_fp8(x, xs, dy, dys, gs, **GMM),
+        (
+            zeros(512, K, dtype=E4M3),
+            zeros(512 // 128, K, dtype=jnp.float32),
+            zeros(512, N, dtype=E4M3),
+            zeros(512 // 128, N, dtype=jnp.float32),
+            rows(512),
+        ),
+        1,
+    ),
+    "mla decode, paged": (
+        lambda q, c, n, t: mla_attention.mla_decode(
+            q, c, n, softmax_scale=0.1, block_table=t, implementation="pallas_gpu"
+        )[0],
+        (zeros(2, 1, 16, 576), zeros(8, 64, 576), jnp.array([70, 5], jnp.int32), jnp.zeros((2, 4), jnp.int32)),
+        1,
+    ),
+    "mla prefill, forward and gradients": (
+        jax.value_and_grad(
+            _summed(lambda q, k, v: mla_attention.mla_prefill(q, k, v, softmax_scale=0.1, implementation="pallas_gpu")),
+            argnums=(0, 1, 2),
+        ),
+        (zeros(1, 128, 4, 192), zeros(1, 128, 4, 192), zeros(1, 128, 4, 128)),
+        3,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_lowers_for_a_gpu(name):
+    fn, args, at_least = CASES[name]
+    assert triton_calls(fn, *args) >= at_least
+
+
+def test_fp8_training_gemms_lower_to_the_kernels(monkeypatch):
+    """FP8 training's dense and grouped GEMMs, forward and backward, all on Triton kernels."""
+    from vishwam_jax.quantization import fp8_training
+
+    monkeypatch.setenv(grouped_matmul.ENV_VAR, "pallas_gpu")
+    x = zeros(256, K)
+    dense = jax.value_and_grad(_summed(fp8_training.fp8_matmul), argnums=(0, 1))
+    assert triton_calls(dense, x, zeros(K, N, dtype=jnp.float32)) >= 3
+    sizes = jnp.array([100, 0, 56, 100], jnp.int32)
+    grouped = jax.value_and_grad(_summed(lambda x, w: fp8_training.fp8_grouped_matmul(x, w, sizes)), argnums=(0, 1))
+    assert triton_calls(grouped, x, zeros(G, K, N, dtype=jnp.float32)) >= 3

@@ -123,3 +123,16 @@ def test_fp8_training_gemms_lower_to_the_kernels(monkeypatch):
     sizes = jnp.array([100, 0, 56, 100], jnp.int32)
     grouped = jax.value_and_grad(_summed(lambda x, w: fp8_training.fp8_grouped_matmul(x, w, sizes)), argnums=(0, 1))
     assert triton_calls(grouped, x, zeros(G, K, N, dtype=jnp.float32)) >= 3
+
+
+@pytest.mark.parametrize("name", ["gmm_fp8 (both operands float8)", "tgmm_fp8"])
+def test_fp8_products_may_use_the_fp8_tensor_cores(name):
+    """Each float8 dot lets Triton accumulate its own K step imprecisely (max_num_imprecise_acc =
+    that step), without which Triton widens both operands to float16 for the older mma."""
+    from vishwam_jax.utils import kernel_inspection
+
+    fn, args, _ = CASES[name]
+    modules = kernel_inspection.triton_modules(fn, *args)
+    assert modules and all(warps > 0 and stages > 0 for _, _, warps, stages in modules)
+    dots = [line for _, text, _, _ in modules for line in text.splitlines() if "tt.dot" in line]
+    assert dots and all("maxNumImpreciseAcc = " in line and "f8E4M3FN" in line for line in dots)

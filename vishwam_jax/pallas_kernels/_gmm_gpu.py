@@ -24,6 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
+from vishwam_jax.pallas_kernels._fp8_dot import fp8_dot
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
@@ -382,7 +384,7 @@ def _gmm_k_loop_block_scaled(
                 a.astype(compute_dtype), b.astype(compute_dtype), dims, preferred_element_type=jnp.float32
             )
             return acc + partial * w_scale
-        partial = lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+        partial = fp8_dot(a, b, (dims[0][0][0], dims[0][1][0]))
         a_scale = plgpu.load(lhs_scale_ref.at[k_blk, pl.ds(row0, bm)], mask=row_ok_1d, other=0.0)
         return acc + partial * (a_scale[:, None] * w_scale)
 
@@ -650,7 +652,7 @@ def _tgmm_fp8_kernel(
         b = plgpu.load(grad_ref.at[pl.ds(t * tile, tile), pl.ds(col0, bn)], mask=row_ok & (cols < n), other=0.0)
         sa = plgpu.load(lhs_scale_ref.at[t, pl.ds(k0, bk)], mask=kk_1d < k, other=0.0)
         sb = plgpu.load(grad_scale_ref.at[t, pl.ds(col0, bn)], mask=cols_1d < n, other=0.0)
-        partial = lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        partial = fp8_dot(a, b, (0, 0))
         return acc + partial * (sa[:, None] * sb[None, :])
 
     acc = lax.fori_loop(0, n_tiles, body, jnp.zeros((bk, bn), jnp.float32))

@@ -509,17 +509,6 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args, rhs_fp8=None) -> dict:
         row.update(int8_ms=t8 * 1e3, int8_weight_GBps=weight_bytes / 2 / t8 / 1e9)
         if device_us:
             row["int8_dev_us"] = device_us(f_ours, lhs, rhs_int8, gs, scale)
-        # The other way of widening int8 tiles in registers (conversion instructions or bit tricks).
-        cfg8 = _gmm_gpu.gmm_config(p.m, p.k, p.n, p.g, 2, 1)
-        other = next(w for w in _gmm_gpu.INT8_WIDENINGS if w != cfg8.int8_widening)
-        f_other = jax.jit(functools.partial(ours, config=dataclasses.replace(cfg8, int8_widening=other)))
-        err_other = spot_check(f_other(lhs, rhs_int8, gs, scale), lhs, rhs_int8, sizes, scale.reshape(p.g, p.n))
-        if not err_other < 2e-2:
-            row["FAIL"] = f"int8 ({other} widening) mismatch: rel err {err_other:.3g}"
-        row["int8_other_widening"] = other
-        row["int8_other_ms"] = time_fn(f_other, lhs, rhs_int8, gs, scale, budget_s=budget) * 1e3
-        if device_us:
-            row["int8_other_dev_us"] = device_us(f_other, lhs, rhs_int8, gs, scale)
 
     if rhs_fp8 is not None:
         values, blocks = rhs_fp8
@@ -750,7 +739,7 @@ def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
         )
     log(
         f"\nDecode sizes (weights read per call; read bandwidth measured in this run: {read_bw / 1e9:.0f} GB/s, "
-        "reads only)"
+        "read + write)"
     )
     default_tiling = "group-aligned" if _gmm_gpu.DECODE_GROUP_ALIGNED else "grid"
     log(
@@ -782,25 +771,22 @@ def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
         )
         log(
             "| shape | M | active experts | ours µs | weight GB/s | / read BW | int8 µs | int8 weight GB/s "
-            "| int8 / read BW | int8, other widening: µs / read BW | fp8 µs | fp8 weight GB/s | fp8 / read BW "
-            "| bf16 µs / fp8 µs | ragged_dot µs | mgpu example µs |"
+            "| int8 / read BW | fp8 µs | fp8 weight GB/s | fp8 / read BW | bf16 µs / fp8 µs "
+            "| ragged_dot µs | mgpu example µs |"
         )
-        log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sorted(dev, key=lambda r: (r["shape"], r["m"])):
             wbytes = r["weight_bytes"]
             # A trace without device lines (CPU) gives 0 µs: no rate then.
             gbps = wbytes / r["ours_dev_us"] / 1e3 if r["ours_dev_us"] else None
             i8 = r.get("int8_dev_us")
             i8_gbps = wbytes / 2 / i8 / 1e3 if i8 else None
-            i8o = r.get("int8_other_dev_us")
-            i8o_bw = wbytes / 2 / i8o * 1e6 / read_bw if i8o else None
-            other = f"{r['int8_other_widening']}: {i8o:.1f} / {i8o_bw:.2f}" if i8o else "—"
             f8 = r.get("fp8_dev_us")
             f8_gbps = wbytes / 2 / f8 / 1e3 if f8 else None
             log(
                 f"| {r['shape']} | {r['m']} | {r['active']} | {r['ours_dev_us']:.1f} | {fmt(gbps)} | "
                 f"{fmt(gbps and gbps * 1e9 / read_bw, '.2f')} | "
-                f"{fmt(i8, '.1f')} | {fmt(i8_gbps)} | {fmt(i8_gbps and i8_gbps * 1e9 / read_bw, '.2f')} | {other} | "
+                f"{fmt(i8, '.1f')} | {fmt(i8_gbps)} | {fmt(i8_gbps and i8_gbps * 1e9 / read_bw, '.2f')} | "
                 f"{fmt(f8, '.1f')} | {fmt(f8_gbps)} | {fmt(f8_gbps and f8_gbps * 1e9 / read_bw, '.2f')} | "
                 f"{fmt(f8 and r['ours_dev_us'] / f8, '.2f')} | "
                 f"{fmt(r.get('ragged_dot_dev_us'), '.1f')} | {fmt(r.get('mgpu_dev_us'), '.1f')} |"

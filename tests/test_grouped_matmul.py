@@ -3,7 +3,6 @@ path and the gradients, all against the plain-jnp reference on small awkward sha
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -255,68 +254,6 @@ def test_int8_pair_packing(dtype, monkeypatch):
     assert rel_err(out, numpy_gmm(lhs, rhs, sizes, scale=scale)) < TOL[jnp.dtype(dtype)]
     with pytest.raises(NotImplementedError, match="32-bit offsets"):
         _gmm_gpu.gmm(lhs, rhs.swapaxes(1, 2), gs, transpose_rhs=True, config=TINY, interpret=True)
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
-def test_int8_widening_by_bits_is_exact(dtype):
-    """Every int8 value, held as int8 or int16 (the pair path), widens to the same float either way."""
-    values = np.arange(-128, 128)
-    for stored in (jnp.int8, jnp.int16):
-        w = jnp.asarray(values.reshape(16, 16), stored)
-        for widening in _gmm_gpu.INT8_WIDENINGS:
-            got = _gmm_gpu.widen_int8(w, dtype, widening)
-            assert got.dtype == dtype
-            np.testing.assert_array_equal(np.asarray(got, np.float64), values.reshape(16, 16))
-    with pytest.raises(ValueError, match="int8 widening"):
-        _gmm_gpu.widen_int8(jnp.zeros((2,), jnp.int8), jnp.bfloat16, "fast")
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("path", ["plain", "transposed", "int16 pairs"])
-def test_int8_widenings_give_the_same_kernel_output(dtype, path, monkeypatch):
-    """The "bits" widening in the kernel (interpret mode), on every int8 path: bit-identical to the
-    conversion, and right against the float64 oracle."""
-    if path == "int16 pairs":
-        monkeypatch.setattr(_gmm_gpu, "INT8_PACK_ABOVE", 0)
-    m, k, n, sizes = SHAPES["m_not_block_multiple_ragged_k_n"]
-    n = 2 * n + 2
-    transpose = path == "transposed"
-    lhs, rhs, gs, scale = make(m, k, n, sizes, dtype, transpose, int8=True)
-    outs = [
-        _gmm_gpu.gmm(
-            lhs,
-            rhs,
-            gs,
-            transpose_rhs=transpose,
-            rhs_scale=scale.reshape(len(sizes), n),
-            config=dataclasses.replace(TINY, int8_widening=widening),
-            interpret=True,
-        )  # fmt: skip
-        for widening in _gmm_gpu.INT8_WIDENINGS
-    ]
-    np.testing.assert_array_equal(np.asarray(outs[0], np.float32), np.asarray(outs[1], np.float32))
-    assert rel_err(outs[1], numpy_gmm(lhs, rhs, sizes, transpose, scale)) < TOL[jnp.dtype(dtype)]
-
-
-@pytest.mark.parametrize("packed", [False, True])
-def test_int8_bits_widening_lowers_to_triton_without_an_int_to_float_conversion(packed, monkeypatch):
-    """The kernel lowers through Pallas' Triton rules on a CPU (lowering only: no GPU compile). With
-    "bits" its module has no sitofp, the conversion that capped int8 streaming; with "convert" it has."""
-    if packed:
-        monkeypatch.setattr(_gmm_gpu, "INT8_PACK_ABOVE", 0)
-    lhs = jnp.zeros((8, 256), jnp.bfloat16)
-    rhs = jnp.zeros((4, 256, 512), jnp.int8)
-    gs, scale = jnp.full((4,), 2, jnp.int32), jnp.ones((4, 512), jnp.float32)
-
-    def triton_ir(widening: str) -> str:
-        cfg = dataclasses.replace(_gmm_gpu.gmm_config(8, 256, 512, 4, 2, 1), int8_widening=widening)
-        f = jax.jit(lambda *a: _gmm_gpu.gmm(*a[:3], rhs_scale=a[3], config=cfg))
-        text = f.trace(lhs, rhs, gs, scale).lower(lowering_platforms=("cuda",)).as_text()
-        assert "xla.gpu.triton" in text
-        return text
-
-    assert "sitofp" in triton_ir("convert")
-    assert "sitofp" not in triton_ir("bits")
 
 
 def test_preferred_element_type():

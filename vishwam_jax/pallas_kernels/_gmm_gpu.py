@@ -36,32 +36,6 @@ class BlockConfig:
     num_stages: int = 3
     band: int = 8  # work items visited together before moving to the next N block (L2 reuse)
     group_aligned: bool = False  # tiles start at each group's first row instead of the global grid
-    int8_widening: str = "convert"  # how int8 weight tiles become the compute dtype: see `widen_int8`
-
-
-# int8 -> bf16 is an integer-to-float conversion (s8 -> f32 -> bf16 in Triton's lowering), which
-# Hopper issues at a quarter of the integer ALU's rate or less: about 2e12 weights/s on an H200,
-# the ~2 TB/s at which int8 decode rows stalled. "bits" builds the same values with integer adds,
-# one float subtraction and shifts instead: adding a small integer to the bits of 1.5 * 2**23 (whose
-# float32 ulp is 1) adds it to the value, and an int8 value has at most 8 significant bits, so its
-# float32 is a bf16 followed by 16 zero bits.
-_FLOAT32_MAGIC = 12582912.0  # 1.5 * 2**23
-_FLOAT32_MAGIC_BITS = 0x4B400000
-INT8_WIDENINGS = ("convert", "bits")
-
-
-def widen_int8(w: Array, dtype, widening: str = "convert") -> Array:
-    """Integer weights holding int8 values (of any integer dtype) as `dtype`, exactly."""
-    if widening == "convert" or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
-        return w.astype(dtype)
-    if widening != "bits":
-        raise ValueError(f"int8 widening {widening!r} is not one of {INT8_WIDENINGS}")
-    biased = w.astype(jnp.int32) + jnp.int32(_FLOAT32_MAGIC_BITS)
-    value = lax.bitcast_convert_type(biased, jnp.float32) - jnp.float32(_FLOAT32_MAGIC)
-    if jnp.dtype(dtype) == jnp.dtype(jnp.float32):
-        return value
-    top = lax.shift_right_arithmetic(lax.bitcast_convert_type(value, jnp.int32), jnp.int32(16))
-    return lax.bitcast_convert_type(top.astype(jnp.int16), jnp.bfloat16)
 
 
 def _pow2_at_least(x: int, floor: int = 16) -> int:
@@ -335,7 +309,6 @@ def _gmm_k_loop(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k, n, cfg
             rhs_mask = (kk_col < k) & col_ok if ragged_k else col_ok
             b = plgpu.load(rhs_ref.at[group, pl.ds(k0, bk), pl.ds(col0, bn)], mask=rhs_mask, other=0)
             dims = (((1,), (0,)), ((), ()))
-        b = widen_int8(b, compute_dtype, cfg.int8_widening) if jnp.issubdtype(b.dtype, jnp.integer) else b
         return acc + lax.dot_general(
             a.astype(compute_dtype), b.astype(compute_dtype), dims, preferred_element_type=jnp.float32
         )
@@ -406,7 +379,6 @@ def _gmm_k_loop_packed(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k,
     row_ok = rows < m
     pair_ok = pair0 + lax.broadcasted_iota(jnp.int32, (1, bn2), 1) < n2
     eight = jnp.int16(8)
-    widening = cfg.int8_widening
 
     def body(i, accs):
         acc_even, acc_odd = accs
@@ -415,12 +387,12 @@ def _gmm_k_loop_packed(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k,
         kk_col = k0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
         a = plgpu.load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=row_ok & (kk_row < k), other=0)
         w = plgpu.load(rhs_ref.at[group, pl.ds(k0, bk), pl.ds(pair0, bn2)], mask=(kk_col < k) & pair_ok, other=0)
-        even = widen_int8(lax.shift_right_arithmetic(lax.shift_left(w, eight), eight), compute_dtype, widening)
-        odd = widen_int8(lax.shift_right_arithmetic(w, eight), compute_dtype, widening)
+        even = lax.shift_right_arithmetic(lax.shift_left(w, eight), eight)
+        odd = lax.shift_right_arithmetic(w, eight)
         a = a.astype(compute_dtype)
         dims = (((1,), (0,)), ((), ()))
-        acc_even += lax.dot_general(a, even, dims, preferred_element_type=jnp.float32)
-        acc_odd += lax.dot_general(a, odd, dims, preferred_element_type=jnp.float32)
+        acc_even += lax.dot_general(a, even.astype(compute_dtype), dims, preferred_element_type=jnp.float32)
+        acc_odd += lax.dot_general(a, odd.astype(compute_dtype), dims, preferred_element_type=jnp.float32)
         return acc_even, acc_odd
 
     zeros = jnp.zeros((bm, bn2), jnp.float32)

@@ -739,7 +739,7 @@ def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
         )
     log(
         f"\nDecode sizes (weights read per call; read bandwidth measured in this run: {read_bw / 1e9:.0f} GB/s, "
-        "read + write)"
+        "reads only)"
     )
     default_tiling = "group-aligned" if _gmm_gpu.DECODE_GROUP_ALIGNED else "grid"
     log(

@@ -50,7 +50,8 @@ def triton_modules(fn: Callable, *args) -> list[tuple[str, str, int, int]]:
     """(name, Triton module text, num_warps, num_stages) of each Pallas Triton kernel in `fn`,
     lowered for a CUDA target (no GPU needed)."""
     with _capturing_triton_modules() as captured:
-        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        # A fresh function: jit caches lowerings by function, and a cached one would lower nothing.
+        text = jax.jit(lambda *a: fn(*a)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     # The launch parameters live on the custom calls, in the order the kernels were lowered.
     params = re.findall(r"num_stages = (\d+) : i32, num_warps = (\d+) : i32", text)
     if len(params) < len(captured):

@@ -459,6 +459,40 @@ def mgpu_config(p: Problem, fn) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def k_major_device_us(lhs, gs, rhs_int8, scale, rhs_fp8, device_us) -> dict:
+    """Device µs of the int8 and fp8 decode products with the weights stored K-major ([g, n, k], as
+    DeepSeek-V3 ships them) instead of our [g, k, n], checked against the [g, k, n] result.
+
+    Compiled for sm_90 (scripts/kernel_sass.py), a [g, k, n] 1-byte tile reaches the tensor cores by
+    one shared-memory load per byte (ldmatrix cannot transpose 8-bit elements), a K-major one by
+    ldmatrix and 16-byte global loads; this times whether that decides the streaming rate."""
+    row = {}
+    variants = []
+    if rhs_int8 is not None:
+        variants.append(("int8", rhs_int8, dict(rhs_scale=scale), dict(rhs_scale=scale.swapaxes(1, 2))))
+    if rhs_fp8 is not None:
+        values, blocks = rhs_fp8
+        block = dict(rhs_scale_block=FP8_BLOCK)
+        variants.append(
+            ("fp8", values, dict(rhs_scale=blocks, **block), dict(rhs_scale=blocks.swapaxes(1, 2), **block))
+        )
+    for name, values, kn_args, nk_args in variants:
+        f_kn = jax.jit(lambda x, w, g, kw=kn_args: grouped_matmul.gmm(x, w, g, implementation=IMPL, **kw))
+        f_nk = jax.jit(
+            lambda x, w, g, kw=nk_args: grouped_matmul.gmm(x, w, g, transpose_rhs=True, implementation=IMPL, **kw)
+        )
+        try:
+            k_major = jax.block_until_ready(values.swapaxes(1, 2))
+            err = rel_err(f_nk(lhs, k_major, gs), f_kn(lhs, values, gs))
+            if not err < 1e-2:
+                row["FAIL"] = f"{name} K-major mismatch: rel err {err:.3g}"
+            row[f"{name}_k_major_dev_us"] = device_us(f_nk, lhs, k_major, gs)
+        except NotImplementedError as e:  # int8 of 2**31..2**32 elements: only [g, k, n] pairs
+            row[f"{name}_k_major"] = "n/a: " + short(e)
+        k_major = None
+    return row
+
+
 def run_problem(p: Problem, rhs, rhs_int8, scale, args, rhs_fp8=None) -> dict:
     sizes = group_sizes_for(p, seed=p.m + p.g)
     gs = jnp.asarray(sizes)
@@ -529,6 +563,9 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args, rhs_fp8=None) -> dict:
                 row["FAIL"] = f"fp8 mismatch: rel err {err_f:.3g}"
             tf = time_fn(OURS_FP8_JIT, lhs, values, gs, blocks, budget_s=budget)
             row.update(fp8_ms=tf * 1e3, fp8_tflops=flops / tf / 1e12)
+
+    if p.decode and device_us:
+        row.update(k_major_device_us(lhs, gs, rhs_int8, scale, rhs_fp8, device_us))
 
     if ragged_dot_bytes(p) > RAGGED_DOT_MAX_BYTES:
         row["ragged_dot"] = f"skipped (XLA would allocate {ragged_dot_bytes(p) / 2**30:.0f} GiB)"
@@ -772,9 +809,9 @@ def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
         log(
             "| shape | M | active experts | ours µs | weight GB/s | / read BW | int8 µs | int8 weight GB/s "
             "| int8 / read BW | fp8 µs | fp8 weight GB/s | fp8 / read BW | bf16 µs / fp8 µs "
-            "| ragged_dot µs | mgpu example µs |"
+            "| K-major int8 µs / read BW | K-major fp8 µs / read BW | ragged_dot µs | mgpu example µs |"
         )
-        log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sorted(dev, key=lambda r: (r["shape"], r["m"])):
             wbytes = r["weight_bytes"]
             # A trace without device lines (CPU) gives 0 µs: no rate then.
@@ -783,12 +820,17 @@ def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
             i8_gbps = wbytes / 2 / i8 / 1e3 if i8 else None
             f8 = r.get("fp8_dev_us")
             f8_gbps = wbytes / 2 / f8 / 1e3 if f8 else None
+
+            def k_major(name, r=r, wbytes=wbytes):
+                us = r.get(f"{name}_k_major_dev_us")
+                return f"{us:.1f} / {wbytes / 2 / us * 1e6 / read_bw:.2f}" if us else r.get(f"{name}_k_major", "—")
+
             log(
                 f"| {r['shape']} | {r['m']} | {r['active']} | {r['ours_dev_us']:.1f} | {fmt(gbps)} | "
                 f"{fmt(gbps and gbps * 1e9 / read_bw, '.2f')} | "
                 f"{fmt(i8, '.1f')} | {fmt(i8_gbps)} | {fmt(i8_gbps and i8_gbps * 1e9 / read_bw, '.2f')} | "
                 f"{fmt(f8, '.1f')} | {fmt(f8_gbps)} | {fmt(f8_gbps and f8_gbps * 1e9 / read_bw, '.2f')} | "
-                f"{fmt(f8 and r['ours_dev_us'] / f8, '.2f')} | "
+                f"{fmt(f8 and r['ours_dev_us'] / f8, '.2f')} | {k_major('int8')} | {k_major('fp8')} | "
                 f"{fmt(r.get('ragged_dot_dev_us'), '.1f')} | {fmt(r.get('mgpu_dev_us'), '.1f')} |"
             )
     failed = [r for r in rows if "ours_ms" not in r]

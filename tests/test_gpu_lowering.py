@@ -12,14 +12,14 @@ import jax.numpy as jnp
 import pytest
 
 from vishwam_jax.pallas_kernels import grouped_matmul, mla_attention
+from vishwam_jax.utils import kernel_inspection
 
 G, K, N = 4, 512, 1024
 E4M3 = jnp.float8_e4m3fn
 
 
 def triton_calls(fn, *args) -> int:
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    return text.count("xla.gpu.triton")
+    return kernel_inspection.lower_for_cuda(fn, *args).count("xla.gpu.triton")
 
 
 def zeros(*shape, dtype=jnp.bfloat16):
@@ -129,8 +129,6 @@ def test_fp8_training_gemms_lower_to_the_kernels(monkeypatch):
 def test_fp8_products_may_use_the_fp8_tensor_cores(name):
     """Each float8 dot lets Triton accumulate its own K step imprecisely (max_num_imprecise_acc =
     that step), without which Triton widens both operands to float16 for the older mma."""
-    from vishwam_jax.utils import kernel_inspection
-
     fn, args, _ = CASES[name]
     modules = kernel_inspection.triton_modules(fn, *args)
     assert modules and all(warps > 0 and stages > 0 for _, _, warps, stages in modules)

@@ -46,12 +46,32 @@ def _capturing_triton_modules() -> Iterator[list[tuple[str, str]]]:
         lowering.lower_jaxpr_to_triton_module = original
 
 
+# jax >= 0.11 looks the GPU up when it lowers a Triton kernel; without one it takes the target from
+# an abstract mesh's device. Lowering only reads its kind.
+_HOPPER = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+
+
+def lower_for_cuda(fn: Callable, *args) -> str:
+    """The StableHLO text of `fn` lowered for a CUDA GPU, on any machine (Triton kernels included)."""
+
+    def lower():
+        # A fresh function: jit caches lowerings by function, and a cached one would lower no kernel.
+        return jax.jit(lambda *a: fn(*a)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    try:
+        return lower()
+    except RuntimeError as err:
+        if "abstract GPU" not in str(err):
+            raise
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=_HOPPER)):
+        return lower()
+
+
 def triton_modules(fn: Callable, *args) -> list[tuple[str, str, int, int]]:
     """(name, Triton module text, num_warps, num_stages) of each Pallas Triton kernel in `fn`,
     lowered for a CUDA target (no GPU needed)."""
     with _capturing_triton_modules() as captured:
-        # A fresh function: jit caches lowerings by function, and a cached one would lower nothing.
-        text = jax.jit(lambda *a: fn(*a)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        text = lower_for_cuda(fn, *args)
     # The launch parameters live on the custom calls, in the order the kernels were lowered.
     params = re.findall(r"num_stages = (\d+) : i32, num_warps = (\d+) : i32", text)
     if len(params) < len(captured):

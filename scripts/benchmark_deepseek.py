@@ -165,10 +165,12 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--quantize",
         nargs="+",
-        choices=["none", "fp8", "int8"],
+        choices=["none", "fp8", "fp8-activations", "int8"],
         default=["none"],
         help="weight formats to time in turn: none (bf16), fp8 (e4m3 in 128 x 128 blocks, DeepSeek's release "
-        "format, read by the block-scaled kernel), int8 (per output channel); random values either way",
+        "format, read by the block-scaled kernel; activations bf16), fp8-activations (the same weights, every "
+        "product's input in 1 x 128 float8 tiles too: DeepSeek's inference numerics), int8 (per output "
+        "channel); random values either way",
     )
     ap.add_argument("--json", help="also write the results here (rewritten after every row)")
     args = ap.parse_args(argv)
@@ -190,6 +192,7 @@ def main(argv=None) -> None:
         eos_token_id=-1,
     )
     config = fit_to_memory(config, dev, args.headroom_gib * 2**30)
+    float_config = config
     moe_layers = config.num_layers - config.num_dense_layers
     result = None
     for quant in args.quantize:
@@ -197,8 +200,8 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         # Per-layer buffers: what vj.load serves with on GPUs (models/stack.py: XLA copies a scanned layer's slices).
         per_layer = jax.default_backend() == "gpu" if args.layers_form == "auto" else args.layers_form == "per-layer"
-        float_config = config
-        config = float_config if quant == "none" else replace(float_config, quantization=quant)
+        weights, activations = ("fp8", "fp8") if quant == "fp8-activations" else (quant, "none")
+        config = replace(float_config, quantization=weights, quantization_activations=activations)
         graphdef, params = random_params(config, jnp.bfloat16, per_layer=per_layer)
         params = jax.block_until_ready(params)
         param_bytes = tree_bytes(params)

@@ -555,6 +555,12 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args, rhs_fp8=None) -> dict:
             row.update(fp8_ms=tf * 1e3, fp8_weight_GBps=weight_bytes / 2 / tf / 1e9)
             if device_us:
                 row["fp8_dev_us"] = device_us(OURS_FP8_WEIGHTS_JIT, lhs, values, gs, blocks)
+                # DeepSeek's inference numerics: the activations in 1 x 128 float8 tiles too (timed), the
+                # weights fed to FP8 wgmma as bytes with no widening.
+                err_a = spot_check(OURS_FP8_JIT(lhs, values, gs, blocks), lhs, values, sizes, blocks)
+                if not err_a < 0.1:
+                    row["FAIL"] = f"fp8 x fp8 decode mismatch: rel err {err_a:.3g}"
+                row["fp8_act_dev_us"] = device_us(OURS_FP8_JIT, lhs, values, gs, blocks)
         else:  # both operands float8 (activation quantization included in the time)
             out_f = OURS_FP8_JIT(lhs, values, gs, blocks)
             err_f = spot_check(out_f, lhs, values, sizes, blocks)
@@ -809,9 +815,10 @@ def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
         log(
             "| shape | M | active experts | ours µs | weight GB/s | / read BW | int8 µs | int8 weight GB/s "
             "| int8 / read BW | fp8 µs | fp8 weight GB/s | fp8 / read BW | bf16 µs / fp8 µs "
-            "| K-major int8 µs / read BW | K-major fp8 µs / read BW | ragged_dot µs | mgpu example µs |"
+            "| K-major int8 µs / read BW | K-major fp8 µs / read BW | fp8 x fp8 µs / read BW "
+            "| ragged_dot µs | mgpu example µs |"
         )
-        log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sorted(dev, key=lambda r: (r["shape"], r["m"])):
             wbytes = r["weight_bytes"]
             # A trace without device lines (CPU) gives 0 µs: no rate then.
@@ -821,9 +828,12 @@ def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
             f8 = r.get("fp8_dev_us")
             f8_gbps = wbytes / 2 / f8 / 1e3 if f8 else None
 
+            def per_read_bw(us, nbytes):
+                return f"{us:.1f} / {nbytes / us * 1e6 / read_bw:.2f}" if us else "—"
+
             def k_major(name, r=r, wbytes=wbytes):
                 us = r.get(f"{name}_k_major_dev_us")
-                return f"{us:.1f} / {wbytes / 2 / us * 1e6 / read_bw:.2f}" if us else r.get(f"{name}_k_major", "—")
+                return per_read_bw(us, wbytes / 2) if us else r.get(f"{name}_k_major", "—")
 
             log(
                 f"| {r['shape']} | {r['m']} | {r['active']} | {r['ours_dev_us']:.1f} | {fmt(gbps)} | "
@@ -831,6 +841,7 @@ def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
                 f"{fmt(i8, '.1f')} | {fmt(i8_gbps)} | {fmt(i8_gbps and i8_gbps * 1e9 / read_bw, '.2f')} | "
                 f"{fmt(f8, '.1f')} | {fmt(f8_gbps)} | {fmt(f8_gbps and f8_gbps * 1e9 / read_bw, '.2f')} | "
                 f"{fmt(f8 and r['ours_dev_us'] / f8, '.2f')} | {k_major('int8')} | {k_major('fp8')} | "
+                f"{per_read_bw(r.get('fp8_act_dev_us'), wbytes / 2)} | "
                 f"{fmt(r.get('ragged_dot_dev_us'), '.1f')} | {fmt(r.get('mgpu_dev_us'), '.1f')} |"
             )
     failed = [r for r in rows if "ours_ms" not in r]

@@ -44,13 +44,15 @@ def test_benchmark_deepseek_smoke(tmp_path):
         "--quantize",
         "none",
         "fp8",
+        "fp8-activations",
         "--json",
         str(tmp_path / "ds.json"),
     )
     assert "[none auto] batch 2: prefill" in out and "cache arrays measured" in out
+    assert "[fp8-activations auto] batch 2: prefill" in out
     assert "[fp8 auto] batch 2: prefill" in out  # the release's weight format, read by the block-scaled kernel
     rows = json.loads((tmp_path / "ds.json").read_text())["rows"]
-    assert [r["quantization"] for r in rows] == ["none", "fp8"]
+    assert [r["quantization"] for r in rows] == ["none", "fp8", "fp8-activations"]
 
 
 def test_benchmark_grok_smoke_per_layer(tmp_path):

@@ -77,6 +77,17 @@ CASES = {
         ),
         1,
     ),
+    "gmm_fp8, decode (a few rows per expert)": (
+        lambda x, xs, w, s, gs: grouped_matmul.gmm_fp8(x, xs, w, s, gs, **GMM),
+        (
+            zeros(8, K, dtype=E4M3),
+            zeros(8, K // 128, dtype=jnp.float32),
+            zeros(G, K, N, dtype=E4M3),
+            zeros(G, K // 128, N // 128, dtype=jnp.float32),
+            rows(8),
+        ),
+        1,
+    ),
     "tgmm_fp8": (
         lambda x, xs, dy, dys, gs: grouped_matmul.tgmm_fp8(x, xs, dy, dys, gs, **GMM),
         (
@@ -125,12 +136,17 @@ def test_fp8_training_gemms_lower_to_the_kernels(monkeypatch):
     assert triton_calls(grouped, x, zeros(G, K, N, dtype=jnp.float32)) >= 3
 
 
-@pytest.mark.parametrize("name", ["gmm_fp8 (both operands float8)", "tgmm_fp8"])
+@pytest.mark.parametrize(
+    "name", ["gmm_fp8 (both operands float8)", "gmm_fp8, decode (a few rows per expert)", "tgmm_fp8"]
+)
 def test_fp8_products_may_use_the_fp8_tensor_cores(name):
     """Each float8 dot lets Triton accumulate its own K step imprecisely (max_num_imprecise_acc =
-    that step), without which Triton widens both operands to float16 for the older mma."""
+    that step), and spans at least one warpgroup's 64 rows, even for a few rows per expert: Triton
+    issues FP8 wgmma only then, and otherwise widens both operands to float16 for the older mma."""
     fn, args, _ = CASES[name]
     modules = kernel_inspection.triton_modules(fn, *args)
     assert modules and all(warps > 0 and stages > 0 for _, _, warps, stages in modules)
     dots = [line for _, text, _, _ in modules for line in text.splitlines() if "tt.dot" in line]
     assert dots and all("maxNumImpreciseAcc = " in line and "f8E4M3FN" in line for line in dots)
+    rows = [int(line.split(": tensor<")[1].split("x")[0]) for line in dots]
+    assert min(rows) >= 64, dots

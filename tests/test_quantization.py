@@ -22,7 +22,7 @@ from vishwam_jax.checkpoint import hf_deepseek, orbax_io
 from vishwam_jax.checkpoint.orbax_io import Quantized
 from vishwam_jax.models.layers import linear
 from vishwam_jax.pallas_kernels import grouped_matmul
-from vishwam_jax.presets import get_config, replace
+from vishwam_jax.presets import ConfigError, get_config, replace
 from vishwam_jax.quantization import (
     Quantization,
     QuantizationError,
@@ -212,9 +212,18 @@ def test_convert_and_load_quantized_gemma_and_cli_errors(tmp_path, capsys):
     assert convert_cli.run([str(tmp_path / "hf"), str(tmp_path / "y"), "--quantize", "int4"]) == 2
     assert generate_cli.run(["--model", "gemma-shakespeare", "--quantize", "nf4", "--max-new-tokens", "2"]) == 2
     assert generate_cli.run(["--model", str(tmp_path / "fp8"), "--quantize", "int8", "--max-new-tokens", "2"]) == 2
+    assert generate_cli.run(["--model", str(tmp_path / "float"), "--fp8-activations", "--max-new-tokens", "2"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line]
-    assert len(errors) == 3 and all(line.startswith("error: ") for line in errors), errors
+    assert len(errors) == 4 and all(line.startswith("error: ") for line in errors), errors
     assert "--quantize must be one of int8, fp8" in errors[0] and "cannot be loaded as int8" in errors[2]
+    assert "fp8 activations need fp8 weights" in errors[3]
+    # The converted fp8 directory with fp8 activations: the same leaves, products on float8 inputs.
+    fp8_inputs = vj.load(tmp_path / "fp8", quantize_activations="fp8")
+    kernels = [v.get_metadata().get("quantization") for _, v in nnx.to_flat_state(fp8_inputs.params)]
+    assert {q.activations for q in kernels if q is not None} == {"fp8"}
+    np.testing.assert_allclose(fp8_inputs.logits(TOKENS[:1]), converted.logits(TOKENS[:1]), rtol=0.1, atol=0.1)
+    with pytest.raises(ConfigError, match="needs quantization='fp8'"):
+        get_config("gemma-tiny", quantization="int8", quantization_activations="fp8")
     assert generate_cli.run(["--quantize", "int8", "--max-new-tokens", "4", "--temperature", "0"]) == 0
 
 
@@ -230,7 +239,10 @@ FP8_HF = dict(
 )  # fmt: skip
 
 
-def test_deepseek_fp8_release_kept_bit_for_bit_matches_transformers(tmp_path):
+FP8_ACTIVATION_TOL = 0.1
+
+
+def test_deepseek_fp8_release_kept_bit_for_bit_matches_transformers(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from hf_utils import randomize_all
@@ -325,6 +337,13 @@ def test_deepseek_fp8_release_kept_bit_for_bit_matches_transformers(tmp_path):
         theirs = hf_model(torch.tensor(np.asarray(TOKENS))).logits.numpy()
     # Weight-only: both run float32 on the same dequantized weights, so only summation order differs.
     assert _rel(model.logits(TOKENS), theirs) < 1e-4
+    # FP8 activations too (DeepSeek-V3's inference numerics): every product's input rounded to e4m3
+    # in 1 x 16 tiles here. On the kernels (interpret mode) as on XLA, within the error of that rounding.
+    with_fp8_inputs = vj.load(tmp_path / "fp8", quantize_activations="fp8").logits(TOKENS)
+    assert 1e-4 < _rel(with_fp8_inputs, theirs) < FP8_ACTIVATION_TOL  # 0.033 when written
+    monkeypatch.setenv(grouped_matmul.ENV_VAR, "pallas_interpret")
+    on_kernels = vj.load(tmp_path / "fp8", quantize_activations="fp8").logits(TOKENS)
+    assert _rel(on_kernels, with_fp8_inputs) < 1e-5
     unaligned = hf_deepseek._split_kv_b(
         Quantized(*src_pair("model.layers.0.self_attn.kv_b_proj")), np.asarray, h, 8, 24, 16, "k"
     )

@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
         "(e4m3 blocks); a directory converted quantized runs as stored",
     )
     ap.add_argument(
+        "--fp8-activations",
+        action="store_true",
+        help="with fp8 weights, quantize every product's input to float8 in 1 x 128 tiles too (both "
+        "operands on FP8 tensor cores, as DeepSeek-V3's own inference runs); default: weight-only",
+    )
+    ap.add_argument(
         "--speculative",
         action="store_true",
         help="greedy self-speculative decoding with the model's "
@@ -120,7 +126,10 @@ def run(argv=None) -> int:
                 f"{args.model} is a preset with random weights and no tokenizer files to encode text "
                 "prompts; pass one with --tokenizer"
             )
-        model = vj.load(args.model or vj.DEFAULT_MODEL_DIR, dtype=dtype, quantize=args.quantize)
+        model = vj.load(
+            args.model or vj.DEFAULT_MODEL_DIR, dtype=dtype, quantize=args.quantize,
+            quantize_activations="fp8" if args.fp8_activations else None,
+        )  # fmt: skip
         if args.tokenizer:
             from vishwam_jax.tokenizer import tokenizer_from_file
 

@@ -16,6 +16,7 @@ from vishwam_jax.model import Model
 from vishwam_jax.models import stack
 from vishwam_jax.presets import UnknownModelError, get_config, list_models, replace
 from vishwam_jax.quantization import Quantization, QuantizationError, check_format
+from vishwam_jax.quantization.formats import ACTIVATION_FORMATS
 from vishwam_jax.quantization.params import quantize_params
 from vishwam_jax.tokenizer import load_tokenizer
 
@@ -41,6 +42,7 @@ def load(
     unstack_layers: bool | None = None,
     expert_placement=None,
     quantize: str | None = None,
+    quantize_activations: str | None = None,
 ) -> Model:
     """Return a `Model`.
 
@@ -59,23 +61,33 @@ def load(
     quantize: "int8" or "fp8" (vishwam_jax/quantization): the matmul weights of a float model are
       quantized as it loads (norms, routers, embeddings stay float). A directory converted quantized
       loads as stored; asking it for another format is a QuantizationError.
+    quantize_activations: "fp8" (fp8 weights only): every product quantizes its input to float8 in
+      1 x 128 tiles too, so that both operands meet on FP8 tensor cores, as DeepSeek-V3's own
+      inference does; the default runs the activations in their float dtype (weight-only).
     """
     if quantize is not None:
         check_format(quantize)
     if expert_placement is not None:
         from vishwam_jax.sharding.placement import apply_placement
 
-        base = load(source, dtype=dtype, mesh=mesh, rules=rules, seed=seed, unstack_layers=False, quantize=quantize)
+        base = load(
+            source, dtype=dtype, mesh=mesh, rules=rules, seed=seed, unstack_layers=False, quantize=quantize,
+            quantize_activations=quantize_activations,
+        )  # fmt: skip
         return apply_placement(base, expert_placement, mesh=mesh, rules=rules, unstack_layers=unstack_layers)
     unstack = jax.default_backend() == "gpu" if unstack_layers is None else bool(unstack_layers)
+
+    def wanted(config, where: str):
+        return _with_activations(_quantized(config, quantize, where), quantize_activations, where)
+
     if isinstance(source, ml_collections.ConfigDict):
-        config = _quantized(replace(source), quantize, "the config")
+        config = wanted(replace(source), "the config")
         return _random(config, dtype or jnp.float32, mesh, rules, seed, unstack)
     name = str(source)
     if not _looks_like_path(name) and name in EMBEDDED_MODELS:
         name = str(EMBEDDED_MODELS[name])
     if not _looks_like_path(name) and name in list_models():
-        config = _quantized(get_config(name), quantize, name)
+        config = wanted(get_config(name), name)
         return _random(config, dtype or jnp.float32, mesh, rules, seed, unstack)
     if not _looks_like_path(name):
         try:
@@ -84,7 +96,9 @@ def load(
             raise UnknownModelError(f"{err} (and no directory named {name!r} exists)") from None
     path = Path(name).expanduser()
     stored_config = orbax_io.read_config(path)
-    config = _quantized(stored_config, quantize, str(path))
+    config = wanted(stored_config, str(path))
+    if config.quantization == stored_config.quantization:
+        stored_config = config  # the same layout; its products may quantize their inputs
     graphdef, abstract_state = nnx.split(models.abstract(stored_config), nnx.Param)
     _check_layout(path, abstract_state)
     shardings = None
@@ -98,6 +112,19 @@ def load(
     graphdef, params = _quantize_if_asked(abstract_state, graphdef, stored_config, config, mesh, rules)
     params = stack.unstack_layers(params, delete_stacked=True) if unstack else params
     return Model(nnx.merge(graphdef, params), load_tokenizer(config, path))
+
+
+def _with_activations(config, activations: str | None, where: str):
+    """`config` with its products' inputs quantized as `activations` asks (fp8 weights only)."""
+    if activations is None or activations == config.quantization_activations:
+        return config
+    if activations not in ACTIVATION_FORMATS:
+        raise QuantizationError(f"quantize_activations {activations!r} is not one of {', '.join(ACTIVATION_FORMATS)}")
+    if activations != "none" and config.quantization != "fp8":
+        raise QuantizationError(
+            f"{where} has {config.quantization} weights; fp8 activations need fp8 weights (quantize='fp8')"
+        )
+    return replace(config, quantization_activations=activations)
 
 
 def _quantized(config, quantize: str | None, where: str):
@@ -132,7 +159,7 @@ def _quantize_if_asked(
 
 def _random(config, dtype, mesh, rules, seed: int, unstack: bool) -> Model:
     """Seeded random weights; a quantized config gets its float model's weights, quantized."""
-    float_config = replace(config, quantization="none")
+    float_config = replace(config, quantization="none", quantization_activations="none")
 
     def init() -> nnx.State:
         return nnx.state(models.build(float_config, rngs=nnx.Rngs(seed), dtype=dtype), nnx.Param)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from vishwam_jax.quantization import MatrixDims, Quantization, QuantizedWeight, scale_axes, scale_shape
+from vishwam_jax.quantization import MatrixDims, Quantization, QuantizedWeight, quantize, scale_axes, scale_shape
 from vishwam_jax.quantization.formats import as_weight
 from vishwam_jax.quantization.fp8_training import fp8_active, fp8_matmul
 from vishwam_jax.sharding.context import constrain
@@ -143,15 +143,19 @@ def _matrix_contraction(spec: str) -> int | None:
 def _block_scaled_matmul(w: QuantizedWeight):
     """The 2-D product of rows and the fp8 block-scaled `w`, by the grouped-matmul kernel with one
     group: it reads the float8 bytes as they are. `_contract` hands it `w.values` as the [K, N]
-    matrix that the blocks are laid over."""
+    matrix that the blocks are laid over. With fp8 activations the rows are quantized first, in
+    1 x block[0] tiles along K, and both operands go to `gmm_fp8`."""
     from vishwam_jax.pallas_kernels import grouped_matmul  # local: kernels import nothing from models
 
     def matmul(rows: Array, values: Array) -> Array:
         one_group = jnp.full((1,), rows.shape[0], jnp.int32)
-        return grouped_matmul.gmm(
-            rows, jax.lax.stop_gradient(values)[None], one_group,
-            rhs_scale=jax.lax.stop_gradient(w.scale)[None], rhs_scale_block=w.block,
-        )  # fmt: skip
+        values, scale = jax.lax.stop_gradient(values)[None], jax.lax.stop_gradient(w.scale)[None]
+        if w.activations == "fp8":
+            rows8, rows_scale = quantize(rows, "fp8", (1, 1), (1, w.block[0]))
+            return grouped_matmul.gmm_fp8(
+                rows8, rows_scale, values, scale, one_group, rhs_scale_block=w.block, preferred_element_type=rows.dtype
+            )
+        return grouped_matmul.gmm(rows, values, one_group, rhs_scale=scale, rhs_scale_block=w.block)
 
     return matmul
 
@@ -166,15 +170,15 @@ def _without_ellipsis(spec: str, ndim: int) -> str:
 
 
 def _fp8_kernel_contracts(spec: str, ndim: int, w: QuantizedWeight) -> bool:
-    """Whether the grouped-matmul kernel takes this fp8 product as it is stored: on a backend with a
-    block-scaled kernel, an einsum that is one 2-D matmul over exactly the weight's contracted
-    dimensions (its blocks are laid over that [K, N] matrix)."""
+    """Whether the grouped-matmul kernel takes this fp8 product as it is stored: an einsum that is one
+    2-D matmul over exactly the weight's contracted dimensions (its blocks are laid over that [K, N]
+    matrix), on a backend with a block-scaled kernel; with fp8 activations on any backend, so that
+    their numerics do not depend on it."""
     from vishwam_jax.pallas_kernels import grouped_matmul
 
-    return (
-        grouped_matmul.has_block_scaled_kernel(w.block)
-        and _matrix_contraction(_without_ellipsis(spec, ndim)) == w.dims[0]
-    )
+    return (w.activations == "fp8" or grouped_matmul.has_block_scaled_kernel(w.block)) and _matrix_contraction(
+        _without_ellipsis(spec, ndim)
+    ) == w.dims[0]
 
 
 def linear(x: Array, w: Array | QuantizedWeight, spec: str) -> Array:

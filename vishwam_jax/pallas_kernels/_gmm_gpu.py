@@ -497,6 +497,9 @@ def fit_block_scaled(cfg: BlockConfig, block_k: int, block_n: int) -> BlockConfi
     return dataclasses.replace(cfg, bk=min(cfg.bk, block_k), bn=min(cfg.bn, block_n))
 
 
+WGMMA_ROWS = 64  # one warpgroup's M
+
+
 def gmm_block_scaled(
     lhs: Array,  # [m, k]: float (weight-only), or float8 e4m3 with lhs_scale
     rhs: Array,  # [g, k, n], or [g, n, k] when transpose_rhs; float8 e4m3
@@ -525,8 +528,13 @@ def gmm_block_scaled(
         return jnp.zeros((m, n), out_dtype)
     block_k, block_n = (block[1], block[0]) if transpose_rhs else block
     lhs_itemsize = jnp.dtype(lhs.dtype).itemsize
-    cfg = fit_block_scaled(config or gmm_config(m, k, n, g, lhs_itemsize, 1), block_k, block_n)
-    cfg = _fit_smem(cfg, lhs_itemsize, 1)
+    cfg = config or gmm_config(m, k, n, g, lhs_itemsize, 1)
+    if lhs_scale is not None and config is None and cfg.bm < WGMMA_ROWS:
+        # Few rows per expert (decode): Triton issues FP8 wgmma only for row tiles of at least 64, and
+        # otherwise widens both operands to float16 for mma. The idle rows cost tensor-core time that
+        # a weight-streaming call has to spare; the weights then reach wgmma as bytes, unconverted.
+        cfg = dataclasses.replace(cfg, bm=WGMMA_ROWS, num_warps=4)
+    cfg = _fit_smem(fit_block_scaled(cfg, block_k, block_n), lhs_itemsize, 1)
     operands = (lhs, rhs, rhs_scale.astype(jnp.float32))
     if lhs_scale is not None:
         # Transposed so that a K step reads its row tile's scales contiguously.

@@ -44,7 +44,7 @@ _FAMILIES: dict[str, Family] = {}
 COMMON_FIELDS = (
     "name", "family", "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
     "activation", "norm_eps", "rope_theta", "max_seq_len", "pad_token_id", "eos_token_id", "bos_token_id",
-    "tokenizer", "remat_policy", "scan_unroll", "quantization", "quantization_block",
+    "tokenizer", "remat_policy", "scan_unroll", "quantization", "quantization_block", "quantization_activations",
 )  # fmt: skip
 
 
@@ -118,6 +118,10 @@ def _check_common(c: ml_collections.ConfigDict) -> None:
     block = c.quantization_block
     if not (isinstance(block, tuple) and len(block) == 2 and all(isinstance(b, int) and b >= 1 for b in block)):
         raise ConfigError(f"quantization_block must be two positive integers [rows, columns], got {block!r}")
+    if c.quantization_activations not in ("none", "fp8"):
+        raise ConfigError(f"quantization_activations {c.quantization_activations!r} is not one of none, fp8")
+    if c.quantization_activations == "fp8" and c.quantization != "fp8":
+        raise ConfigError(f"quantization_activations='fp8' needs quantization='fp8', not {c.quantization!r}")
 
 
 def get_config(name: str, **overrides: Any) -> Config:

@@ -49,6 +49,7 @@ def gemma_base() -> ml_collections.ConfigDict:
     c.scan_unroll = 1  # layers per scan iteration (at least the depth: straight-line code)
     c.quantization = "none"  # matmul weights: "none" (float) | "int8" (per channel) | "fp8" (e4m3 blocks)
     c.quantization_block = (128, 128)  # fp8 block [rows, columns] of each matrix (DeepSeek's weight_block_size)
+    c.quantization_activations = "none"  # "fp8": matmul inputs too, in 1 x block-rows tiles (DeepSeek's inference)
     return c
 
 

@@ -54,25 +54,37 @@ def keeps_stored_dtype(name: str, dtype) -> bool:
     return is_storage_dtype(dtype) or name.rsplit(".", 1)[-1] == SCALE_NAME
 
 
+ACTIVATION_FORMATS = ("none", "fp8")
+
+
 @dataclasses.dataclass(frozen=True)
 class Quantization:
-    """How a model's matmul weights are stored: a format and, for fp8, the block [rows, columns]."""
+    """How a model's matmul weights are stored: a format and, for fp8, the block [rows, columns].
+
+    `activations="fp8"` (fp8 weights only) also quantizes each matmul's input to float8 in 1 x b0
+    tiles along K, one scale per tile, so that both operands meet on FP8 tensor cores: DeepSeek-V3's
+    own inference numerics. Weight-only ("none") keeps the activations in their float dtype."""
 
     format: str
     block: tuple[int, int] = DEFAULT_BLOCK
+    activations: str = "none"
 
     def __post_init__(self):
         check_format(self.format)
         if len(self.block) != 2 or min(self.block) < 1:
             raise QuantizationError(f"quantization block must be two positive sizes, got {self.block!r}")
         object.__setattr__(self, "block", (int(self.block[0]), int(self.block[1])))
+        if self.activations not in ACTIVATION_FORMATS:
+            raise QuantizationError(f"activation quantization {self.activations!r} is not one of none, fp8")
+        if self.activations == "fp8" and self.format != "fp8":
+            raise QuantizationError(f"fp8 activations need fp8 weights, not {self.format}")
 
     @classmethod
     def of(cls, config) -> Quantization | None:
         """The config's quantization (None: float weights)."""
         if config.quantization == "none":
             return None
-        return cls(config.quantization, tuple(config.quantization_block))
+        return cls(config.quantization, tuple(config.quantization_block), config.quantization_activations)
 
     @property
     def storage_dtype(self) -> np.dtype:
@@ -157,6 +169,7 @@ class QuantizedWeight:
     format: str
     dims: MatrixDims
     block: tuple[int, int] = DEFAULT_BLOCK
+    activations: str = "none"  # "fp8": products quantize their input in 1 x block[0] tiles (Quantization)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -174,7 +187,7 @@ class QuantizedWeight:
 
 
 jax.tree_util.register_dataclass(
-    QuantizedWeight, data_fields=["values", "scale"], meta_fields=["format", "dims", "block"]
+    QuantizedWeight, data_fields=["values", "scale"], meta_fields=["format", "dims", "block", "activations"]
 )
 
 
@@ -183,11 +196,13 @@ def weight_of(kernel, scale) -> QuantizedWeight:
     says the format and layout), e.g. to dequantize it outside the module."""
     meta = kernel.get_metadata()
     q: Quantization = meta["quantization"]
-    return QuantizedWeight(kernel.get_value(), scale.get_value(), q.format, tuple(meta["matrix_dims"]), q.block)
+    return QuantizedWeight(
+        kernel.get_value(), scale.get_value(), q.format, tuple(meta["matrix_dims"]), q.block, q.activations
+    )
 
 
 def as_weight(kernel: Any, scale: Any, quantization: Quantization | None, dims: MatrixDims) -> Any:
     """The kernel as the cores take it: the array itself, or a QuantizedWeight with its scale."""
     if quantization is None:
         return kernel
-    return QuantizedWeight(kernel, scale, quantization.format, dims, quantization.block)
+    return QuantizedWeight(kernel, scale, quantization.format, dims, quantization.block, quantization.activations)

@@ -249,7 +249,7 @@ def test_int8_pair_packing(dtype, monkeypatch):
     m, k, n, sizes = SHAPES["m_not_block_multiple_ragged_k_n"]
     n = 2 * n + 2  # even, and not a multiple of the block
     lhs, rhs, gs, scale = make(m, k, n, sizes, dtype, int8=True)
-    assert _gmm_gpu.int8_offsets_overflow(rhs)
+    assert _gmm_gpu.byte_offsets_overflow(rhs)
     out = _gmm_gpu.gmm(lhs, rhs, gs, rhs_scale=scale.reshape(len(sizes), n), config=TINY, interpret=True)
     assert rel_err(out, numpy_gmm(lhs, rhs, sizes, scale=scale)) < TOL[jnp.dtype(dtype)]
     with pytest.raises(NotImplementedError, match="32-bit offsets"):
@@ -408,3 +408,34 @@ def test_rejects_bad_arguments():
         grouped_matmul.gmm(lhs, rhs, gs[:3], rhs_scale=scale)
     with pytest.raises(ValueError):
         grouped_matmul.gmm(lhs[:, :5], rhs, gs, rhs_scale=scale)
+
+
+def test_fp8_operands_whose_offsets_would_wrap_are_dequantized(monkeypatch):
+    """A float8 operand of 2**31..2**32 elements (forced small here) never reaches the block-scaled
+    kernels, whose 32-bit offsets into it would wrap around (garbage on an H100, measured): gmm,
+    gmm_fp8 and tgmm_fp8 dequantize it and still give the reference's product."""
+    from vishwam_jax.quantization import quantize
+
+    monkeypatch.setattr(_gmm_gpu, "INT8_PACK_ABOVE", 0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the block-scaled kernel was called")
+
+    monkeypatch.setattr(_gmm_gpu, "gmm_block_scaled", refuse)
+    monkeypatch.setattr(_gmm_gpu, "tgmm_fp8", refuse)
+    m, k, n, sizes = SHAPES["uneven_empty_first_last_short_sum"]
+    values, scale = _fp8_weights(len(sizes), k, n, (16, 16), False, seed=3)
+    lhs = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), jnp.float32)
+    gs = jnp.asarray(sizes, jnp.int32)
+    kw = dict(rhs_scale=scale, rhs_scale_block=(16, 16))
+    want = grouped_matmul.gmm_reference(lhs, values, gs, **kw)
+    assert rel_err(grouped_matmul.gmm(lhs, values, gs, implementation="pallas_interpret", **kw), want) < 1e-5
+    x8, x_scale = quantize(lhs, "fp8", (1, 1), (1, 16))
+    args = (x8, x_scale, values, scale, gs)
+    got = grouped_matmul.gmm_fp8(*args, rhs_scale_block=(16, 16), implementation="pallas_interpret")
+    assert rel_err(got, grouped_matmul.gmm_fp8(*args, rhs_scale_block=(16, 16), implementation="reference")) < 1e-5
+    dy8, dy_scale = quantize(lhs[:, :n], "fp8", (1, 1), (16, 1))
+    xt8, xt_scale = quantize(lhs, "fp8", (1, 1), (16, 1))
+    targs = (xt8, xt_scale, dy8, dy_scale, gs)
+    got_t = grouped_matmul.tgmm_fp8(*targs, tile=16, implementation="pallas_interpret")
+    assert rel_err(got_t, grouped_matmul.tgmm_fp8(*targs, tile=16, implementation="reference")) < 1e-5

@@ -365,7 +365,7 @@ def _gmm_k_loop_block_scaled(
 
 
 def _gmm_k_loop_packed(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k, n, cfg, transpose_rhs, compute_dtype):
-    """int8 weights read as int16 pairs of adjacent output columns (see `int8_offsets_overflow`).
+    """int8 weights read as int16 pairs of adjacent output columns (see `byte_offsets_overflow`).
 
     Each int16 holds column 2j in its low byte and 2j+1 in its high byte (little-endian bitcast);
     the two bytes are sign-extended by shifts and multiplied separately, and the epilogue
@@ -423,8 +423,10 @@ def _fit_packed_epilogue(cfg: BlockConfig) -> BlockConfig:
     return cfg
 
 
-def int8_offsets_overflow(rhs) -> bool:
-    return jnp.dtype(rhs.dtype).itemsize == 1 and INT8_PACK_ABOVE < rhs.size <= 2**32
+def byte_offsets_overflow(x) -> bool:
+    """Whether a 1-byte operand (int8, float8) has 2**31..2**32 elements: offsets into it wrap around
+    in the Triton lowering's int32 arithmetic."""
+    return jnp.dtype(x.dtype).itemsize == 1 and INT8_PACK_ABOVE < x.size <= 2**32
 
 
 def _compiler_params(cfg: BlockConfig):
@@ -450,7 +452,7 @@ def gmm(
         return jnp.zeros((m, n), out_dtype)
     cfg = config or gmm_config(m, k, n, g, jnp.dtype(lhs.dtype).itemsize, jnp.dtype(rhs.dtype).itemsize)
     compute_dtype = lhs.dtype if jnp.issubdtype(rhs.dtype, jnp.integer) else jnp.promote_types(lhs.dtype, rhs.dtype)
-    packed = int8_offsets_overflow(rhs)
+    packed = byte_offsets_overflow(rhs)
     if packed:
         cfg = _fit_packed_epilogue(cfg)
         if transpose_rhs or n % 2:

@@ -58,9 +58,10 @@ def main() -> int:
         values, scale = quantize(w, "fp8", (1, 1), (128, 128))
         rows = {"bf16 (XLA)": (per_call_us(lambda x, w: x @ w, x, w.astype(jnp.bfloat16)), 2 * k * n)}
         del w
-        default = _gmm_gpu.fit_block_scaled(_gmm_gpu.gmm_config(1, k, n, 1, 2, 1), 128, 128)
+        default = _gmm_gpu.fit_block_scaled(_gmm_gpu.gmm_config(1, k, n, 1, 2, 1), 128, 128)  # before split_k
         configs = {
-            "default": default,
+            "default (split K)": _gmm_gpu.split_k(default, 1, k, n, 1),
+            "one pass": default,
             "bn 64, 6 stages": dataclasses.replace(default, bn=64, num_stages=6),
             "bn 32, 6 stages": dataclasses.replace(default, bn=32, num_stages=6),
         }

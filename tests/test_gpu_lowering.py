@@ -59,6 +59,16 @@ CASES = {
         (zeros(8, K), zeros(G, K, N, dtype=E4M3), zeros(G, K // 128, N // 128, dtype=jnp.float32), rows(8)),
         2,
     ),
+    "fp8 dense projection, batch 1 (K split over programs)": (
+        lambda x, w, s, gs: grouped_matmul.gmm(x, w, gs, rhs_scale=s, rhs_scale_block=(128, 128), **GMM),
+        (
+            zeros(1, 7168),
+            zeros(1, 7168, 1536, dtype=E4M3),
+            zeros(1, 56, 12, dtype=jnp.float32),
+            jnp.ones((1,), jnp.int32),
+        ),
+        1,
+    ),
     "gmm fp8 weights [n, k]": (
         lambda x, w, s, gs: grouped_matmul.gmm(
             x, w, gs, rhs_scale=s, rhs_scale_block=(128, 128), transpose_rhs=True, **GMM

@@ -3,6 +3,7 @@ path and the gradients, all against the plain-jnp reference on small awkward sha
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -439,3 +440,41 @@ def test_fp8_operands_whose_offsets_would_wrap_are_dequantized(monkeypatch):
     targs = (xt8, xt_scale, dy8, dy_scale, gs)
     got_t = grouped_matmul.tgmm_fp8(*targs, tile=16, implementation="pallas_interpret")
     assert rel_err(got_t, grouped_matmul.tgmm_fp8(*targs, tile=16, implementation="reference")) < 1e-5
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_split_k_equals_one_pass(splits, monkeypatch):
+    """K split over programs (partial float32 sums added after): the same products as one pass, on
+    ragged K with uneven and empty groups, for float, int8 (also as int16 pairs) and fp8 weights
+    (weight-only and fp8 x fp8); a split with no K steps left contributes zeros."""
+    from vishwam_jax.quantization import quantize
+
+    m, k, n, sizes = (45, 70, 34, [9, 1, 16, 2, 17])  # 5 K steps of 16: 4 splits get 2, 2, 1 and 0
+    gs = jnp.asarray(sizes, jnp.int32)
+    cfg = dataclasses.replace(TINY, k_splits=splits)
+    lhs, rhs, _, _ = make(m, k, n, sizes)
+    assert rel_err(_gmm_gpu.gmm(lhs, rhs, gs, config=cfg, interpret=True), numpy_gmm(lhs, rhs, sizes)) < 1e-5
+    lhs, q, _, scale = make(m, k, n, sizes, int8=True)
+    want = numpy_gmm(lhs, q, sizes, scale=scale)
+    assert rel_err(_gmm_gpu.gmm(lhs, q, gs, rhs_scale=scale[:, 0], config=cfg, interpret=True), want) < 1e-5
+    monkeypatch.setattr(_gmm_gpu, "INT8_PACK_ABOVE", 0)
+    assert rel_err(_gmm_gpu.gmm(lhs, q, gs, rhs_scale=scale[:, 0], config=cfg, interpret=True), want) < 1e-5
+    monkeypatch.undo()
+    values, blocks = _fp8_weights(len(sizes), k, n, (16, 16), False, seed=1)
+    kw = dict(block=(16, 16), interpret=True)
+    want = grouped_matmul.gmm_reference(lhs, values, gs, rhs_scale=blocks, rhs_scale_block=(16, 16))
+    assert rel_err(_gmm_gpu.gmm_block_scaled(lhs, values, gs, blocks, config=cfg, **kw), want) < 1e-5
+    x8, x_scale = quantize(lhs, "fp8", (1, 1), (1, 16))
+    one_pass = _gmm_gpu.gmm_block_scaled(x8, values, gs, blocks, lhs_scale=x_scale, config=TINY, **kw)
+    split = _gmm_gpu.gmm_block_scaled(x8, values, gs, blocks, lhs_scale=x_scale, config=cfg, **kw)
+    assert rel_err(split, one_pass) < 1e-5
+
+
+def test_split_k_is_chosen_for_too_few_programs_only():
+    """A batch-1 dense projection (one row tile, few N blocks, long K) gets K splits; an MoE decode
+    call with many (expert, N block) programs, or a short K, does not."""
+    dense = _gmm_gpu.fit_block_scaled(_gmm_gpu.gmm_config(1, 7168, 1536, 1, 2, 1), 128, 128)
+    assert _gmm_gpu.split_k(dense, 1, 7168, 1536, 1).k_splits > 1
+    moe = _gmm_gpu.fit_block_scaled(_gmm_gpu.gmm_config(8, 7168, 4096, 256, 2, 1), 128, 128)
+    assert _gmm_gpu.split_k(moe, 8, 7168, 4096, 256).k_splits == 1
+    assert _gmm_gpu.split_k(dense, 1, 256, 1536, 1).k_splits == 1

@@ -36,6 +36,7 @@ class BlockConfig:
     num_stages: int = 3
     band: int = 8  # work items visited together before moving to the next N block (L2 reuse)
     group_aligned: bool = False  # tiles start at each group's first row instead of the global grid
+    k_splits: int = 1  # programs per (work item, N block), each over its share of K (summed after)
 
 
 def _pow2_at_least(x: int, floor: int = 16) -> int:
@@ -250,7 +251,12 @@ def _gmm_kernel(
     rows = row0 + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
     cols = col0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
     store_mask = (rows >= starts_ref[group]) & (rows < ends_ref[group]) & (cols < n)
-    out_block = out_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)]
+    # Split K: this program's share of the K steps, and its own copy of the output rows.
+    split = pl.program_id(1) if cfg.k_splits > 1 else 0
+    steps_per_split = pl.cdiv(pl.cdiv(k, cfg.bk), cfg.k_splits)
+    first_step = split * steps_per_split
+    steps = (first_step, jnp.clip(pl.cdiv(k, cfg.bk) - first_step, 0, steps_per_split))
+    out_block = out_ref.at[pl.ds(split * m + row0, bm), pl.ds(col0, bn)]
 
     @pl.when(live & (group == num_groups))
     def _zero_padding_rows():
@@ -260,7 +266,7 @@ def _gmm_kernel(
     def _compute():
         if block is not None:
             acc = _gmm_k_loop_block_scaled(
-                lhs_ref, rhs_ref, scale_ref, lhs_scale_ref, group, row0, col0, rows,
+                lhs_ref, rhs_ref, scale_ref, lhs_scale_ref, group, row0, col0, rows, steps,
                 m=m, k=k, n=n, cfg=cfg, transpose_rhs=transpose_rhs, block=block, compute_dtype=compute_dtype,
             )  # fmt: skip
             plgpu.store(out_block, acc.astype(out_ref.dtype), mask=store_mask)
@@ -274,6 +280,7 @@ def _gmm_kernel(
             col0,
             rows,
             cols,
+            steps,
             m=m,
             k=k,
             n=n,
@@ -288,14 +295,17 @@ def _gmm_kernel(
         plgpu.store(out_block, acc.astype(out_ref.dtype), mask=store_mask)
 
 
-def _gmm_k_loop(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k, n, cfg, transpose_rhs, compute_dtype):
+def _gmm_k_loop(
+    lhs_ref, rhs_ref, group, row0, col0, rows, cols, steps, *, m, k, n, cfg, transpose_rhs, compute_dtype
+):  # fmt: skip
     bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
     ragged_k = k % bk != 0
     row_ok = rows < m  # [bm, 1]
     col_ok = cols < n  # [1, bn]
+    first_step, num_steps = steps
 
     def body(i, acc):
-        k0 = i * bk
+        k0 = (first_step + i) * bk
         kk_row = k0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)  # k along lhs columns
         lhs_mask = row_ok & (kk_row < k) if ragged_k else row_ok
         a = plgpu.load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=lhs_mask, other=0)
@@ -313,12 +323,12 @@ def _gmm_k_loop(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k, n, cfg
             a.astype(compute_dtype), b.astype(compute_dtype), dims, preferred_element_type=jnp.float32
         )
 
-    return lax.fori_loop(0, pl.cdiv(k, bk), body, jnp.zeros((bm, bn), jnp.float32))
+    return lax.fori_loop(0, num_steps, body, jnp.zeros((bm, bn), jnp.float32))
 
 
 def _gmm_k_loop_block_scaled(
-    lhs_ref, rhs_ref, scale_ref, lhs_scale_ref, group, row0, col0, rows, *, m, k, n, cfg, transpose_rhs, block,
-    compute_dtype,
+    lhs_ref, rhs_ref, scale_ref, lhs_scale_ref, group, row0, col0, rows, steps, *, m, k, n, cfg, transpose_rhs,
+    block, compute_dtype,
 ):  # fmt: skip
     """Float8 weights in b0 x b1 blocks (DeepSeek-V3's `weight_scale_inv`, over rhs as stored).
 
@@ -336,9 +346,10 @@ def _gmm_k_loop_block_scaled(
     row_ok = rows < m  # [bm, 1]
     row_ok_1d = row0 + lax.broadcasted_iota(jnp.int32, (bm,), 0) < m
     n_ok_row = col0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1) < n
+    first_step, num_steps = steps
 
     def body(i, acc):
-        k0 = i * bk
+        k0 = (first_step + i) * bk
         k_blk = k0 // block_k
         kk_row = k0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         a = plgpu.load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=row_ok & (kk_row < k), other=0.0)
@@ -361,10 +372,12 @@ def _gmm_k_loop_block_scaled(
         a_scale = plgpu.load(lhs_scale_ref.at[k_blk, pl.ds(row0, bm)], mask=row_ok_1d, other=0.0)
         return acc + partial * (a_scale[:, None] * w_scale)
 
-    return lax.fori_loop(0, pl.cdiv(k, bk), body, jnp.zeros((bm, bn), jnp.float32))
+    return lax.fori_loop(0, num_steps, body, jnp.zeros((bm, bn), jnp.float32))
 
 
-def _gmm_k_loop_packed(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k, n, cfg, transpose_rhs, compute_dtype):
+def _gmm_k_loop_packed(
+    lhs_ref, rhs_ref, group, row0, col0, rows, cols, steps, *, m, k, n, cfg, transpose_rhs, compute_dtype
+):  # fmt: skip
     """int8 weights read as int16 pairs of adjacent output columns (see `byte_offsets_overflow`).
 
     Each int16 holds column 2j in its low byte and 2j+1 in its high byte (little-endian bitcast);
@@ -379,10 +392,11 @@ def _gmm_k_loop_packed(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k,
     row_ok = rows < m
     pair_ok = pair0 + lax.broadcasted_iota(jnp.int32, (1, bn2), 1) < n2
     eight = jnp.int16(8)
+    first_step, num_steps = steps
 
     def body(i, accs):
         acc_even, acc_odd = accs
-        k0 = i * bk
+        k0 = (first_step + i) * bk
         kk_row = k0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         kk_col = k0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
         a = plgpu.load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=row_ok & (kk_row < k), other=0)
@@ -396,7 +410,7 @@ def _gmm_k_loop_packed(lhs_ref, rhs_ref, group, row0, col0, rows, cols, *, m, k,
         return acc_even, acc_odd
 
     zeros = jnp.zeros((bm, bn2), jnp.float32)
-    acc_even, acc_odd = lax.fori_loop(0, pl.cdiv(k, bk), body, (zeros, zeros))
+    acc_even, acc_odd = lax.fori_loop(0, num_steps, body, (zeros, zeros))
     pair = lax.broadcasted_iota(jnp.int32, (bn2, bn), 0)
     col = lax.broadcasted_iota(jnp.int32, (bn2, bn), 1)
     to_even = (col == 2 * pair).astype(jnp.float32)
@@ -477,15 +491,27 @@ def _launch(operands, group_sizes, dims, cfg: BlockConfig, out_dtype, interpret:
     meta = work_item_rows(group_sizes, m, cfg)
     n_items = max_work_items(m, g, cfg.bm, cfg.group_aligned)
     grid = (pl.cdiv(n_items, cfg.band) * cfg.band * pl.cdiv(n, cfg.bn),)
+    splits = cfg.k_splits
     kernel = functools.partial(_gmm_kernel, m=m, k=k, n=n, num_groups=g, cfg=cfg, **options)
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=grid,
+        out_shape=jax.ShapeDtypeStruct((splits * m, n), out_dtype if splits == 1 else jnp.float32),
+        grid=grid if splits == 1 else grid + (splits,),
         compiler_params=_compiler_params(cfg),
         interpret=interpret,
         name=name,
     )(*meta, *operands)
+    return out if splits == 1 else out.reshape(splits, m, n).sum(axis=0).astype(out_dtype)
+
+
+def split_k(cfg: BlockConfig, m: int, k: int, n: int, g: int, num_sms: int = 132) -> BlockConfig:
+    """More programs for a call that would run too few to stream its weights (a batch-1 dense
+    projection: one row tile times N / bn blocks, each over all of K): K split into up to enough
+    shares of at least 4 steps to fill the SMs twice; their float32 partial sums are added after."""
+    programs = max_work_items(m, g, cfg.bm, cfg.group_aligned) * pl.cdiv(n, cfg.bn)
+    k_steps = pl.cdiv(k, cfg.bk)
+    splits = min(pl.cdiv(2 * num_sms, programs), k_steps // 4)
+    return dataclasses.replace(cfg, k_splits=splits) if programs < num_sms and splits > 1 else cfg
 
 
 def supports_block(block: tuple[int, int]) -> bool:
@@ -537,6 +563,8 @@ def gmm_block_scaled(
         # a weight-streaming call has to spare; the weights then reach wgmma as bytes, unconverted.
         cfg = dataclasses.replace(cfg, bm=WGMMA_ROWS, num_warps=4)
     cfg = _fit_smem(fit_block_scaled(cfg, block_k, block_n), lhs_itemsize, 1)
+    if config is None:
+        cfg = split_k(cfg, m, k, n, g)
     operands = (lhs, rhs, rhs_scale.astype(jnp.float32))
     if lhs_scale is not None:
         # Transposed so that a K step reads its row tile's scales contiguously.

@@ -160,3 +160,21 @@ def test_fp8_products_may_use_the_fp8_tensor_cores(name):
     assert dots and all("maxNumImpreciseAcc = " in line and "f8E4M3FN" in line for line in dots)
     rows = [int(line.split(": tensor<")[1].split("x")[0]) for line in dots]
     assert min(rows) >= 64, dots
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, E4M3])
+def test_one_byte_weights_read_as_int16_pairs_lower(dtype, monkeypatch):
+    """The int16-pair path (1-byte weights of 2**31..2**32 elements, forced small here) lowers for a
+    GPU with int8 and with float8 block-scaled weights."""
+    from vishwam_jax.pallas_kernels import _gmm_gpu
+
+    monkeypatch.setattr(_gmm_gpu, "INT8_PACK_ABOVE", 0)
+    x, gs = zeros(8, K), rows(8)
+    if dtype == jnp.int8:
+        fn = lambda x, w, s, gs: grouped_matmul.gmm(x, w, gs, rhs_scale=s, **GMM)  # noqa: E731
+        scale = zeros(G, 1, N, dtype=jnp.float32)
+    else:
+        fn = lambda x, w, s, gs: grouped_matmul.gmm(x, w, gs, rhs_scale=s, rhs_scale_block=(128, 128), **GMM)  # noqa: E731
+        scale = zeros(G, K // 128, N // 128, dtype=jnp.float32)
+    modules = kernel_inspection.triton_modules(fn, x, zeros(G, K, N, dtype=dtype), scale, gs)
+    assert modules and all("!tt.ptr<i16>" in text for _, text, _, _ in modules)

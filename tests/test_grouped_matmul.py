@@ -411,9 +411,31 @@ def test_rejects_bad_arguments():
         grouped_matmul.gmm(lhs[:, :5], rhs, gs, rhs_scale=scale)
 
 
-def test_fp8_operands_whose_offsets_would_wrap_are_dequantized(monkeypatch):
-    """A float8 operand of 2**31..2**32 elements (forced small here) never reaches the block-scaled
-    kernels, whose 32-bit offsets into it would wrap around (garbage on an H100, measured): gmm,
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_fp8_weights_whose_offsets_would_wrap_are_read_as_int16_pairs(dtype, monkeypatch):
+    """Weight-only [g, k, n] float8 weights of 2**31..2**32 elements (forced small here), whose 32-bit
+    offsets would wrap around (garbage on an H100, measured), are read as int16 pairs: every K step
+    scaled by its block, K and N ragged, uneven and empty groups, split K too."""
+    monkeypatch.setattr(_gmm_gpu, "INT8_PACK_ABOVE", 0)
+    m, k, n, sizes = SHAPES["m_not_block_multiple_ragged_k_n"]
+    n = 2 * n + 2  # even, and not a multiple of the block
+    values, scale = _fp8_weights(len(sizes), k, n, (16, 16), False, seed=3)
+    assert _gmm_gpu.byte_offsets_overflow(values)
+    lhs = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), dtype)
+    gs = jnp.asarray(sizes, jnp.int32)
+    want = grouped_matmul.gmm_reference(lhs, values, gs, rhs_scale=scale, rhs_scale_block=(16, 16))
+    for cfg in (TINY, dataclasses.replace(TINY, k_splits=2)):
+        got = _gmm_gpu.gmm_block_scaled(lhs, values, gs, scale, block=(16, 16), config=cfg, interpret=True)
+        assert rel_err(got, want) < TOL[jnp.dtype(dtype)]
+    got = grouped_matmul.gmm(
+        lhs, values, gs, rhs_scale=scale, rhs_scale_block=(16, 16), implementation="pallas_interpret"
+    )
+    assert rel_err(got, want) < TOL[jnp.dtype(dtype)]
+
+
+def test_other_fp8_operands_whose_offsets_would_wrap_are_dequantized(monkeypatch):
+    """The float8 products the int16 pairs do not cover (weights [g, n, k], float8 activations, the
+    token-tiled weight gradient) never reach the block-scaled kernels with such an operand: gmm,
     gmm_fp8 and tgmm_fp8 dequantize it and still give the reference's product."""
     from vishwam_jax.quantization import quantize
 
@@ -425,16 +447,17 @@ def test_fp8_operands_whose_offsets_would_wrap_are_dequantized(monkeypatch):
     monkeypatch.setattr(_gmm_gpu, "gmm_block_scaled", refuse)
     monkeypatch.setattr(_gmm_gpu, "tgmm_fp8", refuse)
     m, k, n, sizes = SHAPES["uneven_empty_first_last_short_sum"]
-    values, scale = _fp8_weights(len(sizes), k, n, (16, 16), False, seed=3)
+    values, scale = _fp8_weights(len(sizes), k, n, (16, 16), True, seed=3)
     lhs = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), jnp.float32)
     gs = jnp.asarray(sizes, jnp.int32)
-    kw = dict(rhs_scale=scale, rhs_scale_block=(16, 16))
+    kw = dict(rhs_scale=scale, rhs_scale_block=(16, 16), transpose_rhs=True)
     want = grouped_matmul.gmm_reference(lhs, values, gs, **kw)
     assert rel_err(grouped_matmul.gmm(lhs, values, gs, implementation="pallas_interpret", **kw), want) < 1e-5
     x8, x_scale = quantize(lhs, "fp8", (1, 1), (1, 16))
     args = (x8, x_scale, values, scale, gs)
-    got = grouped_matmul.gmm_fp8(*args, rhs_scale_block=(16, 16), implementation="pallas_interpret")
-    assert rel_err(got, grouped_matmul.gmm_fp8(*args, rhs_scale_block=(16, 16), implementation="reference")) < 1e-5
+    kw = dict(rhs_scale_block=(16, 16), transpose_rhs=True)
+    got = grouped_matmul.gmm_fp8(*args, implementation="pallas_interpret", **kw)
+    assert rel_err(got, grouped_matmul.gmm_fp8(*args, implementation="reference", **kw)) < 1e-5
     dy8, dy_scale = quantize(lhs[:, :n], "fp8", (1, 1), (16, 1))
     xt8, xt_scale = quantize(lhs, "fp8", (1, 1), (16, 1))
     targs = (xt8, xt_scale, dy8, dy_scale, gs)

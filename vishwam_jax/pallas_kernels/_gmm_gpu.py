@@ -264,6 +264,13 @@ def _gmm_kernel(
 
     @pl.when(live & (group < num_groups))
     def _compute():
+        if block is not None and packed:
+            acc = _gmm_k_loop_packed(
+                lhs_ref, rhs_ref, group, row0, col0, rows, cols, steps, m=m, k=k, n=n, cfg=cfg,
+                transpose_rhs=transpose_rhs, compute_dtype=compute_dtype, scale_ref=scale_ref, block=block,
+            )  # fmt: skip
+            plgpu.store(out_block, acc.astype(out_ref.dtype), mask=store_mask)
+            return
         if block is not None:
             acc = _gmm_k_loop_block_scaled(
                 lhs_ref, rhs_ref, scale_ref, lhs_scale_ref, group, row0, col0, rows, steps,
@@ -376,14 +383,17 @@ def _gmm_k_loop_block_scaled(
 
 
 def _gmm_k_loop_packed(
-    lhs_ref, rhs_ref, group, row0, col0, rows, cols, steps, *, m, k, n, cfg, transpose_rhs, compute_dtype
+    lhs_ref, rhs_ref, group, row0, col0, rows, cols, steps, *, m, k, n, cfg, transpose_rhs, compute_dtype,
+    scale_ref=None, block: tuple[int, int] | None = None,
 ):  # fmt: skip
-    """int8 weights read as int16 pairs of adjacent output columns (see `byte_offsets_overflow`).
+    """1-byte weights read as int16 pairs of adjacent output columns (see `byte_offsets_overflow`).
 
     Each int16 holds column 2j in its low byte and 2j+1 in its high byte (little-endian bitcast);
-    the two bytes are sign-extended by shifts and multiplied separately, and the epilogue
-    interleaves the even- and odd-column accumulators with two exact 0/1 float32 products (no
-    reshape or strided store is needed, neither of which the Triton lowering offers).
+    the two bytes are separated by shifts and multiplied separately, and the epilogue interleaves
+    the even- and odd-column accumulators with two exact 0/1 float32 products (no reshape or strided
+    store is needed, neither of which the Triton lowering offers). int8 bytes are sign-extended;
+    with `block` the bytes are float8 e4m3 and each K step's partial sums take their block's scale
+    (the tile lies in one block: `fit_block_scaled`).
     """
     assert not transpose_rhs
     bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
@@ -394,6 +404,12 @@ def _gmm_k_loop_packed(
     eight = jnp.int16(8)
     first_step, num_steps = steps
 
+    def widen(byte_in_int16):
+        if block is None:
+            return byte_in_int16.astype(compute_dtype)
+        float8 = lax.bitcast_convert_type(byte_in_int16.astype(jnp.int8), jnp.float8_e4m3fn)
+        return float8.astype(compute_dtype)
+
     def body(i, accs):
         acc_even, acc_odd = accs
         k0 = (first_step + i) * bk
@@ -401,13 +417,16 @@ def _gmm_k_loop_packed(
         kk_col = k0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
         a = plgpu.load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=row_ok & (kk_row < k), other=0)
         w = plgpu.load(rhs_ref.at[group, pl.ds(k0, bk), pl.ds(pair0, bn2)], mask=(kk_col < k) & pair_ok, other=0)
-        even = lax.shift_right_arithmetic(lax.shift_left(w, eight), eight)
-        odd = lax.shift_right_arithmetic(w, eight)
+        even = widen(lax.shift_right_arithmetic(lax.shift_left(w, eight), eight))
+        odd = widen(lax.shift_right_arithmetic(w, eight))
         a = a.astype(compute_dtype)
         dims = (((1,), (0,)), ((), ()))
-        acc_even += lax.dot_general(a, even.astype(compute_dtype), dims, preferred_element_type=jnp.float32)
-        acc_odd += lax.dot_general(a, odd.astype(compute_dtype), dims, preferred_element_type=jnp.float32)
-        return acc_even, acc_odd
+        step_even = lax.dot_general(a, even, dims, preferred_element_type=jnp.float32)
+        step_odd = lax.dot_general(a, odd, dims, preferred_element_type=jnp.float32)
+        if block is not None:
+            w_scale = scale_ref[group, k0 // block[0], col0 // block[1]]
+            step_even, step_odd = step_even * w_scale, step_odd * w_scale
+        return acc_even + step_even, acc_odd + step_odd
 
     zeros = jnp.zeros((bm, bn2), jnp.float32)
     acc_even, acc_odd = lax.fori_loop(0, num_steps, body, (zeros, zeros))
@@ -565,6 +584,16 @@ def gmm_block_scaled(
     cfg = _fit_smem(fit_block_scaled(cfg, block_k, block_n), lhs_itemsize, 1)
     if config is None:
         cfg = split_k(cfg, m, k, n, g)
+    packed = byte_offsets_overflow(rhs)
+    if packed:
+        if not block_scaled_takes(rhs, transpose_rhs, lhs_scale is not None):
+            raise NotImplementedError(
+                f"float8 rhs of shape {rhs.shape} (2**31..2**32 elements): Pallas' Triton lowering would overflow "
+                "its 32-bit offsets; only weight-only products with [g, k, n] weights and n even are read as "
+                "int16 pairs (grouped_matmul dequantizes the others)"
+            )
+        cfg = _fit_packed_epilogue(cfg)
+        rhs = lax.bitcast_convert_type(rhs.reshape(g, k, n // 2, 2), jnp.int16)
     operands = (lhs, rhs, rhs_scale.astype(jnp.float32))
     if lhs_scale is not None:
         # Transposed so that a K step reads its row tile's scales contiguously.
@@ -573,8 +602,16 @@ def gmm_block_scaled(
         operands, group_sizes, (m, k, n, g), cfg, out_dtype, interpret,
         "vishwam_gmm_fp8" if lhs_scale is not None else "vishwam_gmm_fp8_weights",
         transpose_rhs=transpose_rhs, has_scale=True, compute_dtype=lhs.dtype if lhs_scale is None else None,
-        block=block, has_lhs_scale=lhs_scale is not None,
+        block=block, has_lhs_scale=lhs_scale is not None, packed=packed,
     )  # fmt: skip
+
+
+def block_scaled_takes(rhs, transpose_rhs: bool, fp8_lhs: bool) -> bool:
+    """Whether `gmm_block_scaled` takes this float8 rhs as stored: any rhs whose offsets fit int32;
+    one of 2**31..2**32 elements only weight-only, [g, k, n] and n even (read as int16 pairs)."""
+    if not byte_offsets_overflow(rhs):
+        return True
+    return not transpose_rhs and not fp8_lhs and rhs.shape[-1] % 2 == 0
 
 
 # ---------------------------------------------------------------------------------------------

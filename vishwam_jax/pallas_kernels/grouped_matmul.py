@@ -202,7 +202,7 @@ def _gmm_forward(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl, b
             preferred_element_type=out_dtype,
         )  # fmt: skip
     if block is not None:
-        if has_block_scaled_kernel(block, impl, rhs):
+        if has_block_scaled_kernel(block, impl) and _gmm_gpu.block_scaled_takes(rhs, transpose_rhs, False):
             return _gmm_gpu.gmm_block_scaled(
                 lhs, rhs, group_sizes, scale, block=block, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
                 interpret=impl == "pallas_interpret",

@@ -35,6 +35,17 @@ def _summed(fn):
 
 
 GMM = dict(implementation="pallas_gpu")
+
+
+def _gmm_fp8(x, x_scale, w, w_scale, gs):
+    return grouped_matmul.gmm_fp8(x, x_scale, w, w_scale, gs, **GMM)
+
+
+def _gmm_fp8_args(m: int) -> tuple:
+    x_and_scale = (zeros(m, K, dtype=E4M3), zeros(m, K // 128, dtype=jnp.float32))
+    return (*x_and_scale, zeros(G, K, N, dtype=E4M3), zeros(G, K // 128, N // 128, dtype=jnp.float32), rows(m))
+
+
 CASES = {
     # name: (function, arguments, Triton calls at least)
     "gmm bf16, decode": (
@@ -76,28 +87,8 @@ CASES = {
         (zeros(8, K), zeros(G, N, K, dtype=E4M3), zeros(G, N // 128, K // 128, dtype=jnp.float32), rows(8)),
         1,
     ),
-    "gmm_fp8 (both operands float8)": (
-        lambda x, xs, w, s, gs: grouped_matmul.gmm_fp8(x, xs, w, s, gs, **GMM),
-        (
-            zeros(512, K, dtype=E4M3),
-            zeros(512, K // 128, dtype=jnp.float32),
-            zeros(G, K, N, dtype=E4M3),
-            zeros(G, K // 128, N // 128, dtype=jnp.float32),
-            rows(512),
-        ),
-        1,
-    ),
-    "gmm_fp8, decode (a few rows per expert)": (
-        lambda x, xs, w, s, gs: grouped_matmul.gmm_fp8(x, xs, w, s, gs, **GMM),
-        (
-            zeros(8, K, dtype=E4M3),
-            zeros(8, K // 128, dtype=jnp.float32),
-            zeros(G, K, N, dtype=E4M3),
-            zeros(G, K // 128, N // 128, dtype=jnp.float32),
-            rows(8),
-        ),
-        1,
-    ),
+    "gmm_fp8 (both operands float8)": (_gmm_fp8, _gmm_fp8_args(512), 1),
+    "gmm_fp8, decode (a few rows per expert)": (_gmm_fp8, _gmm_fp8_args(8), 1),
     "tgmm_fp8": (
         lambda x, xs, dy, dys, gs: grouped_matmul.tgmm_fp8(x, xs, dy, dys, gs, **GMM),
         (

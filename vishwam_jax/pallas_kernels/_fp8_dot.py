@@ -29,6 +29,9 @@ fp8_dot_p = jax_core.Primitive("vishwam_fp8_dot")
 
 def fp8_dot(a: jax.Array, b: jax.Array, contracting: tuple[int, int]) -> jax.Array:
     """float32 `a · b` of two 2-D float8 tiles contracted over `contracting` = (axis of a, axis of b)."""
+    if not TRITON_RULE_REGISTERED:  # a jax whose Pallas internals moved: Pallas' own dot (mma on float16)
+        dims = (((contracting[0],), (contracting[1],)), ((), ()))
+        return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
     return fp8_dot_p.bind(a, b, contracting=tuple(contracting))
 
 
@@ -74,12 +77,15 @@ def _triton_rule(ctx, a, b, *, contracting):
 
 
 def _register_triton_rule() -> bool:
+    """Add the rule to Pallas' Triton lowering (a private table: if it moves, the kernels fall back to
+    Pallas' own dot and say so once)."""
     try:
         from jax._src.pallas.triton import lowering
-    except ImportError as err:  # a jax without Pallas' Triton lowering: GPU kernels are unavailable anyway
-        _log.debug("no Pallas Triton lowering (%s)", err)
+
+        lowering.triton_lowering_rules[fp8_dot_p] = _triton_rule
+    except (ImportError, AttributeError) as err:
+        _log.warning("FP8 dots fall back to Pallas' dot_general (float16 mma): %s", err)
         return False
-    lowering.triton_lowering_rules[fp8_dot_p] = _triton_rule
     return True
 
 

@@ -347,6 +347,33 @@ def _full_checks(smoke: bool) -> list[str]:
         )
         ref = grouped_matmul.gmm_fp8(x8, x_scale, values, blocks, gs, implementation="reference", **opts)
         check(f"gmm_fp8 (float8 activations) transpose_rhs={transpose}", got, ref, FP8_WGMMA_TOL)
+    # The paths the last GPU run could not time: fp8 [g, k, n] weights read as int16 pairs (those of
+    # 2**31..2**32 elements, forced here) and a batch-1 dense projection with K split over programs.
+    w = jax.random.normal(next(key), (g, k, n - n % 2), jnp.float32)
+    values, blocks = jax.jit(lambda w: quantize(w, "fp8", (1, 1), FP8_BLOCK))(w)
+    old = _gmm_gpu.INT8_PACK_ABOVE
+    _gmm_gpu.INT8_PACK_ABOVE = 0
+    try:
+        got = jax.jit(
+            lambda a, b, s: grouped_matmul.gmm(a, b, gs, rhs_scale=s, rhs_scale_block=FP8_BLOCK, implementation=IMPL)
+        )(x, values, blocks)
+    finally:
+        _gmm_gpu.INT8_PACK_ABOVE = old
+    ref = grouped_matmul.gmm_reference(x, values, gs, rhs_scale=blocks, rhs_scale_block=FP8_BLOCK)
+    check("gmm fp8 weights, int16 pairs", got, ref, TOL[jnp.dtype(jnp.bfloat16)])
+    dense_k, dense_n = (1024, 256) if smoke else (7168, 1536)
+    w = jax.random.normal(next(key), (1, dense_k, dense_n), jnp.float32)
+    values, blocks = jax.jit(lambda w: quantize(w, "fp8", (1, 1), FP8_BLOCK))(w)
+    row = jax.random.normal(next(key), (1, dense_k), jnp.bfloat16)
+    one = jnp.ones((1,), jnp.int32)
+    got = jax.jit(
+        lambda a, b, s: grouped_matmul.gmm(a, b, one, rhs_scale=s, rhs_scale_block=FP8_BLOCK, implementation=IMPL)
+    )(row, values, blocks)
+    ref = grouped_matmul.gmm_reference(row, values, one, rhs_scale=blocks, rhs_scale_block=FP8_BLOCK)
+    splits = _gmm_gpu.split_k(
+        _gmm_gpu.fit_block_scaled(_gmm_gpu.gmm_config(1, dense_k, dense_n, 1, 2, 1), 128, 128), 1, dense_k, dense_n, 1
+    ).k_splits
+    check(f"gmm fp8 dense projection, batch 1, K split {splits} ways", got, ref, TOL[jnp.dtype(jnp.bfloat16)])
     # FP8 training's weight gradient: both operands float8 in 128 x 1 token tiles.
     dy = jax.random.normal(next(key), (m, n), jnp.bfloat16)
     (x8, xs), (dy8, dys) = (quantize(a, "fp8", (1, 1), (128, 1)) for a in (x, dy))

@@ -489,14 +489,19 @@ def mgpu_config(p: Problem, fn) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def k_major_device_us(lhs, gs, rhs_int8, scale, rhs_fp8, device_us) -> dict:
+def fail(row: dict, message: str) -> None:
+    """Record a mismatch in `row`, beside any recorded before it (a row can fail in several columns)."""
+    row["FAIL"] = f"{row['FAIL']}; {message}" if "FAIL" in row else message
+
+
+def k_major_device_us(row: dict, lhs, gs, rhs_int8, scale, rhs_fp8, device_us) -> None:
     """Device µs of the int8 and fp8 decode products with the weights stored K-major ([g, n, k], as
     DeepSeek-V3 ships them) instead of our [g, k, n], checked against the [g, k, n] result.
 
     Compiled for sm_90 (scripts/kernel_sass.py), a [g, k, n] 1-byte tile reaches the tensor cores by
     one shared-memory load per byte (ldmatrix cannot transpose 8-bit elements), a K-major one by
-    ldmatrix and 16-byte global loads; this times whether that decides the streaming rate."""
-    row = {}
+    ldmatrix and 16-byte global loads; this times whether that decides the streaming rate.
+    Weights of 2**31..2**32 bytes have no K-major kernel (grouped_matmul would dequantize them): n/a."""
     variants = []
     if rhs_int8 is not None:
         variants.append(("int8", rhs_int8, dict(rhs_scale=scale), dict(rhs_scale=scale.swapaxes(1, 2))))
@@ -511,16 +516,15 @@ def k_major_device_us(lhs, gs, rhs_int8, scale, rhs_fp8, device_us) -> dict:
         f_nk = jax.jit(
             lambda x, w, g, kw=nk_args: grouped_matmul.gmm(x, w, g, transpose_rhs=True, implementation=IMPL, **kw)
         )
-        try:
-            k_major = jax.block_until_ready(values.swapaxes(1, 2))
-            err = rel_err(f_nk(lhs, k_major, gs), f_kn(lhs, values, gs))
-            if not err < 1e-2:
-                row["FAIL"] = f"{name} K-major mismatch: rel err {err:.3g}"
-            row[f"{name}_k_major_dev_us"] = device_us(f_nk, lhs, k_major, gs)
-        except NotImplementedError as e:  # int8 of 2**31..2**32 elements: only [g, k, n] pairs
-            row[f"{name}_k_major"] = "n/a: " + short(e)
+        if _gmm_gpu.byte_offsets_overflow(values):
+            row[f"{name}_k_major"] = "n/a: 2**31..2**32 bytes, read only as [g, k, n] int16 pairs"
+            continue
+        k_major = jax.block_until_ready(values.swapaxes(1, 2))
+        err = rel_err(f_nk(lhs, k_major, gs), f_kn(lhs, values, gs))
+        if not err < 1e-2:
+            fail(row, f"{name} K-major mismatch: rel err {err:.3g}")
+        row[f"{name}_k_major_dev_us"] = device_us(f_nk, lhs, k_major, gs)
         k_major = None
-    return row
 
 
 def run_problem(p: Problem, rhs, rhs_int8, scale, args, rhs_fp8=None) -> dict:
@@ -538,7 +542,7 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args, rhs_fp8=None) -> dict:
     out = f_ours(lhs, rhs, gs)
     row["err"] = spot_check(out, lhs, rhs, sizes)
     if not row["err"] < TOL[jnp.dtype(jnp.bfloat16)]:
-        row["FAIL"] = f"mismatch: rel err {row['err']:.3g}"
+        fail(row, f"mismatch: rel err {row['err']:.3g}")
     t = time_fn(f_ours, lhs, rhs, gs, budget_s=budget)
     row.update(ours_ms=t * 1e3, ours_tflops=flops / t / 1e12, weight_GBps=weight_bytes / t / 1e9)
     # Decode calls last ~0.1 ms on the device, under the host's dispatch cost, so their wall time is
@@ -556,7 +560,7 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args, rhs_fp8=None) -> dict:
             f_alt = jax.jit(functools.partial(ours, config=cfg_alt))
             err_alt = spot_check(f_alt(lhs, rhs, gs), lhs, rhs, sizes)
             if not err_alt < TOL[jnp.dtype(jnp.bfloat16)]:
-                row["FAIL"] = f"mismatch ({cfg_alt}): rel err {err_alt:.3g}"
+                fail(row, f"mismatch ({cfg_alt}): rel err {err_alt:.3g}")
             t_alt = time_fn(f_alt, lhs, rhs, gs, budget_s=budget)
             row.update(
                 alt_ms=t_alt * 1e3,
@@ -568,7 +572,7 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args, rhs_fp8=None) -> dict:
         out8 = f_ours(lhs, rhs_int8, gs, scale)
         err8 = spot_check(out8, lhs, rhs_int8, sizes, scale.reshape(p.g, p.n))
         if not err8 < 2e-2:
-            row["FAIL"] = f"int8 mismatch: rel err {err8:.3g}"
+            fail(row, f"int8 mismatch: rel err {err8:.3g}")
         t8 = time_fn(f_ours, lhs, rhs_int8, gs, scale, budget_s=budget)
         row.update(int8_ms=t8 * 1e3, int8_weight_GBps=weight_bytes / 2 / t8 / 1e9)
         if device_us:
@@ -580,7 +584,7 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args, rhs_fp8=None) -> dict:
             out_f = OURS_FP8_WEIGHTS_JIT(lhs, values, gs, blocks)
             err_f = spot_check(out_f, lhs, values, sizes, blocks)
             if not err_f < TOL[jnp.dtype(jnp.bfloat16)]:
-                row["FAIL"] = f"fp8 weight-only mismatch: rel err {err_f:.3g}"
+                fail(row, f"fp8 weight-only mismatch: rel err {err_f:.3g}")
             tf = time_fn(OURS_FP8_WEIGHTS_JIT, lhs, values, gs, blocks, budget_s=budget)
             row.update(fp8_ms=tf * 1e3, fp8_weight_GBps=weight_bytes / 2 / tf / 1e9)
             if device_us:
@@ -589,19 +593,19 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args, rhs_fp8=None) -> dict:
                 # weights fed to FP8 wgmma as bytes with no widening.
                 err_a = spot_check(OURS_FP8_JIT(lhs, values, gs, blocks), lhs, values, sizes, blocks)
                 if not err_a < 0.1:
-                    row["FAIL"] = f"fp8 x fp8 decode mismatch: rel err {err_a:.3g}"
+                    fail(row, f"fp8 x fp8 decode mismatch: rel err {err_a:.3g}")
                 row["fp8_act_dev_us"] = device_us(OURS_FP8_JIT, lhs, values, gs, blocks)
         else:  # both operands float8 (activation quantization included in the time)
             out_f = OURS_FP8_JIT(lhs, values, gs, blocks)
             err_f = spot_check(out_f, lhs, values, sizes, blocks)
             row["fp8_err"] = err_f
             if not err_f < 0.1:  # e4m3 activations: a few % of the product
-                row["FAIL"] = f"fp8 mismatch: rel err {err_f:.3g}"
+                fail(row, f"fp8 mismatch: rel err {err_f:.3g}")
             tf = time_fn(OURS_FP8_JIT, lhs, values, gs, blocks, budget_s=budget)
             row.update(fp8_ms=tf * 1e3, fp8_tflops=flops / tf / 1e12)
 
     if p.decode and device_us:
-        row.update(k_major_device_us(lhs, gs, rhs_int8, scale, rhs_fp8, device_us))
+        k_major_device_us(row, lhs, gs, rhs_int8, scale, rhs_fp8, device_us)
 
     if ragged_dot_bytes(p) > RAGGED_DOT_MAX_BYTES:
         row["ragged_dot"] = f"skipped (XLA would allocate {ragged_dot_bytes(p) / 2**30:.0f} GiB)"

@@ -307,17 +307,17 @@ def cached_attention(
         prefix_keys
         and t >= FUSED_MIN_TOKENS
         and fused_attention_applies(q, softcap)
-        and _cudnn_accepts(q, k, v, lengths)
+        and _cudnn_accepts(q, k, v, lengths, window)
     ):
         return _fused_where_fresh(q, k, v, positions, lengths, key_valid, cache, scale=scale, window=window)
     return _chunk_attention(q, k, v, positions, lengths, key_valid, cache, scale=scale, softcap=softcap, window=window)
 
 
-def _cudnn_accepts(q, k, v, lengths) -> bool:
-    """Whether cuDNN's own checks (run when the call is traced: version, head dim, layout) accept
-    these shapes; a layer they refuse runs on the XLA path, and says so."""
+def _cudnn_accepts(q, k, v, lengths, window: int) -> bool:
+    """Whether cuDNN's own checks (run when the call is traced: version, head dim, layout, window)
+    accept this layer; a layer they refuse runs on the XLA path, and says so."""
     try:
-        jax.eval_shape(lambda *a: fused_causal_attention(*a, scale=1.0), q, k, v, lengths)
+        jax.eval_shape(lambda *a: fused_causal_attention(*a, scale=1.0, window=window), q, k, v, lengths)
     except (NotImplementedError, ValueError, RuntimeError) as err:
         _log.warning("cuDNN fused attention refused this layer (%s); it runs on the XLA path", err)
         return False

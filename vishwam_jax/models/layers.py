@@ -140,22 +140,34 @@ def _matrix_contraction(spec: str) -> int | None:
     return n_c
 
 
-def _block_scaled_matmul(w: QuantizedWeight):
-    """The 2-D product of rows and the fp8 block-scaled `w`, by the grouped-matmul kernel with one
-    group: it reads the float8 bytes as they are. `_contract` hands it `w.values` as the [K, N]
-    matrix that the blocks are laid over. With fp8 activations the rows are quantized first, in
-    1 x block[0] tiles along K, and both operands go to `gmm_fp8`."""
+def quantized_gmm(
+    x: Float[Array, "m k"], values: Array, scale: Array, group_sizes: Int[Array, " g"], w: QuantizedWeight
+) -> Float[Array, "m n"]:
+    """Rows of `x` sorted by group times each group's quantized matrix (`values` [g, k, n] and `scale`
+    as stored, in `w`'s format), by the grouped-matmul kernels, which read the narrow values as they
+    are. With fp8 activations `x` is quantized first, in 1 x block[0] tiles along K, and both
+    operands go to `gmm_fp8`."""
     from vishwam_jax.pallas_kernels import grouped_matmul  # local: kernels import nothing from models
+
+    if w.activations == "fp8":
+        x8, x_scale = quantize(x, "fp8", (1, 1), (1, w.block[0]))
+        return grouped_matmul.gmm_fp8(
+            x8, x_scale, values, scale, group_sizes, rhs_scale_block=w.block, preferred_element_type=x.dtype
+        )
+    block = w.block if w.format == "fp8" else None
+    return grouped_matmul.gmm(
+        x, values, group_sizes, rhs_scale=scale, rhs_scale_block=block, preferred_element_type=x.dtype
+    )
+
+
+def _block_scaled_matmul(w: QuantizedWeight):
+    """The 2-D product of rows and the fp8 block-scaled `w`: `quantized_gmm` with one group.
+    `_contract` hands it `w.values` as the [K, N] matrix that the blocks are laid over."""
 
     def matmul(rows: Array, values: Array) -> Array:
         one_group = jnp.full((1,), rows.shape[0], jnp.int32)
         values, scale = jax.lax.stop_gradient(values)[None], jax.lax.stop_gradient(w.scale)[None]
-        if w.activations == "fp8":
-            rows8, rows_scale = quantize(rows, "fp8", (1, 1), (1, w.block[0]))
-            return grouped_matmul.gmm_fp8(
-                rows8, rows_scale, values, scale, one_group, rhs_scale_block=w.block, preferred_element_type=rows.dtype
-            )
-        return grouped_matmul.gmm(rows, values, one_group, rhs_scale=scale, rhs_scale_block=w.block)
+        return quantized_gmm(rows, values, scale, one_group, w)
 
     return matmul
 

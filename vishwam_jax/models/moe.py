@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from vishwam_jax.models.layers import ACTIVATIONS, Linear, param, truncated_normal
-from vishwam_jax.quantization import Quantization, QuantizedWeight, quantize
+from vishwam_jax.models.layers import ACTIVATIONS, Linear, param, quantized_gmm, truncated_normal
+from vishwam_jax.quantization import Quantization, QuantizedWeight
 from vishwam_jax.quantization.fp8_training import fp8_active, fp8_grouped_matmul
 from vishwam_jax.sharding import context, expert_parallel
 
@@ -69,15 +69,7 @@ def grouped_linear(
     from vishwam_jax.pallas_kernels import grouped_matmul  # local: kernels import nothing from models
 
     if isinstance(w, QuantizedWeight):
-        if w.activations == "fp8":
-            x8, x_scale = quantize(x, "fp8", (1, 1), (1, w.block[0]))
-            return grouped_matmul.gmm_fp8(
-                x8, x_scale, w.values, w.scale, group_sizes, rhs_scale_block=w.block, preferred_element_type=x.dtype
-            )
-        block = w.block if w.format == "fp8" else None
-        return grouped_matmul.gmm(
-            x, w.values, group_sizes, rhs_scale=w.scale, rhs_scale_block=block, preferred_element_type=x.dtype
-        )
+        return quantized_gmm(x, w.values, w.scale, group_sizes, w)
     if fp8_active():
         return fp8_grouped_matmul(x, w.astype(x.dtype), group_sizes)
     return grouped_matmul.gmm(x, w.astype(x.dtype), group_sizes, preferred_element_type=x.dtype)

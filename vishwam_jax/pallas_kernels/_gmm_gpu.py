@@ -583,18 +583,18 @@ def gmm_block_scaled(
         # a weight-streaming call has to spare; the weights then reach wgmma as bytes, unconverted.
         cfg = dataclasses.replace(cfg, bm=WGMMA_ROWS, num_warps=4)
     cfg = _fit_smem(fit_block_scaled(cfg, block_k, block_n), lhs_itemsize, 1)
-    if config is None:
-        cfg = split_k(cfg, m, k, n, g)
+    if not block_scaled_takes(lhs, rhs, transpose_rhs):
+        raise NotImplementedError(
+            f"float8 operands {lhs.shape} x {rhs.shape}: one has 2**31..2**32 elements, whose offsets Pallas' "
+            "Triton lowering would overflow; only weight-only [g, k, n] weights with n even are read as int16 "
+            "pairs (grouped_matmul dequantizes the others)"
+        )
     packed = byte_offsets_overflow(rhs)
     if packed:
-        if not block_scaled_takes(rhs, transpose_rhs, lhs_scale is not None):
-            raise NotImplementedError(
-                f"float8 rhs of shape {rhs.shape} (2**31..2**32 elements): Pallas' Triton lowering would overflow "
-                "its 32-bit offsets; only weight-only products with [g, k, n] weights and n even are read as "
-                "int16 pairs (grouped_matmul dequantizes the others)"
-            )
         cfg = _fit_packed_epilogue(cfg)
         rhs = lax.bitcast_convert_type(rhs.reshape(g, k, n // 2, 2), jnp.int16)
+    if config is None:
+        cfg = split_k(cfg, m, k, n, g)
     operands = (lhs, rhs, rhs_scale.astype(jnp.float32))
     if lhs_scale is not None:
         # Transposed so that a K step reads its row tile's scales contiguously.
@@ -607,12 +607,14 @@ def gmm_block_scaled(
     )  # fmt: skip
 
 
-def block_scaled_takes(rhs, transpose_rhs: bool, fp8_lhs: bool) -> bool:
-    """Whether `gmm_block_scaled` takes this float8 rhs as stored: any rhs whose offsets fit int32;
-    one of 2**31..2**32 elements only weight-only, [g, k, n] and n even (read as int16 pairs)."""
+def block_scaled_takes(lhs, rhs, transpose_rhs: bool) -> bool:
+    """Whether `gmm_block_scaled` can address these operands: float8 activations of 2**31..2**32
+    elements never; weights of that size only weight-only, [g, k, n] with n even (int16 pairs)."""
+    if byte_offsets_overflow(lhs):
+        return False
     if not byte_offsets_overflow(rhs):
         return True
-    return not transpose_rhs and not fp8_lhs and rhs.shape[-1] % 2 == 0
+    return not transpose_rhs and jnp.dtype(lhs.dtype).itemsize > 1 and rhs.shape[-1] % 2 == 0
 
 
 # ---------------------------------------------------------------------------------------------

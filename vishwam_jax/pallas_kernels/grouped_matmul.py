@@ -59,17 +59,12 @@ def resolve_implementation(implementation: str | None = None) -> str:
     return impl
 
 
-def has_block_scaled_kernel(block: tuple[int, int], implementation: str | None = None, *operands: Array) -> bool:
+def has_block_scaled_kernel(block: tuple[int, int], implementation: str | None = None) -> bool:
     """Whether the backend multiplies float8 operands in `block`s as stored (the GPU kernels, also in
-    interpret mode), rather than dequantizing them first. `operands`: the float8 arrays of a call;
-    one of 2**31..2**32 elements is dequantized instead, since the kernels' 32-bit offsets into it
-    would wrap around (e.g. DeepSeek-V3's 256 [2048, 7168] experts on one device)."""
+    interpret mode), rather than dequantizing them first. A call whose operands the kernels cannot
+    address (`_gmm_gpu.block_scaled_takes`) is dequantized all the same."""
     impl = resolve_implementation(implementation)
-    return (
-        impl in ("pallas_gpu", "pallas_interpret")
-        and _gmm_gpu.supports_block(block)
-        and not any(_gmm_gpu.byte_offsets_overflow(x) for x in operands)
-    )
+    return impl in ("pallas_gpu", "pallas_interpret") and _gmm_gpu.supports_block(block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +197,7 @@ def _gmm_forward(lhs, rhs, group_sizes, scale, transpose_rhs, out_dtype, impl, b
             preferred_element_type=out_dtype,
         )  # fmt: skip
     if block is not None:
-        if has_block_scaled_kernel(block, impl) and _gmm_gpu.block_scaled_takes(rhs, transpose_rhs, False):
+        if has_block_scaled_kernel(block, impl) and _gmm_gpu.block_scaled_takes(lhs, rhs, transpose_rhs):
             return _gmm_gpu.gmm_block_scaled(
                 lhs, rhs, group_sizes, scale, block=block, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
                 interpret=impl == "pallas_interpret",
@@ -370,7 +365,7 @@ def gmm_fp8(
     out_dtype = jnp.dtype(preferred_element_type)
     impl = resolve_implementation(implementation)
     group_sizes = group_sizes.astype(jnp.int32)
-    if has_block_scaled_kernel(block, impl, lhs, rhs):
+    if has_block_scaled_kernel(block, impl) and _gmm_gpu.block_scaled_takes(lhs, rhs, transpose_rhs):
         return _gmm_gpu.gmm_block_scaled(
             lhs, rhs, group_sizes, scale, block=block, lhs_scale=lhs_scale, transpose_rhs=transpose_rhs,
             out_dtype=out_dtype, interpret=impl == "pallas_interpret",
@@ -407,7 +402,8 @@ def tgmm_fp8(
     impl = resolve_implementation(implementation)
     group_sizes = group_sizes.astype(jnp.int32)
     out_dtype = jnp.dtype(preferred_element_type)
-    if has_block_scaled_kernel((tile, tile), impl, lhs, grad):
+    addressable = not (_gmm_gpu.byte_offsets_overflow(lhs) or _gmm_gpu.byte_offsets_overflow(grad))
+    if has_block_scaled_kernel((tile, tile), impl) and addressable:
         return _gmm_gpu.tgmm_fp8(
             lhs, lhs_scale, grad, grad_scale, group_sizes, tile=tile, out_dtype=out_dtype,
             interpret=impl == "pallas_interpret",

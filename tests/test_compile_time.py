@@ -58,7 +58,9 @@ def test_decode_step_program_and_compile_time_do_not_grow_with_depth(name, shall
     # The deep model's program is the shallow one's with longer loops (and at most an unrolled tail).
     assert hlo_ops(large) <= 1.5 * hlo_ops(small), (hlo_ops(small), hlo_ops(large))
     # Best of two compiles each, so a busy machine does not decide the ratio. Unrolled layers made the
-    # deep step 10x slower to compile; 2x leaves room for a loaded CI machine's noise (1.66x seen).
+    # deep step 10x slower to compile (~1.6 s each here when scanned); 2x leaves room for a loaded CI
+    # machine's noise (1.66x seen). The 0.25 s floor covers a run where XLA's in-memory cache answers
+    # both in tens of milliseconds (0.05 against 0.15 s seen), where the ratio measures nothing.
     small_s = min(compile_s(name, shallow, overrides) for _ in range(2))
     large_s = min(compile_s(name, deep, overrides) for _ in range(2))
-    assert large_s <= 2.0 * small_s + 0.05, (small_s, large_s)
+    assert large_s <= 2.0 * small_s + 0.25, (small_s, large_s)

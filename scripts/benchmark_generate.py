@@ -60,6 +60,13 @@ def main(argv=None) -> None:
         action="store_true",
         help="also profile one generate call per batch: device time and kernel launches per decode step",
     )
+    ap.add_argument(
+        "--quantize",
+        nargs="+",
+        default=["none"],
+        choices=["none", "int8", "fp8"],
+        help="weight formats to time in turn (quantized at load, weight-only; issue 14's int8 row: int8 vs none)",
+    )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -71,7 +78,31 @@ def main(argv=None) -> None:
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     source = vj.get_config(args.model, **overrides) if overrides else args.model
     unstack = {"auto": None, "scanned": False, "per-layer": True}[args.layers]
-    model = vj.load(source, dtype=jnp.dtype(args.dtype), unstack_layers=unstack)
+    rows = []
+    for weights in args.quantize:
+        quantize = None if weights == "none" else weights
+        model = vj.load(source, dtype=jnp.dtype(args.dtype), unstack_layers=unstack, quantize=quantize)
+        rows += time_model(model, weights, args, bw, peer)
+        del model
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "read_bw": bw.bytes_per_s,
+                    "read_bw_xla": bw.xla_reduction,
+                    "read_bw_pallas": bw.pallas_stream,
+                    "spec_bw": bw.spec,
+                    "rows": rows,
+                    "transformers": peer,
+                    "torch_read_bw": peer_run.get("torch_read_bw"),
+                },
+                f,
+                indent=2,
+            )
+
+
+def time_model(model, weights: str, args, bw, peer: list) -> list[dict]:
+    """Decode and prefill rows of one loaded model, one per batch size."""
     param_bytes = tree_bytes(model.params)
     c = model.config
     rows = []
@@ -90,6 +121,7 @@ def main(argv=None) -> None:
         floor_s = (param_bytes + kv_bytes) / bw.bytes_per_s
         row = {
             "model": args.model,
+            "weights": weights,
             "layers": args.layers,
             "batch": batch,
             "prompt_len": args.prompt_len,
@@ -118,27 +150,13 @@ def main(argv=None) -> None:
             if p["batch"] == batch
         )
         print(
-            f"{args.model} {args.dtype} batch {batch}: prefill {row['prefill_tok_s']:,.0f} tok/s, "
+            f"{args.model} {args.dtype} {weights} weights, batch {batch}: prefill {row['prefill_tok_s']:,.0f} tok/s, "
             f"decode {row['decode_tok_s']:,.1f} tok/s ({row['decode_tok_s_per_stream']:.1f}/stream), "
             f"step {row['step_ms']:.2f} ms vs floor {row['roofline_step_ms']:.2f} ms "
             f"({100 * row['fraction_of_roofline']:.0f}% of read bandwidth{spec}){versus}",
             flush=True,
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "read_bw": bw.bytes_per_s,
-                    "read_bw_xla": bw.xla_reduction,
-                    "read_bw_pallas": bw.pallas_stream,
-                    "spec_bw": bw.spec,
-                    "rows": rows,
-                    "transformers": peer,
-                    "torch_read_bw": peer_run.get("torch_read_bw"),
-                },
-                f,
-                indent=2,
-            )
+    return rows
 
 
 def profile_steps(generate_once, steps: int, step_s: float) -> dict:

@@ -29,6 +29,7 @@ rather than run into an out-of-memory error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -304,6 +305,18 @@ def spot_check(out, lhs, rhs, sizes: np.ndarray, scale=None) -> float:
     return worst
 
 
+@contextlib.contextmanager
+def int16_pairs_forced(on: bool = True):
+    """Every 1-byte weight read as int16 pairs, as if it had 2**31..2**32 elements (the path of
+    DeepSeek-V3's and Grok-1's expert stacks on one device), on medium shapes."""
+    old = _gmm_gpu.INT8_PACK_ABOVE
+    _gmm_gpu.INT8_PACK_ABOVE = 0 if on else old
+    try:
+        yield
+    finally:
+        _gmm_gpu.INT8_PACK_ABOVE = old
+
+
 def full_checks(smoke: bool) -> list[str]:
     try:
         return _full_checks(smoke)
@@ -347,20 +360,23 @@ def _full_checks(smoke: bool) -> list[str]:
         )
         ref = grouped_matmul.gmm_fp8(x8, x_scale, values, blocks, gs, implementation="reference", **opts)
         check(f"gmm_fp8 (float8 activations) transpose_rhs={transpose}", got, ref, FP8_WGMMA_TOL)
-    # The paths the last GPU run could not time: fp8 [g, k, n] weights read as int16 pairs (those of
-    # 2**31..2**32 elements, forced here) and a batch-1 dense projection with K split over programs.
-    w = jax.random.normal(next(key), (g, k, n - n % 2), jnp.float32)
-    values, blocks = jax.jit(lambda w: quantize(w, "fp8", (1, 1), FP8_BLOCK))(w)
-    old = _gmm_gpu.INT8_PACK_ABOVE
-    _gmm_gpu.INT8_PACK_ABOVE = 0
-    try:
-        got = jax.jit(
-            lambda a, b, s: grouped_matmul.gmm(a, b, gs, rhs_scale=s, rhs_scale_block=FP8_BLOCK, implementation=IMPL)
-        )(x, values, blocks)
-    finally:
-        _gmm_gpu.INT8_PACK_ABOVE = old
-    ref = grouped_matmul.gmm_reference(x, values, gs, rhs_scale=blocks, rhs_scale_block=FP8_BLOCK)
-    check("gmm fp8 weights, int16 pairs", got, ref, TOL[jnp.dtype(jnp.bfloat16)])
+    # The paths the last GPU run could not time: fp8 weights read as int16 pairs (those of 2**31..2**32
+    # elements, forced here), along N of [g, k, n] and along K of K-major [g, n, k] (k even), and a
+    # batch-1 dense projection with K split over programs.
+    for transpose in (False, True):
+        shape = (g, n, k - k % 2) if transpose else (g, k, n - n % 2)
+        values, blocks = jax.jit(lambda w: quantize(w, "fp8", (1, 1), FP8_BLOCK))(
+            jax.random.normal(next(key), shape, jnp.float32)
+        )
+        xk = x[:, : shape[2] if transpose else k]
+        opts = dict(transpose_rhs=transpose, rhs_scale_block=FP8_BLOCK)
+        with int16_pairs_forced():
+            got = jax.jit(
+                lambda a, b, s, opts=opts: grouped_matmul.gmm(a, b, gs, rhs_scale=s, implementation=IMPL, **opts)
+            )(xk, values, blocks)
+        ref = grouped_matmul.gmm_reference(xk, values, gs, rhs_scale=blocks, **opts)
+        layout = "K-major, int16 pairs along K" if transpose else "int16 pairs along N"
+        check(f"gmm fp8 weights, {layout}", got, ref, TOL[jnp.dtype(jnp.bfloat16)])
     dense_k, dense_n = (1024, 256) if smoke else (7168, 1536)
     w = jax.random.normal(next(key), (1, dense_k, dense_n), jnp.float32)
     values, blocks = jax.jit(lambda w: quantize(w, "fp8", (1, 1), FP8_BLOCK))(w)
@@ -394,22 +410,29 @@ def _full_checks(smoke: bool) -> list[str]:
     got = jax.jit(lambda a, b, s: grouped_matmul.gmm(a, b, gs, rhs_scale=s, implementation=IMPL))(lhs, q, scale)
     check("gmm int8 weights", got, grouped_matmul.gmm_reference(lhs, q, gs, rhs_scale=scale), 2e-2)
     # int8 with many rows per group (prefill: the compute-bound block config), read directly and as
-    # int16 pairs (the path of int8 experts of 2**31..2**32 weights on one device, forced here).
+    # int16 pairs (the path of int8 experts of 2**31..2**32 weights on one device, forced here): along
+    # N of [g, k, n], and along K of the same weights stored K-major.
     m_big = 8 * 64 if smoke else 8 * 512
     big = np.full(g, m_big // g, np.int32)
     lhs_big = jax.random.normal(next(key), (m_big, k), jnp.bfloat16)
     q_even = q[..., : n - n % 2]
     for packed in (False, True):
-        old = _gmm_gpu.INT8_PACK_ABOVE
-        _gmm_gpu.INT8_PACK_ABOVE = 0 if packed else old
-        try:
+        with int16_pairs_forced(packed):
             got = jax.jit(lambda a, b, s: grouped_matmul.gmm(a, b, jnp.asarray(big), rhs_scale=s, implementation=IMPL))(
                 lhs_big, q_even, scale[..., : q_even.shape[-1]]
             )
-        finally:
-            _gmm_gpu.INT8_PACK_ABOVE = old
         want = grouped_matmul.gmm_reference(lhs_big, q_even, jnp.asarray(big), rhs_scale=scale[..., : q_even.shape[-1]])
         check(f"gmm int8 weights, {m_big // g} rows per group{', int16 pairs' if packed else ''}", got, want, 2e-2)
+    q_k_major, scale_k_major = q[:, : k - k % 2].swapaxes(1, 2), scale.swapaxes(1, 2)  # [g, n, k even]
+    for rows, a, sizes_k in ((f"{m_big // g}", lhs_big, jnp.asarray(big)), ("few", lhs, gs)):
+        a = a[:, : q_k_major.shape[2]]
+        opts = dict(transpose_rhs=True, rhs_scale=scale_k_major)
+        with int16_pairs_forced():
+            got = jax.jit(lambda a, b, sz, opts=opts: grouped_matmul.gmm(a, b, sz, implementation=IMPL, **opts))(
+                a, q_k_major, sizes_k
+            )
+        want = grouped_matmul.gmm_reference(a, q_k_major, sizes_k, **opts)
+        check(f"gmm int8 weights K-major, {rows} rows per group, int16 pairs along K", got, want, 2e-2)
     grad = jax.random.normal(next(key), (m, n), jnp.bfloat16)
     got = jax.jit(lambda a, b: grouped_matmul.tgmm(a, b, gs, num_groups=g, implementation=IMPL))(lhs, grad)
     check("tgmm", got, grouped_matmul.tgmm_reference(lhs, grad, gs, num_groups=g), 2e-2)
@@ -501,7 +524,8 @@ def k_major_device_us(row: dict, lhs, gs, rhs_int8, scale, rhs_fp8, device_us) -
     Compiled for sm_90 (scripts/kernel_sass.py), a [g, k, n] 1-byte tile reaches the tensor cores by
     one shared-memory load per byte (ldmatrix cannot transpose 8-bit elements), a K-major one by
     ldmatrix and 16-byte global loads; this times whether that decides the streaming rate.
-    Weights of 2**31..2**32 bytes have no K-major kernel (grouped_matmul would dequantize them): n/a."""
+    Weights of 2**31..2**32 bytes are read as int16 pairs, along K when K-major (marked in the row);
+    an odd K has no pairs (n/a: grouped_matmul would dequantize fp8 and refuse int8)."""
     variants = []
     if rhs_int8 is not None:
         variants.append(("int8", rhs_int8, dict(rhs_scale=scale), dict(rhs_scale=scale.swapaxes(1, 2))))
@@ -516,9 +540,11 @@ def k_major_device_us(row: dict, lhs, gs, rhs_int8, scale, rhs_fp8, device_us) -
         f_nk = jax.jit(
             lambda x, w, g, kw=nk_args: grouped_matmul.gmm(x, w, g, transpose_rhs=True, implementation=IMPL, **kw)
         )
-        if _gmm_gpu.byte_offsets_overflow(values):
-            row[f"{name}_k_major"] = "n/a: 2**31..2**32 bytes, read only as [g, k, n] int16 pairs"
+        pairs = _gmm_gpu.byte_offsets_overflow(values)
+        if pairs and values.shape[1] % 2:
+            row[f"{name}_k_major"] = "n/a: 2**31..2**32 bytes with K odd: no int16 pairs along K"
             continue
+        row[f"{name}_k_major_pairs"] = pairs
         k_major = jax.block_until_ready(values.swapaxes(1, 2))
         err = rel_err(f_nk(lhs, k_major, gs), f_kn(lhs, values, gs))
         if not err < 1e-2:
@@ -867,7 +893,9 @@ def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
 
             def k_major(name, r=r, wbytes=wbytes):
                 us = r.get(f"{name}_k_major_dev_us")
-                return per_read_bw(us, wbytes / 2) if us else r.get(f"{name}_k_major", "—")
+                if not us:
+                    return r.get(f"{name}_k_major", "—")
+                return per_read_bw(us, wbytes / 2) + (" (int16 pairs)" if r.get(f"{name}_k_major_pairs") else "")
 
             log(
                 f"| {r['shape']} | {r['m']} | {r['active']} | {r['ours_dev_us']:.1f} | {fmt(gbps)} | "

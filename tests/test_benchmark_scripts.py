@@ -98,13 +98,19 @@ def test_benchmark_generate_peer_is_skipped_by_name_on_a_cpu(tmp_path):
         "--new-tokens",
         "4",
         "--peer",
+        "--quantize",
+        "none",
+        "int8",
         "--json",
         str(tmp_path / "g.json"),
     )
     assert "transformers peer: no CUDA GPU on this machine, skipped" in out
     result = json.loads((tmp_path / "g.json").read_text())
     assert result["transformers"] == [] and result["read_bw"] > 0
-    assert 0 < result["rows"][0]["fraction_of_roofline"]
+    assert [r["weights"] for r in result["rows"]] == ["none", "int8"]
+    assert all(0 < r["fraction_of_roofline"] for r in result["rows"])
+    # int8 weights read fewer bytes per step than float32 ones (the floor moves with them)
+    assert result["rows"][1]["param_gb"] < 0.5 * result["rows"][0]["param_gb"]
 
 
 def test_peer_transformers_runs_its_modes_on_cpu_when_asked(tmp_path):

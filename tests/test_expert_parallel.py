@@ -240,13 +240,14 @@ def test_tensor_parallel_experts_run_on_width_shards(sizes, n, int8, monkeypatch
     real = expert_parallel.dispatch_experts_width_parallel
     monkeypatch.setattr(expert_parallel, "dispatch_experts_width_parallel", lambda *a: calls.append(1) or real(*a))
     params = _expert_params(3)
-    if int8:
+    if int8:  # stored K-major, as the Experts module stores quantized weights: [e, out, in]
         params = {
             name: QuantizedWeight(
-                jnp.clip(jnp.round(w * 60), -127, 127).astype(jnp.int8),
-                jnp.full((E, 1, w.shape[2]), 1 / 60, jnp.float32),
+                jnp.clip(jnp.round(w.swapaxes(1, 2) * 60), -127, 127).astype(jnp.int8),
+                jnp.full((E, w.shape[2], 1), 1 / 60, jnp.float32),
                 "int8",
                 (1, 1),
+                k_major=True,
             )
             for name, w in params.items()
         }
@@ -257,7 +258,8 @@ def test_tensor_parallel_experts_run_on_width_shards(sizes, n, int8, monkeypatch
     quantization = Quantization("int8") if int8 else None
     graphdef, state = nnx.split(moe.Experts(E, D, F, "silu", rngs=nnx.Rngs(0), quantization=quantization), nnx.Param)
     for name, axes in nnx.to_pure_dict(logical_axes(state)).items():
-        assert axes == {leaf: expert_parallel.WEIGHT_AXES[name] for leaf in axes}
+        e_, a_, b_ = expert_parallel.WEIGHT_AXES[name]
+        assert axes == {leaf: (e_, b_, a_) if int8 else (e_, a_, b_) for leaf in axes}
     nnx.replace_by_pure_dict(
         state,
         {name: {"kernel": w.values, "kernel_scale": w.scale} if int8 else {"kernel": w} for name, w in params.items()},
@@ -265,7 +267,8 @@ def test_tensor_parallel_experts_run_on_width_shards(sizes, n, int8, monkeypatch
     mesh = make_mesh(**sizes)
     with use_mesh(mesh, "tensor"):
         placed = jax.device_put(state, param_shardings(state, mesh, "tensor"))
-        assert placed["down"]["kernel"].get_value().sharding.spec[1] == "tensor"  # the width really is split
+        width = 2 if int8 else 1  # down [e, f, d]; K-major [e, d, f]
+        assert placed["down"]["kernel"].get_value().sharding.spec[width] == "tensor"  # the width really is split
         fn = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a))
         out, counts = fn(placed, x, gates, experts)
         hlo = fn.lower(placed, x, gates, experts).compile().as_text()

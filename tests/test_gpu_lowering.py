@@ -153,19 +153,27 @@ def test_fp8_products_may_use_the_fp8_tensor_cores(name):
     assert min(rows) >= 64, dots
 
 
+@pytest.mark.parametrize("transpose", [False, True], ids=["[g, k, n]", "K-major [g, n, k]"])
 @pytest.mark.parametrize("dtype", [jnp.int8, E4M3])
-def test_one_byte_weights_read_as_int16_pairs_lower(dtype, monkeypatch):
-    """The int16-pair path (1-byte weights of 2**31..2**32 elements, forced small here) lowers for a
-    GPU with int8 and with float8 block-scaled weights."""
+def test_one_byte_weights_read_as_int16_pairs_lower(dtype, transpose, monkeypatch):
+    """The int16-pair paths (1-byte weights of 2**31..2**32 elements, forced small here) lower for a
+    GPU with int8 and with float8 block-scaled weights: pairs along N of [g, k, n], with the
+    interleaving epilogue's float32 products, and pairs along K of K-major [g, n, k], whose products
+    all take the activations' bf16 (nothing to interleave)."""
     from vishwam_jax.pallas_kernels import _gmm_gpu
 
     monkeypatch.setattr(_gmm_gpu, "INT8_PACK_ABOVE", 0)
     x, gs = zeros(8, K), rows(8)
+    w = zeros(G, N, K, dtype=dtype) if transpose else zeros(G, K, N, dtype=dtype)
     if dtype == jnp.int8:
-        fn = lambda x, w, s, gs: grouped_matmul.gmm(x, w, gs, rhs_scale=s, **GMM)  # noqa: E731
-        scale = zeros(G, 1, N, dtype=jnp.float32)
+        opts = dict(transpose_rhs=transpose)
+        scale = zeros(G, N, 1, dtype=jnp.float32) if transpose else zeros(G, 1, N, dtype=jnp.float32)
     else:
-        fn = lambda x, w, s, gs: grouped_matmul.gmm(x, w, gs, rhs_scale=s, rhs_scale_block=(128, 128), **GMM)  # noqa: E731
-        scale = zeros(G, K // 128, N // 128, dtype=jnp.float32)
-    modules = kernel_inspection.triton_modules(fn, x, zeros(G, K, N, dtype=dtype), scale, gs)
+        opts = dict(transpose_rhs=transpose, rhs_scale_block=(128, 128))
+        scale = zeros(G, *(s // 128 for s in w.shape[1:]), dtype=jnp.float32)
+    fn = lambda x, w, s, gs: grouped_matmul.gmm(x, w, gs, rhs_scale=s, **opts, **GMM)  # noqa: E731
+    modules = kernel_inspection.triton_modules(fn, x, w, scale, gs)
     assert modules and all("!tt.ptr<i16>" in text for _, text, _, _ in modules)
+    dots = [line for _, text, _, _ in modules for line in text.splitlines() if "tt.dot" in line]
+    float32_dots = [line for line in dots if "xf32> * tensor" in line]
+    assert len(dots) == (2 if transpose else 4) and len(float32_dots) == (0 if transpose else 2), dots

@@ -404,9 +404,14 @@ def test_module_declares_axes_and_capabilities():
         1,
         c.d_model,
     )
-    assert q["layers"]["experts"]["down"]["kernel"].dtype == jnp.int8 and q["layers"]["experts"]["down"][
-        "kernel_scale"
-    ].shape == (3, 4, 1, 32)
+    # Quantized experts are stored K-major: down [L, e, d, f], one scale per output channel d.
+    down = q["layers"]["experts"]["down"]
+    assert down["kernel"].dtype == jnp.int8 and down["kernel"].shape == (3, 4, c.d_model, c.moe_ffn_dim)
+    assert down["kernel_scale"].shape == (3, 4, c.d_model, 1)
+    qspecs = nnx.to_pure_dict(
+        nnx.get_partition_spec(nnx.state(models.build(tiny_config(num_layers=3, quantization="int8")), nnx.Param))
+    )
+    assert tuple(qspecs["layers"]["experts"]["down"]["kernel"]) == ("layers", "experts", "embed", "expert_mlp")
     assert q["layers"]["router"]["kernel"].dtype == jnp.float32 and set(q["layers"]["attn_norm"]) == {"scale"}
     assert set(q["embed"]) == {"embedding"}
 

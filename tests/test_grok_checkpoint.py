@@ -206,8 +206,11 @@ def convert_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def _dense(w) -> np.ndarray:
-    return np.asarray(w["kernel"], np.float32) * np.asarray(w["kernel_scale"], np.float32)
+def _dense(w, k_major: bool = False) -> np.ndarray:
+    """The float kernel of int8 values and scales, in the float layout (quantized experts are stored
+    K-major, [..., N, K])."""
+    dense = np.asarray(w["kernel"], np.float32) * np.asarray(w["kernel_scale"], np.float32)
+    return dense.swapaxes(-1, -2) if k_major else dense
 
 
 def test_quantize_int8_runs_weight_only_int8(release, forward, tmp_path):
@@ -219,8 +222,8 @@ def test_quantize_int8_runs_weight_only_int8(release, forward, tmp_path):
     assert layers["attn"]["q"]["kernel"].dtype == np.int8
     assert layers["attn"]["q"]["kernel_scale"].shape == (12, 1, 4, 8)
     assert layers["attn"]["o"]["kernel_scale"].shape == (12, 1, 1, 32)
-    assert layers["experts"]["down"]["kernel"].shape == (12, 4, 48, 32)
-    assert layers["experts"]["down"]["kernel_scale"].shape == (12, 4, 1, 32)
+    assert layers["experts"]["down"]["kernel"].shape == (12, 4, 32, 48)  # K-major: [L, e, d, f]
+    assert layers["experts"]["down"]["kernel_scale"].shape == (12, 4, 32, 1)
     model = vj.load(dst, dtype=np.float32)
     loaded = nnx.to_pure_dict(model.params)
     assert loaded["layers"]["experts"]["gate"]["kernel"].dtype == jnp.int8  # loaded as int8, not dequantized
@@ -230,18 +233,22 @@ def test_quantize_int8_runs_weight_only_int8(release, forward, tmp_path):
         # Per-output-channel scales (q, k, v, gate, up): the release's int8 values, bit for bit.
         release_q = tree[f"transformer/decoder_layer_{n}/multi_head_attention/query"]["w"].weight
         np.testing.assert_array_equal(np.asarray(got["attn"]["q"]["kernel"]).reshape(32, 32), release_q)
-        np.testing.assert_allclose(_dense(got["experts"]["gate"]), want["experts"]["gate"]["kernel"], rtol=1e-6, atol=0)
+        gate = _dense(got["experts"]["gate"], k_major=True)
+        np.testing.assert_allclose(gate, want["experts"]["gate"]["kernel"], rtol=1e-6, atol=0)
         # Block scales along the input (o, down) are requantized per output channel: within half a step.
-        for w, dense in (
-            (got["attn"]["o"], want["attn"]["o"]["kernel"]),
-            (got["experts"]["down"], want["experts"]["down"]["kernel"]),
+        for w, dense, k_major in (
+            (got["attn"]["o"], want["attn"]["o"]["kernel"], False),
+            (got["experts"]["down"], want["experts"]["down"]["kernel"], True),
         ):
             step = np.asarray(w["kernel_scale"], np.float32)
-            assert np.all(np.abs(_dense(w) - dense) <= 0.5 * step * (1 + 1e-5))
+            step = step.swapaxes(-1, -2) if k_major else step
+            assert np.all(np.abs(_dense(w, k_major) - dense) <= 0.5 * step * (1 + 1e-5))
     # The int8 matmuls compute what their dequantized weights compute (the float model's tree).
     as_float = jax.tree_util.tree_map(lambda x: x, loaded)
     for group in ("attn", "experts"):
-        as_float["layers"][group] = {k: {"kernel": _dense(w)} for k, w in loaded["layers"][group].items()}
+        as_float["layers"][group] = {
+            k: {"kernel": _dense(w, k_major=group == "experts")} for k, w in loaded["layers"][group].items()
+        }
     assert _rel_err(model.logits(TOKENS), forward(as_float, jnp.asarray(TOKENS))) < 1e-4
 
 
@@ -293,7 +300,8 @@ def test_weight_only_int8_keeps_no_dequantized_copy(monkeypatch):
     dims = {"o": (2, 1), "gate": (1, 1), "up": (1, 1), "down": (1, 1)}
     for group in ("attn", "experts"):
         for k, w in params["layers"][group].items():
-            q, s = quantization.quantize(np.asarray(w["kernel"]), "int8", dims.get(k, (1, 2)), xp=np)
+            k_major = group == "experts"  # quantized experts are stored K-major
+            q, s = quantization.quantize(np.asarray(w["kernel"]), "int8", dims.get(k, (1, 2)), xp=np, k_major=k_major)
             params["layers"][group][k] = {"kernel": q, "kernel_scale": s}
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.int8 if a.dtype == np.int8 else jnp.bfloat16), params)
     int8_bytes = sum(a.size for a in jax.tree_util.tree_leaves(params) if a.dtype == jnp.int8)

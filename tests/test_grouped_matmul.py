@@ -245,7 +245,8 @@ def test_public_gmm_interpret_options(dtype, transpose, int8):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_int8_pair_packing(dtype, monkeypatch):
     """int8 weights of 2**31..2**32 elements are read as int16 pairs (Pallas Triton's int32 offsets
-    would wrap); force that path on a small problem: K and N ragged, several N blocks."""
+    would wrap); force that path on a small problem: K and N ragged, several N blocks. K-major
+    weights pair along K, which this K (33, odd) cannot: refused."""
     monkeypatch.setattr(_gmm_gpu, "INT8_PACK_ABOVE", 0)
     m, k, n, sizes = SHAPES["m_not_block_multiple_ragged_k_n"]
     n = 2 * n + 2  # even, and not a multiple of the block
@@ -253,8 +254,92 @@ def test_int8_pair_packing(dtype, monkeypatch):
     assert _gmm_gpu.byte_offsets_overflow(rhs)
     out = _gmm_gpu.gmm(lhs, rhs, gs, rhs_scale=scale.reshape(len(sizes), n), config=TINY, interpret=True)
     assert rel_err(out, numpy_gmm(lhs, rhs, sizes, scale=scale)) < TOL[jnp.dtype(dtype)]
+    assert k % 2
     with pytest.raises(NotImplementedError, match="32-bit offsets"):
         _gmm_gpu.gmm(lhs, rhs.swapaxes(1, 2), gs, transpose_rhs=True, config=TINY, interpret=True)
+
+
+@pytest.fixture
+def k_major_pairs(monkeypatch):
+    """Forces the int16-pair path (as if every 1-byte weight had 2**31..2**32 elements) and counts
+    the traces of the K-major pair loop, so that a test knows its products went through it."""
+    monkeypatch.setattr(_gmm_gpu, "INT8_PACK_ABOVE", 0)
+    traces = []
+    loop = _gmm_gpu._gmm_k_loop_packed_k_major
+
+    def counted(*args, **kwargs):
+        traces.append(kwargs["cfg"])
+        return loop(*args, **kwargs)
+
+    monkeypatch.setattr(_gmm_gpu, "_gmm_k_loop_packed_k_major", counted)
+    return traces
+
+
+# K even and ragged (40 = 2.5 K steps of 16), N ragged over two blocks, empty first / middle / last
+# groups, rows past sum(group_sizes)
+K_MAJOR_SHAPE = SHAPES["uneven_empty_first_last_short_sum"]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_int8_k_major_pairs(dtype, k_major_pairs):
+    """K-major int8 weights [g, n, k] of 2**31..2**32 elements (forced) are read as int16 pairs of
+    adjacent K elements: grid and group-aligned tiles, split K, and the public entry point."""
+    m, k, n, sizes = K_MAJOR_SHAPE
+    lhs, rhs, gs, scale = make(m, k, n, sizes, dtype, transpose=True, int8=True, seed=2)
+    assert _gmm_gpu.byte_offsets_overflow(rhs) and k % 16 and k % 2 == 0
+    want = numpy_gmm(lhs, rhs, sizes, transpose=True, scale=scale)
+    for cfg in (TINY, TINY_ALIGNED, dataclasses.replace(TINY, k_splits=2)):
+        got = _gmm_gpu.gmm(
+            lhs, rhs, gs, transpose_rhs=True, rhs_scale=scale.reshape(len(sizes), n), config=cfg, interpret=True
+        )
+        assert rel_err(got, want) < TOL[jnp.dtype(dtype)], cfg
+        np.testing.assert_array_equal(np.asarray(got[sum(sizes) :]), 0.0)
+    got = grouped_matmul.gmm(lhs, rhs, gs, transpose_rhs=True, rhs_scale=scale, implementation="pallas_interpret")
+    assert got.dtype == dtype and rel_err(got, want) < TOL[jnp.dtype(dtype)]
+    assert len(k_major_pairs) == 4
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_fp8_k_major_pairs(dtype, k_major_pairs):
+    """K-major float8 weights [g, n, k] of 2**31..2**32 elements (forced), weight-only, are read as
+    int16 pairs along K; every K step takes its block's scale. Blocks of 16 (N) x 32 (K) over rhs as
+    stored: taking the K side from the wrong end of `block` misplaces the scales."""
+    m, k, n, sizes = K_MAJOR_SHAPE
+    block = (16, 32)
+    values, scale = _fp8_weights(len(sizes), k, n, block, True, seed=4)
+    lhs = jnp.asarray(np.random.default_rng(1).standard_normal((m, k)), dtype)
+    gs = jnp.asarray(sizes, jnp.int32)
+    assert _gmm_gpu.block_scaled_takes(lhs, values, True)
+    want = grouped_matmul.gmm_reference(lhs, values, gs, transpose_rhs=True, rhs_scale=scale, rhs_scale_block=block)
+    for cfg in (TINY, dataclasses.replace(TINY, k_splits=2), None):
+        got = _gmm_gpu.gmm_block_scaled(
+            lhs, values, gs, scale, block=block, transpose_rhs=True, config=cfg, interpret=True
+        )
+        assert rel_err(got, want) < TOL[jnp.dtype(dtype)], cfg
+        np.testing.assert_array_equal(np.asarray(got[sum(sizes) :]), 0.0)
+    got = grouped_matmul.gmm(
+        lhs, values, gs, transpose_rhs=True, rhs_scale=scale, rhs_scale_block=block, implementation="pallas_interpret"
+    )
+    assert rel_err(got, want) < TOL[jnp.dtype(dtype)]
+    assert len(k_major_pairs) == 4
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
+def test_k_major_pairs_lhs_gradient(fp8, k_major_pairs):
+    """The lhs gradient of K-major 1-byte weights (forced into the pair range) is gmm with the
+    weights untransposed, [g, n, k] read as [g, k', n'] with n' = k: the pairs along N."""
+    m, k, n, sizes = K_MAJOR_SHAPE
+    lhs, rhs, gs, scale = make(m, k, n, sizes, transpose=True, int8=True, seed=5)
+    kw = dict(transpose_rhs=True, rhs_scale=scale)
+    if fp8:
+        rhs, scale = _fp8_weights(len(sizes), k, n, (16, 32), True, seed=5)
+        kw = dict(transpose_rhs=True, rhs_scale=scale, rhs_scale_block=(16, 32))
+    ours = functools.partial(grouped_matmul.gmm, implementation="pallas_interpret", **kw)
+    ref = functools.partial(grouped_matmul.gmm_reference, **kw)
+    got = jax.grad(lambda x: loss(ours, x, rhs, gs))(lhs)
+    want = jax.grad(lambda x: loss(ref, x, rhs, gs))(lhs)
+    assert rel_err(got, want) < 1e-5
+    assert k_major_pairs  # the forward product took the K-major pairs
 
 
 def test_preferred_element_type():
@@ -434,9 +519,10 @@ def test_fp8_weights_whose_offsets_would_wrap_are_read_as_int16_pairs(dtype, mon
 
 
 def test_other_fp8_operands_whose_offsets_would_wrap_are_dequantized(monkeypatch):
-    """The float8 products the int16 pairs do not cover (weights [g, n, k], float8 activations, the
-    token-tiled weight gradient) never reach the block-scaled kernels with such an operand: gmm,
-    gmm_fp8 and tgmm_fp8 dequantize it and still give the reference's product."""
+    """The float8 products the int16 pairs do not cover (weights with an odd last dimension, here
+    K-major with k odd; float8 activations; the token-tiled weight gradient) never reach the
+    block-scaled kernels with such an operand: gmm, gmm_fp8 and tgmm_fp8 dequantize it and still give
+    the reference's product. int8 weights with an odd last dimension have no fallback: refused."""
     from vishwam_jax.quantization import quantize
 
     monkeypatch.setattr(_gmm_gpu, "INT8_PACK_ABOVE", 0)
@@ -447,13 +533,21 @@ def test_other_fp8_operands_whose_offsets_would_wrap_are_dequantized(monkeypatch
     monkeypatch.setattr(_gmm_gpu, "gmm_block_scaled", refuse)
     monkeypatch.setattr(_gmm_gpu, "tgmm_fp8", refuse)
     m, k, n, sizes = SHAPES["uneven_empty_first_last_short_sum"]
-    values, scale = _fp8_weights(len(sizes), k, n, (16, 16), True, seed=3)
     lhs = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), jnp.float32)
     gs = jnp.asarray(sizes, jnp.int32)
+    odd_k = k - 7
+    values, scale = _fp8_weights(len(sizes), odd_k, n, (16, 16), True, seed=3)
+    assert not _gmm_gpu.block_scaled_takes(lhs[:, :odd_k], values, True)
     kw = dict(rhs_scale=scale, rhs_scale_block=(16, 16), transpose_rhs=True)
-    want = grouped_matmul.gmm_reference(lhs, values, gs, **kw)
-    assert rel_err(grouped_matmul.gmm(lhs, values, gs, implementation="pallas_interpret", **kw), want) < 1e-5
+    want = grouped_matmul.gmm_reference(lhs[:, :odd_k], values, gs, **kw)
+    got = grouped_matmul.gmm(lhs[:, :odd_k], values, gs, implementation="pallas_interpret", **kw)
+    assert rel_err(got, want) < 1e-5
+    _, q, _, q_scale = make(m, odd_k, n, sizes, transpose=True, int8=True)
+    with pytest.raises(NotImplementedError, match="32-bit offsets"):
+        _gmm_gpu.gmm(lhs[:, :odd_k], q, gs, transpose_rhs=True, rhs_scale=q_scale[..., 0], interpret=True)
+    values, scale = _fp8_weights(len(sizes), k, n, (16, 16), True, seed=3)  # k even: pairs fit, but lhs is float8
     x8, x_scale = quantize(lhs, "fp8", (1, 1), (1, 16))
+    assert not _gmm_gpu.block_scaled_takes(x8, values, True)
     args = (x8, x_scale, values, scale, gs)
     kw = dict(rhs_scale_block=(16, 16), transpose_rhs=True)
     got = grouped_matmul.gmm_fp8(*args, implementation="pallas_interpret", **kw)
@@ -468,8 +562,9 @@ def test_other_fp8_operands_whose_offsets_would_wrap_are_dequantized(monkeypatch
 @pytest.mark.parametrize("splits", [2, 4])
 def test_split_k_equals_one_pass(splits, monkeypatch):
     """K split over programs (partial float32 sums added after): the same products as one pass, on
-    ragged K with uneven and empty groups, for float, int8 (also as int16 pairs) and fp8 weights
-    (weight-only and fp8 x fp8); a split with no K steps left contributes zeros."""
+    ragged K with uneven and empty groups, for float, int8 (also as int16 pairs along N and, K-major,
+    along K) and fp8 weights (weight-only and fp8 x fp8); a split with no K steps left contributes
+    zeros."""
     from vishwam_jax.quantization import quantize
 
     m, k, n, sizes = (45, 70, 34, [9, 1, 16, 2, 17])  # 5 K steps of 16: 4 splits get 2, 2, 1 and 0
@@ -482,6 +577,9 @@ def test_split_k_equals_one_pass(splits, monkeypatch):
     assert rel_err(_gmm_gpu.gmm(lhs, q, gs, rhs_scale=scale[:, 0], config=cfg, interpret=True), want) < 1e-5
     monkeypatch.setattr(_gmm_gpu, "INT8_PACK_ABOVE", 0)
     assert rel_err(_gmm_gpu.gmm(lhs, q, gs, rhs_scale=scale[:, 0], config=cfg, interpret=True), want) < 1e-5
+    q_t = q.swapaxes(1, 2)
+    k_major = _gmm_gpu.gmm(lhs, q_t, gs, transpose_rhs=True, rhs_scale=scale[:, 0], config=cfg, interpret=True)
+    assert rel_err(k_major, want) < 1e-5
     monkeypatch.undo()
     values, blocks = _fp8_weights(len(sizes), k, n, (16, 16), False, seed=1)
     kw = dict(block=(16, 16), interpret=True)

@@ -271,9 +271,9 @@ def test_int8_leaves_shard_like_their_weight_with_whole_scale_axes():
     specs = nnx.to_pure_dict(
         param_specs(abstract_state(config), make_mesh(fsdp=2, tensor=2, expert=2), "expert", config)
     )
-    down = at(specs, "layers.experts.down")  # [layers, experts, expert_mlp, embed], scale [.., .., 1, ..]
-    assert down["kernel"] == P(None, "expert", "tensor", "fsdp")
-    assert down["kernel_scale"] == P(None, "expert", None, "fsdp")
+    down = at(specs, "layers.experts.down")  # K-major [layers, experts, embed, expert_mlp], scale [.., .., .., 1]
+    assert down["kernel"] == P(None, "expert", "fsdp", "tensor")
+    assert down["kernel_scale"] == P(None, "expert", "fsdp")
     q = at(specs, "layers.attn.q")  # [layers, embed, heads, head_dim], scale [.., 1, .., ..]
     assert q["kernel"] == P(None, ("fsdp", "expert"), "tensor")
     assert q["kernel_scale"] == P(None, None, "tensor")

@@ -659,14 +659,15 @@ def test_lora_on_int8_and_stacked_expert_weights():
             kernel, scale = (
                 np.asarray(_param(qparams, f"layers.experts.gate.{k}"), np.float32) for k in ("kernel", "kernel_scale")
             )
-            want = kernel * scale
+            want = (kernel * scale).swapaxes(-1, -2)  # quantized experts are stored K-major
             # Merged, the kernel is the dense weight: its scales become ones (the module is unchanged).
             np.testing.assert_array_equal(np.asarray(_param(merged, "layers.experts.gate.kernel_scale")), 1.0)
             chex.assert_trees_all_equal(
                 _param(merged, "layers.experts.up.kernel"), _param(qparams, "layers.experts.up.kernel")
             )
+        merged_gate = np.asarray(_param(merged, "layers.experts.gate.kernel"))
         np.testing.assert_allclose(
-            np.asarray(_param(merged, "layers.experts.gate.kernel")),
+            merged_gate.swapaxes(-1, -2) if params is qparams else merged_gate,
             want + 2.0 * np.einsum("ledr,lerf->ledf", ag, bg),
             rtol=1e-5,
             atol=1e-5,

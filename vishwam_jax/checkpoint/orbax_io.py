@@ -221,7 +221,9 @@ class CheckpointWriter:
         """Write `array` at `index` of the leaf `path` of shape [*lead, *array.shape] (created on first
         use; lead () writes the whole leaf). Finalizing checks that every index was written. A kernel
         the config stores quantized is quantized here, slice by slice: its leading dimensions (layers,
-        experts) are a batch for every format, so slices quantize as the whole would."""
+        experts) are a batch for every format, so slices quantize as the whole would. Converters hand
+        every kernel over in its float layout ([..., K, N]); one the model stores K-major is
+        transposed here (values and scales, kept FP8 included)."""
         path = tuple(path)
         dims = self._quantized.get(path)
         if dims is None:
@@ -229,7 +231,7 @@ class CheckpointWriter:
                 raise CheckpointError(f"{_leaf_name(path)} is not a kernel this config stores quantized")
             self._write_part(path, lead, index, np.asarray(array))
             return
-        q = self.quantization
+        q, (dims, k_major) = self.quantization, dims
         if isinstance(array, Quantized):
             values, scale = np.asarray(array.values), np.asarray(array.scale, np.float32)
             expected = scale_shape(q.format, values.shape, dims, q.block)
@@ -238,8 +240,11 @@ class CheckpointWriter:
                     f"{_leaf_name(path)}: {values.dtype} values with scales {scale.shape} are not {q.format} "
                     f"(expected {q.storage_dtype} and scales {expected})"
                 )
+            if k_major:  # as `quantize(..., k_major=True)` lays them out
+                values, scale = _k_major(values), _k_major(scale)
         else:
-            values, scale = quantize(np.asarray(array), q.format, dims, q.block, xp=np)
+            values, scale = quantize(np.asarray(array), q.format, dims, q.block, xp=np, k_major=k_major)
+            values, scale = np.ascontiguousarray(values), np.ascontiguousarray(scale)
         self._write_part(path, lead, index, values)
         self._write_part(path[:-1] + (SCALE_NAME,), lead, index, scale)
 
@@ -295,15 +300,20 @@ class CheckpointWriter:
         os.replace(self.tmp, self.dst)
 
 
-def _quantized_kernels(config) -> dict[tuple, MatrixDims]:
-    """The path and matrix dims of every kernel the model of `config` stores quantized (built
-    abstractly: the model says which weights it quantizes, not the converter)."""
+def _k_major(a: np.ndarray) -> np.ndarray:
+    """A kernel slice (or its scales) in the float layout [..., K, N], stored K-major [..., N, K]."""
+    return np.ascontiguousarray(np.swapaxes(a, -1, -2))
+
+
+def _quantized_kernels(config) -> dict[tuple, tuple[MatrixDims, bool]]:
+    """The path, matrix dims and K-major storage of every kernel the model of `config` stores
+    quantized (built abstractly: the model says which weights it quantizes, not the converter)."""
     from vishwam_jax import models
     from vishwam_jax.quantization import is_storage_dtype
 
     _, state = nnx.split(models.abstract(config), nnx.Param)
     return {
-        tuple(path): tuple(v.get_metadata()["matrix_dims"])
+        tuple(path): (tuple(v.get_metadata()["matrix_dims"]), bool(v.get_metadata().get("k_major", False)))
         for path, v in nnx.to_flat_state(state)
         if is_storage_dtype(v.get_value().dtype)
     }

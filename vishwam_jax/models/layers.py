@@ -143,21 +143,18 @@ def _matrix_contraction(spec: str) -> int | None:
 def quantized_gmm(
     x: Float[Array, "m k"], values: Array, scale: Array, group_sizes: Int[Array, " g"], w: QuantizedWeight
 ) -> Float[Array, "m n"]:
-    """Rows of `x` sorted by group times each group's quantized matrix (`values` [g, k, n] and `scale`
-    as stored, in `w`'s format), by the grouped-matmul kernels, which read the narrow values as they
-    are. With fp8 activations `x` is quantized first, in 1 x block[0] tiles along K, and both
-    operands go to `gmm_fp8`."""
+    """Rows of `x` sorted by group times each group's quantized matrix (`values` [g, k, n], or [g, n, k]
+    when `w` is K-major, and `scale` as stored, in `w`'s format), by the grouped-matmul kernels, which
+    read the narrow values as they are. With fp8 activations `x` is quantized first, in 1 x block[0]
+    tiles along K, and both operands go to `gmm_fp8`."""
     from vishwam_jax.pallas_kernels import grouped_matmul  # local: kernels import nothing from models
 
+    layout = dict(transpose_rhs=w.k_major, preferred_element_type=x.dtype)
     if w.activations == "fp8":
         x8, x_scale = quantize(x, "fp8", (1, 1), (1, w.block[0]))
-        return grouped_matmul.gmm_fp8(
-            x8, x_scale, values, scale, group_sizes, rhs_scale_block=w.block, preferred_element_type=x.dtype
-        )
-    block = w.block if w.format == "fp8" else None
-    return grouped_matmul.gmm(
-        x, values, group_sizes, rhs_scale=scale, rhs_scale_block=block, preferred_element_type=x.dtype
-    )
+        return grouped_matmul.gmm_fp8(x8, x_scale, values, scale, group_sizes, rhs_scale_block=w.stored_block, **layout)
+    block = w.stored_block if w.format == "fp8" else None
+    return grouped_matmul.gmm(x, values, group_sizes, rhs_scale=scale, rhs_scale_block=block, **layout)
 
 
 def _block_scaled_matmul(w: QuantizedWeight):
@@ -210,7 +207,7 @@ def linear(x: Array, w: Array | QuantizedWeight, spec: str) -> Array:
     contracted = tuple(i for i, a in enumerate(w_axes) if a not in out_axes)
     if w.format == "fp8" and len(w.shape) == sum(w.dims) and _fp8_kernel_contracts(spec, x.ndim, w):
         return _contract(_without_ellipsis(spec, x.ndim), x, w.values, matmul=_block_scaled_matmul(w))
-    if not w.scales_outputs_only(contracted):
+    if w.k_major or not w.scales_outputs_only(contracted):
         return linear(x, w.dequantize(x.dtype), spec)
     out = _contract(spec, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
     # The scale is broadcastable against the weight with the contracted axes of size 1; drop those
@@ -276,7 +273,9 @@ class Linear(nnx.Module):
     both per head and absorbed). The kernel is laid out [*batch, *contracted, *outputs]; `dims` =
     (contracted, outputs) counts the trailing dimensions that form its matrix, which is what a
     quantization's scales are defined over. With `quantization` the kernel holds the quantized
-    values and `kernel_scale` their float32 scales (vishwam_jax/quantization).
+    values and `kernel_scale` their float32 scales (vishwam_jax/quantization); `k_major` then stores
+    them with the matrix's two sides swapped, [*batch, N, K] (`shape` and `axes` stay those of the
+    float kernel; only the grouped matmul, which takes either layout, should ask for it).
     """
 
     def __init__(
@@ -290,26 +289,31 @@ class Linear(nnx.Module):
         dtype=jnp.float32,
         dims: MatrixDims = (1, 1),
         quantization: Quantization | None = None,
+        k_major: bool = False,
     ):
         self.spec, self.dims, self.quantization = spec, tuple(dims), quantization
+        self.k_major = k_major and quantization is not None
         if quantization is None:
             self.kernel = param(truncated_normal(rngs.params(), shape, fan_in, dtype), axes, matrix_dims=self.dims)
             self.kernel_scale = None
-        else:
-            fmt = quantization.format
-            self.kernel = param(
-                jnp.zeros(shape, quantization.storage_dtype), axes, matrix_dims=self.dims, quantization=quantization
-            )
-            self.kernel_scale = param(
-                jnp.ones(scale_shape(fmt, shape, self.dims, quantization.block), jnp.float32),
-                scale_axes(fmt, tuple(axes), self.dims),
-            )
+            return
+        fmt, axes = quantization.format, tuple(axes)
+        if self.k_major:
+            shape, axes = (*shape[:-2], shape[-1], shape[-2]), (*axes[:-2], axes[-1], axes[-2])
+        self.kernel = param(
+            jnp.zeros(shape, quantization.storage_dtype), axes,
+            matrix_dims=self.dims, quantization=quantization, k_major=self.k_major,
+        )  # fmt: skip
+        self.kernel_scale = param(
+            jnp.ones(scale_shape(fmt, shape, self.dims, quantization.block, k_major=self.k_major), jnp.float32),
+            scale_axes(fmt, axes, self.dims),
+        )
 
     @property
     def weight(self) -> Array | QuantizedWeight:
         """The weight as the functional cores take it: an array, or a QuantizedWeight."""
         scale = None if self.kernel_scale is None else self.kernel_scale[...]
-        return as_weight(self.kernel[...], scale, self.quantization, self.dims)
+        return as_weight(self.kernel[...], scale, self.quantization, self.dims, k_major=self.k_major)
 
     def __call__(self, x: Array, spec: str | None = None) -> Array:
         return linear(x, self.weight, spec or self.spec)

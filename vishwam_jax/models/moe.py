@@ -65,7 +65,8 @@ def grouped_linear(
     x: Float[Array, "m a"], w: Float[Array, "g a b"] | QuantizedWeight, group_sizes: Int[Array, " g"]
 ) -> Float[Array, "m b"]:
     """Rows of `x` sorted by group times each group's matrix `w[g]` ([g, a, b], possibly quantized:
-    int8 scaled per output channel, fp8 in blocks over each matrix, both taken by the kernel as stored)."""
+    int8 scaled per output channel, fp8 in blocks over each matrix, both taken by the kernel as stored,
+    K-major [g, b, a] included)."""
     from vishwam_jax.pallas_kernels import grouped_matmul  # local: kernels import nothing from models
 
     if isinstance(w, QuantizedWeight):
@@ -213,8 +214,8 @@ class SlotTable(nnx.Param):
 
 class Experts(nnx.Module):
     """`num_experts` gated MLPs stacked: gate/up [e, d, f], down [e, f, d] (optionally quantized,
-    each expert's matrix on its own: vishwam_jax/quantization), run by the sorted dispatch over the
-    grouped matmul.
+    each expert's matrix on its own, and then stored K-major: gate/up [e, f, d], down [e, d, f];
+    vishwam_jax/quantization), run by the sorted dispatch over the grouped matmul.
 
     num_slots (>= num_experts; 0: none): the stack holds that many physical slots (an EPLB placement with
     redundant replicas of the hot experts), with `log2phy` [e, copies] (the slots of each expert,
@@ -237,7 +238,9 @@ class Experts(nnx.Module):
         slots = num_slots or num_experts
         up_shape, down_shape = (slots, d, f), (slots, f, d)
         up_axes, down_axes = ("experts", "embed", "expert_mlp"), ("experts", "expert_mlp", "embed")
-        common = dict(rngs=rngs, dtype=dtype, quantization=quantization)  # each [e, in, out]: experts are a batch
+        # Each [e, in, out] (experts are a batch); quantized, stored [e, out, in]: the layout in which the
+        # grouped matmul streams 1-byte weights at the read bandwidth (BENCHMARKS.md, FP8 and int8).
+        common = dict(rngs=rngs, dtype=dtype, quantization=quantization, k_major=True)
         self.gate = Linear(up_shape, up_axes, "", fan_in=d, **common)
         self.up = Linear(up_shape, up_axes, "", fan_in=d, **common)
         self.down = Linear(down_shape, down_axes, "", fan_in=f, **common)

@@ -229,7 +229,7 @@ def _gmm_kernel(
     transpose_rhs: bool,
     has_scale: bool,
     compute_dtype,
-    packed: bool = False,
+    packed: bool = False,  # int16 pairs (`_int16_pair_operands`): along K if transpose_rhs, else along N
     block: tuple[int, int] | None = None,
     has_lhs_scale: bool = False,
 ):
@@ -265,38 +265,23 @@ def _gmm_kernel(
 
     @pl.when(live & (group < num_groups))
     def _compute():
-        if block is not None and packed:
-            acc = _gmm_k_loop_packed(
-                lhs_ref, rhs_ref, group, row0, col0, rows, cols, steps, m=m, k=k, n=n, cfg=cfg,
-                transpose_rhs=transpose_rhs, compute_dtype=compute_dtype, scale_ref=scale_ref, block=block,
+        at = (lhs_ref, rhs_ref, group, row0, col0, rows, cols, steps)
+        if packed:  # 1-byte weights as int16 pairs: along K of [g, n, k], along N of [g, k, n]
+            loop = _gmm_k_loop_packed_k_major if transpose_rhs else _gmm_k_loop_packed
+            acc = loop(
+                *at, m=m, k=k, n=n, cfg=cfg, compute_dtype=compute_dtype,
+                scale_ref=scale_ref if block is not None else None, block=block,
             )  # fmt: skip
-            plgpu.store(out_block, acc.astype(out_ref.dtype), mask=store_mask)
-            return
-        if block is not None:
+        elif block is not None:
             acc = _gmm_k_loop_block_scaled(
                 lhs_ref, rhs_ref, scale_ref, lhs_scale_ref, group, row0, col0, rows, steps,
                 m=m, k=k, n=n, cfg=cfg, transpose_rhs=transpose_rhs, block=block, compute_dtype=compute_dtype,
             )  # fmt: skip
-            plgpu.store(out_block, acc.astype(out_ref.dtype), mask=store_mask)
-            return
-        loop = _gmm_k_loop_packed if packed else _gmm_k_loop
-        acc = loop(
-            lhs_ref,
-            rhs_ref,
-            group,
-            row0,
-            col0,
-            rows,
-            cols,
-            steps,
-            m=m,
-            k=k,
-            n=n,
-            cfg=cfg,
-            transpose_rhs=transpose_rhs,
-            compute_dtype=compute_dtype,
-        )
-        if has_scale:
+        else:
+            acc = _gmm_k_loop(
+                *at, m=m, k=k, n=n, cfg=cfg, transpose_rhs=transpose_rhs, compute_dtype=compute_dtype
+            )  # fmt: skip
+        if has_scale and block is None:  # int8 per output channel: one multiply of the accumulator
             scale_cols = col0 + lax.broadcasted_iota(jnp.int32, (bn,), 0)
             scale = plgpu.load(scale_ref.at[group, pl.ds(col0, bn)], mask=scale_cols < n, other=0.0)
             acc = acc * scale[None, :].astype(jnp.float32)
@@ -383,11 +368,28 @@ def _gmm_k_loop_block_scaled(
     return lax.fori_loop(0, num_steps, body, jnp.zeros((bm, bn), jnp.float32))
 
 
+def _int16_bytes(w, float8: bool, compute_dtype):
+    """The low and high bytes of int16 pairs `w` (little-endian: the pair's first element is the low
+    byte), each widened to `compute_dtype`: int8 bytes sign-extended by shifts, float8 e4m3 bytes
+    reinterpreted through int8 (the Triton lowering bitcasts only between equal widths)."""
+    eight = jnp.int16(8)
+    low = lax.shift_right_arithmetic(lax.shift_left(w, eight), eight)
+    high = lax.shift_right_arithmetic(w, eight)
+
+    def widen(byte_in_int16):
+        if not float8:
+            return byte_in_int16.astype(compute_dtype)
+        return lax.bitcast_convert_type(byte_in_int16.astype(jnp.int8), jnp.float8_e4m3fn).astype(compute_dtype)
+
+    return widen(low), widen(high)
+
+
 def _gmm_k_loop_packed(
-    lhs_ref, rhs_ref, group, row0, col0, rows, cols, steps, *, m, k, n, cfg, transpose_rhs, compute_dtype,
+    lhs_ref, rhs_ref, group, row0, col0, rows, cols, steps, *, m, k, n, cfg, compute_dtype,
     scale_ref=None, block: tuple[int, int] | None = None,
 ):  # fmt: skip
-    """1-byte weights read as int16 pairs of adjacent output columns (see `byte_offsets_overflow`).
+    """[g, k, n] 1-byte weights read as int16 pairs of adjacent output columns (see
+    `byte_offsets_overflow`).
 
     Each int16 holds column 2j in its low byte and 2j+1 in its high byte (little-endian bitcast);
     the two bytes are separated by shifts and multiplied separately, and the epilogue interleaves
@@ -396,20 +398,12 @@ def _gmm_k_loop_packed(
     with `block` the bytes are float8 e4m3 and each K step's partial sums take their block's scale
     (the tile lies in one block: `fit_block_scaled`).
     """
-    assert not transpose_rhs
     bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
     bn2, n2 = bn // 2, n // 2
     pair0 = col0 // 2
     row_ok = rows < m
     pair_ok = pair0 + lax.broadcasted_iota(jnp.int32, (1, bn2), 1) < n2
-    eight = jnp.int16(8)
     first_step, num_steps = steps
-
-    def widen(byte_in_int16):
-        if block is None:
-            return byte_in_int16.astype(compute_dtype)
-        float8 = lax.bitcast_convert_type(byte_in_int16.astype(jnp.int8), jnp.float8_e4m3fn)
-        return float8.astype(compute_dtype)
 
     def body(i, accs):
         acc_even, acc_odd = accs
@@ -418,8 +412,7 @@ def _gmm_k_loop_packed(
         kk_col = k0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
         a = plgpu.load(lhs_ref.at[pl.ds(row0, bm), pl.ds(k0, bk)], mask=row_ok & (kk_row < k), other=0)
         w = plgpu.load(rhs_ref.at[group, pl.ds(k0, bk), pl.ds(pair0, bn2)], mask=(kk_col < k) & pair_ok, other=0)
-        even = widen(lax.shift_right_arithmetic(lax.shift_left(w, eight), eight))
-        odd = widen(lax.shift_right_arithmetic(w, eight))
+        even, odd = _int16_bytes(w, block is not None, compute_dtype)
         a = a.astype(compute_dtype)
         dims = (((1,), (0,)), ((), ()))
         step_even = lax.dot_general(a, even, dims, preferred_element_type=jnp.float32)
@@ -442,9 +435,53 @@ def _gmm_k_loop_packed(
     ) + lax.dot_general(acc_odd, to_odd, dims, precision=exact, preferred_element_type=jnp.float32)
 
 
+def _gmm_k_loop_packed_k_major(
+    lhs_ref, rhs_ref, group, row0, col0, rows, cols, steps, *, m, k, n, cfg, compute_dtype,
+    scale_ref=None, block: tuple[int, int] | None = None,
+):  # fmt: skip
+    """K-major [g, n, k] 1-byte weights read as int16 pairs of adjacent K elements (see
+    `byte_offsets_overflow`): rhs_ref [g, n, k/2], lhs_ref [2, m, k/2] (lhs's even and odd K columns).
+
+    A K step of bk elements is bk/2 pairs: the even columns meet the low bytes (K element 2i), the
+    odd columns the high bytes (2i+1), and both products add into one accumulator. A sum over K does
+    not depend on the order of its terms, so unlike pairs along N nothing is interleaved afterwards.
+    With `block` the bytes are float8 e4m3 and each K step takes the scale of its block ([n / b0,
+    k / b1] over rhs as stored; the step lies in one K block: `fit_block_scaled`).
+    """
+    bm, bn, half = cfg.bm, cfg.bn, cfg.bk // 2
+    k2 = k // 2
+    row_ok = rows < m  # [bm, 1]
+    n_ok = col0 + lax.broadcasted_iota(jnp.int32, (bn, 1), 0) < n  # [bn, 1]
+    ragged = k2 % half != 0
+    first_step, num_steps = steps
+    dims = (((1,), (1,)), ((), ()))  # [bm, half] x [bn, half]
+    # lhs_ref's halves; jnp scalars, as interpret mode's discharge of a load rejects a Python int index
+    even, odd = jnp.int32(0), jnp.int32(1)
+
+    def body(i, acc):
+        p0 = (first_step + i) * half
+        pair_ok = p0 + lax.broadcasted_iota(jnp.int32, (1, half), 1) < k2
+        lhs_mask = row_ok & pair_ok if ragged else row_ok
+        a_even = plgpu.load(lhs_ref.at[even, pl.ds(row0, bm), pl.ds(p0, half)], mask=lhs_mask, other=0.0)
+        a_odd = plgpu.load(lhs_ref.at[odd, pl.ds(row0, bm), pl.ds(p0, half)], mask=lhs_mask, other=0.0)
+        w_mask = n_ok & pair_ok if ragged else n_ok
+        w = plgpu.load(rhs_ref.at[group, pl.ds(col0, bn), pl.ds(p0, half)], mask=w_mask, other=0)
+        low, high = _int16_bytes(w, block is not None, compute_dtype)
+        step = lax.dot_general(
+            a_even.astype(compute_dtype), low, dims, preferred_element_type=jnp.float32
+        ) + lax.dot_general(a_odd.astype(compute_dtype), high, dims, preferred_element_type=jnp.float32)
+        if block is not None:
+            step = step * scale_ref[group, col0 // block[0], 2 * p0 // block[1]]
+        return acc + step
+
+    return lax.fori_loop(0, num_steps, body, jnp.zeros((bm, bn), jnp.float32))
+
+
 # Pallas' Triton lowering computes element offsets in int32 unless an operand exceeds 2**32 bytes, so
 # an int8 operand of 2**31..2**32 elements (e.g. [256, 2048, 7168] DeepSeek-V3 experts on one device)
-# would wrap around. Such weights are read as int16 pairs instead (half the elements, same bytes).
+# would wrap around. Such weights are read as int16 pairs of adjacent elements along their last
+# dimension instead (half the elements, same bytes): output columns of [g, k, n], K elements of K-major
+# [g, n, k] (`pairs_fit`).
 INT8_PACK_ABOVE = 2**31 - 1
 
 
@@ -461,6 +498,26 @@ def byte_offsets_overflow(x) -> bool:
     """Whether a 1-byte operand (int8, float8) has 2**31..2**32 elements: offsets into it wrap around
     in the Triton lowering's int32 arithmetic."""
     return jnp.dtype(x.dtype).itemsize == 1 and INT8_PACK_ABOVE < x.size <= 2**32
+
+
+def pairs_fit(rhs) -> bool:
+    """Whether 1-byte weights can be read as int16 pairs: their last dimension as stored (N of
+    [g, k, n], K of [g, n, k]) is even, so that no pair spans two rows."""
+    return rhs.shape[-1] % 2 == 0
+
+
+def _int16_pair_operands(lhs, rhs, cfg: BlockConfig, transpose_rhs: bool):
+    """(lhs, rhs, cfg) for the int16-pair loops. rhs: adjacent bytes of its last dimension bitcast to
+    one int16. K-major ([g, n, k]): lhs split into its even and odd K columns, [2, m, k/2], one cheap
+    pass over the activations so that the kernel multiplies each byte of a pair by its own lhs tile.
+    [g, k, n]: N blocks narrowed for the interleaving epilogue."""
+    pairs = lax.bitcast_convert_type(rhs.reshape(*rhs.shape[:-1], rhs.shape[-1] // 2, 2), jnp.int16)
+    if not transpose_rhs:
+        return lhs, pairs, _fit_packed_epilogue(cfg)
+    if cfg.bk % 2:
+        raise ValueError(f"int16 pairs along K need an even K step, not bk={cfg.bk}")
+    m, k = lhs.shape
+    return lhs.reshape(m, k // 2, 2).transpose(2, 0, 1), pairs, cfg
 
 
 def _compiler_params(cfg: BlockConfig):
@@ -487,16 +544,15 @@ def gmm(
     cfg = config or gmm_config(m, k, n, g, jnp.dtype(lhs.dtype).itemsize, jnp.dtype(rhs.dtype).itemsize)
     compute_dtype = lhs.dtype if jnp.issubdtype(rhs.dtype, jnp.integer) else jnp.promote_types(lhs.dtype, rhs.dtype)
     packed = byte_offsets_overflow(rhs)
+    if packed and not pairs_fit(rhs):
+        raise NotImplementedError(
+            f"int8 rhs of shape {rhs.shape} (2**31..2**32 elements) with transpose_rhs={transpose_rhs}: Pallas' "
+            "Triton lowering would overflow its 32-bit offsets, and the int16 pairs that avoid it need an even "
+            "last dimension (n of [g, k, n], k of [g, n, k]); pad it, or shard the experts so that one device "
+            "holds fewer than 2**31 weights"
+        )
     if packed:
-        cfg = _fit_packed_epilogue(cfg)
-        if transpose_rhs or n % 2:
-            raise NotImplementedError(
-                f"int8 rhs of shape {rhs.shape} (2**31..2**32 elements) with transpose_rhs={transpose_rhs}: Pallas' "
-                "Triton lowering would overflow its 32-bit offsets; pass the weights as [g, k, n] with n "
-                "even, or shard "
-                "the experts so that one device holds fewer than 2**31 weights"
-            )
-        rhs = lax.bitcast_convert_type(rhs.reshape(g, k, n // 2, 2), jnp.int16)
+        lhs, rhs, cfg = _int16_pair_operands(lhs, rhs, cfg, transpose_rhs)
     operands = (lhs, rhs) + (() if rhs_scale is None else (rhs_scale.astype(jnp.float32),))
     return _launch(
         operands, group_sizes, (m, k, n, g), cfg, out_dtype, interpret, "vishwam_gmm",
@@ -586,13 +642,12 @@ def gmm_block_scaled(
     if not block_scaled_takes(lhs, rhs, transpose_rhs):
         raise NotImplementedError(
             f"float8 operands {lhs.shape} x {rhs.shape}: one has 2**31..2**32 elements, whose offsets Pallas' "
-            "Triton lowering would overflow; only weight-only [g, k, n] weights with n even are read as int16 "
-            "pairs (grouped_matmul dequantizes the others)"
+            "Triton lowering would overflow; only weight-only weights with an even last dimension (n of "
+            "[g, k, n], k of [g, n, k]) are read as int16 pairs (grouped_matmul dequantizes the others)"
         )
     packed = byte_offsets_overflow(rhs)
     if packed:
-        cfg = _fit_packed_epilogue(cfg)
-        rhs = lax.bitcast_convert_type(rhs.reshape(g, k, n // 2, 2), jnp.int16)
+        lhs, rhs, cfg = _int16_pair_operands(lhs, rhs, cfg, transpose_rhs)
     if config is None:
         cfg = split_k(cfg, m, k, n, g)
     operands = (lhs, rhs, rhs_scale.astype(jnp.float32))
@@ -609,12 +664,14 @@ def gmm_block_scaled(
 
 def block_scaled_takes(lhs, rhs, transpose_rhs: bool) -> bool:
     """Whether `gmm_block_scaled` can address these operands: float8 activations of 2**31..2**32
-    elements never; weights of that size only weight-only, [g, k, n] with n even (int16 pairs)."""
+    elements never; weights of that size only weight-only, with an even last dimension as stored (n of
+    [g, k, n], k of [g, n, k]: int16 pairs along N or K). `transpose_rhs` says which side is paired;
+    either takes the same test."""
     if byte_offsets_overflow(lhs):
         return False
     if not byte_offsets_overflow(rhs):
         return True
-    return not transpose_rhs and jnp.dtype(lhs.dtype).itemsize > 1 and rhs.shape[-1] % 2 == 0
+    return jnp.dtype(lhs.dtype).itemsize > 1 and pairs_fit(rhs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,8 +100,25 @@ def _split(shape: tuple[int, ...], dims: MatrixDims) -> tuple[tuple[int, ...], i
     return tuple(shape[:nb]), math.prod(shape[nb : nb + contracted]), math.prod(shape[nb + contracted :])
 
 
-def scale_shape(fmt: str, shape: tuple[int, ...], dims: MatrixDims, block: tuple[int, int]) -> tuple[int, ...]:
-    """int8: the kernel's shape with the contracted dimensions 1; fp8: [*batch, ceil(K/b0), ceil(N/b1)]."""
+def _swap_last(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (*shape[:-2], shape[-1], shape[-2])
+
+
+def _check_k_major(dims: MatrixDims) -> None:
+    if tuple(dims) != (1, 1):
+        raise QuantizationError(
+            f"only a kernel with one contracted and one output dimension is stored K-major, not {dims}"
+        )
+
+
+def scale_shape(
+    fmt: str, shape: tuple[int, ...], dims: MatrixDims, block: tuple[int, int], *, k_major: bool = False
+) -> tuple[int, ...]:
+    """int8: the kernel's shape with the contracted dimensions 1; fp8: [*batch, ceil(K/b0), ceil(N/b1)].
+    K-major (`shape` [*batch, N, K], see `quantize`): the same scales, their last two dimensions swapped."""
+    if k_major:
+        _check_k_major(dims)
+        return _swap_last(scale_shape(fmt, _swap_last(tuple(shape)), dims, block))
     batch, k, n = _split(tuple(shape), dims)
     if check_format(fmt) == "int8":
         contracted, outputs = dims
@@ -123,9 +140,25 @@ def _expand(scale, k: int, n: int, block: tuple[int, int], xp: ModuleType):
     return xp.repeat(xp.repeat(scale, block[0], axis=-2), block[1], axis=-1)[..., :k, :n]
 
 
-def quantize(w, fmt: str, dims: MatrixDims, block: tuple[int, int] = DEFAULT_BLOCK, xp: ModuleType = jnp):
+def quantize(
+    w,
+    fmt: str,
+    dims: MatrixDims,
+    block: tuple[int, int] = DEFAULT_BLOCK,
+    xp: ModuleType = jnp,
+    *,
+    k_major: bool = False,
+):
     """(values, float32 scale) of the float weight `w` (symmetric, amax over each scale's group).
-    `xp`: numpy for host arrays (converters), jax.numpy inside jit."""
+    `xp`: numpy for host arrays (converters), jax.numpy inside jit.
+
+    k_major: store them K-major (dims (1, 1) only): `w` is the float kernel [*batch, K, N] as ever,
+    and its values and scales come back transposed, [*batch, N, K] and [*batch, N, 1] (int8) or
+    [*batch, ceil(N/b1), ceil(K/b0)] (fp8): `block` still names the matrix's [K, N] sides."""
+    if k_major:
+        _check_k_major(dims)
+        values, scale = quantize(w, fmt, dims, block, xp)
+        return xp.swapaxes(values, -1, -2), xp.swapaxes(scale, -1, -2)
     shape = tuple(w.shape)
     batch, k, n = _split(shape, dims)
     qmax = _QMAX[check_format(fmt)]
@@ -149,8 +182,15 @@ def quantize(w, fmt: str, dims: MatrixDims, block: tuple[int, int] = DEFAULT_BLO
     return values.reshape(shape), scale
 
 
-def dequantize(values, scale, fmt: str, dims: MatrixDims, block: tuple[int, int], dtype, xp: ModuleType = jnp):
-    """values * scale in float32 (each scale over its group), then `dtype`."""
+def dequantize(
+    values, scale, fmt: str, dims: MatrixDims, block: tuple[int, int], dtype, xp: ModuleType = jnp, *, k_major=False
+):
+    """values * scale in float32 (each scale over its group), then `dtype`: the float kernel, in the
+    float layout [*batch, K, N] also for K-major values (the inverse of `quantize`)."""
+    if k_major:
+        _check_k_major(dims)
+        t = lambda a: xp.swapaxes(a, -1, -2)  # noqa: E731
+        return dequantize(t(values), t(scale), fmt, dims, block, dtype, xp)
     if check_format(fmt) == "int8":
         return (values.astype(np.float32) * scale.astype(np.float32)).astype(dtype)
     shape = tuple(values.shape)
@@ -162,23 +202,34 @@ def dequantize(values, scale, fmt: str, dims: MatrixDims, block: tuple[int, int]
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
     """A quantized kernel as the functional cores take it (a pytree: `values` and `scale` are its
-    leaves, the format and layout static)."""
+    leaves, the format and layout static).
 
-    values: Array  # int8 or float8_e4m3fn, the float kernel's shape
-    scale: Float[Array, "..."]  # float32, `scale_shape(format, values.shape, dims, block)`
+    k_major: the values are stored [*batch, N, K] (the matrix view transposed; `quantize`), the layout
+    in which the GPU's tensor cores read 1-byte weights contiguously along K (ldmatrix cannot transpose
+    8-bit elements; docs/quantization.md). The stacked experts are stored so."""
+
+    values: Array  # int8 or float8_e4m3fn, the float kernel's shape (K-major: its last two swapped)
+    scale: Float[Array, "..."]  # float32, `scale_shape(format, values.shape, dims, block, k_major=k_major)`
     format: str
     dims: MatrixDims
-    block: tuple[int, int] = DEFAULT_BLOCK
+    block: tuple[int, int] = DEFAULT_BLOCK  # [K, N] sides of the matrix view, however it is stored
     activations: str = "none"  # "fp8": products quantize their input in 1 x block[0] tiles (Quantization)
+    k_major: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.values.shape)
 
+    @property
+    def stored_block(self) -> tuple[int, int]:
+        """The block over the values as stored ([N, K] sides when K-major), as the kernels take it."""
+        return (self.block[1], self.block[0]) if self.k_major else self.block
+
     def dequantize(self, dtype) -> Array:
+        """The float kernel, in the float layout ([..., K, N], however the values are stored)."""
         # Frozen: quantized weights take no gradient (their scales would need a quantization-aware rule).
         values, scale = jax.lax.stop_gradient(self.values), jax.lax.stop_gradient(self.scale)
-        return dequantize(values, scale, self.format, self.dims, self.block, dtype)
+        return dequantize(values, scale, self.format, self.dims, self.block, dtype, k_major=self.k_major)
 
     def scales_outputs_only(self, contracted_axes: tuple[int, ...]) -> bool:
         """Whether the scale is constant along `contracted_axes` of the kernel, so that it can scale
@@ -187,7 +238,9 @@ class QuantizedWeight:
 
 
 jax.tree_util.register_dataclass(
-    QuantizedWeight, data_fields=["values", "scale"], meta_fields=["format", "dims", "block", "activations"]
+    QuantizedWeight,
+    data_fields=["values", "scale"],
+    meta_fields=["format", "dims", "block", "activations", "k_major"],
 )
 
 
@@ -196,13 +249,16 @@ def weight_of(kernel, scale) -> QuantizedWeight:
     says the format and layout), e.g. to dequantize it outside the module."""
     meta = kernel.get_metadata()
     q: Quantization = meta["quantization"]
-    return QuantizedWeight(
-        kernel.get_value(), scale.get_value(), q.format, tuple(meta["matrix_dims"]), q.block, q.activations
+    return as_weight(
+        kernel.get_value(), scale.get_value(), q, tuple(meta["matrix_dims"]), k_major=meta.get("k_major", False)
     )
 
 
-def as_weight(kernel: Any, scale: Any, quantization: Quantization | None, dims: MatrixDims) -> Any:
+def as_weight(
+    kernel: Any, scale: Any, quantization: Quantization | None, dims: MatrixDims, *, k_major: bool = False
+) -> Any:
     """The kernel as the cores take it: the array itself, or a QuantizedWeight with its scale."""
     if quantization is None:
         return kernel
-    return QuantizedWeight(kernel, scale, quantization.format, dims, quantization.block, quantization.activations)
+    q = quantization
+    return QuantizedWeight(kernel, scale, q.format, dims, q.block, q.activations, k_major)

@@ -20,8 +20,9 @@ def quantize_params(params: nnx.State, target: nnx.State, quantization: Quantiza
             continue  # written with its kernel
         value = floats[path].get_value()
         if is_storage_dtype(variable.get_value().dtype):
-            dims = tuple(variable.get_metadata()["matrix_dims"])
-            values, scale = quantize(value, quantization.format, dims, quantization.block, xp=jnp)
+            meta = variable.get_metadata()
+            dims, k_major = tuple(meta["matrix_dims"]), bool(meta.get("k_major", False))
+            values, scale = quantize(value, quantization.format, dims, quantization.block, xp=jnp, k_major=k_major)
             out.append((path, variable.replace(values)))
             scale_path = path[:-1] + (SCALE_NAME,)
             out.append((scale_path, targets[scale_path].replace(scale)))

@@ -79,7 +79,8 @@ def _width_axes(active: ActiveMesh, f: int) -> tuple[str, ...]:
 
 # The layout of the expert weights the dispatch takes ({"gate", "up", "down"}, each an array or a
 # QuantizedWeight, whose scale has the same leading dimensions: an int8 scale the weight's, with size 1
-# on `embed` resp. `expert_mlp` contracted; an fp8 scale [e, row blocks, column blocks]): the logical
+# on `embed` resp. `expert_mlp` contracted; an fp8 scale [e, row blocks, column blocks]; quantized
+# values and scales are stored K-major, the last two swapped, `_stored_axes`): the logical
 # names models/moe.py's Experts gives its Params. The
 # shard_map blocks below split the `experts` dimension over `expert` and `expert_mlp` over the width
 # axes; `embed` stays whole inside (an fsdp-sharded embed is gathered on the way in, as FSDP does).
@@ -101,19 +102,32 @@ def _weight_spec(
     return PartitionSpec(*spec)
 
 
+def _stored_axes(name: str, weight: Any) -> tuple[str, ...]:
+    """The logical axes of one expert weight as stored: WEIGHT_AXES, the last two swapped for K-major
+    quantized values (and their scales, which are laid out like them)."""
+    axes = WEIGHT_AXES[name]
+    if isinstance(weight, QuantizedWeight) and weight.k_major:
+        return (*axes[:-2], axes[-1], axes[-2])
+    return axes
+
+
 def _weight_specs(expert_params: dict, width_axes: tuple[str, ...], expert_axis: str | None) -> dict:
     """PartitionSpecs of the gate/up ([e, d, f]) and down ([e, f, d]) leaves, quantized ones' scales included."""
     return {
         name: jax.tree_util.tree_map(
-            lambda w, axes=axes: _weight_spec(w.shape, axes, width_axes, expert_axis), expert_params[name]
+            lambda w, axes=_stored_axes(name, expert_params[name]): _weight_spec(
+                w.shape, axes, width_axes, expert_axis
+            ),
+            expert_params[name],
         )
-        for name, axes in WEIGHT_AXES.items()
+        for name in WEIGHT_AXES
     }
 
 
 def expert_width(expert_params: dict) -> int:
     """The hidden width f of every expert (read off the down projection, possibly quantized)."""
-    return expert_params["down"].shape[WEIGHT_AXES["down"].index("expert_mlp")]
+    down = expert_params["down"]
+    return down.shape[_stored_axes("down", down).index("expert_mlp")]
 
 
 def width_axes(active: ActiveMesh, expert_params: dict) -> tuple[str, ...]:

@@ -98,9 +98,21 @@ def layout(name: str, axes: tuple, shape: tuple[int, ...]) -> tuple[int, int]:
     return batch, (rest - 1 if module in _OUTPUT_PROJECTIONS else 1)
 
 
-def _split(name: str, variable: nnx.Variable) -> tuple[tuple[int, ...], int, int]:
+def _k_major(variable: nnx.Variable) -> bool:
+    """A quantized kernel stored [..., N, K] (vishwam_jax/quantization): adapters follow the float layout."""
+    return bool(variable.get_metadata().get("k_major", False))
+
+
+def _float_shape(variable: nnx.Variable) -> tuple[int, ...]:
     shape = tuple(variable.get_value().shape)
-    batch, n_in = layout(name, _axes(variable), shape)
+    return (*shape[:-2], shape[-1], shape[-2]) if _k_major(variable) else shape
+
+
+def _split(name: str, variable: nnx.Variable) -> tuple[tuple[int, ...], int, int]:
+    shape, axes = _float_shape(variable), _axes(variable)
+    if _k_major(variable):
+        axes = (*axes[:-2], axes[-1], axes[-2])
+    batch, n_in = layout(name, axes, shape)
     return shape[:batch], int(np.prod(shape[batch : batch + n_in])), int(np.prod(shape[batch + n_in :]))
 
 
@@ -168,12 +180,13 @@ def merge(params: nnx.State, adapters: dict, cfg: LoraConfig, dtype=None) -> nnx
             return v
         if name in quantized:
             out = jnp.dtype(dtype or jnp.float32)
-            base = weight_of(v, variables[_scale_of(name)]).dequantize(jnp.float32)
+            base = weight_of(v, variables[_scale_of(name)]).dequantize(jnp.float32)  # the float layout
         else:
             out = jnp.dtype(dtype or w.dtype)
             base = w
         # Added in the output dtype: a bf16 step must not hold a float32 copy of every adapted weight.
-        return v.replace(base.astype(out) + delta(w.shape, adapters[name], cfg.scale).astype(out))
+        merged = base.astype(out) + delta(_float_shape(v), adapters[name], cfg.scale).astype(out)
+        return v.replace(merged.swapaxes(-1, -2) if _k_major(v) else merged)  # back as the kernel is stored
 
     return nnx.from_flat_state([(path, merge_one(leaf_name(path), v)) for path, v in nnx.to_flat_state(params)])
 

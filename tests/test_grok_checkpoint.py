@@ -184,6 +184,37 @@ def test_dequantized_conversion_is_exact(release, forward, tmp_path):
     )
 
 
+def test_fp8_conversion_and_fp8_at_load_store_the_same_k_major_experts(release, tmp_path):
+    """The checkpoint writer (quantizing the float kernels converters hand it, then laying the experts
+    out K-major) and quantizing a float model at load store the same bytes: expert values [L, e, out,
+    in], their block scales [L, e, out blocks, in blocks]."""
+    c, _, _, root = release
+    vj.convert(root, tmp_path / "f32", config="grok-1-tiny", dtype=np.float32)
+    vj.convert(root, tmp_path / "fp8", config="grok-1-tiny", quantize="fp8")
+    block = tuple(orbax_io.read_config(tmp_path / "fp8").quantization_block)
+    converted = nnx.to_pure_dict(vj.load(tmp_path / "fp8").params)["layers"]["experts"]
+    float_model = vj.load(tmp_path / "f32", dtype=np.float32)
+    at_load = nnx.to_pure_dict(vj.load(tmp_path / "f32", quantize="fp8").params)["layers"]["experts"]
+    gate = converted["gate"]
+    assert gate["kernel"].shape == (c.num_layers, c.num_experts, c.moe_ffn_dim, c.d_model)  # K-major
+    assert gate["kernel_scale"].shape == (
+        c.num_layers,
+        c.num_experts,
+        -(-c.moe_ffn_dim // block[1]),
+        -(-c.d_model // block[0]),
+    )
+    for name in ("gate", "up", "down"):
+        for leaf in ("kernel", "kernel_scale"):
+            a, b = np.asarray(converted[name][leaf]), np.asarray(at_load[name][leaf])
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (name, leaf)
+    # And they are the float model's experts: dequantized back to [L, e, in, out], within fp8's rounding.
+    float_gate = np.asarray(nnx.to_pure_dict(float_model.params)["layers"]["experts"]["gate"]["kernel"])
+    back = quantization.dequantize(
+        gate["kernel"], gate["kernel_scale"], "fp8", (1, 1), block, jnp.float32, k_major=True
+    )
+    assert np.max(np.abs(np.asarray(back) - float_gate)) <= 0.07 * np.max(np.abs(float_gate))
+
+
 def test_default_storage_is_bfloat16_for_dequantized_weights(release, tmp_path):
     _, _, _, root = release
     grok_release.convert(root, tmp_path / "m", config="grok-1-tiny")

@@ -128,6 +128,38 @@ def test_grouped_matmul_fp8_blocks_match_the_dequantized_weights():
     np.testing.assert_allclose(grad, grad_want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_k_major_storage_is_the_float_layout_transposed(fmt):
+    """K-major values and scales are those of the [K, N] matrix transposed (a non-square block, so a
+    mixed-up side fails); dequantize gives the float layout back; the grouped matmul through
+    `quantized_gmm` computes the float kernel's product on every backend that can run here."""
+    from vishwam_jax.models.layers import quantized_gmm
+
+    rng = np.random.default_rng(4)
+    g, k, n, m, block = 3, 40, 48, 20, (32, 16)  # blocks the block-scaled kernel takes (powers of two >= 16)
+    w = rng.standard_normal((g, k, n)).astype(np.float32)
+    values, scale = quantize(w, fmt, (1, 1), block, xp=np)
+    kv, ks = quantize(w, fmt, (1, 1), block, xp=np, k_major=True)
+    assert kv.shape == (g, n, k) and ks.shape == scale_shape(fmt, kv.shape, (1, 1), block, k_major=True)
+    assert ks.shape == ((g, n, 1) if fmt == "int8" else (g, 3, 2))  # 3 N blocks of 16, 2 K blocks of 32
+    np.testing.assert_array_equal(kv, values.swapaxes(1, 2))
+    np.testing.assert_array_equal(ks, scale.swapaxes(1, 2))
+    dense = dequantize(kv, ks, fmt, (1, 1), block, np.float32, xp=np, k_major=True)
+    np.testing.assert_array_equal(dense, dequantize(values, scale, fmt, (1, 1), block, np.float32, xp=np))
+    with pytest.raises(QuantizationError, match="K-major"):
+        scale_shape(fmt, (4, 8, 2), (1, 2), block, k_major=True)
+    qw = QuantizedWeight(jnp.asarray(kv), jnp.asarray(ks), fmt, (1, 1), block, k_major=True)
+    np.testing.assert_array_equal(qw.dequantize(jnp.float32), dense)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    sizes = jnp.array([7, 0, 11], jnp.int32)
+    want = grouped_matmul.gmm(x, jnp.asarray(dense), sizes, implementation="reference")
+    for impl in ("reference", "xla", "pallas_interpret"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(grouped_matmul.ENV_VAR, impl)
+            got = quantized_gmm(x, qw.values, qw.scale, sizes, qw)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=impl)
+
+
 # -- every family, both formats --------------------------------------------------------------------
 def _dequantized_state(float_state: nnx.State, quantized: nnx.State) -> nnx.State:
     """The float model's state with each quantized kernel replaced by its dequantized values."""

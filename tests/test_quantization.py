@@ -256,6 +256,8 @@ def test_convert_and_load_quantized_gemma_and_cli_errors(tmp_path, capsys):
     np.testing.assert_allclose(fp8_inputs.logits(TOKENS[:1]), converted.logits(TOKENS[:1]), rtol=0.1, atol=0.1)
     with pytest.raises(ConfigError, match="needs quantization='fp8'"):
         get_config("gemma-tiny", quantization="int8", quantization_activations="fp8")
+    with pytest.raises(ConfigError, match="'int4' is not one of none, fp8"):
+        get_config("gemma-tiny", quantization="fp8", quantization_activations="int4")
     assert generate_cli.run(["--quantize", "int8", "--max-new-tokens", "4", "--temperature", "0"]) == 0
 
 

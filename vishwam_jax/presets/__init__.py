@@ -19,6 +19,8 @@ from typing import Any
 
 import ml_collections
 
+from vishwam_jax.quantization.formats import ACTIVATION_FORMATS
+
 Config = ml_collections.FrozenConfigDict
 
 
@@ -118,8 +120,10 @@ def _check_common(c: ml_collections.ConfigDict) -> None:
     block = c.quantization_block
     if not (isinstance(block, tuple) and len(block) == 2 and all(isinstance(b, int) and b >= 1 for b in block)):
         raise ConfigError(f"quantization_block must be two positive integers [rows, columns], got {block!r}")
-    if c.quantization_activations not in ("none", "fp8"):
-        raise ConfigError(f"quantization_activations {c.quantization_activations!r} is not one of none, fp8")
+    if c.quantization_activations not in ACTIVATION_FORMATS:
+        raise ConfigError(
+            f"quantization_activations {c.quantization_activations!r} is not one of {', '.join(ACTIVATION_FORMATS)}"
+        )
     if c.quantization_activations == "fp8" and c.quantization != "fp8":
         raise ConfigError(f"quantization_activations='fp8' needs quantization='fp8', not {c.quantization!r}")
 

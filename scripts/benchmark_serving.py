@@ -96,6 +96,7 @@ def engine_config(args) -> EngineConfig:
         chunk_buckets=(chunk,),
         max_queue=max(1024, args.clients),
         lookahead=args.lookahead,
+        decode_steps=args.decode_steps,
         speculative=args.speculative,
     )
 
@@ -271,6 +272,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--lookahead", type=int, default=EngineConfig.lookahead, help="steps dispatched before one is read (0: none)"
     )
+    ap.add_argument("--decode-steps", type=int, default=1, help="decode steps per dispatch (tokens per round trip)")
     ap.add_argument(
         "--speculative", action="store_true", help="DeepSeek-V3: MTP drafts verified in each decode step (greedy)"
     )

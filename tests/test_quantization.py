@@ -20,6 +20,7 @@ import vishwam_jax as vj
 from vishwam_jax import models
 from vishwam_jax.checkpoint import hf_deepseek, orbax_io
 from vishwam_jax.checkpoint.orbax_io import Quantized
+from vishwam_jax.models import layers
 from vishwam_jax.models.layers import linear
 from vishwam_jax.pallas_kernels import grouped_matmul
 from vishwam_jax.presets import ConfigError, get_config, replace
@@ -77,12 +78,16 @@ def test_formats_error_bounds_and_partial_blocks():
         quantize(w, "int4", (1, 1))
 
 
-@pytest.mark.parametrize("fmt, impl", [("int8", "xla"), ("fp8", "xla"), ("fp8", "pallas_interpret")])
+@pytest.mark.parametrize(
+    "fmt, impl", [("int8", "xla"), ("fp8", "xla"), ("int8", "pallas_interpret"), ("fp8", "pallas_interpret")]
+)
 def test_linear_is_the_float_linear_on_the_dequantized_weight(fmt, impl, monkeypatch):
     """Every way a Linear is contracted, including MLA's absorbed W_k_b (contracting the axis its
     int8 scale varies along, so the weight is dequantized rather than the output scaled). With the
     GPU kernel's backend (interpret mode), fp8 products that are one matmul over the weight's
-    contracted dimensions read the float8 weight through the block-scaled kernel."""
+    contracted dimensions read the float8 weight through the block-scaled kernel, K-major matrices
+    (an MLP's) included; int8 K-major ones through XLA's dot on the transposed values. The input's
+    gradient too."""
     monkeypatch.setenv("VISHWAM_GMM_IMPL", impl)
     rng = np.random.default_rng(1)
     w = rng.standard_normal((24, 4, 40)).astype(np.float32)  # [r, h, nope] as wk_b
@@ -99,6 +104,22 @@ def test_linear_is_the_float_linear_on_the_dequantized_weight(fmt, impl, monkeyp
     np.testing.assert_allclose(
         linear(x, qo, "bthv,hvd->btd"), linear(x, qo.dequantize(jnp.float32), "bthv,hvd->btd"), rtol=1e-5, atol=1e-5
     )
+    up = rng.standard_normal((40, 24)).astype(np.float32)  # [d, f]: K and N not multiples of the block
+    values, scale = quantize(up, fmt, (1, 1), (16, 16), xp=np, k_major=True)
+    qu = QuantizedWeight(jnp.asarray(values), jnp.asarray(scale), fmt, (1, 1), (16, 16), k_major=True)
+    assert qu.shape == (24, 40)
+    assert layers._kernel_takes("Ad,df->Af", qu) == (impl == "pallas_interpret" and fmt == "fp8")
+    dense = qu.dequantize(jnp.float32)
+    for x_shape in ((2, 3, 40), (1, 1, 40), (5, 40)):
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        want = linear(x, dense, "...d,df->...f")
+        np.testing.assert_allclose(linear(x, qu, "...d,df->...f"), want, rtol=1e-5, atol=1e-5)
+
+    def loss(x, w):
+        return jnp.sum(jnp.sin(linear(x, w, "...d,df->...f")))
+
+    x = jnp.asarray(rng.standard_normal((2, 3, 40)), jnp.float32)
+    np.testing.assert_allclose(jax.grad(loss)(x, qu), jax.grad(loss)(x, dense), rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_matmul_fp8_blocks_match_the_dequantized_weights():
@@ -351,7 +372,10 @@ def test_deepseek_fp8_release_kept_bit_for_bit_matches_transformers(tmp_path, mo
             ("wo", "o_proj", (h, v, 32)),
         ):  # fmt: skip
             q, s = src_pair(p + theirs)
-            same_bytes(attn[ours], ours, q.T.reshape(shape or q.T.shape), s.T)
+            if shape is None:  # one input and one output dimension: stored K-major, the release's [out, in]
+                same_bytes(attn[ours], ours, q, s)
+            else:
+                same_bytes(attn[ours], ours, q.T.reshape(shape), s.T)
             checked += 1
         q, s = src_pair(p + "kv_b_proj")
         kv = q.T.reshape(16, h, nope + v)
@@ -364,7 +388,13 @@ def test_deepseek_fp8_release_kept_bit_for_bit_matches_transformers(tmp_path, mo
         q, s = src_pair(f"model.layers.1.mlp.experts.{e}.down_proj")
         # Experts are stored K-major, the release's own [out, in] layout: its bytes as they are.
         same_bytes({k: a[0, e] for k, a in experts.items()}, f"expert {e}", q, s)
-    assert checked == 12
+    for stack, mlp, theirs in (("dense_layers", "mlp", "mlp."), ("moe_layers", "shared", "mlp.shared_experts.")):
+        for ours in ("gate", "up", "down"):  # K-major as well: the release's bytes as they are
+            q, s = src_pair(f"model.layers.{layer[stack]}.{theirs}{ours}_proj")
+            weights = stored[stack][mlp][ours]
+            same_bytes({k: a[0] for k, a in weights.items()}, f"{stack} {ours}", q, s)
+            checked += 1
+    assert checked == 18
 
     model = vj.load(tmp_path / "fp8")
     hf_model.load_state_dict(state)  # transformers on the dequantized weights

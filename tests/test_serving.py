@@ -281,3 +281,50 @@ def test_serving_on_a_mesh_gives_the_single_device_tokens(name, axes):
         speculative = Engine(model, dataclasses.replace(config, speculative=True), mesh=mesh)
         assert speculative.run(requests) == alone and speculative.run(requests[:1]) == {0: alone[0]}
         assert len(speculative.compiles) == 2
+
+
+def test_several_decode_steps_per_dispatch_change_no_output(shakespeare):
+    """decode_steps=4: each decode dispatch runs four steps on the device (one host round trip per
+    four tokens per stream). Greedy and seeded outputs, stop tokens and strings, max_tokens that are
+    not a multiple of four, a cancellation, and requests alone or together all give what the
+    one-step engine gives; the extra tokens past a stop are computed and dropped, and every page
+    comes back."""
+    model, one_step = shakespeare
+    engine = Engine(
+        model, dataclasses.replace(one_step.config, decode_steps=4), tokenizer=model.tokenizer
+    )  # the fixture's cache layout, four steps per dispatch
+    prompts = [tuple(model.tokenizer.encode(t)) for t in ("KING HENRY.\nWhat", "O Romeo", "Enter the Ghost")]
+    free = one_step.run([Request("free", prompts[0], 20)])["free"]
+    stop_text = model.tokenizer.decode(free)[7:10]
+    hot = SamplingParams(temperature=0.9, top_k=40, top_p=0.95)
+    requests = [
+        Request("free", prompts[0], 20),
+        Request("stop", prompts[0], 20, stop_token_ids=(free[5],)),
+        Request("str", prompts[0], 20, stop=(stop_text,)),
+        Request("len5", prompts[1], 5),
+        Request("len1", prompts[2], 1),
+        Request("hot", prompts[2], 13, hot, seed=3),
+    ] + [Request(i, p, 6 + 3 * i) for i, p in enumerate(prompts * 3)]
+    reference = {r.id: one_step.run([r])[r.id] for r in requests}
+    before = engine.steps
+    engine.run([requests[0]])
+    # The prompt samples token 1 and the decode beside it in the same step starts on the next 19,
+    # four at a time: five steps (twenty with one step per dispatch).
+    assert engine.steps - before == -(-19 // 4)
+    together = engine.run(requests)
+    assert together == reference
+    assert together["stop"] == free[: free.index(free[5]) + 1] and len(together["len5"]) == 5
+    assert {r.id: engine.run([r])[r.id] for r in requests[:6]} == {r.id: reference[r.id] for r in requests[:6]}
+    # Cancelled while its four-step dispatch is in flight: it ends with the tokens read so far.
+    engine.submit(Request("cancelled", prompts[1], 20))
+    engine.step()
+    engine.step()
+    assert engine.cancel("cancelled").finish_reason == "cancelled"
+    while engine.has_work:
+        engine.step()
+    assert [kind for kind, _ in engine.compiles].count("decode") == 1
+    assert engine.pages_used == 0 and engine.num_running == 0
+    with pytest.raises(ValueError, match="decode_steps must be a positive integer"):
+        EngineConfig(decode_steps=0)
+    with pytest.raises(ValueError, match="do not combine"):
+        EngineConfig(decode_steps=2, speculative=True)

@@ -45,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
         help="decode steps dispatched before the host reads one's tokens (0: read each at once; default: 1)",
     )
     ap.add_argument(
+        "--decode-steps",
+        type=int,
+        default=1,
+        help="decode steps per dispatch: tokens per stream per host round trip; more amortize the host's "
+        "per-step work, at up to that many steps' wait for a new prompt's prefill (default: 1)",
+    )
+    ap.add_argument(
         "--speculative",
         action="store_true",
         help="DeepSeek-V3: verify the MTP module's draft in every decode step (greedy requests: up to 2 tokens a step)",
@@ -86,6 +93,7 @@ def run(argv=None) -> int:
             num_pages=args.pages,
             max_queue=args.max_queue,
             lookahead=args.lookahead,
+            decode_steps=args.decode_steps,
             speculative=args.speculative,
         )
         source = args.model or str(vj.DEFAULT_MODEL_DIR)

@@ -554,14 +554,21 @@ def restore_params(path: str | Path, *, dtype=None, shardings: Any = None) -> An
         return ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype if cast else s.dtype, global_shape=s.shape)
 
     restore_args = jax.tree_util.tree_map_with_path(target, shapes, shardings)
+    # A failed read's siblings are abandoned, and their late callbacks can print as soon as Orbax
+    # closes its event loop, before the failure reaches this function: filter from the start.
+    already_filtered = _silence_abandoned_reads()
     try:
-        return ocp.PyTreeCheckpointer().restore(
+        params = ocp.PyTreeCheckpointer().restore(
             Path(path).absolute() / "params", args=ocp.args.PyTreeRestore(restore_args=restore_args)
         )
     except Exception as err:  # Orbax wraps tensorstore's read errors in a bare Exception
         failure = _restore_failure(path, err)
         if failure is None:
             raise
+    else:
+        if not already_filtered:  # nothing was abandoned: the process's hook as it was
+            sys.unraisablehook = _hook_before_silencing
+        return params
     # Raised outside the handler, so the failure does not keep Orbax's error (and its frames) alive.
     _collect_abandoned_reads()
     raise failure
@@ -599,11 +606,14 @@ def _collect_abandoned_reads(timeout_s: float = 2.0) -> None:
 _hook_before_silencing = sys.unraisablehook
 
 
-def _silence_abandoned_reads() -> None:
+def _silence_abandoned_reads() -> bool:
+    """Install the filter; whether it was installed already (after an earlier failed restore)."""
     global _hook_before_silencing
-    if sys.unraisablehook is not _unraisable_hook_without_abandoned_reads:
-        _hook_before_silencing = sys.unraisablehook
-        sys.unraisablehook = _unraisable_hook_without_abandoned_reads
+    if sys.unraisablehook is _unraisable_hook_without_abandoned_reads:
+        return True
+    _hook_before_silencing = sys.unraisablehook
+    sys.unraisablehook = _unraisable_hook_without_abandoned_reads
+    return False
 
 
 def _unraisable_hook_without_abandoned_reads(unraisable) -> None:

@@ -157,18 +157,6 @@ def quantized_gmm(
     return grouped_matmul.gmm(x, values, group_sizes, rhs_scale=scale, rhs_scale_block=block, **layout)
 
 
-def _block_scaled_matmul(w: QuantizedWeight):
-    """The 2-D product of rows and the fp8 block-scaled `w`: `quantized_gmm` with one group.
-    `_contract` hands it `w.values` as the [K, N] matrix that the blocks are laid over."""
-
-    def matmul(rows: Array, values: Array) -> Array:
-        one_group = jnp.full((1,), rows.shape[0], jnp.int32)
-        values, scale = jax.lax.stop_gradient(values)[None], jax.lax.stop_gradient(w.scale)[None]
-        return quantized_gmm(rows, values, scale, one_group, w)
-
-    return matmul
-
-
 def _without_ellipsis(spec: str, ndim: int) -> str:
     """`spec` with "..." spelled out as letters for x's leading axes ("...d,df->...f" -> "Ad,df->Af")."""
     if "..." not in spec:
@@ -178,35 +166,59 @@ def _without_ellipsis(spec: str, ndim: int) -> str:
     return spec.replace("...", "".join(free[: ndim - (len(lhs) - 3)]))
 
 
-def _fp8_kernel_contracts(spec: str, ndim: int, w: QuantizedWeight) -> bool:
-    """Whether the grouped-matmul kernel takes this fp8 product as it is stored: an einsum that is one
-    2-D matmul over exactly the weight's contracted dimensions (its blocks are laid over that [K, N]
-    matrix), on a backend with a block-scaled kernel; with fp8 activations on any backend, so that
-    their numerics do not depend on it."""
+def _kernel_takes(spec: str, w: QuantizedWeight) -> bool:
+    """Whether the grouped-matmul kernel runs this fp8 product as one group, reading the float8 bytes
+    as stored: an einsum (ellipsis spelled out) that is one 2-D matmul over exactly the weight's
+    contracted dimensions, a weight without batch dimensions, and a backend with a block-scaled kernel
+    (any backend with fp8 activations, so that their numerics do not depend on it). int8 stays with
+    XLA's fused int8 dot, which measured as fast or faster than the kernel on one-group products
+    (BENCHMARKS.md, "Dense projections with quantized weights")."""
     from vishwam_jax.pallas_kernels import grouped_matmul
 
-    return (w.activations == "fp8" or grouped_matmul.has_block_scaled_kernel(w.block)) and _matrix_contraction(
-        _without_ellipsis(spec, ndim)
-    ) == w.dims[0]
+    if w.format != "fp8" or len(w.shape) != sum(w.dims) or _matrix_contraction(spec) != w.dims[0]:
+        return False
+    return w.activations == "fp8" or grouped_matmul.has_block_scaled_kernel(w.block)
+
+
+def _kernel_linear(x: Array, w: QuantizedWeight, spec: str) -> Array:
+    """`linear` through `quantized_gmm` with one group (`_kernel_takes` said it may): x's contracted
+    trailing axes flattened into K, the weight's [K, N] (or K-major [N, K]) matrix as stored."""
+    n_c = w.dims[0]
+    k = math.prod(x.shape[x.ndim - n_c :])
+    rows = x.reshape(-1, k)
+    values, scale = jax.lax.stop_gradient(w.values), jax.lax.stop_gradient(w.scale)
+    matrix = values.reshape(-1, k) if w.k_major else values.reshape(k, -1)
+    one_group = jnp.full((1,), rows.shape[0], jnp.int32)
+    y = quantized_gmm(rows, matrix[None], scale[None], one_group, w)
+    out_shape = (values.shape[0],) if w.k_major else values.shape[n_c:]
+    return y.reshape(x.shape[: x.ndim - n_c] + tuple(out_shape))
 
 
 def linear(x: Array, w: Array | QuantizedWeight, spec: str) -> Array:
     """`einsum(spec, x, w)`; a quantized `w` computes exactly what its dequantized weight would.
 
-    Weight-only: the weight is dequantized into the einsum's operand, which XLA fuses into the
-    matmul (no dequantized copy is kept). A per-output-channel int8 scale that is constant along the
-    contracted axes instead scales the (much smaller) float32 output.
+    Quantized, the grouped-matmul kernel takes fp8 products where it reads the stored bytes
+    (`_kernel_takes`). Otherwise a per-output-channel int8 scale,
+    constant along the contracted axes, scales the (much smaller) float32 output of a product with
+    the int8 values converted in the matmul's operand; any other weight is dequantized into the
+    einsum's operand, which XLA fuses into the matmul (no dequantized copy is kept).
     """
     if not isinstance(w, QuantizedWeight):
         w = w.astype(x.dtype) if w.dtype != x.dtype else w
         if fp8_active():  # FP8 training GEMMs, where the einsum is one matmul (the projections)
             return _contract(_without_ellipsis(spec, x.ndim), x, w, matmul=fp8_matmul)
         return _contract(spec, x, w)
+    explicit = _without_ellipsis(spec, x.ndim)
+    if _kernel_takes(explicit, w):
+        return _kernel_linear(x, w, explicit)
     inputs, out_axes = spec.split("->")
     w_axes = inputs.split(",")[1]
     contracted = tuple(i for i, a in enumerate(w_axes) if a not in out_axes)
-    if w.format == "fp8" and len(w.shape) == sum(w.dims) and _fp8_kernel_contracts(spec, x.ndim, w):
-        return _contract(_without_ellipsis(spec, x.ndim), x, w.values, matmul=_block_scaled_matmul(w))
+    if w.k_major and w.format == "int8" and len(w.shape) == 2 and _matrix_contraction(explicit) == 1:
+        # [N, K] values contracted along their last axis: XLA reads the transposed operand in place.
+        values = jax.lax.stop_gradient(w.values).astype(x.dtype)
+        out = jnp.einsum("...k,nk->...n", x, values, preferred_element_type=jnp.float32)
+        return (out * jax.lax.stop_gradient(w.scale).reshape(-1)).astype(x.dtype)
     if w.k_major or not w.scales_outputs_only(contracted):
         return linear(x, w.dequantize(x.dtype), spec)
     out = _contract(spec, x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
@@ -273,9 +285,11 @@ class Linear(nnx.Module):
     both per head and absorbed). The kernel is laid out [*batch, *contracted, *outputs]; `dims` =
     (contracted, outputs) counts the trailing dimensions that form its matrix, which is what a
     quantization's scales are defined over. With `quantization` the kernel holds the quantized
-    values and `kernel_scale` their float32 scales (vishwam_jax/quantization); `k_major` then stores
-    them with the matrix's two sides swapped, [*batch, N, K] (`shape` and `axes` stay those of the
-    float kernel; only the grouped matmul, which takes either layout, should ask for it).
+    values and `kernel_scale` their float32 scales (vishwam_jax/quantization). A quantized matrix of
+    one contracted and one output dimension (the MLPs, the experts, MLA's down projections) is stored
+    K-major, [*batch, N, K], with its scales alike: the layout in which the grouped matmul streams
+    1-byte weights at the read bandwidth (BENCHMARKS.md) and the one DeepSeek's FP8 release ships.
+    `shape` and `axes` name the float kernel either way.
     """
 
     def __init__(
@@ -289,10 +303,9 @@ class Linear(nnx.Module):
         dtype=jnp.float32,
         dims: MatrixDims = (1, 1),
         quantization: Quantization | None = None,
-        k_major: bool = False,
     ):
         self.spec, self.dims, self.quantization = spec, tuple(dims), quantization
-        self.k_major = k_major and quantization is not None
+        self.k_major = quantization is not None and self.dims == (1, 1)
         if quantization is None:
             self.kernel = param(truncated_normal(rngs.params(), shape, fan_in, dtype), axes, matrix_dims=self.dims)
             self.kernel_scale = None

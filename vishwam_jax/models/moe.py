@@ -238,9 +238,8 @@ class Experts(nnx.Module):
         slots = num_slots or num_experts
         up_shape, down_shape = (slots, d, f), (slots, f, d)
         up_axes, down_axes = ("experts", "embed", "expert_mlp"), ("experts", "expert_mlp", "embed")
-        # Each [e, in, out] (experts are a batch); quantized, stored [e, out, in]: the layout in which the
-        # grouped matmul streams 1-byte weights at the read bandwidth (BENCHMARKS.md, FP8 and int8).
-        common = dict(rngs=rngs, dtype=dtype, quantization=quantization, k_major=True)
+        # Each [e, in, out] (experts are a batch); quantized, stored [e, out, in] (`Linear`).
+        common = dict(rngs=rngs, dtype=dtype, quantization=quantization)
         self.gate = Linear(up_shape, up_axes, "", fan_in=d, **common)
         self.up = Linear(up_shape, up_axes, "", fan_in=d, **common)
         self.down = Linear(down_shape, down_axes, "", fan_in=f, **common)

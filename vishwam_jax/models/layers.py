@@ -180,7 +180,7 @@ def _kernel_takes(spec: str, w: QuantizedWeight) -> bool:
     return w.activations == "fp8" or grouped_matmul.has_block_scaled_kernel(w.block)
 
 
-def _kernel_linear(x: Array, w: QuantizedWeight, spec: str) -> Array:
+def _kernel_linear(x: Array, w: QuantizedWeight) -> Array:
     """`linear` through `quantized_gmm` with one group (`_kernel_takes` said it may): x's contracted
     trailing axes flattened into K, the weight's [K, N] (or K-major [N, K]) matrix as stored."""
     n_c = w.dims[0]
@@ -198,10 +198,10 @@ def linear(x: Array, w: Array | QuantizedWeight, spec: str) -> Array:
     """`einsum(spec, x, w)`; a quantized `w` computes exactly what its dequantized weight would.
 
     Quantized, the grouped-matmul kernel takes fp8 products where it reads the stored bytes
-    (`_kernel_takes`). Otherwise a per-output-channel int8 scale,
-    constant along the contracted axes, scales the (much smaller) float32 output of a product with
-    the int8 values converted in the matmul's operand; any other weight is dequantized into the
-    einsum's operand, which XLA fuses into the matmul (no dequantized copy is kept).
+    (`_kernel_takes`). Otherwise a per-output-channel int8 scale, constant along the contracted
+    axes, scales the (much smaller) float32 output of a product with the int8 values converted in the
+    matmul's operand; any other weight is dequantized into the einsum's operand, which XLA fuses into
+    the matmul (no dequantized copy is kept).
     """
     if not isinstance(w, QuantizedWeight):
         w = w.astype(x.dtype) if w.dtype != x.dtype else w
@@ -210,7 +210,7 @@ def linear(x: Array, w: Array | QuantizedWeight, spec: str) -> Array:
         return _contract(spec, x, w)
     explicit = _without_ellipsis(spec, x.ndim)
     if _kernel_takes(explicit, w):
-        return _kernel_linear(x, w, explicit)
+        return _kernel_linear(x, w)
     inputs, out_axes = spec.split("->")
     w_axes = inputs.split(",")[1]
     contracted = tuple(i for i, a in enumerate(w_axes) if a not in out_axes)

@@ -214,3 +214,17 @@ def test_benchmark_fp8_training_time_smoke():
 def test_benchmark_sampling_smoke():
     out = run("scripts/benchmark_sampling.py", "--batch", "3", "--vocab", "300", "--calls", "1")
     assert out.count(" ms per call") == 4
+
+
+def test_benchmark_stop_text_smoke(tmp_path):
+    tokenizer = ROOT.parent / "shared" / "data" / "grok1-tokenizer.model"
+    if tokenizer.is_file():  # Grok-1's real tokenizer, beside the repository where it is available
+        out = run("scripts/benchmark_stop_text.py", "--tokenizer", str(tokenizer), "--tokens", "32")
+        assert out.startswith("32 tokens: StopText ")
+    bad = tmp_path / "not-a-model"
+    bad.write_text("not sentencepiece")
+    proc = subprocess.run(
+        [sys.executable, "scripts/benchmark_stop_text.py", "--tokenizer", str(bad)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr

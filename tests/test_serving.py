@@ -276,6 +276,11 @@ def test_serving_on_a_mesh_gives_the_single_device_tokens(name, axes):
     assert engine.run(requests) == alone
     assert engine.run(requests[:1]) == {0: alone[0]}  # a second round reuses the compiled steps
     assert len(engine.compiles) == 2
+    if name == "gemma-shakespeare":  # several decode steps per dispatch: their tokens and counts replicated too
+        model = vj.load(name, dtype=np.float32, seed=1, mesh=mesh)
+        multi = Engine(model, dataclasses.replace(config, decode_steps=3), mesh=mesh)
+        assert multi.run(requests) == alone and multi.run(requests[:1]) == {0: alone[0]}
+        assert len(multi.compiles) == 2
     if name == "deepseek-v3-tiny":  # MTP speculative decoding under the mesh: its state keeps its layout too
         model = vj.load(name, dtype=np.float32, seed=1, mesh=mesh)
         speculative = Engine(model, dataclasses.replace(config, speculative=True), mesh=mesh)

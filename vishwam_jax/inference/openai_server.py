@@ -114,16 +114,16 @@ def create_app(
         # Without a tokenizer the text is empty: the ids are the answer.
         return body.return_token_ids or tokenizer is None
 
+    mailbox: _Mailbox | None = None
+
     def submit(request: EngineRequest) -> asyncio.Queue:
-        loop = asyncio.get_running_loop()
+        nonlocal mailbox
+        if mailbox is None:
+            mailbox = _Mailbox(asyncio.get_running_loop())
         events: asyncio.Queue = asyncio.Queue()
-
-        def on_event(event: Event) -> None:  # on the engine thread
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
-                loop.call_soon_threadsafe(events.put_nowait, event)
-
+        post = mailbox.post
         try:
-            engine_thread.submit(request, on_event)
+            engine_thread.submit(request, lambda event: post(events, event))
         except RequestRejected as err:
             raise ApiError(400, str(err)) from None
         except QueueFull as err:
@@ -265,6 +265,35 @@ def create_app(
         return Response(generate_latest(engine_thread.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class _Mailbox:
+    """Events from the engine thread into the loop's queues, with one wakeup of the loop per batch.
+
+    A step ends with an event for every running stream; handing each over with its own
+    `call_soon_threadsafe` wakes the loop (a write to its self-pipe) once per event, and every wakeup
+    is interpreter-lock time taken from the engine thread. The first event posted schedules a flush
+    and the others join it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Event]] = []
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:  # on the engine thread
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return  # a flush is already scheduled and has not run yet
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:  # on the loop
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
 
 
 async def _waiting_events(events: asyncio.Queue) -> list[Event]:

@@ -171,17 +171,11 @@ class _Running:
     slot: int
     text: StopText | None
     cursor: int = 0  # prompt tokens dispatched to the cache
-    dispatched: int = 0  # output tokens whose step has been dispatched (the host may not have them yet)
     generated: list[int] = dataclasses.field(default_factory=list)  # output tokens read back
 
     @property
     def prefilling(self) -> bool:
         return self.cursor < len(self.request.prompt)
-
-    @property
-    def decodes_next(self) -> bool:
-        """Its prompt is in, its first token sampled, and max_tokens not yet dispatched."""
-        return not self.prefilling and 0 < self.dispatched < self.request.max_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,25 +195,28 @@ class _Dispatched:
 
     def emitted(self) -> list[list[int]]:
         """Each row's emitted tokens."""
-        tokens = np.asarray(self.tokens)
+        tokens = np.asarray(self.tokens).tolist()
         if self.counts is None:
-            return [[int(t)] for t in tokens]
-        return [[int(t) for t in row[:n]] for row, n in zip(tokens, np.asarray(self.counts))]
+            return [[t] for t in tokens]
+        return [row[:n] for row, n in zip(tokens, np.asarray(self.counts).tolist())]
 
 
 class _SlotArrays:
     """Per-slot inputs of the compiled steps, kept current as requests are admitted, dispatched and
-    leave, so that a step slices arrays instead of rebuilding them from every running request.
+    leave, so that a step slices arrays instead of rebuilding them from every running request, and
+    the host's bookkeeping of a decode dispatch is a few array operations, not a loop over streams.
     Index num_slots is a padding row (a prefill row without a request): greedy, never decoding."""
 
     def __init__(self, num_slots: int):
         n = num_slots + 1
         self.seeds = np.zeros(n, np.uint32)
-        self.counters = np.zeros(n, np.int32)  # tokens dispatched so far: the sampling key's counter
+        # output tokens whose step has been dispatched (the host may not have them yet): the sampling
+        # key's counter
+        self.counters = np.zeros(n, np.int32)
         self.temperature = np.zeros(n, np.float32)
         self.top_k = np.zeros(n, np.int32)
         self.top_p = np.ones(n, np.float32)
-        self.decoding = np.zeros(n, bool)  # decodes in the next step
+        self.decoding = np.zeros(n, bool)  # its prompt is in and max_tokens not yet dispatched
         self.remaining = np.zeros(n, np.int32)  # tokens left to max_tokens after those dispatched
 
     def admit(self, slot: int, request: Request) -> None:
@@ -229,9 +226,24 @@ class _SlotArrays:
         self.top_k[slot] = p.top_k or 0
         self.top_p[slot] = 1.0 if p.top_p is None else p.top_p
 
-    def dispatched(self, state: _Running) -> None:
-        self.counters[state.slot], self.decoding[state.slot] = state.dispatched, state.decodes_next
-        self.remaining[state.slot] = state.request.max_tokens - state.dispatched
+    def first_token_dispatched(self, slot: int, max_tokens: int) -> None:
+        """The prompt's last chunk, which samples the first token, has been dispatched."""
+        self.counters[slot], self.remaining[slot], self.decoding[slot] = 1, max_tokens - 1, max_tokens > 1
+
+    def decode_dispatched(self, bucket: int, steps: int) -> np.ndarray:
+        """A decode of up to `steps` tokens per row has been dispatched on the first `bucket` slots;
+        returns which of them decoded."""
+        live = self.decoding[:bucket].copy()
+        emitted = np.where(live, np.minimum(steps, self.remaining[:bucket]), 0)
+        self.counters[:bucket] += emitted
+        self.remaining[:bucket] -= emitted
+        self.decoding[:bucket] &= self.remaining[:bucket] > 0
+        return live
+
+    def top_decoding_slot(self) -> int:
+        """The highest slot that decodes next, or -1."""
+        live = np.flatnonzero(self.decoding[:-1])
+        return int(live[-1]) if live.size else -1
 
     def release(self, slot: int) -> None:
         # Back to greedy: an all-greedy batch skips the sampling sort.
@@ -338,6 +350,8 @@ class Engine:
 
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[Hashable, _Running] = {}
+        self._prefilling: dict[Hashable, _Running] = {}  # the running requests with prompt left, oldest first
+        self._slot_owner: list[_Running | None] = [None] * self.num_slots
         self._free_slots = list(range(self.num_slots))  # a heap: lowest slot first keeps decode buckets small
         self.tokens_generated = 0
         self.prompt_tokens = 0
@@ -719,10 +733,13 @@ class Engine:
                 self._table_on_device = None
             self._slots.admit(slot, request)
             text = None if self.tokenizer is None else StopText(self.tokenizer.decode, request.stop)
-            self._running[request.id] = _Running(request, slot, text)
+            state = _Running(request, slot, text)
+            self._running[request.id] = self._prefilling[request.id] = self._slot_owner[slot] = state
 
     def _release(self, state: _Running) -> None:
         del self._running[state.request.id]
+        self._prefilling.pop(state.request.id, None)
+        self._slot_owner[state.slot] = None
         self.pages.release(state.request.id)
         if self._table is not None:
             self._table[state.slot] = self.pages.num_blocks
@@ -788,7 +805,7 @@ class Engine:
         return next(c for c in self.chunk_buckets if c >= n)
 
     def _dispatch_prefill(self) -> _Dispatched | None:
-        pending = [s for s in self._running.values() if s.prefilling]
+        pending = list(self._prefilling.values())
         if not pending:
             return None
 
@@ -825,25 +842,21 @@ class Engine:
             self.prompt_tokens += int(lengths[i])
             if not s.prefilling:  # the prompt is in: this chunk sampled its first token
                 owners[i] = s
-                s.dispatched = 1
-                self._slots.dispatched(s)
+                del self._prefilling[s.request.id]
+                self._slots.first_token_dispatched(s.slot, s.request.max_tokens)
         return _Dispatched(sampled, tuple(owners))
 
     def _dispatch_decode(self) -> _Dispatched | None:
-        decoding = [s for s in self._running.values() if s.decodes_next]
-        if not decoding:
+        top = self._slots.top_decoding_slot()
+        if top < 0:
             return None
-        top = max(s.slot for s in decoding)
         bucket = next(b for b in self.decode_buckets if b > top)
         sampled, counts = self._decode(bucket)
-        owners: list[_Running | None] = [None] * bucket
-        for s in decoding:
-            owners[s.slot] = s
-            # At least one token per step (speculative: up to two; the device stops at max_tokens);
-            # decode_steps tokens, or those left to max_tokens.
-            s.dispatched += min(self.config.decode_steps, s.request.max_tokens - s.dispatched)
-            self._slots.dispatched(s)
-        return _Dispatched(sampled, tuple(owners), counts)
+        # At least one token per step (speculative: up to two; the device stops at max_tokens);
+        # decode_steps tokens, or those left to max_tokens.
+        live = self._slots.decode_dispatched(bucket, self.config.decode_steps)
+        owners = tuple(s if d else None for s, d in zip(self._slot_owner[:bucket], live.tolist()))
+        return _Dispatched(sampled, owners, counts)
 
     def run(self, requests: Sequence[Request], on_event: Callable[[Event], None] | None = None) -> dict:
         """Serve `requests` to the end (all submitted now); returns {id: generated token ids}."""

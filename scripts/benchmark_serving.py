@@ -114,6 +114,7 @@ def engine_config(args) -> EngineConfig:
         lookahead=args.lookahead,
         decode_steps=args.decode_steps,
         speculative=args.speculative,
+        paged={"auto": None, "pages": True, "rows": False}[args.cache],
     )
 
 
@@ -215,6 +216,7 @@ def measure_serving(model: vj.Model, args) -> dict:
             "num_pages": engine.pages.num_blocks,
             "compile_s": engine.compile_s,
             "speculative": config.speculative,
+            "paged": engine.paged,
             "accepted_draft_tokens": engine.drafts_accepted,
             "steps": engine.steps,
         },
@@ -332,6 +334,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode-steps", type=int, default=1, help="decode steps per dispatch (tokens per round trip)")
     ap.add_argument(
         "--speculative", action="store_true", help="DeepSeek-V3: MTP drafts verified in each decode step (greedy)"
+    )
+    ap.add_argument(
+        "--cache",
+        choices=["auto", "pages", "rows"],
+        default="auto",
+        help="page pools (auto: where the family pages) or one contiguous row per slot",
     )
     ap.add_argument("--client-procs", type=int, default=None, help="client processes (default: one per 16 clients)")
     ap.add_argument("--seed", type=int, default=0)

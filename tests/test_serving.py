@@ -56,6 +56,17 @@ def test_24_concurrent_greedy_requests_equal_each_alone_without_recompiling(shak
     assert engine.pages_used == 0 and engine.num_running == 0
 
 
+def test_contiguous_rows_give_the_paged_tokens(shakespeare):
+    model, paged = shakespeare
+    rows = Engine(model, EngineConfig(num_slots=32, max_len=128, prefill_rows=4, chunk_buckets=(16, 64), paged=False))
+    assert not rows.paged and rows.cache["blocks"][1]["k"].shape[1:3] == (32, 128)  # [layers, slots, len, ...]
+    rng = np.random.default_rng(3)
+    texts = shakespeare_prompts(model.tokenizer, 8, seed=2, max_chars=120)
+    requests = [Request(i, tuple(model.tokenizer.encode(t)), int(rng.integers(4, 24))) for i, t in enumerate(texts)]
+    assert rows.run(requests) == paged.run(requests)
+    assert rows.pages_used == 0
+
+
 def test_a_long_prompt_does_not_stall_running_streams(shakespeare):
     model, engine = shakespeare
     short = Request("short", tuple(model.tokenizer.encode("ROMEO.\n")), 12)
@@ -139,11 +150,14 @@ def test_a_full_cache_queues_and_cancel_frees_pages(shakespeare):
 
 
 # Gemma is the Shakespeare model above (Gemma-3 style: local and global layers).
-@pytest.mark.parametrize("name", ["deepseek-v3-tiny", "grok-1-tiny"])
-def test_every_family_serves_the_same_tokens_alone_and_together(name):
+@pytest.mark.parametrize(
+    "name, paged", [("deepseek-v3-tiny", None), ("grok-1-tiny", None), ("deepseek-v3-tiny", False)]
+)
+def test_every_family_serves_the_same_tokens_alone_and_together(name, paged):
     model = vj.load(name if name == "deepseek-v3-tiny" else vj.get_config(name, num_layers=2), seed=1)
-    engine = Engine(model, EngineConfig(num_slots=4, max_len=96, prefill_rows=2, chunk_buckets=(32,)))
-    assert engine.paged == model.capabilities.paged_cache
+    config = EngineConfig(num_slots=4, max_len=96, prefill_rows=2, chunk_buckets=(32,), paged=paged)
+    engine = Engine(model, config)
+    assert engine.paged == (model.capabilities.paged_cache if paged is None else paged)
     rng = np.random.default_rng(0)
     requests = [
         Request(i, tuple(int(t) for t in rng.integers(3, 250, n)), int(rng.integers(3, 16)))
@@ -153,7 +167,7 @@ def test_every_family_serves_the_same_tokens_alone_and_together(name):
     assert len(engine.compiles) == 2
     for r in requests:
         assert engine.run([r])[r.id] == together[r.id]
-    if model.capabilities.paged_cache:  # the paged MLA path, prompt in 3 chunks: as the fixed-batch generator
+    if engine.paged:  # the paged MLA path, prompt in 3 chunks: as the fixed-batch generator
         r = requests[1]
         reference = np.asarray(model.generate([list(r.prompt)], r.max_tokens))[0]
         assert together[r.id] == [int(t) for t in reference[: len(together[r.id])]]

@@ -64,8 +64,9 @@ and Gemma's global layers' K/V live in pools of `num_pages` 64-token pages addre
 table (one row per slot), so a short request takes few pages and `num_pages` can be far below
 num_slots x max_len: the page count is the cache's real memory. Gemma's sliding-window layers keep a
 ring of `sliding_window` slots per slot row (bounded by the window, so paging them would save nothing).
-A family without the capability would keep one contiguous row of max_len slots per slot, its pages
-then only an accounting of the tokens reserved.
+A family without the capability, or `EngineConfig(paged=False)`, keeps one contiguous row of max_len
+slots per slot, its pages then only an accounting of the tokens reserved: more memory, and decode
+attends over each row in place instead of gathering the row's pages first.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class EngineConfig:
     lookahead: int = 1  # steps dispatched before the host reads a step's tokens (0: read each at once)
     decode_steps: int = 1  # decode steps per dispatch: tokens per stream per host round trip
     speculative: bool = False  # MTP drafts verified in each decode step (models with an MTP module)
+    paged: bool | None = None  # page pools (None: where the family pages) or one contiguous row per slot
 
     def __post_init__(self):
         def power_of_two(n) -> bool:
@@ -290,7 +292,9 @@ class Engine:
         self.pad_id = int(model.config.pad_token_id)
         dtype = cache_dtype or jax.tree_util.tree_leaves(self.params)[0].dtype
         self.cache_dtype = dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.bfloat16
-        self.paged = bool(model.capabilities.paged_cache)
+        self.paged = bool(model.capabilities.paged_cache) if config.paged is None else bool(config.paged)
+        if self.paged and not model.capabilities.paged_cache:
+            raise ValueError(f"{model.config.get('name') or model.config.family} has no paged cache")
         self.speculative = bool(config.speculative)
         if self.speculative and not model.capabilities.mtp:
             raise ValueError(

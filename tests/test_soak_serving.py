@@ -13,6 +13,7 @@ import numpy as np
 import vishwam_jax as vj
 from vishwam_jax.inference.engine_thread import EngineThread
 from vishwam_jax.inference.openai_server import create_app, serve_in_thread
+from vishwam_jax.inference.sampling import SAMPLING_MODES
 from vishwam_jax.inference.serving import Engine, EngineConfig
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "soak_serving.py"
@@ -32,7 +33,7 @@ def test_a_short_soak_leaks_no_pages_and_a_leak_fails_it():
     # 8 slots, 16 pages (a request takes 1-3): requests wait for pages and for the queue of 4.
     config = EngineConfig(num_slots=8, max_len=192, prefill_rows=4, chunk_buckets=(64,), num_pages=16, max_queue=4)
     engine = Engine(model, config, tokenizer=model.tokenizer)
-    engine.warmup()
+    engine.warmup(SAMPLING_MODES)  # the soak's requests sample every way
     app = create_app(EngineThread(engine), tokenizer=model.tokenizer, model_name="s", drain_timeout_s=2.0)
     with serve_in_thread(app) as (url, _):
         args = soak.parser().parse_args(

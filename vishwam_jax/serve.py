@@ -79,6 +79,7 @@ def run(argv=None) -> int:
     from vishwam_jax.inference.chat_template import ChatTemplate
     from vishwam_jax.inference.engine_thread import EngineThread
     from vishwam_jax.inference.openai_server import create_app
+    from vishwam_jax.inference.sampling import SAMPLING_MODES
     from vishwam_jax.inference.serving import Engine, EngineConfig
     from vishwam_jax.loading import EMBEDDED_MODELS
     from vishwam_jax.sharding import make_mesh, parse_mesh
@@ -109,8 +110,10 @@ def run(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not args.no_warmup:
-        print(f"[compiling {len(config.chunk_buckets)} prefill and decode shapes...]", file=sys.stderr)
-        engine.warmup()
+        # Every sampling mode: a request's settings choose the executable, and none may compile mid-serving.
+        shapes = (len(config.chunk_buckets) + len(engine.decode_buckets)) * len(SAMPLING_MODES)
+        print(f"[compiling {shapes} prefill and decode executables...]", file=sys.stderr)
+        engine.warmup(SAMPLING_MODES)
     directory = EMBEDDED_MODELS.get(source, source)
     app = create_app(
         EngineThread(engine),

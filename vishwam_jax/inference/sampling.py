@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 
@@ -72,6 +73,21 @@ def sample(logits: Float[Array, "b v"], key: jax.Array, params: SamplingParams) 
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+# What a batch of rows needs, from the cheapest: argmax only; a draw from the scaled logits; a top-k
+# selection first; a sort of the vocabulary (top-p, or a top-k above TOP_K_SELECT_MAX).
+SAMPLING_MODES = ("greedy", "temperature", "top_k", "nucleus")
+
+
+def sampling_mode(temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> str:
+    """The mode a batch of rows needs (host arrays): what `sample_rows` decides on the device when
+    it is not told."""
+    if not np.any(temperature > 0):
+        return "greedy"
+    if np.any(top_p < 1.0) or np.any(top_k > TOP_K_SELECT_MAX):
+        return "nucleus"
+    return "top_k" if np.any(top_k > 0) else "temperature"
+
+
 def sample_rows(
     logits: Float[Array, "b v"],
     seeds: Int[Array, " b"],
@@ -79,27 +95,43 @@ def sample_rows(
     temperature: Float[Array, " b"],
     top_k: Int[Array, " b"],
     top_p: Float[Array, " b"],
+    mode: str | None = None,
 ) -> Int[Array, " b"]:
     """`sample` with settings per row (a serving batch mixes requests): temperature 0 is greedy,
     top_k 0 and top_p 1 are off. Row b draws from key(seeds[b]) folded with counters[b] (its token
-    index), so a request's samples do not depend on which other requests share the batch."""
+    index), so a request's samples do not depend on which other requests share the batch.
+
+    mode (static, one of SAMPLING_MODES): the work the batch needs, as `sampling_mode` tells it from
+    the same settings on the host. Without it the device decides with `lax.cond`s, and on a GPU a
+    conditional waits for its predicate on the host: a decode step that samples that way blocks its
+    caller until the whole step has run, so the host can never dispatch ahead of the device.
+    """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def stochastic() -> Int[Array, " b"]:
+    def draw(truncation: str) -> Int[Array, " b"]:
         scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        if truncation == "nucleus":
+            scaled = truncate(scaled, top_k, top_p)
+        elif truncation == "top_k":
+            scaled = truncate_top_k(scaled, top_k, TOP_K_SELECT_MAX)
+        keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, counters)
+        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    if mode is not None:
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"unknown sampling mode {mode!r}; choose one of {', '.join(SAMPLING_MODES)}")
+        return greedy if mode == "greedy" else draw(mode)
+
+    def stochastic() -> Int[Array, " b"]:
         # Only what the rows ask for: temperature alone needs no truncation, top-k alone a selection;
         # a top_p (or a large top_k) sorts the vocabulary.
         nucleus = jnp.any(top_p < 1.0) | jnp.any(top_k > TOP_K_SELECT_MAX)
-        masked = jax.lax.cond(
+        return jax.lax.cond(
             nucleus,
-            lambda: truncate(scaled, top_k, top_p),
-            lambda: jax.lax.cond(
-                jnp.any(top_k > 0), lambda: truncate_top_k(scaled, top_k, TOP_K_SELECT_MAX), lambda: scaled
-            ),
+            lambda: draw("nucleus"),
+            lambda: jax.lax.cond(jnp.any(top_k > 0), lambda: draw("top_k"), lambda: draw("temperature")),
         )
-        keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, counters)
-        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, masked).astype(jnp.int32)
-        return jnp.where(temperature > 0, drawn, greedy)
 
     # An all-greedy batch (the common serving case) skips the vocabulary sort.
     return jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)

@@ -86,7 +86,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from vishwam_jax.inference import cache_rows, paged_cache
-from vishwam_jax.inference.sampling import SamplingParams, sample_rows
+from vishwam_jax.inference.sampling import SamplingParams, sample_rows, sampling_mode
 from vishwam_jax.inference.stop_text import StopText
 from vishwam_jax.sharding import use_mesh
 from vishwam_jax.sharding.mesh import auto_axes
@@ -326,9 +326,12 @@ class Engine:
         if mesh is not None:
             outputs = (jax.tree_util.tree_map(lambda x: x.sharding, self.cache), self._replicated, self._replicated)
             decode_outputs = outputs + ((self._replicated,) if config.decode_steps > 1 else ())
-        self._prefill_jit = jax.jit(self._prefill_impl, donate_argnums=(1, 2), out_shardings=outputs)
+        static = ("mode",)  # the sampling mode: decided on the host, so no step waits on a device conditional
+        self._prefill_jit = jax.jit(
+            self._prefill_impl, donate_argnums=(1, 2), static_argnames=static, out_shardings=outputs
+        )
         decode = self._decode_impl if config.decode_steps == 1 else self._multi_decode_impl
-        self._decode_jit = jax.jit(decode, donate_argnums=(1, 2), out_shardings=decode_outputs)
+        self._decode_jit = jax.jit(decode, donate_argnums=(1, 2), static_argnames=static, out_shardings=decode_outputs)
         self._last_tokens = self._fresh_last_tokens()
         self._spec = None  # speculative: {"mtp": MTP cache, "draft": [slots + 1], "budget": [slots + 1]}
         if self.speculative:
@@ -344,8 +347,12 @@ class Engine:
                     jax.tree_util.tree_map(lambda x: x.sharding, self.cache), self._replicated, spec_shardings,
                     self._replicated, self._replicated,
                 )  # fmt: skip
-            self._prefill_jit = jax.jit(self._spec_prefill_impl, donate_argnums=(1, 2, 3), out_shardings=outputs)
-            self._decode_jit = jax.jit(self._spec_decode_impl, donate_argnums=(1, 2, 3), out_shardings=outputs)
+            self._prefill_jit = jax.jit(
+                self._spec_prefill_impl, donate_argnums=(1, 2, 3), static_argnames=static, out_shardings=outputs
+            )
+            self._decode_jit = jax.jit(
+                self._spec_decode_impl, donate_argnums=(1, 2, 3), static_argnames=static, out_shardings=outputs
+            )
         self.drafts_accepted = 0  # speculative: tokens that came from an accepted draft
         self._in_flight: collections.deque[list[_Dispatched]] = collections.deque()  # oldest step first
         self._executables: dict = {}
@@ -415,17 +422,18 @@ class Engine:
         temperature: Float[Array, " p"],
         top_k: Int[Array, " p"],
         top_p: Float[Array, " p"],
+        *,
+        mode: str,
     ):
         """One chunk for rows `slots` (padding rows: slot num_slots, length 0); a row whose chunk
         starts its prompt (`first`) starts from an empty cache row. Every row's sampled token becomes
         its slot's last token: only a prompt's final chunk's is ever decoded from."""
         model = self._module(params)
-        out, token = self._chunk_forward(
-            model, cache, empty_rows, slots, tokens, lengths, first, table, (seeds, counters, temperature, top_k, top_p)
-        )
+        sampling = (seeds, counters, temperature, top_k, top_p)
+        out, token = self._chunk_forward(model, cache, empty_rows, slots, tokens, lengths, first, table, sampling, mode)
         return cache_rows.put_rows(cache, self.axes, slots, out.cache), last_tokens.at[slots].set(token), token
 
-    def _chunk_forward(self, model, cache, empty_rows, slots, tokens, lengths, first, table, sampling):
+    def _chunk_forward(self, model, cache, empty_rows, slots, tokens, lengths, first, table, sampling, mode: str):
         """The model over one prefill chunk of rows `slots` (fresh rows where `first`), and the token
         each row samples after its last position: (output, tokens)."""
         rows = cache_rows.select_rows(first, empty_rows, cache_rows.take_rows(cache, self.axes, slots), self.axes)
@@ -433,7 +441,7 @@ class Engine:
             rows = {**rows, "block_table": jnp.take(table, slots, axis=0, mode="clip")}
         last = jnp.maximum(lengths - 1, 0)[:, None]
         out = model(tokens, cache=rows, lengths=lengths, logit_positions=last)
-        return out, sample_rows(out.logits[:, 0], *sampling)
+        return out, sample_rows(out.logits[:, 0], *sampling, mode=mode)
 
     def _decode_impl(
         self,
@@ -447,6 +455,8 @@ class Engine:
         temperature: Float[Array, " b"],
         top_k: Int[Array, " b"],
         top_p: Float[Array, " b"],
+        *,
+        mode: str,
     ):
         """One token for each of the first b slots (b = the bucket), fed each slot's last token;
         idle slots write nothing and keep their last token."""
@@ -457,7 +467,7 @@ class Engine:
         if table is not None:
             rows = {**rows, "block_table": table[:bucket]}
         out = model(tokens[:, None], cache=rows, lengths=live.astype(jnp.int32))
-        token = sample_rows(out.logits[:, -1], seeds, counters, temperature, top_k, top_p)
+        token = sample_rows(out.logits[:, -1], seeds, counters, temperature, top_k, top_p, mode=mode)
         last_tokens = last_tokens.at[:bucket].set(jnp.where(live, token, tokens))
         return cache_rows.put_prefix_rows(cache, self.axes, out.cache), last_tokens, token
 
@@ -472,6 +482,7 @@ class Engine:
         seeds: Int[Array, " b"],
         counters: Int[Array, " b"],
         *sampling,
+        mode: str,
     ):
         """`decode_steps` of `_decode_impl` in one call: step i runs the rows still under their
         budget (tokens left to max_tokens), with sampling counter `counters + i`, which is what i
@@ -480,7 +491,7 @@ class Engine:
         def step(carry, i):
             cache, last_tokens = carry
             cache, last_tokens, token = self._decode_impl(
-                params, cache, last_tokens, live & (i < budgets), table, seeds, counters + i, *sampling
+                params, cache, last_tokens, live & (i < budgets), table, seeds, counters + i, *sampling, mode=mode
             )
             return (cache, last_tokens), token
 
@@ -506,13 +517,14 @@ class Engine:
         budgets: Int[Array, " p"],
         table: Int[Array, "s mb"] | None,
         *sampling,
+        mode: str,
     ):
         """`_prefill_impl`, then the MTP module over the chunk's entries (h_i, x_{i+1}): the last
         entry pairs with the next piece's first token (`next_first`), or, when the prompt ends in this
         chunk (`final`), with the token just sampled, whose MTP logits give the first draft. A final
         row's budget becomes `budgets` (max_tokens - 1: the first token is out)."""
         model = self._module(params)
-        out, token = self._chunk_forward(model, cache, empty_rows, slots, tokens, lengths, first, table, sampling)
+        out, token = self._chunk_forward(model, cache, empty_rows, slots, tokens, lengths, first, table, sampling, mode)
         last = jnp.maximum(lengths - 1, 0)
         following = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
         following = following.at[jnp.arange(tokens.shape[0]), last].set(jnp.where(final, token, next_first))
@@ -541,6 +553,8 @@ class Engine:
         temperature: Float[Array, " b"],
         top_k: Int[Array, " b"],
         top_p: Float[Array, " b"],
+        *,
+        mode: str,
     ):
         """One verify step for the first b slots: [last, draft] through the model, g1 sampled from
         the first position (the row's own parameters), g2 the second position's argmax, kept when the
@@ -554,7 +568,7 @@ class Engine:
         if table is not None:
             rows = {**rows, "block_table": table[:bucket]}
         verify = model(jnp.stack([pending, draft], axis=1), cache=rows, lengths=jnp.where(live, 2, 0))
-        g1 = sample_rows(verify.logits[:, 0], seeds, counters, temperature, top_k, top_p)
+        g1 = sample_rows(verify.logits[:, 0], seeds, counters, temperature, top_k, top_p, mode=mode)
         g2 = jnp.argmax(verify.logits[:, 1], axis=-1).astype(jnp.int32)
         accepted = live & (temperature == 0) & (draft == g1) & (budget >= 2)
         counts = jnp.where(live, 1 + accepted.astype(jnp.int32), 0)
@@ -576,17 +590,17 @@ class Engine:
         last_tokens = last_tokens.at[:bucket].set(jnp.where(live, newest, pending))
         return cache_rows.put_prefix_rows(cache, self.axes, new_cache), last_tokens, spec, emitted, counts
 
-    def _run(self, kind: str, size: int, fn, *args):
+    def _run(self, kind: str, size: int, fn, *args, mode: str):
         # (kind, size) fixes every argument's shape (the slot count, prefill rows and cache layout
         # never change), so the key skips flattening the cache tree on every step; the compiled
-        # call still rejects a mismatched argument.
-        key = (kind, size)
+        # call still rejects a mismatched argument. Each sampling mode is its own executable.
+        key = (kind, size, mode)
         if key not in self._executables:
             start = time.perf_counter()
             with self._traced_under():
-                self._executables[key] = fn.lower(*args).compile()
+                self._executables[key] = fn.lower(*args, mode=mode).compile()
             self.compile_s += time.perf_counter() - start
-            self.compiles.append((kind, size))
+            self.compiles.append((kind if mode == "greedy" else f"{kind}-{mode}", size))
         return self._executables[key](*args)
 
     def _device_table(self):
@@ -596,51 +610,59 @@ class Engine:
             self._table_on_device = jnp.array(self._table, copy=True)
         return self._table_on_device
 
-    def warmup(self) -> None:
-        """Compile every prefill chunk and decode batch bucket now (requests then never wait on XLA)."""
+    def warmup(self, modes: Sequence[str] = ("greedy",)) -> None:
+        """Compile every prefill chunk and decode batch bucket now, for each sampling mode in `modes`
+        (SAMPLING_MODES; the others compile when a batch first needs them), so that requests never
+        wait on XLA."""
         p = self.config.prefill_rows
-        for c in self.chunk_buckets:
-            tokens = np.full((p, c), self.pad_id, np.int32)
-            padding, nothing = np.full(p, self.num_slots, np.int32), np.zeros(p, np.int32)
-            self._prefill(padding, tokens, nothing, np.ones(p, bool), nothing, np.full(p, -1, np.int32))
-        for b in self.decode_buckets:
-            self._decode(b)  # no slot is live: writes nothing
+        for mode in modes:
+            for c in self.chunk_buckets:
+                tokens = np.full((p, c), self.pad_id, np.int32)
+                padding, nothing = np.full(p, self.num_slots, np.int32), np.zeros(p, np.int32)
+                self._prefill(padding, tokens, nothing, np.ones(p, bool), nothing, np.full(p, -1, np.int32), mode)
+            for b in self.decode_buckets:
+                self._decode(b, mode)  # no slot is live: writes nothing
 
-    def _prefill(self, slots, tokens, lengths, first, next_first, budgets) -> Int[Array, " p"]:
+    def _prefill(self, slots, tokens, lengths, first, next_first, budgets, mode=None) -> Int[Array, " p"]:
         """One prefill chunk. next_first: the token after each row's piece, or pad where the prompt
-        ends with it; budgets: max_tokens - 1 where it ends, -1 elsewhere (speculative only)."""
+        ends with it; budgets: max_tokens - 1 where it ends, -1 elsewhere (speculative only). mode:
+        the sampling mode (default: what the rows need)."""
         table, sampling = self._device_table(), self._slots.sampling(slots)
+        mode = mode or sampling_mode(*sampling[2:])
         if self.speculative:
             final = budgets >= 0
             self.cache, self._last_tokens, self._spec, sampled, _ = self._run(
                 "prefill", tokens.shape[1], self._prefill_jit, self.params, self.cache, self._last_tokens,
                 self._spec, self._empty_rows, self._mtp_empty_rows, slots, tokens, lengths, first, final,
-                next_first, budgets, table, *sampling,
+                next_first, budgets, table, *sampling, mode=mode,
             )  # fmt: skip
             return sampled
         self.cache, self._last_tokens, sampled = self._run(
             "prefill", tokens.shape[1], self._prefill_jit, self.params, self.cache, self._last_tokens,
-            self._empty_rows, slots, tokens, lengths, first, table, *sampling,
+            self._empty_rows, slots, tokens, lengths, first, table, *sampling, mode=mode,
         )  # fmt: skip
         return sampled
 
-    def _decode(self, bucket: int) -> tuple[Array, Array | None]:
+    def _decode(self, bucket: int, mode: str | None = None) -> tuple[Array, Array | None]:
         """One decode step on the first `bucket` slots, from each slot's last token: (tokens, None);
         speculative (tokens [b, 2], counts [b]); or decode_steps of them (tokens [b, steps], counts [b])."""
-        args = (self._slots.live(bucket), self._device_table(), *self._slots.sampling(slice(0, bucket)))
+        sampling = self._slots.sampling(slice(0, bucket))
+        mode = mode or sampling_mode(*sampling[2:])
+        args = (self._slots.live(bucket), self._device_table(), *sampling)
         if self.config.decode_steps > 1:
             args = (args[0], self._slots.budgets(bucket), *args[1:])
             self.cache, self._last_tokens, sampled, counts = self._run(
-                "decode", bucket, self._decode_jit, self.params, self.cache, self._last_tokens, *args
+                "decode", bucket, self._decode_jit, self.params, self.cache, self._last_tokens, *args, mode=mode
             )
             return sampled, counts
         if self.speculative:
             self.cache, self._last_tokens, self._spec, sampled, counts = self._run(
-                "decode", bucket, self._decode_jit, self.params, self.cache, self._last_tokens, self._spec, *args
-            )
+                "decode", bucket, self._decode_jit, self.params, self.cache, self._last_tokens, self._spec, *args,
+                mode=mode,
+            )  # fmt: skip
             return sampled, counts
         self.cache, self._last_tokens, sampled = self._run(
-            "decode", bucket, self._decode_jit, self.params, self.cache, self._last_tokens, *args
+            "decode", bucket, self._decode_jit, self.params, self.cache, self._last_tokens, *args, mode=mode
         )
         return sampled, None
 

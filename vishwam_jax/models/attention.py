@@ -26,6 +26,7 @@ from jaxtyping import Array, Bool, Float, Int
 from vishwam_jax.inference import paged_cache
 from vishwam_jax.models.layers import Linear, RMSNorm, soft_cap
 from vishwam_jax.models.rope import RotaryEmbedding
+from vishwam_jax.pallas_kernels.paged_attention import gpu_kernel_fits, paged_decode_gpu
 from vishwam_jax.quantization import Quantization
 from vishwam_jax.sharding.context import constrain
 
@@ -210,6 +211,19 @@ def read_kv_pages(
     return paged_cache.gather_tokens(cache["k"], table), values, jnp.where(counts, slot_pos, -1)
 
 
+# Decode steps over a paged cache use the Triton kernel on GPUs ("off", or VISHWAM_PAGED_DECODE=off: the
+# XLA gather path; "interpret": the kernel in Pallas' interpreter on any backend, for tests).
+PAGED_DECODE_KERNEL = os.environ.get("VISHWAM_PAGED_DECODE", "auto")
+
+
+def paged_decode_kernel_applies(q: Array, cache: dict) -> bool:
+    if os.environ.get(ENV_VAR, "auto") == "xla" or PAGED_DECODE_KERNEL == "off":
+        return False
+    if not gpu_kernel_fits(q, cache["k"], cache["v"]):
+        return False
+    return PAGED_DECODE_KERNEL == "interpret" or jax.default_backend() == "gpu"
+
+
 def paged_attention(
     q: Float[Array, "b t h d"],
     k: Float[Array, "b t kh d"],
@@ -230,6 +244,13 @@ def paged_attention(
     never seen. Only full-attention layers page (a window is still honoured by the mask).
     """
     cache = write_kv_pages(cache, k, v, positions, lengths, key_valid)
+    if q.shape[1] == 1 and paged_decode_kernel_applies(q, cache):
+        ends = positions[:, 0] + lengths
+        out = paged_decode_gpu(
+            q[:, 0], cache["k"], cache["v"], cache["slot_pos"], cache["block_table"], ends,
+            scale=scale, softcap=softcap, window=window, interpret=jax.default_backend() != "gpu",
+        )  # fmt: skip
+        return out[:, None], cache
     keys, values, key_pos = read_kv_pages(cache, positions[:, 0] + lengths)
     out = attend_segments(q, [(keys, values, visible(positions, key_pos, window))], scale=scale, softcap=softcap)
     return out, cache

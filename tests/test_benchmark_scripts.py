@@ -171,6 +171,8 @@ def test_benchmark_serving_smoke(tmp_path):
     assert fixed["batch"] == 4 and fixed["decode_tok_s"] > 0 and fixed["step_ms"] > 0
     for name in ("throughput", "throughput_vs_end_to_end", "p99_itl_over_step", "server_p99_itl_over_step"):
         assert 0 < result["ratios"][name] < float("inf"), name
+    alone = serving["engine_alone"]
+    assert alone["output_tokens"] == 4 * 6 and alone["output_tok_s"] > 0 and alone["steps"] > 0
 
 
 def test_benchmark_serving_speculative_smoke(tmp_path):
@@ -209,6 +211,12 @@ def test_benchmark_fp8_training_time_smoke():
         "num_dense_layers=1", "--batch-size", "2", "--seq-len", "32", "--time-steps", "1", "--remat", "none",
     )  # fmt: skip
     assert "bf16: " in out and "fp8: " in out and "fp8 step speedup over bf16" in out
+
+
+def test_benchmark_paged_attention_smoke(tmp_path):
+    run("scripts/benchmark_paged_attention.py", "--interpret", "--shapes", "tiny", "--json", str(tmp_path / "p.json"))
+    (row,) = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert row["ok"] and row["ours"]["us"] > 0 and row["xla_gather"]["us"] > 0
 
 
 def test_benchmark_sampling_smoke():

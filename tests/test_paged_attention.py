@@ -1,6 +1,7 @@
 """The paged GQA decode kernel against its reference and against the XLA gather path it replaces on
 GPUs (CPU: the kernel runs in Pallas' interpreter)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -80,3 +81,16 @@ def test_serving_with_the_kernel_gives_the_gather_paths_tokens(monkeypatch):
         outputs[impl] = engine.run(requests)
         assert engine.pages_used == 0
     assert outputs["interpret"] == outputs["off"]
+
+
+def test_under_a_mesh_decode_keeps_the_xla_path(monkeypatch):
+    """XLA cannot partition the Pallas call, and per device it would need query and KV heads split
+    alike: under an active mesh the paged decode stays on the XLA path."""
+    from vishwam_jax.sharding import make_mesh, use_mesh
+
+    monkeypatch.setattr(attention, "PAGED_DECODE_KERNEL", "interpret")
+    q, k, v, pos, table, _ = paged_case(np.random.default_rng(1), [70], 8, 2, 32, 32)
+    cache = {"k": k, "v": v, "slot_pos": pos, "block_table": table}
+    assert attention.paged_decode_kernel_applies(q[:, None], cache)
+    with use_mesh(make_mesh(devices=jax.devices()[:1])):
+        assert not attention.paged_decode_kernel_applies(q[:, None], cache)

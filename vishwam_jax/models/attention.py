@@ -28,6 +28,7 @@ from vishwam_jax.models.layers import Linear, RMSNorm, soft_cap
 from vishwam_jax.models.rope import RotaryEmbedding
 from vishwam_jax.pallas_kernels.paged_attention import gpu_kernel_fits, paged_decode_gpu
 from vishwam_jax.quantization import Quantization
+from vishwam_jax.sharding import context as sharding_context
 from vishwam_jax.sharding.context import constrain
 
 _log = logging.getLogger(__name__)
@@ -218,6 +219,10 @@ PAGED_DECODE_KERNEL = os.environ.get("VISHWAM_PAGED_DECODE", "auto")
 
 def paged_decode_kernel_applies(q: Array, cache: dict) -> bool:
     if os.environ.get(ENV_VAR, "auto") == "xla" or PAGED_DECODE_KERNEL == "off":
+        return False
+    if sharding_context.current() is not None and not sharding_context.inside_manual_region():
+        # Under a mesh XLA cannot partition the Pallas call, and running it per device needs query and
+        # KV heads split alike (not so when there are fewer KV heads than tensor shards): the XLA path.
         return False
     if not gpu_kernel_fits(q, cache["k"], cache["v"]):
         return False

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from vishwam_jax.pallas_kernels._mla_gpu import LN2, LOG2E, combine_splits, num_sms
+from vishwam_jax.pallas_kernels._mla_gpu import LN2, LOG2E, _nn_dot, _nt_dot, combine_splits, num_sms
 
 try:  # the Triton-specific namespace (masked load/store, compiler params)
     from jax.experimental.pallas import triton as plgpu
@@ -71,14 +71,6 @@ def paged_decode_reference(
     weights = weights / jnp.where(total == 0, 1.0, total)  # a row with no key: zeros
     out = jnp.einsum("bgrs,bsgv->bgrv", weights, values.astype(jnp.float32))
     return out.reshape(b, h, -1).astype(q.dtype)
-
-
-def _nt_dot(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _nn_dot(a, b):
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _decode_kernel(

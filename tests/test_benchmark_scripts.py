@@ -158,10 +158,14 @@ def test_benchmark_serving_smoke(tmp_path):
         "2",
         "--rounds",
         "2",
+        "--prefill-rows",
+        "2",
+        "--prefill-buckets",
+        "pow2",
         "--json",
         str(tmp_path / "s.json"),
     )
-    assert "serving / fixed-batch decode tok/s" in out
+    assert "serving / fixed-batch generate (prefill + decode) tok/s" in out
     result = json.loads((tmp_path / "s.json").read_text())
     serving, fixed = result["serving"], result["fixed_batch"]
     assert serving["requests"] == 4 * 2 and serving["output_tokens"] == 4 * 2 * 6  # 2 rounds of 4 clients
@@ -169,8 +173,10 @@ def test_benchmark_serving_smoke(tmp_path):
     for latency in (serving["ttft_ms"], serving["itl_ms"], serving["server_itl_ms"]):
         assert 0 <= latency["p50"] <= latency["p90"] <= latency["p99"]
     assert fixed["batch"] == 4 and fixed["decode_tok_s"] > 0 and fixed["step_ms"] > 0
-    for name in ("throughput", "throughput_vs_end_to_end", "p99_itl_over_step", "server_p99_itl_over_step"):
+    for name in ("throughput", "throughput_vs_decode", "p99_itl_over_step", "server_p99_itl_over_step"):
         assert 0 < result["ratios"][name] < float("inf"), name
+    assert 0 <= result["ratios"]["itl_share_over_target"] <= 1
+    assert serving["engine"]["prefill_buckets"] == [1, 2]  # --prefill-rows 2 --prefill-buckets
     alone = serving["engine_alone"]
     assert alone["output_tokens"] == 4 * 6 and alone["output_tok_s"] > 0 and alone["steps"] > 0
 

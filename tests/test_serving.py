@@ -40,7 +40,7 @@ def test_24_concurrent_greedy_requests_equal_each_alone_without_recompiling(shak
     # Gemma pages its global layers: the 40 pages are the cache's memory, not an accounting
     assert engine.paged and engine.cache["blocks"][1]["k"].shape[1] == engine.pages.num_blocks == 40
     compiled = list(engine.compiles)
-    assert sorted(compiled) == [("decode", 32), ("prefill", 16), ("prefill", 64)]
+    assert sorted(compiled) == [("decode", 32), ("prefill", (4, 16)), ("prefill", (4, 64))]
     rng = np.random.default_rng(1)
     texts = shakespeare_prompts(model.tokenizer, 24, seed=0, max_chars=100)
     requests = [Request(i, tuple(model.tokenizer.encode(t)), int(rng.integers(4, 24))) for i, t in enumerate(texts)]
@@ -54,6 +54,32 @@ def test_24_concurrent_greedy_requests_equal_each_alone_without_recompiling(shak
     assert all(len(together[r.id]) == r.max_tokens or together[r.id][-1] in engine.eos_ids for r in requests)
     assert engine.compiles == compiled  # nothing compiled in steady state
     assert engine.pages_used == 0 and engine.num_running == 0
+
+
+def test_prefill_buckets_prefill_only_the_rows_that_wait(shakespeare, monkeypatch):
+    """prefill_buckets=(1, 2, 4): a step prefills the smallest bucket that holds the prompts waiting,
+    so a request that arrives alone costs one row, not prefill_rows; tokens as the one-bucket engine's
+    (float32 here: no near-tie flips), nothing compiles after warmup, and bad buckets are refused."""
+    model, one_bucket = shakespeare
+    engine = Engine(model, dataclasses.replace(one_bucket.config, prefill_buckets=(1, 2, 4)), tokenizer=model.tokenizer)
+    engine.warmup()
+    compiled = list(engine.compiles)
+    assert sorted(c for c in compiled if c[0] == "prefill") == [
+        ("prefill", (r, c)) for r in (1, 2, 4) for c in (16, 64)
+    ]
+    rows = []
+    prefill = engine._prefill
+    monkeypatch.setattr(engine, "_prefill", lambda slots, *a, **k: rows.append(len(slots)) or prefill(slots, *a, **k))
+    texts = shakespeare_prompts(model.tokenizer, 7, seed=3, max_chars=60)
+    requests = [Request(i, tuple(model.tokenizer.encode(t)), 8) for i, t in enumerate(texts)]
+    assert engine.run(requests[:1]) == one_bucket.run(requests[:1]) and rows == [1]
+    rows.clear()
+    assert engine.run(requests) == one_bucket.run(requests)
+    assert engine.compiles == compiled and engine.pages_used == 0
+    assert max(rows) == 4 and set(rows) <= {1, 2, 4}
+    for bad in ((1, 2), (0, 4), (4, 8)):
+        with pytest.raises(ValueError, match="prefill_buckets must be row counts"):
+            EngineConfig(prefill_rows=4, prefill_buckets=bad)
 
 
 def test_contiguous_rows_give_the_paged_tokens(shakespeare):
@@ -221,10 +247,13 @@ def test_mtp_speculative_serving_gives_the_plain_engines_tokens(monkeypatch):
         assert all(len(together[r.id]) <= r.max_tokens for r in requests)
         assert 0 < engine.drafts_accepted and engine.steps < plain_engine.steps
         # greedy batches, and batches with the top-k row: one executable per sampling mode
-        modes = [("prefill", 32), ("decode", 4), ("prefill-top_k", 32), ("decode-top_k", 4)]
+        modes = [("prefill", (2, 32)), ("decode", 4), ("prefill-top_k", (2, 32)), ("decode-top_k", 4)]
         assert sorted(engine.compiles) == sorted(modes) and engine.pages_used == 0
     for r in requests[1:3]:
         assert engine.run([r])[r.id] == plain[r.id]
+    # The MTP module's empty rows follow the prefill row bucket too.
+    bucketed = Engine(model, dataclasses.replace(config, speculative=True, prefill_buckets=(1, 2)))
+    assert bucketed.run(requests) == plain and bucketed.run(requests[:1]) == {0: plain[0]}
     with pytest.raises(ValueError, match="needs a model with an MTP module"):
         Engine(vj.load(vj.get_config("grok-1-tiny", num_layers=1)), EngineConfig(num_slots=4, speculative=True))
 

@@ -31,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
         "--chunks", default="16,64", help="prefill chunk lengths; the largest is the prompt piece (default: 16,64)"
     )
     ap.add_argument(
+        "--prefill-buckets",
+        default=None,
+        help="prefill row counts, e.g. 1,2,4: a lone prompt then costs one row, not --prefill-rows, but "
+        "tokens may differ from a lone run's after near-ties (default: --prefill-rows only, batch-invariant)",
+    )
+    ap.add_argument(
         "--decode-buckets",
         default=None,
         help="decode batch sizes, e.g. 1,2,4,8,16,32: faster at low load, but tokens may then differ "
@@ -90,6 +96,7 @@ def run(argv=None) -> int:
             max_len=args.max_len,
             prefill_rows=args.prefill_rows,
             chunk_buckets=_ints(args.chunks),
+            prefill_buckets=_ints(args.prefill_buckets),
             decode_buckets=_ints(args.decode_buckets),
             num_pages=args.pages,
             max_queue=args.max_queue,

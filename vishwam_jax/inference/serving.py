@@ -46,24 +46,26 @@ it reads the step (`lookahead` steps later), so the device counts down each row'
 it at max_tokens itself. Every emitted token is the main model's own choice given the tokens
 before it, so greedy rows produce what plain greedy decoding produces.
 
-Compiled shapes are bounded: prefill is [prefill_rows, c] for c in chunk_buckets, and decode runs on
-the first b slots for b in decode_buckets (slots are handed out lowest first), each in one executable
-per sampling mode (inference/sampling.py: greedy, temperature, top-k, nucleus), so nothing compiles in
-steady state (`compiles` counts them; `warmup(modes)` compiles them ahead; the server warms every
-mode). The host picks the mode from the rows' settings, which it holds anyway. Deciding it on the
-device took a conditional, and on a GPU a conditional's predicate travels to the host: every step's
-dispatch then waited for the step to finish, and no lookahead could keep the device busy (measured on
-an H100, gemma-2b, 64 streams: the dispatch call took 5.9 of every 6.3 ms step; served tokens doubled
-once it was gone, BENCHMARKS.md).
+Compiled shapes are bounded: prefill is [r, c] for r in prefill_buckets and c in chunk_buckets,
+and decode runs on the first b slots for b in decode_buckets (slots are handed out lowest first),
+each in one executable per sampling mode (inference/sampling.py: greedy, temperature, top-k,
+nucleus), so nothing compiles in steady state (`compiles` counts them; `warmup(modes)` compiles
+them ahead; the server warms every mode). The host picks the mode from the rows' settings, which it
+holds anyway. Deciding it on the device took a conditional, and on a GPU a conditional's predicate
+travels to the host: every step's dispatch then waited for the step to finish, and no lookahead
+could keep the device busy (measured on an H100, gemma-2b, 64 streams: the dispatch call took 5.9
+of every 6.3 ms step; served tokens doubled once it was gone, BENCHMARKS.md).
 
 Identical greedy output, alone or among others: a request's numerics must not depend on its
 neighbours. Each prompt is cut at the same positions whatever else runs (pieces of
-max(chunk_buckets) tokens from position 0) and padded to the bucket of its own piece length; the
-prefill row count is fixed; sampling draws from each request's own seed. XLA's matmuls round
-differently for different batch sizes (measured on CPU: batches of 1-8 rows and 16+ rows differ in
-the last bits), so by default decode runs on all slots (decode_buckets = (num_slots,)); smaller
-decode buckets are faster at low load but their tokens may differ from a lone run's after a
-near-tie.
+max(chunk_buckets) tokens from position 0) and padded to the bucket of its own piece length; by
+default the prefill row count is fixed; sampling draws from each request's own seed. XLA's matmuls
+round differently for different batch sizes (measured on CPU: batches of 1-8 rows and 16+ rows differ in
+the last bits), so by default decode runs on all slots (decode_buckets = (num_slots,)) and prefill
+on prefill_rows rows (prefill_buckets = (prefill_rows,)). Smaller buckets are faster at low load
+but their tokens may differ from a lone run's after a near-tie. A prefill step costs its padded
+shape, not its real rows: with one bucket, a request that arrives alone pays for prefill_rows
+prompts, and every stream already decoding waits for them.
 
 Caches: every family pages (`capabilities.paged_cache`): DeepSeek-V3's MLA latents, Grok-1's K/V
 and Gemma's global layers' K/V live in pools of `num_pages` 64-token pages addressed through a block
@@ -81,6 +83,7 @@ import collections
 import contextlib
 import dataclasses
 import heapq
+import itertools
 import time
 from collections.abc import Callable, Hashable, Sequence
 
@@ -141,6 +144,7 @@ class EngineConfig:
     num_slots: int = 8  # requests decoded together (a power of two)
     max_len: int | None = None  # tokens per request, prompt + output (default: the model's context)
     prefill_rows: int = 4  # requests prefilled per step
+    prefill_buckets: tuple[int, ...] | None = None  # prefill row counts (default: prefill_rows only)
     chunk_buckets: tuple[int, ...] = (16, 64)  # prefill chunk lengths; the largest is the piece size
     decode_buckets: tuple[int, ...] | None = None  # decode batch sizes (default: num_slots only)
     num_pages: int | None = None  # 64-token cache pages (default: every slot full)
@@ -158,6 +162,11 @@ class EngineConfig:
             raise ValueError(f"num_slots must be a power of two, got {self.num_slots}")
         if not (isinstance(self.prefill_rows, int) and 1 <= self.prefill_rows <= self.num_slots):
             raise ValueError(f"prefill_rows must be in [1, num_slots], got {self.prefill_rows}")
+        rows = self.prefill_buckets or (self.prefill_rows,)
+        if self.prefill_rows not in rows or any(
+            not isinstance(r, int) or not 1 <= r <= self.prefill_rows for r in rows
+        ):
+            raise ValueError(f"prefill_buckets must be row counts up to and including prefill_rows, got {rows}")
         if not self.chunk_buckets or any(not isinstance(c, int) or c < 1 for c in self.chunk_buckets):
             raise ValueError(f"chunk_buckets must be positive lengths, got {self.chunk_buckets}")
         buckets = self.decode_buckets or (self.num_slots,)
@@ -293,6 +302,7 @@ class Engine:
         self.num_slots = config.num_slots
         self.decode_buckets = tuple(sorted(config.decode_buckets or (config.num_slots,)))
         self.chunk_buckets = tuple(sorted(config.chunk_buckets))
+        self.prefill_buckets = tuple(sorted(config.prefill_buckets or (config.prefill_rows,)))
         self.piece = self.chunk_buckets[-1]
         self.eos_ids = tuple(int(i) for i in np.atleast_1d(np.array(model.config.eos_token_id)))
         self.pad_id = int(model.config.pad_token_id)
@@ -442,6 +452,7 @@ class Engine:
     def _chunk_forward(self, model, cache, empty_rows, slots, tokens, lengths, first, table, sampling, mode: str):
         """The model over one prefill chunk of rows `slots` (fresh rows where `first`), and the token
         each row samples after its last position: (output, tokens)."""
+        empty_rows = cache_rows.prefix_rows(empty_rows, self.axes, slots.shape[0])  # a smaller row bucket
         rows = cache_rows.select_rows(first, empty_rows, cache_rows.take_rows(cache, self.axes, slots), self.axes)
         if table is not None:
             rows = {**rows, "block_table": jnp.take(table, slots, axis=0, mode="clip")}
@@ -535,6 +546,7 @@ class Engine:
         following = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
         following = following.at[jnp.arange(tokens.shape[0]), last].set(jnp.where(final, token, next_first))
         mtp_rows = cache_rows.take_rows(spec["mtp"], self.mtp_axes, slots)
+        mtp_empty_rows = cache_rows.prefix_rows(mtp_empty_rows, self.mtp_axes, slots.shape[0])
         mtp_rows = cache_rows.select_rows(first, mtp_empty_rows, mtp_rows, self.mtp_axes)
         drafted = model.mtp(out.hidden, following, cache=mtp_rows, lengths=lengths, logit_positions=last[:, None])
         draft = jnp.argmax(drafted.logits[:, 0], axis=-1).astype(jnp.int32)
@@ -596,10 +608,11 @@ class Engine:
         last_tokens = last_tokens.at[:bucket].set(jnp.where(live, newest, pending))
         return cache_rows.put_prefix_rows(cache, self.axes, new_cache), last_tokens, spec, emitted, counts
 
-    def _run(self, kind: str, size: int, fn, *args, mode: str):
-        # (kind, size) fixes every argument's shape (the slot count, prefill rows and cache layout
-        # never change), so the key skips flattening the cache tree on every step; the compiled
-        # call still rejects a mismatched argument. Each sampling mode is its own executable.
+    def _run(self, kind: str, size: int | tuple[int, ...], fn, *args, mode: str):
+        # (kind, size) fixes every argument's shape (decode: the batch bucket; prefill: rows and
+        # chunk length; the slot count and cache layout never change), so the key skips flattening
+        # the cache tree on every step; the compiled call still rejects a mismatched argument. Each
+        # sampling mode is its own executable.
         key = (kind, size, mode)
         if key not in self._executables:
             start = time.perf_counter()
@@ -620,9 +633,8 @@ class Engine:
         """Compile every prefill chunk and decode batch bucket now, for each sampling mode in `modes`
         (SAMPLING_MODES; the others compile when a batch first needs them), so that requests never
         wait on XLA."""
-        p = self.config.prefill_rows
         for mode in modes:
-            for c in self.chunk_buckets:
+            for p, c in itertools.product(self.prefill_buckets, self.chunk_buckets):
                 tokens = np.full((p, c), self.pad_id, np.int32)
                 padding, nothing = np.full(p, self.num_slots, np.int32), np.zeros(p, np.int32)
                 self._prefill(padding, tokens, nothing, np.ones(p, bool), nothing, np.full(p, -1, np.int32), mode)
@@ -638,13 +650,13 @@ class Engine:
         if self.speculative:
             final = budgets >= 0
             self.cache, self._last_tokens, self._spec, sampled, _ = self._run(
-                "prefill", tokens.shape[1], self._prefill_jit, self.params, self.cache, self._last_tokens,
+                "prefill", tokens.shape, self._prefill_jit, self.params, self.cache, self._last_tokens,
                 self._spec, self._empty_rows, self._mtp_empty_rows, slots, tokens, lengths, first, final,
                 next_first, budgets, table, *sampling, mode=mode,
             )  # fmt: skip
             return sampled
         self.cache, self._last_tokens, sampled = self._run(
-            "prefill", tokens.shape[1], self._prefill_jit, self.params, self.cache, self._last_tokens,
+            "prefill", tokens.shape, self._prefill_jit, self.params, self.cache, self._last_tokens,
             self._empty_rows, slots, tokens, lengths, first, table, *sampling, mode=mode,
         )  # fmt: skip
         return sampled
@@ -849,7 +861,7 @@ class Engine:
             return self._bucket(n), s.cursor == 0
 
         group = [s for s in pending if key(s) == key(pending[0])][: self.config.prefill_rows]
-        rows = self.config.prefill_rows
+        rows = next(r for r in self.prefill_buckets if r >= len(group))
         width = key(pending[0])[0]
         slots = np.full(rows, self.num_slots, np.int32)
         tokens = np.full((rows, width), self.pad_id, np.int32)

@@ -412,6 +412,8 @@ def main(argv=None) -> int:
             "model": args.model,
             "overrides": args.set,
             "dtype": args.dtype,
+            "quantize": args.quantize,
+            "weight_dtypes": sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(model.params)}),
             "clients": args.clients,
             "rounds": args.rounds,
             "prompt_len": args.prompt_len,

@@ -182,15 +182,17 @@ def test_benchmark_serving_smoke(tmp_path):
 
 
 def test_benchmark_serving_speculative_smoke(tmp_path):
-    """DeepSeek-V3 behind the server with MTP drafts verified in the engine: every client gets exactly
-    its output-len tokens (the device's own count stops a row at max_tokens)."""
+    """DeepSeek-V3 in FP8 behind the server with MTP drafts verified in the engine: every client gets
+    exactly its output-len tokens (the device's own count stops a row at max_tokens)."""
     run(
         "scripts/benchmark_serving.py", "--model", "deepseek-v3-tiny", "--dtype", "float32", "--clients", "2",
-        "--prompt-len", "12", "--output-len", "6", "--client-procs", "1", "--speculative", "--json",
-        str(tmp_path / "s.json"),
+        "--prompt-len", "12", "--output-len", "6", "--client-procs", "1", "--speculative", "--quantize", "fp8",
+        "--json", str(tmp_path / "s.json"),
     )  # fmt: skip
-    engine = json.loads((tmp_path / "s.json").read_text())["serving"]["engine"]
+    result = json.loads((tmp_path / "s.json").read_text())
+    engine = result["serving"]["engine"]
     assert engine["speculative"] and engine["accepted_draft_tokens"] >= 0 and engine["steps"] > 0
+    assert "float8_e4m3fn" in result["weight_dtypes"]  # drawn in FP8 directly (--quantize)
 
 
 def test_benchmark_training_memory_smoke():

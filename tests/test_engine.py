@@ -116,6 +116,31 @@ def test_per_row_sampling_truncates_as_the_sorting_reference():
         assert drawn[4] == int(jnp.argmax(logits[4]))  # top_k 1
 
 
+def test_the_host_chosen_sampling_mode_gives_the_device_decided_tokens():
+    """The serving engine picks the mode on the host (`sampling_mode`) so that no step waits on a
+    device conditional; each batch gets the tokens `sample_rows` draws when it decides on the device."""
+    from vishwam_jax.inference import sampling
+
+    logits = jax.random.normal(jax.random.key(1), (4, 500)) * 3
+    seeds, counters = jnp.arange(4, dtype=jnp.uint32), jnp.full((4,), 7, jnp.int32)
+    cases = {  # temperature, top_k, top_p per row -> the mode
+        "greedy": ([0, 0, 0, 0], [0, 5, 0, 0], [1, 1, 0.5, 1]),
+        "temperature": ([0, 0.8, 1.2, 0], [0, 0, 0, 0], [1, 1, 1, 1]),
+        "top_k": ([0.8, 0, 1.0, 0.5], [0, 0, 20, 3], [1, 1, 1, 1]),
+        "nucleus": ([0.8, 0, 1.0, 0.5], [0, 0, 20, 3], [1, 0.9, 1, 1]),
+    }
+    cases["nucleus (large top-k)"] = ([1.0, 0, 0, 0], [sampling.TOP_K_SELECT_MAX + 1, 0, 0, 0], [1, 1, 1, 1])
+    for name, (t, k, p) in cases.items():
+        t, k, p = np.array(t, np.float32), np.array(k, np.int32), np.array(p, np.float32)
+        mode = sampling.sampling_mode(t, k, p)
+        assert mode == name.split(" ")[0]
+        host = sampling.sample_rows(logits, seeds, counters, t, k, p, mode=mode)
+        device = sampling.sample_rows(logits, seeds, counters, t, k, p)
+        np.testing.assert_array_equal(host, device, err_msg=name)
+    with pytest.raises(ValueError, match="unknown sampling mode"):
+        sampling.sample_rows(logits, seeds, counters, t, k, p, mode="beam")
+
+
 def test_greedy_sampling_is_argmax():
     logits = jax.random.normal(jax.random.key(0), (4, 50))
     np.testing.assert_array_equal(sample(logits, jax.random.key(0), SamplingParams()), jnp.argmax(logits, -1))

@@ -118,7 +118,8 @@ def run(argv=None) -> int:
         return 2
     if not args.no_warmup:
         # Every sampling mode: a request's settings choose the executable, and none may compile mid-serving.
-        shapes = (len(config.chunk_buckets) + len(engine.decode_buckets)) * len(SAMPLING_MODES)
+        prefills = len(engine.chunk_buckets) * len(engine.prefill_buckets)
+        shapes = (prefills + len(engine.decode_buckets)) * len(SAMPLING_MODES)
         print(f"[compiling {shapes} prefill and decode executables...]", file=sys.stderr)
         engine.warmup(SAMPLING_MODES)
     directory = EMBEDDED_MODELS.get(source, source)

@@ -6,8 +6,9 @@
         --clients 64 --prompt-len 512 --output-len 256
 
 The model is loaded once (random weights of a preset, or a converted directory). The real server
-(`openai_server.create_app` under uvicorn, on an ephemeral localhost port in a thread of this process)
-runs an engine with one slot per client and pages for prompt + output. Clients are
+(`openai_server.create_app` under uvicorn, on an ephemeral localhost port; in a process of its own as
+`serve` runs it, or with `--http thread` on a thread of this one) runs an engine with one slot per
+client and pages for prompt + output. Clients are
 `scripts/loadgen.py` processes (separate processes so that their parsing never competes with the
 server for this one's interpreter lock): every request is a prompt of `--prompt-len` random token ids
 and generates exactly `--output-len` tokens (`ignore_eos`), streamed. Every compiled shape is built and
@@ -23,6 +24,7 @@ the ratio to its decode loop alone beside it), and p99 inter-token latency / fix
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # loadgen, beside this file
@@ -45,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 import vishwam_jax as vj
+from vishwam_jax.inference.engine_link import HttpSettings, serve_in_process
 from vishwam_jax.inference.engine_thread import EngineThread
 from vishwam_jax.inference.openai_server import create_app, serve_in_thread
 from vishwam_jax.inference.serving import Engine, EngineConfig, Request
@@ -93,6 +97,50 @@ def thread_cpu_s() -> dict[str, float]:
             continue
         out[thread.name] = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
     return out
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by process `pid` (Linux; 0 elsewhere): the HTTP server's, when it has
+    a process of its own."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def serve(engine: Engine, metrics: ServingMetrics, args) -> Iterator[tuple[str, Callable[[], dict[str, float]]]]:
+    """The server, as `--http` says; yields its URL and a reader of the host CPU seconds so far of
+    the engine thread, the pipe to the HTTP process (if any) and the HTTP server."""
+    if args.http == "thread":
+        app = create_app(EngineThread(engine, metrics), tokenizer=None, model_name=args.model, drain_timeout_s=5.0)
+        with serve_in_thread(app) as (url, _):
+            yield url, lambda: {k: v for k, v in thread_cpu_s().items() if k in ("vishwam-engine", "uvicorn")}
+        return
+    settings = HttpSettings(
+        host="127.0.0.1",
+        port=0,
+        model_name=args.model,
+        limits=engine.limits,
+        tokenizer=None,
+        chat_template_dir=None,
+        default_max_tokens=args.output_len,
+        drain_timeout_s=5.0,
+        log_level="warning",
+    )
+    with serve_in_process(engine, settings, metrics) as http:
+
+        def cpu() -> dict[str, float]:
+            threads = thread_cpu_s()
+            link = sum(v for k, v in threads.items() if k.startswith("engine-link"))
+            return {
+                "vishwam-engine": threads.get("vishwam-engine", 0.0),
+                "engine-link": link,
+                "http-process": process_cpu_s(http.process.pid),
+            }
+
+        yield http.url, cpu
 
 
 def next_power_of_two(n: int) -> int:
@@ -208,23 +256,20 @@ def measure_serving(model: vj.Model, args) -> dict:
     engine.warmup()
     print(f"engine: {config}; compiled {engine.compiles} in {time.perf_counter() - start:.1f} s", flush=True)
     metrics = RecordingMetrics()
-    app = create_app(EngineThread(engine, metrics), tokenizer=None, model_name=args.model, drain_timeout_s=5.0)
     vocab = int(model.config.vocab_size)
-    with serve_in_thread(app) as (url, _), tempfile.TemporaryDirectory() as tmp:
+    with serve(engine, metrics, args) as (url, host_cpu_s), tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         # A short untimed round through every layer of the stack (HTTP, client processes, engine).
         run_clients(client_commands(args, url, vocab, out, output_len=2), out, args.timeout)
         compiled = list(engine.compiles)
         metrics.clear()
         commands = client_commands(args, url, vocab, out, args.output_len, args.rounds)
-        cpu_before, steps_before = thread_cpu_s(), engine.steps
+        cpu_before, steps_before = host_cpu_s(), engine.steps
         results = run_clients(commands, out, args.timeout)
-        cpu_after, steps = thread_cpu_s(), engine.steps - steps_before
+        cpu_after, steps = host_cpu_s(), engine.steps - steps_before
     alone = measure_engine_alone(engine, args)
     cpu_ms_per_step = {
-        name: 1e3 * (cpu_after[name] - cpu_before[name]) / max(steps, 1)
-        for name in ("vishwam-engine", "uvicorn")
-        if name in cpu_before and name in cpu_after
+        name: 1e3 * (cpu_after[name] - cpu_before[name]) / max(steps, 1) for name in cpu_before if name in cpu_after
     }
     summary = loadgen.summarize(results)
     gaps_ms = 1e3 * np.array([b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:])])
@@ -248,8 +293,10 @@ def measure_serving(model: vj.Model, args) -> dict:
             "accepted_draft_tokens": engine.drafts_accepted,
             "steps": engine.steps,
         },
-        # CPU time of the engine and HTTP threads per engine step of the timed run (they share one
-        # interpreter lock: their sum above the device's step time is time the device waits)
+        # CPU time per engine step of the timed run: the engine thread's, and the HTTP server's (a
+        # thread sharing the engine's interpreter lock, or a process of its own beside the pipe's
+        # two threads here)
+        "http": args.http,
         "host_cpu_ms_per_step": cpu_ms_per_step,
         "engine_alone": alone,
         "compiled_during_run": [list(c) for c in engine.compiles[len(compiled) :]],
@@ -386,6 +433,12 @@ def parser() -> argparse.ArgumentParser:
         choices=["auto", "pages", "rows"],
         default="auto",
         help="page pools (auto: where the family pages) or one contiguous row per slot",
+    )
+    ap.add_argument(
+        "--http",
+        choices=["process", "thread"],
+        default="process",
+        help="the HTTP server in a process of its own (as `serve` runs it) or on a thread of the engine's",
     )
     ap.add_argument("--client-procs", type=int, default=None, help="client processes (default: one per 16 clients)")
     ap.add_argument("--seed", type=int, default=0)

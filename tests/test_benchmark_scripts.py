@@ -177,22 +177,27 @@ def test_benchmark_serving_smoke(tmp_path):
         assert 0 < result["ratios"][name] < float("inf"), name
     assert 0 <= result["ratios"]["itl_share_over_target"] <= 1
     assert serving["engine"]["prefill_buckets"] == [1, 2]  # --prefill-rows 2 --prefill-buckets
+    assert serving["http"] == "process"  # as `serve` runs it
+    assert set(serving["host_cpu_ms_per_step"]) == {"vishwam-engine", "engine-link", "http-process"}
     alone = serving["engine_alone"]
     assert alone["output_tokens"] == 4 * 6 and alone["output_tok_s"] > 0 and alone["steps"] > 0
 
 
 def test_benchmark_serving_speculative_smoke(tmp_path):
-    """DeepSeek-V3 in FP8 behind the server with MTP drafts verified in the engine: every client gets
-    exactly its output-len tokens (the device's own count stops a row at max_tokens)."""
+    """DeepSeek-V3 in FP8 behind the server (on a thread of the engine's process: --http thread) with
+    MTP drafts verified in the engine: every client gets exactly its output-len tokens (the device's
+    own count stops a row at max_tokens)."""
     run(
         "scripts/benchmark_serving.py", "--model", "deepseek-v3-tiny", "--dtype", "float32", "--clients", "2",
         "--prompt-len", "12", "--output-len", "6", "--client-procs", "1", "--speculative", "--quantize", "fp8",
+        "--http", "thread",
         "--json", str(tmp_path / "s.json"),
     )  # fmt: skip
     result = json.loads((tmp_path / "s.json").read_text())
     engine = result["serving"]["engine"]
     assert engine["speculative"] and engine["accepted_draft_tokens"] >= 0 and engine["steps"] > 0
     assert "float8_e4m3fn" in result["weight_dtypes"]  # drawn in FP8 directly (--quantize)
+    assert set(result["serving"]["host_cpu_ms_per_step"]) == {"vishwam-engine", "uvicorn"}
 
 
 def test_benchmark_training_memory_smoke():

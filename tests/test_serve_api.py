@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import vishwam_jax as vj
+from vishwam_jax.inference.engine_link import HttpSettings, serve_in_process
 from vishwam_jax.inference.engine_thread import EngineThread
 from vishwam_jax.inference.openai_server import create_app, serve_in_thread
 from vishwam_jax.inference.serving import Engine, EngineConfig, Request
@@ -140,43 +141,88 @@ def wait_until(condition, timeout_s: float = 20.0) -> None:
         time.sleep(0.02)
 
 
+def check_disconnect_and_full_queue(engine, url: str, expected: str) -> None:
+    """A client that goes away mid-stream frees its pages; ten requests at once on a queue of two get
+    200 or 429, and every stream that ran is intact."""
+    body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "stream": True}
+    # A client reads two events of a stream and goes away: its request ends, its pages come back.
+    with httpx.Client(base_url=url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json={**body, "max_tokens": 90}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+    wait_until(lambda: engine.pages_used == 0)
+    wait_until(lambda: 'vishwam_requests_finished_total{reason="cancelled"} 1.0' in httpx.get(f"{url}/metrics").text)
+
+    # 10 at once: at most 2 may wait for a slot (3 fit the 6 pages), the others get 429 at once;
+    # every stream that ran is intact.
+    async def one(client: httpx.AsyncClient):
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return r.status_code, r.json()
+            return 200, sse_payloads([line async for line in r.aiter_lines()])
+
+    async def many():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(one(client) for _ in range(10)))
+
+    results = asyncio.run(many())
+    codes = sorted(code for code, _ in results)
+    assert codes.count(200) >= 2 and set(codes) <= {200, 429} and 429 in codes
+    for code, payload in results:
+        if code == 200:
+            assert "".join(e["choices"][0]["text"] for e in payload[:-1]) == expected
+        else:
+            assert payload["error"]["type"] == "rate_limit_error"
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    wait_until(lambda: engine.pages_used == 0)
+
+
 def test_disconnect_frees_pages_and_a_full_queue_gets_429_without_corrupting_streams(engine):
     expected = greedy_text(engine, PROMPT, 40)
-    app = make_app(engine)
-    body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "stream": True}
-    with serve_in_thread(app) as (url, _):
-        # A client reads two events of a stream and goes away: its request ends, its pages come back.
-        with httpx.Client(base_url=url, timeout=30) as http:
-            with http.stream("POST", "/v1/completions", json={**body, "max_tokens": 90}) as r:
-                lines = r.iter_lines()
-                assert next(lines).startswith("data: ")
-        wait_until(lambda: engine.pages_used == 0)
-        metrics = httpx.get(f"{url}/metrics").text
-        assert 'vishwam_requests_finished_total{reason="cancelled"} 1.0' in metrics
+    with serve_in_thread(make_app(engine)) as (url, _):
+        check_disconnect_and_full_queue(engine, url, expected)
 
-        # 10 at once: at most 2 may wait for a slot (3 fit the 6 pages), the others get 429 at once;
-        # every stream that ran is intact.
-        async def one(client: httpx.AsyncClient):
-            async with client.stream("POST", "/v1/completions", json=body) as r:
-                if r.status_code != 200:
-                    await r.aread()
-                    return r.status_code, r.json()
-                return 200, sse_payloads([line async for line in r.aiter_lines()])
 
-        async def many():
-            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-                return await asyncio.gather(*(one(client) for _ in range(10)))
+def test_the_http_server_in_its_own_process(engine):
+    """`serve`'s layout: the app in a spawned process over a pipe to the engine thread here. Greedy
+    answers, /health and /metrics, disconnects and 429s as in one process; SIGTERM drains the
+    running request before the engine thread stops."""
+    expected = greedy_text(engine, PROMPT, 40)
+    settings = HttpSettings(
+        host="127.0.0.1",
+        port=0,
+        model_name="shakespeare",
+        limits=engine.limits,
+        tokenizer=engine.tokenizer,
+        chat_template_dir=None,
+        default_max_tokens=16,
+        drain_timeout_s=20.0,
+        log_level="warning",
+    )
+    with serve_in_process(engine, settings) as http:
+        url = http.url
+        whole = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 40, "temperature": 0})
+        assert whole.json()["choices"][0]["text"] == expected
+        assert httpx.get(f"{url}/health").json() == {"status": "ok", "running": 0, "waiting": 0}
+        assert 'vishwam_requests_finished_total{reason="length"} 1.0' in httpx.get(f"{url}/metrics").text
+        check_disconnect_and_full_queue(engine, url, expected)
 
-        results = asyncio.run(many())
-        codes = sorted(code for code, _ in results)
-        assert codes.count(200) >= 2 and set(codes) <= {200, 429} and 429 in codes
-        for code, payload in results:
-            if code == 200:
-                assert "".join(e["choices"][0]["text"] for e in payload[:-1]) == expected
-            else:
-                assert payload["error"]["type"] == "rate_limit_error"
-        assert httpx.get(f"{url}/health").json()["status"] == "ok"
-        wait_until(lambda: engine.pages_used == 0)
+        result = {}
+
+        def request():
+            body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                result["events"] = sse_payloads(list(r.iter_lines()))
+
+        client = threading.Thread(target=request)
+        client.start()
+        wait_until(lambda: engine.num_running == 1)
+        http.process.terminate()  # as `kill` would: stop accepting, let the running request finish
+        client.join(60)
+        http.process.join(60)
+    assert "".join(e["choices"][0]["text"] for e in result["events"][:-1]) == expected
+    assert not http.bridge.engine_thread.alive and engine.pages_used == 0 and not engine.has_work
 
 
 def test_shutdown_finishes_in_flight_requests_and_stops_the_engine_thread(engine):

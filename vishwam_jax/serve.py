@@ -3,13 +3,16 @@
 
 With no --model, serves the small Shakespeare model embedded in the package. Endpoints:
 POST /v1/completions and /v1/chat/completions (streaming with "stream": true), GET /health,
-GET /metrics (Prometheus). Ctrl-C stops accepting requests, lets running ones finish (up to
---drain-timeout seconds), then exits. docs/serving.md has the details.
+GET /metrics (Prometheus). The HTTP server runs in a process of its own, beside the engine's, so
+that the two never wait on one interpreter lock (--one-process keeps both in this one). Ctrl-C
+stops accepting requests, lets running ones finish (up to --drain-timeout seconds), then exits.
+docs/serving.md has the details.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -69,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, default=256, help="output tokens when a request names none")
     ap.add_argument("--drain-timeout", type=float, default=10.0, help="seconds running requests get at shutdown")
     ap.add_argument("--no-warmup", action="store_true", help="compile on the first requests instead of at start")
+    ap.add_argument(
+        "--one-process",
+        action="store_true",
+        help="run the HTTP server on a thread of the engine's process instead of a process of its own",
+    )
     return ap
 
 
@@ -83,6 +91,7 @@ def run(argv=None) -> int:
 
     import vishwam_jax as vj
     from vishwam_jax.inference.chat_template import ChatTemplate
+    from vishwam_jax.inference.engine_link import HttpSettings, serve_in_process
     from vishwam_jax.inference.engine_thread import EngineThread
     from vishwam_jax.inference.openai_server import create_app
     from vishwam_jax.inference.sampling import SAMPLING_MODES
@@ -123,16 +132,36 @@ def run(argv=None) -> int:
         print(f"[compiling {shapes} prefill and decode executables...]", file=sys.stderr)
         engine.warmup(SAMPLING_MODES)
     directory = EMBEDDED_MODELS.get(source, source)
-    app = create_app(
-        EngineThread(engine),
+    model_name = model.config.get("name") or args.model or "gemma-shakespeare"
+    chat_template_dir = str(directory) if _is_directory(directory) else None
+    if args.one_process:
+        app = create_app(
+            EngineThread(engine),
+            tokenizer=model.tokenizer,
+            model_name=model_name,
+            chat_template=ChatTemplate.from_directory(chat_template_dir),
+            default_max_tokens=args.max_tokens,
+            drain_timeout_s=args.drain_timeout,
+        )
+        uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=int(args.drain_timeout) + 1)
+        return 0
+    settings = HttpSettings(
+        host=args.host,
+        port=args.port,
+        model_name=model_name,
+        limits=engine.limits,
         tokenizer=model.tokenizer,
-        model_name=model.config.get("name") or args.model or "gemma-shakespeare",
-        chat_template=ChatTemplate.from_directory(directory if _is_directory(directory) else None),
+        chat_template_dir=chat_template_dir,
         default_max_tokens=args.max_tokens,
         drain_timeout_s=args.drain_timeout,
     )
-    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=int(args.drain_timeout) + 1)
-    return 0
+    try:
+        with serve_in_process(engine, settings) as http:
+            code = http.wait()
+    except RuntimeError as err:  # the HTTP process did not start (uvicorn has said why: e.g. the port is taken)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0 if code in (0, -signal.SIGTERM) else 1
 
 
 def _is_directory(path) -> bool:

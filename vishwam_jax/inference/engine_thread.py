@@ -3,6 +3,10 @@ queue: submit a request with a callback for its events, cancel it, stop the thre
 
 The callback runs on the engine thread, once per event, in order; a request's last event has a
 finish_reason. Callbacks must be quick (e.g. `loop.call_soon_threadsafe(queue.put_nowait, event)`).
+
+`EngineHandle` is what the HTTP API needs of an engine. `EngineThread` is one, in the server's own
+process; `engine_link.RemoteEngine` is one in another process, for an HTTP server that must not share
+the engine thread's interpreter lock.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Hashable
+from typing import Protocol
 
-from vishwam_jax.inference.serving import Engine, Event, QueueFull, Request, RequestRejected
+from prometheus_client import generate_latest
+
+from vishwam_jax.inference.serving import Engine, Event, QueueFull, Request, RequestLimits, RequestRejected
 from vishwam_jax.inference.serving_metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -31,9 +38,53 @@ class ShuttingDown(RuntimeError):
     """The engine thread no longer accepts requests."""
 
 
+class EngineHandle(Protocol):
+    """An engine as the HTTP API drives it. `submit` calls `on_event` from a thread of the handle's
+    own (never the caller's event loop), once per event, in order."""
+
+    @property
+    def limits(self) -> RequestLimits: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine no longer runs ("stopped", or what killed it); None while it runs."""
+
+    @property
+    def queue_length(self) -> int: ...
+
+    @property
+    def num_running(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def submit(self, request: Request, on_event: OnEvent) -> None:
+        """Queue `request`; raises RequestRejected (never runnable), QueueFull or ShuttingDown."""
+
+    def cancel(self, request_id: Hashable) -> None: ...
+
+    def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Refuse new requests, let running ones finish for up to drain_timeout_s, cancel the rest."""
+
+    async def metrics_text(self) -> bytes:
+        """The Prometheus text exposition of the engine's metrics."""
+
+
 class EngineThread:
-    def __init__(self, engine: Engine, metrics: ServingMetrics | None = None, *, idle_wait_s: float = 0.05):
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: ServingMetrics | None = None,
+        *,
+        idle_wait_s: float = 0.05,
+        after_events: Callable[[], None] | None = None,
+    ):
+        """after_events: called on the engine thread after each batch of events has gone to the
+        callbacks (a step's, a cancellation's), so that a listener can hand them on as one batch."""
         self.engine = engine
+        self._after_events = after_events
         self.metrics = metrics or ServingMetrics()
         self._idle_wait_s = idle_wait_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -58,8 +109,25 @@ class EngineThread:
         return self._thread.is_alive()
 
     @property
+    def failure(self) -> str | None:
+        if self.alive:
+            return None
+        return "stopped" if self.error is None else f"engine failed: {self.error!r}"
+
+    @property
+    def limits(self) -> RequestLimits:
+        return self.engine.limits
+
+    @property
     def queue_length(self) -> int:
         return self.engine.num_waiting + self._pending_submits
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.num_running
+
+    async def metrics_text(self) -> bytes:
+        return generate_latest(self.metrics.registry)
 
     def submit(self, request: Request, on_event: OnEvent) -> None:
         """Queue `request`; raises RequestRejected (never runnable), QueueFull or ShuttingDown."""
@@ -135,6 +203,7 @@ class EngineThread:
                 self.engine.submit(request)
             except (RequestRejected, QueueFull):  # raced past submit()'s checks
                 on_event(Event(request.id, None, 0, "", "rejected"))
+                self._events_handed_on()
                 return
             self._listeners[request.id] = on_event
             self._submitted_at[request.id] = submitted_at
@@ -153,6 +222,7 @@ class EngineThread:
                 return
             if message[0] == "submit":
                 message[2](Event(message[1].id, None, 0, "", "cancelled"))
+                self._events_handed_on()
 
     def _dispatch(self, events: list[Event]) -> None:
         now = time.monotonic()
@@ -178,3 +248,9 @@ class EngineThread:
                     log.exception("event callback failed for request %r", e.request_id)
         m.prompt_tokens.inc(self.engine.prompt_tokens - self._prompt_tokens_counted)
         self._prompt_tokens_counted = self.engine.prompt_tokens
+        if events:
+            self._events_handed_on()
+
+    def _events_handed_on(self) -> None:
+        if self._after_events is not None:
+            self._after_events()

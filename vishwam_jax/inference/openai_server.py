@@ -1,10 +1,11 @@
-"""An OpenAI-compatible HTTP API over an `EngineThread` (FastAPI; run it with uvicorn, see serve.py).
+"""An OpenAI-compatible HTTP API over an engine (FastAPI; run it with uvicorn, see serve.py): an
+`EngineThread` in this process, or an `engine_link.RemoteEngine` for an engine in another.
 
     POST /v1/completions, /v1/chat/completions   JSON, or server-sent events with "stream": true
     GET  /v1/models, /health, /metrics (Prometheus text format)
 
 Handlers run on the asyncio loop and never touch the device: each request gets an asyncio.Queue that
-the engine thread fills through `loop.call_soon_threadsafe`. A client that goes away (a closed
+the engine's thread fills through `loop.call_soon_threadsafe`. A client that goes away (a closed
 stream, or a dropped connection while waiting for a whole answer) cancels its request, which frees
 its slot and cache pages at the engine's next step. Errors use OpenAI's body
 {"error": {"message", "type", "param", "code"}}: 400 for invalid requests (malformed JSON, missing
@@ -27,11 +28,11 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from vishwam_jax.inference.chat_template import ChatTemplate
-from vishwam_jax.inference.engine_thread import EngineThread, ShuttingDown
+from vishwam_jax.inference.engine_thread import EngineHandle, ShuttingDown
 from vishwam_jax.inference.openai_protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
 from vishwam_jax.inference.sampling import SamplingParams
 from vishwam_jax.inference.serving import Event, QueueFull, RequestRejected
@@ -57,7 +58,7 @@ def _failure(reason: str) -> ApiError:
 
 
 def create_app(
-    engine_thread: EngineThread,
+    engine: EngineHandle,
     *,
     tokenizer,
     model_name: str,
@@ -65,17 +66,17 @@ def create_app(
     default_max_tokens: int = 256,
     drain_timeout_s: float = 10.0,
 ) -> FastAPI:
-    """The app; its lifespan starts the engine thread (if not yet started) and stops it on shutdown,
+    """The app; its lifespan starts the engine (if not yet started) and stops it on shutdown,
     letting in-flight requests finish for up to drain_timeout_s before cancelling them."""
-    engine = engine_thread.engine
+    limits = engine.limits
     chat_template = chat_template or ChatTemplate()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if not engine_thread.alive:
-            engine_thread.start()
+        if not engine.alive:
+            engine.start()
         yield
-        await asyncio.to_thread(engine_thread.stop, drain_timeout_s)
+        await asyncio.to_thread(engine.stop, drain_timeout_s)
 
     app = FastAPI(title="vishwam_jax", lifespan=lifespan)
 
@@ -98,7 +99,7 @@ def create_app(
     def engine_request(request_id: str, prompt: list[int], body: SamplingFields, limit: int | None) -> EngineRequest:
         if tokenizer is None and body.stop_strings:
             raise ApiError(400, "stop strings need a tokenizer", param="stop")
-        max_tokens = limit or max(1, min(default_max_tokens, engine.max_len - len(prompt)))
+        max_tokens = limit or max(1, min(default_max_tokens, limits.max_len - len(prompt)))
         return EngineRequest(
             id=request_id,
             prompt=tuple(prompt),
@@ -123,7 +124,7 @@ def create_app(
         events: asyncio.Queue = asyncio.Queue()
         post = mailbox.post
         try:
-            engine_thread.submit(request, lambda event: post(events, event))
+            engine.submit(request, lambda event: post(events, event))
         except RequestRejected as err:
             raise ApiError(400, str(err)) from None
         except QueueFull as err:
@@ -151,7 +152,7 @@ def create_app(
                         raise _failure(event.finish_reason)
                     return "".join(parts), ids, event.finish_reason
         finally:
-            engine_thread.cancel(request.id)  # a no-op once finished
+            engine.cancel(request.id)  # a no-op once finished
 
     async def event_stream(
         request: EngineRequest, events: asyncio.Queue, chunk: Callable[[Event], dict | None]
@@ -178,7 +179,7 @@ def create_app(
                     yield "".join(parts)
             yield "data: [DONE]\n\n"
         finally:
-            engine_thread.cancel(request.id)
+            engine.cancel(request.id)
 
     def encode(text: str) -> list[int]:
         if tokenizer is None:
@@ -255,14 +256,14 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        if engine_thread.alive:
-            return {"status": "ok", "running": engine.num_running, "waiting": engine_thread.queue_length}
-        reason = "stopped" if engine_thread.error is None else f"engine failed: {engine_thread.error!r}"
-        return JSONResponse({"status": reason}, status_code=503)
+        failure = engine.failure
+        if failure is None:
+            return {"status": "ok", "running": engine.num_running, "waiting": engine.queue_length}
+        return JSONResponse({"status": failure}, status_code=503)
 
     @app.get("/metrics")
     async def metrics():
-        return Response(generate_latest(engine_thread.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await engine.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -122,6 +122,36 @@ class Request:
 
 
 @dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """What decides whether a request can ever run on an engine: plain values, so that a process
+    without the model (the HTTP server's) can reject a request before it reaches the engine."""
+
+    vocab_size: int
+    max_len: int  # tokens per request, prompt + output
+    num_pages: int  # 64-token cache pages in the pool
+    has_tokenizer: bool  # stop strings need one
+    max_queue: int  # waiting requests before submit raises QueueFull
+
+    def check(self, request: Request) -> None:
+        """Raise RequestRejected if `request` can never run."""
+        prompt, n = request.prompt, request.max_tokens
+        if not prompt:
+            raise RequestRejected("the prompt is empty")
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise RequestRejected(f"prompt token ids must be in [0, {self.vocab_size})")
+        if not isinstance(n, int) or n < 1:
+            raise RequestRejected(f"max_tokens must be a positive integer, got {n!r}")
+        if len(prompt) + n > self.max_len:
+            raise RequestRejected(
+                f"the prompt of {len(prompt)} tokens + max_tokens {n} exceeds the context of {self.max_len} tokens"
+            )
+        if paged_cache.pages_for(len(prompt) + n) > self.num_pages:
+            raise RequestRejected(f"the request needs more than the cache's {self.num_pages} pages")
+        if request.stop and not self.has_tokenizer:
+            raise RequestRejected("stop strings need a tokenizer")
+
+
+@dataclasses.dataclass(frozen=True)
 class Event:
     """What one step produced for one request.
 
@@ -701,24 +731,19 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._waiting or self._running or self._in_flight)
 
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(
+            vocab_size=int(self.model_config.vocab_size),
+            max_len=self.max_len,
+            num_pages=self.pages.num_blocks,
+            has_tokenizer=self.tokenizer is not None,
+            max_queue=self.config.max_queue,
+        )
+
     def check(self, request: Request) -> None:
         """Raise RequestRejected if `request` can never run here (safe to call from any thread)."""
-        prompt, n = request.prompt, request.max_tokens
-        if not prompt:
-            raise RequestRejected("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise RequestRejected(f"prompt token ids must be in [0, {vocab})")
-        if not isinstance(n, int) or n < 1:
-            raise RequestRejected(f"max_tokens must be a positive integer, got {n!r}")
-        if len(prompt) + n > self.max_len:
-            raise RequestRejected(
-                f"the prompt of {len(prompt)} tokens + max_tokens {n} exceeds the context of {self.max_len} tokens"
-            )
-        if paged_cache.pages_for(len(prompt) + n) > self.pages.num_blocks:
-            raise RequestRejected(f"the request needs more than the cache's {self.pages.num_blocks} pages")
-        if request.stop and self.tokenizer is None:
-            raise RequestRejected("stop strings need a tokenizer")
+        self.limits.check(request)
 
     def submit(self, request: Request) -> None:
         """Queue a request; raises RequestRejected (never runnable) or QueueFull."""

@@ -1,13 +1,15 @@
 """The OpenAI-compatible server: completions and chat (whole and streamed) equal the engine's greedy
 tokens, /health and /metrics, HTTP 400 with an OpenAI error body for bad input, a client that
 disconnects mid-stream frees its pages, a full queue answers 429 without disturbing other streams,
-and shutdown ends the engine thread. Localhost only (TestClient, or uvicorn on an ephemeral port),
-every wait bounded."""
+and shutdown ends the engine thread; the same with the HTTP server in a process of its own, and
+that side's behaviour when the engine's process dies. Localhost only (TestClient, or uvicorn on an
+ephemeral port), every wait bounded."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import threading
 import time
 
@@ -17,10 +19,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 import vishwam_jax as vj
-from vishwam_jax.inference.engine_link import HttpSettings, serve_in_process
-from vishwam_jax.inference.engine_thread import EngineThread
+from vishwam_jax.inference.engine_link import HttpSettings, RemoteEngine, Status, serve_in_process
+from vishwam_jax.inference.engine_thread import EngineThread, ShuttingDown
 from vishwam_jax.inference.openai_server import create_app, serve_in_thread
-from vishwam_jax.inference.serving import Engine, EngineConfig, Request
+from vishwam_jax.inference.serving import Engine, EngineConfig, Request, RequestLimits, RequestRejected
 
 PROMPT = "ROMEO.\nBut soft, what light"
 
@@ -244,3 +246,28 @@ def test_shutdown_finishes_in_flight_requests_and_stops_the_engine_thread(engine
     assert result["response"].status_code == 200
     assert result["response"].json()["choices"][0]["text"] == expected
     assert not engine_thread.alive and engine.pages_used == 0 and not engine.has_work
+
+
+def test_a_lost_engine_process_ends_every_stream_and_fails_health():
+    """The HTTP side of the pipe when the engine's process dies: every open request ends with an
+    error event, /health reports the failure, and the server is told to shut down."""
+    ours, theirs = multiprocessing.Pipe()
+    limits = RequestLimits(vocab_size=256, max_len=64, num_pages=4, has_tokenizer=False, max_queue=2)
+    remote = RemoteEngine(ours, limits)
+    lost, events = threading.Event(), []
+    remote.on_lost = lost.set
+    assert remote.failure == "not started"
+    remote.start()
+    remote.submit(Request("a", (1, 2, 3), 4), events.append)
+    assert theirs.recv()[0] == "submit"
+    theirs.send(("events", [("a", 7, 0, "", None)], Status(1, 0, 1, None)))
+    wait_until(lambda: len(events) == 1)
+    assert remote.alive and remote.num_running == 1 and remote.queue_length == 0
+    with pytest.raises(RequestRejected):  # checked here, before anything crosses the pipe
+        remote.submit(Request("b", (1, 2, 3), 100), events.append)
+    theirs.close()
+    assert lost.wait(10)
+    assert [(e.request_id, e.token, e.finish_reason) for e in events] == [("a", 7, None), ("a", None, "error")]
+    assert remote.failure == "the engine's process has gone"
+    with pytest.raises(ShuttingDown):
+        remote.submit(Request("c", (1, 2, 3), 4), events.append)

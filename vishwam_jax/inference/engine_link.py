@@ -344,7 +344,9 @@ def _resolve(answer: asyncio.Future, value) -> None:
 def _http_main(conn: Connection, settings: HttpSettings) -> None:
     """The HTTP process: the app over a RemoteEngine, under uvicorn (which handles Ctrl-C and
     SIGTERM: stop accepting, drain, exit)."""
-    os.environ["JAX_PLATFORMS"] = "cpu"  # nothing here computes; never claim the accelerator
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # nothing here computes: never claim the accelerator
     if hasattr(os, "setpgid"):  # the terminal's Ctrl-C goes to the engine's process, which passes it on once
         with contextlib.suppress(OSError):
             os.setpgid(0, 0)

@@ -160,7 +160,7 @@ def run(argv=None) -> int:
             code = http.wait()
     except RuntimeError as err:  # the HTTP process did not start (uvicorn has said why: e.g. the port is taken)
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     return 0 if code in (0, -signal.SIGTERM) else 1
 
 

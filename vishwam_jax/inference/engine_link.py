@@ -201,7 +201,9 @@ def serve_in_process(
         deadline = time.monotonic() + startup_s
         while not bridge.listening.wait(0.1):
             if not process.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the HTTP server did not start (exit code {process.exitcode})")
+                raise RuntimeError(
+                    f"the HTTP server did not start on {settings.host}:{settings.port} (its log above says why)"
+                )
         yield HttpProcess(bridge.url, process, bridge)
     finally:
         if process.is_alive():

@@ -118,13 +118,17 @@ class EngineBridge:
             self._outbox.put(None)
 
     def _submit(self, request: Request) -> None:
+        # Counted before the engine thread's queue holds it: a status in between undercounts by one
+        # for a moment (the engine thread's own check still holds the line) rather than double counts.
+        self._submits_taken += 1
         try:
             self.engine_thread.submit(request, self._on_event)
+            return
         except (RequestRejected, QueueFull):  # raced past the HTTP side's checks
-            self._outbox.put(("events", [(request.id, None, 0, "", "rejected")], self._status()))
+            reason = "rejected"
         except ShuttingDown:
-            self._outbox.put(("events", [(request.id, None, 0, "", "cancelled")], self._status()))
-        self._submits_taken += 1
+            reason = "cancelled"
+        self._outbox.put(("events", [(request.id, None, 0, "", reason)], self._status()))
 
     def _stop(self, drain_timeout_s: float) -> None:
         self.engine_thread.stop(drain_timeout_s)
@@ -237,7 +241,7 @@ class RemoteEngine:
 
     # -- EngineHandle --------------------------------------------------------------------------------
     def start(self) -> None:
-        if not self._reader.is_alive():
+        if self._reader.ident is None:  # a thread starts once
             self._reader.start()
 
     @property
@@ -248,7 +252,7 @@ class RemoteEngine:
     def failure(self) -> str | None:
         if self._lost:
             return "the engine's process has gone"
-        if not self._reader.is_alive():
+        if self._reader.ident is None:
             return "not started"
         if self._status.failure is not None or self._stopped.is_set():
             return self._status.failure or "stopped"

@@ -260,6 +260,9 @@ class RemoteEngine:
 
     @property
     def queue_length(self) -> int:
+        """The engine's queue as last reported, plus the submits sent since: a burst of arrivals
+        counts as waiting until the next status says where each went (at most a step later), so
+        429s come early rather than late."""
         status = self._status
         return status.queue_length + self._submits_sent - status.submits_taken
 

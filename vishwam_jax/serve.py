@@ -90,10 +90,8 @@ def run(argv=None) -> int:
     import uvicorn
 
     import vishwam_jax as vj
-    from vishwam_jax.inference.chat_template import ChatTemplate
     from vishwam_jax.inference.engine_link import HttpSettings, serve_in_process
     from vishwam_jax.inference.engine_thread import EngineThread
-    from vishwam_jax.inference.openai_server import create_app
     from vishwam_jax.inference.sampling import SAMPLING_MODES
     from vishwam_jax.inference.serving import Engine, EngineConfig
     from vishwam_jax.loading import EMBEDDED_MODELS
@@ -134,17 +132,6 @@ def run(argv=None) -> int:
     directory = EMBEDDED_MODELS.get(source, source)
     model_name = model.config.get("name") or args.model or "gemma-shakespeare"
     chat_template_dir = str(directory) if _is_directory(directory) else None
-    if args.one_process:
-        app = create_app(
-            EngineThread(engine),
-            tokenizer=model.tokenizer,
-            model_name=model_name,
-            chat_template=ChatTemplate.from_directory(chat_template_dir),
-            default_max_tokens=args.max_tokens,
-            drain_timeout_s=args.drain_timeout,
-        )
-        uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=int(args.drain_timeout) + 1)
-        return 0
     settings = HttpSettings(
         host=args.host,
         port=args.port,
@@ -155,6 +142,10 @@ def run(argv=None) -> int:
         default_max_tokens=args.max_tokens,
         drain_timeout_s=args.drain_timeout,
     )
+    if args.one_process:
+        app = settings.app(EngineThread(engine))
+        uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=int(args.drain_timeout) + 1)
+        return 0
     try:
         with serve_in_process(engine, settings) as http:
             code = http.wait()

@@ -36,9 +36,12 @@ from collections.abc import Hashable, Iterator
 from multiprocessing.connection import Connection
 from typing import NamedTuple
 
+import uvicorn
 from prometheus_client import generate_latest
 
-from vishwam_jax.inference.engine_thread import EngineThread, OnEvent, ShuttingDown
+from vishwam_jax.inference.chat_template import ChatTemplate
+from vishwam_jax.inference.engine_thread import EngineHandle, EngineThread, OnEvent, ShuttingDown
+from vishwam_jax.inference.openai_server import create_app
 from vishwam_jax.inference.serving import Engine, Event, QueueFull, Request, RequestLimits, RequestRejected
 from vishwam_jax.inference.serving_metrics import ServingMetrics
 
@@ -162,6 +165,17 @@ class HttpSettings:
     default_max_tokens: int
     drain_timeout_s: float
     log_level: str = "info"
+
+    def app(self, engine: EngineHandle):
+        """The FastAPI app over `engine`, in whichever process serves it."""
+        return create_app(
+            engine,
+            tokenizer=self.tokenizer,
+            model_name=self.model_name,
+            chat_template=ChatTemplate.from_directory(self.chat_template_dir),
+            default_max_tokens=self.default_max_tokens,
+            drain_timeout_s=self.drain_timeout_s,
+        )
 
 
 @dataclasses.dataclass
@@ -359,20 +373,8 @@ def _http_main(conn: Connection, settings: HttpSettings) -> None:
     if hasattr(os, "setpgid"):  # the terminal's Ctrl-C goes to the engine's process, which passes it on once
         with contextlib.suppress(OSError):
             os.setpgid(0, 0)
-    import uvicorn
-
-    from vishwam_jax.inference.chat_template import ChatTemplate
-    from vishwam_jax.inference.openai_server import create_app
-
     remote = RemoteEngine(conn, settings.limits)
-    app = create_app(
-        remote,
-        tokenizer=settings.tokenizer,
-        model_name=settings.model_name,
-        chat_template=ChatTemplate.from_directory(settings.chat_template_dir),
-        default_max_tokens=settings.default_max_tokens,
-        drain_timeout_s=settings.drain_timeout_s,
-    )
+    app = settings.app(remote)
     config = uvicorn.Config(
         app,
         host=settings.host,

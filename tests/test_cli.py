@@ -125,17 +125,18 @@ def test_serve_bad_options_are_one_line_and_exit_2(args, message):
     assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
 
 
-def test_serve_on_a_taken_port_exits_2_naming_it():
-    """The HTTP process cannot bind: uvicorn's own line says why, ours names the address, and the
-    engine's process exits 2 (no traceback, nothing left running)."""
+@pytest.mark.parametrize("layout", [[], ["--one-process"]])
+def test_serve_on_a_taken_port_exits_2_naming_it_before_loading_the_model(layout):
+    """Both layouts bind (or try) before the model loads: one line naming the address, exit 2."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = run("vishwam_jax.serve", "--port", str(port), "--no-warmup")
+        r = run("vishwam_jax.serve", "--port", str(port), "--no-warmup", *layout)
     assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-2000:])
-    assert f"error: the HTTP server did not start on 127.0.0.1:{port}" in r.stderr
-    assert "address already in use" in r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}: " in r.stderr
+    assert "address already in use" in r.stderr.lower()
 
 
 def test_help_shows_defaults():

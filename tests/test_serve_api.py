@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import socket
 import threading
 import time
 
@@ -225,6 +226,29 @@ def test_the_http_server_in_its_own_process(engine):
         http.process.join(60)
     assert "".join(e["choices"][0]["text"] for e in result["events"][:-1]) == expected
     assert not http.bridge.engine_thread.alive and engine.pages_used == 0 and not engine.has_work
+
+
+def test_an_http_process_that_cannot_bind_is_a_runtime_error_naming_the_address(engine):
+    """The port taken between serve's own check and the HTTP process's bind: the context manager
+    says so instead of waiting on a server that never starts."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = HttpSettings(
+            host="127.0.0.1",
+            port=port,
+            model_name="shakespeare",
+            limits=engine.limits,
+            tokenizer=engine.tokenizer,
+            chat_template_dir=None,
+            default_max_tokens=16,
+            drain_timeout_s=1.0,
+            log_level="critical",
+        )
+        with pytest.raises(RuntimeError, match=f"did not start on 127.0.0.1:{port}"):
+            with serve_in_process(engine, settings):
+                pass
 
 
 def test_shutdown_finishes_in_flight_requests_and_stops_the_engine_thread(engine):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 
 
@@ -84,6 +85,21 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
     return None if text is None else tuple(int(x) for x in text.split(",") if x.strip())
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, bound as uvicorn binds (SO_REUSEADDR); OSError names the
+    address. Bound before the model loads, so that a taken port costs a second, not a model load."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except (OSError, OverflowError) as err:  # OverflowError: a port outside 0..65535
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {getattr(err, 'strerror', None) or err}") from None
+    return sock
+
+
 def run(argv=None) -> int:
     args = _parser().parse_args(argv)
     import numpy as np
@@ -97,6 +113,14 @@ def run(argv=None) -> int:
     from vishwam_jax.loading import EMBEDDED_MODELS
     from vishwam_jax.sharding import make_mesh, parse_mesh
 
+    try:
+        # Two processes: the HTTP process binds the port itself later; this only checks it is free.
+        listener = _listen(args.host, args.port)
+        if not args.one_process:
+            listener.close()
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         config = EngineConfig(
             num_slots=args.slots,
@@ -144,7 +168,13 @@ def run(argv=None) -> int:
     )
     if args.one_process:
         app = settings.app(EngineThread(engine))
-        uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=int(args.drain_timeout) + 1)
+        config = uvicorn.Config(
+            app, host=args.host, port=args.port, timeout_graceful_shutdown=int(args.drain_timeout) + 1
+        )
+        host, port = listener.getsockname()[:2]
+        # uvicorn logs no address for a socket it is handed
+        print(f"[serving on http://{host}:{port}; Ctrl-C to stop]", file=sys.stderr)
+        uvicorn.Server(config).run(sockets=[listener])
         return 0
     try:
         with serve_in_process(engine, settings) as http:

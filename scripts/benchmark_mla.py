@@ -6,6 +6,7 @@
     python scripts/benchmark_mla.py --quick    # a subset (a minute or two)
     main(argv) -> exit status, for scripts/benchmark_kernels.py
     python scripts/benchmark_mla.py --tune     # sweep tile configs on representative shapes
+    python scripts/benchmark_mla.py --impls pallas_gpu mosaic_gpu --no-prefill   # both GPU kernels side by side
 
 Decode (s_q = 1, bf16, every row's cache full): our kernel vs the XLA einsum form, with achieved
 GB/s and TFLOP/s, and the floor max(bytes / read bandwidth, flops / matmul rate) using the read
@@ -15,6 +16,12 @@ Prefill (causal, bf16, 192/192/128 head dims): ours vs cuDNN vs XLA, forward and
 
 Every kernel result is checked against the float32 reference (decode on the first batch rows,
 prefill forward and gradients on one shape); any mismatch makes the exit status 1.
+
+--impls names the decode kernels to time (mla_decode implementations; default pallas_gpu, the first
+one is "ours" for the auto column). With more than one, each decode row shows every kernel's µs,
+TFLOP/s and fraction of the measured dense matmul rate. A kernel that fails to lower, compile or run
+on a shape is reported in one line for that shape and the other kernels' rows go on (exit status 3
+if that is the only problem); shapes a kernel does not take (mosaic_gpu: heads % 64) show n/a.
 """
 
 from __future__ import annotations
@@ -44,6 +51,21 @@ L2_BYTES = 50 * 2**20
 FAILURES: list[str] = []
 VERBOSE = False
 OURS = "pallas_gpu"  # the CPU smoke test of this script swaps in "pallas_interpret"
+EXTRA_IMPLS: list[str] = []  # further decode kernels timed beside OURS (--impls)
+ERRORS: list[str] = []  # a kernel that failed to lower / compile / run (not a wrong answer)
+
+
+def one_line(e: BaseException, n: int = 300) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:n]}"
+
+
+def decode_supported(impl: str, heads: int, s_q: int = 1) -> bool:
+    """Whether a decode implementation takes this head count (the Mosaic GPU kernel: heads % 64)."""
+    if impl in ("mosaic_gpu", "mosaic_interpret"):
+        from vishwam_jax.pallas_kernels import _mla_mgpu
+
+        return _mla_mgpu.supported((1, s_q, heads, D), (1, 64, D), jnp.bfloat16)
+    return True
 
 
 def log(*a):
@@ -150,12 +172,22 @@ def decode_case(
         ref = jax.jit(functools.partial(mla.mla_decode_reference, softmax_scale=scale))(
             qs[0][:nb], ref_cache, lengths[:nb]
         )
-    for name, cfg in (configs or {"ours": None}).items():
+    default = {"ours": None, **{impl: None for impl in EXTRA_IMPLS if impl != OURS}}
+    for name, cfg in (configs or default).items():
+        impl = OURS if name == "ours" else name
+        if cfg is None and not decode_supported(impl, heads):
+            log(f"  {impl}: n/a for {heads} heads")
+            continue
         try:
             if cfg is None:
                 op = functools.partial(
-                    mla.mla_decode, softmax_scale=scale, implementation=OURS, block_table=table, num_splits=num_splits
+                    mla.mla_decode, softmax_scale=scale, implementation=impl, block_table=table, num_splits=num_splits
                 )
+            elif "mgpu" in cfg:  # the Mosaic GPU kernel with explicit knobs (--tune-mgpu)
+                from vishwam_jax.pallas_kernels import _mla_mgpu
+
+                op = functools.partial(_mla_mgpu.mla_decode_mgpu, block_table=table, softmax_scale=scale, **cfg["mgpu"])
+                op = (lambda f: lambda q, c, l: f(q, c, l)[0])(op)
             else:
                 op = functools.partial(
                     _mla_gpu.mla_decode_gpu, block_table=table, softmax_scale=scale, v_head_dim=DV, **cfg
@@ -171,7 +203,9 @@ def decode_case(
                 )
             results[name] = time_fn(runner, (qs, caches, lengths), n_ops)
         except Exception as e:  # noqa: BLE001 - report and keep going
-            log(f"  {name} failed: {type(e).__name__}: {str(e)[:300]}")
+            msg = f"decode {impl if cfg is None else name} b{batch} h{heads} L{length}{' paged' if paged else ''}"
+            log(f"  FAILED {msg}: {one_line(e)}")
+            ERRORS.append(f"{msg}: {one_line(e)}")
             results[name] = float("nan")
     if configs is None and "ours" in results:  # what the model runs (implementation=None)
         if mla._xla_faster(caches[0], table):
@@ -202,6 +236,57 @@ def fmt_decode_row(r, name="ours"):
         f"{tfs:6.0f} | "
         f"{x:9.1f} | {x / t:5.2f}x | {r['floor_us']:7.1f} | {r['floor_us'] / t:5.2f} | {auto:9.1f} |"
     )
+
+
+def fmt_decode_multi(r, peak):
+    """One row, every timed kernel side by side: µs, TFLOP/s, fraction of the dense matmul rate."""
+    cells = []
+    for name in ["ours"] + [i for i in EXTRA_IMPLS if i != OURS]:
+        t = r["times_us"].get(name)
+        if t is None:
+            cells.append("    n/a |      |      ")
+            continue
+        tfs = r["flops"] / (t * 1e-6) / 1e12
+        cells.append(f"{t:9.1f} | {tfs:4.0f} | {tfs * 1e12 / peak:4.2f}")
+    paged = " paged" if r.get("paged") else ""
+    x = r["times_us"].get("xla", float("nan"))
+    return (
+        f"| {r['heads']:>3} | {r['batch']:>3} | {r['length'] // 1024:>3}K{paged} | "
+        + " | ".join(cells)
+        + f" | {x:9.1f} | {r['floor_us']:7.1f} |"
+    )
+
+
+def decode_multi_header() -> str:
+    names = [OURS] + [i for i in EXTRA_IMPLS if i != OURS]
+    cols = " | ".join(f"{n} µs | TFLOP/s | / dense" for n in names)
+    return (
+        f"| heads | batch | cache | {cols} | XLA µs | floor µs |\n|---:|---:|---:|"
+        + "---:|---:|---:|" * len(names)
+        + "---:|---:|"
+    )
+
+
+def tune_mgpu(bw, peak, scale, shapes):
+    """The Mosaic GPU kernel's knobs on each decode shape, every variant checked against the reference
+    first: lowering semantics (lane / warpgroup) x Q K^T prefetch at the heuristic's split count, then
+    the split count at half, double and 1 (reported only; defaults live in _mla_mgpu / _mla_gpu)."""
+    for heads, batch, length, paged in shapes:
+        if not decode_supported("mosaic_gpu", heads):
+            continue
+        auto = _mla_gpu.default_config(heads, batch, length, paged)["num_splits"]
+        configs = {
+            f"{sem}{' prefetch' if pf else ''} s{auto}": dict(mgpu=dict(semantics=sem, prefetch_qk=pf, num_splits=auto))
+            for sem in ("lane", "warpgroup")
+            for pf in (False, True)
+        }
+        for n in sorted({1, max(1, auto // 2), auto * 2} - {auto}):
+            configs[f"default s{n}"] = dict(mgpu=dict(num_splits=n))
+        r = decode_case(batch, heads, length, bw, peak, scale, configs=configs, do_xla=False, paged=paged)
+        log(f"mosaic_gpu h{heads} b{batch} L{length}{' paged' if paged else ''} (auto splits {auto}):")
+        for name, t in sorted(r["times_us"].items(), key=lambda kv: kv[1] if kv[1] == kv[1] else 1e18):
+            tfs = r["flops"] / (t * 1e-6) / 1e12
+            log(f"   {name:>22}: {t:9.1f} µs {tfs:5.0f} TFLOP/s {tfs * 1e12 / peak:5.2f} of dense")
 
 
 DECODE_HEADER = (
@@ -521,6 +606,18 @@ def main(argv: list[str] | None = None) -> int:
         help="decode shapes to time instead of the default set (repeatable)",
     )
     ap.add_argument(
+        "--impls",
+        nargs="+",
+        default=None,
+        metavar="IMPL",
+        help="decode kernels to time side by side (mla_decode implementations, e.g. pallas_gpu mosaic_gpu)",
+    )
+    ap.add_argument(
+        "--tune-mgpu",
+        action="store_true",
+        help="time the Mosaic GPU kernel at a few split counts on each decode shape first (reported only)",
+    )
+    ap.add_argument(
         "--small-batch-sweep",
         action="store_true",
         help="time split counts x tiles on the small-batch shapes first (reported only)",
@@ -532,9 +629,16 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds: stop starting new shapes after this (the tables print what ran)",
     )
     args = ap.parse_args(argv)
-    global VERBOSE
+    global VERBOSE, OURS
     VERBOSE = args.verbose
     FAILURES.clear()
+    ERRORS.clear()
+    if args.impls:
+        bad = [i for i in args.impls if i not in mla.IMPLEMENTATIONS]
+        if bad:
+            ap.error(f"unknown implementation(s) {bad}; expected some of {mla.IMPLEMENTATIONS}")
+        OURS = args.impls[0]
+        EXTRA_IMPLS[:] = args.impls[1:]
     t_start = time.perf_counter()
 
     def out_of_time(frac=1.0):
@@ -556,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         split_sweep(bw, peak, scale)
     if args.small_batch_sweep:
         small_batch_sweep(bw, peak, scale)
+    if args.tune_mgpu:
+        tune_mgpu(bw, peak, scale, decode_shapes(args))
     if not args.no_decode:
         # correctness of the auto path on ragged / paged / multi-token inputs (bf16, realistic dims)
         decode_extra_checks(scale)
@@ -565,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             r = decode_case(batch, heads, length, bw, peak, scale, paged=paged)
             report["decode"].append(r)
-            log(fmt_decode_row(r))
+            log(fmt_decode_multi(r, peak) if EXTRA_IMPLS else fmt_decode_row(r))
             dump(args.json, report)
     if not args.no_prefill:
         prefill_check(scale)
@@ -589,6 +695,11 @@ def main(argv: list[str] | None = None) -> int:
         log("\nDecode (s_q = 1, bf16, full caches)\n" + DECODE_HEADER)
         for r in report["decode"]:
             log(fmt_decode_row(r))
+        if EXTRA_IMPLS:
+            log(f"\nDecode kernels side by side (/ dense: of the measured {peak / 1e12:.0f} TFLOP/s)")
+            log(decode_multi_header())
+            for r in report["decode"]:
+                log(fmt_decode_multi(r, peak))
     if report["prefill"]:
         for key, title in (("fwd", "forward"), ("fwdbwd", "forward + backward")):
             log(f"\nPrefill {title} (causal, bf16)\n" + PREFILL_HEADER)
@@ -597,9 +708,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    if ERRORS:
+        log("\nKERNEL ERRORS (failed to lower / compile / run):\n" + "\n".join(ERRORS))
     if FAILURES:
         log("\nFAILED CHECKS:\n" + "\n".join(FAILURES))
         return 1
+    if ERRORS:
+        return 3
     log("\nall checks passed")
     return 0
 
@@ -623,17 +738,26 @@ def decode_extra_checks(scale):
             bt = None
         ln = jnp.asarray(lengths, jnp.int32)
         ref = mla.mla_decode_reference(q, cache, ln, softmax_scale=scale, block_table=bt)
-        for splits in (None, 7):
-            try:
-                out = mla.mla_decode(
-                    q, cache, ln, softmax_scale=scale, block_table=bt, num_splits=splits, implementation=OURS
-                )
-                err = rel_err(out, ref)
-                check(f"decode ragged h{heads} s_q{s_q} paged={paged} splits={splits}", err, 2e-2)
-            except Exception as e:  # noqa: BLE001
-                FAILURES.append(f"decode ragged h{heads} failed: {type(e).__name__}: {str(e)[:300]}")
-                log(FAILURES[-1])
-                traceback.print_exc()
+        for impl in [OURS] + [i for i in EXTRA_IMPLS if i != OURS]:
+            if not decode_supported(impl, heads, s_q):
+                continue
+            for splits in (None, 7):
+                name = f"decode ragged {impl} h{heads} s_q{s_q} paged={paged} splits={splits}"
+                try:
+                    out = mla.mla_decode(
+                        q, cache, ln, softmax_scale=scale, block_table=bt, num_splits=splits, implementation=impl
+                    )
+                    check(name, rel_err(out, ref), 2e-2)
+                except Exception as e:  # noqa: BLE001
+                    if impl == OURS:
+                        FAILURES.append(f"{name} failed: {one_line(e)}")
+                        log(FAILURES[-1])
+                        traceback.print_exc()
+                    else:  # one line, and the other kernels go on
+                        ERRORS.append(f"{name}: {one_line(e)}")
+                        log(f"  FAILED {ERRORS[-1]}")
+                        if VERBOSE:
+                            traceback.print_exc()
     log("decode ragged/paged/multi-token checks done")
 
 

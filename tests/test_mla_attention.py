@@ -165,6 +165,119 @@ def test_decode_kernel_variants():
     assert _rel(out, ref) < 1e-5
 
 
+# -- the Mosaic GPU kernel (Hopper), in jax's GPU interpreter and lowered for CUDA ---------------
+def _check_mosaic(q, cache, lengths, table, **kw):
+    from vishwam_jax.pallas_kernels import _mla_mgpu
+
+    try:
+        return _check_decode(q, cache, lengths, table, dv=512, impl="mosaic_interpret", tol=2e-2, **kw)
+    except Exception:
+        _mla_mgpu.reset_interpreter()  # the interpreter's global state is unusable after a failure
+        raise
+
+
+def test_mosaic_decode_lengths_around_the_tile():
+    """Lengths 0, 1, 63, 64, 65, 300 in one ragged batch of 64 heads (300: five tiles, so the
+    two-slot ring wraps twice); stale slots hold NaN, which the kernel must zero in shared memory
+    before P @ V (the tile is loaded whole by TMA)."""
+    rng = np.random.default_rng(20)
+    q, cache, lengths, _ = _decode_inputs(
+        rng, [0, 1, 63, 64, 65, 300], 1, 64, dv=512, dr=64, cache_len=320, stale_nan=True, dtype=jnp.bfloat16
+    )
+    _check_mosaic(q, cache, lengths, None, num_splits=1)
+
+
+def test_mosaic_decode_paged_shuffled_splits():
+    """Paged (shuffled 64-token pages, NaN past each length), two KV splits merged by lse; 447
+    tokens make splits of four and three tiles."""
+    rng = np.random.default_rng(21)
+    q, cache, lengths, table = _decode_inputs(
+        rng, [1, 330, 64, 0, 447], 1, 64, dv=512, dr=64, paged=True, cache_len=448, stale_nan=True, dtype=jnp.bfloat16
+    )
+    _check_mosaic(q, cache, lengths, table, num_splits=2)
+
+
+def test_mosaic_decode_two_tokens_two_row_tiles():
+    """s_q = 2 with 64 heads: two row tiles, one per new token, causal between them (a row of length
+    1 leaves token 0 empty, length 0 both); two splits."""
+    rng = np.random.default_rng(22)
+    q, cache, lengths, _ = _decode_inputs(
+        rng, [2, 1, 0, 65, 64], 2, 64, dv=512, dr=64, cache_len=128, dtype=jnp.bfloat16
+    )
+    out, _ = _check_mosaic(q, cache, lengths, None, num_splits=2)
+    assert np.all(np.asarray(out)[1, 0] == 0) and np.all(np.asarray(out)[2] == 0)
+
+
+def test_mosaic_decode_128_heads_paged_non_causal():
+    rng = np.random.default_rng(23)
+    q, cache, lengths, table = _decode_inputs(
+        rng, [65, 128], 2, 128, dv=512, dr=64, paged=True, cache_len=128, dtype=jnp.bfloat16
+    )
+    _check_mosaic(q, cache, lengths, table, causal=False, num_splits=None)  # the split heuristic's choice
+
+
+def test_mosaic_decode_prefetch_variant():
+    """The other schedule (next tile's Q K^T issued behind P @ V, S carried across iterations)."""
+    from vishwam_jax.pallas_kernels import _mla_mgpu
+
+    rng = np.random.default_rng(24)
+    q, cache, lengths, _ = _decode_inputs(
+        rng, [300, 1, 0], 1, 64, dv=512, dr=64, cache_len=320, stale_nan=True, dtype=jnp.bfloat16
+    )
+    ref = mla_attention.mla_decode_reference(q, cache, lengths, softmax_scale=0.3)
+    try:
+        out, _ = _mla_mgpu.mla_decode_mgpu(
+            q, cache, lengths, softmax_scale=0.3, num_splits=2, prefetch_qk=True, interpret=True
+        )
+    except Exception:
+        _mla_mgpu.reset_interpreter()
+        raise
+    assert _rel(out, ref) < 2e-2
+
+
+def test_mosaic_decode_rejects_other_shapes():
+    from vishwam_jax.pallas_kernels import _mla_mgpu
+
+    q = jnp.zeros((1, 1, 16, 576), jnp.bfloat16)  # 16 heads: not a 64-row tile
+    cache = jnp.zeros((1, 128, 576), jnp.bfloat16)
+    assert not _mla_mgpu.supported(q.shape, cache.shape, q.dtype)
+    assert _mla_mgpu.supported((1, 1, 128, 576), cache.shape, jnp.bfloat16)
+    assert not _mla_mgpu.supported((1, 1, 128, 576), cache.shape, jnp.float32)
+    assert not _mla_mgpu.supported((1, 1, 128, 576), (1, 100, 576), jnp.bfloat16)  # not whole tiles
+    with pytest.raises(ValueError, match="heads % 64 == 0"):
+        mla_attention.mla_decode(q, cache, jnp.array([5]), softmax_scale=0.1, implementation="mosaic_gpu")
+    with pytest.raises(ValueError, match="for mla_decode only"):
+        x = jnp.zeros((1, 8, 2, 192))
+        mla_attention.mla_prefill(x, x, x[..., :128], softmax_scale=0.1, implementation="mosaic_gpu")
+
+
+@pytest.mark.parametrize("variant", ["contiguous", "paged", "paged, Q K^T prefetch"])
+def test_mosaic_decode_lowers_for_cuda(variant):
+    """DeepSeek-V3's decode shape (batch 64, 128 heads, 4096-token caches) through Mosaic GPU's own
+    lowering for a Hopper target, on this CPU: layouts, tiling, TMA and wgmma shapes, and the shared
+    memory budget are checked there (compiling to SASS needs the GPU)."""
+    from vishwam_jax.pallas_kernels import _mla_mgpu
+    from vishwam_jax.utils import kernel_inspection
+
+    batch, heads, length = 64, 128, 4096
+    q = jax.ShapeDtypeStruct((batch, 1, heads, 576), jnp.bfloat16)
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    if variant == "contiguous":
+        cache = jax.ShapeDtypeStruct((batch, length, 576), jnp.bfloat16)
+        fn = lambda q, c, n: mla_attention.mla_decode(q, c, n, softmax_scale=0.1, implementation="mosaic_gpu")  # noqa: E731
+        text = kernel_inspection.lower_for_cuda(fn, q, cache, lengths)
+    else:
+        cache = jax.ShapeDtypeStruct((batch * length // 64, 64, 576), jnp.bfloat16)
+        table = jax.ShapeDtypeStruct((batch, length // 64), jnp.int32)
+        prefetch = "prefetch" in variant
+
+        def fn(q, c, n, t):
+            return _mla_mgpu.mla_decode_mgpu(q, c, n, t, softmax_scale=0.1, num_splits=2, prefetch_qk=prefetch)
+
+        text = kernel_inspection.lower_for_cuda(fn, q, cache, lengths, table)
+    assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
+
+
 # -- the other implementations ------------------------------------------------------------------
 @pytest.mark.parametrize("paged", [False, True])
 def test_decode_xla(paged):

@@ -22,6 +22,9 @@ every call that leaves it at None / "auto"):
     "pallas_gpu"        Pallas kernel, Triton lowering (CUDA GPUs)          [auto on GPU]
     "pallas_tpu"        Pallas kernel, Mosaic lowering (decode only)        [auto on TPU]
     "pallas_interpret"  the GPU kernel run by the Pallas interpreter (any backend; for tests)
+    "mosaic_gpu"        decode only: Pallas Mosaic GPU kernel (Hopper: TMA, wgmma, warp-specialised;
+                        heads a multiple of 64, 576 = 512 + 64 channels, bf16/f16; other shapes raise)
+    "mosaic_interpret"  the Mosaic GPU kernel run by jax's GPU interpreter (CPU; for tests)
     "cudnn"             prefill only: jax.nn.dot_product_attention(implementation="cudnn")
     "xla"               plain jnp einsums: bf16 matmuls, f32 softmax         [auto on CPU]
     "reference"         float32 jnp, materialised scores; the ground truth of the tests
@@ -37,7 +40,16 @@ from jaxtyping import Array, Float, Int
 
 from vishwam_jax.pallas_kernels import _flash_prefill, _mla_gpu
 
-IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "pallas_interpret", "cudnn", "xla", "reference")
+IMPLEMENTATIONS = (
+    "pallas_gpu",
+    "pallas_tpu",
+    "pallas_interpret",
+    "mosaic_gpu",
+    "mosaic_interpret",
+    "cudnn",
+    "xla",
+    "reference",
+)
 ENV_VAR = "VISHWAM_MLA_IMPL"
 
 __all__ = ["mla_decode", "mla_decode_reference", "mla_decode_xla", "mla_prefill", "mla_prefill_reference"]
@@ -231,6 +243,32 @@ def mla_decode(
         # out-of-range id): a query padded past its row's pages may then read another page's
         # finite values, which its mask discards, but never memory outside the pool
         block_table = jnp.clip(block_table.astype(jnp.int32), 0, cache.shape[0] - 1)
+    if impl in ("mosaic_gpu", "mosaic_interpret"):
+        from vishwam_jax.pallas_kernels import _mla_mgpu  # Mosaic GPU imports only where used
+
+        if not _mla_mgpu.supported(q.shape, cache.shape, q.dtype, v_head_dim=v_head_dim):
+            raise ValueError(
+                f"the Mosaic GPU MLA kernel takes heads % 64 == 0, 576 = 512 + 64 channels, bf16/f16 and a cache of "
+                f"64-token multiples; got q {q.shape} {q.dtype}, cache {cache.shape}, v_head_dim {v_head_dim} "
+                "(use implementation='pallas_gpu')"
+            )
+        if num_splits is None:
+            max_len = block_table.shape[1] * cache.shape[1] if block_table is not None else cache.shape[1]
+            num_splits = _mla_gpu.default_config(q.shape[1] * q.shape[2], q.shape[0], max_len, block_table is not None)[
+                "num_splits"
+            ]
+        o, lse = _mla_mgpu.mla_decode_mgpu(
+            q,
+            cache,
+            lengths,
+            block_table,
+            softmax_scale=float(softmax_scale),
+            v_head_dim=v_head_dim,
+            causal=causal,
+            num_splits=int(num_splits),
+            interpret=impl == "mosaic_interpret",
+        )
+        return (o, lse) if return_lse else o
     if impl == "pallas_tpu":
         from vishwam_jax.pallas_kernels import _mla_tpu  # Mosaic imports only where used
 
@@ -345,6 +383,8 @@ def mla_prefill(
             f"mla_prefill needs q, k [b, t, h, d] of one shape and v [b, t, h, dv], got {q.shape}, {k.shape}, {v.shape}"
         )
     kwargs = dict(softmax_scale=softmax_scale, causal=causal)
+    if impl in ("mosaic_gpu", "mosaic_interpret"):
+        raise ValueError(f"the {impl!r} implementation is for mla_decode only")
     if impl == "reference":
         return mla_prefill_reference(q, k, v, **kwargs)
     if impl == "pallas_tpu":

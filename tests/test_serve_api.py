@@ -187,22 +187,25 @@ def test_disconnect_frees_pages_and_a_full_queue_gets_429_without_corrupting_str
         check_disconnect_and_full_queue(engine, url, expected)
 
 
-def test_the_http_server_in_its_own_process(engine):
-    """`serve`'s layout: the app in a spawned process over a pipe to the engine thread here. Greedy
-    answers, /health and /metrics, disconnects and 429s as in one process; SIGTERM drains the
-    running request before the engine thread stops."""
-    expected = greedy_text(engine, PROMPT, 40)
-    settings = HttpSettings(
+def http_settings(engine, **kw) -> HttpSettings:
+    """`serve`'s settings for the embedded model on localhost (port, drain and log level from kw)."""
+    return HttpSettings(
         host="127.0.0.1",
-        port=0,
         model_name="shakespeare",
         limits=engine.limits,
         tokenizer=engine.tokenizer,
         chat_template_dir=None,
         default_max_tokens=16,
-        drain_timeout_s=20.0,
-        log_level="warning",
+        **kw,
     )
+
+
+def test_the_http_server_in_its_own_process(engine):
+    """`serve`'s layout: the app in a spawned process over a pipe to the engine thread here. Greedy
+    answers, /health and /metrics, disconnects and 429s as in one process; SIGTERM drains the
+    running request before the engine thread stops."""
+    expected = greedy_text(engine, PROMPT, 40)
+    settings = http_settings(engine, port=0, drain_timeout_s=20.0, log_level="warning")
     with serve_in_process(engine, settings) as http:
         url = http.url
         whole = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 40, "temperature": 0})
@@ -235,17 +238,7 @@ def test_an_http_process_that_cannot_bind_is_a_runtime_error_naming_the_address(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        settings = HttpSettings(
-            host="127.0.0.1",
-            port=port,
-            model_name="shakespeare",
-            limits=engine.limits,
-            tokenizer=engine.tokenizer,
-            chat_template_dir=None,
-            default_max_tokens=16,
-            drain_timeout_s=1.0,
-            log_level="critical",
-        )
+        settings = http_settings(engine, port=port, drain_timeout_s=1.0, log_level="critical")
         with pytest.raises(RuntimeError, match=f"did not start on 127.0.0.1:{port}"):
             with serve_in_process(engine, settings):
                 pass

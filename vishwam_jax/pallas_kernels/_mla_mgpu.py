@@ -418,7 +418,8 @@ def mla_decode_mgpu(
     if not supported(q.shape, cache.shape, q.dtype, v_head_dim=v_head_dim):
         raise ValueError(
             f"the Mosaic GPU MLA kernel needs q [b, s_q, heads % 64 == 0, {D}] in bf16/f16, v_head_dim {DV} and "
-            f"a cache of 64-token multiples; got q {q.shape} {q.dtype}, cache {cache.shape}, v_head_dim {v_head_dim}"
+            f"a cache of 64-token multiples; got q {q.shape} {q.dtype}, cache {cache.shape}, v_head_dim {v_head_dim} "
+            "(implementation='pallas_gpu' takes other shapes)"
         )
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")

@@ -203,6 +203,12 @@ def _triton_shapes_ok(d: int, v_head_dim: int) -> bool:
     return pow2(v_head_dim) and (dr == 0 or pow2(dr))
 
 
+def _gpu_config(q, cache, block_table) -> dict:
+    """The Triton kernel's tiles and split count for this call; the Mosaic kernel uses the same split count."""
+    max_len = block_table.shape[1] * cache.shape[1] if block_table is not None else cache.shape[1]
+    return _mla_gpu.default_config(q.shape[1] * q.shape[2], q.shape[0], max_len, block_table is not None)
+
+
 def mla_decode(
     q: Float[Array, "b s_q h 576"],
     cache: Float[Array, "b L 576"] | Float[Array, "num_blocks 64 576"],
@@ -243,32 +249,6 @@ def mla_decode(
         # out-of-range id): a query padded past its row's pages may then read another page's
         # finite values, which its mask discards, but never memory outside the pool
         block_table = jnp.clip(block_table.astype(jnp.int32), 0, cache.shape[0] - 1)
-    if impl in ("mosaic_gpu", "mosaic_interpret"):
-        from vishwam_jax.pallas_kernels import _mla_mgpu  # Mosaic GPU imports only where used
-
-        if not _mla_mgpu.supported(q.shape, cache.shape, q.dtype, v_head_dim=v_head_dim):
-            raise ValueError(
-                f"the Mosaic GPU MLA kernel takes heads % 64 == 0, 576 = 512 + 64 channels, bf16/f16 and a cache of "
-                f"64-token multiples; got q {q.shape} {q.dtype}, cache {cache.shape}, v_head_dim {v_head_dim} "
-                "(use implementation='pallas_gpu')"
-            )
-        if num_splits is None:
-            max_len = block_table.shape[1] * cache.shape[1] if block_table is not None else cache.shape[1]
-            num_splits = _mla_gpu.default_config(q.shape[1] * q.shape[2], q.shape[0], max_len, block_table is not None)[
-                "num_splits"
-            ]
-        o, lse = _mla_mgpu.mla_decode_mgpu(
-            q,
-            cache,
-            lengths,
-            block_table,
-            softmax_scale=float(softmax_scale),
-            v_head_dim=v_head_dim,
-            causal=causal,
-            num_splits=int(num_splits),
-            interpret=impl == "mosaic_interpret",
-        )
-        return (o, lse) if return_lse else o
     if impl == "pallas_tpu":
         from vishwam_jax.pallas_kernels import _mla_tpu  # Mosaic imports only where used
 
@@ -282,10 +262,22 @@ def mla_decode(
             causal=causal,
             num_splits=num_splits or 1,
         )
+    elif impl in ("mosaic_gpu", "mosaic_interpret"):
+        from vishwam_jax.pallas_kernels import _mla_mgpu  # Mosaic GPU imports only where used
+
+        o, lse = _mla_mgpu.mla_decode_mgpu(
+            q,
+            cache,
+            lengths,
+            block_table,
+            softmax_scale=float(softmax_scale),
+            v_head_dim=v_head_dim,
+            causal=causal,
+            num_splits=int(num_splits or _gpu_config(q, cache, block_table)["num_splits"]),
+            interpret=impl == "mosaic_interpret",
+        )
     else:
-        n_rows = q.shape[1] * q.shape[2]
-        max_len = block_table.shape[1] * cache.shape[1] if block_table is not None else cache.shape[1]
-        cfg = _mla_gpu.default_config(n_rows, q.shape[0], max_len, block_table is not None)
+        cfg = _gpu_config(q, cache, block_table)
         if num_splits is not None:
             cfg["num_splits"] = int(num_splits)
         if block_table is not None:

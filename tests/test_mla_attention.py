@@ -216,8 +216,9 @@ def test_mosaic_decode_128_heads_paged_non_causal():
     _check_mosaic(q, cache, lengths, table, causal=False, num_splits=None)  # the split heuristic's choice
 
 
-def test_mosaic_decode_prefetch_variant():
-    """The other schedule (next tile's Q K^T issued behind P @ V, S carried across iterations)."""
+def test_mosaic_decode_other_schedule():
+    """The schedule the module does not default to (PREFETCH_QK: the next tile's Q K^T issued behind
+    P @ V with S carried across iterations, or issue-await-continue)."""
     from vishwam_jax.pallas_kernels import _mla_mgpu
 
     rng = np.random.default_rng(24)
@@ -227,12 +228,31 @@ def test_mosaic_decode_prefetch_variant():
     ref = mla_attention.mla_decode_reference(q, cache, lengths, softmax_scale=0.3)
     try:
         out, _ = _mla_mgpu.mla_decode_mgpu(
-            q, cache, lengths, softmax_scale=0.3, num_splits=2, prefetch_qk=True, interpret=True
+            q, cache, lengths, softmax_scale=0.3, num_splits=2, prefetch_qk=not _mla_mgpu.PREFETCH_QK, interpret=True
         )
     except Exception:
         _mla_mgpu.reset_interpreter()
         raise
     assert _rel(out, ref) < 2e-2
+
+
+def test_auto_decode_takes_the_mosaic_kernel_on_hopper_only(monkeypatch):
+    """Auto mode: the Mosaic GPU kernel where a Hopper GPU and the shapes allow it, else the Triton one."""
+    import types
+
+    q = jnp.zeros((2, 1, 128, 576), jnp.bfloat16)
+    cache = jnp.zeros((2, 4096, 576), jnp.bfloat16)
+    for capability, heads, dtype, expected in (
+        ("9.0", 128, jnp.bfloat16, True),
+        ("9.0", 16, jnp.bfloat16, False),  # not a multiple of 64 rows
+        ("9.0", 128, jnp.float32, False),
+        ("8.0", 128, jnp.bfloat16, False),  # no wgmma before Hopper
+        ("10.0", 128, jnp.bfloat16, False),
+    ):
+        gpu = types.SimpleNamespace(platform="gpu", compute_capability=capability)
+        monkeypatch.setattr(mla_attention.jax, "devices", lambda gpu=gpu: [gpu])
+        query = jnp.zeros(q.shape[:2] + (heads, 576), dtype)
+        assert mla_attention._mosaic_faster(query, cache.astype(dtype), 512) is expected, (capability, heads, dtype)
 
 
 def test_mosaic_decode_rejects_other_shapes():

@@ -24,6 +24,8 @@ every call that leaves it at None / "auto"):
     "pallas_interpret"  the GPU kernel run by the Pallas interpreter (any backend; for tests)
     "mosaic_gpu"        decode only: Pallas Mosaic GPU kernel (Hopper: TMA, wgmma, warp-specialised;
                         heads a multiple of 64, 576 = 512 + 64 channels, bf16/f16; other shapes raise)
+                                                                            [auto decode on Hopper
+                                                                             for those shapes]
     "mosaic_interpret"  the Mosaic GPU kernel run by jax's GPU interpreter (CPU; for tests)
     "cudnn"             prefill only: jax.nn.dot_product_attention(implementation="cudnn")
     "xla"               plain jnp einsums: bf16 matmuls, f32 softmax         [auto on CPU]
@@ -197,6 +199,17 @@ def _xla_faster(cache, block_table, s_q: int = 1) -> bool:
     return block_table is None and s_q <= XLA_MAX_QUERIES and cache.size * cache.dtype.itemsize <= XLA_BELOW_CACHE_BYTES
 
 
+def _mosaic_faster(q, cache, v_head_dim: int) -> bool:
+    """Auto mode on a Hopper GPU: the Mosaic GPU kernel for every shape it takes. On an H100 it ran
+    1.48-1.57x the Triton kernel's rate on each compute-bound 128-head row measured (BENCHMARKS.md);
+    wgmma is Hopper's alone, so other GPUs keep the Triton kernel."""
+    from vishwam_jax.pallas_kernels import _mla_mgpu
+
+    device = jax.devices()[0]
+    hopper = device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
+    return hopper and _mla_mgpu.supported(q.shape, cache.shape, q.dtype, v_head_dim=v_head_dim)
+
+
 def _triton_shapes_ok(d: int, v_head_dim: int) -> bool:
     dr = d - v_head_dim
     pow2 = lambda n: n >= 16 and not n & (n - 1)  # noqa: E731
@@ -238,6 +251,8 @@ def mla_decode(
         and (not _triton_shapes_ok(q.shape[-1], v_head_dim) or _xla_faster(cache, block_table, q.shape[1]))
     ):
         impl = "xla"
+    elif auto and impl == "pallas_gpu" and _mosaic_faster(q, cache, v_head_dim):
+        impl = "mosaic_gpu"
     kwargs = dict(softmax_scale=softmax_scale, block_table=block_table, v_head_dim=v_head_dim, causal=causal)
     if impl == "reference":
         return mla_decode_reference(q, cache, lengths, return_lse=return_lse, **kwargs)

@@ -100,6 +100,26 @@ def test_fp8_products_on_the_gpu_kernel_equal_the_recipe(monkeypatch):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+def test_fp8_weights_reach_the_kernel_k_major(monkeypatch):
+    """FP8 wgmma reads both operands K-major: the forward and the dgrad, dense and grouped, hand the
+    kernel a weight whose contracted axis is last (a [k, n] weight would be loaded and transposed
+    synchronously at every K step)."""
+    from vishwam_jax.pallas_kernels import grouped_matmul
+
+    layouts, original = [], grouped_matmul.gmm_fp8
+
+    def recording(*args, **kwargs):
+        layouts.append(kwargs.get("transpose_rhs", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(grouped_matmul, "gmm_fp8", recording)
+    x, w, dy = _normal(0, (37, 200)), _normal(1, (200, 150), 0.05), _normal(2, (37, 150))
+    sizes = jnp.asarray((5, 0, 30, 2), jnp.int32)
+    jax.vjp(fp8_matmul, x, w)[1](dy)
+    jax.vjp(lambda x, w: fp8_grouped_matmul(x, w, sizes), x, _normal(4, (4, 200, 150), 0.05))[1](dy)
+    assert len(layouts) == 4 and all(layouts)
+
+
 @pytest.mark.parametrize("name", ["deepseek-v3-tiny", "gemma-tiny"])
 def test_fp8_train_step_runs_fp8_gemms_and_stays_near_bf16(name):
     config = get_config(name, num_layers=2, **({"num_dense_layers": 1} if name == "deepseek-v3-tiny" else {}))

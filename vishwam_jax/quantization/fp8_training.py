@@ -68,14 +68,20 @@ def as_fp8(x: Float[Array, "*batch m n"], tile: tuple[int, int]) -> Float[Array,
 
 def _gmm_fp8(x, w, group_sizes, transpose_w: bool = False) -> Float[Array, "m n"]:
     """x (1 x 128 tiles along its last axis) times w [g, a, b] (128 x 128 blocks of each matrix as
-    stored; transpose_w: times w[g]^T), both float8, float32 out."""
+    stored; transpose_w: times w[g]^T), both float8, float32 out.
+
+    The float8 weight is always laid out with the contracted axis last: FP8 wgmma reads both operands
+    K-major from shared memory, and Triton loads a tile whose bytes run along N synchronously and
+    transposes it at every K step, with no copy in flight (the compiled kernel's TTGIR). The weight
+    is quantized at every step anyway, so the forward's transpose rides in that same pass; the
+    blocks and scales are the same ones."""
     from vishwam_jax.pallas_kernels import grouped_matmul  # local: kernels import nothing from here
 
     x8, x_scale = quantize(x, "fp8", (1, 1), ACTIVATION_TILE)
-    w8, w_scale = quantize(w, "fp8", (1, 1), WEIGHT_BLOCK)
-    return grouped_matmul.gmm_fp8(
-        x8, x_scale, w8, w_scale, group_sizes, rhs_scale_block=WEIGHT_BLOCK, transpose_rhs=transpose_w
-    )
+    k_major = w if transpose_w else jnp.swapaxes(w, -1, -2)
+    block = WEIGHT_BLOCK if transpose_w else WEIGHT_BLOCK[::-1]
+    w8, w_scale = quantize(k_major, "fp8", (1, 1), block)
+    return grouped_matmul.gmm_fp8(x8, x_scale, w8, w_scale, group_sizes, rhs_scale_block=block, transpose_rhs=True)
 
 
 def _wgrad_fp8(x, dy, group_sizes) -> Float[Array, "g a b"]:

@@ -8,7 +8,8 @@ from the pip Triton, not from the one inside jaxlib (see vishwam_jax/utils/kerne
 Columns: the matrix instruction (QGMMA: FP8 wgmma; HGMMA: 16-bit wgmma; HMMA: the older mma.sync),
 shared-memory loads of single bytes (LDS.U8/S8: a 1-byte operand laid out along N, which ldmatrix
 cannot transpose), ldmatrix loads (LDSM), 16-byte global loads, and integer/float conversions that
-run at a quarter rate or less (I2F, F2F).
+run at a quarter rate or less (I2F, F2F). Asynchronous copies (LDGSTS) are how Triton keeps tiles in
+flight across K steps; a kernel with none loads every tile synchronously.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def cases(decode_rows: int, prefill_rows: int) -> dict:
             zeros(p, K, dtype=E4M3), zeros(p // 128, K, dtype=jnp.float32),
             zeros(p, N, dtype=E4M3), zeros(p // 128, N, dtype=jnp.float32), gs(p),
         ),
+        "tgmm_fp8, tokens last (FP8 training's wgrad)": (
+            lambda x, xs, dy, dys, g: grouped_matmul.tgmm_fp8(x, xs, dy, dys, g, tokens_last=True, **GPU),
+            zeros(K, p, dtype=E4M3), zeros(p // 128, K, dtype=jnp.float32),
+            zeros(N, p, dtype=E4M3), zeros(p // 128, N, dtype=jnp.float32), gs(p),
+        ),
     }  # fmt: skip
 
 
@@ -91,6 +97,8 @@ def summarize(counts: dict[str, int]) -> dict[str, str]:
         "LDS.U8/S8": str(total(("LDS.U8", "LDS.S8"))),
         "LDSM": str(total(("LDSM",))),
         "16-byte global loads": str(total(("LDGSTS.E.BYPASS.128", "LDG.E.128"))),
+        "of them asynchronous (LDGSTS)": str(total(("LDGSTS",))),
+        "byte loads (LDG.E.U8)": str(total(("LDG.E.U8", "LDG.E.S8"))),
         "I2F + F2F": str(total(("I2F", "F2F."))),
     }
 

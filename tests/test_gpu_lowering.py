@@ -100,6 +100,17 @@ CASES = {
         ),
         1,
     ),
+    "tgmm_fp8, tokens last": (
+        lambda x, xs, dy, dys, gs: grouped_matmul.tgmm_fp8(x, xs, dy, dys, gs, tokens_last=True, **GMM),
+        (
+            zeros(K, 512, dtype=E4M3),
+            zeros(512 // 128, K, dtype=jnp.float32),
+            zeros(N, 512, dtype=E4M3),
+            zeros(512 // 128, N, dtype=jnp.float32),
+            rows(512),
+        ),
+        1,
+    ),
     "mla decode, paged": (
         lambda q, c, n, t: mla_attention.mla_decode(
             q, c, n, softmax_scale=0.1, block_table=t, implementation="pallas_gpu"
@@ -138,7 +149,8 @@ def test_fp8_training_gemms_lower_to_the_kernels(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "name", ["gmm_fp8 (both operands float8)", "gmm_fp8, decode (a few rows per expert)", "tgmm_fp8"]
+    "name",
+    ["gmm_fp8 (both operands float8)", "gmm_fp8, decode (a few rows per expert)", "tgmm_fp8", "tgmm_fp8, tokens last"],
 )
 def test_fp8_products_may_use_the_fp8_tensor_cores(name):
     """Each float8 dot lets Triton accumulate its own K step imprecisely (max_num_imprecise_acc =

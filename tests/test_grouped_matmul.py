@@ -159,7 +159,7 @@ def test_block_scaled_fp8_kernel_interpret(transpose, config):
             assert rel_err(alt, want8) < 1e-5, impl
 
 
-@pytest.mark.parametrize("sizes", [(50, 0, 70, 30, 11), (0, 161, 0, 0, 0)])
+@pytest.mark.parametrize("sizes", [(50, 0, 70, 30, 11), (0, 161, 0, 0, 0), (64, 32, 0, 74, 0)])
 def test_tgmm_fp8_kernel_interpret(sizes):
     """The float8 weight-gradient kernel (interpret mode) on 32-row token tiles that straddle group
     boundaries, empty groups, rows past the groups, K and N not multiples of the blocks: equal to the
@@ -181,6 +181,12 @@ def test_tgmm_fp8_kernel_interpret(sizes):
     for impl in ("xla", "reference"):
         alt = grouped_matmul.tgmm_fp8(x8, xs, dy8, dys, gs, tile=tile, implementation=impl)
         np.testing.assert_allclose(alt, got, rtol=1e-5, atol=1e-4)
+    # Tokens last ([k, m] and [n, m], the layout FP8 wgmma reads as stored): the same products.
+    for impl in ("pallas_interpret", "xla"):
+        alt = grouped_matmul.tgmm_fp8(x8.T, xs, dy8.T, dys, gs, tile=tile, tokens_last=True, implementation=impl)
+        np.testing.assert_allclose(alt, got, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="tokens last"):
+        grouped_matmul.tgmm_fp8(x8, xs, dy8, dys, gs, tile=tile, tokens_last=True)
 
 
 def test_block_scaled_gradient_and_config():

@@ -734,12 +734,18 @@ def tgmm(
 
 
 def _tgmm_fp8_kernel(
-    starts_ref, ends_ref, lhs_ref, grad_ref, lhs_scale_ref, grad_scale_ref, out_ref, *, k, n, cfg, tile
+    starts_ref, ends_ref, lhs_ref, grad_ref, lhs_scale_ref, grad_scale_ref, out_ref, *, k, n, cfg, tile, num_tiles,
+    tokens_last,
 ):  # fmt: skip
     """One program per (group, K block, N block): the group's rows a token tile at a time. Tiles are
     the global `tile`-row tiles the scales were computed over (a tile may straddle two groups; each
     group masks the other's rows), so within a tile every column of lhs and of grad has one scale
-    and the tile's float32 partial product takes their outer product."""
+    and the tile's float32 partial product takes their outer product.
+
+    tokens_last: lhs [k, m] and grad [n, m], the contracted tokens contiguous. FP8 wgmma reads both
+    operands K-major from shared memory, which here means tokens last: Triton then streams both
+    tiles with asynchronous copies, where token-major tiles are loaded synchronously and transposed
+    at every step (the compiled kernels' TTGIR)."""
     bk, bn = cfg.bk, cfg.bn
     group, k_block, n_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start, end = starts_ref[group], ends_ref[group]
@@ -748,41 +754,75 @@ def _tgmm_fp8_kernel(
     cols = col0 + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
     kk_1d = k0 + lax.broadcasted_iota(jnp.int32, (bk,), 0)
     cols_1d = col0 + lax.broadcasted_iota(jnp.int32, (bn,), 0)
-    first = start // tile
-    n_tiles = jnp.where(end > start, (end - 1) // tile - first + 1, 0)
 
-    def body(i, acc):
-        t = first + i
-        rows = t * tile + lax.broadcasted_iota(jnp.int32, (tile, 1), 0)
-        row_ok = (rows >= start) & (rows < end)
-        a = plgpu.load(lhs_ref.at[pl.ds(t * tile, tile), pl.ds(k0, bk)], mask=row_ok & (kk < k), other=0.0)
-        b = plgpu.load(grad_ref.at[pl.ds(t * tile, tile), pl.ds(col0, bn)], mask=row_ok & (cols < n), other=0.0)
+    def scales(t):
         sa = plgpu.load(lhs_scale_ref.at[t, pl.ds(k0, bk)], mask=kk_1d < k, other=0.0)
         sb = plgpu.load(grad_scale_ref.at[t, pl.ds(col0, bn)], mask=cols_1d < n, other=0.0)
-        partial = fp8_dot(a, b, (0, 0))
-        return acc + partial * (sa[:, None] * sb[None, :])
+        return sa[:, None] * sb[None, :]
 
-    acc = lax.fori_loop(0, n_tiles, body, jnp.zeros((bk, bn), jnp.float32))
+    if not tokens_last:
+        first = start // tile
+        n_tiles = jnp.where(end > start, (end - 1) // tile - first + 1, 0)
+
+        def body(i, acc):
+            t = first + i
+            rows = t * tile + lax.broadcasted_iota(jnp.int32, (tile, 1), 0)
+            row_ok = (rows >= start) & (rows < end)
+            a = plgpu.load(lhs_ref.at[pl.ds(t * tile, tile), pl.ds(k0, bk)], mask=row_ok & (kk < k), other=0.0)
+            b = plgpu.load(grad_ref.at[pl.ds(t * tile, tile), pl.ds(col0, bn)], mask=row_ok & (cols < n), other=0.0)
+            return acc + fp8_dot(a, b, (0, 0)) * scales(t)
+
+        acc = lax.fori_loop(0, n_tiles, body, jnp.zeros((bk, bn), jnp.float32))
+    else:
+        # Tiles wholly inside the group load with no token mask, so their bytes stay contiguous and
+        # Triton streams them with asynchronous copies (a mask that varies along the contiguous
+        # tokens would make them byte loads); the at most two tiles a group boundary cuts are added
+        # after, masked (a flag folded into the mask drops one that does not exist).
+        k_ok = k0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0) < k
+        n_ok = col0 + lax.broadcasted_iota(jnp.int32, (bn, 1), 0) < n
+
+        def product(t, token_ok):
+            a = plgpu.load(lhs_ref.at[pl.ds(k0, bk), pl.ds(t * tile, tile)], mask=k_ok & token_ok, other=0.0)
+            b = plgpu.load(grad_ref.at[pl.ds(col0, bn), pl.ds(t * tile, tile)], mask=n_ok & token_ok, other=0.0)
+            return fp8_dot(a, b, (1, 1)) * scales(t)
+
+        first_full = pl.cdiv(start, tile)
+        n_full = jnp.maximum(end // tile - first_full, 0)
+        every_token = jnp.ones((1, tile), jnp.bool_)
+        acc = lax.fori_loop(
+            0, n_full, lambda i, acc: acc + product(first_full + i, every_token), jnp.zeros((bk, bn), jnp.float32)
+        )
+        last_tile = num_tiles - 1
+        head, tail = jnp.minimum(start // tile, last_tile), jnp.clip((end - 1) // tile, 0, last_tile)
+        has_head = (end > start) & (start % tile != 0)
+        has_tail = (end > start) & (end % tile != 0) & ((tail != head) | ~has_head)
+        for t, present in ((head, has_head), (tail, has_tail)):
+            tokens = t * tile + lax.broadcasted_iota(jnp.int32, (1, tile), 1)
+            acc = acc + product(t, present & (tokens >= start) & (tokens < end))
     out_mask = (k0 + lax.broadcasted_iota(jnp.int32, (bk, 1), 0) < k) & (cols < n)
     plgpu.store(out_ref.at[group, pl.ds(k0, bk), pl.ds(col0, bn)], acc.astype(out_ref.dtype), mask=out_mask)
 
 
 def tgmm_fp8(
-    lhs: Array,  # [m, k] float8 e4m3
+    lhs: Array,  # [m, k] float8 e4m3 ([k, m] when tokens_last)
     lhs_scale: Float[Array, "mt k"],  # [ceil(m / tile), k]: one scale per `tile` rows of each column
-    grad: Array,  # [m, n] float8 e4m3
+    grad: Array,  # [m, n] float8 e4m3 ([n, m] when tokens_last)
     grad_scale: Float[Array, "mt n"],
     group_sizes: Int[Array, " g"],
     *,
     tile: int = 128,
+    tokens_last: bool = False,
     out_dtype=jnp.float32,
     config: BlockConfig | None = None,
     interpret: bool = False,
 ) -> Float[Array, "g k n"]:
     """Per group lhs_g^T @ grad_g of two float8 operands quantized in `tile` x 1 token tiles (global
-    row tiles), on the FP8 tensor cores; float32 accumulation, one scale product per tile."""
-    m, k = lhs.shape
-    n = grad.shape[1]
+    row tiles), on the FP8 tensor cores; float32 accumulation, one scale product per tile.
+    tokens_last: both operands are given transposed, tokens on their last axis (the fast layout)."""
+    if tokens_last:
+        (k, m), n = lhs.shape, grad.shape[0]
+    else:
+        (m, k), n = lhs.shape, grad.shape[1]
     g = group_sizes.shape[0]
     if tile < 16 or tile & (tile - 1):
         raise ValueError(f"tgmm_fp8 takes a power-of-two token tile of at least 16, not {tile}")
@@ -791,7 +831,9 @@ def tgmm_fp8(
     cfg = config or BlockConfig(bm=tile, bn=128, bk=128, num_warps=8, num_stages=3)
     cfg = dataclasses.replace(_fit(cfg, m, k, n), bm=tile)
     starts, ends = group_bounds(group_sizes, m)
-    kernel = functools.partial(_tgmm_fp8_kernel, k=k, n=n, cfg=cfg, tile=tile)
+    kernel = functools.partial(
+        _tgmm_fp8_kernel, k=k, n=n, cfg=cfg, tile=tile, num_tiles=pl.cdiv(m, tile), tokens_last=tokens_last
+    )
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),

@@ -387,17 +387,24 @@ def tgmm_fp8(
     group_sizes: Int[Array, " g"],
     *,
     tile: int = 128,
+    tokens_last: bool = False,
     preferred_element_type=jnp.float32,
     implementation: str | None = None,
 ) -> Float[Array, "g k n"]:
     """`tgmm` of two float8 operands in `tile` x 1 token tiles (scales [ceil(m / tile), columns] over
     global row tiles): FP8 training's weight gradient. The GPU kernel runs the tiles on the FP8
-    tensor cores; the other backends dequantize both to float32 (the same products)."""
-    m = lhs.shape[0]
+    tensor cores; the other backends dequantize both to float32 (the same products).
+
+    tokens_last: lhs is given as [k, m] and grad as [n, m] (scales unchanged), the layout in which
+    FP8 wgmma can read the contracted tokens as stored; the GPU kernel streams it, where [m, k]
+    tiles are loaded synchronously and transposed at every step."""
+    columns = (lhs.shape[0], grad.shape[0]) if tokens_last else (lhs.shape[1], grad.shape[1])
+    m = lhs.shape[-1] if tokens_last else lhs.shape[0]
     tiles = -(-m // tile)
-    if tuple(lhs_scale.shape) != (tiles, lhs.shape[1]) or tuple(grad_scale.shape) != (tiles, grad.shape[1]):
+    if tuple(lhs_scale.shape) != (tiles, columns[0]) or tuple(grad_scale.shape) != (tiles, columns[1]):
         raise ValueError(
             f"scales {lhs_scale.shape}, {grad_scale.shape} are not {tile} x 1 tiles of {lhs.shape}, {grad.shape}"
+            + (" (tokens last)" if tokens_last else "")
         )
     impl = resolve_implementation(implementation)
     group_sizes = group_sizes.astype(jnp.int32)
@@ -405,9 +412,11 @@ def tgmm_fp8(
     addressable = not (_gmm_gpu.byte_offsets_overflow(lhs) or _gmm_gpu.byte_offsets_overflow(grad))
     if has_block_scaled_kernel((tile, tile), impl) and addressable:
         return _gmm_gpu.tgmm_fp8(
-            lhs, lhs_scale, grad, grad_scale, group_sizes, tile=tile, out_dtype=out_dtype,
+            lhs, lhs_scale, grad, grad_scale, group_sizes, tile=tile, tokens_last=tokens_last, out_dtype=out_dtype,
             interpret=impl == "pallas_interpret",
         )  # fmt: skip
+    if tokens_last:
+        lhs, grad = lhs.T, grad.T
     x = dequantize(lhs, lhs_scale, "fp8", (1, 1), (tile, 1), jnp.float32)
     dy = dequantize(grad, grad_scale, "fp8", (1, 1), (tile, 1), jnp.float32)
     if group_sizes.shape[0] == 1 and impl != "reference":  # one group (a dense layer): a plain matmul

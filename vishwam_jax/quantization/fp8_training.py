@@ -85,12 +85,14 @@ def _gmm_fp8(x, w, group_sizes, transpose_w: bool = False) -> Float[Array, "m n"
 
 
 def _wgrad_fp8(x, dy, group_sizes) -> Float[Array, "g a b"]:
-    """Per group x_g^T @ dy_g, both float8 in 128 x 1 tiles along the rows (the contracted axis)."""
+    """Per group x_g^T @ dy_g, both float8 in 128 x 1 tiles along the rows (the contracted axis).
+
+    Both are quantized straight into [features, tokens], the contracted tokens last, which is how FP8
+    wgmma reads them (the same tiles and scales as quantizing [tokens, features])."""
     from vishwam_jax.pallas_kernels import grouped_matmul
 
-    x8, x_scale = quantize(x, "fp8", (1, 1), TOKEN_TILE)
-    dy8, dy_scale = quantize(dy, "fp8", (1, 1), TOKEN_TILE)
-    return grouped_matmul.tgmm_fp8(x8, x_scale, dy8, dy_scale, group_sizes, tile=TOKEN_TILE[0])
+    (x8, x_scale), (dy8, dy_scale) = (quantize(a.T, "fp8", (1, 1), TOKEN_TILE[::-1]) for a in (x, dy))
+    return grouped_matmul.tgmm_fp8(x8, x_scale.T, dy8, dy_scale.T, group_sizes, tile=TOKEN_TILE[0], tokens_last=True)
 
 
 def _one_group(x: Array) -> Int[Array, "1"]:

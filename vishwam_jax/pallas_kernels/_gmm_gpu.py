@@ -361,8 +361,10 @@ def _gmm_k_loop_block_scaled(
                 a.astype(compute_dtype), b.astype(compute_dtype), dims, preferred_element_type=jnp.float32
             )
             return acc + partial * w_scale
-        partial = fp8_dot(a, b, (dims[0][0][0], dims[0][1][0]))
+        # the scales are loaded before the product, which Triton waits for: their latency then
+        # overlaps the wgmma instead of following it
         a_scale = plgpu.load(lhs_scale_ref.at[k_blk, pl.ds(row0, bm)], mask=row_ok_1d, other=0.0)
+        partial = fp8_dot(a, b, (dims[0][0][0], dims[0][1][0]))
         return acc + partial * (a_scale[:, None] * w_scale)
 
     return lax.fori_loop(0, num_steps, body, jnp.zeros((bm, bn), jnp.float32))
@@ -638,6 +640,11 @@ def gmm_block_scaled(
         # otherwise widens both operands to float16 for mma. The idle rows cost tensor-core time that
         # a weight-streaming call has to spare; the weights then reach wgmma as bytes, unconverted.
         cfg = dataclasses.replace(cfg, bm=WGMMA_ROWS, num_warps=4)
+    if lhs_scale is not None and config is None:
+        # One K step per scale block: every step ends in a wait for its wgmma and a scaled add
+        # (DeepSeek's promotion), so a step of the whole 128 halves that overhead against the bf16
+        # regime's 64, in the same shared memory as bf16 tiles of 64.
+        cfg = dataclasses.replace(cfg, bk=max(cfg.bk, min(block_k, _pow2_at_least(k))))
     cfg = _fit_smem(fit_block_scaled(cfg, block_k, block_n), lhs_itemsize, 1)
     if not block_scaled_takes(lhs, rhs, transpose_rhs):
         raise NotImplementedError(

@@ -201,7 +201,7 @@ def _xla_faster(cache, block_table, s_q: int = 1) -> bool:
 
 def _mosaic_faster(q, cache, v_head_dim: int) -> bool:
     """Auto mode on a Hopper GPU: the Mosaic GPU kernel for every shape it takes. On an H100 it ran
-    1.48-1.57x the Triton kernel's rate on each compute-bound 128-head row measured (BENCHMARKS.md);
+    1.43-1.57x the Triton kernel's rate on each compute-bound 128-head row measured (BENCHMARKS.md);
     wgmma is Hopper's alone, so other GPUs keep the Triton kernel."""
     from vishwam_jax.pallas_kernels import _mla_mgpu
 

@@ -354,7 +354,9 @@ def gmm_fp8(
     the weight block's K side; rhs and rhs_scale as `gmm`'s block-scaled weights. The GPU kernel
     multiplies the float8 tiles on the tensor cores and scales each K block's float32 partial sum by
     both scales; the other backends dequantize both operands to float32 and multiply those (the same
-    products, the reference)."""
+    products, the reference). Give the weights K-major (`[g, n, k]` with transpose_rhs=True, as the
+    models store them): FP8 wgmma reads that layout as stored, and a `[g, k, n]` tile is loaded and
+    transposed synchronously at every K step."""
     _check(lhs, rhs, group_sizes, transpose_rhs, rhs_scale)
     block = (int(rhs_scale_block[0]), int(rhs_scale_block[1]))
     scale = _block_scales(rhs_scale, rhs, block)

@@ -6,6 +6,7 @@ kernel (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`) and a dense bf16 matm
     python scripts/benchmark_gmm.py --quick      # a subset
     python scripts/benchmark_gmm.py --tune       # the tables, then a sweep of block configs per regime
     python scripts/benchmark_gmm.py --tune-small # first, device time of streaming configs on decode shapes
+    python scripts/benchmark_gmm.py --tune-fp8 --skip-full-checks --only none  # fp8 x fp8 tile configs alone
     python scripts/benchmark_gmm.py --smoke      # tiny shapes in Pallas interpret mode (checks this script on CPU)
 
 Shapes: DeepSeek-V3 (G=256 and G=32 local experts; K=7168, N=4096 and K=2048, N=7168; M = 8 routed
@@ -781,6 +782,56 @@ def tune_small(shapes=SMALL_SHAPES) -> None:
         del rhs, rhs8
 
 
+FP8_TUNE_CANDIDATES = [  # (bm, bk, num_warps, num_stages); bn is the 128-wide scale block
+    (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 8, 3),
+]  # fmt: skip
+
+
+def tune_fp8(smoke: bool) -> None:
+    """Wall time of the block-scaled fp8 x fp8 kernel's tile configs on one large-M DeepSeek-V3
+    expert shape, weights [g, k, n] and K-major [g, n, k], each checked against its default config
+    first; reported, not installed."""
+    from vishwam_jax.quantization import quantize
+
+    g, k, n, m = (4, 256, 256, 512) if smoke else (32, 7168, 4096, 16384)
+    p = Problem(f"DSv3 G={g} K={k} N={n}", g, k, n, m, "balanced")
+    gs = jnp.asarray(group_sizes_for(p, seed=1))
+    lhs = jax.random.normal(jax.random.key(5), (m, k), jnp.bfloat16)
+    x8, x_scale = quantize(lhs, "fp8", (1, 1), (1, FP8_BLOCK[0]))
+    values, blocks = fp8_weights(random_weights(g, k, n))
+    flops = 2.0 * m * k * n
+    for layout, w, w_scale, transpose in (
+        ("[g, k, n]", values, blocks, False),
+        ("K-major [g, n, k]", jnp.swapaxes(values, 1, 2), jnp.swapaxes(blocks, 1, 2), True),
+    ):
+
+        def run(config):
+            return jax.jit(
+                lambda a, sa, b, sb, c: _gmm_gpu.gmm_block_scaled(
+                    a, b, c, sb, block=FP8_BLOCK, lhs_scale=sa, out_dtype=jnp.bfloat16, config=config,
+                    transpose_rhs=transpose, interpret=smoke,
+                )
+            )  # fmt: skip
+
+        want = run(None)(x8, x_scale, w, w_scale, gs)
+        configs = [None] + [
+            _gmm_gpu.BlockConfig(bm=bm, bn=FP8_BLOCK[1], bk=bk, num_warps=warps, num_stages=stages)
+            for bm, bk, warps, stages in FP8_TUNE_CANDIDATES
+        ]
+        for cfg in configs:
+            name = (
+                "default" if cfg is None else f"bm={cfg.bm} bk={cfg.bk} warps={cfg.num_warps} stages={cfg.num_stages}"
+            )
+            try:
+                f = run(cfg)
+                err = rel_err(f(x8, x_scale, w, w_scale, gs), want)
+                t = time_fn(f, x8, x_scale, w, w_scale, gs, budget_s=1.0 if smoke else 4.0)
+                log(f"tune fp8 {p.name} M={m} {layout} {name}: {t * 1e3:.3f} ms {flops / t / 1e12:.0f} TFLOP/s "
+                    f"(vs default {err:.1e})")  # fmt: skip
+            except Exception as e:  # noqa: BLE001
+                log(f"tune fp8 {p.name} {layout} {name}: fails {short(e)}")
+
+
 def sweep(args, deadline: float) -> None:
     cases = [
         ("large", Problem("DSv3", 32, 7168, 4096, 8 * 16384, "balanced")),
@@ -935,6 +986,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="before the tables, time candidate few-rows-per-group configs (reported only)",
     )
+    ap.add_argument(
+        "--tune-fp8",
+        action="store_true",
+        help="before the tables, time the fp8 x fp8 kernel's tile configs, both weight layouts (reported only)",
+    )
     ap.add_argument("--full", action="store_true", help="every token count of issue 6 (about twice as long)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (runs on CPU)")
     ap.add_argument("--only", default="", help="substring filter on shape names")
@@ -968,6 +1024,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune_small and not args.smoke:
         tune_small()
         log(f"[{time.perf_counter() - t_start:.0f} s] tune-small done")
+    if args.tune_fp8:
+        tune_fp8(args.smoke)
+        log(f"[{time.perf_counter() - t_start:.0f} s] tune-fp8 done")
     rows: list[dict] = []
     rhs = rhs_int8 = scale = rhs_fp8 = None
     shape = None

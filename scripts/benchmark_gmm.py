@@ -826,8 +826,9 @@ def tune_fp8(smoke: bool) -> None:
                 f = run(cfg)
                 err = rel_err(f(x8, x_scale, w, w_scale, gs), want)
                 t = time_fn(f, x8, x_scale, w, w_scale, gs, budget_s=1.0 if smoke else 4.0)
+                verdict = "" if err < 1e-2 else "  MISMATCH: not a candidate"
                 log(f"tune fp8 {p.name} M={m} {layout} {name}: {t * 1e3:.3f} ms {flops / t / 1e12:.0f} TFLOP/s "
-                    f"(vs default {err:.1e})")  # fmt: skip
+                    f"(vs default {err:.1e}){verdict}")  # fmt: skip
             except Exception as e:  # noqa: BLE001
                 log(f"tune fp8 {p.name} {layout} {name}: fails {short(e)}")
 

@@ -27,8 +27,7 @@ def test_benchmark_gmm_tune_fp8_smoke():
     agrees with the default one (interpret mode, tiny shapes)."""
     out = run("scripts/benchmark_gmm.py", "--smoke", "--tune-fp8", "--skip-full-checks", "--only", "none")
     lines = [line for line in out.splitlines() if line.startswith("tune fp8 ")]
-    assert len(lines) == 2 * (1 + 5) and not any("fails" in line for line in lines), out
-    assert all(float(line.rsplit("vs default ", 1)[1].rstrip(")")) < 1e-2 for line in lines)
+    assert len(lines) == 2 * (1 + 5) and not any("fails" in line or "MISMATCH" in line for line in lines), out
 
 
 def test_benchmark_deepseek_smoke(tmp_path):

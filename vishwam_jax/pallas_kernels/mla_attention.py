@@ -264,32 +264,18 @@ def mla_decode(
         # out-of-range id): a query padded past its row's pages may then read another page's
         # finite values, which its mask discards, but never memory outside the pool
         block_table = jnp.clip(block_table.astype(jnp.int32), 0, cache.shape[0] - 1)
+    operands = (q, cache, lengths, block_table)
+    kernel_kwargs = dict(softmax_scale=float(softmax_scale), v_head_dim=v_head_dim, causal=causal)
     if impl == "pallas_tpu":
         from vishwam_jax.pallas_kernels import _mla_tpu  # Mosaic imports only where used
 
-        o, lse = _mla_tpu.mla_decode_tpu(
-            q,
-            cache,
-            lengths,
-            block_table,
-            softmax_scale=float(softmax_scale),
-            v_head_dim=v_head_dim,
-            causal=causal,
-            num_splits=num_splits or 1,
-        )
+        o, lse = _mla_tpu.mla_decode_tpu(*operands, num_splits=num_splits or 1, **kernel_kwargs)
     elif impl in ("mosaic_gpu", "mosaic_interpret"):
         from vishwam_jax.pallas_kernels import _mla_mgpu  # Mosaic GPU imports only where used
 
+        splits = int(num_splits or _gpu_config(q, cache, block_table)["num_splits"])
         o, lse = _mla_mgpu.mla_decode_mgpu(
-            q,
-            cache,
-            lengths,
-            block_table,
-            softmax_scale=float(softmax_scale),
-            v_head_dim=v_head_dim,
-            causal=causal,
-            num_splits=int(num_splits or _gpu_config(q, cache, block_table)["num_splits"]),
-            interpret=impl == "mosaic_interpret",
+            *operands, num_splits=splits, interpret=impl == "mosaic_interpret", **kernel_kwargs
         )
     else:
         cfg = _gpu_config(q, cache, block_table)
@@ -297,17 +283,7 @@ def mla_decode(
             cfg["num_splits"] = int(num_splits)
         if block_table is not None:
             cfg["block_k"] = min(cfg["block_k"], cache.shape[1])
-        o, lse = _mla_gpu.mla_decode_gpu(
-            q,
-            cache,
-            lengths,
-            block_table,
-            softmax_scale=float(softmax_scale),
-            v_head_dim=v_head_dim,
-            causal=causal,
-            interpret=impl == "pallas_interpret",
-            **cfg,
-        )
+        o, lse = _mla_gpu.mla_decode_gpu(*operands, interpret=impl == "pallas_interpret", **kernel_kwargs, **cfg)
     return (o, lse) if return_lse else o
 
 

@@ -8,7 +8,9 @@ FP8-training item: the final loss within 1 % of bf16's, and the step-time gain).
 `--time MODEL` times the compiled train step (bf16 compute, float32 master weights and AdamW, chunked
 loss) of one config without and with FP8 GEMMs, same random init and batch: the mean of
 `--time-steps` steps after one compiling step, and their ratio. On a GPU the FP8 forward and dgrad
-products run on the block-scaled kernel's FP8 tensor cores (`grouped_matmul.gmm_fp8`).
+products run on FP8 tensor cores (`grouped_matmul.gmm_fp8`), once per `--fp8-kernels` entry: "triton"
+(the block-scaled Triton kernel) and "mosaic" (the Pallas Mosaic GPU kernel where it takes the shape,
+`VISHWAM_GMM_IMPL=mosaic_gpu`).
 
 Each model trains twice from the same initialization on the same batches of the bundled Shakespeare
 corpus (bytes): bf16 compute with float32 master weights, then the same with `--fp8` GEMMs
@@ -19,7 +21,9 @@ loss and the mean of the last 20 steps, their ratios, and the mean step time aft
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,6 +59,26 @@ def run(model: str, fp8: bool, args) -> dict:
     return {"losses": losses, "step_s": float(np.mean(np.diff(stamps[1:]))) if len(stamps) > 2 else float("nan")}
 
 
+@contextlib.contextmanager
+def gmm_implementation(name: str | None):
+    """$VISHWAM_GMM_IMPL while a step traces (None: as it was)."""
+    from vishwam_jax.pallas_kernels import grouped_matmul
+
+    before = os.environ.get(grouped_matmul.ENV_VAR)
+    if name is not None:
+        os.environ[grouped_matmul.ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(grouped_matmul.ENV_VAR, None)
+        else:
+            os.environ[grouped_matmul.ENV_VAR] = before
+
+
+FP8_KERNELS = {"triton": None, "mosaic": "mosaic_gpu"}  # --fp8-kernels: $VISHWAM_GMM_IMPL for each
+
+
 def time_steps(args) -> dict:
     """Mean step time, bf16 against fp8, of `args.time` with `args.set` overrides (same init, batch)."""
     from flax import nnx
@@ -70,13 +94,18 @@ def time_steps(args) -> dict:
     optimizer = make_optimizer(1e-4, 1000, warmup_steps=0)
     batch = jax.random.randint(jax.random.key(1), (1, args.batch_size, args.seq_len + 1), 3, config.vocab_size)
     out = {"model": args.time, "overrides": args.set, "batch": args.batch_size, "seq_len": args.seq_len}
-    for fp8 in (False, True):
+    kernels = args.fp8_kernels if jax.default_backend() == "gpu" else ["triton"]  # one FP8 path off GPUs
+    variants = [("bf16", False, None)] + [
+        ("fp8" if kernel == "triton" else f"fp8 {kernel}", True, FP8_KERNELS[kernel]) for kernel in kernels
+    ]
+    for name, fp8, implementation in variants:
         # Fresh float32 parameters each time: the step donates its state.
         state = init_state(nnx.state(models.build(config, rngs=nnx.Rngs(0)), nnx.Param), optimizer)
         n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
         step = make_train_step(abstract, optimizer, StepConfig(compute_dtype=jnp.bfloat16, fp8=fp8))
         t0 = time.perf_counter()
-        state, metrics = step(state, None, batch)
+        with gmm_implementation(implementation):  # read when the step traces
+            state, metrics = step(state, None, batch)
         loss = float(metrics["loss"])
         compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -84,7 +113,6 @@ def time_steps(args) -> dict:
             state, metrics = step(state, None, batch)
         jax.block_until_ready(metrics["loss"])
         step_s = (time.perf_counter() - t0) / args.time_steps
-        name = "fp8" if fp8 else "bf16"
         out[name] = {"step_s": step_s, "compile_s": compile_s, "first_loss": loss, "params": n_params}
         print(
             f"{name}: {step_s * 1e3:.1f} ms/step ({args.batch_size * args.seq_len / step_s:,.0f} tok/s), first loss "
@@ -94,6 +122,9 @@ def time_steps(args) -> dict:
         del state, metrics, step
     out["speedup"] = out["bf16"]["step_s"] / out["fp8"]["step_s"]
     print(f"fp8 step speedup over bf16: {out['speedup']:.3f} (target 1.3)")
+    for name, _, _ in variants[2:]:
+        out[f"{name} speedup"] = out["bf16"]["step_s"] / out[name]["step_s"]
+        print(f"{name} step speedup over bf16: {out[f'{name} speedup']:.3f} (target 1.3)")
     return out
 
 
@@ -112,6 +143,10 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="--time: config overrides (JSON)")
     ap.add_argument("--remat", default="full", help="--time: the remat policy")
     ap.add_argument("--time-steps", type=int, default=5, help="--time: steps timed after the compiling one")
+    ap.add_argument(
+        "--fp8-kernels", nargs="+", choices=sorted(FP8_KERNELS), default=["triton", "mosaic"],
+        help="--time on a GPU: the FP8 GEMM kernels to time, each a step of its own",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.time:
         result = time_steps(args)

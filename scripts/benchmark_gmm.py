@@ -154,17 +154,22 @@ def ours_fp8_weights(lhs, values, gs, blocks):
     return grouped_matmul.gmm(lhs, values, gs, rhs_scale=blocks, rhs_scale_block=FP8_BLOCK, implementation=IMPL)
 
 
-def ours_fp8(lhs, values, gs, blocks, transpose_rhs=False):
+def ours_fp8(lhs, values, gs, blocks, transpose_rhs=False, implementation=None):
     """FP8 tensor cores (prefill, training): the activations quantized in 1 x 128 tiles (timed too),
     both operands float8. transpose_rhs: values [g, n, k], K-major, as the models and FP8 training
-    hand them to the kernel."""
+    hand them to the kernel. implementation: default IMPL (the Triton kernel)."""
     from vishwam_jax.quantization import quantize
 
     x8, x_scale = quantize(lhs, "fp8", (1, 1), (1, FP8_BLOCK[0]))
     return grouped_matmul.gmm_fp8(
         x8, x_scale, values, blocks, gs, rhs_scale_block=FP8_BLOCK, preferred_element_type=lhs.dtype,
-        transpose_rhs=transpose_rhs, implementation=IMPL,
+        transpose_rhs=transpose_rhs, implementation=implementation or IMPL,
     )  # fmt: skip
+
+
+def mosaic_impl() -> str:
+    """The Mosaic GPU kernel's implementation name for this run (interpret mode under --smoke)."""
+    return "mosaic_interpret" if IMPL == "pallas_interpret" else "mosaic_gpu"
 
 
 OURS_FP8_WEIGHTS_JIT = jax.jit(lambda *a: ours_fp8_weights(*a))
@@ -640,6 +645,19 @@ def run_problem(p: Problem, rhs, rhs_int8, scale, args, rhs_fp8=None) -> dict:
                 fail(row, f"fp8 K-major mismatch: rel err {err_t:.3g}")
             tt = time_fn(OURS_FP8_K_MAJOR_JIT, lhs, values_t, gs, blocks_t, budget_s=budget)
             row.update(fp8_k_major_ms=tt * 1e3, fp8_k_major_tflops=flops / tt / 1e12)
+            # the Pallas Mosaic GPU kernel (warp-specialized, the promotion off the tensor cores' path)
+            if _gmm_fp8_mgpu().supported((p.m, p.k), values_t.shape, FP8_BLOCK, True):
+                f_mosaic = jax.jit(functools.partial(ours_fp8, transpose_rhs=True, implementation=mosaic_impl()))
+                try:
+                    err_m = spot_check(f_mosaic(lhs, values_t, gs, blocks_t), lhs, values, sizes, blocks)
+                    if not err_m < 0.1:
+                        fail(row, f"fp8 Mosaic mismatch: rel err {err_m:.3g}")
+                    tm = time_fn(f_mosaic, lhs, values_t, gs, blocks_t, budget_s=budget)
+                    row.update(fp8_mosaic_ms=tm * 1e3, fp8_mosaic_tflops=flops / tm / 1e12)
+                except Exception as e:  # noqa: BLE001
+                    fail(row, f"fp8 Mosaic kernel fails: {short(e)}")
+            else:
+                row["fp8_mosaic"] = "n/a: K or N not whole 128 blocks"
             del values_t
 
     if p.decode and device_us:
@@ -785,12 +803,21 @@ def tune_small(shapes=SMALL_SHAPES) -> None:
 FP8_TUNE_CANDIDATES = [  # (bm, bk, num_warps, num_stages); bn is the 128-wide scale block
     (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 8, 3),
 ]  # fmt: skip
+MOSAIC_TUNE_CANDIDATES = [  # (tile_n, stages, band) of the Mosaic GPU kernel (K-major weights only)
+    (128, 4, 8), (128, 3, 8), (128, 4, 16), (128, 4, 4), (64, 4, 8), (64, 6, 8),
+]  # fmt: skip
+
+
+def _gmm_fp8_mgpu():
+    from vishwam_jax.pallas_kernels import _gmm_fp8_mgpu
+
+    return _gmm_fp8_mgpu
 
 
 def tune_fp8(smoke: bool) -> None:
     """Wall time of the block-scaled fp8 x fp8 kernel's tile configs on one large-M DeepSeek-V3
-    expert shape, weights [g, k, n] and K-major [g, n, k], each checked against its default config
-    first; reported, not installed."""
+    expert shape, weights [g, k, n] and K-major [g, n, k], and of the Mosaic GPU kernel's configs
+    (K-major), each checked against the Triton kernel's default config first; reported, not installed."""
     from vishwam_jax.quantization import quantize
 
     g, k, n, m = (4, 256, 256, 512) if smoke else (32, 7168, 4096, 16384)
@@ -813,17 +840,27 @@ def tune_fp8(smoke: bool) -> None:
                 )
             )  # fmt: skip
 
-        want = run(None)(x8, x_scale, w, w_scale, gs)
-        configs = [None] + [
-            _gmm_gpu.BlockConfig(bm=bm, bn=FP8_BLOCK[1], bk=bk, num_warps=warps, num_stages=stages)
-            for bm, bk, warps, stages in FP8_TUNE_CANDIDATES
-        ]
-        for cfg in configs:
-            name = (
-                "default" if cfg is None else f"bm={cfg.bm} bk={cfg.bk} warps={cfg.num_warps} stages={cfg.num_stages}"
+        def run_mosaic(tile_n, stages, band):
+            config = _gmm_fp8_mgpu().Config(tile_n=tile_n, stages=stages, band=band)
+            return jax.jit(
+                lambda a, sa, b, sb, c: _gmm_fp8_mgpu().gmm_fp8_mgpu(
+                    a, sa, b, sb, c, out_dtype=jnp.bfloat16, config=config, interpret=smoke
+                )
             )
+
+        want = run(None)(x8, x_scale, w, w_scale, gs)
+        candidates = [("default", run(None))] + [
+            (f"bm={bm} bk={bk} warps={warps} stages={stages}",
+             run(_gmm_gpu.BlockConfig(bm=bm, bn=FP8_BLOCK[1], bk=bk, num_warps=warps, num_stages=stages)))
+            for bm, bk, warps, stages in FP8_TUNE_CANDIDATES
+        ]  # fmt: skip
+        if transpose:  # the Mosaic GPU kernel (one config in interpret mode: each is simulated thread by thread)
+            candidates += [
+                (f"Mosaic tile_n={tile_n} stages={stages} band={band}", run_mosaic(tile_n, stages, band))
+                for tile_n, stages, band in MOSAIC_TUNE_CANDIDATES[: 1 if smoke else None]
+            ]
+        for name, f in candidates:
             try:
-                f = run(cfg)
                 err = rel_err(f(x8, x_scale, w, w_scale, gs), want)
                 t = time_fn(f, x8, x_scale, w, w_scale, gs, budget_s=1.0 if smoke else 4.0)
                 verdict = "" if err < 1e-2 else "  MISMATCH: not a candidate"
@@ -888,9 +925,10 @@ def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
     )
     log(
         "| shape | M | loads | active | ours ms | ours TFLOP/s | dense TFLOP/s | ours/dense | ragged_dot TFLOP/s "
-        "| mgpu example TFLOP/s | floor ms | floor/ours | fp8 TFLOP/s | fp8/ours | fp8 K-major TFLOP/s | K-major/ours |"
+        "| mgpu example TFLOP/s | floor ms | floor/ours | fp8 TFLOP/s | fp8/ours | fp8 K-major TFLOP/s | K-major/ours "
+        "| fp8 Mosaic TFLOP/s | Mosaic/ours |"
     )
-    log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (not r["shape"].startswith("DSv3"), r["shape"], r["m"], r["dist"])):
         if r.get("dist") in (None, "decode") or "ours_ms" not in r:
             continue
@@ -903,7 +941,9 @@ def print_tables(rows: list[dict], read_bw: float, peak: float) -> None:
             f"{fmt(dense)} | {ratio} | {rd} | {mg} | {r['floor_ms']:.3f} | {r['floor_ms'] / r['ours_ms']:.2f} | "
             f"{fmt(r.get('fp8_tflops'))} | {fmt(r.get('fp8_tflops') and r['fp8_tflops'] / r['ours_tflops'], '.2f')} | "
             f"{fmt(r.get('fp8_k_major_tflops'))} | "
-            f"{fmt(r.get('fp8_k_major_tflops') and r['fp8_k_major_tflops'] / r['ours_tflops'], '.2f')} |"
+            f"{fmt(r.get('fp8_k_major_tflops') and r['fp8_k_major_tflops'] / r['ours_tflops'], '.2f')} | "
+            f"{fmt(r.get('fp8_mosaic_tflops')) if 'fp8_mosaic_tflops' in r else r.get('fp8_mosaic', '-')} | "
+            f"{fmt(r.get('fp8_mosaic_tflops') and r['fp8_mosaic_tflops'] / r['ours_tflops'], '.2f')} |"
         )
     log(
         f"\nDecode sizes (weights read per call; read bandwidth measured in this run: {read_bw / 1e9:.0f} GB/s, "

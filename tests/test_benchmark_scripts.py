@@ -23,11 +23,12 @@ def test_benchmark_kernels_gmm_smoke():
 
 
 def test_benchmark_gmm_tune_fp8_smoke():
-    """The fp8 x fp8 tile sweep the next GPU run needs: every config of both weight layouts runs and
-    agrees with the default one (interpret mode, tiny shapes)."""
+    """The fp8 x fp8 tile sweep the next GPU run needs: every Triton config of both weight layouts and
+    one Mosaic GPU config run and agree with the default one (interpret mode, tiny shapes)."""
     out = run("scripts/benchmark_gmm.py", "--smoke", "--tune-fp8", "--skip-full-checks", "--only", "none")
     lines = [line for line in out.splitlines() if line.startswith("tune fp8 ")]
-    assert len(lines) == 2 * (1 + 5) and not any("fails" in line or "MISMATCH" in line for line in lines), out
+    assert sum("Mosaic" in line for line in lines) == 1
+    assert len(lines) == 2 * (1 + 5) + 1 and not any("fails" in line or "MISMATCH" in line for line in lines), out
 
 
 def test_benchmark_deepseek_smoke(tmp_path):

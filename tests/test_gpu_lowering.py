@@ -7,6 +7,9 @@ needs no GPU; compiling the Triton module does, so that part stays with the GPU 
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -146,6 +149,51 @@ def test_fp8_training_gemms_lower_to_the_kernels(monkeypatch):
     sizes = jnp.array([100, 0, 56, 100], jnp.int32)
     grouped = jax.value_and_grad(_summed(lambda x, w: fp8_training.fp8_grouped_matmul(x, w, sizes)), argnums=(0, 1))
     assert triton_calls(grouped, x, zeros(G, K, N, dtype=jnp.float32)) >= 3
+
+
+def test_fp8_training_gemms_lower_to_the_mosaic_kernel(monkeypatch):
+    """With VISHWAM_GMM_IMPL=mosaic_gpu, FP8 training's forward and dgrad products (dense and grouped)
+    lower to the Mosaic GPU kernel, and the weight gradients stay on the Triton kernel."""
+    from vishwam_jax.quantization import fp8_training
+
+    monkeypatch.setenv(grouped_matmul.ENV_VAR, "mosaic_gpu")
+    x = zeros(256, K)
+    sizes = jnp.array([100, 0, 56, 100], jnp.int32)
+    steps = {
+        "dense": (jax.value_and_grad(_summed(fp8_training.fp8_matmul), argnums=(0, 1)), zeros(K, N, dtype=jnp.float32)),
+        "grouped": (
+            jax.value_and_grad(_summed(lambda x, w: fp8_training.fp8_grouped_matmul(x, w, sizes)), argnums=(0, 1)),
+            zeros(G, K, N, dtype=jnp.float32),
+        ),
+    }
+    for name, (fn, w) in steps.items():
+        text = kernel_inspection.lower_for_cuda(fn, x, w)
+        assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 2, name  # forward, dgrad
+        assert text.count("xla.gpu.triton") >= 1, name  # wgrad
+
+
+@pytest.mark.parametrize(
+    "m, k, n, g", [(16384, 7168, 4096, 32), (8192, 2048, 7168, 256)], ids=["DeepSeek-V3 up", "256 experts, > 2**31"]
+)
+def test_mosaic_fp8_gmm_lowers_for_hopper(m, k, n, g):
+    """The Mosaic GPU fp8 x fp8 kernel through Mosaic GPU's own lowering for a Hopper target: TMA
+    boxes, wgmma shapes, layouts and the shared-memory budget (which a fifth TMA stage would exceed).
+    256 experts' weights pass 2**31 bytes, which TMA's per-dimension coordinates address."""
+    from vishwam_jax.pallas_kernels import _gmm_fp8_mgpu
+
+    shapes = ((m, k), (m, k // 128), (g, n, k), (g, n // 128, k // 128), (g,))
+    dtypes = (E4M3, jnp.float32, E4M3, jnp.float32, jnp.int32)
+    args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in zip(shapes, dtypes)]
+    assert g * n * k > 2**31 or g == 32
+
+    def fp8(*a):
+        return grouped_matmul.gmm_fp8(*a, transpose_rhs=True, implementation="mosaic_gpu")
+
+    text = kernel_inspection.lower_for_cuda(fp8, *args)
+    assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
+    deeper = dataclasses.replace(_gmm_fp8_mgpu.DEFAULT, stages=5)
+    with pytest.raises(ValueError, match="shared memory"):
+        kernel_inspection.lower_for_cuda(lambda *a: _gmm_fp8_mgpu.gmm_fp8_mgpu(*a, config=deeper), *args)
 
 
 @pytest.mark.parametrize(

@@ -159,6 +159,59 @@ def test_block_scaled_fp8_kernel_interpret(transpose, config):
             assert rel_err(alt, want8) < 1e-5, impl
 
 
+@pytest.mark.parametrize(
+    "m, sizes, config",
+    [
+        # groups that start and end inside one warpgroup's 64 rows, an empty first group, rows past the
+        # groups; two N tiles of 64
+        (260, [0, 5, 0, 70, 130, 1], "narrow"),
+        (40, [10, 20, 0], "default"),  # fewer rows than one tile
+        (256, [0, 0, 256], "default"),  # one group holds all, whole tiles
+    ],
+)
+def test_mosaic_fp8_gmm_interpret(m, sizes, config):
+    """The Mosaic GPU fp8 x fp8 kernel in jax's GPU interpreter: equal to the dequantized float32
+    product (the reference) row by row, and zero past the groups; straddled row tiles are computed
+    once per group and each pass writes only its own rows. The public entry point takes it for
+    implementation="mosaic_interpret"."""
+    from vishwam_jax.pallas_kernels import _gmm_fp8_mgpu, _mgpu_interpret
+    from vishwam_jax.quantization import quantize
+
+    k, n = 256, 128
+    cfg = _gmm_fp8_mgpu.Config(tile_n=64, stages=2, band=2) if config == "narrow" else _gmm_fp8_mgpu.DEFAULT
+    values, scale = _fp8_weights(len(sizes), k, n, (128, 128), True, seed=m)
+    x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.float32)
+    x8, x_scale = quantize(x, "fp8", (1, 1), (1, 128))
+    gs = jnp.asarray(sizes, jnp.int32)
+    kw = dict(rhs_scale_block=(128, 128), transpose_rhs=True)
+    want = grouped_matmul.gmm_fp8(x8, x_scale, values, scale, gs, implementation="reference", **kw)
+    try:
+        got = _gmm_fp8_mgpu.gmm_fp8_mgpu(x8, x_scale, values, scale, gs, config=cfg, interpret=True)
+        public = grouped_matmul.gmm_fp8(x8, x_scale, values, scale, gs, implementation="mosaic_interpret", **kw)
+    except Exception:
+        _mgpu_interpret.reset()  # the interpreter's global state is unusable after a failure
+        raise
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(got[sum(sizes) :]), 0.0)
+    np.testing.assert_array_equal(np.asarray(public), np.asarray(got))
+
+
+def test_mosaic_fp8_gmm_takes_only_k_major_128_blocks():
+    """Shapes the Mosaic kernel does not take go to the Triton kernel under "mosaic_*", and every
+    other grouped matmul resolves "mosaic_*" to its Triton twin."""
+    from vishwam_jax.pallas_kernels import _gmm_fp8_mgpu
+
+    assert _gmm_fp8_mgpu.supported((300, 256), (4, 128, 256), (128, 128), True)
+    assert not _gmm_fp8_mgpu.supported((300, 256), (4, 128, 256), (128, 128), False)  # [g, k, n]
+    assert not _gmm_fp8_mgpu.supported((300, 200), (4, 128, 200), (128, 128), True)  # k not whole blocks
+    assert not _gmm_fp8_mgpu.supported((300, 256), (4, 96, 256), (128, 128), True)  # n not whole tiles
+    assert not _gmm_fp8_mgpu.supported((300, 256), (4, 128, 256), (64, 64), True)
+    assert grouped_matmul.resolve_implementation("mosaic_gpu") == "pallas_gpu"
+    assert grouped_matmul.resolve_implementation("mosaic_gpu", mosaic=True) == "mosaic_gpu"
+    with pytest.raises(ValueError, match="Mosaic GPU fp8 gmm"):
+        _gmm_fp8_mgpu.gmm_fp8_mgpu(*(jnp.zeros(s) for s in ((8, 200), (8, 2), (1, 128, 200), (1, 1, 2))), jnp.ones(1))
+
+
 @pytest.mark.parametrize("sizes", [(50, 0, 70, 30, 11), (0, 161, 0, 0, 0), (64, 32, 0, 74, 0)])
 def test_tgmm_fp8_kernel_interpret(sizes):
     """The float8 weight-gradient kernel (interpret mode) on 32-row token tiles that straddle group

@@ -167,12 +167,12 @@ def test_decode_kernel_variants():
 
 # -- the Mosaic GPU kernel (Hopper), in jax's GPU interpreter and lowered for CUDA ---------------
 def _check_mosaic(q, cache, lengths, table, **kw):
-    from vishwam_jax.pallas_kernels import _mla_mgpu
+    from vishwam_jax.pallas_kernels import _mgpu_interpret
 
     try:
         return _check_decode(q, cache, lengths, table, dv=512, impl="mosaic_interpret", tol=2e-2, **kw)
     except Exception:
-        _mla_mgpu.reset_interpreter()  # the interpreter's global state is unusable after a failure
+        _mgpu_interpret.reset()  # the interpreter's global state is unusable after a failure
         raise
 
 
@@ -219,7 +219,7 @@ def test_mosaic_decode_128_heads_paged_non_causal():
 def test_mosaic_decode_other_schedule():
     """The schedule the module does not default to (PREFETCH_QK: the next tile's Q K^T issued behind
     P @ V with S carried across iterations, or issue-await-continue)."""
-    from vishwam_jax.pallas_kernels import _mla_mgpu
+    from vishwam_jax.pallas_kernels import _mgpu_interpret, _mla_mgpu
 
     rng = np.random.default_rng(24)
     q, cache, lengths, _ = _decode_inputs(
@@ -231,7 +231,7 @@ def test_mosaic_decode_other_schedule():
             q, cache, lengths, softmax_scale=0.3, num_splits=2, prefetch_qk=not _mla_mgpu.PREFETCH_QK, interpret=True
         )
     except Exception:
-        _mla_mgpu.reset_interpreter()
+        _mgpu_interpret.reset()
         raise
     assert _rel(out, ref) < 2e-2
 

@@ -11,7 +11,9 @@ Rows of `lhs` are sorted by group; group g (group_sizes[g] rows, possibly zero) 
 
 Backends (`implementation=`): "pallas_gpu" (Triton lowering), "pallas_tpu" (Mosaic, megablox-style),
 "pallas_interpret" (the GPU kernel in interpret mode; CPU tests), "xla" (`jax.lax.ragged_dot`),
-"reference" (a loop over groups in plain jnp). None/"auto" picks by `jax.default_backend()`:
+"reference" (a loop over groups in plain jnp), "mosaic_gpu" / "mosaic_interpret" (the Pallas Mosaic GPU
+kernel where there is one, `gmm_fp8` of K-major 128 x 128 blocks, and the Triton kernels elsewhere;
+not yet measured, so "auto" does not pick it). None/"auto" picks by `jax.default_backend()`:
 gpu -> pallas_gpu, tpu -> pallas_tpu, anything else -> xla (interpret mode is far too slow for
 model tests). The environment variable VISHWAM_GMM_IMPL (e.g. `reference`) replaces "auto"
 everywhere, so a whole model can be switched to another backend without touching its code; an
@@ -40,23 +42,26 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from vishwam_jax.pallas_kernels import _gmm_gpu
+from vishwam_jax.pallas_kernels import _gmm_fp8_mgpu, _gmm_gpu
 from vishwam_jax.quantization import is_storage_dtype
 from vishwam_jax.quantization.formats import dequantize
 
-IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "pallas_interpret", "xla", "reference")
+IMPLEMENTATIONS = ("pallas_gpu", "pallas_tpu", "pallas_interpret", "xla", "reference", "mosaic_gpu", "mosaic_interpret")
+# What a Mosaic GPU choice runs where only the Triton kernels exist.
+_TRITON_FOR_MOSAIC = {"mosaic_gpu": "pallas_gpu", "mosaic_interpret": "pallas_interpret"}
 ENV_VAR = "VISHWAM_GMM_IMPL"
 
 
-def resolve_implementation(implementation: str | None = None) -> str:
-    """The backend a call will use: explicit argument, else $VISHWAM_GMM_IMPL, else by platform."""
+def resolve_implementation(implementation: str | None = None, *, mosaic: bool = False) -> str:
+    """The backend a call will use: explicit argument, else $VISHWAM_GMM_IMPL, else by platform.
+    mosaic: the caller has a Mosaic GPU kernel; without one, "mosaic_*" resolves to its Triton twin."""
     impl = implementation if implementation not in (None, "auto") else os.environ.get(ENV_VAR) or "auto"
     if impl == "auto":
         platform = jax.default_backend()
         impl = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "xla")
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown grouped-matmul implementation {impl!r}; expected one of {IMPLEMENTATIONS}")
-    return impl
+    return impl if mosaic else _TRITON_FOR_MOSAIC.get(impl, impl)
 
 
 def has_block_scaled_kernel(block: tuple[int, int], implementation: str | None = None) -> bool:
@@ -356,7 +361,9 @@ def gmm_fp8(
     both scales; the other backends dequantize both operands to float32 and multiply those (the same
     products, the reference). Give the weights K-major (`[g, n, k]` with transpose_rhs=True, as the
     models store them): FP8 wgmma reads that layout as stored, and a `[g, k, n]` tile is loaded and
-    transposed synchronously at every K step."""
+    transposed synchronously at every K step. implementation="mosaic_gpu" runs the warp-specialized
+    Mosaic GPU kernel (`_gmm_fp8_mgpu`) on K-major weights in 128 x 128 blocks (N a multiple of 64),
+    and the Triton kernel on the others."""
     _check(lhs, rhs, group_sizes, transpose_rhs, rhs_scale)
     block = (int(rhs_scale_block[0]), int(rhs_scale_block[1]))
     scale = _block_scales(rhs_scale, rhs, block)
@@ -365,8 +372,14 @@ def gmm_fp8(
     if tuple(lhs_scale.shape) != (m, -(-k // block_k)):
         raise ValueError(f"lhs_scale of shape {lhs_scale.shape} is not 1 x {block_k} tiles of lhs {lhs.shape}")
     out_dtype = jnp.dtype(preferred_element_type)
-    impl = resolve_implementation(implementation)
+    impl = resolve_implementation(implementation, mosaic=True)
     group_sizes = group_sizes.astype(jnp.int32)
+    if impl in _TRITON_FOR_MOSAIC:
+        if _gmm_fp8_mgpu.supported(lhs.shape, rhs.shape, block, transpose_rhs):
+            return _gmm_fp8_mgpu.gmm_fp8_mgpu(
+                lhs, lhs_scale, rhs, scale, group_sizes, out_dtype=out_dtype, interpret=impl == "mosaic_interpret"
+            )
+        impl = _TRITON_FOR_MOSAIC[impl]
     if has_block_scaled_kernel(block, impl) and _gmm_gpu.block_scaled_takes(lhs, rhs, transpose_rhs):
         return _gmm_gpu.gmm_block_scaled(
             lhs, rhs, group_sizes, scale, block=block, lhs_scale=lhs_scale, transpose_rhs=transpose_rhs,

@@ -368,6 +368,22 @@ def _full_checks(smoke: bool) -> list[str]:
         )
         ref = grouped_matmul.gmm_fp8(x8, x_scale, values, blocks, gs, implementation="reference", **opts)
         check(f"gmm_fp8 (float8 activations) transpose_rhs={transpose}", got, ref, FP8_WGMMA_TOL)
+    # The Mosaic GPU kernel on the same uneven groups (row tiles straddling them, m not whole tiles):
+    # K in whole 128 blocks, N in tiles of 128 and of 64, one and two K blocks per pipeline step.
+    mosaic = _gmm_fp8_mgpu()
+    k_m = 256 if smoke else 1024
+    for n_m, config in [(256, mosaic.DEFAULT), (192, mosaic.NARROW), (256, mosaic.Config(stages=2, k_blocks=2))][
+        : 1 if smoke else None
+    ]:
+        w = jax.random.normal(next(key), (g, n_m, k_m), jnp.float32)
+        values, blocks = jax.jit(lambda w: quantize(w, "fp8", (1, 1), FP8_BLOCK))(w)
+        x8, x_scale = quantize(jax.random.normal(next(key), (m, k_m), jnp.bfloat16), "fp8", (1, 1), (1, FP8_BLOCK[0]))
+        got = jax.jit(functools.partial(mosaic.gmm_fp8_mgpu, config=config, interpret=smoke))(
+            x8, x_scale, values, blocks, gs
+        )
+        opts = dict(transpose_rhs=True, rhs_scale_block=FP8_BLOCK, implementation="reference")
+        ref = grouped_matmul.gmm_fp8(x8, x_scale, values, blocks, gs, **opts)
+        check(f"gmm_fp8 Mosaic GPU kernel N={n_m} {config}", got, ref, FP8_WGMMA_TOL)
     # The paths the last GPU run could not time: fp8 weights read as int16 pairs (those of 2**31..2**32
     # elements, forced here), along N of [g, k, n] and along K of K-major [g, n, k] (k even), and a
     # batch-1 dense projection with K split over programs.
@@ -803,8 +819,8 @@ def tune_small(shapes=SMALL_SHAPES) -> None:
 FP8_TUNE_CANDIDATES = [  # (bm, bk, num_warps, num_stages); bn is the 128-wide scale block
     (128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 8, 3),
 ]  # fmt: skip
-MOSAIC_TUNE_CANDIDATES = [  # (tile_n, stages, band) of the Mosaic GPU kernel (K-major weights only)
-    (128, 4, 8), (128, 3, 8), (128, 4, 16), (128, 4, 4), (64, 4, 8), (64, 6, 8),
+MOSAIC_TUNE_CANDIDATES = [  # (tile_n, stages, band, k_blocks) of the Mosaic GPU kernel (K-major weights only)
+    (128, 4, 8, 1), (128, 3, 8, 1), (128, 4, 16, 1), (128, 4, 4, 1), (64, 6, 8, 1), (128, 2, 8, 2), (64, 3, 8, 2),
 ]  # fmt: skip
 
 
@@ -840,8 +856,8 @@ def tune_fp8(smoke: bool) -> None:
                 )
             )  # fmt: skip
 
-        def run_mosaic(tile_n, stages, band):
-            config = _gmm_fp8_mgpu().Config(tile_n=tile_n, stages=stages, band=band)
+        def run_mosaic(tile_n, stages, band, k_blocks):
+            config = _gmm_fp8_mgpu().Config(tile_n=tile_n, stages=stages, band=band, k_blocks=k_blocks)
             return jax.jit(
                 lambda a, sa, b, sb, c: _gmm_fp8_mgpu().gmm_fp8_mgpu(
                     a, sa, b, sb, c, out_dtype=jnp.bfloat16, config=config, interpret=smoke
@@ -855,10 +871,9 @@ def tune_fp8(smoke: bool) -> None:
             for bm, bk, warps, stages in FP8_TUNE_CANDIDATES
         ]  # fmt: skip
         if transpose:  # the Mosaic GPU kernel (one config in interpret mode: each is simulated thread by thread)
-            candidates += [
-                (f"Mosaic tile_n={tile_n} stages={stages} band={band}", run_mosaic(tile_n, stages, band))
-                for tile_n, stages, band in MOSAIC_TUNE_CANDIDATES[: 1 if smoke else None]
-            ]
+            for tile_n, stages, band, k_blocks in MOSAIC_TUNE_CANDIDATES[: 1 if smoke else None]:
+                name = f"Mosaic tile_n={tile_n} stages={stages} band={band} k_blocks={k_blocks}"
+                candidates.append((name, run_mosaic(tile_n, stages, band, k_blocks)))
         for name, f in candidates:
             try:
                 err = rel_err(f(x8, x_scale, w, w_scale, gs), want)

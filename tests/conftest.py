@@ -1,7 +1,10 @@
 import atexit
+import faulthandler
 import os
 import shutil
 import tempfile
+
+import pytest
 
 # Multi-device code is tested on 8 simulated CPU devices; must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -20,3 +23,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# A test that hangs ends its worker after this long, with every thread's traceback, instead of
+# running into CI's limit. jax's GPU interpreter is the known case: when one simulated thread raises,
+# the others wait at their barriers forever. The slowest test takes about two minutes on two cores.
+TEST_DEADLINE_S = 600
+
+
+@pytest.fixture(autouse=True)
+def _deadline():
+    faulthandler.dump_traceback_later(TEST_DEADLINE_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()

@@ -167,6 +167,7 @@ def test_block_scaled_fp8_kernel_interpret(transpose, config):
         (260, [0, 5, 0, 70, 130, 1], "narrow"),
         (40, [10, 20, 0], "default"),  # fewer rows than one tile
         (256, [0, 0, 256], "default"),  # one group holds all, whole tiles
+        (200, [60, 0, 100], "pairs"),  # two K blocks a step, two accumulators in flight
     ],
 )
 def test_mosaic_fp8_gmm_interpret(m, sizes, config):
@@ -177,8 +178,12 @@ def test_mosaic_fp8_gmm_interpret(m, sizes, config):
     from vishwam_jax.pallas_kernels import _gmm_fp8_mgpu, _mgpu_interpret
     from vishwam_jax.quantization import quantize
 
-    k, n = 256, 128
-    cfg = _gmm_fp8_mgpu.Config(tile_n=64, stages=2, band=2) if config == "narrow" else _gmm_fp8_mgpu.DEFAULT
+    k, n = 512 if config == "pairs" else 256, 128
+    cfg = {
+        "narrow": _gmm_fp8_mgpu.Config(tile_n=64, stages=2, band=2),
+        "default": _gmm_fp8_mgpu.DEFAULT,
+        "pairs": _gmm_fp8_mgpu.Config(stages=2, k_blocks=2),
+    }[config]
     values, scale = _fp8_weights(len(sizes), k, n, (128, 128), True, seed=m)
     x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.float32)
     x8, x_scale = quantize(x, "fp8", (1, 1), (1, 128))

@@ -18,7 +18,9 @@ by warpgroup, after DeepGEMM's design:
 * Two compute warpgroups own 64 rows each. Each runs its K loop on its own barrier schedule: one
   wgmma into a fresh accumulator, wait, promote into the float32 sum. While one promotes, the
   other's wgmma keeps the tensor cores busy. Each weight block's scale is read from global memory
-  one K step ahead of its use, so the load's latency hides behind a whole step.
+  one K step ahead of its use, so the load's latency hides behind a whole step. `Config.k_blocks=2`
+  also overlaps within a warpgroup: each step takes two K blocks, issues both wgmmas into two
+  accumulators, and promotes the first while the second runs.
 * TMA addresses every operand with 32-bit coordinates per dimension: weights of more than 2**31
   bytes (DeepSeek-V3's 256 experts on one device) need no fallback here.
 * Programs are persistent (one per SM) and walk (work item, N tile) pairs; a work item is a row
@@ -52,13 +54,16 @@ H100_SMS = 132
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """tile_n: output columns per program (a divisor of 128, so one weight scale per tile and K step);
+    """tile_n: output columns per program (a divisor of 128, so one weight scale per tile and K block);
     stages: TMA ring slots; band: work items that sweep the N tiles together (their activation rows
-    and one group's weight tiles stay in L2)."""
+    and one group's weight tiles stay in L2); k_blocks: 128-wide K blocks per pipeline step. With 2,
+    a warpgroup issues both blocks' wgmmas into two accumulators and promotes the first while the
+    second runs (DeepGEMM's overlap within one warpgroup; half the stages fit)."""
 
     tile_n: int = 128
     stages: int = 4
     band: int = 8
+    k_blocks: int = 1
 
 
 DEFAULT = Config()
@@ -86,7 +91,7 @@ def supported(lhs_shape, rhs_shape, block: tuple[int, int], transpose_rhs: bool,
         transpose_rhs
         and tuple(block) == (BLOCK, BLOCK)
         and k == k2
-        and k % BLOCK == 0
+        and k % (BLOCK * config.k_blocks) == 0
         and n % config.tile_n == 0
         and BLOCK % config.tile_n == 0
         and m > 0
@@ -128,7 +133,8 @@ def _kernel(
     plgpu = _plgpu()
     _, k = a_gmem.shape
     n = out_gmem.shape[1]
-    k_steps, n_tiles = k // BLOCK, n // cfg.tile_n
+    step_k = BLOCK * cfg.k_blocks
+    k_steps, n_tiles = k // step_k, n // cfg.tile_n
     out_dtype = out_gmem.dtype
     fp8_tiles = (plgpu.TilingTransform((8, BLOCK)), plgpu.SwizzleTransform(128))  # 128 one-byte elements a row
 
@@ -138,9 +144,9 @@ def _kernel(
             grid=(k_steps,),
             memory_registers=40,
             in_specs=[
-                plgpu.BlockSpec((TILE_M, BLOCK), lambda kb: (0, kb), transforms=fp8_tiles),
-                plgpu.BlockSpec((cfg.tile_n, BLOCK), lambda kb: (0, kb), transforms=fp8_tiles),
-                plgpu.BlockSpec((1, TILE_M), lambda kb: (kb, 0)),
+                plgpu.BlockSpec((TILE_M, step_k), lambda kb: (0, kb), transforms=fp8_tiles),
+                plgpu.BlockSpec((cfg.tile_n, step_k), lambda kb: (0, kb), transforms=fp8_tiles),
+                plgpu.BlockSpec((cfg.k_blocks, TILE_M), lambda kb: (kb, 0)),
             ],
             wg_axis="wg",
             num_compute_wgs=2,
@@ -180,28 +186,36 @@ def _kernel(
                 plgpu.commit_smem()
                 _store_rows(plgpu, out_smem.at[wg], out_tile, slab, lo, jnp.maximum(hi - lo, 0), WG_ROWS)
 
-            def weight_scale(kb):
-                return b_scale_gmem[group, n_tile * cfg.tile_n // BLOCK, jnp.minimum(kb, k_steps - 1)]
+            def weight_scales(step):  # the step's K blocks' weight scales (the last step's past the end)
+                first = jnp.minimum(step, k_steps - 1) * cfg.k_blocks
+                return tuple(b_scale_gmem[group, n_tile * cfg.tile_n // BLOCK, first + j] for j in range(cfg.k_blocks))
 
             def promote(idxs, a_smem, b_smem, a_scale_smem, carry):
-                (kb,) = idxs
-                acc, b_scale = carry
-                next_b_scale = weight_scale(kb + 1)  # a whole step ahead of its use: the load's latency hides
+                (step,) = idxs
+                acc, b_scales = carry
+                next_b_scales = weight_scales(step + 1)  # a whole step ahead of their use: the loads' latency hides
                 rows = pl.ds(wg * WG_ROWS, WG_ROWS)
 
-                def product(part_ref):
-                    plgpu.wgmma(part_ref, a_smem.at[rows], plgpu.transpose_ref(b_smem, (1, 0)))
-                    return part_ref[...]  # waits for this warpgroup's wgmma
+                def products(*part_refs):
+                    for j, part_ref in enumerate(part_refs):
+                        cols = pl.ds(j * BLOCK, BLOCK)
+                        plgpu.wgmma(part_ref, a_smem.at[rows, cols], plgpu.transpose_ref(b_smem.at[:, cols], (1, 0)))
+                    out = acc
+                    for j, part_ref in enumerate(part_refs):
+                        # block j done, the later ones may still run on the tensor cores while it is promoted
+                        part = plgpu.wgmma_accumulator_load(part_ref, wait_n=cfg.k_blocks - 1 - j)
+                        row_scales = plgpu.load(a_scale_smem.at[j], rows, layout=plgpu.Layout.WGMMA.reduce(1))
+                        out = out + part * lax.broadcast_in_dim(row_scales * b_scales[j], part.shape, [0])
+                    return out
 
-                part = pl.run_scoped(product, plgpu.ACC((WG_ROWS, cfg.tile_n), jnp.float32))
-                scale = plgpu.load(a_scale_smem.at[0], rows, layout=plgpu.Layout.WGMMA.reduce(1)) * b_scale
-                return acc + part * lax.broadcast_in_dim(scale, part.shape, [0]), next_b_scale
+                part_types = [plgpu.ACC((WG_ROWS, cfg.tile_n), jnp.float32)] * cfg.k_blocks
+                return pl.run_scoped(products, *part_types), next_b_scales
 
             def zeros():
                 return plgpu.layout_cast(jnp.zeros((WG_ROWS, cfg.tile_n), jnp.float32), plgpu.Layout.WGMMA)
 
             def context(run):
-                acc, _ = run((zeros(), weight_scale(0)))
+                acc, _ = run((zeros(), weight_scales(0)))
                 store(acc)
 
             @pl.when((item < live) & (group < num_groups))
